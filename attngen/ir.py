@@ -1,0 +1,168 @@
+"""The tile-level IR of one attention kernel.
+
+Grammar (one program instance computes BLOCK_M query rows of one (batch, head)):
+
+    kernel  := name attrs op*
+    op      := %name = KIND(%input, ...) {attr=value, ...}   in region prologue | kv_loop | epilogue
+    KIND    := load_q | load_k | load_v | qk | scale | softcap | alibi | mask
+             | online_softmax | pv | normalize | store_o | store_lse
+
+Ops in `kv_loop` run once per visited key tile; `online_softmax` carries the running row max m,
+row sum l and accumulator across iterations. Kernel attrs hold decisions made by passes (the mask
+plan, the tiling); op attrs hold per-op facts (shapes, constants). Nodes are frozen: passes build
+new kernels with `dataclasses.replace`. The DAG view (`graph`) is a networkx DiGraph used by the
+verifier and the printer.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import networkx as nx
+
+from .errors import IRError
+
+
+class OpKind(enum.Enum):
+    LOAD_Q = "load_q"
+    LOAD_K = "load_k"
+    LOAD_V = "load_v"
+    QK = "qk"
+    SCALE = "scale"
+    SOFTCAP = "softcap"
+    ALIBI = "alibi"
+    MASK = "mask"
+    ONLINE_SOFTMAX = "online_softmax"
+    PV = "pv"
+    NORMALIZE = "normalize"
+    STORE_O = "store_o"
+    STORE_LSE = "store_lse"
+
+
+class Region(enum.Enum):
+    PROLOGUE = "prologue"
+    KV_LOOP = "kv_loop"
+    EPILOGUE = "epilogue"
+
+
+SCORE_MODIFIERS = (OpKind.SCALE, OpKind.SOFTCAP, OpKind.ALIBI, OpKind.MASK)
+REQUIRED = (OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.QK, OpKind.SCALE,
+            OpKind.ONLINE_SOFTMAX, OpKind.PV, OpKind.NORMALIZE, OpKind.STORE_O)
+REGION_OF = {
+    OpKind.LOAD_Q: Region.PROLOGUE,
+    OpKind.NORMALIZE: Region.EPILOGUE, OpKind.STORE_O: Region.EPILOGUE, OpKind.STORE_LSE: Region.EPILOGUE,
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    kind: OpKind
+    inputs: tuple[str, ...] = ()
+    attrs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def region(self) -> Region:
+        return REGION_OF.get(self.kind, Region.KV_LOOP)
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(key, default)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    ops: tuple[Op, ...]
+    attrs: tuple[tuple[str, Any], ...] = field(default=())
+
+    def attr(self, key: str, default: Any = None) -> Any:
+        return dict(self.attrs).get(key, default)
+
+    def with_attrs(self, **updates: Any) -> "Kernel":
+        merged = dict(self.attrs) | updates
+        return replace(self, attrs=tuple(sorted(merged.items())))
+
+    def op(self, kind: OpKind) -> Op | None:
+        return next((o for o in self.ops if o.kind is kind), None)
+
+    def has(self, kind: OpKind) -> bool:
+        return self.op(kind) is not None
+
+    def replace_op(self, kind: OpKind, **attrs: Any) -> "Kernel":
+        """A new kernel whose op of this kind has `attrs` merged in."""
+        ops = tuple(replace(o, attrs=tuple(sorted((dict(o.attrs) | attrs).items()))) if o.kind is kind else o
+                    for o in self.ops)
+        return replace(self, ops=ops)
+
+
+def graph(kernel: Kernel) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for op in kernel.ops:
+        g.add_node(op.name, op=op)
+        for src in op.inputs:
+            g.add_edge(src, op.name)
+    return g
+
+
+def verify(kernel: Kernel) -> Kernel:
+    """Checks the invariants later stages rely on; raises IRError naming the node."""
+    names: set[str] = set()
+    order = {Region.PROLOGUE: 0, Region.KV_LOOP: 1, Region.EPILOGUE: 2}
+    for op in kernel.ops:
+        if op.name in names:
+            raise IRError(f"{kernel.name}: %{op.name} is defined twice")
+        for src in op.inputs:
+            if src not in names:
+                raise IRError(f"{kernel.name}: %{op.name} ({op.kind.value}) uses %{src} before it is defined")
+        names.add(op.name)
+    by_name = {o.name: o for o in kernel.ops}
+    for op in kernel.ops:
+        for src in op.inputs:
+            if order[by_name[src].region] > order[op.region]:
+                raise IRError(f"{kernel.name}: %{op.name} in {op.region.value} uses %{src} "
+                              f"from the later region {by_name[src].region.value}")
+    kinds = [o.kind for o in kernel.ops]
+    for kind in REQUIRED:
+        if kinds.count(kind) != 1:
+            raise IRError(f"{kernel.name}: expected exactly one {kind.value} op, found {kinds.count(kind)}")
+    if not nx.is_directed_acyclic_graph(graph(kernel)):
+        raise IRError(f"{kernel.name}: the op graph has a cycle")
+    for tiling in kernel.attr("tiling") or ():
+        for dim in ("head_dim_pad", "head_dim_v_pad", "block_m", "block_n"):
+            v = getattr(tiling, dim)
+            if v & (v - 1):
+                raise IRError(f"{kernel.name}: tiling.{dim} = {v} is not a power of two")
+        if tiling.head_dim_pad < kernel.attr("head_dim") or tiling.head_dim_v_pad < kernel.attr("head_dim_v"):
+            raise IRError(f"{kernel.name}: padded head dims {tiling.head_dim_pad}/{tiling.head_dim_v_pad} "
+                          f"are smaller than the head dims")
+    mask = kernel.op(OpKind.MASK)
+    if mask is not None and kernel.attr("mask_plan") is not None and mask.attr("plan") is None:
+        raise IRError(f"{kernel.name}: %{mask.name} has no plan although the kernel has one")
+    return kernel
+
+
+def _show(value: Any) -> str:
+    text = getattr(value, "describe", None)
+    return text() if callable(text) else str(value)
+
+
+def print_ir(kernel: Kernel) -> str:
+    """A deterministic text form; golden tests compare it verbatim."""
+    lines = [f"kernel {kernel.name} {{"]
+    lines += [f"  attr {k} = {_show(v)}" for k, v in kernel.attrs]
+    region = None
+    for op in kernel.ops:
+        if op.region is not region:
+            if region is Region.KV_LOOP:
+                lines.append("  }")
+            region = op.region
+            if region is Region.KV_LOOP:
+                lines.append("  kv_loop {")
+        indent = "    " if region is Region.KV_LOOP else "  "
+        args = ", ".join(f"%{s}" for s in op.inputs)
+        attrs = ", ".join(f"{k}={_show(v)}" for k, v in op.attrs)
+        lines.append(f"{indent}%{op.name} = {op.kind.value}({args})" + (f" {{{attrs}}}" if attrs else ""))
+    lines.append("}")
+    return "\n".join(lines) + "\n"

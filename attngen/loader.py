@@ -1,0 +1,47 @@
+"""Loading a spec's kernel module: compile, write the source to a file (Triton's JIT reads
+kernels' source from their file), import it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+CACHE = Path(os.environ.get("ATTNGEN_CACHE", Path.home() / ".cache" / "attngen"))
+
+
+def write_if_different(path: Path, text: str) -> bool:
+    """Writes only when the content changes (keeps mtimes and caches stable); True if written."""
+    if path.exists() and path.read_text() == text:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return True
+
+
+def import_file(path: Path, name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(spec_path: str | Path, **options) -> ModuleType:
+    """Compiles the spec and returns its kernel module (exposing `attention`)."""
+    from .passes import PassOptions
+    from .pipeline import compile_spec
+
+    source = compile_spec(spec_path, options=PassOptions(**options)).source
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    name = f"attngen_kernel_{Path(spec_path).stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    path = CACHE / f"{name}.py"
+    write_if_different(path, source)
+    return import_file(path, name)

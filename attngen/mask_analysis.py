@@ -1,0 +1,333 @@
+"""Mask analysis: which tiles of the score matrix are EMPTY, FULL or PARTIAL, proven symbolically.
+
+Two results, both pure data:
+
+* `classify_tile` proves one BLOCK_M x BLOCK_N tile EMPTY (no visible pair), FULL (every pair
+  visible) or PARTIAL (not proven either way) by interval arithmetic over the sympy condition.
+  It is sound: EMPTY and FULL are never wrong; PARTIAL only costs mask code.
+
+* `analyze` tries to derive, for every query row i, one contiguous range of visible keys
+  [lo(i), hi(i)] in closed form, with lo and hi non-decreasing in i. Then the keys that a query
+  block [m_first, m_last] may see are [lo(m_first), hi(m_last)], and the keys that all of its rows
+  see are [lo(m_last), hi(m_first)]: the kernel loops over exactly the first range, without mask
+  code in the second. Causal, sliding windows, prefix-LM and chunked masks take this form:
+
+      causal, bottom_right:   kv_idx <= q_idx + Nk - Nq
+        -> lo(i) = -oo, hi(i) = i + Nk - Nq
+      prefix-LM (P = 64):     kv_idx < 64  or  kv_idx <= q_idx + Nk - Nq
+        -> lo(i) = -oo, hi(i) = max(63, i + Nk - Nq)
+
+  Masks whose visible keys are not one range (dilated, or not monotone in q_idx) get a `tiles`
+  plan: the runtime builds a per-shape table of non-empty tiles, split into full and partial.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import sympy
+import torch
+
+from .mask_expr import KV_IDX, NK, NQ, Q_IDX
+from .symbolic import evaluate
+
+M_FIRST, M_LAST = sympy.symbols("m_first m_last", integer=True)
+
+
+class TileClass(enum.Enum):
+    EMPTY = "empty"
+    FULL = "full"
+    PARTIAL = "partial"
+
+
+class PlanKind(enum.Enum):
+    DENSE = "dense"  # no mask: every in-bounds tile is FULL
+    RANGE = "range"  # one contiguous, monotone key range per row: closed-form loop bounds
+    TILES = "tiles"  # anything else: a runtime table of non-empty tiles
+
+
+@dataclass(frozen=True)
+class RowRange:
+    """Visible keys of query row q_idx: lo <= kv_idx <= hi; None is unbounded."""
+
+    lo: sympy.Expr | None
+    hi: sympy.Expr | None
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    kind: PlanKind
+    cond: sympy.Basic | None  # the visibility condition; None for DENSE
+    rows: RowRange | None = None  # RANGE only
+    # RANGE only: inclusive key bounds of a query block [m_first, m_last], in M_FIRST, M_LAST, NQ, NK.
+    kv_lo: sympy.Expr | None = None  # first key any row may see
+    kv_hi: sympy.Expr | None = None  # last key any row may see
+    full_lo: sympy.Expr | None = None  # first key every row sees
+    full_hi: sympy.Expr | None = None  # last key every row sees
+
+    def describe(self) -> str:
+        if self.kind is PlanKind.DENSE:
+            return "dense: every in-bounds tile is full"
+        if self.kind is PlanKind.TILES:
+            return f"tiles: keys visible where {sympy.sstr(self.cond)}; runtime table of non-empty tiles"
+        lo = "-oo" if self.rows.lo is None else sympy.sstr(self.rows.lo)
+        hi = "+oo" if self.rows.hi is None else sympy.sstr(self.rows.hi)
+        return f"range: query q_idx sees keys [{lo}, {hi}]"
+
+
+# ----------------------------------------------------------------- row ranges
+
+def _bound_of_atom(rel: sympy.Basic) -> RowRange | None:
+    """One relation, linear in kv_idx with a constant coefficient, as a key range."""
+    if isinstance(rel, sympy.Ne) or not isinstance(rel, sympy.core.relational.Relational):
+        return None
+    e = sympy.expand(rel.lhs - rel.rhs)
+    abs_terms = [t for t in sympy.Add.make_args(e) if t.has(sympy.Abs) and t.has(KV_IDX)]
+    if abs_terms:  # c*|u| + r  <= 0   <=>   c*u + r <= 0 and -c*u + r <= 0   (c > 0)
+        if len(abs_terms) != 1 or not isinstance(rel, (sympy.Le, sympy.Lt)):
+            return None
+        coeff, absval = abs_terms[0].as_coeff_Mul()
+        if not isinstance(absval, sympy.Abs) or coeff <= 0:
+            return None
+        rest = e - abs_terms[0]
+        op = type(rel)
+        return _row_range(sympy.And(op(coeff * absval.args[0] + rest, 0), op(-coeff * absval.args[0] + rest, 0)))
+    a = sympy.diff(e, KV_IDX)
+    b = sympy.expand(e - a * KV_IDX)
+    if not a.is_Number or a == 0 or b.has(KV_IDX):
+        return None
+    if isinstance(rel, sympy.Lt):  # integers: x < 0  <=>  x <= -1
+        b += 1
+    elif isinstance(rel, sympy.Gt):
+        b -= 1
+    # a*kv + b (<= | >= | ==) 0
+    upper, lower = sympy.floor(-b / a), sympy.ceiling(-b / a)
+    if isinstance(rel, sympy.Eq):
+        return RowRange(lower, upper)
+    upper_bound = isinstance(rel, (sympy.Le, sympy.Lt)) == (a > 0)
+    return RowRange(None, upper) if upper_bound else RowRange(lower, None)
+
+
+def _join(bounds: list[sympy.Expr | None], fn) -> sympy.Expr | None:
+    return None if any(b is None for b in bounds) else fn(*bounds)
+
+
+def _row_range(cond: sympy.Basic) -> RowRange | None:
+    if cond is sympy.true:
+        return RowRange(None, None)
+    if isinstance(cond, sympy.And):
+        parts = [_row_range(a) for a in cond.args]
+        if any(p is None for p in parts):
+            return None
+        los = [p.lo for p in parts if p.lo is not None]
+        his = [p.hi for p in parts if p.hi is not None]
+        return RowRange(sympy.Max(*los) if los else None, sympy.Min(*his) if his else None)
+    if isinstance(cond, sympy.Or):
+        parts = [_row_range(a) for a in cond.args]
+        if any(p is None for p in parts):
+            return None
+        # A union of ranges is one range when all share an unbounded end.
+        if all(p.lo is None for p in parts):
+            return RowRange(None, _join([p.hi for p in parts], sympy.Max))
+        if all(p.hi is None for p in parts):
+            return RowRange(_join([p.lo for p in parts], sympy.Min), None)
+        return None
+    if not cond.has(KV_IDX):
+        return None  # a condition on the row alone: not one range for every row
+    if isinstance(cond, sympy.Eq):  # floor(kv/c) == x  <=>  c*x <= kv <= c*x + c - 1   (chunks)
+        for side, other in ((cond.lhs, cond.rhs), (cond.rhs, cond.lhs)):
+            if isinstance(side, sympy.floor) and not other.has(KV_IDX):
+                num, den = sympy.fraction(sympy.together(side.args[0]))
+                if num == KV_IDX and den.is_Integer and den > 0:
+                    return RowRange(den * other, den * other + den - 1)
+    return _bound_of_atom(cond)
+
+
+def _nondecreasing(e: sympy.Expr, x: sympy.Symbol) -> bool:
+    """A structural proof that e does not decrease as x grows (False: not proven)."""
+    if not e.has(x):
+        return True
+    if e == x:
+        return True
+    if isinstance(e, (sympy.Add, sympy.Min, sympy.Max)):
+        return all(_nondecreasing(a, x) for a in e.args)
+    if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        return coeff > 0 and not rest.is_Mul and _nondecreasing(rest, x)
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        return _nondecreasing(e.args[0], x)
+    return False
+
+
+def analyze(cond: sympy.Basic | None) -> MaskPlan:
+    """The loop plan for a mask condition (see the module docstring)."""
+    if cond is None or cond is sympy.true:
+        return MaskPlan(PlanKind.DENSE, None)
+    rows = _row_range(sympy.to_nnf(cond))
+    if rows is None or not all(b is None or _nondecreasing(b, Q_IDX) for b in (rows.lo, rows.hi)):
+        return MaskPlan(PlanKind.TILES, cond)
+    at = lambda b, m: None if b is None else b.subs(Q_IDX, m)  # noqa: E731
+    return MaskPlan(PlanKind.RANGE, cond, rows,
+                    kv_lo=at(rows.lo, M_FIRST), kv_hi=at(rows.hi, M_LAST),
+                    full_lo=at(rows.lo, M_LAST), full_hi=at(rows.hi, M_FIRST))
+
+
+# ----------------------------------------------------------- tile intervals
+
+Interval = tuple[Fraction, Fraction]
+
+
+def _iv(e: sympy.Basic, env: dict[sympy.Symbol, Interval]) -> Interval:
+    """Bounds of an integer expression when each symbol ranges over its interval."""
+    if e.is_Symbol:
+        return env[e]
+    if e.is_Number:
+        v = Fraction(int(e.p), int(e.q))
+        return v, v
+    if isinstance(e, sympy.Add):
+        lo = hi = Fraction(0)
+        for a in e.args:
+            l, h = _iv(a, env)
+            lo, hi = lo + l, hi + h
+        return lo, hi
+    if isinstance(e, sympy.Mul):
+        lo = hi = Fraction(1)
+        for a in e.args:
+            l, h = _iv(a, env)
+            c = (lo * l, lo * h, hi * l, hi * h)
+            lo, hi = min(c), max(c)
+        return lo, hi
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        l, h = _iv(e.args[0], env)
+        f = math.floor if isinstance(e, sympy.floor) else math.ceil
+        return Fraction(f(l)), Fraction(f(h))
+    if isinstance(e, sympy.Mod):
+        l, h = _iv(e.args[0], env)
+        c = e.args[1]
+        if not c.is_Integer or c <= 0:
+            raise ValueError(f"mod by a non-constant: {e}")
+        c = int(c)
+        if math.floor(l / c) == math.floor(h / c):  # one period: mod is monotone here
+            return l - c * math.floor(l / c), h - c * math.floor(l / c)
+        return Fraction(0), Fraction(c - 1)
+    if isinstance(e, sympy.Abs):
+        l, h = _iv(e.args[0], env)
+        if l >= 0:
+            return l, h
+        if h <= 0:
+            return -h, -l
+        return Fraction(0), max(-l, h)
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        ivs = [_iv(a, env) for a in e.args]
+        pick = min if isinstance(e, sympy.Min) else max
+        return pick(i[0] for i in ivs), pick(i[1] for i in ivs)
+    raise ValueError(f"no interval rule for {type(e).__name__}: {e}")
+
+
+def _truth(c: sympy.Basic, env: dict[sympy.Symbol, Interval]) -> bool | None:
+    """True / False when proven over the whole box, None when not."""
+    if c is sympy.true:
+        return True
+    if c is sympy.false:
+        return False
+    if isinstance(c, sympy.And):
+        ts = [_truth(a, env) for a in c.args]
+        return False if False in ts else True if all(ts) else None
+    if isinstance(c, sympy.Or):
+        ts = [_truth(a, env) for a in c.args]
+        return True if True in ts else False if all(t is False for t in ts) else None
+    if isinstance(c, sympy.Not):
+        t = _truth(c.args[0], env)
+        return None if t is None else not t
+    lo, hi = _iv(sympy.expand(c.lhs - c.rhs), env)  # relation of d = lhs - rhs with 0
+    if isinstance(c, sympy.Le):
+        return True if hi <= 0 else False if lo > 0 else None
+    if isinstance(c, sympy.Lt):
+        return True if hi < 0 else False if lo >= 0 else None
+    if isinstance(c, sympy.Ge):
+        return True if lo >= 0 else False if hi < 0 else None
+    if isinstance(c, sympy.Gt):
+        return True if lo > 0 else False if hi <= 0 else None
+    if isinstance(c, sympy.Eq):
+        return True if lo == hi == 0 else False if lo > 0 or hi < 0 else None
+    if isinstance(c, sympy.Ne):
+        return False if lo == hi == 0 else True if lo > 0 or hi < 0 else None
+    raise ValueError(f"no truth rule for {type(c).__name__}: {c}")
+
+
+def classify_tile(cond: sympy.Basic | None, q: tuple[int, int], kv: tuple[int, int], Nq: int, Nk: int) -> TileClass:
+    """Classifies the tile of rows q[0]..q[1] and keys kv[0]..kv[1] (inclusive, in bounds)."""
+    if cond is None:
+        return TileClass.FULL
+    env = {Q_IDX: tuple(map(Fraction, q)), KV_IDX: tuple(map(Fraction, kv)),
+           NQ: (Fraction(Nq), Fraction(Nq)), NK: (Fraction(Nk), Fraction(Nk))}
+    t = _truth(cond, env)
+    return TileClass.PARTIAL if t is None else TileClass.FULL if t else TileClass.EMPTY
+
+
+# ------------------------------------------------------------- tile counts
+
+@dataclass(frozen=True)
+class TileCounts:
+    total: int  # in-bounds tiles of the score matrix
+    visited: int  # tiles the kernel loops over
+    partial: int  # of those, tiles that run mask code
+
+
+def block_key_range(plan: MaskPlan, m_first, m_last, Nq: int, Nk: int, block_n: int):
+    """RANGE plans: the kernel's three key segments for query blocks [m_first, m_last] (int64 tensors),
+    computed as the template computes them:
+    [start, full_start) masked, [full_start, full_end) unmasked, [full_end, end) masked."""
+    env = {M_FIRST: m_first, M_LAST: m_last, NQ: Nq, NK: Nk}
+    bound = lambda e, default: torch.full_like(m_first, default) if e is None else m_first * 0 + evaluate(e, env)  # noqa: E731
+    lo = bound(plan.kv_lo, 0).clamp(0, Nk)
+    end = torch.minimum(torch.maximum(bound(plan.kv_hi, Nk - 1) + 1, lo), torch.full_like(lo, Nk))
+    start = lo // block_n * block_n
+    full_start = -(-bound(plan.full_lo, 0).clamp(min=0) // block_n) * block_n
+    full_end = (bound(plan.full_hi, Nk - 1) + 1).clamp(max=Nk) // block_n * block_n
+    none = full_start >= full_end
+    full_start = torch.where(none, start, torch.maximum(full_start, start))
+    full_end = torch.where(none, start, torch.maximum(full_end, start))
+    return start, full_start, full_end, torch.maximum(end, full_end)
+
+
+def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
+    """Exact classes of every tile by evaluating the mask densely: int8 [n_m, n_n] of
+    0 = EMPTY, 1 = PARTIAL, 2 = FULL. Out-of-bounds rows and keys count as not visible."""
+    n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
+    q = torch.arange(n_m * block_m)[:, None]
+    k = torch.arange(n_n * block_n)[None, :]
+    vis = (q < Nq) & (k < Nk)
+    if cond is not None:
+        vis = vis & evaluate(cond, {Q_IDX: q, KV_IDX: k, NQ: Nq, NK: Nk})
+    tiles = vis.reshape(n_m, block_m, n_n, block_n)
+    inb = ((q < Nq) & (k < Nk)).reshape(n_m, block_m, n_n, block_n)
+    anyv = tiles.any(dim=(1, 3))
+    allv = (tiles == inb).all(dim=(1, 3)) & anyv
+    return anyv.to(torch.int8) + allv.to(torch.int8)
+
+
+@functools.lru_cache(maxsize=256)
+def tile_counts(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> TileCounts:
+    """How many tiles the generated kernel visits and masks at one shape (for the cost model)."""
+    n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
+    ragged = Nk % block_n != 0
+    if plan.kind is PlanKind.DENSE:
+        return TileCounts(n_m * n_n, n_m * n_n, n_m if ragged else 0)
+    if plan.kind is PlanKind.RANGE:
+        m_first = torch.arange(n_m, dtype=torch.int64) * block_m
+        m_last = torch.clamp(m_first + block_m, max=Nq) - 1
+        start, f_lo, f_hi, end = block_key_range(plan, m_first, m_last, Nq, Nk, block_n)
+        tiles = -(-(end - start) // block_n)
+        full = (f_hi - f_lo) // block_n
+        return TileCounts(n_m * n_n, int(tiles.sum()), int((tiles - full).sum()))
+    classes = dense_tile_classes(plan.cond, Nq, Nk, block_m, block_n)
+    visited = int((classes > 0).sum())
+    full = classes == 2
+    if ragged:  # the last key tile always needs the bounds check
+        full[:, -1] = False
+    return TileCounts(n_m * n_n, visited, visited - int(full.sum()))

@@ -1,0 +1,83 @@
+"""Passes over the kernel IR: pure functions Kernel -> Kernel, registered by name.
+
+* `mask_plan`: runs the mask analysis and records its plan on the kernel and on the mask op:
+
+      %s3 = mask(%s2) {cond=kv_idx <= Nk - Nq + q_idx}
+   -> %s3 = mask(%s2) {cond=..., plan=range: query q_idx sees keys [-oo, Nk - Nq + q_idx]}
+      attr mask_plan = range: ...   (the KV loop splits into masked / full / masked segments)
+
+* `tiling`: ranks tile configurations with the cost model, per dtype, and records the winners:
+
+      attr tiling = {bf16: BLOCK_M=128 BLOCK_N=64 ...}
+
+The verifier runs after every pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .cost_model import TARGETS, Ranking, Workload, rank
+from .ir import Kernel, OpKind, verify
+from .mask_analysis import MaskPlan, analyze
+from .tiling import TileConfig
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    target: str = "sm90"
+    workload: Workload = Workload()
+
+
+def mask_plan(kernel: Kernel, options: PassOptions) -> Kernel:
+    mask = kernel.op(OpKind.MASK)
+    plan = analyze(mask.attr("cond") if mask else None)
+    if mask is not None:
+        kernel = kernel.replace_op(OpKind.MASK, plan=plan.kind.value)
+    return kernel.with_attrs(mask_plan=plan)
+
+
+@dataclass(frozen=True)
+class Tilings:
+    """The chosen configuration per dtype (a kernel attr)."""
+
+    target: str
+    by_dtype: tuple[tuple[str, TileConfig], ...]
+
+    def __getitem__(self, dtype: str) -> TileConfig:
+        return dict(self.by_dtype)[dtype]
+
+    def describe(self) -> str:
+        return f"{self.target}: " + "; ".join(f"{d}: {c.describe()}" for d, c in self.by_dtype)
+
+    # the verifier checks the padded dims and block sizes of every choice
+    def __iter__(self):
+        return iter(c for _, c in self.by_dtype)
+
+
+def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
+    """The cost model's ranking per dtype (an analysis; `tiling` keeps the winners)."""
+    plan: MaskPlan = kernel.attr("mask_plan")
+    target = TARGETS[options.target]
+    return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
+                    Workload(options.workload.batch, options.workload.heads, options.workload.seq_q,
+                             options.workload.seq_k, d))
+            for d in kernel.attr("dtypes").split(",")}
+
+
+def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
+    chosen = tuple((d, r.best) for d, r in rankings(kernel, options).items())
+    return kernel.with_attrs(tiling=Tilings(options.target, chosen))
+
+
+PASSES: dict[str, Callable[[Kernel, PassOptions], Kernel]] = {
+    "mask_plan": mask_plan,
+    "tiling": tiling,
+}
+
+
+def run_passes(kernel: Kernel, options: PassOptions, names=tuple(PASSES)) -> Kernel:
+    for name in names:
+        kernel = verify(PASSES[name](kernel, options))
+    return kernel

@@ -1,0 +1,73 @@
+"""The float64 reference, built directly from the spec and never from the lowering.
+
+The dense mask comes from the spec's fields (causal, window, prefix) written out here by hand, and
+from the expression evaluated on its Python syntax tree with torch (mask_expr.evaluate_mask_expr),
+not from the sympy condition the compiler lowers. So a lowering bug cannot cancel out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask_expr import evaluate_mask_expr
+from .spec import Spec
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """The ALiBi paper's geometric slopes: 2^(-8i/n) for a power of two n, interleaved otherwise."""
+    def powers(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    p = 2 ** int(math.floor(math.log2(heads)))
+    extra = powers(2 * p)[0::2][: heads - p]
+    return torch.tensor(powers(p) + extra, dtype=torch.float64)
+
+
+def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu") -> torch.Tensor:
+    """bool [Nq, Nk]: may query i see key j?"""
+    m = spec.mask
+    i = torch.arange(Nq, device=device)[:, None]
+    j = torch.arange(Nk, device=device)[None, :]
+    vis = torch.ones(Nq, Nk, dtype=torch.bool, device=device)
+
+    def off(align: str) -> int:
+        return Nk - Nq if align == "bottom_right" else 0
+
+    if m.causal is not None or m.prefix is not None:
+        causal = j <= i + off(m.causal.align if m.causal else "bottom_right")
+        vis &= causal | (j < m.prefix) if m.prefix is not None else causal
+    if m.window is not None:
+        o = off(m.window.align)
+        if m.window.left is not None:
+            vis &= j >= i + o - m.window.left
+        if m.window.right is not None:
+            vis &= j <= i + o + m.window.right
+    if m.expr is not None:
+        vis &= evaluate_mask_expr(m.expr, dict(m.constants), i, j, Nq, Nk).to(device)
+    return vis
+
+
+def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64):
+    """O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] computed in `dtype` (float64 by default; the input
+    dtype gives the eager same-precision baseline the tolerance is measured against)."""
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    k = k.repeat_interleave(Hq // Hkv, dim=1)
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    s = (q @ k.transpose(-1, -2)) * (spec.scale if scale is None else scale)
+    if spec.score.softcap is not None:
+        s = spec.score.softcap * torch.tanh(s / spec.score.softcap)
+    if spec.score.alibi:
+        slopes = alibi_slopes(Hq) if alibi_slopes_ is None else alibi_slopes_
+        i = torch.arange(Nq, device=q.device)[:, None]
+        j = torch.arange(Nk, device=q.device)[None, :]
+        dist = (i + Nk - Nq - j).abs().to(dtype)
+        s = s - slopes.to(q.device, dtype)[None, :, None, None] * dist
+    vis = dense_mask(spec, Nq, Nk, q.device)
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s.float() if dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing visible: all zeros
+    o = p @ v
+    return o, lse

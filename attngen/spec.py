@@ -1,0 +1,290 @@
+"""The YAML spec: parsed and validated into frozen dataclasses.
+
+A spec file looks like::
+
+    name: sliding_window
+    description: Mistral-style sliding window, 256 keys back
+    head_dim: 128            # 16..256; non powers of two are padded internally
+    head_dim_v: 128          # defaults to head_dim
+    dtypes: [fp16, bf16, fp32]
+    mask:
+      causal: {align: bottom_right}          # or `causal: true`
+      window: {left: 256, right: 0}          # null side = unbounded
+      prefix: 64                             # prefix-LM: kv_idx < 64 or causal
+      expr: "kv_idx // CHUNK == q_idx // CHUNK"
+      constants: {CHUNK: 128}
+    score: {scale: null, softcap: 30.0, alibi: true}
+
+Every mask part present is combined with `and`. Every error names the file,
+the field and what is allowed; unknown fields are errors.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import SpecError
+
+ALIGNS = ("top_left", "bottom_right")
+DTYPES = ("fp16", "bf16", "fp32")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+CONST_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED = {"q_idx", "kv_idx", "Nq", "Nk", "abs", "min", "max", "and", "or", "not", "True", "False"}
+
+
+@dataclass(frozen=True)
+class Causal:
+    align: str = "bottom_right"
+
+
+@dataclass(frozen=True)
+class Window:
+    left: int | None = None  # None: unbounded
+    right: int | None = None
+    align: str = "bottom_right"
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    causal: Causal | None = None
+    window: Window | None = None
+    prefix: int | None = None
+    expr: str | None = None
+    constants: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def is_dense(self) -> bool:
+        return self.causal is None and self.window is None and self.prefix is None and self.expr is None
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    scale: float | None = None  # None: 1/sqrt(head_dim)
+    softcap: float | None = None
+    alibi: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    description: str
+    head_dim: int
+    head_dim_v: int
+    dtypes: tuple[str, ...]
+    mask: MaskSpec = field(default_factory=MaskSpec)
+    score: ScoreSpec = field(default_factory=ScoreSpec)
+    source: str = "<spec>"
+
+    @property
+    def scale(self) -> float:
+        return self.score.scale if self.score.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The canonical YAML-able form (defaults filled in); round-trips through parse_spec."""
+        m = self.mask
+        mask: dict[str, Any] = {}
+        if m.causal:
+            mask["causal"] = {"align": m.causal.align}
+        if m.window:
+            mask["window"] = {"left": m.window.left, "right": m.window.right, "align": m.window.align}
+        if m.prefix is not None:
+            mask["prefix"] = m.prefix
+        if m.expr is not None:
+            mask["expr"] = m.expr
+        if m.constants:
+            mask["constants"] = dict(m.constants)
+        score = {"scale": self.score.scale, "softcap": self.score.softcap, "alibi": self.score.alibi}
+        return {
+            "name": self.name,
+            "description": self.description,
+            "head_dim": self.head_dim,
+            "head_dim_v": self.head_dim_v,
+            "dtypes": list(self.dtypes),
+            "mask": mask,
+            "score": score,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# ---------------------------------------------------------------- parsing
+
+class _Fields:
+    """Reads one mapping of the spec, remembering where it is for error messages."""
+
+    def __init__(self, source: str, path: str, data: Any, allowed: tuple[str, ...]):
+        self.source, self.path = source, path
+        if not isinstance(data, Mapping):
+            raise SpecError(source, path or "<top level>", f"expected a mapping, got {_show(data)}")
+        unknown = [k for k in data if k not in allowed]
+        if unknown:
+            raise SpecError(source, self.field(str(unknown[0])),
+                            f"unknown field; allowed here: {', '.join(allowed)}")
+        self.data = data
+
+    def field(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> SpecError:
+        return SpecError(self.source, self.field(key), message)
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def int(self, key: str, *, low: int | None = None, high: int | None = None,
+            default: Any = None, required: bool = False) -> Any:
+        if not self.has(key):
+            if required:
+                raise self.error(key, "required field is missing")
+            return default
+        v = self.data[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.error(key, f"expected an integer, got {_show(v)}")
+        if low is not None and v < low or high is not None and v > high:
+            allowed = ("a non-negative integer" if low == 0 and high is None
+                       else f"an integer from {low} to {high}" if high is not None
+                       else f"an integer >= {low}")
+            raise self.error(key, f"expected {allowed}, got {v}")
+        return v
+
+    def float(self, key: str, *, positive: bool = True) -> float | None:
+        if not self.has(key):
+            return None
+        v = self.data[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise self.error(key, f"expected a number, got {_show(v)}")
+        if positive and v <= 0:
+            raise self.error(key, f"expected a positive number, got {v}")
+        return float(v)
+
+    def str(self, key: str, *, required: bool = False, default: str | None = None) -> str | None:
+        if not self.has(key):
+            if required:
+                raise self.error(key, "required field is missing")
+            return default
+        v = self.data[key]
+        if not isinstance(v, str):
+            raise self.error(key, f"expected a string, got {_show(v)}")
+        return v
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        if not self.has(key):
+            return default
+        v = self.data[key]
+        if not isinstance(v, bool):
+            raise self.error(key, f"expected true or false, got {_show(v)}")
+        return v
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        v = self.str(key, default=default)
+        if v not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse_causal(source: str, data: Any) -> Causal | None:
+    if data is None or data is False:
+        return None
+    if data is True:
+        return Causal()
+    f = _Fields(source, "mask.causal", data, ("align",))
+    return Causal(align=f.choice("align", ALIGNS, "bottom_right"))
+
+
+def _parse_window(source: str, data: Any) -> Window | None:
+    if data is None:
+        return None
+    f = _Fields(source, "mask.window", data, ("left", "right", "align"))
+    left, right = f.int("left", low=0), f.int("right", low=0)
+    if left is None and right is None:
+        raise SpecError(source, "mask.window", "a window needs `left` or `right` (or both); "
+                        "with both unbounded, leave the window out")
+    return Window(left=left, right=right, align=f.choice("align", ALIGNS, "bottom_right"))
+
+
+def _parse_mask(source: str, data: Any) -> MaskSpec:
+    if data is None:
+        return MaskSpec()
+    f = _Fields(source, "mask", data, ("causal", "window", "prefix", "expr", "constants"))
+    constants: dict[str, int] = {}
+    if f.has("constants"):
+        c = _Fields(source, "mask.constants", data["constants"], tuple(data["constants"] or ()))
+        for name in c.data:
+            if not isinstance(name, str) or not CONST_RE.match(name) or name in RESERVED:
+                raise c.error(str(name), "constant names are identifiers other than "
+                              + ", ".join(sorted(RESERVED)))
+            constants[name] = c.int(name, required=True)
+    expr = f.str("expr")
+    if expr is not None:
+        from .mask_expr import parse_mask_expr  # validates now, so errors point at the spec
+        parse_mask_expr(expr, constants, source=source, field="mask.expr")
+    elif constants:
+        raise f.error("constants", "constants are only used by `expr`, which is missing")
+    return MaskSpec(
+        causal=_parse_causal(source, data.get("causal")),
+        window=_parse_window(source, data.get("window")),
+        prefix=f.int("prefix", low=0),
+        expr=expr,
+        constants=tuple(sorted(constants.items())),
+    )
+
+
+def _parse_score(source: str, data: Any) -> ScoreSpec:
+    if data is None:
+        return ScoreSpec()
+    f = _Fields(source, "score", data, ("scale", "softcap", "alibi"))
+    return ScoreSpec(scale=f.float("scale"), softcap=f.float("softcap"), alibi=f.bool("alibi"))
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> Spec:
+    """Validates a decoded YAML document into a Spec."""
+    f = _Fields(source, "", data, ("name", "description", "head_dim", "head_dim_v", "dtypes", "mask", "score"))
+    name = f.str("name", required=True)
+    if not NAME_RE.match(name):
+        raise f.error("name", f"expected lower-case letters, digits and _, starting with a letter, got {name!r}")
+    head_dim = f.int("head_dim", low=16, high=256, required=True)
+    head_dim_v = f.int("head_dim_v", low=16, high=256, default=head_dim)
+    dtypes = data.get("dtypes", list(DTYPES))
+    if isinstance(dtypes, str):
+        dtypes = [dtypes]
+    if not isinstance(dtypes, list) or not dtypes or any(d not in DTYPES for d in dtypes):
+        raise f.error("dtypes", f"expected a non-empty list drawn from {', '.join(DTYPES)}, got {_show(dtypes)}")
+    return Spec(
+        name=name,
+        description=f.str("description", default="") or "",
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        dtypes=tuple(dict.fromkeys(dtypes)),
+        mask=_parse_mask(source, data.get("mask")),
+        score=_parse_score(source, data.get("score")),
+        source=source,
+    )
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Reads and validates a YAML spec file."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(source, "", f"cannot read the file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(source, "", f"not valid YAML: {where}{getattr(e, 'problem', e)}") from None
+    return parse_spec(data, source)

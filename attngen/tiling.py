@@ -1,0 +1,69 @@
+"""Tile configurations: the typed choice the tiling pass makes, and its legality check.
+
+A `TileConfig` fixes BLOCK_M (query rows per program), BLOCK_N (keys per loop step), the warps
+per program, the software-pipelining depth and the head dims padded to powers of two (tl.arange
+and tl.dot need powers of two; 80 and 96 pad to 128, 192 to 256; padded lanes load zeros).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+
+from .errors import TilingError
+
+BLOCK_M = (32, 64, 128)
+BLOCK_N = (32, 64, 128)
+NUM_WARPS = (4, 8)
+NUM_STAGES = (1, 2, 3, 4)
+MAX_REGS_PER_THREAD = 255
+REG_OVERHEAD = 40  # pointers, offsets, loop state, m_i / l_i rows
+
+
+@dataclass(frozen=True, order=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    head_dim_pad: int
+    head_dim_v_pad: int
+
+    def describe(self) -> str:
+        return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} num_warps={self.num_warps} "
+                f"num_stages={self.num_stages} head_dim_pad={self.head_dim_pad} head_dim_v_pad={self.head_dim_v_pad}")
+
+
+def pad_head_dim(d: int) -> int:
+    """The next power of two, at least 16 (the smallest tl.dot reduction size)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def candidates(head_dim: int, head_dim_v: int) -> list[TileConfig]:
+    dp, dvp = pad_head_dim(head_dim), pad_head_dim(head_dim_v)
+    return [TileConfig(m, n, w, s, dp, dvp) for m, n, w, s in product(BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES)]
+
+
+def shared_memory_bytes(cfg: TileConfig, elem_bytes: int) -> int:
+    """Q tile, plus K and V tiles for each pipeline stage."""
+    return elem_bytes * (cfg.block_m * cfg.head_dim_pad + cfg.num_stages * cfg.block_n * (cfg.head_dim_pad + cfg.head_dim_v_pad))
+
+
+def registers_per_thread(cfg: TileConfig, elem_bytes: int) -> int:
+    """fp32 accumulator and scores, the probabilities in the input dtype, the Q fragment."""
+    words = (cfg.block_m * cfg.head_dim_v_pad + cfg.block_m * cfg.block_n
+             + (cfg.block_m * cfg.block_n + cfg.block_m * cfg.head_dim_pad) * elem_bytes // 4)
+    return REG_OVERHEAD + -(-words // (32 * cfg.num_warps))
+
+
+def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int) -> None:
+    """Raises TilingError with the reason when `cfg` cannot run well on the target."""
+    smem = shared_memory_bytes(cfg, elem_bytes)
+    if smem > smem_per_block:
+        raise TilingError(f"needs {smem // 1024} KiB of shared memory, the target allows {smem_per_block // 1024} KiB")
+    regs = registers_per_thread(cfg, elem_bytes)
+    if regs > MAX_REGS_PER_THREAD:
+        raise TilingError(f"needs about {regs} registers per thread, over {MAX_REGS_PER_THREAD}: it would spill")
+    if cfg.block_m < 8 * cfg.num_warps:
+        raise TilingError(f"BLOCK_M={cfg.block_m} is too few rows for {cfg.num_warps} warps "
+                          f"(needs BLOCK_M >= 8 * num_warps to keep every warp's MMA busy)")
