@@ -53,7 +53,7 @@ def template_context(spec: Spec, kernel: Kernel) -> dict:
     mask, softcap = kernel.op(OpKind.MASK), kernel.op(OpKind.SOFTCAP)
     ctx = {
         "header": _header(spec, kernel),
-        "spec_dict": pprint.pformat(spec.to_dict(), sort_dicts=False, width=100).replace("\n", "\n        "),
+        "spec_dict": pprint.pformat(spec.to_dict(), sort_dicts=False, width=100).replace("\n", "\n      "),
         "description": spec.description,
         "tilings": dict(kernel.attr("tiling").by_dtype),
         "head_dim": kernel.attr("head_dim"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cost_model import TARGETS, Ranking, Workload, rank
+from .errors import AttngenError
 from .ir import Kernel, OpKind, verify
 from .mask_analysis import MaskPlan, analyze
 from .tiling import TileConfig
@@ -28,6 +29,10 @@ from .tiling import TileConfig
 class PassOptions:
     target: str = "sm90"
     workload: Workload = Workload()
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise AttngenError(f"unknown target {self.target!r}; targets: {', '.join(TARGETS)}")
 
 
 def mask_plan(kernel: Kernel, options: PassOptions) -> Kernel:

@@ -1,0 +1,122 @@
+"""The attngen command line: generate, verify, show, list."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+REPO = Path(__file__).resolve().parent.parent
+SPECS = REPO / "specs"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="attngen: a compiler for attention variants (YAML spec -> verified Triton kernels).")
+
+
+def _interpret_without_gpu() -> str:
+    """Runs kernels through Triton's interpreter on CPU tensors when there is no GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+        return "cpu (Triton interpreter)"
+    return torch.cuda.get_device_name()
+
+
+def _fail(err: Exception) -> None:
+    typer.secho(str(err), fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _compile(spec: Path, target: str, stop: str = "triton"):
+    from attngen.errors import AttngenError
+    from attngen.passes import PassOptions
+    from attngen.pipeline import compile_spec
+
+    try:
+        return compile_spec(spec, options=PassOptions(target=target), stop=stop)
+    except AttngenError as e:
+        _fail(e)
+
+
+@app.command()
+def generate(specs: List[Path] = typer.Argument(..., help="spec files"),
+             out: Path = typer.Option(REPO / "generated", "-o", "--out", help="output directory"),
+             target: str = typer.Option("sm90", help="GPU target the tiling is chosen for: sm90 or sm80")):
+    """Writes OUT/<spec name>.py for each spec and prints the chosen tiling."""
+    from attngen.loader import write_if_different
+
+    for spec in specs:
+        c = _compile(spec, target)
+        path = out / f"{c.spec.name}.py"
+        written = write_if_different(path, c.source)
+        typer.echo(f"{path}: {'written' if written else 'unchanged'}")
+        for dtype, cfg in c.kernel.attr("tiling").by_dtype:
+            typer.echo(f"  {dtype}: {cfg.describe()}")
+
+
+@app.command()
+def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
+           dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="dtypes to test (default: the spec's; "
+                                                     "bf16 is skipped on the interpreter, whose bf16 dot is wrong)"),
+           markdown: Optional[Path] = typer.Option(None, help="also write the table here")):
+    """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
+    device = _interpret_without_gpu()
+    from attngen.errors import AttngenError
+    from attngen.verify import format_table, verify_spec
+
+    dtypes = dtype or None
+    if device.startswith("cpu") and not dtype:
+        dtypes = ["fp32", "fp16"]
+    typer.echo(f"device: {device}")
+    results = []
+    for spec in specs:
+        try:
+            results += verify_spec(spec, dtypes=dtypes)
+        except AttngenError as e:
+            _fail(e)
+    table = format_table(results)
+    typer.echo(table)
+    if markdown:
+        markdown.write_text(table)
+    failed = [r for r in results if not r.ok]
+    typer.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def show(spec: Path = typer.Argument(..., help="spec file"),
+         emit: str = typer.Option("triton", help="stage to print: spec, ir, tiling or triton"),
+         target: str = typer.Option("sm90", help="sm90 or sm80")):
+    """Prints one stage of the compiler."""
+    from attngen.errors import AttngenError
+    from attngen.passes import PassOptions
+    from attngen.pipeline import STAGES, emit as emit_stage
+
+    if emit not in STAGES:
+        _fail(ValueError(f"--emit: expected one of {', '.join(STAGES)}, got {emit!r}"))
+    try:
+        typer.echo(emit_stage(spec, emit, PassOptions(target=target)), nl=False)
+    except AttngenError as e:
+        _fail(e)
+
+
+@app.command("list")
+def list_specs():
+    """Lists the shipped specs with their descriptions."""
+    from attngen.spec import load_spec
+
+    for path in sorted(SPECS.glob("*.yaml")):
+        spec = load_spec(path)
+        typer.echo(f"{spec.name:<22} {spec.description}")
+
+
+def main() -> None:
+    app(prog_name="attngen")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
