@@ -1,0 +1,37 @@
+import os
+
+import pytest
+
+# Kernels run through Triton's interpreter on CPU tensors when there is no GPU; this must be set
+# before a generated module's @triton.jit runs.
+try:
+    import torch
+
+    HAS_GPU = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    HAS_GPU = False
+if not HAS_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/ from the current output")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def update_golden(request):
+    return request.config.getoption("--update-golden")
+
+
+@pytest.fixture(scope="session")
+def device():
+    return "cuda" if HAS_GPU else "cpu"

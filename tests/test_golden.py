@@ -1,0 +1,31 @@
+"""Golden text tests: the printed IR, the tiling table and the generated source of a few specs.
+
+Run `pytest tests/test_golden.py --update-golden` to rewrite them after an intended change, then
+read the diff."""
+
+from pathlib import Path
+
+import pytest
+
+from attngen.pipeline import emit
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = Path(__file__).resolve().parent / "golden"
+CASES = [(spec, stage) for spec in ("causal", "softcap", "dilated", "head_dim_96")
+         for stage in ("ir", "tiling", "triton")]
+
+
+@pytest.mark.parametrize("spec,stage", CASES, ids=[f"{s}-{t}" for s, t in CASES])
+def test_golden(spec, stage, update_golden):
+    text = emit(ROOT / "specs" / f"{spec}.yaml", stage)
+    path = GOLDEN / f"{spec}.{stage}.txt"
+    if update_golden:
+        path.write_text(text)
+    assert path.exists(), f"{path} is missing: run pytest --update-golden"
+    assert text == path.read_text(), f"{path} differs from the current output: rerun with --update-golden if intended"
+
+
+def test_output_is_deterministic():
+    a = emit(ROOT / "specs" / "chunked.yaml", "triton")
+    b = emit(ROOT / "specs" / "chunked.yaml", "triton")
+    assert a == b
