@@ -84,32 +84,40 @@ def _mma_efficiency(cfg: TileConfig) -> float:
     return eff * {1: 0.6, 2: 0.9}.get(cfg.num_stages, 1.0)
 
 
-def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload) -> Prediction:
+# Matrix products per tile, as multiples of BM*BN*(head dim): fwd QK^T and PV; bwd_dq QK^T, dO V^T,
+# dS K; bwd_dkdv QK^T, P^T dO, dO V^T, dS^T Q.
+PRODUCTS = {"fwd": (1, 1), "bwd_dq": (2, 1), "bwd_dkdv": (2, 2)}  # (D-sized, Dv-sized)
+
+
+def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, role: str = "fwd") -> Prediction:
     elem = ELEM_BYTES[work.dtype]
     try:
-        check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem)
+        check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem, role=role)
     except TilingError as e:
         return Prediction(cfg, None, rejected=str(e))
-    smem = shared_memory_bytes(cfg, elem)
-    regs = registers_per_thread(cfg, elem) * 32 * cfg.num_warps
+    smem = shared_memory_bytes(cfg, elem, role)
+    regs = registers_per_thread(cfg, elem, role) * 32 * cfg.num_warps
     occupancy = max(1, min(target.smem_per_sm // smem, target.regs_per_sm // regs,
                            target.max_warps_per_sm // cfg.num_warps))
     counts = tile_counts(plan, work.seq_q, work.seq_k, cfg.block_m, cfg.block_n)
 
     bm, bn, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     sm_flops = target.mma_flops[work.dtype] / target.sms
-    mma = 2 * bm * bn * (d + dv) / (sm_flops * _mma_efficiency(cfg))
+    nd, ndv = PRODUCTS[role]
+    mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg))
     softmax = bm * bn / (target.sfu_per_sm_per_clock * target.clock_hz)
     masking = 8 * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
-    memory = bn * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
+    streamed = bm if role == "bwd_dkdv" else bn  # rows of the tiles the loop streams in
+    memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
     full_tile = max(mma, softmax, memory) + 0.3 * (mma + softmax + memory - max(mma, softmax, memory))
-    n_m = -(-work.seq_q // bm)
-    tiles_per_program = counts.visited / n_m
-    partial_per_program = counts.partial / n_m
-    edges = bm * (d + dv) * elem / (target.hbm_bytes_per_s / target.sms)
+    n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
+    tiles_per_program = counts.visited / n_outer
+    partial_per_program = counts.partial / n_outer
+    resident = (bn if role == "bwd_dkdv" else bm) * (d + dv) * elem * (2 if role != "fwd" else 1)
+    edges = resident / (target.hbm_bytes_per_s / target.sms)
     program = tiles_per_program * full_tile + partial_per_program * masking + edges
 
-    programs = n_m * work.batch * work.heads
+    programs = n_outer * work.batch * work.heads
     slots = target.sms * occupancy
     waves = -(-programs // slots)
     boost = min(1.15, 1 + 0.15 * (occupancy - 1))  # co-resident programs hide each other's latency
@@ -131,15 +139,15 @@ class Ranking:
         return self.ranked[0].config
 
 
-def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: Workload) -> Ranking:
-    preds = [predict(c, plan, target, work) for c in candidates(head_dim, head_dim_v)]
+def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: Workload,
+         role: str = "fwd") -> Ranking:
+    preds = [predict(c, plan, target, work, role) for c in candidates(head_dim, head_dim_v)]
     legal = sorted((p for p in preds if p.time_s is not None), key=lambda p: (p.time_s, p.config))
     return Ranking(target, work, tuple(legal), tuple(p for p in preds if p.time_s is None))
 
 
 def format_ranking(r: Ranking, top: int = 8) -> str:
     """The table `attngen show --emit tiling` prints."""
-    flops_dense = 2 * r.work.batch * r.work.heads * r.work.seq_q * r.work.seq_k
     lines = [f"target {r.target.name}, nominal shape {r.work.describe()}",
              f"{'rank':>4}  {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6}  {'occ':>3}  "
              f"{'visited':>7} {'partial':>7}  {'pred ms':>8}"]
@@ -147,7 +155,7 @@ def format_ranking(r: Ranking, top: int = 8) -> str:
         c = p.config
         lines.append(f"{i + 1:>4}  {c.block_m:>7} {c.block_n:>7} {c.num_warps:>5} {c.num_stages:>6}  {p.occupancy:>3}  "
                      f"{p.counts.visited:>7} {p.counts.partial:>7}  {p.time_s * 1e3:>8.3f}")
-    lines.append(f"({len(r.ranked)} legal, {len(r.rejected)} rejected; dense score matrix {flops_dense:.3g} pairs)")
+    lines.append(f"({len(r.ranked)} legal, {len(r.rejected)} rejected)")
     for p in r.rejected[:3]:
         c = p.config
         lines.append(f"  rejected BLOCK_M={c.block_m} BLOCK_N={c.block_n} warps={c.num_warps} "

@@ -1,15 +1,18 @@
 """The tile-level IR of one attention kernel.
 
-Grammar (one program instance computes BLOCK_M query rows of one (batch, head)):
+Grammar:
 
-    kernel  := name attrs op*
-    op      := %name = KIND(%input, ...) {attr=value, ...}   in region prologue | kv_loop | epilogue
-    KIND    := load_q | load_k | load_v | qk | scale | softcap | alibi | mask
-             | online_softmax | pv | normalize | store_o | store_lse
+    kernel  := name attrs op*                      attr role: fwd | bwd_dkdv | bwd_dq
+    op      := %name = KIND(%input, ...) {attr=value, ...}   in region prologue | loop | epilogue
+    KIND    := load_q | load_k | load_v | load_do | qk | scale | softcap | alibi | mask
+             | online_softmax | dropout | pv | normalize | store_o | store_lse         (forward)
+             | recompute_p | dv | dp | ds | dk | dq | store_dk | store_dv | store_dq  (backward)
 
-Ops in `kv_loop` run once per visited key tile; `online_softmax` carries the running row max m,
-row sum l and accumulator across iterations. Kernel attrs hold decisions made by passes (the mask
-plan, the tiling); op attrs hold per-op facts (shapes, constants). Nodes are frozen: passes build
+One program instance of `fwd` or `bwd_dq` owns BLOCK_M query rows of one (batch, head) and its
+`loop` walks key tiles; one of `bwd_dkdv` owns BLOCK_N keys of one (batch, KV head) and its loop
+walks query tiles (of every query head in the GQA group). `online_softmax` carries the running row
+max, row sum and accumulator across iterations; `recompute_p` rebuilds P from the saved LSE.
+Kernel attrs hold decisions made by passes (the mask plan, the tiling); op attrs hold per-op facts. Nodes are frozen: passes build
 new kernels with `dataclasses.replace`. The DAG view (`graph`) is a networkx DiGraph used by the
 verifier and the printer.
 """
@@ -29,31 +32,44 @@ class OpKind(enum.Enum):
     LOAD_Q = "load_q"
     LOAD_K = "load_k"
     LOAD_V = "load_v"
+    LOAD_DO = "load_do"
     QK = "qk"
     SCALE = "scale"
     SOFTCAP = "softcap"
     ALIBI = "alibi"
     MASK = "mask"
     ONLINE_SOFTMAX = "online_softmax"
+    DROPOUT = "dropout"
     PV = "pv"
     NORMALIZE = "normalize"
     STORE_O = "store_o"
     STORE_LSE = "store_lse"
+    RECOMPUTE_P = "recompute_p"
+    DV = "dv"
+    DP = "dp"
+    DS = "ds"
+    DK = "dk"
+    DQ = "dq"
+    STORE_DK = "store_dk"
+    STORE_DV = "store_dv"
+    STORE_DQ = "store_dq"
 
 
 class Region(enum.Enum):
     PROLOGUE = "prologue"
-    KV_LOOP = "kv_loop"
+    KV_LOOP = "loop"
     EPILOGUE = "epilogue"
 
 
 SCORE_MODIFIERS = (OpKind.SCALE, OpKind.SOFTCAP, OpKind.ALIBI, OpKind.MASK)
-REQUIRED = (OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.QK, OpKind.SCALE,
-            OpKind.ONLINE_SOFTMAX, OpKind.PV, OpKind.NORMALIZE, OpKind.STORE_O)
-REGION_OF = {
-    OpKind.LOAD_Q: Region.PROLOGUE,
-    OpKind.NORMALIZE: Region.EPILOGUE, OpKind.STORE_O: Region.EPILOGUE, OpKind.STORE_LSE: Region.EPILOGUE,
+_COMMON = (OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.QK, OpKind.SCALE)
+REQUIRED = {
+    "fwd": _COMMON + (OpKind.ONLINE_SOFTMAX, OpKind.PV, OpKind.NORMALIZE, OpKind.STORE_O),
+    "bwd_dkdv": _COMMON + (OpKind.LOAD_DO, OpKind.RECOMPUTE_P, OpKind.DV, OpKind.DP, OpKind.DS, OpKind.DK,
+                           OpKind.STORE_DK, OpKind.STORE_DV),
+    "bwd_dq": _COMMON + (OpKind.LOAD_DO, OpKind.RECOMPUTE_P, OpKind.DP, OpKind.DS, OpKind.DQ, OpKind.STORE_DQ),
 }
+LOOP_NAME = {"fwd": "kv_loop", "bwd_dq": "kv_loop", "bwd_dkdv": "q_loop"}
 
 
 @dataclass(frozen=True)
@@ -62,10 +78,7 @@ class Op:
     kind: OpKind
     inputs: tuple[str, ...] = ()
     attrs: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def region(self) -> Region:
-        return REGION_OF.get(self.kind, Region.KV_LOOP)
+    region: Region = Region.KV_LOOP
 
     def attr(self, key: str, default: Any = None) -> Any:
         return dict(self.attrs).get(key, default)
@@ -124,7 +137,10 @@ def verify(kernel: Kernel) -> Kernel:
                 raise IRError(f"{kernel.name}: %{op.name} in {op.region.value} uses %{src} "
                               f"from the later region {by_name[src].region.value}")
     kinds = [o.kind for o in kernel.ops]
-    for kind in REQUIRED:
+    role = kernel.attr("role", "fwd")
+    if role not in REQUIRED:
+        raise IRError(f"{kernel.name}: unknown role {role!r}")
+    for kind in REQUIRED[role]:
         if kinds.count(kind) != 1:
             raise IRError(f"{kernel.name}: expected exactly one {kind.value} op, found {kinds.count(kind)}")
     if not nx.is_directed_acyclic_graph(graph(kernel)):
@@ -159,7 +175,7 @@ def print_ir(kernel: Kernel) -> str:
                 lines.append("  }")
             region = op.region
             if region is Region.KV_LOOP:
-                lines.append("  kv_loop {")
+                lines.append(f"  {LOOP_NAME.get(kernel.attr('role', 'fwd'), 'loop')} {{")
         indent = "    " if region is Region.KV_LOOP else "  "
         args = ", ".join(f"%{s}" for s in op.inputs)
         attrs = ", ".join(f"{k}={_show(v)}" for k, v in op.attrs)

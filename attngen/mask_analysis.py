@@ -60,33 +60,40 @@ class RowRange:
 
 @dataclass(frozen=True)
 class MaskPlan:
+    """The loop plan of one kernel. The forward walks keys for a block of queries; a transposed
+    plan (the backward's dK/dV kernel) walks queries for a block of keys. Below, "outer" is the
+    blocked index (q_idx, or kv_idx when transposed) and "inner" the one the loop walks."""
+
     kind: PlanKind
     cond: sympy.Basic | None  # the visibility condition; None for DENSE
-    rows: RowRange | None = None  # RANGE only
-    # RANGE only: inclusive key bounds of a query block [m_first, m_last], in M_FIRST, M_LAST, NQ, NK.
-    kv_lo: sympy.Expr | None = None  # first key any row may see
-    kv_hi: sympy.Expr | None = None  # last key any row may see
-    full_lo: sympy.Expr | None = None  # first key every row sees
-    full_hi: sympy.Expr | None = None  # last key every row sees
+    rows: RowRange | None = None  # RANGE only: the inner range of one outer index
+    transposed: bool = False
+    # RANGE only: inclusive inner bounds of an outer block [m_first, m_last], in M_FIRST, M_LAST, NQ, NK.
+    kv_lo: sympy.Expr | None = None  # first inner index any outer index may see
+    kv_hi: sympy.Expr | None = None  # last inner index any outer index may see
+    full_lo: sympy.Expr | None = None  # first inner index every outer index sees
+    full_hi: sympy.Expr | None = None  # last inner index every outer index sees
 
     def describe(self) -> str:
         if self.kind is PlanKind.DENSE:
             return "dense: every in-bounds tile is full"
+        inner = "queries" if self.transposed else "keys"
         if self.kind is PlanKind.TILES:
-            return f"tiles: keys visible where {sympy.sstr(self.cond)}; runtime table of non-empty tiles"
+            return f"tiles: visible where {sympy.sstr(self.cond)}; runtime table of non-empty tiles"
         lo = "-oo" if self.rows.lo is None else sympy.sstr(self.rows.lo)
         hi = "+oo" if self.rows.hi is None else sympy.sstr(self.rows.hi)
-        return f"range: query q_idx sees keys [{lo}, {hi}]"
+        outer = "key kv_idx" if self.transposed else "query q_idx"
+        return f"range: {outer} sees {inner} [{lo}, {hi}]"
 
 
 # ----------------------------------------------------------------- row ranges
 
-def _bound_of_atom(rel: sympy.Basic) -> RowRange | None:
-    """One relation, linear in kv_idx with a constant coefficient, as a key range."""
+def _bound_of_atom(rel: sympy.Basic, var: sympy.Symbol) -> RowRange | None:
+    """One relation, linear in `var` with a constant coefficient, as a range of var."""
     if isinstance(rel, sympy.Ne) or not isinstance(rel, sympy.core.relational.Relational):
         return None
     e = sympy.expand(rel.lhs - rel.rhs)
-    abs_terms = [t for t in sympy.Add.make_args(e) if t.has(sympy.Abs) and t.has(KV_IDX)]
+    abs_terms = [t for t in sympy.Add.make_args(e) if t.has(sympy.Abs) and t.has(var)]
     if abs_terms:  # c*|u| + r  <= 0   <=>   c*u + r <= 0 and -c*u + r <= 0   (c > 0)
         if len(abs_terms) != 1 or not isinstance(rel, (sympy.Le, sympy.Lt)):
             return None
@@ -95,10 +102,10 @@ def _bound_of_atom(rel: sympy.Basic) -> RowRange | None:
             return None
         rest = e - abs_terms[0]
         op = type(rel)
-        return _row_range(sympy.And(op(coeff * absval.args[0] + rest, 0), op(-coeff * absval.args[0] + rest, 0)))
-    a = sympy.diff(e, KV_IDX)
-    b = sympy.expand(e - a * KV_IDX)
-    if not a.is_Number or a == 0 or b.has(KV_IDX):
+        return _row_range(sympy.And(op(coeff * absval.args[0] + rest, 0), op(-coeff * absval.args[0] + rest, 0)), var)
+    a = sympy.diff(e, var)
+    b = sympy.expand(e - a * var)
+    if not a.is_Number or a == 0 or b.has(var):
         return None
     if isinstance(rel, sympy.Lt):  # integers: x < 0  <=>  x <= -1
         b += 1
@@ -116,18 +123,19 @@ def _join(bounds: list[sympy.Expr | None], fn) -> sympy.Expr | None:
     return None if any(b is None for b in bounds) else fn(*bounds)
 
 
-def _row_range(cond: sympy.Basic) -> RowRange | None:
+def _row_range(cond: sympy.Basic, var: sympy.Symbol) -> RowRange | None:
+    """The values of `var` satisfying cond, as one range whose ends depend on the other index."""
     if cond is sympy.true:
         return RowRange(None, None)
     if isinstance(cond, sympy.And):
-        parts = [_row_range(a) for a in cond.args]
+        parts = [_row_range(a, var) for a in cond.args]
         if any(p is None for p in parts):
             return None
         los = [p.lo for p in parts if p.lo is not None]
         his = [p.hi for p in parts if p.hi is not None]
         return RowRange(sympy.Max(*los) if los else None, sympy.Min(*his) if his else None)
     if isinstance(cond, sympy.Or):
-        parts = [_row_range(a) for a in cond.args]
+        parts = [_row_range(a, var) for a in cond.args]
         if any(p is None for p in parts):
             return None
         # A union of ranges is one range when all share an unbounded end.
@@ -136,15 +144,15 @@ def _row_range(cond: sympy.Basic) -> RowRange | None:
         if all(p.hi is None for p in parts):
             return RowRange(_join([p.lo for p in parts], sympy.Min), None)
         return None
-    if not cond.has(KV_IDX):
-        return None  # a condition on the row alone: not one range for every row
-    if isinstance(cond, sympy.Eq):  # floor(kv/c) == x  <=>  c*x <= kv <= c*x + c - 1   (chunks)
+    if not cond.has(var):
+        return None  # a condition on the other index alone: not one range for every row
+    if isinstance(cond, sympy.Eq):  # floor(v/c) == x  <=>  c*x <= v <= c*x + c - 1   (chunks)
         for side, other in ((cond.lhs, cond.rhs), (cond.rhs, cond.lhs)):
-            if isinstance(side, sympy.floor) and not other.has(KV_IDX):
+            if isinstance(side, sympy.floor) and not other.has(var):
                 num, den = sympy.fraction(sympy.together(side.args[0]))
-                if num == KV_IDX and den.is_Integer and den > 0:
+                if num == var and den.is_Integer and den > 0:
                     return RowRange(den * other, den * other + den - 1)
-    return _bound_of_atom(cond)
+    return _bound_of_atom(cond, var)
 
 
 def _nondecreasing(e: sympy.Expr, x: sympy.Symbol) -> bool:
@@ -163,15 +171,20 @@ def _nondecreasing(e: sympy.Expr, x: sympy.Symbol) -> bool:
     return False
 
 
-def analyze(cond: sympy.Basic | None) -> MaskPlan:
-    """The loop plan for a mask condition (see the module docstring)."""
+def analyze(cond: sympy.Basic | None, transposed: bool = False) -> MaskPlan:
+    """The loop plan for a mask condition (see the module docstring). `transposed` plans walk
+    queries for a block of keys (the backward's dK/dV kernel):
+
+        causal top-left   kv_idx <= q_idx   ->   key kv_idx is seen by queries [kv_idx, +oo)
+    """
     if cond is None or cond is sympy.true:
-        return MaskPlan(PlanKind.DENSE, None)
-    rows = _row_range(sympy.to_nnf(cond))
-    if rows is None or not all(b is None or _nondecreasing(b, Q_IDX) for b in (rows.lo, rows.hi)):
-        return MaskPlan(PlanKind.TILES, cond)
-    at = lambda b, m: None if b is None else b.subs(Q_IDX, m)  # noqa: E731
-    return MaskPlan(PlanKind.RANGE, cond, rows,
+        return MaskPlan(PlanKind.DENSE, None, transposed=transposed)
+    inner, outer = (Q_IDX, KV_IDX) if transposed else (KV_IDX, Q_IDX)
+    rows = _row_range(sympy.to_nnf(cond), inner)
+    if rows is None or not all(b is None or _nondecreasing(b, outer) for b in (rows.lo, rows.hi)):
+        return MaskPlan(PlanKind.TILES, cond, transposed=transposed)
+    at = lambda b, m: None if b is None else b.subs(outer, m)  # noqa: E731
+    return MaskPlan(PlanKind.RANGE, cond, rows, transposed,
                     kv_lo=at(rows.lo, M_FIRST), kv_hi=at(rows.hi, M_LAST),
                     full_lo=at(rows.lo, M_LAST), full_hi=at(rows.hi, M_FIRST))
 
@@ -279,16 +292,17 @@ class TileCounts:
 
 
 def block_key_range(plan: MaskPlan, m_first, m_last, Nq: int, Nk: int, block_n: int):
-    """RANGE plans: the kernel's three key segments for query blocks [m_first, m_last] (int64 tensors),
-    computed as the template computes them:
+    """RANGE plans: the kernel's three inner segments for outer blocks [m_first, m_last] (int64
+    tensors), computed as the template computes them, in steps of block_n inner indices:
     [start, full_start) masked, [full_start, full_end) unmasked, [full_end, end) masked."""
     env = {M_FIRST: m_first, M_LAST: m_last, NQ: Nq, NK: Nk}
+    n = Nq if plan.transposed else Nk  # how many inner indices there are
     bound = lambda e, default: torch.full_like(m_first, default) if e is None else m_first * 0 + evaluate(e, env)  # noqa: E731
-    lo = bound(plan.kv_lo, 0).clamp(0, Nk)
-    end = torch.minimum(torch.maximum(bound(plan.kv_hi, Nk - 1) + 1, lo), torch.full_like(lo, Nk))
+    lo = bound(plan.kv_lo, 0).clamp(0, n)
+    end = torch.minimum(torch.maximum(bound(plan.kv_hi, n - 1) + 1, lo), torch.full_like(lo, n))
     start = lo // block_n * block_n
     full_start = -(-bound(plan.full_lo, 0).clamp(min=0) // block_n) * block_n
-    full_end = (bound(plan.full_hi, Nk - 1) + 1).clamp(max=Nk) // block_n * block_n
+    full_end = (bound(plan.full_hi, n - 1) + 1).clamp(0, n) // block_n * block_n
     none = full_start >= full_end
     full_start = torch.where(none, start, torch.maximum(full_start, start))
     full_end = torch.where(none, start, torch.maximum(full_end, start))
@@ -313,21 +327,26 @@ def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int,
 
 @functools.lru_cache(maxsize=256)
 def tile_counts(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> TileCounts:
-    """How many tiles the generated kernel visits and masks at one shape (for the cost model)."""
+    """How many tiles the generated kernel visits and masks at one shape (for the cost model).
+    block_m blocks queries and block_n keys, whichever of them the plan walks."""
     n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
-    ragged = Nk % block_n != 0
+    outer, inner, outer_block, inner_block = (Nk, Nq, block_n, block_m) if plan.transposed else (Nq, Nk, block_m, block_n)
+    n_outer = -(-outer // outer_block)
+    ragged = inner % inner_block != 0
     if plan.kind is PlanKind.DENSE:
-        return TileCounts(n_m * n_n, n_m * n_n, n_m if ragged else 0)
+        return TileCounts(n_m * n_n, n_m * n_n, n_outer if ragged else 0)
     if plan.kind is PlanKind.RANGE:
-        m_first = torch.arange(n_m, dtype=torch.int64) * block_m
-        m_last = torch.clamp(m_first + block_m, max=Nq) - 1
-        start, f_lo, f_hi, end = block_key_range(plan, m_first, m_last, Nq, Nk, block_n)
-        tiles = -(-(end - start) // block_n)
-        full = (f_hi - f_lo) // block_n
+        first = torch.arange(n_outer, dtype=torch.int64) * outer_block
+        last = torch.clamp(first + outer_block, max=outer) - 1
+        start, f_lo, f_hi, end = block_key_range(plan, first, last, Nq, Nk, inner_block)
+        tiles = -(-(end - start) // inner_block)
+        full = (f_hi - f_lo) // inner_block
         return TileCounts(n_m * n_n, int(tiles.sum()), int((tiles - full).sum()))
     classes = dense_tile_classes(plan.cond, Nq, Nk, block_m, block_n)
+    if plan.transposed:
+        classes = classes.T
     visited = int((classes > 0).sum())
     full = classes == 2
-    if ragged:  # the last key tile always needs the bounds check
+    if ragged:  # the last inner tile always needs the bounds check
         full[:, -1] = False
     return TileCounts(n_m * n_n, visited, visited - int(full.sum()))

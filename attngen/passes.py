@@ -37,7 +37,7 @@ class PassOptions:
 
 def mask_plan(kernel: Kernel, options: PassOptions) -> Kernel:
     mask = kernel.op(OpKind.MASK)
-    plan = analyze(mask.attr("cond") if mask else None)
+    plan = analyze(mask.attr("cond") if mask else None, transposed=kernel.attr("role") == "bwd_dkdv")
     if mask is not None:
         kernel = kernel.replace_op(OpKind.MASK, plan=plan.kind.value)
     return kernel.with_attrs(mask_plan=plan)
@@ -67,7 +67,7 @@ def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
     target = TARGETS[options.target]
     return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
                     Workload(options.workload.batch, options.workload.heads, options.workload.seq_q,
-                             options.workload.seq_k, d))
+                             options.workload.seq_k, d), kernel.attr("role"))
             for d in kernel.attr("dtypes").split(",")}
 
 

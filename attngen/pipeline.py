@@ -1,7 +1,10 @@
 """The compiler, straight-line: spec -> IR -> passes -> Triton, stoppable after any stage.
 
-    compile_spec("specs/causal.yaml", stop="ir")      # the IR after each pass, as text
+    compile_spec("specs/causal.yaml", stop="ir")      # the IR of each kernel after each pass
     emit("specs/causal.yaml", "triton")               # the generated module's source
+
+A spec lowers to three kernels (forward; backward dK/dV; backward dQ); each runs through the same
+passes, and one module holds them all.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 from .codegen import generate
 from .cost_model import Ranking, format_ranking
 from .ir import Kernel, print_ir
-from .lower import lower
+from .lower import lower, lower_backward
 from .passes import PASSES, PassOptions, rankings, run_passes
 from .spec import Spec, load_spec
 
@@ -22,13 +25,12 @@ STAGES = ("spec", "ir", "tiling", "triton")
 @dataclass(frozen=True)
 class Compiled:
     spec: Spec
-    stages: tuple[tuple[str, Kernel], ...] = ()  # the IR after lowering and after each pass
-    rankings: dict[str, Ranking] = field(default_factory=dict)
+    stages: dict[str, tuple[tuple[str, Kernel], ...]] = field(default_factory=dict)  # role -> IR after each step
+    rankings: dict[str, dict[str, Ranking]] = field(default_factory=dict)  # role -> dtype -> ranking
     source: str | None = None
 
-    @property
-    def kernel(self) -> Kernel:
-        return self.stages[-1][1]
+    def kernel(self, role: str = "fwd") -> Kernel:
+        return self.stages[role][-1][1]
 
 
 def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(), stop: str = "triton") -> Compiled:
@@ -37,14 +39,20 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if stop == "spec":
         return Compiled(spec)
-    kernel = lower(spec)
-    stages = [("lower", kernel)]
-    for name in PASSES:
-        kernel = run_passes(kernel, options, (name,))
-        stages.append((name, kernel))
-    ranks = rankings(stages[-2][1], options) if stop in ("tiling", "triton") else {}
-    source = generate(spec, kernel) if stop == "triton" else None
-    return Compiled(spec, tuple(stages), ranks, source)
+    stages, ranks = {}, {}
+    for kernel in (lower(spec), *lower_backward(spec)):
+        steps = [("lower", kernel)]
+        for name in PASSES:
+            kernel = run_passes(kernel, options, (name,))
+            steps.append((name, kernel))
+        role = kernel.attr("role")
+        stages[role] = tuple(steps)
+        if stop in ("tiling", "triton"):
+            ranks[role] = rankings(steps[-2][1], options)
+    c = Compiled(spec, stages, ranks)
+    if stop == "triton":
+        c = Compiled(spec, stages, ranks, generate(spec, {role: c.kernel(role) for role in stages}))
+    return c
 
 
 def emit(spec: Spec | str | Path, stage: str, options: PassOptions = PassOptions()) -> str:
@@ -53,7 +61,9 @@ def emit(spec: Spec | str | Path, stage: str, options: PassOptions = PassOptions
     if stage == "spec":
         return c.spec.to_yaml()
     if stage == "ir":
-        return "\n".join(f"// after {name}\n{print_ir(k)}" for name, k in c.stages)
+        return "\n".join(f"// {role}, after {name}\n{print_ir(k)}" for role, steps in c.stages.items()
+                         for name, k in steps)
     if stage == "tiling":
-        return "\n".join(f"// {dtype}\n{format_ranking(r)}" for dtype, r in c.rankings.items())
+        return "\n".join(f"// {role}, {dtype}\n{format_ranking(r, top=5)}" for role, by_dtype in c.rankings.items()
+                         for dtype, r in by_dtype.items())
     return c.source

@@ -48,12 +48,14 @@ def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu") -> torch.Tensor:
     return vis
 
 
-def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64):
+def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64, keep=None):
     """O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] computed in `dtype` (float64 by default; the input
-    dtype gives the eager same-precision baseline the tolerance is measured against)."""
+    dtype gives the eager same-precision baseline the tolerance is measured against).
+    `keep` [B, Hq, Nq, Nk] applies the spec's dropout with that keep-mask; LSE ignores dropout.
+    Differentiable: gradients of the float64 result are the reference gradients."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # .to keeps autograd's graph to the inputs
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = (q @ k.transpose(-1, -2)) * (spec.scale if scale is None else scale)
@@ -69,5 +71,7 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s.float() if dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing visible: all zeros
+    if keep is not None and spec.dropout:
+        p = p * keep.to(p.dtype) / (1.0 - spec.dropout)
     o = p @ v
     return o, lse

@@ -14,6 +14,7 @@ A spec file looks like::
       expr: "kv_idx // CHUNK == q_idx // CHUNK"
       constants: {CHUNK: 128}
     score: {scale: null, softcap: 30.0, alibi: true}
+    dropout: {p: 0.1}        # on the normalized probabilities, training only
 
 Every mask part present is combined with `and`. Every error names the file,
 the field and what is allowed; unknown fields are errors.
@@ -79,6 +80,7 @@ class Spec:
     dtypes: tuple[str, ...]
     mask: MaskSpec = field(default_factory=MaskSpec)
     score: ScoreSpec = field(default_factory=ScoreSpec)
+    dropout: float = 0.0
     source: str = "<spec>"
 
     @property
@@ -100,7 +102,7 @@ class Spec:
         if m.constants:
             mask["constants"] = dict(m.constants)
         score = {"scale": self.score.scale, "softcap": self.score.softcap, "alibi": self.score.alibi}
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "head_dim": self.head_dim,
@@ -109,6 +111,9 @@ class Spec:
             "mask": mask,
             "score": score,
         }
+        if self.dropout:
+            out["dropout"] = {"p": self.dropout}
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -248,9 +253,20 @@ def _parse_score(source: str, data: Any) -> ScoreSpec:
     return ScoreSpec(scale=f.float("scale"), softcap=f.float("softcap"), alibi=f.bool("alibi"))
 
 
+def _parse_dropout(source: str, data: Any) -> float:
+    if data is None:
+        return 0.0
+    f = _Fields(source, "dropout", data, ("p",))
+    p = f.float("p", positive=False)
+    if p is None or not 0.0 <= p < 1.0:
+        raise f.error("p", f"expected a probability in [0, 1), got {_show(data.get('p'))}")
+    return p
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     """Validates a decoded YAML document into a Spec."""
-    f = _Fields(source, "", data, ("name", "description", "head_dim", "head_dim_v", "dtypes", "mask", "score"))
+    f = _Fields(source, "", data, ("name", "description", "head_dim", "head_dim_v", "dtypes", "mask", "score",
+                                   "dropout"))
     name = f.str("name", required=True)
     if not NAME_RE.match(name):
         raise f.error("name", f"expected lower-case letters, digits and _, starting with a letter, got {name!r}")
@@ -269,6 +285,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
         dtypes=tuple(dict.fromkeys(dtypes)),
         mask=_parse_mask(source, data.get("mask")),
         score=_parse_score(source, data.get("score")),
+        dropout=_parse_dropout(source, data.get("dropout")),
         source=source,
     )
 

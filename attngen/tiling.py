@@ -44,26 +44,41 @@ def candidates(head_dim: int, head_dim_v: int) -> list[TileConfig]:
     return [TileConfig(m, n, w, s, dp, dvp) for m, n, w, s in product(BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES)]
 
 
-def shared_memory_bytes(cfg: TileConfig, elem_bytes: int) -> int:
-    """Q tile, plus K and V tiles for each pipeline stage."""
-    return elem_bytes * (cfg.block_m * cfg.head_dim_pad + cfg.num_stages * cfg.block_n * (cfg.head_dim_pad + cfg.head_dim_v_pad))
+ROLES = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
-def registers_per_thread(cfg: TileConfig, elem_bytes: int) -> int:
-    """fp32 accumulator and scores, the probabilities in the input dtype, the Q fragment."""
-    words = (cfg.block_m * cfg.head_dim_v_pad + cfg.block_m * cfg.block_n
-             + (cfg.block_m * cfg.block_n + cfg.block_m * cfg.head_dim_pad) * elem_bytes // 4)
+def shared_memory_bytes(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> int:
+    """The tiles a program keeps resident, plus the streamed ones once per pipeline stage.
+    fwd and bwd_dq keep a query block and stream K, V; bwd_dkdv keeps K, V and streams Q, dO."""
+    m, n, d, dv, st = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad, cfg.num_stages
+    if role == "fwd":
+        return elem_bytes * (m * d + st * n * (d + dv))
+    if role == "bwd_dq":
+        return elem_bytes * (m * (d + dv) + st * n * (d + dv))
+    return elem_bytes * (n * (d + dv) + st * m * (d + dv))
+
+
+def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> int:
+    """fp32 accumulators and score-sized temporaries, plus the resident operand fragments."""
+    m, n, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
+    if role == "fwd":  # acc, s, p and the Q fragment
+        words = m * dv + m * n + (m * n + m * d) * elem_bytes // 4
+    elif role == "bwd_dq":  # dq, s/p, dp/ds
+        words = m * d + 2 * m * n + (m * n) * elem_bytes // 4
+    else:  # dk, dv, s/p, dp/ds
+        words = n * (d + dv) + 2 * m * n + (m * n) * elem_bytes // 4
     return REG_OVERHEAD + -(-words // (32 * cfg.num_warps))
 
 
-def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int) -> None:
+def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: str = "fwd") -> None:
     """Raises TilingError with the reason when `cfg` cannot run well on the target."""
-    smem = shared_memory_bytes(cfg, elem_bytes)
+    smem = shared_memory_bytes(cfg, elem_bytes, role)
     if smem > smem_per_block:
         raise TilingError(f"needs {smem // 1024} KiB of shared memory, the target allows {smem_per_block // 1024} KiB")
-    regs = registers_per_thread(cfg, elem_bytes)
+    regs = registers_per_thread(cfg, elem_bytes, role)
     if regs > MAX_REGS_PER_THREAD:
         raise TilingError(f"needs about {regs} registers per thread, over {MAX_REGS_PER_THREAD}: it would spill")
-    if cfg.block_m < 8 * cfg.num_warps:
-        raise TilingError(f"BLOCK_M={cfg.block_m} is too few rows for {cfg.num_warps} warps "
-                          f"(needs BLOCK_M >= 8 * num_warps to keep every warp's MMA busy)")
+    rows = cfg.block_n if role == "bwd_dkdv" else cfg.block_m  # the dimension the warps split
+    if rows < 8 * cfg.num_warps:
+        raise TilingError(f"{'BLOCK_N' if role == 'bwd_dkdv' else 'BLOCK_M'}={rows} is too few rows for "
+                          f"{cfg.num_warps} warps (needs at least 8 * num_warps to keep every warp's MMA busy)")

@@ -54,8 +54,9 @@ def generate(specs: List[Path] = typer.Argument(..., help="spec files"),
         path = out / f"{c.spec.name}.py"
         written = write_if_different(path, c.source)
         typer.echo(f"{path}: {'written' if written else 'unchanged'}")
-        for dtype, cfg in c.kernel.attr("tiling").by_dtype:
-            typer.echo(f"  {dtype}: {cfg.describe()}")
+        for role in c.stages:
+            for dtype, cfg in c.kernel(role).attr("tiling").by_dtype:
+                typer.echo(f"  {role:<8} {dtype}: {cfg.describe()}")
 
 
 @app.command()
