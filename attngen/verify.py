@@ -61,9 +61,7 @@ class Result:
     spec: str
     dtype: str
     shape: Shape
-    err: float  # max |o - ref|
-    eager_err: float  # max |eager same-dtype - ref|
-    lse_err: float
+    errors: tuple[tuple[str, float, float], ...]  # (quantity, max |kernel - ref|, max |eager - ref|)
     ok: bool
     why: str = ""
 
@@ -79,69 +77,93 @@ def random_inputs(spec: Spec, shape: Shape, dtype: torch.dtype, device, generato
             make(shape.heads_kv, shape.seq_k, spec.head_dim_v))
 
 
-def _reference(spec: Spec, q, k, v, slopes, dtype):
-    """Per (batch, head) to bound memory at 8k tokens; returns (o, lse) on q's device."""
+def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None):
+    """o, lse and, given do, (dq, dk, dv), computed per (batch, head) in `dtype` to bound memory
+    at 8k tokens. Gradients come from autograd through the reference."""
     group = q.shape[1] // k.shape[1]
-    outs, lses = [], []
+    o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=torch.float64, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float64, device=q.device)
+    grads = [torch.zeros(t.shape, dtype=torch.float64, device=q.device) for t in (q, k, v)]
     for b in range(q.shape[0]):
-        ob, lb = [], []
         for h in range(q.shape[1]):
             hk = h // group
-            o, lse = reference.attention(spec, q[b:b + 1, h:h + 1], k[b:b + 1, hk:hk + 1], v[b:b + 1, hk:hk + 1],
-                                         alibi_slopes_=slopes[h:h + 1] if slopes is not None else None, dtype=dtype)
-            ob.append(o.double())
-            lb.append(lse.double())
-        outs.append(torch.cat(ob, dim=1))
-        lses.append(torch.cat(lb, dim=1))
-    return torch.cat(outs), torch.cat(lses)
+            leaves = [t[b:b + 1, i:i + 1].detach().to(dtype).requires_grad_(do is not None)
+                      for t, i in ((q, h), (k, hk), (v, hk))]
+            with torch.set_grad_enabled(do is not None):
+                ob, lb = reference.attention(spec, *leaves, dtype=dtype,
+                                             alibi_slopes_=slopes[h:h + 1] if slopes is not None else None,
+                                             keep=keep[b:b + 1, h:h + 1] if keep is not None else None)
+                if do is not None:
+                    ob.backward(do[b:b + 1, h:h + 1].to(dtype))
+            o[b, h], lse[b, h] = ob[0, 0].detach(), lb[0, 0].detach()
+            if do is not None:
+                for g, leaf, i in zip(grads, leaves, (h, hk, hk)):
+                    g[b, i] += leaf.grad[0, 0].double()
+    return o, lse, grads
 
 
-def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0) -> Result:
+def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, backward: bool = False) -> Result:
     g = torch.Generator(device=device).manual_seed(seed)
     tdt = TORCH_DTYPES[dtype]
     q, k, v = random_inputs(spec, shape, tdt, device, g)
     slopes = None
     if spec.score.alibi:  # random slopes exercise the runtime argument; the default is tested too
         slopes = torch.rand(shape.heads_q, generator=g, device=device) if seed % 2 else reference.alibi_slopes(shape.heads_q).to(device)
-    out = torch.full((shape.batch, shape.heads_q, shape.seq_q, spec.head_dim_v), float("nan"), dtype=tdt, device=device)
     kwargs = {"alibi_slopes": slopes} if slopes is not None else {}
-    o, lse = module.attention(q, k, v, return_lse=True, out=out, **kwargs)
-    ref_o, ref_lse = _reference(spec, q, k, v, slopes, torch.float64)
-    eager_o, eager_lse = _reference(spec, q, k, v, slopes, tdt)
+    dropout_seed = 1000 + seed
+    keep = (module.dropout_keep_mask(shape.batch, shape.heads_q, shape.seq_q, shape.seq_k, dropout_seed, device)
+            if spec.dropout else None)
+    do = None
+    if backward:
+        do = torch.randn(q.shape[:3] + (spec.head_dim_v,), generator=g, device=device, dtype=torch.float32).to(tdt)
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        o, lse = module.attention(q, k, v, return_lse=True, dropout_seed=dropout_seed, **kwargs)
+        o.backward(do)
+        got = [q.grad, k.grad, v.grad]
+    else:  # poison the output so an element the kernel never wrote shows as NaN
+        out = torch.full(q.shape[:3] + (spec.head_dim_v,), float("nan"), dtype=tdt, device=device)
+        o, lse = module.attention(q, k, v, return_lse=True, out=out, dropout_seed=dropout_seed, **kwargs)
+        got = []
+    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do)
+    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do)
 
     def max_err(a, b):
-        return float((a.double() - b).abs().max()) if a.numel() else 0.0
+        return float((a.detach().double() - b).abs().max()) if a.numel() else 0.0
 
     dead = torch.isneginf(ref_lse)  # rows with no visible key
-    err, eager_err = max_err(o, ref_o), max_err(eager_o, ref_o)
-    lse_err = max_err(lse[~dead], ref_lse[~dead])
-    eager_lse_err = max_err(eager_lse[~dead], ref_lse[~dead])
+    errors = [("o", max_err(o, ref_o), max_err(eager_o, ref_o)),
+              ("lse", max_err(lse[~dead], ref_lse[~dead]), max_err(eager_lse[~dead], ref_lse[~dead]))]
+    errors += [(name, max_err(a, r), max_err(e, r)) for name, a, r, e in zip(("dq", "dk", "dv"), got, ref_grads, eager_grads)]
     why = []
-    if o.isnan().any() or lse.isnan().any():
+    if any(t.isnan().any() for t in [o, lse] + got):
         why.append("NaN in output (unwritten or invalid)")
-    if err > FACTOR * eager_err + FLOOR[dtype]:
-        why.append(f"output error {err:.2e} > {FACTOR} x eager {eager_err:.2e} + {FLOOR[dtype]:.0e}")
-    if lse_err > FACTOR * eager_lse_err + FLOOR["fp32"] * 10:
-        why.append(f"lse error {lse_err:.2e} > {FACTOR} x eager {eager_lse_err:.2e}")
-    if dead.any() and not (bool(torch.isneginf(lse[dead]).all()) and bool((o.transpose(1, 2)[dead.transpose(1, 2)] == 0).all())):
+    for name, err, eager in errors:
+        floor = FLOOR["fp32"] * 10 if name == "lse" else FLOOR[dtype]
+        if err > FACTOR * eager + floor:
+            why.append(f"{name} error {err:.2e} > {FACTOR} x eager {eager:.2e} + {floor:.0e}")
+    if dead.any() and not (bool(torch.isneginf(lse[dead]).all()) and bool((o.detach()[dead] == 0).all())):
         why.append("rows with no visible key must give zeros and lse = -inf")
-    return Result(spec.name, dtype, shape, err, eager_err, lse_err, not why, "; ".join(why))
+    return Result(spec.name, dtype, shape, tuple(errors), not why, "; ".join(why))
 
 
-def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, target: str = "sm90") -> list[Result]:
+def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, target: str = "sm90",
+                backward: bool = False) -> list[Result]:
     spec = load_spec(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load(path, target=target)
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
     if shapes is None:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    return [check(spec, module, s, d, device, seed=i) for d in dtypes for i, s in enumerate(shapes)]
+    return [check(spec, module, s, d, device, seed=i, backward=backward) for d in dtypes for i, s in enumerate(shapes)]
 
 
 def format_table(results: list[Result]) -> str:
-    lines = ["| spec | dtype | shape | max err | eager err | lse err | result |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: each quantity's max error against float64, kernel / eager same-dtype."""
+    names = [n for n, _, _ in results[0].errors] if results else []
+    lines = ["| spec | dtype | shape | " + " | ".join(f"{n} err (eager)" for n in names) + " | result |",
+             "|---|---|---|" + "---|" * len(names) + "---|"]
     for r in results:
         verdict = "ok" if r.ok else f"FAIL: {r.why}"
-        lines.append(f"| {r.spec} | {r.dtype} | {r.shape} | {r.err:.2e} | {r.eager_err:.2e} | {r.lse_err:.2e} | {verdict} |")
+        cells = " | ".join(f"{e:.1e} ({x:.1e})" for _, e, x in r.errors)
+        lines.append(f"| {r.spec} | {r.dtype} | {r.shape} | {cells} | {verdict} |")
     return "\n".join(lines) + "\n"

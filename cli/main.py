@@ -63,6 +63,7 @@ def generate(specs: List[Path] = typer.Argument(..., help="spec files"),
 def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
            dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="dtypes to test (default: the spec's; "
                                                      "bf16 is skipped on the interpreter, whose bf16 dot is wrong)"),
+           backward: bool = typer.Option(False, "--backward", help="also check dQ, dK, dV against the reference"),
            markdown: Optional[Path] = typer.Option(None, help="also write the table here")):
     """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
     device = _interpret_without_gpu()
@@ -76,7 +77,7 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
     results = []
     for spec in specs:
         try:
-            results += verify_spec(spec, dtypes=dtypes)
+            results += verify_spec(spec, dtypes=dtypes, backward=backward)
         except AttngenError as e:
             _fail(e)
     table = format_table(results)
