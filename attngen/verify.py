@@ -77,28 +77,31 @@ def random_inputs(spec: Spec, shape: Shape, dtype: torch.dtype, device, generato
             make(shape.heads_kv, shape.seq_k, spec.head_dim_v))
 
 
-def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None):
-    """o, lse and, given do, (dq, dk, dv), computed per (batch, head) in `dtype` to bound memory
-    at 8k tokens. Gradients come from autograd through the reference."""
-    group = q.shape[1] // k.shape[1]
+def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, budget_bytes: float = 8e9):
+    """o, lse and, given do, (dq, dk, dv), computed in `dtype` over chunks of whole GQA groups of
+    heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
+    B, Hq, Nq, _ = q.shape
+    group = Hq // k.shape[1]
+    per_head = max(1, Nq * k.shape[2]) * 8 * 6  # a few float64 score-sized tensors kept for autograd
+    chunk = max(1, int(budget_bytes // per_head) // group) * group
     o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=torch.float64, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float64, device=q.device)
     grads = [torch.zeros(t.shape, dtype=torch.float64, device=q.device) for t in (q, k, v)]
-    for b in range(q.shape[0]):
-        for h in range(q.shape[1]):
-            hk = h // group
-            leaves = [t[b:b + 1, i:i + 1].detach().to(dtype).requires_grad_(do is not None)
-                      for t, i in ((q, h), (k, hk), (v, hk))]
+    for b in range(B):
+        for h0 in range(0, Hq, chunk):
+            h1 = min(h0 + chunk, Hq)
+            heads = (slice(h0, h1), slice(h0 // group, h1 // group), slice(h0 // group, h1 // group))
+            leaves = [t[b:b + 1, hs].detach().to(dtype).requires_grad_(do is not None) for t, hs in zip((q, k, v), heads)]
             with torch.set_grad_enabled(do is not None):
                 ob, lb = reference.attention(spec, *leaves, dtype=dtype,
-                                             alibi_slopes_=slopes[h:h + 1] if slopes is not None else None,
-                                             keep=keep[b:b + 1, h:h + 1] if keep is not None else None)
+                                             alibi_slopes_=slopes[h0:h1] if slopes is not None else None,
+                                             keep=keep[b:b + 1, h0:h1] if keep is not None else None)
                 if do is not None:
-                    ob.backward(do[b:b + 1, h:h + 1].to(dtype))
-            o[b, h], lse[b, h] = ob[0, 0].detach(), lb[0, 0].detach()
+                    ob.backward(do[b:b + 1, h0:h1].to(dtype))
+            o[b, h0:h1], lse[b, h0:h1] = ob[0].detach(), lb[0].detach()
             if do is not None:
-                for g, leaf, i in zip(grads, leaves, (h, hk, hk)):
-                    g[b, i] += leaf.grad[0, 0].double()
+                for g, leaf, hs in zip(grads, leaves, heads):
+                    g[b, hs] = leaf.grad[0].double()
     return o, lse, grads
 
 

@@ -77,11 +77,12 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
     results = []
     for spec in specs:
         try:
-            results += verify_spec(spec, dtypes=dtypes, backward=backward)
+            rows = verify_spec(spec, dtypes=dtypes, backward=backward)
         except AttngenError as e:
             _fail(e)
+        results += rows
+        typer.echo(format_table(rows).split("\n", 2)[2] if len(results) > len(rows) else format_table(rows), nl=False)
     table = format_table(results)
-    typer.echo(table)
     if markdown:
         markdown.write_text(table)
     failed = [r for r in results if not r.ok]

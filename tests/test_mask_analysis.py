@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from attngen.mask import mask_condition
 from attngen.mask_analysis import (PlanKind, TileClass, analyze, block_key_range, classify_tile,
                                    dense_tile_classes, tile_counts)
-from attngen.mask_expr import evaluate_mask_expr, parse_mask_expr
+from attngen.mask_expr import KV_IDX, NK, NQ, Q_IDX, evaluate_mask_expr, parse_mask_expr
 from attngen.spec import Causal, MaskSpec, Window
+from attngen.symbolic import evaluate
 
 ALIGNS = ("top_left", "bottom_right")
 CLASS_CODE = {TileClass.EMPTY: 0, TileClass.PARTIAL: 1, TileClass.FULL: 2}
@@ -103,8 +104,10 @@ def own_classes(vis: torch.Tensor, BM: int, BN: int) -> torch.Tensor:
 # --------------------------------------------------------- expression strategies
 
 literals = st.integers(0, 12) | st.sampled_from([16, 24, 32, 48, 64, 100, 128])
-divisors = st.integers(1, 6) | st.sampled_from([8, 16, 32, 48, 64])
+divisors = st.integers(1, 6) | st.sampled_from([8, 16, 32, 48, 64]) | st.integers(7, 80)
 CMP = st.sampled_from(["<", "<=", ">", ">=", "==", "!="])
+SIMPLE_INDEX_EXPRS = ["q_idx", "kv_idx", "(q_idx - kv_idx)", "(kv_idx - q_idx)", "(q_idx + kv_idx)",
+                      "(kv_idx + 7)", "(q_idx - Nq)", "(kv_idx - Nk + Nq)", "(2 * kv_idx)"]
 
 
 def int_exprs(names=("q_idx", "kv_idx", "Nq", "Nk"), products: bool = False, max_leaves: int = 5):
@@ -140,10 +143,16 @@ def combine(atoms, max_leaves: int = 4):
 
 def bool_exprs(products: bool = False):
     ints = int_exprs(products=products)
+    simple = st.sampled_from(SIMPLE_INDEX_EXPRS)
     comparisons = (st.tuples(ints, CMP, ints).map(" ".join)
                    | st.tuples(ints, CMP, ints, CMP, ints).map(" ".join)
                    # both indices present, so that most masks are neither all True nor all False
-                   | st.tuples(ints, CMP, ints).map(lambda t: f"q_idx + {t[0]} {t[1]} kv_idx + {t[2]}"))
+                   | st.tuples(ints, CMP, ints).map(lambda t: f"q_idx + {t[0]} {t[1]} kv_idx + {t[2]}")
+                   # thresholds on // and % of index differences, where tile bounds are tight
+                   | divisors.flatmap(lambda d: st.tuples(
+                       simple, st.sampled_from(["//", "%"]), st.just(d), CMP,
+                       st.integers(-2, 2) | st.integers(d - 3, d + 1) | st.integers(-3, 70)))
+                   .map(lambda t: f"{t[0]} {t[1]} {t[2]} {t[3]} {t[4]}"))
     return combine(comparisons | st.sampled_from(["True", "False"]))
 
 
@@ -220,6 +229,27 @@ def test_classify_tile_sound_on_random_expressions(text, Nq, Nk, BM, BN):
     assert_sound(cond, expr_visible(text, {}, Nq, Nk), BM, BN, repr(text))
 
 
+periods = st.sampled_from([8, 16, 24, 32, 48, 64, 96]) | st.integers(1, 100)
+
+
+@st.composite
+def periodic_thresholds(draw):
+    """`x % d CMP k` / `x // d CMP k` with d often a multiple of the block sizes and k at the edges
+    of the period: the interval rules for % and // are exercised where a tile lies in one period."""
+    d = draw(periods)
+    k = draw(st.integers(-2, 2) | st.integers(d - 3, d + 1) | st.integers(d // 2 - 1, d // 2 + 1))
+    text = f"{draw(st.sampled_from(SIMPLE_INDEX_EXPRS))} {draw(st.sampled_from(['%', '//']))} {d} {draw(CMP)} {k}"
+    if draw(st.booleans()):
+        text = f"({text}) {draw(st.sampled_from(['and', 'or']))} kv_idx <= q_idx + {draw(literals)}"
+    return text
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=SLOW)
+@given(text=periodic_thresholds(), Nq=sizes, Nk=sizes, BM=blocks, BN=blocks)
+def test_classify_tile_sound_on_periodic_thresholds(text, Nq, Nk, BM, BN):
+    assert_sound(parse_mask_expr(text, {}), expr_visible(text, {}, Nq, Nk), BM, BN, repr(text))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=SLOW)
 @given(mask=mask_specs(), Nq=sizes, Nk=sizes, BM=blocks, BN=blocks)
 def test_classify_tile_sound_on_random_specs(mask, Nq, Nk, BM, BN):
@@ -262,6 +292,25 @@ def test_mixed_align_inexact_example_is_sound():
 
 
 # ------------------------------------------------------------- 3. RANGE plans
+
+def assert_rows_exact(plan, vis: torch.Tensor, what: str) -> None:
+    """The plan's closed-form range [lo(i), hi(i)] is exactly the visible inner indices of every
+    outer index i (in bounds): the loop bounds below are only right if it is."""
+    Nq, Nk = vis.shape
+    t = is_transposed(plan)
+    outer_vis = vis.T if t else vis
+    n_outer, n_inner = outer_vis.shape
+    i = torch.arange(n_outer, dtype=torch.int64)
+    env = {Q_IDX: i, KV_IDX: i, NQ: Nq, NK: Nk}  # the bounds depend on the outer index only
+    j = torch.arange(n_inner, dtype=torch.int64)[None, :]
+    pred = torch.ones(n_outer, n_inner, dtype=torch.bool)
+    if plan.rows.lo is not None:
+        pred &= j >= (i * 0 + evaluate(plan.rows.lo, env))[:, None]
+    if plan.rows.hi is not None:
+        pred &= j <= (i * 0 + evaluate(plan.rows.hi, env))[:, None]
+    bad = (pred != outer_vis).any(dim=1).nonzero().flatten()
+    assert not len(bad), f"{what}; {plan.describe()}; Nq={Nq} Nk={Nk}: range wrong at outer index {int(bad[0])}"
+
 
 def assert_block_ranges(plan, vis: torch.Tensor, BM: int, BN: int, what: str) -> None:
     """For every outer block (queries, or keys when transposed): the segments are aligned and
@@ -314,6 +363,7 @@ def test_block_key_range_on_random_specs(mask, Nq, Nk, BM, BN, transposed):
         assert plan.kind is PlanKind.RANGE, f"{mask}: {plan.describe()}"
     if plan.kind is PlanKind.RANGE:
         vis = spec_visible(mask, Nq, Nk)
+        assert_rows_exact(plan, vis, repr(mask))
         assert_block_ranges(plan, vis, BM, BN, repr(mask))
         assert_range_counts(plan, vis, BM, BN)
 
@@ -324,6 +374,7 @@ def test_block_key_range_on_random_expressions(text, Nq, Nk, BM, BN, transposed)
     plan = plan_for(parse_mask_expr(text, {}), transposed)
     assume(plan.kind is PlanKind.RANGE)
     vis = expr_visible(text, {}, Nq, Nk)
+    assert_rows_exact(plan, vis, repr(text))
     assert_block_ranges(plan, vis, BM, BN, repr(text))
     assert_range_counts(plan, vis, BM, BN)
 
@@ -361,6 +412,7 @@ def test_known_masks_give_range_plans(mask):
         for BM, BN in [(16, 16), (32, 64), (64, 32)]:
             assert_block_ranges(plan, vis, BM, BN, repr(mask))
             assert_range_counts(plan, vis, BM, BN)
+        assert_rows_exact(plan, vis, repr(mask))
 
 
 @pytest.mark.parametrize("mask", TILES_MASKS, ids=repr)
@@ -378,6 +430,7 @@ def test_known_masks_give_transposed_range_plans(mask):
         for BM, BN in [(16, 16), (32, 64), (64, 32)]:
             assert_block_ranges(plan, vis, BM, BN, repr(mask))
             assert_range_counts(plan, vis, BM, BN)
+        assert_rows_exact(plan, vis, repr(mask))
 
 
 def test_no_mask_is_dense():
