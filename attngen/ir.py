@@ -121,41 +121,53 @@ def graph(kernel: Kernel) -> nx.DiGraph:
 
 def verify(kernel: Kernel) -> Kernel:
     """Checks the invariants later stages rely on; raises IRError naming the node."""
-    names: set[str] = set()
-    order = {Region.PROLOGUE: 0, Region.KV_LOOP: 1, Region.EPILOGUE: 2}
+    name = kernel.name
+    seen: set[str] = set()
     for op in kernel.ops:
-        if op.name in names:
-            raise IRError(f"{kernel.name}: %{op.name} is defined twice")
-        for src in op.inputs:
-            if src not in names:
-                raise IRError(f"{kernel.name}: %{op.name} ({op.kind.value}) uses %{src} before it is defined")
-        names.add(op.name)
+        if op.name in seen:
+            raise IRError(f"{name}: %{op.name} is defined twice")
+        seen.add(op.name)
     by_name = {o.name: o for o in kernel.ops}
     for op in kernel.ops:
         for src in op.inputs:
+            if src not in by_name:
+                raise IRError(f"{name}: %{op.name} ({op.kind.value}) uses %{src}, which no op defines")
+    g = graph(kernel)
+    if not nx.is_directed_acyclic_graph(g):
+        cycle = " -> ".join(f"%{u}" for u, _ in nx.find_cycle(g))
+        raise IRError(f"{name}: the op graph has a cycle: {cycle}")
+    index = {o.name: i for i, o in enumerate(kernel.ops)}
+    order = {Region.PROLOGUE: 0, Region.KV_LOOP: 1, Region.EPILOGUE: 2}
+    for op in kernel.ops:
+        for src in op.inputs:
+            if index[src] > index[op.name]:
+                raise IRError(f"{name}: %{op.name} ({op.kind.value}) uses %{src} before it is defined")
             if order[by_name[src].region] > order[op.region]:
-                raise IRError(f"{kernel.name}: %{op.name} in {op.region.value} uses %{src} "
+                raise IRError(f"{name}: %{op.name} in {op.region.value} uses %{src} "
                               f"from the later region {by_name[src].region.value}")
-    kinds = [o.kind for o in kernel.ops]
+    for before, after in zip(kernel.ops, kernel.ops[1:]):
+        if order[after.region] < order[before.region]:
+            raise IRError(f"{name}: %{after.name} in {after.region.value} is listed after "
+                          f"%{before.name} in {before.region.value}; ops must be grouped prologue, loop, epilogue")
     role = kernel.attr("role", "fwd")
     if role not in REQUIRED:
-        raise IRError(f"{kernel.name}: unknown role {role!r}")
+        raise IRError(f"{name}: unknown role {role!r}")
     for kind in REQUIRED[role]:
-        if kinds.count(kind) != 1:
-            raise IRError(f"{kernel.name}: expected exactly one {kind.value} op, found {kinds.count(kind)}")
-    if not nx.is_directed_acyclic_graph(graph(kernel)):
-        raise IRError(f"{kernel.name}: the op graph has a cycle")
+        found = [f"%{o.name}" for o in kernel.ops if o.kind is kind]
+        if len(found) != 1:
+            raise IRError(f"{name}: expected exactly one {kind.value} op, found {len(found)}"
+                          + (f": {', '.join(found)}" if found else ""))
     for tiling in kernel.attr("tiling") or ():
         for dim in ("head_dim_pad", "head_dim_v_pad", "block_m", "block_n"):
             v = getattr(tiling, dim)
-            if v & (v - 1):
-                raise IRError(f"{kernel.name}: tiling.{dim} = {v} is not a power of two")
+            if v <= 0 or v & (v - 1):
+                raise IRError(f"{name}: tiling.{dim} = {v} is not a positive power of two")
         if tiling.head_dim_pad < kernel.attr("head_dim") or tiling.head_dim_v_pad < kernel.attr("head_dim_v"):
-            raise IRError(f"{kernel.name}: padded head dims {tiling.head_dim_pad}/{tiling.head_dim_v_pad} "
+            raise IRError(f"{name}: padded head dims {tiling.head_dim_pad}/{tiling.head_dim_v_pad} "
                           f"are smaller than the head dims")
     mask = kernel.op(OpKind.MASK)
     if mask is not None and kernel.attr("mask_plan") is not None and mask.attr("plan") is None:
-        raise IRError(f"{kernel.name}: %{mask.name} has no plan although the kernel has one")
+        raise IRError(f"{name}: %{mask.name} has no plan although the kernel has one")
     return kernel
 
 

@@ -214,6 +214,16 @@ def _iv(e: sympy.Basic, env: dict[sympy.Symbol, Interval]) -> Interval:
             c = (lo * l, lo * h, hi * l, hi * h)
             lo, hi = min(c), max(c)
         return lo, hi
+    if isinstance(e, sympy.Pow):
+        base, exp = e.args
+        if not exp.is_Integer or exp < 1:
+            raise ValueError(f"no interval rule for the power {e}")
+        l, h = _iv(base, env)
+        n = int(exp)
+        lo, hi = min(l ** n, h ** n), max(l ** n, h ** n)
+        if n % 2 == 0 and l < 0 < h:  # an even power's minimum is inside the interval
+            lo = Fraction(0)
+        return lo, hi
     if isinstance(e, (sympy.floor, sympy.ceiling)):
         l, h = _iv(e.args[0], env)
         f = math.floor if isinstance(e, sympy.floor) else math.ceil

@@ -225,7 +225,9 @@ def _parse_mask(source: str, data: Any) -> MaskSpec:
     f = _Fields(source, "mask", data, ("causal", "window", "prefix", "expr", "constants"))
     constants: dict[str, int] = {}
     if f.has("constants"):
-        c = _Fields(source, "mask.constants", data["constants"], tuple(data["constants"] or ()))
+        if not isinstance(data["constants"], Mapping):
+            raise f.error("constants", f"expected a mapping of names to integers, got {_show(data['constants'])}")
+        c = _Fields(source, "mask.constants", data["constants"], tuple(data["constants"]))
         for name in c.data:
             if not isinstance(name, str) or not CONST_RE.match(name) or name in RESERVED:
                 raise c.error(str(name), "constant names are identifiers other than "
@@ -298,6 +300,8 @@ def load_spec(path: str | Path) -> Spec:
         text = path.read_text()
     except OSError as e:
         raise SpecError(source, "", f"cannot read the file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(source, "", f"not UTF-8 text (byte {e.start}); save the spec as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -55,9 +55,16 @@ def render(e: sympy.Basic, dialect: str = "triton", names: dict[str, str] | None
         coeff, rest = e.as_coeff_Mul()
         if not coeff.is_Integer:
             raise ValueError(f"non-integer product: {e}")
+        factors = [r(f) for f in sorted(sympy.Mul.make_args(rest), key=sympy.default_sort_key)]
+        body = " * ".join(factors) if len(factors) > 1 else factors[0]
         if coeff == -1:
-            return f"(-{r(rest)})"
-        return f"({int(coeff)} * {r(rest)})" if coeff != 1 else r(rest)
+            return f"(-{body})" if len(factors) == 1 else f"(-({body}))"
+        return f"({int(coeff)} * {body})" if coeff != 1 else (f"({body})" if len(factors) > 1 else body)
+    if isinstance(e, sympy.Pow):
+        base, exp = e.args
+        if not exp.is_Integer or exp < 1:
+            raise ValueError(f"non-integer power: {e}")
+        return "(" + " * ".join([r(base)] * int(exp)) + ")"
     if isinstance(e, (sympy.floor, sympy.ceiling)):
         num, den = _ratio(e.args[0])
         if isinstance(e, sympy.floor):
@@ -96,7 +103,13 @@ def evaluate(e: sympy.Basic, env: dict[sympy.Symbol, "int | torch.Tensor"]):
         coeff, rest = e.as_coeff_Mul()
         if not coeff.is_Integer:
             raise ValueError(f"non-integer product: {e}")
-        return int(coeff) * ev(rest)
+        return reduce(lambda a, b: a * b, (ev(f) for f in sympy.Mul.make_args(rest)), int(coeff))
+    if isinstance(e, sympy.Pow):
+        base, exp = e.args
+        if not exp.is_Integer or exp < 1:
+            raise ValueError(f"non-integer power: {e}")
+        b = ev(base)
+        return reduce(lambda x, _: x * b, range(int(exp) - 1), b)
     if isinstance(e, (sympy.floor, sympy.ceiling)):
         num, den = _ratio(e.args[0])
         sign = 1 if isinstance(e, sympy.floor) else -1

@@ -111,8 +111,8 @@ SIMPLE_INDEX_EXPRS = ["q_idx", "kv_idx", "(q_idx - kv_idx)", "(kv_idx - q_idx)",
 
 
 def int_exprs(names=("q_idx", "kv_idx", "Nq", "Nk"), products: bool = False, max_leaves: int = 5):
-    """Integer expression text. `*` always has a literal operand unless `products`: a product of two
-    non-constants is accepted by the language but hits the bugs pinned by the xfail tests below."""
+    """Integer expression text. `*` always has a literal operand unless `products` (a product of two
+    non-constants, which the language accepts and sympy may turn into a Pow)."""
     index = [n for n in names if n.endswith("idx")]
     leaves = (st.sampled_from(index) | st.sampled_from(index)  # weighted towards the indices
               | st.sampled_from([n for n in names if n not in index]) | literals.map(str))
@@ -170,13 +170,6 @@ def range_friendly_exprs():
     return combine(atoms, max_leaves=3)
 
 
-def has_pow_after_expand(cond) -> bool:
-    """classify_tile expands lhs - rhs; a product of a non-constant with itself then becomes Pow,
-    which it cannot bound (see test_classify_tile_on_squares, xfail)."""
-    rels = cond.atoms(sympy.core.relational.Relational) if isinstance(cond, sympy.Basic) else set()
-    return any(sympy.expand(r.lhs - r.rhs).has(sympy.Pow) for r in rels)
-
-
 # ------------------------------------------------------------ MaskSpec strategies
 
 aligns = st.sampled_from(ALIGNS)
@@ -225,7 +218,6 @@ def assert_sound(cond, vis: torch.Tensor, BM: int, BN: int, what: str) -> None:
 @given(text=bool_exprs(products=True) | range_friendly_exprs(), Nq=sizes, Nk=sizes, BM=blocks, BN=blocks)
 def test_classify_tile_sound_on_random_expressions(text, Nq, Nk, BM, BN):
     cond = parse_mask_expr(text, {})
-    assume(not has_pow_after_expand(cond))  # known bug, pinned by an xfail test below
     assert_sound(cond, expr_visible(text, {}, Nq, Nk), BM, BN, repr(text))
 
 
@@ -436,7 +428,6 @@ def test_known_masks_give_transposed_range_plans(mask):
 def test_no_mask_is_dense():
     plan = analyze(mask_condition(MaskSpec()))
     assert plan.kind is PlanKind.DENSE
-    assert tile_counts(plan, 100, 70, 32, 64) == tile_counts(plan, 100, 70, 32, 64)
     c = tile_counts(plan, 100, 70, 32, 64)
     assert (c.total, c.visited, c.partial) == (4 * 2, 4 * 2, 4)  # Nk=70 is ragged: one masked tile per row
 
@@ -489,35 +480,23 @@ def test_tiles_plan_counts_examples(text):
             assert_dense_classes_and_counts(cond, expr_visible(text, {}, Nq, Nk), BM, BN, repr(text), transposed)
 
 
-# ------------------------------------------------------- known bugs (xfail)
+# ------------------------------------------------ products of non-constants
 
-# The mask language accepts `int * int` with both operands non-constant (test_mask_expr.py accepts
-# "q_idx * kv_idx - 3 * q_idx > +kv_idx"), but parse_mask_expr lowers `x * x` to sympy Pow, and:
-# * mask_analysis._iv has no rule for Pow, so classify_tile raises ValueError (also when Pow only
-#   appears after the sympy.expand in _truth, e.g. `(q_idx + 1) * (q_idx - kv_idx)`);
-# * symbolic.evaluate (and render) take `coeff, rest = e.as_coeff_Mul()` and recurse on `rest`;
-#   for a product of two non-numbers coeff is 1 and rest is e itself, so they recurse forever
-#   (RecursionError), and they have no Pow rule (ValueError). That breaks dense_tile_classes /
-#   tile_counts for TILES plans, and block_key_range / tile_counts for a RANGE plan whose bound
-#   is such a product (`kv_idx < Nq * Nk`).
+# The mask language accepts `int * int` with both operands non-constant; parse_mask_expr lowers
+# `x * x` to a sympy Pow. The interval rules, the evaluator and the renderer must handle both.
 
-@pytest.mark.xfail(raises=ValueError, strict=True, reason="mask_analysis._iv: no interval rule for Pow")
 @pytest.mark.parametrize("text", ["q_idx * q_idx <= kv_idx", "(q_idx + 1) * (q_idx - kv_idx) <= kv_idx"])
 def test_classify_tile_on_squares(text):
     cond = parse_mask_expr(text, {})
     assert_sound(cond, expr_visible(text, {}, 40, 40), 16, 16, text)
 
 
-@pytest.mark.xfail(raises=(RecursionError, ValueError), strict=True,
-                   reason="symbolic.evaluate recurses forever on a product of non-numbers; no Pow rule")
 @pytest.mark.parametrize("text", ["q_idx * kv_idx <= 40", "q_idx * q_idx <= kv_idx"])
 def test_dense_tile_classes_on_products(text):
     cond = parse_mask_expr(text, {})
     assert_dense_classes_and_counts(cond, expr_visible(text, {}, 40, 40), 16, 16, text)
 
 
-@pytest.mark.xfail(raises=RecursionError, strict=True,
-                   reason="symbolic.evaluate recurses forever on a product of non-numbers")
 def test_block_key_range_on_product_bound():
     text = "kv_idx < Nq * Nk"
     plan = analyze(parse_mask_expr(text, {}))
