@@ -107,6 +107,25 @@ def show(spec: Path = typer.Argument(..., help="spec file"),
         _fail(e)
 
 
+@app.command()
+def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
+          shapes: Optional[str] = typer.Option(None, help="batch x heads x seq, comma separated, e.g. 4x16x4096,1x16x16384"),
+          backward: bool = typer.Option(False, "--backward", help="time forward+backward instead of forward"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
+          markdown: Optional[Path] = typer.Option(None, help="write the markdown table")):
+    """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(RuntimeError("attngen bench needs a CUDA GPU"))
+    from attngen.bench import DEFAULT_SHAPES, bench_spec, parse_shapes, save
+
+    rows = []
+    for spec in specs:
+        rows += bench_spec(spec, parse_shapes(shapes) if shapes else DEFAULT_SHAPES, backward)
+    typer.echo(save(rows, json_out, markdown))
+
+
 @app.command("list")
 def list_specs():
     """Lists the shipped specs with their descriptions."""

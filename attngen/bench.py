@@ -1,0 +1,191 @@
+"""Benchmark harness: generated kernels against the peers that can express the same variant, in one
+process, on the same inputs.
+
+Peers: SDPA with the flash, cuDNN and memory-efficient backends (dense and causal only: they take no
+other mask), and FlexAttention compiled with a block mask and, where needed, a score_mod built from
+the spec (every variant but dropout). Each peer's output is checked against ours before it is timed.
+Times are medians of triton.testing.do_bench; TFLOP/s count only visible (unmasked) score entries:
+forward 2 * visible * (D + Dv), forward+backward 3.5x that (FlashAttention's convention).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .loader import load
+from .mask import mask_condition
+from .mask_expr import KV_IDX, NK, NQ, Q_IDX
+from .reference import dense_mask
+from .spec import Spec, load_spec
+from .symbolic import evaluate
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    batch: int
+    heads: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"B{self.batch} H{self.heads} N{self.seq}"
+
+
+DEFAULT_SHAPES = (BenchShape(16, 16, 1024), BenchShape(4, 16, 4096), BenchShape(1, 16, 16384))
+
+
+@dataclass
+class Row:
+    spec: str
+    shape: str
+    mode: str  # "fwd" or "fwd+bwd"
+    tflops: dict = field(default_factory=dict)  # implementation -> TFLOP/s, or None when it failed the check
+    ms: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+
+
+def _sdpa_ok(spec: Spec) -> bool:
+    m, s = spec.mask, spec.score
+    plain = m.window is None and m.prefix is None and m.expr is None and s.softcap is None and not s.alibi
+    return plain and not spec.dropout and spec.head_dim == spec.head_dim_v
+
+
+def _peers(spec: Spec, shape: BenchShape, module):
+    """name -> callable(q, k, v) for every peer that can express the spec."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    peers = {}
+    if _sdpa_ok(spec):
+        causal = spec.mask.causal is not None  # Nq == Nk here, so both aligns are the same mask
+        for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            def run(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale)
+            peers[name] = run
+    if not spec.dropout:
+        peers["flex"] = _flex(spec, shape, module)
+    return peers
+
+
+def _flex(spec: Spec, shape: BenchShape, module):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    cond = mask_condition(spec.mask, spec.source)
+    n = shape.seq
+    block_mask = None
+    if cond is not None:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return evaluate(cond, {Q_IDX: q_idx, KV_IDX: kv_idx, NQ: n, NK: n})
+        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+    score_mod = None
+    if spec.score.softcap is not None or spec.score.alibi:
+        cap = spec.score.softcap
+        slopes = module.default_alibi_slopes(shape.heads, "cuda") if spec.score.alibi else None
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if cap is not None:
+                score = cap * torch.tanh(score / cap)
+            if slopes is not None:
+                score = score - slopes[h] * (q_idx - kv_idx).abs()
+            return score
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale)
+
+
+def _time(fn, backward: bool, inputs, do) -> float:
+    import triton
+
+    if not backward:
+        return triton.testing.do_bench(lambda: fn(*inputs), warmup=25, rep=100, return_mode="median")
+
+    def step():
+        fn(*inputs).backward(do)
+    return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
+
+
+def bench_spec(path: str | Path, shapes=DEFAULT_SHAPES, backward: bool = False, log=print) -> list[Row]:
+    spec = load_spec(path)
+    module = load(path)
+    rows = []
+    for shape in shapes:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mk = lambda d: torch.randn(shape.batch, shape.heads, shape.seq, d, generator=g, device="cuda",  # noqa: E731
+                                   dtype=torch.bfloat16).requires_grad_(backward)
+        q, k, v = mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v)
+        do = torch.randn(shape.batch, shape.heads, shape.seq, spec.head_dim_v, generator=g, device="cuda",
+                         dtype=torch.bfloat16)
+        visible = int(dense_mask(spec, shape.seq, shape.seq, "cuda").sum()) * shape.batch * shape.heads
+        flops = 2 * visible * (spec.head_dim + spec.head_dim_v) * (3.5 if backward else 1.0)
+        ours = lambda q, k, v: module.attention(q, k, v, training=False)  # noqa: E731
+        with torch.no_grad():
+            expected = ours(q, k, v).float()
+        row = Row(spec.name, str(shape), "fwd+bwd" if backward else "fwd")
+        for name, fn in {"attngen": ours, **_peers(spec, shape, module)}.items():
+            try:
+                with torch.no_grad():
+                    got = fn(q, k, v).float()
+                err = (got - expected).abs().max().item()
+                if not err < 2e-2 * max(1.0, expected.abs().max().item()):
+                    row.notes[name] = f"output differs from ours by {err:.3g}: not timed"
+                    continue
+                ms = _time(fn, backward, (q, k, v), do)
+            except Exception as e:  # a peer that cannot run this case is reported, not fatal
+                row.notes[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                continue
+            row.ms[name] = ms
+            row.tflops[name] = flops / ms / 1e9
+        log(f"{spec.name:<20} {str(shape):<16} {row.mode:<8} " +
+            "  ".join(f"{n} {t:6.1f}" for n, t in row.tflops.items()) +
+            ("  [" + "; ".join(f"{n}: {m}" for n, m in row.notes.items()) + "]" if row.notes else ""))
+        rows.append(row)
+    return rows
+
+
+PEERS = ("attngen", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
+
+
+def environment() -> dict:
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda}
+
+
+def format_markdown(rows: list[Row], env: dict) -> str:
+    lines = [f"Device: {env['device']}; torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}; bf16; "
+             "TFLOP/s over visible score entries; median of do_bench.", "",
+             "| spec | shape | mode | " + " | ".join(PEERS) + " | ours / flex | ours / cuDNN |",
+             "|---|---|---|" + "---|" * len(PEERS) + "---|---|"]
+    for r in rows:
+        cells = [f"{r.tflops[p]:.0f}" if p in r.tflops else ("✗" if p in r.notes else "–") for p in PEERS]
+        ratio = lambda p: f"{r.tflops['attngen'] / r.tflops[p]:.2f}" if p in r.tflops and "attngen" in r.tflops else "–"  # noqa: E731
+        lines.append(f"| {r.spec} | {r.shape} | {r.mode} | " + " | ".join(cells) + f" | {ratio('flex')} | {ratio('sdpa_cudnn')} |")
+    notes = [f"- {r.spec} {r.shape} {r.mode}, {n}: {m}" for r in rows for n, m in r.notes.items()]
+    if notes:
+        lines += ["", "✗: the peer failed or disagreed with our output (not timed); –: cannot express the variant.", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def save(rows: list[Row], json_path: Path | None, md_path: Path | None) -> str:
+    env = environment()
+    md = format_markdown(rows, env)
+    if json_path:
+        json_path.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=1))
+    if md_path:
+        md_path.write_text(md)
+    return md
+
+
+def parse_shapes(text: str) -> tuple[BenchShape, ...]:
+    """'4x16x4096,1x16x16384' -> batch x heads x seq."""
+    out = []
+    for part in text.split(","):
+        b, h, n = (int(x) for x in part.lower().split("x"))
+        out.append(BenchShape(b, h, n))
+    return tuple(out)
+
