@@ -18,10 +18,9 @@ import torch
 
 from .loader import load
 from .mask import mask_condition
-from .mask_expr import KV_IDX, NK, NQ, Q_IDX
 from .reference import dense_mask
 from .spec import Spec, load_spec
-from .symbolic import evaluate
+from .symbolic import to_callable
 
 
 @dataclass(frozen=True)
@@ -79,8 +78,10 @@ def _flex(spec: Spec, shape: BenchShape, module):
     n = shape.seq
     block_mask = None
     if cond is not None:
+        visible = to_callable(cond)  # closures over torch ops: torch.compile traces no sympy
+
         def mask_mod(b, h, q_idx, kv_idx):
-            return evaluate(cond, {Q_IDX: q_idx, KV_IDX: kv_idx, NQ: n, NK: n})
+            return visible({"q_idx": q_idx, "kv_idx": kv_idx, "Nq": n, "Nk": n})
         block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
     score_mod = None
     if spec.score.softcap is not None or spec.score.alibi:

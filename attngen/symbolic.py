@@ -9,7 +9,9 @@ integer // and % truncate toward zero like C:
     floor(q_idx/128)   ->  _floordiv(q_idx, 128)
     Mod(kv_idx, 2)     ->  _mod(kv_idx, 2)
 
-`evaluate` computes the same expression on torch tensors, without generating any source.
+`to_callable` turns the expression into plain closures over torch operations (built once, no
+source generated); `evaluate` runs them. torch.compile can trace the closures (FlexAttention's
+mask_mod in the benchmark) since they touch no sympy object.
 """
 
 from __future__ import annotations
@@ -90,51 +92,61 @@ def render(e: sympy.Basic, dialect: str = "triton", names: dict[str, str] | None
 
 def evaluate(e: sympy.Basic, env: dict[sympy.Symbol, "int | torch.Tensor"]):
     """Evaluates `e` with symbols bound to ints or int64 tensors (broadcasting)."""
-    ev = lambda x: evaluate(x, env)  # noqa: E731
+    return to_callable(e)({sym.name: value for sym, value in env.items()})
+
+
+def _not(a):
+    return ~a if isinstance(a, torch.Tensor) else not a
+
+
+def to_callable(e: sympy.Basic):
+    """`e` as a plain Python function of an env dict {name: value}, built once from closures, so that
+    tracers such as torch.compile see only torch operations (no sympy) when they call it."""
     if e is sympy.true or e is sympy.false:
-        return bool(e)
+        value = bool(e)
+        return lambda env: value
     if e.is_Symbol:
-        return env[e]
+        name = e.name
+        return lambda env: env[name]
     if e.is_Integer:
-        return int(e)
-    if isinstance(e, sympy.Add):
-        return reduce(lambda a, b: a + b, (ev(a) for a in e.args))
-    if isinstance(e, sympy.Mul):
-        coeff, rest = e.as_coeff_Mul()
-        if not coeff.is_Integer:
-            raise ValueError(f"non-integer product: {e}")
-        return reduce(lambda a, b: a * b, (ev(f) for f in sympy.Mul.make_args(rest)), int(coeff))
+        value = int(e)
+        return lambda env: value
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        num, den = _ratio(e.args[0])
+        sign = 1 if isinstance(e, sympy.floor) else -1
+        f = to_callable(sign * num)
+        return lambda env: sign * (f(env) // den)  # floor division for ints and tensors alike
     if isinstance(e, sympy.Pow):
         base, exp = e.args
         if not exp.is_Integer or exp < 1:
             raise ValueError(f"non-integer power: {e}")
-        b = ev(base)
-        return reduce(lambda x, _: x * b, range(int(exp) - 1), b)
-    if isinstance(e, (sympy.floor, sympy.ceiling)):
-        num, den = _ratio(e.args[0])
-        sign = 1 if isinstance(e, sympy.floor) else -1
-        n = ev(sign * num)
-        q = torch.div(n, den, rounding_mode="floor") if isinstance(n, torch.Tensor) else n // den
-        return sign * q
+        f, n = to_callable(base), int(exp)
+        return lambda env: f(env) ** n
+    if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if not coeff.is_Integer:
+            raise ValueError(f"non-integer product: {e}")
+        c, fs = int(coeff), [to_callable(f) for f in sympy.Mul.make_args(rest)]
+        return lambda env: reduce(lambda a, f: a * f(env), fs, c)
+    ops = {sympy.Add: lambda a, b: a + b, sympy.And: lambda a, b: a & b, sympy.Or: lambda a, b: a | b,
+           sympy.Min: torch.minimum, sympy.Max: torch.maximum}
+    if type(e) in ops:
+        op, fs = ops[type(e)], [to_callable(a) for a in e.args]
+        if type(e) in (sympy.Min, sympy.Max):
+            return lambda env: reduce(op, (torch.as_tensor(f(env)) for f in fs))
+        return lambda env: reduce(op, (f(env) for f in fs))
     if isinstance(e, sympy.Mod):
-        a, c = ev(e.args[0]), ev(e.args[1])
-        return torch.remainder(a, c) if isinstance(a, torch.Tensor) else a % c
+        a, c = to_callable(e.args[0]), to_callable(e.args[1])
+        return lambda env: a(env) % c(env)  # Python's sign convention for ints and tensors alike
     if isinstance(e, sympy.Abs):
-        a = ev(e.args[0])
-        return a.abs() if isinstance(a, torch.Tensor) else abs(a)
-    if isinstance(e, (sympy.Min, sympy.Max)):
-        f = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
-        vals = [torch.as_tensor(ev(a)) for a in e.args]
-        return reduce(f, vals)
-    if type(e) in _REL:
-        a, b = ev(e.lhs), ev(e.rhs)
-        return {sympy.Le: lambda: a <= b, sympy.Lt: lambda: a < b, sympy.Ge: lambda: a >= b,
-                sympy.Gt: lambda: a > b, sympy.Eq: lambda: a == b, sympy.Ne: lambda: a != b}[type(e)]()
-    if isinstance(e, sympy.And):
-        return reduce(lambda a, b: a & b, (ev(a) for a in e.args))
-    if isinstance(e, sympy.Or):
-        return reduce(lambda a, b: a | b, (ev(a) for a in e.args))
+        a = to_callable(e.args[0])
+        return lambda env: abs(a(env))
     if isinstance(e, sympy.Not):
-        a = ev(e.args[0])
-        return ~a if isinstance(a, torch.Tensor) else not a
+        a = to_callable(e.args[0])
+        return lambda env: _not(a(env))
+    rel = {sympy.Le: lambda a, b: a <= b, sympy.Lt: lambda a, b: a < b, sympy.Ge: lambda a, b: a >= b,
+           sympy.Gt: lambda a, b: a > b, sympy.Eq: lambda a, b: a == b, sympy.Ne: lambda a, b: a != b}
+    if type(e) in rel:
+        op, lhs, rhs = rel[type(e)], to_callable(e.lhs), to_callable(e.rhs)
+        return lambda env: op(lhs(env), rhs(env))
     raise ValueError(f"cannot evaluate {type(e).__name__}: {e}")
