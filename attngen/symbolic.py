@@ -99,6 +99,22 @@ def _not(a):
     return ~a if isinstance(a, torch.Tensor) else not a
 
 
+def _minimum(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.where(a <= b, a, b)  # no CPU scalar tensors for int operands
+    return min(a, b)
+
+
+def _maximum(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.where(a >= b, a, b)
+    return max(a, b)
+
+
+_FOLD = {sympy.Add: lambda a, b: a + b, sympy.And: lambda a, b: a & b, sympy.Or: lambda a, b: a | b,
+         sympy.Min: _minimum, sympy.Max: _maximum}
+
+
 def to_callable(e: sympy.Basic):
     """`e` as a plain Python function of an env dict {name: value}, built once from closures, so that
     tracers such as torch.compile see only torch operations (no sympy) when they call it."""
@@ -127,14 +143,22 @@ def to_callable(e: sympy.Basic):
         if not coeff.is_Integer:
             raise ValueError(f"non-integer product: {e}")
         c, fs = int(coeff), [to_callable(f) for f in sympy.Mul.make_args(rest)]
-        return lambda env: reduce(lambda a, f: a * f(env), fs, c)
-    ops = {sympy.Add: lambda a, b: a + b, sympy.And: lambda a, b: a & b, sympy.Or: lambda a, b: a | b,
-           sympy.Min: torch.minimum, sympy.Max: torch.maximum}
-    if type(e) in ops:
-        op, fs = ops[type(e)], [to_callable(a) for a in e.args]
-        if type(e) in (sympy.Min, sympy.Max):
-            return lambda env: reduce(op, (torch.as_tensor(f(env)) for f in fs))
-        return lambda env: reduce(op, (f(env) for f in fs))
+
+        def product(env):
+            acc = c
+            for f in fs:
+                acc = acc * f(env)
+            return acc
+        return product
+    if type(e) in _FOLD:
+        op, fs = _FOLD[type(e)], [to_callable(a) for a in e.args]
+
+        def fold(env):
+            acc = fs[0](env)
+            for f in fs[1:]:  # a plain loop: torch.compile traces it without generator support
+                acc = op(acc, f(env))
+            return acc
+        return fold
     if isinstance(e, sympy.Mod):
         a, c = to_callable(e.args[0]), to_callable(e.args[1])
         return lambda env: a(env) % c(env)  # Python's sign convention for ints and tensors alike
