@@ -94,6 +94,7 @@ def _flex(spec: Spec, shape: BenchShape, module):
             if slopes is not None:
                 score = score - slopes[h] * (q_idx - kv_idx).abs()
             return score
+    torch._dynamo.reset()  # each spec's mask and score functions recompile flex_attention: start afresh
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)  # a graph break is an error, not an eager fallback
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale)
 
