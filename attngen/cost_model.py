@@ -79,8 +79,11 @@ class Prediction:
     rejected: str | None = None
 
 
-def _mma_efficiency(cfg: TileConfig) -> float:
-    eff = (min(cfg.block_m, 128) / 128) ** 0.5 * (min(cfg.block_n, 128) / 128) ** 0.25
+def _mma_efficiency(cfg: TileConfig, role: str) -> float:
+    """Small tiles issue more, smaller MMAs. The rows of the resident block (queries in fwd and
+    bwd_dq, keys in bwd_dkdv) are the MMAs' M dimension and weigh more than the streamed one."""
+    rows, streamed = (cfg.block_n, cfg.block_m) if role == "bwd_dkdv" else (cfg.block_m, cfg.block_n)
+    eff = (min(rows, 128) / 128) ** 0.5 * (min(streamed, 128) / 128) ** 0.25
     return eff * {1: 0.6, 2: 0.9}.get(cfg.num_stages, 1.0)
 
 
@@ -104,7 +107,7 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     bm, bn, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     sm_flops = target.mma_flops[work.dtype] / target.sms
     nd, ndv = PRODUCTS[role]
-    mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg))
+    mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role))
     softmax = bm * bn / (target.sfu_per_sm_per_clock * target.clock_hz)
     masking = 8 * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
     streamed = bm if role == "bwd_dkdv" else bn  # rows of the tiles the loop streams in

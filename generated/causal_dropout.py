@@ -21,9 +21,9 @@ fwd: mask plan range: query q_idx sees keys [-oo, Nk - Nq + q_idx]
   bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
   fp32 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
 bwd_dkdv: mask plan range: key kv_idx sees queries [-Nk + Nq + kv_idx, +oo]
-  fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
-  bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
-  fp32 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
+  fp16 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=4 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
+  bf16 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=4 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
+  fp32 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
 bwd_dq: mask plan range: query q_idx sees keys [-oo, Nk - Nq + q_idx]
   fp16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
   bf16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=64 head_dim_v_pad=64
@@ -50,9 +50,9 @@ TILINGS = {
         "fp32": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
     },
     "bwd_dkdv": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
+        "fp16": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
+        "bf16": dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),
     },
     "bwd_dq": {
         "fp16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64),

@@ -18,9 +18,9 @@ fwd: mask plan dense: every in-bounds tile is full
   bf16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
   fp32 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 bwd_dkdv: mask plan dense: every in-bounds tile is full
-  fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  bf16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dq: mask plan dense: every in-bounds tile is full
   fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
   bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
@@ -46,9 +46,9 @@ TILINGS = {
         "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
     },
     "bwd_dkdv": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
     },
     "bwd_dq": {
         "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
