@@ -296,7 +296,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         LSEh = LSE + bh * Nq
         DELTAh = DELTA + bh * Nq
         slope = tl.load(SLOPES + off_h).to(tl.float32) * 1.4426950408889634
-    
+
         # [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis).
         # Masked [start, full_start), unmasked [full_start, full_end), masked [full_end, end).
         lo = tl.minimum(tl.maximum(((-Nk) + Nq + first), 0), Nq)

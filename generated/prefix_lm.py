@@ -296,7 +296,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         LSEh = LSE + bh * Nq
         DELTAh = DELTA + bh * Nq
         slope = 0.0
-    
+
         # Tile table for this (Nq, Nk): COUNT[b] = (partial, full), INDEX[b, 0 | 1, :] their block numbers.
         n_partial = tl.load(COUNT + first // BLOCK_N * 2)
         n_full = tl.load(COUNT + first // BLOCK_N * 2 + 1)
