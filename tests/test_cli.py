@@ -1,0 +1,65 @@
+"""The command line: list, show, generate, verify (exit codes included)."""
+
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cli.main import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def test_list_names_every_shipped_spec():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for path in (ROOT / "specs").glob("*.yaml"):
+        assert path.stem in result.output
+
+
+def test_show_every_stage():
+    spec = str(ROOT / "specs" / "prefix_lm.yaml")
+    outputs = {stage: runner.invoke(app, ["show", spec, "--emit", stage]) for stage in ("spec", "ir", "tiling", "triton")}
+    assert all(r.exit_code == 0 for r in outputs.values())
+    assert "prefix: 128" in outputs["spec"].output
+    assert "kv_loop {" in outputs["ir"].output and "q_loop {" in outputs["ir"].output
+    assert "// bwd_dkdv, bf16" in outputs["tiling"].output and "pred ms" in outputs["tiling"].output
+    assert "def attention(" in outputs["triton"].output
+    bad = runner.invoke(app, ["show", spec, "--emit", "asm"])
+    assert bad.exit_code == 2 and "expected one of spec, ir, tiling, triton" in bad.output
+
+
+def test_generate_writes_once(tmp_path):
+    spec = str(ROOT / "specs" / "causal.yaml")
+    first = runner.invoke(app, ["generate", spec, "-o", str(tmp_path)])
+    assert first.exit_code == 0 and "written" in first.output and "BLOCK_M=" in first.output
+    assert (tmp_path / "causal.py").read_text() == (ROOT / "generated" / "causal.py").read_text()
+    assert "unchanged" in runner.invoke(app, ["generate", spec, "-o", str(tmp_path)]).output
+
+
+def test_bad_spec_exits_2_with_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nhead_dim: 64\nmask: {window: {left: -3}}\n")
+    result = runner.invoke(app, ["generate", str(bad), "-o", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"{bad}: mask.window.left: expected a non-negative integer, got -3" in result.output
+    assert not (tmp_path / "bad.py").exists()
+
+
+def test_verify_passes_and_fails_by_exit_code(monkeypatch):
+    spec = str(ROOT / "specs" / "causal_bottom_right.yaml")
+    ok = runner.invoke(app, ["verify", spec, "--dtype", "fp32"])
+    assert ok.exit_code == 0, ok.output
+    assert "5 passed, 0 failed" in ok.output
+
+    import attngen.verify as verify
+
+    real = verify.check
+
+    def broken(*args, **kwargs):  # any failed check must fail the command
+        r = real(*args, **kwargs)
+        return verify.Result(r.spec, r.dtype, r.shape, r.errors, False, "forced mismatch")
+
+    monkeypatch.setattr(verify, "check", broken)
+    bad = runner.invoke(app, ["verify", spec, "--dtype", "fp32"])
+    assert bad.exit_code == 1 and "FAIL: forced mismatch" in bad.output and "0 passed, 5 failed" in bad.output
