@@ -3,8 +3,10 @@
 * `mask_plan`: runs the mask analysis and records its plan on the kernel and on the mask op:
 
       %s3 = mask(%s2) {cond=kv_idx <= Nk - Nq + q_idx}
-   -> %s3 = mask(%s2) {cond=..., plan=range: query q_idx sees keys [-oo, Nk - Nq + q_idx]}
-      attr mask_plan = range: ...   (the KV loop splits into masked / full / masked segments)
+   -> %s3 = mask(%s2) {cond=..., plan=range}
+      attr mask_plan = range: query q_idx sees keys [-oo, Nk - Nq + q_idx]
+   (the loop splits into masked / full / masked segments; the backward's dK/dV kernel gets the
+   transposed plan: the queries that see each key)
 
 * `tiling`: ranks tile configurations with the cost model, per dtype, and records the winners:
 
@@ -15,7 +17,7 @@ The verifier runs after every pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from .cost_model import TARGETS, Ranking, Workload, rank
@@ -66,8 +68,7 @@ def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
     plan: MaskPlan = kernel.attr("mask_plan")
     target = TARGETS[options.target]
     return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
-                    Workload(options.workload.batch, options.workload.heads, options.workload.seq_q,
-                             options.workload.seq_k, d), kernel.attr("role"))
+                    replace(options.workload, dtype=d), kernel.attr("role"))
             for d in kernel.attr("dtypes").split(",")}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import inspect
 
 import pytest
-import sympy
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
