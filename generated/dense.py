@@ -63,7 +63,6 @@ LOG2E = 1.4426950408889634
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-
 @triton.jit
 def _score(qk, q_idx, kv_idx, slope, Nq, Nk, qk_scale):
     # Score modifiers in log2 units (s = scale * log2(e) * q.k). Returns the score and, for the

@@ -65,7 +65,6 @@ LOG2E = 1.4426950408889634
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-
 @triton.jit
 def _visible(q_idx, kv_idx, Nq, Nk):
     # The spec's mask: may key kv_idx be seen by query q_idx?
