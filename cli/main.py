@@ -112,7 +112,9 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
           shapes: Optional[str] = typer.Option(None, help="batch x heads x seq, comma separated, e.g. 4x16x4096,1x16x16384"),
           backward: bool = typer.Option(False, "--backward", help="time forward+backward instead of forward"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
-          markdown: Optional[Path] = typer.Option(None, help="write the markdown table")):
+          markdown: Optional[Path] = typer.Option(None, help="write the markdown table"),
+          exhaustive: int = typer.Option(0, help="instead: time the N best-ranked tilings of each kernel "
+                                                 "(fwd, bwd_dkdv, bwd_dq) and compare the cost model's pick")):
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
@@ -120,9 +122,25 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
         _fail(RuntimeError("attngen bench needs a CUDA GPU"))
     from attngen.bench import DEFAULT_SHAPES, bench_spec, parse_shapes, save
 
+    shape_list = parse_shapes(shapes) if shapes else DEFAULT_SHAPES
+    if exhaustive:
+        from attngen.exhaustive import format_markdown, median_ms, search, summary
+
+        results = []
+        for spec in specs:
+            for shape in shape_list:
+                for role in ("fwd", "bwd_dkdv", "bwd_dq"):
+                    s = summary(search(spec, shape, role, median_ms, top=exhaustive))
+                    results.append((spec.stem, shape, role, s))
+                    typer.echo(format_markdown(results[-1:]).splitlines()[-1])
+        table = format_markdown(results)
+        if markdown:
+            markdown.write_text(table)
+        typer.echo(table)
+        return
     rows = []
     for spec in specs:
-        rows += bench_spec(spec, parse_shapes(shapes) if shapes else DEFAULT_SHAPES, backward)
+        rows += bench_spec(spec, shape_list, backward)
     typer.echo(save(rows, json_out, markdown))
 
 

@@ -1,0 +1,111 @@
+"""Exhaustive search over tilings, to judge the cost model: time every legal candidate of one kernel
+(role) on one shape and compare the cost model's pick with the fastest.
+
+    rows = search("specs/causal.yaml", BenchShape(4, 16, 4096), role="bwd_dkdv", timer=median_ms)
+    summary(rows)   # pick, best, pick / best throughput
+
+A candidate is tried by swapping it into the generated module's TILINGS for the duration of one
+measurement; the kernels themselves are unchanged (tile sizes are constexpr), so every candidate
+computes the same function. Forward candidates are timed through the forward; backward
+candidates through the backward alone (forward outputs computed once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .bench import BenchShape
+from .loader import load
+from .passes import PassOptions
+from .pipeline import compile_spec
+from .tiling import TileConfig
+
+
+@dataclass(frozen=True)
+class Trial:
+    rank: int  # 1 = the cost model's pick
+    config: TileConfig
+    predicted_ms: float
+    measured_ms: float | None  # None: failed to compile or run
+    error: str = ""
+
+
+@contextlib.contextmanager
+def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
+    """Temporarily runs `module`'s `role` kernel with `cfg`."""
+    saved = module.TILINGS[role][dtype]
+    module.TILINGS[role][dtype] = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+                                       num_stages=cfg.num_stages, HEAD_DIM_PAD=cfg.head_dim_pad,
+                                       HEAD_DIM_V_PAD=cfg.head_dim_v_pad)
+    try:
+        yield
+    finally:
+        module.TILINGS[role][dtype] = saved
+
+
+def _workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda n, d: torch.randn(shape.batch, shape.heads, n, d, generator=g, device=device).to(dtype)  # noqa: E731
+    q, k, v = mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim_v)
+    slopes = module.default_alibi_slopes(shape.heads, device) if spec.score.alibi else q.new_empty(0, dtype=torch.float32)
+    scale = spec.scale
+    if role == "fwd":
+        return lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, False)
+    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True)
+    do = mk(shape.seq, spec.head_dim_v)
+    return lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0)
+
+
+def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[[Callable], float],
+           dtype: str = "bf16", device: str = "cuda", top: int | None = None) -> list[Trial]:
+    """Times the `top` best-ranked legal candidates (all when None), in the cost model's order."""
+    c = compile_spec(spec_path, options=PassOptions(), stop="tiling")
+    module = load(spec_path)
+    ranked = c.rankings[role][dtype].ranked[:top]
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    run = _workload(module, c.spec, shape, role, torch_dtype, device)
+    trials = []
+    for i, p in enumerate(ranked, start=1):
+        with tiling_of(module, role, dtype, p.config):
+            try:
+                ms, error = timer(run), ""
+            except Exception as e:  # a candidate the compiler rejects is a finding, not a crash
+                ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+        trials.append(Trial(i, p.config, p.time_s * 1e3, ms, error))
+    return trials
+
+
+def summary(trials: list[Trial]) -> dict:
+    """The pick against the fastest measured candidate."""
+    timed = [t for t in trials if t.measured_ms is not None]
+    pick = trials[0]
+    best = min(timed, key=lambda t: t.measured_ms) if timed else None
+    ratio = best.measured_ms / pick.measured_ms if best and pick.measured_ms else None
+    return {"pick": pick, "best": best, "pick_over_best_throughput": ratio, "timed": len(timed), "tried": len(trials)}
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def format_markdown(results: list[tuple[str, BenchShape, str, dict]]) -> str:
+    lines = ["| spec | shape | kernel | cost-model pick | ms | exhaustive best | ms | pick / best | rank of best |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for spec, shape, role, s in results:
+        pick, best = s["pick"], s["best"]
+        show = lambda t: f"{t.config.block_m}x{t.config.block_n} w{t.config.num_warps} s{t.config.num_stages}"  # noqa: E731
+        if best is None:
+            lines.append(f"| {spec} | {shape} | {role} | {show(pick)} | – | none timed | – | – | – |")
+            continue
+        pick_ms = f"{pick.measured_ms:.3f}" if pick.measured_ms else "failed"
+        ratio = f"{s['pick_over_best_throughput']:.2f}" if s["pick_over_best_throughput"] else "–"
+        lines.append(f"| {spec} | {shape} | {role} | {show(pick)} | {pick_ms} | {show(best)} | "
+                     f"{best.measured_ms:.3f} | {ratio} | {best.rank} of {s['tried']} |")
+    return "\n".join(lines) + "\n"
