@@ -110,7 +110,7 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     tdt = TORCH_DTYPES[dtype]
     q, k, v = random_inputs(spec, shape, tdt, device, g)
     slopes = None
-    if spec.score.alibi:  # random slopes exercise the runtime argument; the default is tested too
+    if spec.score.alibi:  # alternately random and geometric slopes, passed at call time
         slopes = torch.rand(shape.heads_q, generator=g, device=device) if seed % 2 else reference.alibi_slopes(shape.heads_q).to(device)
     kwargs = {"alibi_slopes": slopes} if slopes is not None else {}
     dropout_seed = 1000 + seed
