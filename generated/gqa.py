@@ -465,6 +465,8 @@ def _check(q, k, v, alibi_slopes):
         raise ValueError(f"k and v must be [{B}, Hkv, Nk, *] alike; got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if B * Hq > 65535:
+        raise ValueError(f"batch x query heads = {B * Hq} is over 65535, the launch grid's limit on axis 1")
     if alibi_slopes is not None and tuple(alibi_slopes.shape) != (Hq,):
         raise ValueError(f"alibi_slopes must have shape [{Hq}]; got {tuple(alibi_slopes.shape)}")
 

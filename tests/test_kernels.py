@@ -92,6 +92,7 @@ def test_scale_override_and_default_alibi_slopes(device):
     (lambda q, k, v: (q[..., :32], k, v), "head_dim"),
     (lambda q, k, v: (q[:, :3], k[:, :2], v[:, :2]), "multiple"),
     (lambda q, k, v: (q, k, v[:, :, :5]), "alike"),
+    (lambda q, k, v: (q.expand(16385, 4, 8, 128), k.expand(16385, 2, 8, 128), v.expand(16385, 2, 8, 128)), "65535"),
 ])
 def test_bad_inputs_get_clear_errors(bad, match):
     path = ROOT / "specs" / "dense.yaml"
