@@ -12,14 +12,16 @@ For each candidate it predicts the kernel time from first principles:
   grid        programs run in waves of SMs x occupancy (shared memory, registers and warps per SM
               bound it); the last wave's quantization is counted.
 
-The constants below are datasheet rates derated to measured ones where we have them (the H100's
-bf16 matrix product ran at ~798 TFLOP/s, device copies at ~3.0 TB/s); the overlap and efficiency
-factors are estimates to be fitted against measured runs.
+The target rates are datasheet rates derated to measured ones where we have them (the H100's bf16
+matrix product ran at ~798 TFLOP/s, device copies at ~3.0 TB/s); the efficiency and overlap
+factors are `Constants`, fitted to measured runs by attngen/calibrate.py.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import TilingError
 from .mask_analysis import MaskPlan, TileCounts, tile_counts
@@ -79,12 +81,36 @@ class Prediction:
     rejected: str | None = None
 
 
-def _mma_efficiency(cfg: TileConfig, role: str) -> float:
+@dataclass(frozen=True)
+class Constants:
+    """The cost model's free constants: estimates until fitted to measurements (attngen/calibrate.py
+    fits them from exhaustive-search timings and writes data/cost_constants.json, read at import)."""
+
+    rows_exponent: float = 0.5  # MMA efficiency ~ (rows / 128) ** this, for tiles under 128 rows
+    streamed_exponent: float = 0.25  # ... and (streamed / 128) ** this
+    one_stage: float = 0.6  # efficiency without software pipelining
+    two_stages: float = 0.9
+    overlap: float = 0.3  # the non-dominant parts of a tile (MMA, softmax, loads) that do not overlap
+    mask_ops: float = 8.0  # integer ops per score element of a partial tile
+    occupancy_gain: float = 0.15  # speed-up per extra co-resident program
+    occupancy_gain_cap: float = 1.15
+    scale: float = 1.0  # measured / predicted, overall
+
+    @classmethod
+    def load(cls, path: Path) -> "Constants":
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+
+FITTED = Path(__file__).resolve().parent.parent / "data" / "cost_constants.json"
+CONSTANTS = Constants.load(FITTED)
+
+
+def _mma_efficiency(cfg: TileConfig, role: str, k: Constants) -> float:
     """Small tiles issue more, smaller MMAs. The rows of the resident block (queries in fwd and
     bwd_dq, keys in bwd_dkdv) are the MMAs' M dimension and weigh more than the streamed one."""
     rows, streamed = (cfg.block_n, cfg.block_m) if role == "bwd_dkdv" else (cfg.block_m, cfg.block_n)
-    eff = (min(rows, 128) / 128) ** 0.5 * (min(streamed, 128) / 128) ** 0.25
-    return eff * {1: 0.6, 2: 0.9}.get(cfg.num_stages, 1.0)
+    eff = (min(rows, 128) / 128) ** k.rows_exponent * (min(streamed, 128) / 128) ** k.streamed_exponent
+    return eff * {1: k.one_stage, 2: k.two_stages}.get(cfg.num_stages, 1.0)
 
 
 # Matrix products per tile, as multiples of BM*BN*(head dim): fwd QK^T and PV; bwd_dq QK^T, dO V^T,
@@ -92,7 +118,9 @@ def _mma_efficiency(cfg: TileConfig, role: str) -> float:
 PRODUCTS = {"fwd": (1, 1), "bwd_dq": (2, 1), "bwd_dkdv": (2, 2)}  # (D-sized, Dv-sized)
 
 
-def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, role: str = "fwd") -> Prediction:
+def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, role: str = "fwd",
+            k: Constants | None = None) -> Prediction:
+    k = CONSTANTS if k is None else k
     elem = ELEM_BYTES[work.dtype]
     try:
         check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem, role=role)
@@ -107,12 +135,12 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     bm, bn, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     sm_flops = target.mma_flops[work.dtype] / target.sms
     nd, ndv = PRODUCTS[role]
-    mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role))
+    mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role, k))
     softmax = bm * bn / (target.sfu_per_sm_per_clock * target.clock_hz)
-    masking = 8 * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
+    masking = k.mask_ops * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
     streamed = bm if role == "bwd_dkdv" else bn  # rows of the tiles the loop streams in
     memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
-    full_tile = max(mma, softmax, memory) + 0.3 * (mma + softmax + memory - max(mma, softmax, memory))
+    full_tile = max(mma, softmax, memory) + k.overlap * (mma + softmax + memory - max(mma, softmax, memory))
     n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
     tiles_per_program = counts.visited / n_outer
     partial_per_program = counts.partial / n_outer
@@ -123,8 +151,8 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     programs = n_outer * work.batch * work.heads
     slots = target.sms * occupancy
     waves = -(-programs // slots)
-    boost = min(1.15, 1 + 0.15 * (occupancy - 1))  # co-resident programs hide each other's latency
-    time = waves * program * occupancy / boost
+    boost = min(k.occupancy_gain_cap, 1 + k.occupancy_gain * (occupancy - 1))  # co-residents hide latency
+    time = k.scale * waves * program * occupancy / boost
     return Prediction(cfg, time, occupancy, counts)
 
 

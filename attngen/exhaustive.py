@@ -13,7 +13,7 @@ candidates through the backward alone (forward outputs computed once).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +78,13 @@ def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[
                 ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
         trials.append(Trial(i, p.config, p.time_s * 1e3, ms, error))
     return trials
+
+
+def trial_rows(spec_path: str | Path, shape: BenchShape, role: str, dtype: str, trials: list[Trial]) -> list[dict]:
+    """The measurements as attngen/calibrate.py reads them."""
+    return [{"spec": Path(spec_path).stem, "spec_path": str(spec_path), "shape": [shape.batch, shape.heads, shape.seq],
+             "role": role, "dtype": dtype, "config": asdict(t.config), "predicted_ms": t.predicted_ms,
+             "measured_ms": t.measured_ms, "error": t.error} for t in trials]
 
 
 def summary(trials: list[Trial]) -> dict:

@@ -124,24 +124,47 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
 
     shape_list = parse_shapes(shapes) if shapes else DEFAULT_SHAPES
     if exhaustive:
-        from attngen.exhaustive import format_markdown, median_ms, search, summary
+        import json
 
-        results = []
+        from attngen.bench import environment
+        from attngen.exhaustive import format_markdown, median_ms, search, summary, trial_rows
+
+        results, rows = [], []
         for spec in specs:
             for shape in shape_list:
                 for role in ("fwd", "bwd_dkdv", "bwd_dq"):
-                    s = summary(search(spec, shape, role, median_ms, top=exhaustive))
-                    results.append((spec.stem, shape, role, s))
+                    trials = search(spec, shape, role, median_ms, top=exhaustive)
+                    rows += trial_rows(spec, shape, role, "bf16", trials)
+                    results.append((spec.stem, shape, role, summary(trials)))
                     typer.echo(format_markdown(results[-1:]).splitlines()[-1])
         table = format_markdown(results)
         if markdown:
             markdown.write_text(table)
+        if json_out:
+            json_out.write_text(json.dumps({"environment": environment(), "trials": rows}, indent=1))
         typer.echo(table)
         return
     rows = []
     for spec in specs:
         rows += bench_spec(spec, shape_list, backward)
     typer.echo(save(rows, json_out, markdown))
+
+
+@app.command()
+def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files from `attngen bench --exhaustive N --json F`"),
+              write: bool = typer.Option(False, "--write", help="store the fitted constants in data/cost_constants.json")):
+    """Fits the cost model's constants to measured timings; prints predicted against measured."""
+    from attngen.calibrate import fit, load_rows, loss, report, write as write_constants
+    from attngen.cost_model import CONSTANTS
+
+    rows = load_rows(measurements)
+    fitted = fit(rows, CONSTANTS)
+    typer.echo(f"{len(rows)} measurements; mean squared log error {loss(rows, CONSTANTS):.4f} -> {loss(rows, fitted):.4f}")
+    typer.echo(f"fitted: {fitted}")
+    typer.echo(report(rows, fitted))
+    if write:
+        write_constants(fitted)
+        typer.echo("wrote data/cost_constants.json: regenerate (attngen generate specs/*.yaml) and re-verify on the GPU")
 
 
 @app.command("list")
