@@ -38,14 +38,20 @@ class Trial:
 @contextlib.contextmanager
 def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
     """Temporarily runs `module`'s `role` kernel with `cfg`."""
-    saved = module.TILINGS[role][dtype]
-    module.TILINGS[role][dtype] = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                                       num_stages=cfg.num_stages, HEAD_DIM_PAD=cfg.head_dim_pad,
-                                       HEAD_DIM_V_PAD=cfg.head_dim_v_pad)
+    saved, tuned = module.TILINGS[role][dtype], dict(module.TUNED)
+    module.TILINGS[role][dtype] = as_launch(cfg)
+    module.TUNED.clear()  # autotuned entries would shadow the candidate
     try:
         yield
     finally:
         module.TILINGS[role][dtype] = saved
+        module.TUNED.update(tuned)
+
+
+def as_launch(cfg: TileConfig) -> dict:
+    """A TileConfig as the generated module's TILINGS entries spell it."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                HEAD_DIM_PAD=cfg.head_dim_pad, HEAD_DIM_V_PAD=cfg.head_dim_v_pad)
 
 
 def _workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:

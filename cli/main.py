@@ -151,6 +151,29 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
 
 
 @app.command()
+def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
+             shapes: str = typer.Option("4x16x4096", help="batch x heads x seq, comma separated"),
+             top: int = typer.Option(8, help="how many of the cost model's best candidates to time per kernel")):
+    """Times the cost model's top tilings on this GPU and caches the winners per shape bucket;
+    attngen.load(spec, autotune=True) then uses them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(RuntimeError("attngen autotune needs a CUDA GPU"))
+    from attngen.autotune import CACHE_FILE, tune
+    from attngen.bench import parse_shapes
+    from attngen.exhaustive import median_ms
+
+    for spec in specs:
+        winners = tune(spec, parse_shapes(shapes), median_ms, torch.cuda.get_device_name(), top=top)
+        for key, entry in winners.items():
+            typer.echo(f"{spec.stem} {key.split('|', 2)[2]}: BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} "
+                       f"warps={entry['num_warps']} stages={entry['num_stages']} ({entry['measured_ms']:.3f} ms, "
+                       f"cost-model rank {entry['rank']})")
+    typer.echo(f"cached in {CACHE_FILE}")
+
+
+@app.command()
 def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files from `attngen bench --exhaustive N --json F`"),
               write: bool = typer.Option(False, "--write", help="store the fitted constants in data/cost_constants.json")):
     """Fits the cost model's constants to measured timings; prints predicted against measured."""

@@ -492,6 +492,17 @@ def _table(role, cfg, Nq, Nk, device):
     return empty, empty
 
 
+TUNED = {}  # (role, dtype, Nq bucket, Nk bucket) -> tiling measured fastest; filled by attngen.autotune
+
+
+def _config(role, dtype, Nq, Nk):
+    """The tiling for this call: an autotuned one for its shape bucket if any, else the cost model's."""
+    if TUNED:
+        key = (role, dtype, triton.next_power_of_2(Nq), triton.next_power_of_2(Nk))
+        return TUNED.get(key, TILINGS[role][dtype])
+    return TILINGS[role][dtype]
+
+
 def _launch(cfg):
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -506,7 +517,7 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
     if o.numel() == 0 or Nk == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     dtype = _DTYPES[q.dtype]
-    cfg = TILINGS["fwd"][dtype]
+    cfg = _config("fwd", dtype, Nq, Nk)
     count, index = _table("fwd", cfg, Nq, Nk, q.device)
     _attn_fwd[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
         q, k, v, o, lse, slopes, count, index,
@@ -528,14 +539,14 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     _bwd_preprocess[(triton.cdiv(Nq, 64), B * Hq)](o, do, delta, *o.stride(), *do.stride(), Hq, Nq,
                                                    HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_V_PAD=TILINGS["fwd"][dtype]["HEAD_DIM_V_PAD"],
                                                    BLOCK_M=64)
-    cfg = TILINGS["bwd_dkdv"][dtype]
+    cfg = _config("bwd_dkdv", dtype, Nq, Nk)
     count, index = _table("bwd_dkdv", cfg, Nq, Nk, q.device)
     _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
         q, k, v, do, dk, dv, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"]), scale * LOG2E, scale, seed, p_drop,
         DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg))
-    cfg = TILINGS["bwd_dq"][dtype]
+    cfg = _config("bwd_dq", dtype, Nq, Nk)
     count, index = _table("bwd_dq", cfg, Nq, Nk, q.device)
     _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
         q, k, v, do, dq, lse, delta, slopes, count, index,

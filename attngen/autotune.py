@@ -1,0 +1,68 @@
+"""Autotuning: measure the cost model's top candidates on the GPU and cache the winner per
+(spec, shape bucket, GPU name) on disk; loading a spec with autotune=True applies the cached
+winners, which the generated module then uses for calls in those shape buckets.
+
+    attngen autotune specs/causal.yaml --shapes 4x16x4096 --top 8     # on the GPU: measure, cache
+    mod = attngen.load("specs/causal.yaml", autotune=True)           # uses the cache for this GPU
+
+Buckets are the next powers of two of Nq and Nk (the generated module's `_config`). An entry is
+keyed by the generated source's digest too, so a compiler change that alters the kernels makes old
+entries unused instead of wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from .bench import BenchShape
+from .exhaustive import as_launch, search
+from .loader import CACHE, load
+
+CACHE_FILE = CACHE / "autotune.json"
+ROLES = ("fwd", "bwd_dkdv", "bwd_dq")
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _key(digest: str, gpu: str, role: str, dtype: str, nq: int, nk: int) -> str:
+    return f"{digest}|{gpu}|{role}|{dtype}|{_bucket(nq)}|{_bucket(nk)}"
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def tune(spec_path: str | Path, shapes: list[BenchShape], timer: Callable[[Callable], float], gpu: str,
+         top: int = 8, dtype: str = "bf16", device: str = "cuda", path: Path | None = None) -> dict[str, dict]:
+    """Measures the `top` ranked tilings of each kernel at each shape; caches and returns the winners."""
+    path = path or CACHE_FILE
+    module = load(spec_path)
+    winners = {}
+    for shape in shapes:
+        for role in ROLES:
+            timed = [t for t in search(spec_path, shape, role, timer, dtype, device, top) if t.measured_ms is not None]
+            if timed:
+                best = min(timed, key=lambda t: t.measured_ms)
+                key = _key(module.__attngen_digest__, gpu, role, dtype, shape.seq, shape.seq)
+                winners[key] = {**as_launch(best.config), "measured_ms": best.measured_ms, "rank": best.rank}
+    cache = _read(path)
+    cache.update(winners)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    return winners
+
+
+def apply(module, gpu: str, path: Path | None = None) -> int:
+    """Fills `module.TUNED` from the cache entries for its source and this GPU; returns how many."""
+    applied = 0
+    for key, entry in _read(path or CACHE_FILE).items():
+        digest, key_gpu, role, dtype, nq, nk = key.split("|")
+        if digest == module.__attngen_digest__ and key_gpu == gpu:
+            module.TUNED[(role, dtype, int(nq), int(nk))] = {k: v for k, v in entry.items()
+                                                            if k not in ("measured_ms", "rank")}
+            applied += 1
+    return applied

@@ -1,0 +1,44 @@
+"""Autotuning: winners measured per (spec source, GPU, kernel, dtype, shape bucket) are cached on
+disk, applied on load, and used by the generated module for calls in that bucket only."""
+
+from pathlib import Path
+
+import torch
+
+import attngen
+from attngen import reference
+from attngen.autotune import apply, tune
+from attngen.bench import BenchShape
+from attngen.spec import load_spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_tune_caches_winners_and_load_applies_them(tmp_path, device):
+    path = ROOT / "specs" / "sliding_window.yaml"
+    module = attngen.load(path)
+    calls = []
+
+    def timer(run):  # a fake clock that prefers each kernel's second-ranked tiling
+        run()
+        calls.append(1)
+        return 0.5 if len(calls) % 2 == 0 else 1.0
+
+    cache = tmp_path / "autotune.json"
+    winners = tune(path, [BenchShape(1, 2, 100)], timer, gpu="TestGPU", top=2, dtype="fp32", device=device, path=cache)
+    assert len(winners) == 3 and all(w["rank"] == 2 for w in winners.values())
+    assert all("|TestGPU|" in k and k.endswith("|fp32|128|128") for k in winners)
+
+    module.TUNED.clear()
+    assert apply(module, "OtherGPU", cache) == 0 and not module.TUNED
+    assert apply(module, "TestGPU", cache) == 3
+    tuned = module.TUNED[("fwd", "fp32", 128, 128)]
+    assert module._config("fwd", "fp32", 100, 77) == tuned  # Nq, Nk in the (128, 128) bucket
+    assert module._config("fwd", "fp32", 300, 77) == module.TILINGS["fwd"]["fp32"]  # another bucket
+
+    spec = load_spec(path)  # and the tuned tiling computes the same function
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 100, 128, generator=g).to(device) for _ in range(3))
+    ref, _ = reference.attention(spec, q, k, v)
+    assert (module.attention(q, k, v).double() - ref).abs().max() < 1e-5
+    module.TUNED.clear()
