@@ -41,7 +41,7 @@ class Row:
     spec: str
     shape: str
     mode: str  # "fwd" or "fwd+bwd"
-    tflops: dict = field(default_factory=dict)  # implementation -> TFLOP/s, or None when it failed the check
+    tflops: dict = field(default_factory=dict)  # implementation -> TFLOP/s (absent when it failed or disagreed)
     ms: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
 
