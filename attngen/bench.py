@@ -183,6 +183,25 @@ def save(rows: list[Row], json_path: Path | None, md_path: Path | None) -> str:
     return md
 
 
+def with_head_dim(path: str | Path, head_dim: int) -> Path:
+    """A copy of the spec with another head dim (named <name>_d<head_dim>), written next to the
+    kernel cache, so the harness can cover d64 and d128 from the same shipped specs."""
+    from dataclasses import replace
+
+    from .loader import CACHE, write_if_different
+
+    spec = load_spec(path)
+    if spec.head_dim_v != spec.head_dim:
+        raise ValueError(f"{path}: head_dim_v {spec.head_dim_v} differs from head_dim {spec.head_dim}; "
+                         "cannot override both with one --head-dim")
+    if spec.head_dim == head_dim:
+        return Path(path)
+    derived = replace(spec, name=f"{spec.name}_d{head_dim}", head_dim=head_dim, head_dim_v=head_dim)
+    out = CACHE / "specs" / f"{derived.name}.yaml"
+    write_if_different(out, derived.to_yaml())
+    return out
+
+
 def parse_shapes(text: str) -> tuple[BenchShape, ...]:
     """'4x16x4096,1x16x16384' -> batch x heads x seq."""
     out = []

@@ -24,9 +24,11 @@ from .passes import PassOptions, mask_plan
 from .spec import load_spec
 from .tiling import TileConfig
 
-FREE = ("rows_exponent", "streamed_exponent", "one_stage", "two_stages", "overlap", "mask_ops", "occupancy_gain")
+FREE = ("rows_exponent", "streamed_exponent", "one_stage", "two_stages", "overlap", "mask_ops", "occupancy_gain",
+        "tma_gain", "ws_gain")
 BOUNDS = {"rows_exponent": (0.0, 2.0), "streamed_exponent": (0.0, 2.0), "one_stage": (0.1, 1.0),
-          "two_stages": (0.1, 1.0), "overlap": (0.0, 1.0), "mask_ops": (0.0, 64.0), "occupancy_gain": (0.0, 1.0)}
+          "two_stages": (0.1, 1.0), "overlap": (0.0, 1.0), "mask_ops": (0.0, 64.0), "occupancy_gain": (0.0, 1.0),
+          "tma_gain": (0.5, 2.0), "ws_gain": (0.5, 2.0)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,7 +98,7 @@ def report(rows: list[dict], k: Constants) -> str:
     for r in rows:
         pred, meas, c = predicted_ms(r, k), r["measured_ms"], r["config"]
         cells = [r["spec"], "x".join(map(str, r["shape"])), r["role"],
-                 f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']}",
+                 TileConfig(**c).short(),
                  "rejected" if pred is None else f"{pred:.3f}", "failed" if meas is None else f"{meas:.3f}",
                  f"{meas / pred:.2f}" if pred and meas else "–"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,6 +1,6 @@
 """Codegen: renders the optimized kernel IR into a self-contained Triton module.
 
-The template (templates/attention_fwd.py.jinja) makes no decisions; this module turns the IR's
+The template (templates/attention.py.jinja) makes no decisions; this module turns the IR's
 ops and attrs into the names and numbers the template substitutes. The output depends only on
 the spec and the passes' results, so the same spec always gives byte-identical source.
 """
@@ -79,6 +79,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "head_dim_v": fwd.attr("head_dim_v"),
         "scale": repr(fwd.op(OpKind.SCALE).attr("scale")),
         "softcap_log2": repr(softcap.attr("softcap") * math.log2(math.e)) if softcap else None,
+        "softcap_inv_log2": repr(1 / (softcap.attr("softcap") * math.log2(math.e))) if softcap else None,
+        "longest_first": {role: bool(kernels[role].attr("longest_first")) for role in ROLES},
         "alibi": fwd.has(OpKind.ALIBI),
         "dropout": dropout.attr("p") if dropout else None,
         "visible": visible,

@@ -44,13 +44,14 @@ class Target:
     l2_bytes_per_s: float
     sfu_per_sm_per_clock: int = 16
     alu_per_sm_per_clock: int = 64
+    tma: bool = False  # has the tensor memory accelerator (Hopper)
 
 
 TARGETS = {
     "sm90": Target("sm90", sms=132, clock_hz=1.83e9, smem_per_block=232448, smem_per_sm=233472,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 790e12, "bf16": 790e12, "fp32": 60e12},
-                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12),
+                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=True),
     "sm80": Target("sm80", sms=108, clock_hz=1.41e9, smem_per_block=166912, smem_per_sm=167936,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 300e12, "bf16": 300e12, "fp32": 19e12},
@@ -94,6 +95,8 @@ class Constants:
     mask_ops: float = 8.0  # integer ops per score element of a partial tile
     occupancy_gain: float = 0.15  # speed-up per extra co-resident program
     occupancy_gain_cap: float = 1.15
+    tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads
+    ws_gain: float = 1.0  # ... and of warp specialization on top of TMA
     scale: float = 1.0  # measured / predicted, overall
 
     @classmethod
@@ -141,6 +144,7 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     streamed = bm if role == "bwd_dkdv" else bn  # rows of the tiles the loop streams in
     memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
     full_tile = max(mma, softmax, memory) + k.overlap * (mma + softmax + memory - max(mma, softmax, memory))
+    full_tile /= (k.tma_gain if cfg.tma else 1.0) * (k.ws_gain if cfg.warp_specialize else 1.0)
     n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
     tiles_per_program = counts.visited / n_outer
     partial_per_program = counts.partial / n_outer
@@ -172,7 +176,8 @@ class Ranking:
 
 def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: Workload,
          role: str = "fwd") -> Ranking:
-    preds = [predict(c, plan, target, work, role) for c in candidates(head_dim, head_dim_v)]
+    tma = target.tma and work.dtype in ("fp16", "bf16")
+    preds = [predict(c, plan, target, work, role) for c in candidates(head_dim, head_dim_v, tma)]
     legal = sorted((p for p in preds if p.time_s is not None), key=lambda p: (p.time_s, p.config))
     return Ranking(target, work, tuple(legal), tuple(p for p in preds if p.time_s is None))
 
@@ -180,12 +185,13 @@ def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: W
 def format_ranking(r: Ranking, top: int = 8) -> str:
     """The table `attngen show --emit tiling` prints."""
     lines = [f"target {r.target.name}, nominal shape {r.work.describe()}",
-             f"{'rank':>4}  {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6}  {'occ':>3}  "
+             f"{'rank':>4}  {'BLOCK_M':>7} {'BLOCK_N':>7} {'warps':>5} {'stages':>6} {'loads':>6}  {'occ':>3}  "
              f"{'visited':>7} {'partial':>7}  {'pred ms':>8}"]
     for i, p in enumerate(r.ranked[:top]):
         c = p.config
-        lines.append(f"{i + 1:>4}  {c.block_m:>7} {c.block_n:>7} {c.num_warps:>5} {c.num_stages:>6}  {p.occupancy:>3}  "
-                     f"{p.counts.visited:>7} {p.counts.partial:>7}  {p.time_s * 1e3:>8.3f}")
+        loads = ("tma+ws" if c.warp_specialize else "tma") if c.tma else "ptr"
+        lines.append(f"{i + 1:>4}  {c.block_m:>7} {c.block_n:>7} {c.num_warps:>5} {c.num_stages:>6} {loads:>6}  "
+                     f"{p.occupancy:>3}  {p.counts.visited:>7} {p.counts.partial:>7}  {p.time_s * 1e3:>8.3f}")
     lines.append(f"({len(r.ranked)} legal, {len(r.rejected)} rejected)")
     for p in r.rejected[:3]:
         c = p.config

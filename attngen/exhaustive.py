@@ -51,7 +51,8 @@ def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
 def as_launch(cfg: TileConfig) -> dict:
     """A TileConfig as the generated module's TILINGS entries spell it."""
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                HEAD_DIM_PAD=cfg.head_dim_pad, HEAD_DIM_V_PAD=cfg.head_dim_v_pad)
+                HEAD_DIM_PAD=cfg.head_dim_pad, HEAD_DIM_V_PAD=cfg.head_dim_v_pad, TMA=cfg.tma,
+                WARP_SPECIALIZE=cfg.warp_specialize)
 
 
 def _workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:
@@ -113,7 +114,7 @@ def format_markdown(results: list[tuple[str, BenchShape, str, dict]]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for spec, shape, role, s in results:
         pick, best = s["pick"], s["best"]
-        show = lambda t: f"{t.config.block_m}x{t.config.block_n} w{t.config.num_warps} s{t.config.num_stages}"  # noqa: E731
+        show = lambda t: t.config.short()  # noqa: E731
         if best is None:
             lines.append(f"| {spec} | {shape} | {role} | {show(pick)} | – | none timed | – | – | – |")
             continue

@@ -335,28 +335,42 @@ def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int,
     return anyv.to(torch.int8) + allv.to(torch.int8)
 
 
-@functools.lru_cache(maxsize=256)
-def tile_counts(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> TileCounts:
-    """How many tiles the generated kernel visits and masks at one shape (for the cost model).
-    block_m blocks queries and block_n keys, whichever of them the plan walks."""
-    n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
+def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(visited, partial): int64 [n_outer], the tiles each outer block's program loops over and, of
+    those, the ones that run mask code. block_m blocks queries and block_n keys, whichever of them
+    the plan walks."""
     outer, inner, outer_block, inner_block = (Nk, Nq, block_n, block_m) if plan.transposed else (Nq, Nk, block_m, block_n)
-    n_outer = -(-outer // outer_block)
+    n_outer, n_inner = -(-outer // outer_block), -(-inner // inner_block)
     ragged = inner % inner_block != 0
     if plan.kind is PlanKind.DENSE:
-        return TileCounts(n_m * n_n, n_m * n_n, n_outer if ragged else 0)
+        visited = torch.full((n_outer,), n_inner, dtype=torch.int64)
+        return visited, torch.full_like(visited, 1 if ragged else 0)
     if plan.kind is PlanKind.RANGE:
         first = torch.arange(n_outer, dtype=torch.int64) * outer_block
         last = torch.clamp(first + outer_block, max=outer) - 1
         start, f_lo, f_hi, end = block_key_range(plan, first, last, Nq, Nk, inner_block)
-        tiles = -(-(end - start) // inner_block)
-        full = (f_hi - f_lo) // inner_block
-        return TileCounts(n_m * n_n, int(tiles.sum()), int((tiles - full).sum()))
+        visited = -(-(end - start) // inner_block)
+        return visited, visited - (f_hi - f_lo) // inner_block
     classes = dense_tile_classes(plan.cond, Nq, Nk, block_m, block_n)
     if plan.transposed:
         classes = classes.T
-    visited = int((classes > 0).sum())
     full = classes == 2
     if ragged:  # the last inner tile always needs the bounds check
         full[:, -1] = False
-    return TileCounts(n_m * n_n, visited, visited - int(full.sum()))
+    visited = (classes > 0).sum(dim=1)
+    return visited, visited - full.sum(dim=1)
+
+
+@functools.lru_cache(maxsize=256)
+def tile_counts(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> TileCounts:
+    """How many tiles the generated kernel visits and masks at one shape (for the cost model)."""
+    visited, partial = tiles_per_block(plan, Nq, Nk, block_m, block_n)
+    return TileCounts(-(-Nq // block_m) * -(-Nk // block_n), int(visited.sum()), int(partial.sum()))
+
+
+def longest_first(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> bool:
+    """Whether the later outer blocks have more work than the earlier ones (causal, prefix-LM), so
+    that launching them in reverse order puts the longest programs first and shortens the tail."""
+    visited, _ = tiles_per_block(plan, Nq, Nk, block_m, block_n)
+    half = len(visited) // 2
+    return half > 0 and visited[-half:].sum().item() > visited[:half].sum().item()

@@ -12,6 +12,12 @@
 
       attr tiling = {bf16: BLOCK_M=128 BLOCK_N=64 ...}
 
+* `schedule`: the order programs start in. Where later blocks have more work than earlier ones
+  (causal: the last query block sees every key), the longest programs go first, so the last wave
+  is made of short ones (FA3's and FlexAttention's causal scheduling do the same):
+
+      attr longest_first = True
+
 The verifier runs after every pass.
 """
 
@@ -23,7 +29,7 @@ from typing import Callable
 from .cost_model import TARGETS, Ranking, Workload, rank
 from .errors import AttngenError
 from .ir import Kernel, OpKind, verify
-from .mask_analysis import MaskPlan, analyze
+from .mask_analysis import MaskPlan, analyze, longest_first
 from .tiling import TileConfig
 
 
@@ -31,6 +37,7 @@ from .tiling import TileConfig
 class PassOptions:
     target: str = "sm90"
     workload: Workload = Workload()
+    longest_first: bool = True  # False: programs start in block order whatever the work profile
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -77,9 +84,16 @@ def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
     return kernel.with_attrs(tiling=Tilings(options.target, chosen))
 
 
+def schedule(kernel: Kernel, options: PassOptions) -> Kernel:
+    w, cfg = options.workload, next(iter(kernel.attr("tiling")))
+    reverse = options.longest_first and longest_first(kernel.attr("mask_plan"), w.seq_q, w.seq_k, cfg.block_m, cfg.block_n)
+    return kernel.with_attrs(longest_first=reverse)
+
+
 PASSES: dict[str, Callable[[Kernel, PassOptions], Kernel]] = {
     "mask_plan": mask_plan,
     "tiling": tiling,
+    "schedule": schedule,
 }
 
 

@@ -48,7 +48,8 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
         role = kernel.attr("role")
         stages[role] = tuple(steps)
         if stop in ("tiling", "triton"):
-            ranks[role] = rankings(steps[-2][1], options)
+            before_tiling = dict(steps)["mask_plan"]
+            ranks[role] = rankings(before_tiling, options)
     c = Compiled(spec, stages, ranks)
     if stop == "triton":
         c = Compiled(spec, stages, ranks, generate(spec, {role: c.kernel(role) for role in stages}))

@@ -114,15 +114,22 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
           markdown: Optional[Path] = typer.Option(None, help="write the markdown table"),
           exhaustive: int = typer.Option(0, help="instead: time the N best-ranked tilings of each kernel "
-                                                 "(fwd, bwd_dkdv, bwd_dq) and compare the cost model's pick")):
+                                                 "(fwd, bwd_dkdv, bwd_dq) and compare the cost model's pick"),
+          head_dim: Optional[int] = typer.Option(None, help="bench a copy of each spec with this head dim "
+                                                           "(named <spec>_d<N>)")):
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
     if not torch.cuda.is_available():
         _fail(RuntimeError("attngen bench needs a CUDA GPU"))
-    from attngen.bench import DEFAULT_SHAPES, bench_spec, parse_shapes, save
+    from attngen.bench import DEFAULT_SHAPES, bench_spec, parse_shapes, save, with_head_dim
 
     shape_list = parse_shapes(shapes) if shapes else DEFAULT_SHAPES
+    if head_dim is not None:
+        try:
+            specs = [with_head_dim(spec, head_dim) for spec in specs]
+        except (ValueError, OSError) as e:
+            _fail(e)
     if exhaustive:
         import json
 
@@ -137,11 +144,11 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
                     rows += trial_rows(spec, shape, role, "bf16", trials)
                     results.append((spec.stem, shape, role, summary(trials)))
                     typer.echo(format_markdown(results[-1:]).splitlines()[-1])
+                    if json_out:  # after every kernel: a run cut short keeps what it measured
+                        json_out.write_text(json.dumps({"environment": environment(), "trials": rows}, indent=1))
         table = format_markdown(results)
         if markdown:
             markdown.write_text(table)
-        if json_out:
-            json_out.write_text(json.dumps({"environment": environment(), "trials": rows}, indent=1))
         typer.echo(table)
         return
     rows = []

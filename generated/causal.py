@@ -32,6 +32,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SPEC = {'name': 'causal',
        'description': 'Causal attention aligned top-left (query i sees keys 0..i)',
@@ -42,19 +43,19 @@ SPEC = {'name': 'causal',
        'score': {'scale': None, 'softcap': None, 'alibi': False}}
 TILINGS = {
     "fwd": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
+        "fp16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "bf16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dkdv": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dq": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128),
+        "fp16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "bf16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
 }
 HEAD_DIM = 128
@@ -71,7 +72,7 @@ def _visible(q_idx, kv_idx, Nq, Nk):
 
 
 @triton.jit
-def _score(qk, q_idx, kv_idx, slope, Nq, Nk, qk_scale):
+def _score(qk, q_idx, kv_idx, slope, Nq, Nk, qk_scale, FAST_TANH: tl.constexpr):
     # Score modifiers in log2 units (s = scale * log2(e) * q.k). Returns the score and, for the
     # backward's chain rule, tanh of the soft-capped score (0 without softcap).
     s = qk * qk_scale
@@ -90,32 +91,40 @@ def _keep(seed, bh, q_idx, kv_idx, p_drop):
 
 
 @triton.jit
-def _load(ptrs, row_ok, col_ok, MASK_ROWS: tl.constexpr):
-    # Padded columns always load as zero; rows are bounds-checked only where MASK_ROWS.
+def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: tl.constexpr,
+          COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr):
+    # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
+    # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
+    # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
+    if TMA:
+        return X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
+    offs_r = first + tl.arange(0, ROWS)
+    offs_c = tl.arange(0, COLS_PAD)
+    ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+    if COLS < COLS_PAD:
+        if MASK_ROWS:
+            return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
+        return tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
     if MASK_ROWS:
-        return tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
-    return tl.load(ptrs, mask=col_ok, other=0.0)
+        return tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+    return tl.load(ptrs)
 
 
 # ---------------------------------------------------------------- forward
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, start_n, offs_m, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
+def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
               stride_kn, stride_kd, stride_vn, stride_vd,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr):
     # One key tile of online softmax. MASKED tiles apply the bounds check and the mask; the
     # others were proven FULL by the mask analysis and run no mask code.
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-              offs_n[None, :] < Nk, offs_d[:, None] < HEAD_DIM, MASKED)
-    v = _load(V + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-              offs_n[:, None] < Nk, offs_dv[None, :] < HEAD_DIM_V, MASKED)
-    s, t = _score(tl.dot(q, k, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
-                  slope, Nq, Nk, qk_scale)
+    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA)
+    v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA)
+    s, t = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
+                  slope, Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
         vis = offs_n[None, :] < Nk
         vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
@@ -140,22 +149,23 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
               H, GROUP, Nq, Nk, n_blocks, qk_scale, seed, p_drop,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # One program: BLOCK_M query rows of one (batch, query head).
+              STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FAST_TANH: tl.constexpr):
+    # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
+    # descriptors where TMA.
     off_hz = tl.program_id(1)
-    off_b = (off_hz // H).to(tl.int64)
+    off_b = off_hz // H
     off_h = off_hz % H
-    off_hk = (off_h // GROUP).to(tl.int64)  # GQA: query head h reads KV head h // GROUP
-    Q += off_b * stride_qb + off_h.to(tl.int64) * stride_qh
-    K += off_b * stride_kb + off_hk * stride_kh
-    V += off_b * stride_vb + off_hk * stride_vh
-    O += off_b * stride_ob + off_h.to(tl.int64) * stride_oh
-    first = tl.program_id(0) * BLOCK_M
+    off_hk = off_h // GROUP  # GQA: query head h reads KV head h // GROUP
+    if not TMA:
+        Q += off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+        V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    O += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = _load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-              offs_m[:, None] < Nq, offs_d[None, :] < HEAD_DIM, True)
+    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
     slope = 0.0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,17 +183,20 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
     full_end = tl.where(no_full, start, tl.maximum(full_end, start))
     end = tl.maximum(end, full_end)
     for start_i in range(start, full_start, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz, p_drop,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                                  HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION)
-    for start_i in range(full_start, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz, p_drop,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                                  HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                                  p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                                  HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA,
+                                  FAST_TANH)
+    for start_i in tl.range(full_start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                                  p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                                  HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA,
+                                  FAST_TANH)
     for start_i in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz, p_drop,
-                                  stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                                  HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                                  p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                                  HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA,
+                                  FAST_TANH)
 
     # Epilogue: rows that saw no key output zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
@@ -224,22 +237,18 @@ def _lse2(LSE, offs_m, Nq):
 
 
 @triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, offs_n, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
-                   stride_qm, stride_qd, stride_dom, stride_dod,
+def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, Nq, Nk, slope, qk_scale, seed, bh,
+                   p_drop, stride_qm, stride_qd, stride_dom, stride_dod,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr):
     # One query tile for a resident key block, transposed (keys along rows): recompute P^T from the
     # LSE, then dV += P^T dO and dK += dS^T Q.
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    qT = _load(Q + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-               offs_m[None, :] < Nq, offs_d[:, None] < HEAD_DIM, MASKED)
-    do = _load(DO + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-               offs_m[:, None] < Nq, offs_dv[None, :] < HEAD_DIM_V, MASKED)
-    sT, tT = _score(tl.dot(k, qT, input_precision=DOT_PRECISION), offs_m[None, :], offs_n[:, None],
-                    slope, Nq, Nk, qk_scale)
+    q = _tile(Q, q_b, q_h, start_m, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA)
+    do = _tile(DO, q_b, q_h, start_m, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA)
+    sT, tT = _score(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_m[None, :], offs_n[:, None],
+                    slope, Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
         vis = (offs_m[None, :] < Nq) & (offs_n[:, None] < Nk)
         vis = vis & _visible(offs_m[None, :], offs_n[:, None], Nq, Nk)
@@ -254,7 +263,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, start_m, offs_n, Nq, Nk, slo
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     Di = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     dsT = pT * (dpT - Di[None, :])
-    dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -269,28 +278,35 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
                    H, HKV, GROUP, Nq, Nk, n_blocks, qk_scale, sm_scale, seed, p_drop,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                   WARP_SPECIALIZE: tl.constexpr, FAST_TANH: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     off_hkz = tl.program_id(1)
-    off_b = (off_hkz // HKV).to(tl.int64)
-    off_hk = (off_hkz % HKV).to(tl.int64)
-    first = tl.program_id(0) * BLOCK_N
+    off_b = off_hkz // HKV
+    off_hk = off_hkz % HKV
+    first = (tl.program_id(0)) * BLOCK_N
     last = tl.minimum(first + BLOCK_N, Nk) - 1
     offs_n = first + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k = _load(K + off_b * stride_kb + off_hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-              offs_n[:, None] < Nk, offs_d[None, :] < HEAD_DIM, True)
-    v = _load(V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-              offs_n[:, None] < Nk, offs_dv[None, :] < HEAD_DIM_V, True)
+    Kh = K
+    Vh = V
+    if not TMA:
+        Kh = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+        Vh = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    k = _tile(Kh, off_b, off_hk, first, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
+    v = _tile(Vh, off_b, off_hk, first, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
-        bh = off_b * H + off_h
-        Qh = Q + off_b * stride_qb + off_h * stride_qh
-        DOh = DO + off_b * stride_dob + off_h * stride_doh
+        bh = off_b.to(tl.int64) * H + off_h
+        Qh = Q
+        DOh = DO
+        if not TMA:
+            Qh = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+            DOh = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
         LSEh = LSE + bh * Nq
         DELTAh = DELTA + bh * Nq
         slope = 0.0
@@ -307,51 +323,52 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         full_end = tl.where(no_full, start, tl.maximum(full_end, start))
         end = tl.maximum(end, full_end)
         for start_i in range(start, full_start, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, start_i, offs_n, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
-                                        stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V,
-                                        HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT, DOT_PRECISION)
-        for start_i in range(full_start, full_end, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, start_i, offs_n, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
-                                        stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V,
-                                        HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT, DOT_PRECISION)
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+                                        seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
+                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT,
+                                        DOT_PRECISION, TMA, FAST_TANH)
+        for start_i in tl.range(full_start, full_end, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+                                        seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
+                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
+                                        DOT_PRECISION, TMA, FAST_TANH)
         for start_i in range(full_end, end, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, start_i, offs_n, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
-                                        stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V,
-                                        HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT, DOT_PRECISION)
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+                                        seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
+                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT,
+                                        DOT_PRECISION, TMA, FAST_TANH)
     dk = dk * sm_scale
     ok = offs_n[:, None] < Nk
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    DK += off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
+    DV += off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=ok & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit
-def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, start_n, offs_m, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
+def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, slope, qk_scale, seed, bh, p_drop,
                  stride_kn, stride_kd, stride_vn, stride_vd,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr):
     # One key tile for a resident query block: recompute P, then dQ += dS K.
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    kT = _load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-               offs_n[None, :] < Nk, offs_d[:, None] < HEAD_DIM, MASKED)
-    vT = _load(V + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-               offs_n[None, :] < Nk, offs_dv[:, None] < HEAD_DIM_V, MASKED)
-    s, t = _score(tl.dot(q, kT, input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
-                  slope, Nq, Nk, qk_scale)
+    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA)
+    v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA)
+    s, t = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
+                  slope, Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
         vis = offs_n[None, :] < Nk
         vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
         s = tl.where(vis, s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
-    dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), dp / (1.0 - p_drop), 0.0)
     ds = p * (dp - Di[:, None])
-    dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -365,23 +382,24 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
                  H, GROUP, Nq, Nk, n_blocks, qk_scale, sm_scale, seed, p_drop,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                 WARP_SPECIALIZE: tl.constexpr, FAST_TANH: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
     off_hz = tl.program_id(1)
-    off_b = (off_hz // H).to(tl.int64)
+    off_b = off_hz // H
     off_h = off_hz % H
-    off_hk = (off_h // GROUP).to(tl.int64)
-    K += off_b * stride_kb + off_hk * stride_kh
-    V += off_b * stride_vb + off_hk * stride_vh
-    first = tl.program_id(0) * BLOCK_M
+    off_hk = off_h // GROUP
+    if not TMA:
+        Q += off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        DO += off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+        V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = _load(Q + off_b * stride_qb + off_h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-              offs_m[:, None] < Nq, offs_d[None, :] < HEAD_DIM, True)
-    do = _load(DO + off_b * stride_dob + off_h.to(tl.int64) * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-               offs_m[:, None] < Nq, offs_dv[None, :] < HEAD_DIM_V, True)
+    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
+    do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA)
     lse2 = _lse2(LSE + off_hz.to(tl.int64) * Nq, offs_m, Nq)
     Di = tl.load(DELTA + off_hz.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
     slope = 0.0
@@ -399,19 +417,20 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     full_end = tl.where(no_full, start, tl.maximum(full_end, start))
     end = tl.maximum(end, full_end)
     for start_i in range(start, full_start, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz, p_drop,
-                          stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION)
-    for start_i in range(full_start, full_end, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz, p_drop,
-                          stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION)
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                          p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
+    for start_i in tl.range(full_start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                          p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
     for start_i in range(full_end, end, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz, p_drop,
-                          stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION)
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                          p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h.to(tl.int64) * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    DQ += off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -486,9 +505,28 @@ def _config(role, dtype, Nq, Nk):
     return TILINGS[role][dtype]
 
 
-def _launch(cfg):
+def _operands(cfg, q_like, kv_like):
+    """The tensors as a kernel reads them, and whether through TMA: descriptors with blocks of
+    BLOCK_M rows for the query-indexed tensors (q, dO) and BLOCK_N rows for k and v, when the tiling
+    asks for TMA and the tensors allow it (last dim contiguous, other strides and the base 16-byte
+    aligned); else the tensors themselves."""
+    tensors = (*q_like, *kv_like)
+    tma = cfg.get("TMA", False) and all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors)
+    if not tma:
+        return tensors, False
+    pad = lambda t: cfg["HEAD_DIM_PAD"] if t.shape[-1] == HEAD_DIM else cfg["HEAD_DIM_V_PAD"]  # noqa: E731
+    return (*(TensorDescriptor.from_tensor(t, [1, 1, cfg["BLOCK_M"], pad(t)]) for t in q_like),
+            *(TensorDescriptor.from_tensor(t, [1, 1, cfg["BLOCK_N"], pad(t)]) for t in kv_like)), True
+
+
+def _launch(cfg, tma, q):
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                TMA=tma, WARP_SPECIALIZE=tma and cfg.get("WARP_SPECIALIZE", False),
+                # the tanh instruction on the GPU for 16-bit inputs; exact tanh for fp32 and the interpreter
+                FAST_TANH=q.is_cuda and q.dtype != torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
@@ -502,11 +540,13 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
     dtype = _DTYPES[q.dtype]
     cfg = _config("fwd", dtype, Nq, Nk)
     count, index = _table("fwd", cfg, Nq, Nk, q.device)
+    (Q, K, V), tma = _operands(cfg, (q,), (k, v))
     _attn_fwd[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, o, lse, slopes, count, index,
+        Q, K, V, o, lse, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, seed, p_drop,
-        STORE_LSE=store_lse, DROPOUT=p_drop > 0, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32", **_launch(cfg))
+        STORE_LSE=store_lse, DROPOUT=p_drop > 0, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
+        **_launch(cfg, tma, q))
     return o, lse
 
 
@@ -524,18 +564,20 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
                                                    BLOCK_M=64)
     cfg = _config("bwd_dkdv", dtype, Nq, Nk)
     count, index = _table("bwd_dkdv", cfg, Nq, Nk, q.device)
+    (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
     _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, dk, dv, lse, delta, slopes, count, index,
+        Q, K, V, DO, dk, dv, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg))
+        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
     cfg = _config("bwd_dq", dtype, Nq, Nk)
     count, index = _table("bwd_dq", cfg, Nq, Nk, q.device)
+    (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
     _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-        q, k, v, do, dq, lse, delta, slopes, count, index,
+        Q, K, V, DO, dq, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg))
+        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
     return dq, dk, dv
 
 
