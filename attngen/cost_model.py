@@ -43,7 +43,8 @@ class Target:
     hbm_bytes_per_s: float
     l2_bytes_per_s: float
     sfu_per_sm_per_clock: int = 16
-    alu_per_sm_per_clock: int = 64
+    alu_per_sm_per_clock: int = 64  # integer
+    fp32_per_sm_per_clock: int = 128
     tma: bool = False  # has the tensor memory accelerator (Hopper)
 
 
@@ -51,11 +52,12 @@ TARGETS = {
     "sm90": Target("sm90", sms=132, clock_hz=1.83e9, smem_per_block=232448, smem_per_sm=233472,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 790e12, "bf16": 790e12, "fp32": 60e12},
-                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=True),
+                   # tma=False: the TMA lowering did not compile under Triton 3.6 (docs/performance.md)
+                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=False),
     "sm80": Target("sm80", sms=108, clock_hz=1.41e9, smem_per_block=166912, smem_per_sm=167936,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 300e12, "bf16": 300e12, "fp32": 19e12},
-                   hbm_bytes_per_s=1.8e12, l2_bytes_per_s=5e12),
+                   hbm_bytes_per_s=1.8e12, l2_bytes_per_s=5e12, fp32_per_sm_per_clock=64),
 }
 
 
@@ -68,6 +70,7 @@ class Workload:
     seq_q: int = 4096
     seq_k: int = 4096
     dtype: str = "bf16"
+    score_sfu: int = 1  # special-function ops per score: exp2, plus tanh with softcap
 
     def describe(self) -> str:
         return f"B={self.batch} H={self.heads} Nq={self.seq_q} Nk={self.seq_k} {self.dtype}"
@@ -93,6 +96,8 @@ class Constants:
     two_stages: float = 0.9
     overlap: float = 0.3  # the non-dominant parts of a tile (MMA, softmax, loads) that do not overlap
     mask_ops: float = 8.0  # integer ops per score element of a partial tile
+    alu_ops: float = 4.0  # fp32 ops per score element (scale, max, subtract, sum, convert)
+    hiding: float = 0.5  # co-resident programs hide the non-overlapped parts: overlap / occupancy ** this
     occupancy_gain: float = 0.15  # speed-up per extra co-resident program
     occupancy_gain_cap: float = 1.15
     tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads
@@ -139,11 +144,12 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     sm_flops = target.mma_flops[work.dtype] / target.sms
     nd, ndv = PRODUCTS[role]
     mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role, k))
-    softmax = bm * bn / (target.sfu_per_sm_per_clock * target.clock_hz)
+    softmax = bm * bn * (work.score_sfu / target.sfu_per_sm_per_clock + k.alu_ops / target.fp32_per_sm_per_clock) / target.clock_hz
     masking = k.mask_ops * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
     streamed = bm if role == "bwd_dkdv" else bn  # rows of the tiles the loop streams in
     memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
-    full_tile = max(mma, softmax, memory) + k.overlap * (mma + softmax + memory - max(mma, softmax, memory))
+    parts = (mma, softmax, memory)
+    full_tile = max(parts) + k.overlap / occupancy ** k.hiding * (sum(parts) - max(parts))
     full_tile /= (k.tma_gain if cfg.tma else 1.0) * (k.ws_gain if cfg.warp_specialize else 1.0)
     n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
     tiles_per_program = counts.visited / n_outer

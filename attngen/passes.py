@@ -74,8 +74,9 @@ def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
     """The cost model's ranking per dtype (an analysis; `tiling` keeps the winners)."""
     plan: MaskPlan = kernel.attr("mask_plan")
     target = TARGETS[options.target]
+    sfu = 1 + kernel.has(OpKind.SOFTCAP)  # exp2, and tanh for softcap
     return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
-                    replace(options.workload, dtype=d), kernel.attr("role"))
+                    replace(options.workload, dtype=d, score_sfu=sfu), kernel.attr("role"))
             for d in kernel.attr("dtypes").split(",")}
 
 

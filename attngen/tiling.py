@@ -79,8 +79,8 @@ def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd") ->
     m, n, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     if role == "fwd":  # acc, s, p and the Q fragment
         words = m * dv + m * n + (m * n + m * d) * elem_bytes // 4
-    elif role == "bwd_dq":  # dq, s/p, dp/ds
-        words = m * d + 2 * m * n + (m * n) * elem_bytes // 4
+    elif role == "bwd_dq":  # dq, s/p, dp/ds, and the Q and dO fragments (loop-invariant MMA operands)
+        words = m * d + 2 * m * n + (m * n + m * (d + dv)) * elem_bytes // 4
     else:  # dk, dv, s/p, dp/ds
         words = n * (d + dv) + 2 * m * n + (m * n) * elem_bytes // 4
     return REG_OVERHEAD + -(-words // (32 * cfg.num_warps))

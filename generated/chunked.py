@@ -26,9 +26,9 @@ bwd_dkdv: mask plan range: key kv_idx sees queries [Max(kv_idx, 256*floor(kv_idx
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
   fp32 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dq: mask plan range: query q_idx sees keys [256*floor(q_idx/256), Min(q_idx, 256*floor(q_idx/256) + 255)]
-  fp16 on sm90: BLOCK_M=128 BLOCK_N=32 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=128 BLOCK_N=32 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=128 BLOCK_N=32 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 """
 import math
 
@@ -58,9 +58,9 @@ TILINGS = {
         "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dq": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
 }
 HEAD_DIM = 128

@@ -24,7 +24,7 @@ bwd_dkdv: mask plan dense: every in-bounds tile is full
 bwd_dq: mask plan dense: every in-bounds tile is full
   fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
   bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=128 BLOCK_N=32 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 """
 import math
 
@@ -54,7 +54,7 @@ TILINGS = {
     "bwd_dq": {
         "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
 }
 HEAD_DIM = 128
