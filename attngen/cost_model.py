@@ -46,14 +46,17 @@ class Target:
     alu_per_sm_per_clock: int = 64  # integer
     fp32_per_sm_per_clock: int = 128
     tma: bool = False  # has the tensor memory accelerator (Hopper)
+    # MMA rows per warp: Hopper's wgmma takes 64 rows per warpgroup of 4 warps (16 per warp; fewer
+    # rows split the MMA along N and ran about 2x slower on the H100), Ampere's mma.sync 16 per warp,
+    # of which 8 still kept it busy.
+    rows_per_warp: int = 8
 
 
 TARGETS = {
     "sm90": Target("sm90", sms=132, clock_hz=1.83e9, smem_per_block=232448, smem_per_sm=233472,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 790e12, "bf16": 790e12, "fp32": 60e12},
-                   # tma=False: the TMA lowering did not compile under Triton 3.6 (docs/performance.md)
-                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=False),
+                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=True, rows_per_warp=16),
     "sm80": Target("sm80", sms=108, clock_hz=1.41e9, smem_per_block=166912, smem_per_sm=167936,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 300e12, "bf16": 300e12, "fp32": 19e12},
@@ -131,7 +134,8 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     k = CONSTANTS if k is None else k
     elem = ELEM_BYTES[work.dtype]
     try:
-        check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem, role=role)
+        check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem, role=role,
+                    rows_per_warp=8 if work.dtype == "fp32" else target.rows_per_warp)  # fp32 (ieee) runs no wgmma
     except TilingError as e:
         return Prediction(cfg, None, rejected=str(e))
     smem = shared_memory_bytes(cfg, elem, role)

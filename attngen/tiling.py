@@ -86,7 +86,8 @@ def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd") ->
     return REG_OVERHEAD + -(-words // (32 * cfg.num_warps))
 
 
-def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: str = "fwd") -> None:
+def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: str = "fwd",
+                rows_per_warp: int = 8) -> None:
     """Raises TilingError with the reason when `cfg` cannot run well on the target."""
     smem = shared_memory_bytes(cfg, elem_bytes, role)
     if smem > smem_per_block:
@@ -95,6 +96,7 @@ def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: 
     if regs > MAX_REGS_PER_THREAD:
         raise TilingError(f"needs about {regs} registers per thread, over {MAX_REGS_PER_THREAD}: it would spill")
     rows = cfg.block_n if role == "bwd_dkdv" else cfg.block_m  # the dimension the warps split
-    if rows < 8 * cfg.num_warps:
+    if rows < rows_per_warp * cfg.num_warps:
         raise TilingError(f"{'BLOCK_N' if role == 'bwd_dkdv' else 'BLOCK_M'}={rows} is too few rows for "
-                          f"{cfg.num_warps} warps (needs at least 8 * num_warps to keep every warp's MMA busy)")
+                          f"{cfg.num_warps} warps (needs at least {rows_per_warp} * num_warps to keep every "
+                          f"warp's MMA busy)")

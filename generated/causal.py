@@ -96,18 +96,24 @@ def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: 
     # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
     # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
     # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
+    # (One return at the end: Triton compiles the statements after a return in a constexpr branch.)
     if TMA:
-        return X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
-    offs_r = first + tl.arange(0, ROWS)
-    offs_c = tl.arange(0, COLS_PAD)
-    ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
-    if COLS < COLS_PAD:
-        if MASK_ROWS:
-            return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
-        return tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
-    if MASK_ROWS:
-        return tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
-    return tl.load(ptrs)
+        x = X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
+    else:
+        offs_r = first + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, COLS_PAD)
+        ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+        if COLS < COLS_PAD:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
+            else:
+                x = tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
+        else:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+            else:
+                x = tl.load(ptrs)
+    return x
 
 
 # ---------------------------------------------------------------- forward

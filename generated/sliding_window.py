@@ -18,15 +18,15 @@ Spec:
 fwd: mask plan range: query q_idx sees keys [Nk - Nq + q_idx - 256, Nk - Nq + q_idx]
   fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=32 BLOCK_N=32 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dkdv: mask plan range: key kv_idx sees queries [-Nk + Nq + kv_idx, -Nk + Nq + kv_idx + 256]
   fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=32 BLOCK_N=32 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 bwd_dq: mask plan range: query q_idx sees keys [Nk - Nq + q_idx - 256, Nk - Nq + q_idx]
   fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=32 BLOCK_N=32 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 """
 import math
 
@@ -47,17 +47,17 @@ TILINGS = {
     "fwd": {
         "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dkdv": {
         "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dq": {
         "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
 }
 HEAD_DIM = 128
@@ -98,18 +98,24 @@ def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: 
     # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
     # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
     # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
+    # (One return at the end: Triton compiles the statements after a return in a constexpr branch.)
     if TMA:
-        return X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
-    offs_r = first + tl.arange(0, ROWS)
-    offs_c = tl.arange(0, COLS_PAD)
-    ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
-    if COLS < COLS_PAD:
-        if MASK_ROWS:
-            return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
-        return tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
-    if MASK_ROWS:
-        return tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
-    return tl.load(ptrs)
+        x = X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
+    else:
+        offs_r = first + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, COLS_PAD)
+        ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+        if COLS < COLS_PAD:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
+            else:
+                x = tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
+        else:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+            else:
+                x = tl.load(ptrs)
+    return x
 
 
 # ---------------------------------------------------------------- forward

@@ -18,14 +18,14 @@ Spec:
 fwd: mask plan range: query q_idx sees keys [Nk - Nq + q_idx - 512, Nk - Nq + q_idx]
   fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dkdv: mask plan range: key kv_idx sees queries [-Nk + Nq + kv_idx, -Nk + Nq + kv_idx + 512]
-  fp16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
   fp32 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dq: mask plan range: query q_idx sees keys [Nk - Nq + q_idx - 512, Nk - Nq + q_idx]
-  fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
   fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 """
 import math
@@ -46,16 +46,16 @@ TILINGS = {
     "fwd": {
         "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dkdv": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
     "bwd_dq": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
         "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
     },
 }
@@ -75,17 +75,18 @@ def _visible(q_idx, kv_idx, Nq, Nk):
 @triton.jit
 def _tanh(x, FAST: tl.constexpr):
     if FAST:  # the GPU's tanh instruction (max. relative error 2^-10.7), for 16-bit inputs
-        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    # tanh from exp alone (the interpreter has no libdevice), accurate to fp32 rounding:
-    # (1 - e) / (1 + e) with e = exp(-2|x|) cancels for small |x|, where the odd series is used.
-    a = tl.abs(x)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    x2 = a * a
-    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
-    t = tl.where(a < 0.15, small, big)
-    return tl.where(x < 0, -t, t)
+        y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        # tanh from exp alone (the interpreter has no libdevice), accurate to fp32 rounding:
+        # (1 - e) / (1 + e) with e = exp(-2|x|) cancels for small |x|, where the odd series is used.
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        big = (1.0 - e) / (1.0 + e)
+        x2 = a * a
+        small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        t = tl.where(a < 0.15, small, big)
+        y = tl.where(x < 0, -t, t)
+    return y
 
 
 @triton.jit
@@ -114,18 +115,24 @@ def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: 
     # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
     # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
     # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
+    # (One return at the end: Triton compiles the statements after a return in a constexpr branch.)
     if TMA:
-        return X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
-    offs_r = first + tl.arange(0, ROWS)
-    offs_c = tl.arange(0, COLS_PAD)
-    ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
-    if COLS < COLS_PAD:
-        if MASK_ROWS:
-            return tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
-        return tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
-    if MASK_ROWS:
-        return tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
-    return tl.load(ptrs)
+        x = X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
+    else:
+        offs_r = first + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, COLS_PAD)
+        ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+        if COLS < COLS_PAD:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
+            else:
+                x = tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
+        else:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+            else:
+                x = tl.load(ptrs)
+    return x
 
 
 # ---------------------------------------------------------------- forward
