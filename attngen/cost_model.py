@@ -104,7 +104,6 @@ class Constants:
     occupancy_gain: float = 0.15  # speed-up per extra co-resident program
     occupancy_gain_cap: float = 1.15
     tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads
-    ws_gain: float = 1.0  # ... and of warp specialization on top of TMA
     scale: float = 1.0  # measured / predicted, overall
 
     @classmethod
@@ -154,7 +153,7 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
     parts = (mma, softmax, memory)
     full_tile = max(parts) + k.overlap / occupancy ** k.hiding * (sum(parts) - max(parts))
-    full_tile /= (k.tma_gain if cfg.tma else 1.0) * (k.ws_gain if cfg.warp_specialize else 1.0)
+    full_tile /= k.tma_gain if cfg.tma else 1.0
     n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
     tiles_per_program = counts.visited / n_outer
     partial_per_program = counts.partial / n_outer
@@ -185,9 +184,9 @@ class Ranking:
 
 
 def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: Workload,
-         role: str = "fwd") -> Ranking:
+         role: str = "fwd", k: Constants | None = None) -> Ranking:
     tma = target.tma and work.dtype in ("fp16", "bf16")
-    preds = [predict(c, plan, target, work, role) for c in candidates(head_dim, head_dim_v, tma)]
+    preds = [predict(c, plan, target, work, role, k) for c in candidates(head_dim, head_dim_v, tma)]
     legal = sorted((p for p in preds if p.time_s is not None), key=lambda p: (p.time_s, p.config))
     return Ranking(target, work, tuple(legal), tuple(p for p in preds if p.time_s is None))
 
@@ -199,7 +198,7 @@ def format_ranking(r: Ranking, top: int = 8) -> str:
              f"{'visited':>7} {'partial':>7}  {'pred ms':>8}"]
     for i, p in enumerate(r.ranked[:top]):
         c = p.config
-        loads = ("tma+ws" if c.warp_specialize else "tma") if c.tma else "ptr"
+        loads = "tma" if c.tma else "ptr"
         lines.append(f"{i + 1:>4}  {c.block_m:>7} {c.block_n:>7} {c.num_warps:>5} {c.num_stages:>6} {loads:>6}  "
                      f"{p.occupancy:>3}  {p.counts.visited:>7} {p.counts.partial:>7}  {p.time_s * 1e3:>8.3f}")
     lines.append(f"({len(r.ranked)} legal, {len(r.rejected)} rejected)")

@@ -51,8 +51,7 @@ def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
 def as_launch(cfg: TileConfig) -> dict:
     """A TileConfig as the generated module's TILINGS entries spell it."""
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                HEAD_DIM_PAD=cfg.head_dim_pad, HEAD_DIM_V_PAD=cfg.head_dim_v_pad, TMA=cfg.tma,
-                WARP_SPECIALIZE=cfg.warp_specialize)
+                HEAD_DIM_PAD=cfg.head_dim_pad, HEAD_DIM_V_PAD=cfg.head_dim_v_pad, TMA=cfg.tma)
 
 
 def _workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:

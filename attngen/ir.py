@@ -165,8 +165,6 @@ def verify(kernel: Kernel) -> Kernel:
         if tiling.head_dim_pad < kernel.attr("head_dim") or tiling.head_dim_v_pad < kernel.attr("head_dim_v"):
             raise IRError(f"{name}: padded head dims {tiling.head_dim_pad}/{tiling.head_dim_v_pad} "
                           f"are smaller than the head dims")
-        if tiling.warp_specialize and not tiling.tma:
-            raise IRError(f"{name}: tiling {tiling.short()} asks for warp specialization without TMA loads")
     mask = kernel.op(OpKind.MASK)
     if mask is not None and kernel.attr("mask_plan") is not None and mask.attr("plan") is None:
         raise IRError(f"{name}: %{mask.name} has no plan although the kernel has one")

@@ -3,10 +3,11 @@
 A `TileConfig` fixes BLOCK_M (query rows per program), BLOCK_N (keys per loop step), the warps
 per program, the software-pipelining depth and the head dims padded to powers of two (tl.arange
 and tl.dot need powers of two; 80 and 96 pad to 128, 192 to 256; padded lanes load zeros), and
-two Hopper (sm90) lowering choices: `tma` loads the tiles through the tensor memory accelerator
-from host-built descriptors (out-of-bounds rows and padded columns arrive as zeros, no masks), and
-`warp_specialize` (with tma only) asks Triton to split the unmasked key loop into producer and
-consumer warps.
+on Hopper (sm90) whether the tiles come through the tensor memory accelerator (`tma`) from
+host-built descriptors (out-of-bounds rows and padded columns arrive as zeros, no masks).
+Not a candidate: Triton 3.6's warp specialization (`tl.range(warp_specialize=True)`), which on the
+H100 left the forward's SASS unchanged where it compiled and crashed its pass on five of the
+shipped specs' kernels (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,17 +34,15 @@ class TileConfig:
     head_dim_pad: int
     head_dim_v_pad: int
     tma: bool = False
-    warp_specialize: bool = False
 
     def describe(self) -> str:
         return (f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} num_warps={self.num_warps} "
                 f"num_stages={self.num_stages} head_dim_pad={self.head_dim_pad} head_dim_v_pad={self.head_dim_v_pad}"
-                + (" tma" if self.tma else "") + (" warp_specialize" if self.warp_specialize else ""))
+                + (" tma" if self.tma else ""))
 
     def short(self) -> str:
         """e.g. 128x64 w8 s3 tma"""
-        return (f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
-                + (" tma" if self.tma else "") + (" ws" if self.warp_specialize else ""))
+        return f"{self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}" + (" tma" if self.tma else "")
 
 
 def pad_head_dim(d: int) -> int:
@@ -52,12 +51,10 @@ def pad_head_dim(d: int) -> int:
 
 
 def candidates(head_dim: int, head_dim_v: int, tma: bool = False) -> list[TileConfig]:
-    """Every combination; with `tma` (a Hopper target, 16-bit dtypes) each also with TMA loads,
-    with and without warp specialization."""
+    """Every combination; with `tma` (a Hopper target, 16-bit dtypes) each with and without TMA loads."""
     dp, dvp = pad_head_dim(head_dim), pad_head_dim(head_dim_v)
-    schedules = ((False, False), (True, False), (True, True)) if tma else ((False, False),)
-    return [TileConfig(m, n, w, s, dp, dvp, t, ws)
-            for m, n, w, s, (t, ws) in product(BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, schedules)]
+    return [TileConfig(m, n, w, s, dp, dvp, t)
+            for m, n, w, s, t in product(BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, (False, True) if tma else (False,))]
 
 
 ROLES = ("fwd", "bwd_dkdv", "bwd_dq")

@@ -16,16 +16,16 @@ Spec:
   score: {scale: null, softcap: null, alibi: false}
 
 fwd: mask plan range: query q_idx sees keys [-oo, Nk - Nq + q_idx]
-  fp16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  fp32 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
+  bf16 on sm90: BLOCK_M=128 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
+  fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dkdv: mask plan range: key kv_idx sees queries [-Nk + Nq + kv_idx, +oo]
-  fp16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
+  bf16 on sm90: BLOCK_M=64 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
   fp32 on sm90: BLOCK_M=32 BLOCK_N=128 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
 bwd_dq: mask plan range: query q_idx sees keys [-oo, Nk - Nq + q_idx]
-  fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
-  bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
+  bf16 on sm90: BLOCK_M=128 BLOCK_N=64 num_warps=8 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
   fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=8 num_stages=2 head_dim_pad=128 head_dim_v_pad=128
 """
 import math
@@ -45,19 +45,19 @@ SPEC = {'name': 'gqa',
        'score': {'scale': None, 'softcap': None, 'alibi': False}}
 TILINGS = {
     "fwd": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "bf16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False),
     },
     "bwd_dkdv": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False),
     },
     "bwd_dq": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
-        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False, WARP_SPECIALIZE=False),
+        "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False),
     },
 }
 HEAD_DIM = 128
@@ -158,7 +158,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FAST_TANH: tl.constexpr):
+              TMA: tl.constexpr, FAST_TANH: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
     # descriptors where TMA.
     off_hz = tl.program_id(1)
@@ -195,7 +195,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
                                   p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA,
                                   FAST_TANH)
-    for start_i in tl.range(full_start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_i in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA,
@@ -287,7 +287,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                   WARP_SPECIALIZE: tl.constexpr, FAST_TANH: tl.constexpr):
+                   FAST_TANH: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     off_hkz = tl.program_id(1)
@@ -335,7 +335,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH)
-        for start_i in tl.range(full_start, full_end, BLOCK_M, warp_specialize=WARP_SPECIALIZE):
+        for start_i in range(full_start, full_end, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
@@ -391,7 +391,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                 WARP_SPECIALIZE: tl.constexpr, FAST_TANH: tl.constexpr):
+                 FAST_TANH: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
     off_hz = tl.program_id(1)
     off_b = off_hz // H
@@ -428,7 +428,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
-    for start_i in tl.range(full_start, full_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_i in range(full_start, full_end, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
@@ -532,7 +532,7 @@ def _operands(cfg, q_like, kv_like):
 def _launch(cfg, tma, q):
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                TMA=tma, WARP_SPECIALIZE=tma and cfg.get("WARP_SPECIALIZE", False),
+                TMA=tma,
                 # the tanh instruction on the GPU for 16-bit inputs; exact tanh for fp32 and the interpreter
                 FAST_TANH=q.is_cuda and q.dtype != torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

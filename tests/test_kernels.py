@@ -118,7 +118,7 @@ TMA_SPECS = ["causal_bottom_right", "head_dim_96", "dilated", "softcap", "causal
 
 @pytest.mark.parametrize("name", TMA_SPECS)
 def test_tma_loads_match_reference(name, device):
-    """The Hopper lowering (tiles through TMA descriptors, warp-specialized loop) on every kernel:
+    """The Hopper lowering (tiles through TMA descriptors) on every kernel:
     ragged edges and padded head dims rely on the descriptors' zero fill instead of masks."""
     import contextlib
     from dataclasses import replace
@@ -133,7 +133,7 @@ def test_tma_loads_match_reference(name, device):
     with contextlib.ExitStack() as stack:
         for role in ("fwd", "bwd_dkdv", "bwd_dq"):
             for dtype in dtypes:
-                cfg = replace(compiled.kernel(role).attr("tiling")[dtype], tma=True, warp_specialize=True)
+                cfg = replace(compiled.kernel(role).attr("tiling")[dtype], tma=True)
                 stack.enter_context(tiling_of(module, role, dtype, cfg))
         results = [check(spec, module, s, d, device, seed=i, backward=True) for d in dtypes for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
