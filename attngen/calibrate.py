@@ -102,12 +102,13 @@ def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4) -> Co
 
 
 def model_pick(row: dict, k: Constants, target: str = "sm90") -> TileConfig:
-    """The tiling the model ranks first among all legal candidates at the row's shape."""
-    b, h, n = row["shape"]
+    """The tiling the compiler would put in the generated module with these constants: the model's
+    first choice among all legal candidates at the tiling pass's nominal shape (one per dtype,
+    whatever shape the row was measured at)."""
     plan, sfu = _plan(row["spec_path"], row["role"])
     cfg = TileConfig(**row["config"])
-    d, dv = cfg.head_dim_pad, cfg.head_dim_v_pad
-    return rank(d, dv, plan, TARGETS[target], Workload(b, h, n, n, row["dtype"], sfu), row["role"], k).best
+    work = replace(PassOptions().workload, dtype=row["dtype"], score_sfu=sfu)
+    return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k).best
 
 
 def pick_reach(rows: list[dict], k: Constants) -> dict[tuple, float | None]:

@@ -53,3 +53,22 @@ def test_cli_reads_measurement_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mean squared log error" in result.output and "| causal | 2x8x1024 | fwd |" in result.output
     assert (stored.read_text() if stored.exists() else None) == before  # only --write stores them
+
+
+def test_pick_reach_uses_the_modules_pick_and_flags_unmeasured_ones():
+    from attngen.calibrate import model_pick, pick_reach
+
+    rows = []
+    for cfg in candidates(128, 128, tma=True):
+        row = {"spec": "causal", "spec_path": str(ROOT / "specs" / "causal.yaml"), "shape": [2, 8, 1024],
+               "role": "fwd", "dtype": "bf16", "config": cfg.__dict__.copy()}
+        truth = predicted_ms(dict(row, measured_ms=None), HIDDEN)
+        if truth is not None:
+            rows.append(dict(row, measured_ms=truth))
+    k = Constants()
+    pick = model_pick(rows[0], k)
+    [reach] = pick_reach(rows, k).values()
+    pick_ms = next(r["measured_ms"] for r in rows if r["config"] == pick.__dict__)
+    assert reach == min(r["measured_ms"] for r in rows) / pick_ms <= 1.0
+    without = [r for r in rows if r["config"] != pick.__dict__]
+    assert list(pick_reach(without, k).values()) == [None]  # the model's pick was never timed
