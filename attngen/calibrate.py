@@ -111,19 +111,45 @@ def model_pick(row: dict, k: Constants, target: str = "sm90") -> TileConfig:
     return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k).best
 
 
-def pick_reach(rows: list[dict], k: Constants) -> dict[tuple, float | None]:
-    """Per group: the measured best's time over the measured time of the model's pick; None when
-    the model now picks a tiling that was not measured (a new fit can move the pick)."""
+def pick_table(rows: list[dict], k: Constants) -> list[dict]:
+    """Per group (one kernel at one measured shape): the module's pick and the measured best, with
+    their times; the pick's time is None when it was never measured (a new fit can move the pick)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["measured_ms"]:
             groups.setdefault((r["spec"], tuple(r["shape"]), r["role"], r["dtype"]), []).append(r)
-    out = {}
-    for key, group in groups.items():
+    out = []
+    for (spec, shape, role, dtype), group in groups.items():
         pick = model_pick(group[0], k)
+        best = min(group, key=lambda r: r["measured_ms"])
         times = [r["measured_ms"] for r in group if TileConfig(**r["config"]) == pick]
-        out[key] = min(r["measured_ms"] for r in group) / min(times) if times else None
+        out.append({"spec": spec, "shape": shape, "role": role, "dtype": dtype, "pick": pick,
+                    "pick_ms": min(times) if times else None, "best": TileConfig(**best["config"]),
+                    "best_ms": best["measured_ms"], "tried": len({tuple(sorted(r["config"].items())) for r in group})})
     return out
+
+
+def pick_reach(rows: list[dict], k: Constants) -> dict[tuple, float | None]:
+    """Per group: the measured best's time over the measured time of the model's pick (None: the
+    pick was not measured)."""
+    return {(t["spec"], t["shape"], t["role"], t["dtype"]): t["best_ms"] / t["pick_ms"] if t["pick_ms"] else None
+            for t in pick_table(rows, k)}
+
+
+def format_pick_table(rows: list[dict], k: Constants) -> str:
+    lines = ["| spec | shape | kernel | cost-model pick | ms | exhaustive best | ms | pick / best | tilings timed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table = pick_table(rows, k)
+    for t in table:
+        pick_ms = f"{t['pick_ms']:.3f}" if t["pick_ms"] else "not measured"
+        ratio = f"{t['best_ms'] / t['pick_ms']:.2f}" if t["pick_ms"] else "–"
+        lines.append(f"| {t['spec']} | {'x'.join(map(str, t['shape']))} | {t['role']} | {t['pick'].short()} | {pick_ms} | "
+                     f"{t['best'].short()} | {t['best_ms']:.3f} | {ratio} | {t['tried']} |")
+    known = [t["best_ms"] / t["pick_ms"] for t in table if t["pick_ms"]]
+    if known:
+        lines += ["", f"{sum(r >= 0.95 for r in known)} of {len(table)} kernels within 95% of the best; worst "
+                      f"{min(known):.2f}; {len(table) - len(known)} picks not measured"]
+    return "\n".join(lines) + "\n"
 
 
 def load_rows(paths: list[Path]) -> list[dict]:
@@ -147,15 +173,7 @@ def report(rows: list[dict], k: Constants) -> str:
                  "rejected" if pred is None else f"{pred:.3f}", "failed" if meas is None else f"{meas:.3f}",
                  f"{meas / pred:.2f}" if pred and meas else "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    reach = pick_reach(rows, k)
-    lines += ["", "| spec | shape | kernel | model's pick reaches (of the measured best) |", "|---|---|---|---|"]
-    lines += [f"| {spec} | {'x'.join(map(str, shape))} | {role} | {'pick not measured' if r is None else f'{r:.2f}'} |"
-              for (spec, shape, role, _), r in reach.items()]
-    known = [r for r in reach.values() if r is not None]
-    if known:
-        lines += ["", f"{sum(r >= 0.95 for r in known)} of {len(reach)} kernels within 95% of the best; "
-                      f"worst {min(known):.2f}; {len(reach) - len(known)} picks not measured"]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + format_pick_table(rows, k)
 
 
 def write(k: Constants, path: Path = FITTED) -> None:

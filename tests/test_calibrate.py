@@ -38,7 +38,7 @@ def test_fit_recovers_hidden_constants_well_enough():
     assert loss(rows, fitted) < 0.01  # about the injected noise (0.05^2 = 0.0025)
     ratios = [r["measured_ms"] / predicted_ms(r, fitted) for r in rows]
     assert 0.8 < sum(ratios) / len(ratios) < 1.25  # the overall scale is fitted too
-    assert "model's pick reaches" in report(rows, fitted)
+    assert "cost-model pick" in report(rows, fitted)
 
 
 def test_cli_reads_measurement_files(tmp_path):
