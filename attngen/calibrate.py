@@ -20,9 +20,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .cost_model import FITTED, TARGETS, Constants, Workload, predict, rank
-from .ir import OpKind
 from .lower import lower, lower_backward
-from .passes import PassOptions, mask_plan
+from .passes import PassOptions, mask_plan, sfu_per_score
 from .spec import load_spec
 from .tiling import TileConfig
 
@@ -42,7 +41,7 @@ def _plan(spec_path: str, role: str):
         path = Path(__file__).resolve().parent.parent / "specs" / (re.sub(r"_d\d+$", "", path.stem) + ".yaml")
     spec = load_spec(path)
     kernel = {k.attr("role"): k for k in (lower(spec), *lower_backward(spec))}[role]
-    return mask_plan(kernel, PassOptions()).attr("mask_plan"), 1 + kernel.has(OpKind.SOFTCAP)
+    return mask_plan(kernel, PassOptions()).attr("mask_plan"), sfu_per_score(kernel)
 
 
 def predicted_ms(row: dict, k: Constants, target: str = "sm90") -> float | None:

@@ -70,11 +70,16 @@ class Tilings:
         return iter(c for _, c in self.by_dtype)
 
 
+def sfu_per_score(kernel: Kernel) -> int:
+    """Special-function ops per score element: exp2, and tanh with softcap."""
+    return 1 + kernel.has(OpKind.SOFTCAP)
+
+
 def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
     """The cost model's ranking per dtype (an analysis; `tiling` keeps the winners)."""
     plan: MaskPlan = kernel.attr("mask_plan")
     target = TARGETS[options.target]
-    sfu = 1 + kernel.has(OpKind.SOFTCAP)  # exp2, and tanh for softcap
+    sfu = sfu_per_score(kernel)
     return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
                     replace(options.workload, dtype=d, score_sfu=sfu), kernel.attr("role"))
             for d in kernel.attr("dtypes").split(",")}

@@ -189,6 +189,8 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
     from attngen.calibrate import fit, load_rows, loss, report, write as write_constants
     from attngen.cost_model import CONSTANTS
 
+    if write and not fit_constants:
+        _fail(ValueError("--write stores fitted constants: it cannot go with --no-fit"))
     rows = load_rows(measurements)
     if not fit_constants:
         typer.echo(f"{len(rows)} measurements; stored constants: {CONSTANTS}; mean squared log error {loss(rows, CONSTANTS):.4f}")

@@ -520,7 +520,8 @@ def _operands(cfg, q_like, kv_like):
     aligned); else the tensors themselves."""
     tensors = (*q_like, *kv_like)
     tma = cfg.get("TMA", False) and all(
-        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] >= 9)  # TMA is Hopper's (the interpreter emulates it)
+        and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
         for t in tensors)
     if not tma:
         return tensors, False
@@ -529,12 +530,17 @@ def _operands(cfg, q_like, kv_like):
             *(TensorDescriptor.from_tensor(t, [1, 1, cfg["BLOCK_N"], pad(t)]) for t in kv_like)), True
 
 
+# Compiled for an NVIDIA GPU (not the interpreter, whose kernels are not JITFunctions, nor ROCm):
+# where PTX inline assembly can run.
+_NATIVE_NVIDIA = isinstance(_attn_fwd, triton.runtime.jit.JITFunction) and torch.version.hip is None
+
+
 def _launch(cfg, tma, q):
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 TMA=tma,
-                # the tanh instruction on the GPU for 16-bit inputs; exact tanh for fp32 and the interpreter
-                FAST_TANH=q.is_cuda and q.dtype != torch.float32,
+                # the tanh instruction on NVIDIA GPUs for 16-bit inputs; exact tanh for fp32, the interpreter, ROCm
+                FAST_TANH=_NATIVE_NVIDIA and q.is_cuda and q.dtype != torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 

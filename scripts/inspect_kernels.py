@@ -1,7 +1,7 @@
 """What the compiler made of a spec's kernels on this GPU: registers, spills, shared memory and the
 instruction mix of the SASS (HGMMA = Hopper warpgroup MMA, HMMA = the older mma.sync path,
-UTMALDG = TMA loads, LDL/STL = local-memory spills), for the cost model's tiling and for its
-TMA and warp-specialized variants.
+UTMALDG = TMA loads, LDL/STL = local-memory spills), for the cost model's tiling with pointer
+loads and with TMA loads.
 
     python scripts/inspect_kernels.py specs/dense.yaml [--out DIR]
 """

@@ -25,7 +25,7 @@ def main():
         env = env or data["environment"]
         rows += [Row(**r) for r in data["rows"]]
     if env is None:
-        raise SystemExit("no rows")
+        raise SystemExit("no input files")
     md = format_markdown(rows, env)
     if args.json:
         args.json.write_text(json.dumps({"environment": env, "rows": [r.__dict__ for r in rows]}, indent=1))
