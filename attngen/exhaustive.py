@@ -54,7 +54,8 @@ def as_launch(cfg: TileConfig) -> dict:
                 HEAD_DIM_PAD=cfg.head_dim_pad, HEAD_DIM_V_PAD=cfg.head_dim_v_pad, TMA=cfg.tma)
 
 
-def _workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:
+def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:
+    """A closure that runs one role's kernels once on fixed random inputs (forward outputs precomputed for the backward roles)."""
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda n, d: torch.randn(shape.batch, shape.heads, n, d, generator=g, device=device).to(dtype)  # noqa: E731
     q, k, v = mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim_v)
@@ -74,7 +75,7 @@ def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[
     module = load(spec_path)
     ranked = c.rankings[role][dtype].ranked[:top]
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    run = _workload(module, c.spec, shape, role, torch_dtype, device)
+    run = workload(module, c.spec, shape, role, torch_dtype, device)
     trials = []
     for i, p in enumerate(ranked, start=1):
         with tiling_of(module, role, dtype, p.config):

@@ -517,11 +517,12 @@ def _operands(cfg, q_like, kv_like):
     BLOCK_M rows for the query-indexed tensors (q, dO) and BLOCK_N rows for k and v, when the tiling
     asks for TMA and the tensors allow it (last dim contiguous, other strides and the base 16-byte
     aligned); else the tensors themselves."""
-    tensors = (*q_like, *kv_like)
-    tma = cfg.get("TMA", False) and all(
-        (not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] >= 9)  # TMA is Hopper's (the interpreter emulates it)
-        and t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-        for t in tensors)
+    tensors = (*q_like, *kv_like)  # on one device (_check)
+    device = tensors[0].device
+    tma = (cfg.get("TMA", False)
+           and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)  # Hopper's; the interpreter emulates it
+           and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                   and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors))
     if not tma:
         return tensors, False
     pad = lambda t: cfg["HEAD_DIM_PAD"] if t.shape[-1] == HEAD_DIM else cfg["HEAD_DIM_V_PAD"]  # noqa: E731

@@ -20,7 +20,7 @@ import torch
 
 import attngen
 from attngen.bench import BenchShape
-from attngen.exhaustive import _workload, tiling_of
+from attngen.exhaustive import tiling_of, workload
 from attngen.pipeline import compile_spec
 from attngen.spec import load_spec
 
@@ -75,7 +75,7 @@ def main():
             fn.device_caches.clear()  # so that only this variant is in the cache
             with tiling_of(module, role, "bf16", cfg):
                 try:
-                    _workload(module, spec, BenchShape(b, h, n), role, torch.bfloat16, "cuda")()
+                    workload(module, spec, BenchShape(b, h, n), role, torch.bfloat16, "cuda")()
                     torch.cuda.synchronize()
                 except Exception as e:
                     print(f"{spec.name} {role} {cfg.short()}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
