@@ -55,7 +55,8 @@ def as_launch(cfg: TileConfig) -> dict:
 
 
 def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, device) -> Callable[[], object]:
-    """A closure that runs one role's kernels once on fixed random inputs (forward outputs precomputed for the backward roles)."""
+    """A closure that runs one role's kernels once on fixed random inputs (for the backward roles,
+    the forward's outputs are computed beforehand)."""
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda n, d: torch.randn(shape.batch, shape.heads, n, d, generator=g, device=device).to(dtype)  # noqa: E731
     q, k, v = mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim_v)
