@@ -77,6 +77,27 @@ def test_empty_inputs(device):
     assert mod.attention(q, k, v).shape == (1, 2, 0, 128)
 
 
+@pytest.mark.parametrize("name", ["causal_bottom_right", "gqa", "sliding_window"])
+def test_every_output_element_is_written(name, device, monkeypatch):
+    """Outputs and gradients are allocated without a fill: with every new buffer poisoned (NaN),
+    the results must still match the reference: rows that see no key included (bottom-right with
+    Nq > Nk, a window whose first keys no query sees), ragged tiles, GQA."""
+    real = torch.empty_like, torch.empty
+
+    def poisoned(make):
+        def f(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return f
+    monkeypatch.setattr(torch, "empty_like", poisoned(real[0]))
+    monkeypatch.setattr(torch, "empty", poisoned(real[1]))
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    shapes = [Shape(1, 4, 2 if name == "gqa" else 4, 70, 33), Shape(2, 2, 2, 45, 130)]
+    results = [check(spec, module, s, "fp32", device, seed=i, backward=True) for i, s in enumerate(shapes)]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
 def test_scale_override_and_default_alibi_slopes(device):
     path = ROOT / "specs" / "alibi.yaml"
     spec, mod = load_spec(path), attngen.load(path)
