@@ -26,11 +26,11 @@ from .spec import load_spec
 from .tiling import TileConfig
 
 FREE = ("rows_exponent", "streamed_exponent", "one_stage", "two_stages", "overlap", "mask_ops", "alu_ops", "hiding",
-        "occupancy_gain", "occupancy_gain_cap", "tma_gain")
+        "occupancy_gain", "occupancy_gain_cap", "tma_gain", "tma_gain_bwd")
 BOUNDS = {"rows_exponent": (0.0, 2.0), "streamed_exponent": (0.0, 2.0), "one_stage": (0.1, 1.0),
           "two_stages": (0.1, 1.0), "overlap": (0.0, 1.0), "mask_ops": (0.0, 64.0), "alu_ops": (0.0, 32.0),
           "hiding": (0.0, 2.0), "occupancy_gain": (0.0, 1.0), "occupancy_gain_cap": (1.0, 2.0),
-          "tma_gain": (0.5, 2.0)}
+          "tma_gain": (0.5, 2.0), "tma_gain_bwd": (0.5, 2.0)}
 
 
 @functools.lru_cache(maxsize=None)

@@ -54,7 +54,7 @@ def _plan(kernel: Kernel) -> dict:
     """A mask plan as the template's `walk` macro reads it."""
     plan = kernel.attr("mask_plan")
     extent = "Nq" if plan.transposed else "Nk"
-    out = {"kind": "tiles" if plan.kind is PlanKind.TILES else "range"}
+    out = {"kind": "tiles" if plan.kind is PlanKind.TILES else "range", "split": kernel.attr("split_loops")}
     for name, key in (("kv_lo", "lo"), ("kv_hi", "hi"), ("full_lo", "full_lo"), ("full_hi", "full_hi")):
         bound = getattr(plan, name)
         out[key] = (RANGE_DEFAULTS[name].replace("EXTENT", extent) if bound is None

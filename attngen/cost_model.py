@@ -103,7 +103,8 @@ class Constants:
     hiding: float = 0.5  # co-resident programs hide the non-overlapped parts: overlap / occupancy ** this
     occupancy_gain: float = 0.15  # speed-up per extra co-resident program
     occupancy_gain_cap: float = 1.15
-    tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads
+    tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads, forward
+    tma_gain_bwd: float = 1.0  # ... and in the backward kernels (their tiles are MMA-heavier)
     scale: float = 1.0  # measured / predicted, overall
 
     @classmethod
@@ -153,7 +154,8 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
     parts = (mma, softmax, memory)
     full_tile = max(parts) + k.overlap / occupancy ** k.hiding * (sum(parts) - max(parts))
-    full_tile /= k.tma_gain if cfg.tma else 1.0
+    if cfg.tma:
+        full_tile /= k.tma_gain if role == "fwd" else k.tma_gain_bwd
     n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
     tiles_per_program = counts.visited / n_outer
     partial_per_program = counts.partial / n_outer

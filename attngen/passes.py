@@ -38,6 +38,7 @@ class PassOptions:
     target: str = "sm90"
     workload: Workload = Workload()
     longest_first: bool = True  # False: programs start in block order whatever the work profile
+    split_loops: bool = True  # False: one masked loop over a range plan's tiles (no unmasked middle loop)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -93,7 +94,7 @@ def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
 def schedule(kernel: Kernel, options: PassOptions) -> Kernel:
     w, cfg = options.workload, next(iter(kernel.attr("tiling")))
     reverse = options.longest_first and longest_first(kernel.attr("mask_plan"), w.seq_q, w.seq_k, cfg.block_m, cfg.block_n)
-    return kernel.with_attrs(longest_first=reverse)
+    return kernel.with_attrs(longest_first=reverse, split_loops=options.split_loops)
 
 
 PASSES: dict[str, Callable[[Kernel, PassOptions], Kernel]] = {

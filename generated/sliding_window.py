@@ -568,9 +568,10 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
 def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if q.numel() == 0 or Nk == 0:
-        return dq, dk, dv
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtype = _DTYPES[q.dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)

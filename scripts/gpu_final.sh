@@ -3,6 +3,7 @@
 #   scripts/gpu_final.sh verify fwd:128 fwd:64     # verification of every shipped spec (bf16, with
 #                                                  # gradients) and the GPU test tier, then benchmarks
 #   SPECS="softcap alibi" scripts/gpu_final.sh fwdbwd:128
+#   DTYPES="bf16 fp16" scripts/gpu_final.sh verify   # verification in each dtype (default bf16)
 # Each benchmark group is MODE:HEAD_DIM over $SPECS at 1k, 4k and 16k tokens (16 heads at d128,
 # 32 at d64), one JSON per spec so that a run cut short keeps the rest; nothing new starts after
 # $DEADLINE seconds. $OUT gets the verification tables and the merged benchmark tables.
@@ -12,8 +13,11 @@ SPECS=${SPECS:-"dense causal sliding_window prefix_lm softcap alibi"}
 DEADLINE=${DEADLINE:-540}
 for group in "$@"; do
   if [ "$group" = verify ]; then
-    ls specs/*.yaml | timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --backward --dtype bf16 --markdown /tmp/v/$n.md > /tmp/v/$n.log 2>&1; echo "verify $n rc=$?"'
-    cat /tmp/v/*.md > $OUT/verify_bf16.md; tail -n 3 /tmp/v/*.log > $OUT/verify_log.txt
+    for dt in ${DTYPES:-bf16}; do
+      ls specs/*.yaml | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --backward --dtype $DT --markdown /tmp/v/${n}_$DT.md > /tmp/v/${n}_$DT.log 2>&1; echo "verify $n $DT rc=$?"'
+      cat /tmp/v/*_$dt.md > $OUT/verify_$dt.md
+    done
+    tail -n 3 /tmp/v/*.log > $OUT/verify_log.txt
     timeout 100 python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -2
     continue
   fi

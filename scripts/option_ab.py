@@ -1,0 +1,61 @@
+"""A/B of one lowering option (a PassOptions flag): the module compiled with it on against off,
+same tilings, bf16: forward, the backward alone (forward outputs computed once), forward+backward.
+
+    python scripts/option_ab.py --option longest_first specs/causal.yaml --shape 4x16x4096
+    python scripts/option_ab.py --option split_loops sliding_window:128 softcap:64 --shape 16x16x1024
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+import attngen
+from attngen.bench import BenchShape, with_head_dim
+from attngen.exhaustive import workload
+from attngen.spec import load_spec
+
+
+def _path(arg: str):
+    """specs/x.yaml, or name:head_dim for a shipped spec at that head dim."""
+    if ":" not in arg:
+        return arg
+    name, d = arg.split(":")
+    return with_head_dim(f"specs/{name}.yaml", int(d))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--option", required=True)
+    ap.add_argument("--shape", default="4x16x4096")
+    args = ap.parse_args()
+    shapes = [BenchShape(*(int(x) for x in s.split("x"))) for s in args.shape.split(",")]
+    bench = lambda fn, **kw: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median", **kw)  # noqa: E731
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16; "
+          f"median ms of do_bench; {args.option} on / off")
+    for arg in args.specs:
+        path = _path(arg)
+        spec = load_spec(path)
+        for shape in shapes:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            mk = lambda d: torch.randn(shape.batch, shape.heads, shape.seq, d, generator=g, device="cuda",  # noqa: E731
+                                       dtype=torch.bfloat16)
+            q, k, v, do = mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v), mk(spec.head_dim_v)
+            out = {}
+            for value in (True, False):
+                module = attngen.load(path, **{args.option: value})
+                fwd = lambda: module.attention(q, k, v, training=False)  # noqa: E731
+                bwd = workload(module, spec, shape, "bwd_dq", torch.bfloat16, "cuda")
+                qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+                step = lambda: module.attention(qg, kg, vg, training=False).backward(do)  # noqa: E731
+                out[value] = (bench(fwd), bench(bwd), bench(step, grad_to_none=[qg, kg, vg]))
+            on, off = out[True], out[False]
+            print(f"{spec.name:<18} {str(shape):<16} " + " | ".join(
+                f"{what} {a:.3f} / {b:.3f} ms ({b / a:.3f}x)" for what, a, b in zip(("fwd", "bwd", "fwd+bwd"), on, off)))
+
+
+if __name__ == "__main__":
+    main()
