@@ -219,24 +219,6 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
 # --------------------------------------------------------------- backward
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od,
-                    stride_dob, stride_doh, stride_dom, stride_dod, H, Nq,
-                    HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
-    # D = rowsum(dO * O), the softmax backward's row term.
-    off_hz = tl.program_id(1)
-    off_b = (off_hz // H).to(tl.int64)
-    off_h = (off_hz % H).to(tl.int64)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    ok = (offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + off_hz.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
-
-
-@triton.jit
 def _lse2(LSE, offs_m, Nq):
     # The saved LSE in log2 units; +inf for rows with nothing visible, so their P is exactly 0.
     lse = tl.load(LSE + offs_m, mask=offs_m < Nq, other=float("-inf"))
@@ -318,28 +300,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         DELTAh = DELTA + bh * Nq
         slope = 0.0
 
-        # [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis).
-        # Masked [start, full_start), unmasked [full_start, full_end), masked [full_end, end).
+        # [lo, hi]: what this block may see; one loop, every tile masked.
         lo = tl.minimum(tl.maximum(((-Nk) + Nq + first), 0), Nq)
         end = tl.minimum(tl.maximum((Nq - 1) + 1, lo), Nq)
-        start = lo // BLOCK_M * BLOCK_M
-        full_start = (tl.maximum(((-Nk) + Nq + last), 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        full_end = tl.maximum(tl.minimum((Nq - 1) + 1, Nq), 0) // BLOCK_M * BLOCK_M
-        no_full = full_start >= full_end
-        full_start = tl.where(no_full, start, tl.maximum(full_start, start))
-        full_end = tl.where(no_full, start, tl.maximum(full_end, start))
-        end = tl.maximum(end, full_end)
-        for start_i in range(start, full_start, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
-                                        seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
-                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT,
-                                        DOT_PRECISION, TMA, FAST_TANH)
-        for start_i in range(full_start, full_end, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
-                                        seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
-                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
-                                        DOT_PRECISION, TMA, FAST_TANH)
-        for start_i in range(full_end, end, BLOCK_M):
+        for start_i in range(lo // BLOCK_M * BLOCK_M, end, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT,
@@ -380,11 +344,12 @@ def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
+def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
+                 stride_ob, stride_oh, stride_om, stride_od,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  H, GROUP, Nq, Nk, n_blocks, qk_scale, sm_scale, seed, p_drop,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -408,30 +373,19 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
     do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA)
     lse2 = _lse2(LSE + off_hz.to(tl.int64) * Nq, offs_m, Nq)
-    Di = tl.load(DELTA + off_hz.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=0.0)
+    # D = rowsum(dO * O), the softmax backward's row term, kept for the dK/dV kernel (launched after this one)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
+                + offs_dv[None, :] * stride_od, mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    Di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_hz.to(tl.int64) * Nq + offs_m, Di, mask=offs_m < Nq)
     slope = 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis).
-    # Masked [start, full_start), unmasked [full_start, full_end), masked [full_end, end).
+    # [lo, hi]: what this block may see; one loop, every tile masked.
     lo = tl.minimum(tl.maximum(0, 0), Nk)
     end = tl.minimum(tl.maximum((Nk - Nq + last) + 1, lo), Nk)
-    start = lo // BLOCK_N * BLOCK_N
-    full_start = (tl.maximum(0, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    full_end = tl.maximum(tl.minimum((Nk - Nq + first) + 1, Nk), 0) // BLOCK_N * BLOCK_N
-    no_full = full_start >= full_end
-    full_start = tl.where(no_full, start, tl.maximum(full_start, start))
-    full_end = tl.where(no_full, start, tl.maximum(full_end, start))
-    end = tl.maximum(end, full_end)
-    for start_i in range(start, full_start, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
-                          p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
-    for start_i in range(full_start, full_end, BLOCK_N):
-        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
-                          p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
-    for start_i in range(full_end, end, BLOCK_N):
+    for start_i in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
@@ -497,8 +451,19 @@ def _check(q, k, v, alibi_slopes):
 
 def _table(role, cfg, Nq, Nk, device):
     """The tile table a role's kernel walks (a placeholder tensor for closed-form plans)."""
-    empty = torch.empty(0, dtype=torch.int32, device=device)
+    empty = _placeholder(device, torch.int32)
     return empty, empty
+
+
+_PLACEHOLDERS = {}
+
+
+def _placeholder(device, dtype):
+    """An empty tensor for an argument a kernel does not read (made once per device and dtype)."""
+    key = (device, dtype)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = torch.empty(0, dtype=dtype, device=device)
+    return _PLACEHOLDERS[key]
 
 
 TUNED = {}  # (role, dtype, Nq bucket, Nk bucket) -> tiling measured fastest; filled by attngen.autotune
@@ -512,6 +477,16 @@ def _config(role, dtype, Nq, Nk):
     return TILINGS[role][dtype]
 
 
+_TMA_CAPABLE = {}
+
+
+def _tma_capable(device):
+    """Hopper (compute capability 9) and later have TMA; the interpreter (CPU tensors) emulates it."""
+    if device not in _TMA_CAPABLE:
+        _TMA_CAPABLE[device] = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+    return _TMA_CAPABLE[device]
+
+
 def _operands(cfg, q_like, kv_like):
     """The tensors as a kernel reads them, and whether through TMA: descriptors with blocks of
     BLOCK_M rows for the query-indexed tensors (q, dO) and BLOCK_N rows for k and v, when the tiling
@@ -519,8 +494,7 @@ def _operands(cfg, q_like, kv_like):
     aligned); else the tensors themselves."""
     tensors = (*q_like, *kv_like)  # on one device (_check)
     device = tensors[0].device
-    tma = (cfg.get("TMA", False)
-           and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9)  # Hopper's; the interpreter emulates it
+    tma = (cfg.get("TMA", False) and _tma_capable(device)
            and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
                    and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors))
     if not tma:
@@ -574,9 +548,15 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     dtype = _DTYPES[q.dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    _bwd_preprocess[(triton.cdiv(Nq, 64), B * Hq)](o, do, delta, *o.stride(), *do.stride(), Hq, Nq,
-                                                   HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_V_PAD=TILINGS["fwd"][dtype]["HEAD_DIM_V_PAD"],
-                                                   BLOCK_M=64)
+    # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
+    cfg = _config("bwd_dq", dtype, Nq, Nk)
+    count, index = _table("bwd_dq", cfg, Nq, Nk, q.device)
+    (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
+    _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
+        Q, K, V, DO, o, dq, lse, delta, slopes, count, index,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
+        Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, scale, seed, p_drop,
+        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
     cfg = _config("bwd_dkdv", dtype, Nq, Nk)
     count, index = _table("bwd_dkdv", cfg, Nq, Nk, q.device)
     (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
@@ -584,14 +564,6 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
         Q, K, V, DO, dk, dv, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
-    cfg = _config("bwd_dq", dtype, Nq, Nk)
-    count, index = _table("bwd_dq", cfg, Nq, Nk, q.device)
-    (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
-    _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-        Q, K, V, DO, dq, lse, delta, slopes, count, index,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, scale, seed, p_drop,
         DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
     return dq, dk, dv
 
@@ -622,7 +594,7 @@ def attention(q, k, v, *, return_lse=False, alibi_slopes=None, scale=None, out=N
     """
     _check(q, k, v, alibi_slopes)
     scale = 0.10206207261596577 if scale is None else float(scale)
-    slopes = q.new_empty(0, dtype=torch.float32)
+    slopes = _placeholder(q.device, torch.float32)
     p_drop = DROPOUT_P if training else 0.0
     seed = 0
     if p_drop > 0:

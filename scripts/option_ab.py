@@ -1,5 +1,6 @@
 """A/B of one lowering option (a PassOptions flag): the module compiled with it on against off,
-same tilings, bf16: forward, the backward alone (forward outputs computed once), forward+backward.
+same tilings, bf16: the forward and the backward alone (forward outputs computed once) replayed as
+CUDA graphs (GPU time, no host overhead), and forward+backward through autograd as `bench` times it.
 
     python scripts/option_ab.py --option longest_first specs/causal.yaml --shape 4x16x4096
     python scripts/option_ab.py --option split_loops sliding_window:128 softcap:64 --shape 16x16x1024
@@ -34,8 +35,9 @@ def main():
     args = ap.parse_args()
     shapes = [BenchShape(*(int(x) for x in s.split("x"))) for s in args.shape.split(",")]
     bench = lambda fn, **kw: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median", **kw)  # noqa: E731
+    graph = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")  # noqa: E731
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16; "
-          f"median ms of do_bench; {args.option} on / off")
+          f"median ms (fwd, bwd: CUDA graphs; fwd+bwd: do_bench); {args.option} on / off")
     for arg in args.specs:
         path = _path(arg)
         spec = load_spec(path)
@@ -51,7 +53,7 @@ def main():
                 bwd = workload(module, spec, shape, "bwd_dq", torch.bfloat16, "cuda")
                 qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
                 step = lambda: module.attention(qg, kg, vg, training=False).backward(do)  # noqa: E731
-                out[value] = (bench(fwd), bench(bwd), bench(step, grad_to_none=[qg, kg, vg]))
+                out[value] = (graph(fwd), graph(bwd), bench(step, grad_to_none=[qg, kg, vg]))
             on, off = out[True], out[False]
             print(f"{spec.name:<18} {str(shape):<16} " + " | ".join(
                 f"{what} {a:.3f} / {b:.3f} ms ({b / a:.3f}x)" for what, a, b in zip(("fwd", "bwd", "fwd+bwd"), on, off)))
