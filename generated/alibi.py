@@ -92,8 +92,17 @@ def _keep(seed, bh, q_idx, kv_idx, p_drop):
 
 
 @triton.jit
+def _wide(idx, WIDE: tl.constexpr):
+    # Indices for address arithmetic: int64 where row x stride can reach 2^31 elements (WIDE: the
+    # host saw such a tensor), else int32 as they are.
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
 def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: tl.constexpr,
-          COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr):
+          COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr):
     # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
     # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
     # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
@@ -103,7 +112,7 @@ def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: 
     else:
         offs_r = first + tl.arange(0, ROWS)
         offs_c = tl.arange(0, COLS_PAD)
-        ptrs = X + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c
+        ptrs = X + _wide(offs_r, WIDE)[:, None] * stride_r + _wide(offs_c, WIDE)[None, :] * stride_c
         if COLS < COLS_PAD:
             if MASK_ROWS:
                 x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
@@ -124,12 +133,12 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, slope
               stride_kn, stride_kd, stride_vn, stride_vd,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr):
+              DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
     # One key tile of online softmax. MASKED tiles apply the bounds check and the mask; the
     # others were proven FULL by the mask analysis and run no mask code.
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA)
-    v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA)
+    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
+    v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
     s, t = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
                   slope, Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
@@ -157,7 +166,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              TMA: tl.constexpr, FAST_TANH: tl.constexpr):
+              TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
     # descriptors where TMA.
     off_hz = tl.program_id(1)
@@ -172,7 +181,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
     first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
-    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
+    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
     slope = tl.load(SLOPES + off_h).to(tl.float32) * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -193,23 +202,23 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA,
-                                  FAST_TANH)
+                                  FAST_TANH, WIDE)
     for start_i in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA,
-                                  FAST_TANH)
+                                  FAST_TANH, WIDE)
     for start_i in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA,
-                                  FAST_TANH)
+                                  FAST_TANH, WIDE)
 
     # Epilogue: rows that saw no key output zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     o = acc / l_use[:, None]
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    tl.store(O + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od, o.to(O.dtype.element_ty),
+    tl.store(O + _wide(offs_m, WIDE)[:, None] * stride_om + _wide(offs_dv, WIDE)[None, :] * stride_od, o.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V))
     if STORE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_use)) * 0.6931471805599453)
@@ -230,12 +239,12 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, N
                    p_drop, stride_qm, stride_qd, stride_dom, stride_dod,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr):
+                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
     # One query tile for a resident key block, transposed (keys along rows): recompute P^T from the
     # LSE, then dV += P^T dO and dK += dS^T Q.
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _tile(Q, q_b, q_h, start_m, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA)
-    do = _tile(DO, q_b, q_h, start_m, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA)
+    q = _tile(Q, q_b, q_h, start_m, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
+    do = _tile(DO, q_b, q_h, start_m, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
     sT, tT = _score(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_m[None, :], offs_n[:, None],
                     slope, Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
@@ -268,7 +277,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                   FAST_TANH: tl.constexpr):
+                   FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     off_hkz = tl.program_id(1)
@@ -284,8 +293,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
     if not TMA:
         Kh = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
         Vh = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    k = _tile(Kh, off_b, off_hk, first, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
-    v = _tile(Vh, off_b, off_hk, first, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA)
+    k = _tile(Kh, off_b, off_hk, first, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
+    v = _tile(Vh, off_b, off_hk, first, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -307,14 +316,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT,
-                                        DOT_PRECISION, TMA, FAST_TANH)
+                                        DOT_PRECISION, TMA, FAST_TANH, WIDE)
     dk = dk * sm_scale
     ok = offs_n[:, None] < Nk
     DK += off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
     DV += off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    tl.store(DK + _wide(offs_n, WIDE)[:, None] * stride_dkn + _wide(offs_d, WIDE)[None, :] * stride_dkd,
              dk.to(DK.dtype.element_ty), mask=ok & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+    tl.store(DV + _wide(offs_n, WIDE)[:, None] * stride_dvn + _wide(offs_dv, WIDE)[None, :] * stride_dvd,
              dv.to(DV.dtype.element_ty), mask=ok & (offs_dv[None, :] < HEAD_DIM_V))
 
 
@@ -323,11 +332,11 @@ def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk,
                  stride_kn, stride_kd, stride_vn, stride_vd,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr):
+                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
     # One key tile for a resident query block: recompute P, then dQ += dS K.
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA)
-    v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA)
+    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
+    v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
     s, t = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
                   slope, Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
@@ -355,7 +364,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                 FAST_TANH: tl.constexpr):
+                 FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
     off_hz = tl.program_id(1)
     off_b = off_hz // H
@@ -370,13 +379,13 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA)
-    do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA)
+    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
+    do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     lse2 = _lse2(LSE + off_hz.to(tl.int64) * Nq, offs_m, Nq)
     # D = rowsum(dO * O), the softmax backward's row term, kept for the dK/dV kernel (launched after this one)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_om
-                + offs_dv[None, :] * stride_od, mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + _wide(offs_m, WIDE)[:, None] * stride_om
+                + _wide(offs_dv, WIDE)[None, :] * stride_od, mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     Di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_hz.to(tl.int64) * Nq + offs_m, Di, mask=offs_m < Nq)
     slope = tl.load(SLOPES + off_h).to(tl.float32) * 1.4426950408889634
@@ -388,10 +397,10 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     for start_i in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH)
+                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
     dq = dq * sm_scale
     DQ += off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+    tl.store(DQ + _wide(offs_m, WIDE)[:, None] * stride_dqm + _wide(offs_d, WIDE)[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -509,10 +518,16 @@ def _operands(cfg, q_like, kv_like):
 _NATIVE_NVIDIA = isinstance(_attn_fwd, triton.runtime.jit.JITFunction) and torch.version.hip is None
 
 
-def _launch(cfg, tma, q):
+def _wide_offsets(*tensors):
+    """Whether, within one (batch, head), some tensor's last row or column lies 2^31 elements or
+    more from its first: then the kernels compute addresses in int64 (else in int32)."""
+    return any((t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) >= 2**31 for t in tensors)
+
+
+def _launch(cfg, tma, wide, q):
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                TMA=tma,
+                TMA=tma, WIDE=wide,
                 # the tanh instruction on NVIDIA GPUs for 16-bit inputs; exact tanh for fp32, the interpreter, ROCm
                 FAST_TANH=_NATIVE_NVIDIA and q.is_cuda and q.dtype != torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -534,7 +549,7 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, seed, p_drop,
         STORE_LSE=store_lse, DROPOUT=p_drop > 0, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-        **_launch(cfg, tma, q))
+        **_launch(cfg, tma, _wide_offsets(q, k, v, o), q))
     return o, lse
 
 
@@ -548,6 +563,7 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     dtype = _DTYPES[q.dtype]
     precision = "ieee" if dtype == "fp32" else "tf32"
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+    wide = _wide_offsets(q, k, v, do, o, dq, dk, dv)
     # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
     cfg = _config("bwd_dq", dtype, Nq, Nk)
     count, index = _table("bwd_dq", cfg, Nq, Nk, q.device)
@@ -556,7 +572,7 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
         Q, K, V, DO, o, dq, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
         Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
+        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, wide, q))
     cfg = _config("bwd_dkdv", dtype, Nq, Nk)
     count, index = _table("bwd_dkdv", cfg, Nq, Nk, q.device)
     (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
@@ -564,7 +580,7 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
         Q, K, V, DO, dk, dv, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, q))
+        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, wide, q))
     return dq, dk, dv
 
 
