@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cost_model import FITTED, TARGETS, Constants, Workload, predict, rank
 from .lower import lower, lower_backward
-from .passes import PassOptions, mask_plan, sfu_per_score
+from .passes import BUCKETS, PassOptions, bucket_workload, mask_plan, sfu_per_score
 from .spec import load_spec
 from .tiling import TileConfig
 
@@ -100,17 +100,22 @@ def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4) -> Co
     return replace(k, scale=math.exp(-sum(ratios) / len(ratios))) if ratios else k
 
 
-def model_pick(row: dict, k: Constants, target: str = "sm90") -> TileConfig:
+def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = False) -> TileConfig:
     """The tiling the compiler would put in the generated module with these constants: the model's
     first choice among all legal candidates at the tiling pass's nominal shape (one per dtype,
-    whatever shape the row was measured at)."""
+    whatever shape the row was measured at), or with `buckets` (PassOptions.shape_buckets) at the
+    sequence-length bucket a call of the row's shape takes."""
     plan, sfu = _plan(row["spec_path"], row["role"])
     cfg = TileConfig(**row["config"])
     work = replace(PassOptions().workload, dtype=row["dtype"], score_sfu=sfu)
+    if buckets:
+        seq = row["shape"][2]
+        nearest = min((work.seq_q, *BUCKETS), key=lambda b: abs(math.log2(seq / b)))
+        work = bucket_workload(work, nearest)
     return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k).best
 
 
-def pick_table(rows: list[dict], k: Constants) -> list[dict]:
+def pick_table(rows: list[dict], k: Constants, buckets: bool = False) -> list[dict]:
     """Per group (one kernel at one measured shape): the module's pick and the measured best, with
     their times; the pick's time is None when it was never measured (a new fit can move the pick)."""
     groups: dict[tuple, list[dict]] = {}
@@ -119,7 +124,7 @@ def pick_table(rows: list[dict], k: Constants) -> list[dict]:
             groups.setdefault((r["spec"], tuple(r["shape"]), r["role"], r["dtype"]), []).append(r)
     out = []
     for (spec, shape, role, dtype), group in groups.items():
-        pick = model_pick(group[0], k)
+        pick = model_pick(group[0], k, buckets=buckets)
         best = min(group, key=lambda r: r["measured_ms"])
         times = [r["measured_ms"] for r in group if TileConfig(**r["config"]) == pick]
         out.append({"spec": spec, "shape": shape, "role": role, "dtype": dtype, "pick": pick,
@@ -135,10 +140,10 @@ def pick_reach(rows: list[dict], k: Constants) -> dict[tuple, float | None]:
             for t in pick_table(rows, k)}
 
 
-def format_pick_table(rows: list[dict], k: Constants) -> str:
+def format_pick_table(rows: list[dict], k: Constants, buckets: bool = False) -> str:
     lines = ["| spec | shape | kernel | cost-model pick | ms | exhaustive best | ms | pick / best | tilings timed |",
              "|---|---|---|---|---|---|---|---|---|"]
-    table = pick_table(rows, k)
+    table = pick_table(rows, k, buckets)
     for t in table:
         pick_ms = f"{t['pick_ms']:.3f}" if t["pick_ms"] else "not measured"
         ratio = f"{t['best_ms'] / t['pick_ms']:.2f}" if t["pick_ms"] else "–"
@@ -161,7 +166,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], k: Constants) -> str:
+def report(rows: list[dict], k: Constants, buckets: bool = False) -> str:
     """Predicted against measured per row, and, per kernel and shape, where the pick ranks."""
     lines = ["| spec | shape | kernel | tiling | predicted ms | measured ms | measured / predicted |",
              "|---|---|---|---|---|---|---|"]
@@ -172,7 +177,7 @@ def report(rows: list[dict], k: Constants) -> str:
                  "rejected" if pred is None else f"{pred:.3f}", "failed" if meas is None else f"{meas:.3f}",
                  f"{meas / pred:.2f}" if pred and meas else "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + format_pick_table(rows, k)
+    return "\n".join(lines) + "\n\n" + format_pick_table(rows, k, buckets)
 
 
 def write(k: Constants, path: Path = FITTED) -> None:

@@ -47,6 +47,9 @@ def _header(spec: Spec, kernels: dict[str, Kernel]) -> str:
         tilings = k.attr("tiling")
         lines.append(f"{role}: mask plan {k.attr('mask_plan').describe()}")
         lines += [f"  {d} on {tilings.target}: {c.describe()}" for d, c in tilings.by_dtype]
+        if k.attr("bucket_tilings"):
+            for seq, t in k.attr("bucket_tilings").by_seq:
+                lines += [f"  {d} at {seq} tokens: {c.describe()}" for d, c in t.by_dtype if c != tilings[d]]
     return "\n".join(lines) + '\n"""'
 
 
@@ -62,6 +65,20 @@ def _plan(kernel: Kernel) -> dict:
     return out
 
 
+def _bucket_tilings(kernels: dict[str, Kernel]) -> dict | None:
+    """{"seqs": all bucket lengths, "entries": {(role, dtype, seq): cfg}} for the buckets whose pick
+    differs from the nominal one; None without shape buckets."""
+    buckets = [kernels[role].attr("bucket_tilings") for role in ROLES]
+    if not any(buckets):
+        return None
+    entries = {}
+    for role, b in zip(ROLES, buckets):
+        nominal = kernels[role].attr("tiling")
+        for seq, tilings in b.by_seq:
+            entries |= {(role, d, seq): c for d, c in tilings.by_dtype if c != nominal[d]}
+    return {"seqs": (buckets[0].nominal, *(seq for seq, _ in buckets[0].by_seq)), "entries": entries}
+
+
 def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
     fwd = kernels["fwd"]
     mask, softcap = fwd.op(OpKind.MASK), fwd.op(OpKind.SOFTCAP)
@@ -74,6 +91,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "spec_dict": pprint.pformat(spec.to_dict(), sort_dicts=False, width=100).replace("\n", "\n      "),
         "description": spec.description,
         "tilings": {role: dict(kernels[role].attr("tiling").by_dtype) for role in ROLES},
+        "bucket_tilings": _bucket_tilings(kernels),
         "plans": plans,
         "head_dim": fwd.attr("head_dim"),
         "head_dim_v": fwd.attr("head_dim_v"),

@@ -39,13 +39,17 @@ class Trial:
 def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
     """Temporarily runs `module`'s `role` kernel with `cfg`."""
     saved, tuned = module.TILINGS[role][dtype], dict(module.TUNED)
+    buckets = getattr(module, "BUCKET_TILINGS", {})
+    saved_buckets = dict(buckets)
     module.TILINGS[role][dtype] = as_launch(cfg)
-    module.TUNED.clear()  # autotuned entries would shadow the candidate
+    module.TUNED.clear()  # autotuned and per-bucket entries would shadow the candidate
+    buckets.clear()
     try:
         yield
     finally:
         module.TILINGS[role][dtype] = saved
         module.TUNED.update(tuned)
+        buckets.update(saved_buckets)
 
 
 def as_launch(cfg: TileConfig) -> dict:

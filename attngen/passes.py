@@ -12,6 +12,12 @@
 
       attr tiling = {bf16: BLOCK_M=128 BLOCK_N=64 ...}
 
+  With `shape_buckets`, it also ranks at one shape per sequence-length bucket (1k, 16k tokens,
+  the nominal shape's token count) and records the winners; the module uses them for calls in
+  that bucket (off by default until timed and verified on a GPU):
+
+      attr bucket_tilings = {1024: bf16: BLOCK_M=64 ...; 16384: ...}
+
 * `schedule`: the order programs start in, and the shape of their loops. Where later blocks have
   more work than earlier ones (causal: the last query block sees every key), the longest programs
   go first, so the last wave is made of short ones (FA3's and FlexAttention's causal scheduling do
@@ -45,6 +51,7 @@ class PassOptions:
     workload: Workload = Workload()
     longest_first: bool = True  # False: programs start in block order whatever the work profile
     split_loops: bool | None = None  # None: the schedule pass decides; True / False: force it (for A/B)
+    shape_buckets: bool = False  # True: also pick tilings per sequence-length bucket (BUCKETS)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -77,6 +84,28 @@ class Tilings:
         return iter(c for _, c in self.by_dtype)
 
 
+BUCKETS = (1024, 16384)  # sequence lengths ranked besides the nominal one (shape_buckets)
+
+
+@dataclass(frozen=True)
+class BucketTilings:
+    """Per sequence-length bucket, the chosen configuration per dtype (a kernel attr)."""
+
+    nominal: int  # the sequence length the kernel's own `tiling` was ranked at
+    by_seq: tuple[tuple[int, Tilings], ...]
+
+    def describe(self) -> str:
+        return f"{{nominal {self.nominal}; " + "; ".join(f"{seq}: {t.describe()}" for seq, t in self.by_seq) + "}"
+
+    def __iter__(self):  # every configuration, for the verifier
+        return iter(c for _, t in self.by_seq for c in t)
+
+
+def bucket_workload(work: Workload, seq: int) -> Workload:
+    """The nominal workload moved to sequence length `seq`, same number of tokens (batch >= 1)."""
+    return replace(work, batch=max(1, work.batch * work.seq_q // seq), seq_q=seq, seq_k=seq)
+
+
 def sfu_per_score(kernel: Kernel) -> int:
     """Special-function ops per score element: exp2, and tanh with softcap."""
     return 1 + kernel.has(OpKind.SOFTCAP)
@@ -94,7 +123,13 @@ def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
 
 def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
     chosen = tuple((d, r.best) for d, r in rankings(kernel, options).items())
-    return kernel.with_attrs(tiling=Tilings(options.target, chosen))
+    kernel = kernel.with_attrs(tiling=Tilings(options.target, chosen))
+    if options.shape_buckets:
+        by_seq = tuple((seq, Tilings(options.target, tuple(
+            (d, r.best) for d, r in rankings(kernel, replace(options, workload=bucket_workload(options.workload, seq))).items())))
+            for seq in BUCKETS)
+        kernel = kernel.with_attrs(bucket_tilings=BucketTilings(options.workload.seq_q, by_seq))
+    return kernel
 
 
 def schedule(kernel: Kernel, options: PassOptions) -> Kernel:

@@ -183,7 +183,8 @@ def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
 @app.command()
 def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files from `attngen bench --exhaustive N --json F`"),
               write: bool = typer.Option(False, "--write", help="store the fitted constants in data/cost_constants.json"),
-              fit_constants: bool = typer.Option(True, "--fit/--no-fit", help="--no-fit: report on the stored constants")):
+              fit_constants: bool = typer.Option(True, "--fit/--no-fit", help="--no-fit: report on the stored constants"),
+              buckets: bool = typer.Option(False, "--buckets", help="judge the picks per sequence-length bucket (shape_buckets)")):
     """Fits the cost model's constants to measured timings; prints predicted against measured and,
     per kernel and shape, the module's pick against the fastest measured tiling."""
     from attngen.calibrate import fit, load_rows, loss, report, write as write_constants
@@ -194,12 +195,12 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
     rows = load_rows(measurements)
     if not fit_constants:
         typer.echo(f"{len(rows)} measurements; stored constants: {CONSTANTS}; mean squared log error {loss(rows, CONSTANTS):.4f}")
-        typer.echo(report(rows, CONSTANTS))
+        typer.echo(report(rows, CONSTANTS, buckets))
         return
     fitted = fit(rows, CONSTANTS)
     typer.echo(f"{len(rows)} measurements; mean squared log error {loss(rows, CONSTANTS):.4f} -> {loss(rows, fitted):.4f}")
     typer.echo(f"fitted: {fitted}")
-    typer.echo(report(rows, fitted))
+    typer.echo(report(rows, fitted, buckets))
     if write:
         write_constants(fitted)
         typer.echo("wrote data/cost_constants.json: regenerate (attngen generate specs/*.yaml) and re-verify on the GPU")

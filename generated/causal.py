@@ -481,7 +481,8 @@ def _config(role, dtype, Nq, Nk):
     """The tiling for this call: an autotuned one for its shape bucket if any, else the cost model's."""
     if TUNED:
         key = (role, dtype, triton.next_power_of_2(Nq), triton.next_power_of_2(Nk))
-        return TUNED.get(key, TILINGS[role][dtype])
+        if key in TUNED:
+            return TUNED[key]
     return TILINGS[role][dtype]
 
 

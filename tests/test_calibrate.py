@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from attngen.calibrate import fit, load_rows, loss, predicted_ms, report
-from attngen.cost_model import Constants
+from attngen.cost_model import CONSTANTS, Constants
 from attngen.tiling import candidates
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,3 +72,17 @@ def test_pick_reach_uses_the_modules_pick_and_flags_unmeasured_ones():
     assert reach == min(r["measured_ms"] for r in rows) / pick_ms <= 1.0
     without = [r for r in rows if r["config"] != pick.__dict__]
     assert list(pick_reach(without, k).values()) == [None]  # the model's pick was never timed
+
+
+def test_model_pick_with_buckets_ranks_at_the_rows_bucket():
+    from attngen.calibrate import _plan, model_pick
+    from attngen.cost_model import TARGETS, rank
+    from attngen.passes import PassOptions, bucket_workload
+
+    row = {"spec": "causal", "spec_path": str(ROOT / "specs" / "causal.yaml"), "shape": [16, 16, 1000],
+           "role": "fwd", "dtype": "bf16", "config": next(iter(candidates(128, 128, tma=True))).__dict__.copy()}
+    plan, sfu = _plan(row["spec_path"], "fwd")
+    work = bucket_workload(PassOptions().workload, 1024)
+    expected = rank(128, 128, plan, TARGETS["sm90"], replace(work, dtype="bf16", score_sfu=sfu), "fwd").best
+    assert model_pick(row, CONSTANTS, buckets=True) == expected
+    assert model_pick(dict(row, shape=[4, 16, 4096]), CONSTANTS, buckets=True) == model_pick(row, CONSTANTS)

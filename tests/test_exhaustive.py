@@ -33,3 +33,37 @@ def test_search_runs_each_candidate_with_its_tiling(device):
     assert s["best"].rank == 3 and s["pick_over_best_throughput"] == 0.5 and s["timed"] == 3
     table = format_markdown([("causal", BenchShape(1, 2, 40), "bwd_dq", s)])
     assert "| 0.50 | 3 of 4 |" in table
+
+
+def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
+    """With PassOptions.shape_buckets the module carries the cost model's picks per
+    sequence-length bucket; a call takes the nearest bucket (log scale), an autotuned tiling
+    overrides it, and an exhaustive candidate overrides both while it is timed."""
+    from attngen.exhaustive import tiling_of
+    from attngen.passes import BUCKETS, PassOptions, bucket_workload
+    from attngen.pipeline import compile_spec
+    from attngen.tiling import TileConfig
+
+    path = ROOT / "specs" / "causal.yaml"
+    module = attngen.load(path, shape_buckets=True)
+    kernel = compile_spec(path, options=PassOptions(shape_buckets=True), stop="tiling").kernel("fwd")
+    by_seq = dict(kernel.attr("bucket_tilings").by_seq)
+    assert tuple(by_seq) == BUCKETS and module.BUCKET_SEQS == (4096, *BUCKETS)
+    as_cfg = lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,  # noqa: E731
+                            HEAD_DIM_PAD=c.head_dim_pad, HEAD_DIM_V_PAD=c.head_dim_v_pad, TMA=c.tma)
+    assert module._config("fwd", "bf16", 1000, 1500) == as_cfg(by_seq[1024]["bf16"])
+    assert module._config("fwd", "bf16", 3000, 4096) == module.TILINGS["fwd"]["bf16"]
+    assert module._config("fwd", "bf16", 20000, 9000) == as_cfg(by_seq[16384]["bf16"])
+    assert bucket_workload(PassOptions().workload, 1024).batch == 8  # as many tokens as the nominal shape
+    tuned = dict(module.TILINGS["fwd"]["bf16"], num_stages=1)
+    module.TUNED[("fwd", "bf16", 1024, 1024)] = tuned
+    try:
+        assert module._config("fwd", "bf16", 1000, 1000) == tuned
+        candidate = TileConfig(32, 32, 4, 2, 128, 128)
+        with tiling_of(module, "fwd", "bf16", candidate):
+            assert module._config("fwd", "bf16", 1000, 1000)["BLOCK_M"] == 32
+        assert module._config("fwd", "bf16", 1000, 1000) == tuned and module.BUCKET_TILINGS  # restored
+    finally:
+        module.TUNED.clear()
+    plain = attngen.load(path)
+    assert not hasattr(plain, "BUCKET_TILINGS")  # off by default

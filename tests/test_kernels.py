@@ -133,6 +133,18 @@ def test_int64_addressing_matches_reference(name, device, monkeypatch):
     assert launched and all(launched)
 
 
+@pytest.mark.parametrize("name", ["causal", "alibi"])
+def test_shape_bucket_tilings_match_reference(name, device):
+    """A module with per-bucket tilings (PassOptions.shape_buckets): the small shapes here take
+    the 1k bucket's tilings, which differ from the nominal ones for these specs."""
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path, shape_buckets=True)
+    assert any(key[2] == 1024 for key in module.BUCKET_TILINGS)
+    shapes = (CPU_SHAPES[0], CPU_SHAPES[4])
+    results = [check(spec, module, s, d, device, seed=i, backward=True) for d in _dtypes(device) for i, s in enumerate(shapes)]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
 def test_scale_override_and_default_alibi_slopes(device):
     path = ROOT / "specs" / "alibi.yaml"
     spec, mod = load_spec(path), attngen.load(path)
