@@ -40,16 +40,15 @@ def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
     """Temporarily runs `module`'s `role` kernel with `cfg`."""
     saved, tuned = module.TILINGS[role][dtype], dict(module.TUNED)
     buckets = getattr(module, "BUCKET_TILINGS", {})
-    saved_buckets = dict(buckets)
+    shadowing = {key: buckets.pop(key) for key in list(buckets) if key[:2] == (role, dtype)}
     module.TILINGS[role][dtype] = as_launch(cfg)
-    module.TUNED.clear()  # autotuned and per-bucket entries would shadow the candidate
-    buckets.clear()
+    module.TUNED.clear()  # autotuned entries and this kernel's per-bucket ones would shadow the candidate
     try:
         yield
     finally:
         module.TILINGS[role][dtype] = saved
         module.TUNED.update(tuned)
-        buckets.update(saved_buckets)
+        buckets.update(shadowing)
 
 
 def as_launch(cfg: TileConfig) -> dict:

@@ -12,8 +12,8 @@
 
       attr tiling = {bf16: BLOCK_M=128 BLOCK_N=64 ...}
 
-  With `shape_buckets`, it also ranks at one shape per sequence-length bucket (1k, 16k tokens,
-  the nominal shape's token count) and records the winners; the module uses them for calls in
+  With `shape_buckets`, it also ranks at one shape per sequence-length bucket (1k, 16k; as many
+  tokens as the nominal shape, batch at least 1) and records the winners; the module uses them for calls in
   that bucket (off by default until timed and verified on a GPU):
 
       attr bucket_tilings = {1024: bf16: BLOCK_M=64 ...; 16384: ...}

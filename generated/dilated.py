@@ -495,7 +495,8 @@ def default_alibi_slopes(heads, device=None):
             return [start ** (i + 1) for i in range(n)]
         p = 1 << (heads.bit_length() - 1)
         slopes = powers(p) if p == heads else powers(p) + powers(2 * p)[0::2][: heads - p]
-        _SLOPES[key] = torch.tensor(slopes, dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # cached: a tensor made in inference mode could not be saved for backward
+            _SLOPES[key] = torch.tensor(slopes, dtype=torch.float32, device=device)
     return _SLOPES[key]
 
 
@@ -538,7 +539,8 @@ def _placeholder(device, dtype):
     """An empty tensor for an argument a kernel does not read (made once per device and dtype)."""
     key = (device, dtype)
     if key not in _PLACEHOLDERS:
-        _PLACEHOLDERS[key] = torch.empty(0, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # cached: a tensor made in inference mode could not be saved for backward
+            _PLACEHOLDERS[key] = torch.empty(0, dtype=dtype, device=device)
     return _PLACEHOLDERS[key]
 
 

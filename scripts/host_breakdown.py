@@ -52,7 +52,9 @@ def main():
     make = lambda: torch.randn(b, h, n, d, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, do = make(), make(), make(), make()
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    slopes, scale = q.new_empty(0, dtype=torch.float32), d ** -0.5
+    alibi = module.SPEC["score"]["alibi"]
+    slopes = module.default_alibi_slopes(h, "cuda") if alibi else q.new_empty(0, dtype=torch.float32)
+    scale = d ** -0.5
     o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True)
     cfg = module.TILINGS["bwd_dq"]["bf16"]
 

@@ -62,6 +62,8 @@ def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
         candidate = TileConfig(32, 32, 4, 2, 128, 128)
         with tiling_of(module, "fwd", "bf16", candidate):
             assert module._config("fwd", "bf16", 1000, 1000)["BLOCK_M"] == 32
+            assert module._config("bwd_dq", "bf16", 1000, 1000) == module.BUCKET_TILINGS[("bwd_dq", "bf16", 1024)]
+            assert module._config("fwd", "fp16", 1000, 1000) == module.BUCKET_TILINGS[("fwd", "fp16", 1024)]
         assert module._config("fwd", "bf16", 1000, 1000) == tuned and module.BUCKET_TILINGS  # restored
     finally:
         module.TUNED.clear()

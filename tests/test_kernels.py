@@ -100,7 +100,7 @@ def test_every_output_element_is_written(name, device, monkeypatch):
 
 def test_wide_offsets_flag_tensors_whose_rows_reach_int32_limits():
     """Row x stride within one (batch, head) at or past 2^31 elements needs int64 addresses: e.g.
-    a [B, N, H, D] view with H = 32, D = 128 from N = 512k. Shapes and strides only (meta tensors)."""
+    a [B, N, H, D] view with H = 32, D = 128 past N = 512k. Shapes and strides only (meta tensors)."""
     module = attngen.load(ROOT / "specs" / "causal.yaml")
     view = lambda n, strides: torch.empty_strided((1, 32, n, 128), strides, device="meta")  # noqa: E731
     bnhd = lambda n: view(n, (n * 4096, 128, 4096, 1))  # noqa: E731
@@ -133,16 +133,35 @@ def test_int64_addressing_matches_reference(name, device, monkeypatch):
     assert launched and all(launched)
 
 
-@pytest.mark.parametrize("name", ["causal", "alibi"])
-def test_shape_bucket_tilings_match_reference(name, device):
-    """A module with per-bucket tilings (PassOptions.shape_buckets): the small shapes here take
-    the 1k bucket's tilings, which differ from the nominal ones for these specs."""
+@pytest.mark.parametrize("name,seq", [("causal", 1024), ("alibi", 1024), ("alibi", 16384), ("head_dim_96", 16384),
+                                      ("prefix_lm", 16384)])
+def test_shape_bucket_tilings_match_reference(name, seq, device, monkeypatch):
+    """A module with per-bucket tilings (PassOptions.shape_buckets), every call sent to one
+    bucket's tilings (which differ from the nominal ones for these specs), on small shapes."""
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path, shape_buckets=True)
-    assert any(key[2] == 1024 for key in module.BUCKET_TILINGS)
+    assert any(key[2] == seq for key in module.BUCKET_TILINGS)
+    monkeypatch.setattr(module, "BUCKET_SEQS", (seq,))
     shapes = (CPU_SHAPES[0], CPU_SHAPES[4])
     results = [check(spec, module, s, d, device, seed=i, backward=True) for d in _dtypes(device) for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+@pytest.mark.parametrize("name", ["dense", "alibi"])
+def test_training_after_inference_mode(name, device):
+    """Tensors the module caches (argument placeholders, ALiBi slopes) first made under
+    torch.inference_mode must not break a later training call: inference tensors cannot be saved
+    for backward."""
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    module._PLACEHOLDERS.clear()
+    module._SLOPES.clear()
+    q, k, v = _inputs(spec, 1, 2, 2, 20, 30, device=device)
+    with torch.inference_mode():
+        module.attention(q, k, v)
+    qg = q.clone().requires_grad_()
+    module.attention(qg, k, v).sum().backward()
+    assert qg.grad is not None and torch.isfinite(qg.grad).all()
 
 
 def test_scale_override_and_default_alibi_slopes(device):
