@@ -13,8 +13,8 @@
       attr tiling = {bf16: BLOCK_M=128 BLOCK_N=64 ...}
 
   With `shape_buckets`, it also ranks at one shape per sequence-length bucket (1k, 16k; as many
-  tokens as the nominal shape, batch at least 1) and records the winners; the module uses them for calls in
-  that bucket (off by default until timed and verified on a GPU):
+  tokens as the nominal shape, batch at least 1) and records the winners; the module uses them
+  for calls in that bucket (off by default until timed and verified on a GPU):
 
       attr bucket_tilings = {1024: bf16: BLOCK_M=64 ...; 16384: ...}
 
@@ -24,7 +24,7 @@
   the same). A range plan's tiles run as masked / unmasked / masked loops in the forward, where
   the mask's arithmetic on every tile would cost up to 15% (dense, causal, prefix-LM at 4k); the
   backward kernels run them as one masked loop, where the mask hides behind four matrix products
-  and one software pipeline beats three (H100, CUDA graphs: 2-11% faster on dense, causal,
+  and one software pipeline beats three (H100, CUDA graphs: 1-12% faster on dense, causal,
   sliding window, softcap; within 2.5% on prefix-LM; scripts/option_ab.py --option split_loops):
 
       attr longest_first = True
