@@ -202,6 +202,17 @@ def with_head_dim(path: str | Path, head_dim: int) -> Path:
     return out
 
 
+def parse_case(text: str) -> tuple[Path, BenchShape | None]:
+    """For the GPU-session scripts: 'sliding_window:128:4x16x4096' -> (the shipped spec at that
+    head dim, the shape); the shape may be left out ('softcap:64'), and a spec file path passes
+    through as it is."""
+    name, *rest = text.split(":")
+    if not rest:
+        return Path(name), None
+    path = with_head_dim(Path(__file__).resolve().parent.parent / "specs" / f"{name}.yaml", int(rest[0]))
+    return path, (parse_shapes(rest[1])[0] if len(rest) > 1 else None)
+
+
 def parse_shapes(text: str) -> tuple[BenchShape, ...]:
     """'4x16x4096,1x16x16384' -> batch x heads x seq."""
     out = []

@@ -385,9 +385,8 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     lse2 = _lse2(LSE + off_hz.to(tl.int64) * Nq, offs_m, Nq)
     # D = rowsum(dO * O), the softmax backward's row term, kept for the dK/dV kernel (launched after this one)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    o = tl.load(O + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + _wide(offs_m, WIDE)[:, None] * stride_om
-                + _wide(offs_dv, WIDE)[None, :] * stride_od, mask=(offs_m[:, None] < Nq) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    O += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    o = _tile(O, off_b, off_h, first, Nq, stride_om, stride_od, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, WIDE)
     Di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_hz.to(tl.int64) * Nq + offs_m, Di, mask=offs_m < Nq)
     slope = 0.0
@@ -420,21 +419,28 @@ def _keep_mask_kernel(KEEP, H, Nq, Nk, seed, p_drop, BLOCK_M: tl.constexpr, BLOC
 # ------------------------------------------------------------------- host
 
 
+def _kept(cache, key, make):
+    """cache[key], made by make() on first use, outside inference mode: a tensor kept across calls
+    may be saved for a later call's backward, which an inference tensor cannot be."""
+    if key not in cache:
+        with torch.inference_mode(False):
+            cache[key] = make()
+    return cache[key]
+
+
 _SLOPES = {}
 
 
 def default_alibi_slopes(heads, device=None):
     """The ALiBi paper's geometric slopes for `heads` heads."""
-    key = (heads, str(device))
-    if key not in _SLOPES:
+    def make():
         def powers(n):
             start = 2.0 ** (-8.0 / n)
             return [start ** (i + 1) for i in range(n)]
         p = 1 << (heads.bit_length() - 1)
         slopes = powers(p) if p == heads else powers(p) + powers(2 * p)[0::2][: heads - p]
-        with torch.inference_mode(False):  # cached: a tensor made in inference mode could not be saved for backward
-            _SLOPES[key] = torch.tensor(slopes, dtype=torch.float32, device=device)
-    return _SLOPES[key]
+        return torch.tensor(slopes, dtype=torch.float32, device=device)
+    return _kept(_SLOPES, (heads, str(device)), make)
 
 
 def _check(q, k, v, alibi_slopes):
@@ -472,11 +478,7 @@ _PLACEHOLDERS = {}
 
 def _placeholder(device, dtype):
     """An empty tensor for an argument a kernel does not read (made once per device and dtype)."""
-    key = (device, dtype)
-    if key not in _PLACEHOLDERS:
-        with torch.inference_mode(False):  # cached: a tensor made in inference mode could not be saved for backward
-            _PLACEHOLDERS[key] = torch.empty(0, dtype=dtype, device=device)
-    return _PLACEHOLDERS[key]
+    return _kept(_PLACEHOLDERS, (device, dtype), lambda: torch.empty(0, dtype=dtype, device=device))
 
 
 TUNED = {}  # (role, dtype, Nq bucket, Nk bucket) -> tiling measured fastest; filled by attngen.autotune
@@ -532,7 +534,7 @@ def _wide_offsets(*tensors):
 def _launch(cfg, tma, wide, q):
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                TMA=tma, WIDE=wide,
+                TMA=tma, WIDE=wide, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 # the tanh instruction on NVIDIA GPUs for 16-bit inputs; exact tanh for fp32, the interpreter, ROCm
                 FAST_TANH=_NATIVE_NVIDIA and q.is_cuda and q.dtype != torch.float32,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -553,8 +555,7 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
         Q, K, V, o, lse, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, seed, p_drop,
-        STORE_LSE=store_lse, DROPOUT=p_drop > 0, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-        **_launch(cfg, tma, _wide_offsets(q, k, v, o), q))
+        STORE_LSE=store_lse, DROPOUT=p_drop > 0, **_launch(cfg, tma, _wide_offsets(q, k, v, o), q))
     return o, lse
 
 
@@ -566,7 +567,6 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dtype = _DTYPES[q.dtype]
-    precision = "ieee" if dtype == "fp32" else "tf32"
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     wide = _wide_offsets(q, k, v, do, o, dq, dk, dv)
     # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
@@ -577,7 +577,7 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
         Q, K, V, DO, o, dq, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
         Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, wide, q))
+        DROPOUT=p_drop > 0, **_launch(cfg, tma, wide, q))
     cfg = _config("bwd_dkdv", dtype, Nq, Nk)
     count, index = _table("bwd_dkdv", cfg, Nq, Nk, q.device)
     (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
@@ -585,7 +585,7 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
         Q, K, V, DO, dk, dv, lse, delta, slopes, count, index,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, DOT_PRECISION=precision, **_launch(cfg, tma, wide, q))
+        DROPOUT=p_drop > 0, **_launch(cfg, tma, wide, q))
     return dq, dk, dv
 
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from attngen.bench import with_head_dim
+from attngen.bench import parse_case
 from attngen.loader import load
 
 
@@ -44,10 +44,10 @@ def host_ms(fn, n=100):
 
 
 def main():
-    name, head_dim, shape = sys.argv[1].split(":")
-    b, h, n = (int(x) for x in shape.split("x"))
-    d = int(head_dim)
-    module = load(with_head_dim(f"specs/{name}.yaml", d))
+    path, shape = parse_case(sys.argv[1])
+    b, h, n = shape.batch, shape.heads, shape.seq
+    module = load(path)
+    d = module.HEAD_DIM
     g = torch.Generator(device="cuda").manual_seed(0)
     make = lambda: torch.randn(b, h, n, d, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, do = make(), make(), make(), make()

@@ -14,17 +14,9 @@ import torch
 import triton
 
 import attngen
-from attngen.bench import BenchShape, with_head_dim
+from attngen.bench import parse_case, parse_shapes
 from attngen.exhaustive import workload
 from attngen.spec import load_spec
-
-
-def _path(arg: str):
-    """specs/x.yaml, or name:head_dim for a shipped spec at that head dim."""
-    if ":" not in arg:
-        return arg
-    name, d = arg.split(":")
-    return with_head_dim(f"specs/{name}.yaml", int(d))
 
 
 def main():
@@ -33,13 +25,13 @@ def main():
     ap.add_argument("--option", required=True)
     ap.add_argument("--shape", default="4x16x4096")
     args = ap.parse_args()
-    shapes = [BenchShape(*(int(x) for x in s.split("x"))) for s in args.shape.split(",")]
+    shapes = parse_shapes(args.shape)
     bench = lambda fn, **kw: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median", **kw)  # noqa: E731
     graph = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")  # noqa: E731
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16; "
           f"median ms (fwd, bwd: CUDA graphs; fwd+bwd: do_bench); {args.option} on / off")
     for arg in args.specs:
-        path = _path(arg)
+        path, _ = parse_case(arg)
         spec = load_spec(path)
         for shape in shapes:
             g = torch.Generator(device="cuda").manual_seed(0)

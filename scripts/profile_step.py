@@ -16,7 +16,7 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from attngen.bench import BenchShape, _flex, with_head_dim
+from attngen.bench import _flex, parse_case
 from attngen.loader import load
 from attngen.spec import load_spec
 
@@ -52,15 +52,14 @@ def main():
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16")
     for case in args.cases:
-        name, d, shape = case.split(":")
-        b, h, n = (int(x) for x in shape.split("x"))
-        path = with_head_dim(f"specs/{name}.yaml", int(d))
+        path, shape = parse_case(case)
+        b, h, n = shape.batch, shape.heads, shape.seq
         spec, module = load_spec(path), load(path)
         g = torch.Generator(device="cuda").manual_seed(0)
         mk = lambda dd: torch.randn(b, h, n, dd, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
         q, k, v, do = mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v), mk(spec.head_dim_v)
         impls = {"ours": lambda q, k, v: module.attention(q, k, v, training=False),
-                 "flex": _flex(spec, BenchShape(b, h, n), module)}
+                 "flex": _flex(spec, shape, module)}
         for impl, fn in impls.items():
             qg, kg, vg = (t.clone().requires_grad_(not args.fwd) for t in (q, k, v))
             if args.fwd:

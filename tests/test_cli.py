@@ -63,3 +63,20 @@ def test_verify_passes_and_fails_by_exit_code(monkeypatch):
     monkeypatch.setattr(verify, "check", broken)
     bad = runner.invoke(app, ["verify", spec, "--dtype", "fp32"])
     assert bad.exit_code == 1 and "FAIL: forced mismatch" in bad.output and "0 passed, 5 failed" in bad.output
+
+
+def test_head_dim_copies_and_script_cases():
+    """`bench --head-dim` benches a renamed copy of a shipped spec; the GPU scripts' cases
+    ('name:head_dim[:BxHxN]') resolve to the same copies."""
+    from attngen.bench import BenchShape, parse_case, with_head_dim
+    from attngen.spec import load_spec
+
+    causal = ROOT / "specs" / "causal.yaml"
+    copy = with_head_dim(causal, 64)
+    spec = load_spec(copy)
+    assert (spec.name, spec.head_dim, spec.head_dim_v) == ("causal_d64", 64, 64)
+    assert spec.mask == load_spec(causal).mask
+    assert with_head_dim(causal, 128) == causal  # already that head dim: the spec itself
+    assert parse_case("causal:64:4x16x4096") == (copy, BenchShape(4, 16, 4096))
+    assert parse_case("causal:128") == (causal.resolve(), None)
+    assert parse_case("specs/dense.yaml") == (Path("specs/dense.yaml"), None)
