@@ -100,7 +100,7 @@ def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4) -> Co
     return replace(k, scale=math.exp(-sum(ratios) / len(ratios))) if ratios else k
 
 
-def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = False) -> TileConfig:
+def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = True) -> TileConfig:
     """The tiling the compiler would put in the generated module with these constants: the model's
     first choice among all legal candidates at the tiling pass's nominal shape (one per dtype,
     whatever shape the row was measured at), or with `buckets` (PassOptions.shape_buckets) at the
@@ -115,7 +115,7 @@ def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = Fa
     return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k).best
 
 
-def pick_table(rows: list[dict], k: Constants, buckets: bool = False) -> list[dict]:
+def pick_table(rows: list[dict], k: Constants, buckets: bool = True) -> list[dict]:
     """Per group (one kernel at one measured shape): the module's pick and the measured best, with
     their times; the pick's time is None when it was never measured (a new fit can move the pick)."""
     groups: dict[tuple, list[dict]] = {}
@@ -140,7 +140,7 @@ def pick_reach(rows: list[dict], k: Constants) -> dict[tuple, float | None]:
             for t in pick_table(rows, k)}
 
 
-def format_pick_table(rows: list[dict], k: Constants, buckets: bool = False) -> str:
+def format_pick_table(rows: list[dict], k: Constants, buckets: bool = True) -> str:
     lines = ["| spec | shape | kernel | cost-model pick | ms | exhaustive best | ms | pick / best | tilings timed |",
              "|---|---|---|---|---|---|---|---|---|"]
     table = pick_table(rows, k, buckets)
@@ -166,7 +166,7 @@ def load_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], k: Constants, buckets: bool = False) -> str:
+def report(rows: list[dict], k: Constants, buckets: bool = True) -> str:
     """Predicted against measured per row, and, per kernel and shape, where the pick ranks."""
     lines = ["| spec | shape | kernel | tiling | predicted ms | measured ms | measured / predicted |",
              "|---|---|---|---|---|---|---|"]

@@ -184,7 +184,8 @@ def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
 def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files from `attngen bench --exhaustive N --json F`"),
               write: bool = typer.Option(False, "--write", help="store the fitted constants in data/cost_constants.json"),
               fit_constants: bool = typer.Option(True, "--fit/--no-fit", help="--no-fit: report on the stored constants"),
-              buckets: bool = typer.Option(False, "--buckets", help="judge the picks per sequence-length bucket (shape_buckets)")):
+              buckets: bool = typer.Option(True, "--buckets/--no-buckets", help="judge the picks per sequence-length bucket, as "
+                                                                  "modules make them (--no-buckets: the nominal pick)")):
     """Fits the cost model's constants to measured timings; prints predicted against measured and,
     per kernel and shape, the module's pick against the fastest measured tiling."""
     from attngen.calibrate import fit, load_rows, loss, report, write as write_constants

@@ -19,6 +19,8 @@ fwd: mask plan range: query q_idx sees keys [Nk - Nq + q_idx - 512, Nk - Nq + q_
   fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
   fp32 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128
+  fp16 at 16384 tokens: BLOCK_M=64 BLOCK_N=32 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
+  bf16 at 16384 tokens: BLOCK_M=64 BLOCK_N=32 num_warps=4 num_stages=3 head_dim_pad=128 head_dim_v_pad=128 tma
 bwd_dkdv: mask plan range: key kv_idx sees queries [-Nk + Nq + kv_idx, -Nk + Nq + kv_idx + 512]
   fp16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128 tma
   bf16 on sm90: BLOCK_M=64 BLOCK_N=64 num_warps=4 num_stages=2 head_dim_pad=128 head_dim_v_pad=128 tma
@@ -58,6 +60,13 @@ TILINGS = {
         "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
         "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False),
     },
+}
+# Where the cost model picks otherwise for another sequence length (the tiling pass's shape buckets):
+# (role, dtype, bucket) -> tiling; a call takes the bucket nearest max(Nq, Nk) in log scale.
+BUCKET_SEQS = (4096, 1024, 16384)
+BUCKET_TILINGS = {
+    ("fwd", "fp16", 16384): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+    ("fwd", "bf16", 16384): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
 }
 HEAD_DIM = 128
 HEAD_DIM_V = 128
@@ -174,7 +183,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, slope
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
 def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
@@ -284,7 +293,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, N
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -372,7 +381,7 @@ def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
 def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
@@ -508,7 +517,8 @@ def _config(role, dtype, Nq, Nk):
         key = (role, dtype, triton.next_power_of_2(Nq), triton.next_power_of_2(Nk))
         if key in TUNED:
             return TUNED[key]
-    return TILINGS[role][dtype]
+    seq = min(BUCKET_SEQS, key=lambda b: abs(math.log2(max(Nq, Nk, 1) / b)))
+    return BUCKET_TILINGS.get((role, dtype, seq), TILINGS[role][dtype])
 
 
 _TMA_CAPABLE = {}
@@ -541,6 +551,9 @@ def _operands(cfg, q_like, kv_like):
 # Compiled for an NVIDIA GPU (not the interpreter, whose kernels are not JITFunctions, nor ROCm):
 # where PTX inline assembly can run.
 _NATIVE_NVIDIA = isinstance(_attn_fwd, triton.runtime.jit.JITFunction) and torch.version.hip is None
+# ... and where a compiled kernel can be launched directly (see _Plan).
+_DIRECT = (_NATIVE_NVIDIA and hasattr(triton.compiler.CompiledKernel, "__getitem__")
+           and hasattr(torch._C, "_cuda_getCurrentRawStream"))
 
 
 def _wide_offsets(*tensors):
@@ -558,52 +571,131 @@ def _launch(cfg, tma, wide, q):
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
+def _rebased(desc, t):
+    """A copy of TMA descriptor `desc` over tensor t, which has the dtype, shape, strides and
+    alignment of the tensor desc was made and checked for (the call signature says so)."""
+    d = object.__new__(TensorDescriptor)
+    d.__dict__.update(desc.__dict__)
+    d.base = t
+    return d
+
+
+class _Plan:
+    """One kernel's launch as far as the call's signature (_plan) decides it: the grid, which tensor
+    arguments are read through TMA (as descriptors made for the first call's tensors, re-based on
+    each call's), the arguments that follow the tensors up to the call's scalars (tile tables,
+    strides, sizes), and the constexprs. Once Triton has launched the kernel on an NVIDIA GPU,
+    later calls launch the compiled kernel directly, skipping Triton's per-call binding and cache
+    lookup: the signature holds everything Triton specializes a kernel on, so it would pick the
+    same compiled kernel. Like Triton's own launch, it runs on the current CUDA device."""
+
+    def __init__(self, kernel, grid, descriptors, middle, consts):
+        self.kernel, self.grid, self.descriptors = kernel, grid, descriptors
+        self.middle, self.consts = list(middle), consts
+        self.runner = self.constexprs = None
+
+    def __call__(self, tensors, scalars):
+        args = [t if d is None else _rebased(d, t) for d, t in zip(self.descriptors, tensors)]
+        args += self.middle
+        args += scalars
+        if self.runner is not None:
+            self.runner(*args, *self.constexprs, stream=torch._C._cuda_getCurrentRawStream(tensors[0].device.index))
+            return
+        compiled = self.kernel[self.grid](*args, **self.consts)
+        if _DIRECT:
+            # the launcher takes every parameter in order; the constexprs are the trailing ones
+            self.constexprs = [self.consts[name] for name in self.kernel.arg_names[len(args):]]
+            self.runner = compiled[self.grid]
+
+
+_PLANS = {}  # call signature -> _Plan; cleared when it reaches 1024 (calls of ever new shapes)
+
+
+def _plan(role, tensors, seed, flags, make):
+    """The launch plan of role's kernel for this call, made by make(cfg) when its signature is new.
+    The signature: the tiling _config picks, the device, each tensor argument's dtype, shape,
+    strides and 16-byte alignment, whether the seed fits 32 bits (the kernels do not specialize on
+    its value) and the call's flags."""
+    q, k = tensors[0], tensors[1]
+    cfg = _config(role, _DTYPES[q.dtype], q.shape[2], k.shape[2])
+    key = (role, tuple(cfg.values()), q.device, flags, -2**31 <= seed < 2**31,
+           *[(t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 1024:
+            _PLANS.clear()
+        plan = _PLANS[key] = make(cfg)
+    return plan
+
+
+def _descriptors(cfg, tensors, q_like, kv_like):
+    """Per tensor argument, its TMA descriptor where the kernel reads it through TMA (_operands),
+    else None; and whether it does."""
+    descs, tma = _operands(cfg, tuple(tensors[i] for i in q_like), tuple(tensors[i] for i in kv_like))
+    by_index = dict(zip((*q_like, *kv_like), descs)) if tma else {}
+    return [by_index.get(i) for i in range(len(tensors))], tma
+
+
+def _fwd_plan(cfg, tensors, store_lse, dropout):
+    q, k, v, o = tensors[:4]
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    descriptors, tma = _descriptors(cfg, tensors, (0,), (1, 2))
+    return _Plan(_attn_fwd, (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq, 1), descriptors,
+                 (*_table("fwd", cfg, Nq, Nk, q.device), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                  Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"])),
+                 dict(STORE_LSE=store_lse, DROPOUT=dropout, **_launch(cfg, tma, _wide_offsets(q, k, v, o), q)))
+
+
+def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
     o = torch.empty((B, Hq, Nq, HEAD_DIM_V), dtype=q.dtype, device=q.device) if out is None else out
     lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
     if o.numel() == 0 or Nk == 0:
         return o.zero_(), lse.fill_(float("-inf"))
-    dtype = _DTYPES[q.dtype]
-    cfg = _config("fwd", dtype, Nq, Nk)
-    count, index = _table("fwd", cfg, Nq, Nk, q.device)
-    (Q, K, V), tma = _operands(cfg, (q,), (k, v))
-    _attn_fwd[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-        Q, K, V, o, lse, slopes, count, index,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, seed, p_drop,
-        STORE_LSE=store_lse, DROPOUT=p_drop > 0, **_launch(cfg, tma, _wide_offsets(q, k, v, o), q))
+    tensors = (q, k, v, o, lse, slopes)
+    flags = (store_lse, p_drop > 0)
+    _plan("fwd", tensors, seed, flags, lambda cfg: _fwd_plan(cfg, tensors, *flags))(tensors, (scale * LOG2E, seed, p_drop))
     return o, lse
+
+
+def _dq_plan(cfg, tensors, dropout):
+    q, k, v, do, o, dq = tensors[:6]
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    descriptors, tma = _descriptors(cfg, tensors, (0, 3), (1, 2))
+    return _Plan(_attn_bwd_dq, (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq, 1), descriptors,
+                 (*_table("bwd_dq", cfg, Nq, Nk, q.device), *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                  *o.stride(), *dq.stride(), Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"])),
+                 dict(DROPOUT=dropout, **_launch(cfg, tma, _wide_offsets(q, k, v, do, o, dq), q)))
+
+
+def _dkdv_plan(cfg, tensors, dropout):
+    q, k, v, do, dk, dv = tensors[:6]
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    descriptors, tma = _descriptors(cfg, tensors, (0, 3), (1, 2))
+    return _Plan(_attn_bwd_dkdv, (triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv, 1), descriptors,
+                 (*_table("bwd_dkdv", cfg, Nq, Nk, q.device), *q.stride(), *k.stride(), *v.stride(), *do.stride(),
+                  *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"])),
+                 dict(DROPOUT=dropout, **_launch(cfg, tma, _wide_offsets(q, k, v, do, dk, dv), q)))
 
 
 def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     B, Hq, Nq, _ = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    Nk = k.shape[2]
     if q.numel() == 0 or Nk == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dtype = _DTYPES[q.dtype]
     delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-    wide = _wide_offsets(q, k, v, do, o, dq, dk, dv)
+    flags, scalars = (p_drop > 0,), (scale * LOG2E, scale, seed, p_drop)
     # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
-    cfg = _config("bwd_dq", dtype, Nq, Nk)
-    count, index = _table("bwd_dq", cfg, Nq, Nk, q.device)
-    (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
-    _attn_bwd_dq[(triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq)](
-        Q, K, V, DO, o, dq, lse, delta, slopes, count, index,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *o.stride(), *dq.stride(),
-        Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, **_launch(cfg, tma, wide, q))
-    cfg = _config("bwd_dkdv", dtype, Nq, Nk)
-    count, index = _table("bwd_dkdv", cfg, Nq, Nk, q.device)
-    (Q, DO, K, V), tma = _operands(cfg, (q, do), (k, v))
-    _attn_bwd_dkdv[(triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv)](
-        Q, K, V, DO, dk, dv, lse, delta, slopes, count, index,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"]), scale * LOG2E, scale, seed, p_drop,
-        DROPOUT=p_drop > 0, **_launch(cfg, tma, wide, q))
+    dq_args = (q, k, v, do, o, dq, lse, delta, slopes)
+    _plan("bwd_dq", dq_args, seed, flags, lambda cfg: _dq_plan(cfg, dq_args, *flags))(dq_args, scalars)
+    dkdv_args = (q, k, v, do, dk, dv, lse, delta, slopes)
+    _plan("bwd_dkdv", dkdv_args, seed, flags, lambda cfg: _dkdv_plan(cfg, dkdv_args, *flags))(dkdv_args, scalars)
     return dq, dk, dv
 
 

@@ -4,8 +4,10 @@ backward on the main thread. bf16, GPU only.
 
     python scripts/launch_cost.py sliding_window:128
 
-Pieces: a whole training step through autograd; attention() without autograd; _forward and
-_backward called directly; each kernel's Triton launch alone (its arguments prepared once, so only
+Pieces: a whole training step through autograd (and with its backward on this thread, and a
+no-op autograd Function's step); attention() without autograd; _forward and _backward called
+directly (and _backward on another Python thread, as autograd's device thread runs it); each
+kernel's Triton launch alone (its arguments prepared once, so only
 Triton's binding, cache lookup and launcher run); the compiled kernel's launcher called directly
 (Triton's binding and cache lookup skipped); building TMA descriptors.
 """
@@ -16,6 +18,7 @@ import cProfile
 import io
 import pstats
 import sys
+import threading
 import time
 
 import torch
@@ -23,6 +26,18 @@ import triton
 
 from attngen.bench import parse_case
 from attngen.loader import load
+
+
+class _Identity(torch.autograd.Function):
+    """The cheapest custom autograd Function: what the engine costs by itself."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def host_us(fn, n=300):
@@ -37,11 +52,20 @@ def host_us(fn, n=300):
     return elapsed
 
 
+def on_a_thread(fn):
+    """host_us(fn) with another Python thread running it, as autograd's device thread runs a backward."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(host_us(fn)))
+    worker.start()
+    worker.join()
+    return result[0]
+
+
 class Spy:
     """Stands in for a kernel: records the launches it is asked for and passes them on."""
 
     def __init__(self, fn):
-        self.fn, self.calls = fn, []
+        self.fn, self.calls, self.arg_names = fn, [], fn.arg_names
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -83,8 +107,15 @@ def main():
         with torch.autograd.set_multithreading_enabled(False):
             step()
 
+    x = torch.randn(8, device="cuda", requires_grad=True)
+
+    def identity_step():
+        _Identity.apply(x).backward(x)
+        x.grad = None
+
     cases = {
         "step (autograd fwd+bwd)": step,
+        "no-op autograd Function step": identity_step,
         "step, backward on this thread": step_one_thread,
         "attention, no grad": lambda: module.attention(q, k, v, training=False),
         "_forward": lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, True),
@@ -97,8 +128,10 @@ def main():
     spies = {name: Spy(fn) for name, fn in kernels.items()}
     for name, spy in spies.items():
         setattr(module, name, spy)
+    module._PLANS.clear()  # plans made from here on launch through the spies
     module._forward(q, k, v, slopes, scale, 0, 0.0, None, True)
     module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0)
+    module._PLANS.clear()
     for name, fn in kernels.items():
         setattr(module, name, fn)
         grid, args, kwargs = spies[name].calls[-1]
@@ -106,6 +139,8 @@ def main():
         cases[f"{name} compiled.run direct"] = direct(fn, grid, args, kwargs)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; "
           f"{sys.argv[1]} at {b}x{h}x{n}; host us per call")
+    threaded = on_a_thread(lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0))
+    print(f"{'_backward, on another thread':<34} {threaded:8.1f}")
     for label, fn in cases.items():
         try:
             print(f"{label:<34} {host_us(fn):8.1f}")

@@ -46,7 +46,7 @@ def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
 
     path = ROOT / "specs" / "causal.yaml"
     module = attngen.load(path, shape_buckets=True)
-    kernel = compile_spec(path, options=PassOptions(shape_buckets=True), stop="tiling").kernel("fwd")
+    kernel = compile_spec(path, stop="tiling").kernel("fwd")
     by_seq = dict(kernel.attr("bucket_tilings").by_seq)
     assert tuple(by_seq) == BUCKETS and module.BUCKET_SEQS == (4096, *BUCKETS)
     as_cfg = lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,  # noqa: E731
@@ -67,5 +67,5 @@ def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
         assert module._config("fwd", "bf16", 1000, 1000) == tuned and module.BUCKET_TILINGS  # restored
     finally:
         module.TUNED.clear()
-    plain = attngen.load(path)
-    assert not hasattr(plain, "BUCKET_TILINGS")  # off by default
+    assert attngen.load(path) is module  # on by default
+    assert not hasattr(attngen.load(path, shape_buckets=False), "BUCKET_TILINGS")

@@ -1,0 +1,123 @@
+"""The generated host code's launch plans: one per call signature, reused while the signature
+holds, a new one whenever something Triton specializes on changes; and the direct launch of the
+compiled kernel (NVIDIA GPUs only), emulated here so the arguments it passes are checked against
+the reference on the interpreter too."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import attngen
+from attngen.spec import load_spec
+from attngen.verify import CPU_SHAPES, check, format_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _qkv(spec, n=40, heads=2, dtype=torch.float32, device="cpu", offset=0):
+    g = torch.Generator().manual_seed(5)
+    mk = lambda d: torch.randn(1, heads, n, d + offset, generator=g).to(device, dtype)[..., offset:]  # noqa: E731
+    return mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v)
+
+
+def test_plans_are_reused_per_signature_and_renewed_when_it_changes(device, monkeypatch):
+    path = ROOT / "specs" / "sliding_window.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    monkeypatch.setattr(module, "_PLANS", {})
+    q, k, v = _qkv(spec, device=device)
+    first = module.attention(q, k, v)
+    assert [key[0] for key in module._PLANS] == ["fwd"]
+    plan = next(iter(module._PLANS.values()))
+    q2, k2, v2 = (t + 1 for t in (q, k, v))  # new tensors, same signature
+    assert torch.equal(module.attention(q, k, v), first)
+    module.attention(q2, k2, v2)
+    assert list(module._PLANS.values()) == [plan]
+    module.attention(q[:, :, :39], k, v)  # another length
+    module.attention(*_qkv(spec, device=device, offset=1))  # misaligned bases, other strides
+    module.attention(q, k, v, return_lse=True)  # another flag
+    with module_tiling(module, "fwd", "fp32", BLOCK_N=16):  # another tiling (as exhaustive search swaps them)
+        module.attention(q, k, v)
+    assert len(module._PLANS) == 5
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    module.attention(qg, kg, vg).sum().backward()
+    assert sorted(key[0] for key in module._PLANS) == ["bwd_dkdv", "bwd_dq"] + ["fwd"] * 5
+
+
+class module_tiling:
+    """Temporarily overrides some fields of a role's tiling in module.TILINGS (and buckets)."""
+
+    def __init__(self, module, role, dtype, **fields):
+        self.module, self.role, self.dtype, self.fields = module, role, dtype, fields
+
+    def __enter__(self):
+        self.saved = self.module.TILINGS[self.role][self.dtype]
+        self.buckets = dict(getattr(self.module, "BUCKET_TILINGS", {}))
+        self.module.TILINGS[self.role][self.dtype] = dict(self.saved, **self.fields)
+        for key in list(self.buckets):
+            if key[:2] == (self.role, self.dtype):
+                self.module.BUCKET_TILINGS[key] = dict(self.buckets[key], **self.fields)
+
+    def __exit__(self, *exc):
+        self.module.TILINGS[self.role][self.dtype] = self.saved
+        if self.buckets:
+            self.module.BUCKET_TILINGS.clear()
+            self.module.BUCKET_TILINGS.update(self.buckets)
+
+
+def test_the_plans_cache_is_bounded(monkeypatch):
+    path = ROOT / "specs" / "dense.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    monkeypatch.setattr(module, "_PLANS", {("old", i): None for i in range(1024)})
+    module.attention(*_qkv(spec, n=8))
+    assert len(module._PLANS) == 1
+
+
+class _Compiled:
+    """Stands in for Triton's CompiledKernel: its launcher gets every kernel parameter in order
+    (constexprs included), as the real one does, and runs the interpreted kernel with them."""
+
+    def __init__(self, fn, launched):
+        self.fn, self.launched = fn, launched
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            assert len(args) == len(self.fn.arg_names) and stream == 0
+            self.launched.append(self.fn.__name__)
+            self.fn[grid](*args)
+        return runner
+
+
+class _Kernel:
+    """Stands in for a JITFunction: launches through Triton (the interpreter) and returns a
+    _Compiled, as JITFunction.run returns the CompiledKernel it launched."""
+
+    def __init__(self, fn, launched):
+        self.fn, self.launched, self.arg_names = fn, launched, fn.arg_names
+        self.__name__ = fn.fn.__name__
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.fn[grid](*args, **kwargs)
+            return _Compiled(self, self.launched)
+        return launch
+
+
+@pytest.mark.parametrize("name", ["causal_dropout", "gqa", "dilated", "alibi"])
+def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypatch):
+    """With the direct path on (as on an NVIDIA GPU), the second and later calls of a signature go
+    to the compiled kernel's launcher: their results must still match the reference."""
+    if device == "cuda":
+        pytest.skip("the GPU takes the real direct path (tests/test_gpu.py)")
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    launched = []
+    monkeypatch.setattr(module, "_PLANS", {})
+    monkeypatch.setattr(module, "_DIRECT", True)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    for kernel in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        monkeypatch.setattr(module, kernel, _Kernel(getattr(module, kernel), launched))
+    results = [check(spec, module, CPU_SHAPES[0], "fp32", device, seed=i, backward=True) for i in range(2)]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+    # check() runs the forward and the backward: the second time, through the launchers
+    assert sorted(launched) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
