@@ -53,9 +53,15 @@ def host_us(fn, n=300):
 
 
 def on_a_thread(fn):
-    """host_us(fn) with another Python thread running it, as autograd's device thread runs a backward."""
+    """host_us(fn) with another Python thread running it, as autograd's device thread runs a backward
+    (which, like this one, makes the GPU current first)."""
     result = []
-    worker = threading.Thread(target=lambda: result.append(host_us(fn)))
+
+    def run():
+        torch.cuda.set_device(torch.cuda.current_device())
+        torch.cuda.synchronize()  # a runtime call: makes the device's context current on this thread
+        result.append(host_us(fn))
+    worker = threading.Thread(target=run)
     worker.start()
     worker.join()
     return result[0]
