@@ -682,6 +682,8 @@ def _descriptors(cfg, tensors, q_like, kv_like):
     else None; and whether it does."""
     descs, tma = _operands(cfg, tuple(tensors[i] for i in q_like), tuple(tensors[i] for i in kv_like))
     by_index = dict(zip((*q_like, *kv_like), descs)) if tma else {}
+    for desc in by_index.values():
+        desc.base = None  # a template (_rebased): a plan must not keep its first call's tensors alive
     return [by_index.get(i) for i in range(len(tensors))], tma
 
 

@@ -121,3 +121,21 @@ def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypat
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
     # check() runs the forward and the backward: the second time, through the launchers
     assert sorted(launched) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
+
+
+def test_plans_keep_no_tensor_of_their_calls_alive(device, monkeypatch):
+    """A plan outlives its first call: its TMA descriptor templates must not hold that call's q, k,
+    v (or dO) alive."""
+    import gc
+    import weakref
+
+    path = ROOT / "specs" / "softcap.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    monkeypatch.setattr(module, "_PLANS", {})
+    q, k, v = (t.requires_grad_() for t in _qkv(spec, dtype=torch.float16, device=device))
+    module.attention(q, k, v).sum().backward()
+    assert any(d is not None for plan in module._PLANS.values() for d in plan.descriptors)  # TMA was taken
+    refs = [weakref.ref(t) for t in (q, k, v)]
+    del q, k, v
+    gc.collect()
+    assert all(r() is None for r in refs)
