@@ -546,7 +546,8 @@ def _wide_offsets(*tensors):
     return any((t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) >= 2**31 for t in tensors)
 
 
-def _launch(cfg, tma, wide, q):
+def _constexprs(cfg, tma, wide, q):
+    """A launch's constexprs and Triton options (warps, stages) but the role's own flags."""
     return dict(HEAD_DIM=HEAD_DIM, HEAD_DIM_V=HEAD_DIM_V, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
                 HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                 TMA=tma, WIDE=wide, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -630,7 +631,7 @@ def _fwd_plan(cfg, tensors, store_lse, dropout):
     return _Plan(_attn_fwd, (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq, 1), descriptors,
                  (*_table("fwd", cfg, Nq, Nk, q.device), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                   Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"])),
-                 dict(STORE_LSE=store_lse, DROPOUT=dropout, **_launch(cfg, tma, _wide_offsets(q, k, v, o), q)))
+                 dict(STORE_LSE=store_lse, DROPOUT=dropout, **_constexprs(cfg, tma, _wide_offsets(q, k, v, o), q)))
 
 
 def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
@@ -654,7 +655,7 @@ def _dq_plan(cfg, tensors, dropout):
     return _Plan(_attn_bwd_dq, (triton.cdiv(Nq, cfg["BLOCK_M"]), B * Hq, 1), descriptors,
                  (*_table("bwd_dq", cfg, Nq, Nk, q.device), *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                   *o.stride(), *dq.stride(), Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, cfg["BLOCK_N"])),
-                 dict(DROPOUT=dropout, **_launch(cfg, tma, _wide_offsets(q, k, v, do, o, dq), q)))
+                 dict(DROPOUT=dropout, **_constexprs(cfg, tma, _wide_offsets(q, k, v, do, o, dq), q)))
 
 
 def _dkdv_plan(cfg, tensors, dropout):
@@ -665,7 +666,7 @@ def _dkdv_plan(cfg, tensors, dropout):
     return _Plan(_attn_bwd_dkdv, (triton.cdiv(Nk, cfg["BLOCK_N"]), B * Hkv, 1), descriptors,
                  (*_table("bwd_dkdv", cfg, Nq, Nk, q.device), *q.stride(), *k.stride(), *v.stride(), *do.stride(),
                   *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, cfg["BLOCK_M"])),
-                 dict(DROPOUT=dropout, **_launch(cfg, tma, _wide_offsets(q, k, v, do, dk, dv), q)))
+                 dict(DROPOUT=dropout, **_constexprs(cfg, tma, _wide_offsets(q, k, v, do, dk, dv), q)))
 
 
 def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):

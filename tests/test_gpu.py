@@ -14,14 +14,19 @@ pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _inputs(spec, heads_q, heads_kv, nq, nk, seed):
+    """bf16 q, k, v (requiring grad) and dO, batch 2, on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h, n, d: torch.randn(2, h, n, d, generator=g, device="cuda").bfloat16()  # noqa: E731
+    q, k, v = mk(heads_q, nq, spec.head_dim), mk(heads_kv, nk, spec.head_dim), mk(heads_kv, nk, spec.head_dim_v)
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), mk(heads_q, nq, spec.head_dim_v)
+
+
 @pytest.mark.parametrize("name", ["gqa", "causal_dropout", "dilated", "softcap"])
 def test_backward_bitwise_deterministic(name):
     path = ROOT / "specs" / f"{name}.yaml"
     spec, mod = load_spec(path), attngen.load(path)
-    g = torch.Generator(device="cuda").manual_seed(0)
-    mk = lambda h, n, d: torch.randn(2, h, n, d, generator=g, device="cuda").bfloat16().requires_grad_()  # noqa: E731
-    q, k, v = mk(16, 2048, spec.head_dim), mk(4, 2048, spec.head_dim), mk(4, 2048, spec.head_dim_v)
-    do = torch.randn(2, 16, 2048, spec.head_dim_v, generator=g, device="cuda").bfloat16()
+    q, k, v, do = _inputs(spec, 16, 4, 2048, 2048, seed=0)
     runs = []
     for _ in range(3):
         q.grad = k.grad = v.grad = None
@@ -47,10 +52,7 @@ def test_direct_launches_match_launches_through_triton_bitwise(name):
     path = ROOT / "specs" / f"{name}.yaml"
     spec, mod = load_spec(path), attngen.load(path)
     mod._PLANS.clear()
-    g = torch.Generator(device="cuda").manual_seed(1)
-    mk = lambda h, n, d: torch.randn(2, h, n, d, generator=g, device="cuda").bfloat16().requires_grad_()  # noqa: E731
-    q, k, v = mk(8, 1000, spec.head_dim), mk(2, 1500, spec.head_dim), mk(2, 1500, spec.head_dim_v)
-    do = torch.randn(2, 8, 1000, spec.head_dim_v, generator=g, device="cuda").bfloat16()
+    q, k, v, do = _inputs(spec, 8, 2, 1000, 1500, seed=1)
     runs = []
     for _ in range(3):
         q.grad = k.grad = v.grad = None

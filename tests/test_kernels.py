@@ -119,13 +119,13 @@ def test_int64_addressing_matches_reference(name, device, monkeypatch):
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path)
     launched = []
-    real = module._launch
+    real = module._constexprs
 
     def spy(cfg, tma, wide, q):
         launched.append(wide)
         return real(cfg, tma, wide, q)
     monkeypatch.setattr(module, "_wide_offsets", lambda *tensors: True)
-    monkeypatch.setattr(module, "_launch", spy)
+    monkeypatch.setattr(module, "_constexprs", spy)
     monkeypatch.setattr(module, "_PLANS", {})  # plans made before would not ask again
     shapes = (Shape(1, 4, 2, 45, 70), Shape(2, 2, 2, 70, 30, "bnhd"))
     results = [check(spec, module, s, d, device, seed=i, backward=True)
