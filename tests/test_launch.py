@@ -75,16 +75,19 @@ def test_the_plans_cache_is_bounded(monkeypatch):
 
 class _Compiled:
     """Stands in for Triton's CompiledKernel: its launcher gets every kernel parameter in order
-    (constexprs included), as the real one does, and runs the interpreted kernel with them."""
+    (constexprs included), as the real one does, and runs the interpreted kernel with them;
+    `perturb` names a tensor parameter to nudge afterwards (a planted fault)."""
 
-    def __init__(self, fn, launched):
-        self.fn, self.launched = fn, launched
+    def __init__(self, kernel):
+        self.kernel = kernel
 
     def __getitem__(self, grid):
         def runner(*args, stream=None):
-            assert len(args) == len(self.fn.arg_names) and stream == 0
-            self.launched.append(self.fn.__name__)
-            self.fn[grid](*args)
+            assert len(args) == len(self.kernel.arg_names) and stream == 0
+            self.kernel.launched.append(self.kernel.__name__)
+            self.kernel.fn[grid](*args)
+            if self.kernel.perturb:
+                args[self.kernel.arg_names.index(self.kernel.perturb)].add_(1e-3)
         return runner
 
 
@@ -92,35 +95,53 @@ class _Kernel:
     """Stands in for a JITFunction: launches through Triton (the interpreter) and returns a
     _Compiled, as JITFunction.run returns the CompiledKernel it launched."""
 
-    def __init__(self, fn, launched):
-        self.fn, self.launched, self.arg_names = fn, launched, fn.arg_names
+    def __init__(self, fn, launched, perturb=None):
+        self.fn, self.launched, self.perturb, self.arg_names = fn, launched, perturb, fn.arg_names
         self.__name__ = fn.fn.__name__
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.fn[grid](*args, **kwargs)
-            return _Compiled(self, self.launched)
+            return _Compiled(self)
         return launch
 
 
-@pytest.mark.parametrize("name", ["causal_dropout", "gqa", "dilated", "alibi"])
-def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypatch):
-    """With the direct path on (as on an NVIDIA GPU), the second and later calls of a signature go
-    to the compiled kernel's launcher: their results must still match the reference."""
-    if device == "cuda":
-        pytest.skip("the GPU takes the real direct path (tests/test_gpu.py)")
-    path = ROOT / "specs" / f"{name}.yaml"
-    spec, module = load_spec(path), attngen.load(path)
+def _emulate_direct_launches(module, monkeypatch, perturb=None):
+    """The module as on an NVIDIA GPU: a signature's first launch through Triton, later ones
+    through the compiled kernel's launcher (emulated). Returns the list the launchers log to."""
     launched = []
     monkeypatch.setattr(module, "_PLANS", {})
     monkeypatch.setattr(module, "_DIRECT", True)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
     for kernel in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
-        monkeypatch.setattr(module, kernel, _Kernel(getattr(module, kernel), launched))
-    results = [check(spec, module, CPU_SHAPES[0], "fp32", device, seed=i, backward=True) for i in range(2)]
-    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
-    # check() runs the forward and the backward: the second time, through the launchers
-    assert sorted(launched) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
+        monkeypatch.setattr(module, kernel, _Kernel(getattr(module, kernel), launched,
+                                                    perturb if kernel == "_attn_fwd" else None))
+    return launched
+
+
+@pytest.mark.parametrize("name", ["causal_dropout", "gqa", "dilated", "alibi"])
+def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypatch):
+    """With the direct path on (as on an NVIDIA GPU), a signature's second call goes to the compiled
+    kernel's launcher: `check` repeats each call and requires the same results bit for bit, and the
+    first call's against the reference."""
+    if device == "cuda":
+        pytest.skip("the GPU takes the real direct path (tests/test_gpu.py)")
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    launched = _emulate_direct_launches(module, monkeypatch)
+    result = check(spec, module, CPU_SHAPES[0], "fp32", device, backward=True)
+    assert result.ok, format_table([result])
+    assert sorted(launched) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]  # the repeats were direct
+
+
+def test_check_fails_when_a_direct_launch_differs(device, monkeypatch):
+    if device == "cuda":
+        pytest.skip("emulates the GPU's direct path on the interpreter")
+    path = ROOT / "specs" / "causal.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    _emulate_direct_launches(module, monkeypatch, perturb="O")
+    result = check(spec, module, CPU_SHAPES[0], "fp32", device)
+    assert not result.ok and "repeated call" in result.why
 
 
 def test_plans_keep_no_tensor_of_their_calls_alive(device, monkeypatch):
