@@ -105,6 +105,12 @@ def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, budget_bytes: 
     return o, lse, grads
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (NaN included: an unwritten element is blamed on the kernel, not here)."""
+    a, b = a.detach().contiguous(), b.detach().contiguous()
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
 def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, backward: bool = False) -> Result:
     g = torch.Generator(device=device).manual_seed(seed)
     tdt = TORCH_DTYPES[dtype]
@@ -130,13 +136,16 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
         out = torch.full(q.shape[:3] + (spec.head_dim_v,), float("nan"), dtype=tdt, device=device)
         return (*module.attention(q, k, v, return_lse=True, out=out, dropout_seed=dropout_seed, **kwargs), [])
 
+    direct = getattr(module, "_DIRECT", False)
+    if direct:
+        module._PLANS.clear()  # so that the first call launches through Triton
     o, lse, got = run()
     # On an NVIDIA GPU a signature's later calls launch the compiled kernels directly (the module's
     # _Plan), the first through Triton: the two must agree bit for bit.
     repeat_differs = False
-    if getattr(module, "_DIRECT", False):
+    if direct:
         o2, lse2, got2 = run()
-        repeat_differs = not all(torch.equal(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
+        repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
     ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do)
     eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do)
 

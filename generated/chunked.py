@@ -549,7 +549,7 @@ def _operands(cfg, q_like, kv_like):
 _NATIVE_NVIDIA = isinstance(_attn_fwd, triton.runtime.jit.JITFunction) and torch.version.hip is None
 # ... and where a compiled kernel can be launched directly (see _Plan).
 _DIRECT = (_NATIVE_NVIDIA and hasattr(triton.compiler.CompiledKernel, "__getitem__")
-           and hasattr(torch._C, "_cuda_getCurrentRawStream"))
+           and hasattr(torch._C, "_cuda_getCurrentRawStream") and hasattr(torch._C, "_cuda_getDevice"))
 
 
 def _wide_offsets(*tensors):
@@ -578,13 +578,15 @@ def _rebased(desc, t):
 
 
 class _Plan:
-    """One kernel's launch as far as the call's signature (_plan) decides it: the grid, which tensor
-    arguments are read through TMA (as descriptors made for the first call's tensors, re-based on
-    each call's), the arguments that follow the tensors up to the call's scalars (tile tables,
-    strides, sizes), and the constexprs. Once Triton has launched the kernel on an NVIDIA GPU,
-    later calls launch the compiled kernel directly, skipping Triton's per-call binding and cache
-    lookup: the signature holds everything Triton specializes a kernel on, so it would pick the
-    same compiled kernel. Like Triton's own launch, it runs on the current CUDA device."""
+    """One kernel's launch as far as the call's signature (_signature) decides it: the grid, which
+    tensor arguments are read through TMA (as descriptors made for the first call's tensors,
+    re-based on each call's), the arguments that follow the tensors up to the call's scalars (tile
+    tables, strides, sizes), and the constexprs. Once Triton has launched the kernel on an NVIDIA
+    GPU, later calls launch the compiled kernel directly, on the current device's current stream
+    as Triton does, skipping Triton's per-call binding and cache lookup: the signature holds
+    everything Triton specializes a kernel on, so it would pick the same compiled kernel. (Also
+    skipped: Triton's pre-run hooks, and a change of its debug or instrumentation knobs after the
+    first launch.)"""
 
     def __init__(self, kernel, grid, descriptors, middle, consts):
         self.kernel, self.grid, self.descriptors = kernel, grid, descriptors
@@ -596,10 +598,10 @@ class _Plan:
         args += self.middle
         args += scalars
         if self.runner is not None:
-            self.runner(*args, *self.constexprs, stream=torch._C._cuda_getCurrentRawStream(tensors[0].device.index))
+            self.runner(*args, *self.constexprs, stream=torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()))
             return
         compiled = self.kernel[self.grid](*args, **self.consts)
-        if _DIRECT:
+        if _DIRECT and compiled is not None:
             # the launcher takes every parameter in order; the constexprs are the trailing ones
             self.constexprs = [self.consts[name] for name in self.kernel.arg_names[len(args):]]
             self.runner = compiled[self.grid]
@@ -608,15 +610,26 @@ class _Plan:
 _PLANS = {}  # call signature -> _Plan; cleared when it reaches 1024 (calls of ever new shapes)
 
 
+def _int_kind(x):
+    """The integer type Triton gives an unspecialized int argument: 0 i32, 1 i64, 2 u64."""
+    return 0 if -2**31 <= x < 2**31 else 1 if -2**63 <= x < 2**63 else 2
+
+
+def _signature(role, cfg, tensors, seed, flags):
+    """What a launch plan depends on: the tiling, the tensors' device and the current CUDA device
+    (a compiled kernel is loaded per device), each tensor argument's dtype, shape, strides and
+    16-byte alignment, the seed's integer type (the kernels do not specialize on its value), the
+    flags."""
+    q = tensors[0]
+    return (role, tuple(cfg.items()), q.device, torch._C._cuda_getDevice() if q.is_cuda else None, flags,
+            _int_kind(seed), *[(t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
+
+
 def _plan(role, tensors, seed, flags, make):
-    """The launch plan of role's kernel for this call, made by make(cfg) when its signature is new.
-    The signature: the tiling _config picks, the device, each tensor argument's dtype, shape,
-    strides and 16-byte alignment, whether the seed fits 32 bits (the kernels do not specialize on
-    its value) and the call's flags."""
+    """The launch plan of role's kernel for this call, made by make(cfg) when its signature is new."""
     q, k = tensors[0], tensors[1]
     cfg = _config(role, _DTYPES[q.dtype], q.shape[2], k.shape[2])
-    key = (role, tuple(cfg.values()), q.device, flags, -2**31 <= seed < 2**31,
-           *[(t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
+    key = _signature(role, cfg, tensors, seed, flags)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= 1024:

@@ -21,6 +21,15 @@ def _qkv(spec, n=40, heads=2, dtype=torch.float32, device="cpu", offset=0):
     return mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v)
 
 
+def _misaligned(t):
+    """A copy of t with the same shape and strides whose base is one element off 16 bytes."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.stride() == t.stride() and view.data_ptr() % 16
+    return view
+
+
 def test_plans_are_reused_per_signature_and_renewed_when_it_changes(device, monkeypatch):
     path = ROOT / "specs" / "sliding_window.yaml"
     spec, module = load_spec(path), attngen.load(path)
@@ -34,7 +43,7 @@ def test_plans_are_reused_per_signature_and_renewed_when_it_changes(device, monk
     module.attention(q2, k2, v2)
     assert list(module._PLANS.values()) == [plan]
     module.attention(q[:, :, :39], k, v)  # another length
-    module.attention(*_qkv(spec, device=device, offset=1))  # misaligned bases, other strides
+    module.attention(_misaligned(q), k, v)  # the same strides, another alignment
     module.attention(q, k, v, return_lse=True)  # another flag
     with module_tiling(module, "fwd", "fp32", BLOCK_N=16):  # another tiling (as exhaustive search swaps them)
         module.attention(q, k, v)
@@ -112,7 +121,8 @@ def _emulate_direct_launches(module, monkeypatch, perturb=None):
     launched = []
     monkeypatch.setattr(module, "_PLANS", {})
     monkeypatch.setattr(module, "_DIRECT", True)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0 if index == 0 else None, raising=False)
     for kernel in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
         monkeypatch.setattr(module, kernel, _Kernel(getattr(module, kernel), launched,
                                                     perturb if kernel == "_attn_fwd" else None))
@@ -129,8 +139,9 @@ def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypat
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path)
     launched = _emulate_direct_launches(module, monkeypatch)
-    result = check(spec, module, CPU_SHAPES[0], "fp32", device, backward=True)
+    result = check(spec, module, CPU_SHAPES[0], "fp16", device, backward=True)  # fp16: TMA descriptors too
     assert result.ok, format_table([result])
+    assert any(d is not None for plan in module._PLANS.values() for d in plan.descriptors)
     assert sorted(launched) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]  # the repeats were direct
 
 
@@ -160,3 +171,59 @@ def test_plans_keep_no_tensor_of_their_calls_alive(device, monkeypatch):
     del q, k, v
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_equal_signatures_give_equal_triton_specializations(device, monkeypatch):
+    """Every launch's arguments as Triton's binder specializes them (its own native function) must
+    be the same for any two calls whose plan signature is the same: else a direct launch would run
+    a kernel compiled for other arguments. Calls vary seeds (1, 16, 2^31 + 1), lengths (1 among
+    them: Triton makes an int argument of 1 a constant), alignment, strides, out=, flags."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from triton.backends.compiler import BaseBackend
+
+    path = ROOT / "specs" / "causal_dropout.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    monkeypatch.setattr(module, "_PLANS", {})
+    monkeypatch.setattr(module, "_DIRECT", False)  # every launch through kernel[grid], where it is recorded
+    launches, current = [], {}
+    real_signature = module._signature
+
+    def signature(*args):
+        current["key"] = real_signature(*args)
+        return current["key"]
+    monkeypatch.setattr(module, "_signature", signature)
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                unspecialized = getattr(self.fn, "do_not_specialize", None) or self.fn.kwargs["do_not_specialize"]
+                spec_of = [("constexpr", kwargs[n]) if n in kwargs else
+                           libtriton.native_specialize_impl(BaseBackend, a, False, n not in unspecialized, True)
+                           for n, a in zip(self.fn.arg_names, list(args) + [None] * len(kwargs))]
+                launches.append((current["key"], tuple(spec_of), kwargs["num_warps"], kwargs["num_stages"]))
+                return self.fn[grid](*args, **kwargs)
+            return launch
+    for kernel in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        monkeypatch.setattr(module, kernel, Recorder(getattr(module, kernel)))
+    dtype = torch.float16
+    q, k, v = _qkv(spec, dtype=dtype, device=device)
+    q2, k2, v2 = (t * 0.5 for t in (q, k, v))
+    calls = [((q, k, v), {}), ((q2, k2, v2), {}), ((q, k, v), {"dropout_seed": 1}), ((q, k, v), {"dropout_seed": 16}),
+             ((q, k, v), {"dropout_seed": 17}), ((q, k, v), {"dropout_seed": 2**31 + 1}),
+             ((q[:, :, :1], k, v), {}), ((q[:, :, :17], k, v), {}), ((_misaligned(q), k, v), {}),
+             ((q.transpose(1, 2).contiguous().transpose(1, 2), k, v), {}), ((q, k, v), {"return_lse": True}),
+             ((q, k, v), {"out": torch.empty(1, 40, 2, spec.head_dim_v, dtype=dtype, device=device).transpose(1, 2)}),
+             ((q, k, v), {"training": False})]
+    for (a, b, c), kwargs in calls:
+        module.attention(a, b, c, **{"dropout_seed": 5, **kwargs})
+    for seed in (3, 4):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        module.attention(*leaves, dropout_seed=seed).sum().backward()
+    by_key = {}
+    for key, *specialization in launches:
+        by_key.setdefault(key, set()).add(tuple(specialization))
+    assert all(len(specs) == 1 for specs in by_key.values())
+    assert len(by_key) >= 10 and len(launches) >= len(by_key) + 6  # distinct signatures, and repeats of some
