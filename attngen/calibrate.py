@@ -101,10 +101,10 @@ def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4) -> Co
 
 
 def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = True) -> TileConfig:
-    """The tiling the compiler would put in the generated module with these constants: the model's
-    first choice among all legal candidates at the tiling pass's nominal shape (one per dtype,
-    whatever shape the row was measured at), or with `buckets` (PassOptions.shape_buckets) at the
-    sequence-length bucket a call of the row's shape takes."""
+    """The tiling a generated module with these constants would use for a call of the row's shape:
+    the model's first choice among all legal candidates at the sequence-length bucket that call
+    takes (`buckets`, as PassOptions.shape_buckets does by default), or with buckets=False at the
+    tiling pass's nominal shape (one per dtype, whatever shape the row was measured at)."""
     plan, sfu = _plan(row["spec_path"], row["role"])
     cfg = TileConfig(**row["config"])
     work = replace(PassOptions().workload, dtype=row["dtype"], score_sfu=sfu)
