@@ -3,7 +3,9 @@ process, on the same inputs.
 
 Peers: SDPA with the flash, cuDNN and memory-efficient backends (dense and causal only: they take no
 other mask), and FlexAttention compiled with a block mask and, where needed, a score_mod built from
-the spec (every variant but dropout). Each peer's output is checked against ours before it is timed.
+the spec (every variant but dropout). A `document` spec runs on packed sequences of four documents of
+random lengths per batch row (bench_documents); ours gets a Documents and Flex its block mask, both
+made before timing, as a model would make them once per batch for every layer. Each peer's output is checked against ours before it is timed.
 Times are medians of triton.testing.do_bench; TFLOP/s count only visible (unmasked) score entries:
 forward 2 * visible * (D + Dv), forward+backward 3.5x that (FlashAttention's convention).
 """
@@ -18,7 +20,7 @@ import torch
 
 from .loader import load
 from .mask import mask_condition
-from .reference import dense_mask
+from .reference import dense_mask, document_mask
 from .spec import Spec, load_spec
 from .symbolic import to_callable
 
@@ -48,11 +50,19 @@ class Row:
 
 def _sdpa_ok(spec: Spec) -> bool:
     m, s = spec.mask, spec.score
-    plain = m.window is None and m.prefix is None and m.expr is None and s.softcap is None and not s.alibi
+    plain = (m.window is None and m.prefix is None and m.expr is None and not m.document
+             and s.softcap is None and not s.alibi)
     return plain and not spec.dropout and spec.head_dim == spec.head_dim_v
 
 
-def _peers(spec: Spec, shape: BenchShape, module):
+def bench_documents(shape: BenchShape, generator: torch.Generator, docs: int = 4) -> torch.Tensor:
+    """Document ids [batch, seq]: per row, `docs` runs of random lengths (cut at random positions)."""
+    cuts = torch.randint(1, max(shape.seq, 2), (shape.batch, docs - 1), generator=generator, device="cuda")
+    pos = torch.arange(shape.seq, device="cuda")
+    return (pos[None, :, None] >= cuts.sort(dim=1).values[:, None, :]).sum(dim=2).to(torch.int32)
+
+
+def _peers(spec: Spec, shape: BenchShape, module, doc_ids=None):
     """name -> callable(q, k, v) for every peer that can express the spec."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -67,22 +77,27 @@ def _peers(spec: Spec, shape: BenchShape, module):
                     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale)
             peers[name] = run
     if not spec.dropout:
-        peers["flex"] = _flex(spec, shape, module)
+        peers["flex"] = _flex(spec, shape, module, doc_ids)
     return peers
 
 
-def _flex(spec: Spec, shape: BenchShape, module):
+def _flex(spec: Spec, shape: BenchShape, module, doc_ids=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     cond = mask_condition(spec.mask, spec.source)
     n = shape.seq
     block_mask = None
-    if cond is not None:
-        visible = to_callable(cond)  # closures over torch ops: torch.compile traces no sympy
+    if cond is not None or doc_ids is not None:
+        visible = to_callable(cond) if cond is not None else None  # closures over torch ops: torch.compile traces no sympy
 
         def mask_mod(b, h, q_idx, kv_idx):
-            return visible({"q_idx": q_idx, "kv_idx": kv_idx, "Nq": n, "Nk": n})
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+            vis = visible({"q_idx": q_idx, "kv_idx": kv_idx, "Nq": n, "Nk": n}) if visible else None
+            if doc_ids is not None:
+                same = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+                vis = same if vis is None else vis & same
+            return vis
+        batch = shape.batch if doc_ids is not None else None
+        block_mask = create_block_mask(mask_mod, batch, None, n, n, device="cuda")
     score_mod = None
     if spec.score.softcap is not None or spec.score.alibi:
         cap = spec.score.softcap
@@ -121,13 +136,19 @@ def bench_spec(path: str | Path, shapes=DEFAULT_SHAPES, backward: bool = False, 
         q, k, v = mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v)
         do = torch.randn(shape.batch, shape.heads, shape.seq, spec.head_dim_v, generator=g, device="cuda",
                          dtype=torch.bfloat16)
-        visible = int(dense_mask(spec, shape.seq, shape.seq, "cuda").sum()) * shape.batch * shape.heads
+        vis = dense_mask(spec, shape.seq, shape.seq, "cuda")
+        extra, doc_ids = {}, None
+        if spec.mask.document:
+            doc_ids = bench_documents(shape, g)
+            vis = vis[None] & document_mask(doc_ids, doc_ids)
+            extra["documents"] = module.Documents(doc_ids)
+        visible = int(vis.sum()) * shape.heads * (1 if spec.mask.document else shape.batch)
         flops = 2 * visible * (spec.head_dim + spec.head_dim_v) * (3.5 if backward else 1.0)
-        ours = lambda q, k, v: module.attention(q, k, v, training=False)  # noqa: E731
+        ours = lambda q, k, v: module.attention(q, k, v, training=False, **extra)  # noqa: E731
         with torch.no_grad():
             expected = ours(q, k, v).float()
         row = Row(spec.name, str(shape), "fwd+bwd" if backward else "fwd")
-        for name, fn in {"attngen": ours, **_peers(spec, shape, module)}.items():
+        for name, fn in {"attngen": ours, **_peers(spec, shape, module, doc_ids)}.items():
             try:
                 with torch.no_grad():
                     got = fn(q, k, v).float()

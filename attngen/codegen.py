@@ -83,7 +83,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
     fwd = kernels["fwd"]
     mask, softcap = fwd.op(OpKind.MASK), fwd.op(OpKind.SOFTCAP)
     plans = {role: _plan(kernels[role]) for role in ROLES}
-    visible = render(mask.attr("cond"), "triton") if mask else None
+    cond = mask.attr("cond") if mask else None
+    visible = render(cond, "triton") if cond is not None else None
     tiles_roles = tuple(role for role in ROLES if plans[role]["kind"] == "tiles")
     dropout = fwd.op(OpKind.DROPOUT)
     return {
@@ -102,7 +103,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "alibi": fwd.has(OpKind.ALIBI),
         "dropout": dropout.attr("p") if dropout else None,
         "visible": visible,
-        "visible_host": render(mask.attr("cond"), "torch") if mask and tiles_roles else None,
+        "visible_host": (render(cond, "torch") if cond is not None else "True") if tiles_roles else None,
+        "document": fwd.attr("mask_plan").document,
         "helpers": {h for h in ("floordiv", "mod") if visible and f"_{h}(" in visible},
         "needs_tile_table": bool(tiles_roles),
         "tiles_roles": tiles_roles,

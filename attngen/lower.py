@@ -35,7 +35,9 @@ def _score_chain(spec: Spec, ops: list[Op]) -> str:
     if spec.score.alibi:
         mods.append((OpKind.ALIBI, (("slopes", "per query head, at call time"),)))
     cond = mask_condition(spec.mask, spec.source)
-    if cond is not None:
+    if spec.mask.document:  # the ids come with each call: the op compares them besides `cond`
+        mods.append((OpKind.MASK, (("cond", cond), ("document", "q_doc == kv_doc, ids per call"))))
+    elif cond is not None:
         mods.append((OpKind.MASK, (("cond", cond),)))
     last = "s1"
     for i, (kind, attrs) in enumerate(mods, start=2):

@@ -19,6 +19,11 @@ Two results, both pure data:
 
   Masks whose visible keys are not one range (dilated, or not monotone in q_idx) get a `tiles`
   plan: the runtime builds a per-shape table of non-empty tiles, split into full and partial.
+
+* A `document` mask depends on data (document ids passed with each call), so its plan is `tiles`
+  with `document` set: per batch, the runtime combines the static classes of `cond` with the
+  classes the documents' ids prove (a tile is EMPTY where its query and key id ranges do not
+  meet, FULL where all its ids are one document) into per-batch tables.
 """
 
 from __future__ import annotations
@@ -73,8 +78,12 @@ class MaskPlan:
     kv_hi: sympy.Expr | None = None  # last inner index any outer index may see
     full_lo: sympy.Expr | None = None  # first inner index every outer index sees
     full_hi: sympy.Expr | None = None  # last inner index every outer index sees
+    document: bool = False  # TILES only: the tables also depend on each call's document ids
 
     def describe(self) -> str:
+        if self.document:
+            static = f" and {sympy.sstr(self.cond)}" if self.cond is not None else ""
+            return f"tiles: visible where the documents match{static}; per-batch tables from each call's document ids"
         if self.kind is PlanKind.DENSE:
             return "dense: every in-bounds tile is full"
         inner = "queries" if self.transposed else "keys"
@@ -171,13 +180,19 @@ def _nondecreasing(e: sympy.Expr, x: sympy.Symbol) -> bool:
     return False
 
 
-def analyze(cond: sympy.Basic | None, transposed: bool = False) -> MaskPlan:
+def analyze(cond: sympy.Basic | None, transposed: bool = False, document: bool = False) -> MaskPlan:
     """The loop plan for a mask condition (see the module docstring). `transposed` plans walk
     queries for a block of keys (the backward's dK/dV kernel):
 
         causal top-left   kv_idx <= q_idx   ->   key kv_idx is seen by queries [kv_idx, +oo)
+
+    `document`: the mask also compares per-call document ids (always a `tiles` plan).
     """
-    if cond is None or cond is sympy.true:
+    if cond is sympy.true:
+        cond = None
+    if document:
+        return MaskPlan(PlanKind.TILES, cond, transposed=transposed, document=True)
+    if cond is None:
         return MaskPlan(PlanKind.DENSE, None, transposed=transposed)
     inner, outer = (Q_IDX, KV_IDX) if transposed else (KV_IDX, Q_IDX)
     rows = _row_range(sympy.to_nnf(cond), inner)
@@ -339,6 +354,8 @@ def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int
     """(visited, partial): int64 [n_outer], the tiles each outer block's program loops over and, of
     those, the ones that run mask code. block_m blocks queries and block_n keys, whichever of them
     the plan walks."""
+    if plan.document:  # the documents come with each call: count the static mask's tiles (one document)
+        plan = analyze(plan.cond, plan.transposed)
     outer, inner, outer_block, inner_block = (Nk, Nq, block_n, block_m) if plan.transposed else (Nq, Nk, block_m, block_n)
     n_outer, n_inner = -(-outer // outer_block), -(-inner // inner_block)
     ragged = inner % inner_block != 0

@@ -61,7 +61,8 @@ class PassOptions:
 
 def mask_plan(kernel: Kernel, options: PassOptions) -> Kernel:
     mask = kernel.op(OpKind.MASK)
-    plan = analyze(mask.attr("cond") if mask else None, transposed=kernel.attr("role") == "bwd_dkdv")
+    plan = analyze(mask.attr("cond") if mask else None, transposed=kernel.attr("role") == "bwd_dkdv",
+                   document=mask is not None and mask.attr("document") is not None)
     if mask is not None:
         kernel = kernel.replace_op(OpKind.MASK, plan=plan.kind.value)
     return kernel.with_attrs(mask_plan=plan)

@@ -48,10 +48,17 @@ def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu") -> torch.Tensor:
     return vis
 
 
-def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64, keep=None):
+def document_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
+    """bool [B, Nq, Nk]: are query i and key j of batch b in the same document?"""
+    return q_ids[:, :, None] == kv_ids[:, None, :]
+
+
+def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64, keep=None,
+              documents=None):
     """O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] computed in `dtype` (float64 by default; the input
     dtype gives the eager same-precision baseline the tolerance is measured against).
     `keep` [B, Hq, Nq, Nk] applies the spec's dropout with that keep-mask; LSE ignores dropout.
+    `documents` = (q_ids [B, Nq], kv_ids [B, Nk]): the document ids a `document` mask compares.
     Differentiable: gradients of the float64 result are the reference gradients."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -68,6 +75,11 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
         dist = (i + Nk - Nq - j).abs().to(dtype)
         s = s - slopes.to(q.device, dtype)[None, :, None, None] * dist
     vis = dense_mask(spec, Nq, Nk, q.device)
+    if spec.mask.document:
+        if documents is None:
+            raise ValueError(f"spec {spec.name!r} has a document mask: pass documents=(q_ids, kv_ids)")
+        vis = vis[None] & document_mask(*(d.to(q.device) for d in documents))
+        vis = vis[:, None]  # [B, 1, Nq, Nk]
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s.float() if dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing visible: all zeros

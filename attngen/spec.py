@@ -13,6 +13,7 @@ A spec file looks like::
       prefix: 64                             # prefix-LM: kv_idx < 64 or causal
       expr: "kv_idx // CHUNK == q_idx // CHUNK"
       constants: {CHUNK: 128}
+      document: true                         # only keys of the query's document (ids per call)
     score: {scale: null, softcap: 30.0, alibi: true}
     dropout: {p: 0.1}        # on the normalized probabilities, training only
 
@@ -58,10 +59,12 @@ class MaskSpec:
     prefix: int | None = None
     expr: str | None = None
     constants: tuple[tuple[str, int], ...] = ()
+    document: bool = False  # runtime sparsity: each call passes per-batch document ids
 
     @property
     def is_dense(self) -> bool:
-        return self.causal is None and self.window is None and self.prefix is None and self.expr is None
+        return (self.causal is None and self.window is None and self.prefix is None and self.expr is None
+                and not self.document)
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class Spec:
             mask["expr"] = m.expr
         if m.constants:
             mask["constants"] = dict(m.constants)
+        if m.document:
+            mask["document"] = True
         score = {"scale": self.score.scale, "softcap": self.score.softcap, "alibi": self.score.alibi}
         out = {
             "name": self.name,
@@ -222,7 +227,7 @@ def _parse_window(source: str, data: Any) -> Window | None:
 def _parse_mask(source: str, data: Any) -> MaskSpec:
     if data is None:
         return MaskSpec()
-    f = _Fields(source, "mask", data, ("causal", "window", "prefix", "expr", "constants"))
+    f = _Fields(source, "mask", data, ("causal", "window", "prefix", "expr", "constants", "document"))
     constants: dict[str, int] = {}
     if f.has("constants"):
         if not isinstance(data["constants"], Mapping):
@@ -245,6 +250,7 @@ def _parse_mask(source: str, data: Any) -> MaskSpec:
         prefix=f.int("prefix", low=0),
         expr=expr,
         constants=tuple(sorted(constants.items())),
+        document=f.bool("document"),
     )
 
 

@@ -77,7 +77,20 @@ def random_inputs(spec: Spec, shape: Shape, dtype: torch.dtype, device, generato
             make(shape.heads_kv, shape.seq_k, spec.head_dim_v))
 
 
-def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, budget_bytes: float = 8e9):
+def random_documents(shape: Shape, device, generator: torch.Generator, sorted_: bool = True):
+    """Document ids (q_ids [B, Nq], kv_ids [B, Nk]) for a `document` mask: per batch, sorted runs of
+    random lengths (packed sequences), or with sorted_=False ids in any order; drawn for queries and
+    keys apart, so when Nq != Nk some queries' documents have no key (rows that see nothing)."""
+    def ids(n: int) -> torch.Tensor:
+        docs = 1 + max(n, 1) // 24  # documents of about 24 positions on average
+        x = torch.randint(0, docs, (shape.batch, n), generator=generator, device=device)
+        return x.sort(dim=1).values if sorted_ else x
+    q_ids = ids(shape.seq_q)
+    kv_ids = q_ids if shape.seq_q == shape.seq_k else ids(shape.seq_k)
+    return q_ids, kv_ids
+
+
+def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None, budget_bytes: float = 8e9):
     """o, lse and, given do, (dq, dk, dv), computed in `dtype` over chunks of whole GQA groups of
     heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
     B, Hq, Nq, _ = q.shape
@@ -95,7 +108,8 @@ def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, budget_bytes: 
             with torch.set_grad_enabled(do is not None):
                 ob, lb = reference.attention(spec, *leaves, dtype=dtype,
                                              alibi_slopes_=slopes[h0:h1] if slopes is not None else None,
-                                             keep=keep[b:b + 1, h0:h1] if keep is not None else None)
+                                             keep=keep[b:b + 1, h0:h1] if keep is not None else None,
+                                             documents=None if documents is None else tuple(d[b:b + 1] for d in documents))
                 if do is not None:
                     ob.backward(do[b:b + 1, h0:h1].to(dtype))
             o[b, h0:h1], lse[b, h0:h1] = ob[0].detach(), lb[0].detach()
@@ -119,6 +133,10 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if spec.score.alibi:  # alternately random and geometric slopes, passed at call time
         slopes = torch.rand(shape.heads_q, generator=g, device=device) if seed % 2 else reference.alibi_slopes(shape.heads_q).to(device)
     kwargs = {"alibi_slopes": slopes} if slopes is not None else {}
+    documents = None
+    if spec.mask.document:  # sorted runs (packed sequences) and, on odd seeds, ids in any order
+        documents = random_documents(shape, device, g, sorted_=seed % 2 == 0)
+        kwargs["documents"] = documents
     dropout_seed = 1000 + seed
     keep = (module.dropout_keep_mask(shape.batch, shape.heads_q, shape.seq_q, shape.seq_k, dropout_seed, device)
             if spec.dropout else None)
@@ -146,8 +164,8 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if direct:
         o2, lse2, got2 = run()
         repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
-    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do)
-    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do)
+    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents)
+    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents)
 
     def max_err(a, b):
         return float((a.detach().double() - b).abs().max()) if a.numel() else 0.0

@@ -326,10 +326,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         DELTAh = DELTA + bh * Nq
         slope = 0.0
 
-        # Tile table for this (Nq, Nk): COUNT[b] = (partial, full), INDEX[b, 0 | 1, :] their block numbers.
-        n_partial = tl.load(COUNT + first // BLOCK_N * 2)
-        n_full = tl.load(COUNT + first // BLOCK_N * 2 + 1)
-        row = INDEX + first // BLOCK_N * 2 * n_blocks
+        # Tile table for this (Nq, Nk): COUNT[r] = (partial, full), INDEX[r, 0 | 1, :] their block numbers.
+        tile_row = (first // BLOCK_N).to(tl.int64)
+        n_partial = tl.load(COUNT + tile_row * 2)
+        n_full = tl.load(COUNT + tile_row * 2 + 1)
+        row = INDEX + tile_row * 2 * n_blocks
         for i in range(0, n_full):
             start_i = tl.load(row + n_blocks + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
@@ -478,18 +479,23 @@ def _tile_classes(Nq, Nk, BLOCK_M, BLOCK_N, device):
     return _TILE_CLASSES[key]
 
 
+def _tile_lists(classes):
+    """From tile classes [..., n, n_other], COUNT [..., n, 2] (partial, full) and INDEX
+    [..., n, 2, n_other]: per outer block, its partial and its full tiles' block numbers."""
+    count = torch.stack([(classes == c).sum(dim=-1) for c in (1, 2)], dim=-1).to(torch.int32)
+    # a stable sort puts the selected block numbers first, in increasing order
+    index = torch.stack([torch.sort((classes != c).to(torch.int8), dim=-1, stable=True).indices
+                         for c in (1, 2)], dim=-2).to(torch.int32)
+    return count.contiguous(), index.contiguous()
+
+
 def _tile_table(Nq, Nk, BLOCK_M, BLOCK_N, device, transposed=False):
-    """COUNT [n, 2] (partial, full) and INDEX [n, 2, n_other] block numbers per outer block: query
-    blocks walking keys, or (transposed, for dK/dV) key blocks walking queries."""
+    """The tile lists of query blocks walking keys, or (transposed, for dK/dV) of key blocks
+    walking queries, for this shape (made once)."""
     key = (Nq, Nk, BLOCK_M, BLOCK_N, str(device), transposed)
     if key not in _TILE_LISTS:
         by_keys, by_rows = _tile_classes(Nq, Nk, BLOCK_M, BLOCK_N, device)
-        classes = by_rows.T.contiguous() if transposed else by_keys
-        count = torch.stack([(classes == c).sum(dim=1) for c in (1, 2)], dim=1).to(torch.int32)
-        # a stable sort puts the selected block numbers first, in increasing order
-        index = torch.stack([torch.sort((classes != c).to(torch.int8), dim=1, stable=True).indices
-                             for c in (1, 2)], dim=1).to(torch.int32)
-        _TILE_LISTS[key] = (count.contiguous(), index.contiguous())
+        _TILE_LISTS[key] = _tile_lists(by_rows.T if transposed else by_keys)
     return _TILE_LISTS[key]
 
 
@@ -678,8 +684,9 @@ def _signature(role, cfg, tensors, seed, flags):
             _int_kind(seed), *[(t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
 
 
-def _plan(role, tensors, seed, flags, make):
-    """The launch plan of role's kernel for this call, made by make(cfg) when its signature is new."""
+def _launch(role, tensors, scalars, seed, flags, make):
+    """Launches role's kernel on `tensors` and `scalars` by its plan for this call's signature,
+    made by make(cfg, tensors) when the signature is new."""
     q, k = tensors[0], tensors[1]
     cfg = _config(role, _DTYPES[q.dtype], q.shape[2], k.shape[2])
     key = _signature(role, cfg, tensors, seed, flags)
@@ -687,8 +694,8 @@ def _plan(role, tensors, seed, flags, make):
     if plan is None:
         if len(_PLANS) >= 1024:
             _PLANS.clear()
-        plan = _PLANS[key] = make(cfg)
-    return plan
+        plan = _PLANS[key] = make(cfg, tensors)
+    plan(tensors, scalars)
 
 
 def _descriptors(cfg, tensors, q_like, kv_like):
@@ -721,7 +728,7 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
         return o.zero_(), lse.fill_(float("-inf"))
     tensors = (q, k, v, o, lse, slopes)
     flags = (store_lse, p_drop > 0)
-    _plan("fwd", tensors, seed, flags, lambda cfg: _fwd_plan(cfg, tensors, *flags))(tensors, (scale * LOG2E, seed, p_drop))
+    _launch("fwd", tensors, (scale * LOG2E, seed, p_drop), seed, flags, lambda cfg, ts: _fwd_plan(cfg, ts, *flags))
     return o, lse
 
 
@@ -758,9 +765,9 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     flags, scalars = (p_drop > 0,), (scale * LOG2E, scale, seed, p_drop)
     # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
     dq_args = (q, k, v, do, o, dq, lse, delta, slopes)
-    _plan("bwd_dq", dq_args, seed, flags, lambda cfg: _dq_plan(cfg, dq_args, *flags))(dq_args, scalars)
+    _launch("bwd_dq", dq_args, scalars, seed, flags, lambda cfg, ts: _dq_plan(cfg, ts, *flags))
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, slopes)
-    _plan("bwd_dkdv", dkdv_args, seed, flags, lambda cfg: _dkdv_plan(cfg, dkdv_args, *flags))(dkdv_args, scalars)
+    _launch("bwd_dkdv", dkdv_args, scalars, seed, flags, lambda cfg, ts: _dkdv_plan(cfg, ts, *flags))
     return dq, dk, dv
 
 

@@ -610,8 +610,9 @@ def _signature(role, cfg, tensors, seed, flags):
             _int_kind(seed), *[(t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0) for t in tensors])
 
 
-def _plan(role, tensors, seed, flags, make):
-    """The launch plan of role's kernel for this call, made by make(cfg) when its signature is new."""
+def _launch(role, tensors, scalars, seed, flags, make):
+    """Launches role's kernel on `tensors` and `scalars` by its plan for this call's signature,
+    made by make(cfg, tensors) when the signature is new."""
     q, k = tensors[0], tensors[1]
     cfg = _config(role, _DTYPES[q.dtype], q.shape[2], k.shape[2])
     key = _signature(role, cfg, tensors, seed, flags)
@@ -619,8 +620,8 @@ def _plan(role, tensors, seed, flags, make):
     if plan is None:
         if len(_PLANS) >= 1024:
             _PLANS.clear()
-        plan = _PLANS[key] = make(cfg)
-    return plan
+        plan = _PLANS[key] = make(cfg, tensors)
+    plan(tensors, scalars)
 
 
 def _descriptors(cfg, tensors, q_like, kv_like):
@@ -653,7 +654,7 @@ def _forward(q, k, v, slopes, scale, seed, p_drop, out, store_lse):
         return o.zero_(), lse.fill_(float("-inf"))
     tensors = (q, k, v, o, lse, slopes)
     flags = (store_lse, p_drop > 0)
-    _plan("fwd", tensors, seed, flags, lambda cfg: _fwd_plan(cfg, tensors, *flags))(tensors, (scale * LOG2E, seed, p_drop))
+    _launch("fwd", tensors, (scale * LOG2E, seed, p_drop), seed, flags, lambda cfg, ts: _fwd_plan(cfg, ts, *flags))
     return o, lse
 
 
@@ -690,9 +691,9 @@ def _backward(do, q, k, v, o, lse, slopes, scale, seed, p_drop):
     flags, scalars = (p_drop > 0,), (scale * LOG2E, scale, seed, p_drop)
     # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
     dq_args = (q, k, v, do, o, dq, lse, delta, slopes)
-    _plan("bwd_dq", dq_args, seed, flags, lambda cfg: _dq_plan(cfg, dq_args, *flags))(dq_args, scalars)
+    _launch("bwd_dq", dq_args, scalars, seed, flags, lambda cfg, ts: _dq_plan(cfg, ts, *flags))
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, slopes)
-    _plan("bwd_dkdv", dkdv_args, seed, flags, lambda cfg: _dkdv_plan(cfg, dkdv_args, *flags))(dkdv_args, scalars)
+    _launch("bwd_dkdv", dkdv_args, scalars, seed, flags, lambda cfg, ts: _dkdv_plan(cfg, ts, *flags))
     return dq, dk, dv
 
 

@@ -1,0 +1,162 @@
+"""Document masks (runtime sparsity): the spec field, the reference, the per-batch tile tables
+and the kernels against the float64 reference, with sorted and unordered ids, ragged shapes,
+Nq != Nk, GQA, queries whose document has no key, and the Documents handle."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import attngen
+from attngen import reference
+from attngen.errors import SpecError
+from attngen.spec import load_spec, parse_spec
+from attngen.verify import Shape, check, format_table, random_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "specs" / "document.yaml"
+
+
+def _spec_file(tmp_path, name, mask, **extra):
+    text = f"name: {name}\ndescription: test\nhead_dim: {extra.pop('head_dim', 32)}\ndtypes: [fp32, fp16]\nmask: {mask}\n"
+    text += "".join(f"{k}: {v}\n" for k, v in extra.items())
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_spec_field_parses_round_trips_and_rejects_non_booleans():
+    spec = load_spec(SHIPPED)
+    assert spec.mask.document and spec.mask.causal is not None and not spec.mask.is_dense
+    assert parse_spec(spec.to_dict()) == parse_spec(spec.to_dict())
+    assert parse_spec(spec.to_dict()).mask == spec.mask
+    with pytest.raises(SpecError, match=r"mask\.document.*true or false"):
+        parse_spec({"name": "x", "head_dim": 64, "mask": {"document": "yes"}}, "x.yaml")
+
+
+def test_reference_document_mask_is_same_id_pairs():
+    q_ids = torch.tensor([[0, 0, 1, 2], [5, 5, 5, 5]])
+    kv_ids = torch.tensor([[0, 1, 1], [5, 4, 5]])
+    m = reference.document_mask(q_ids, kv_ids)
+    expected = torch.tensor([[[q == k for k in kr] for q in qr] for qr, kr in zip(q_ids.tolist(), kv_ids.tolist())])
+    assert torch.equal(m, expected)
+    spec = load_spec(SHIPPED)
+    q = torch.randn(2, 1, 4, 128, dtype=torch.float64)
+    k = torch.randn(2, 1, 3, 128, dtype=torch.float64)
+    with pytest.raises(ValueError, match="documents"):
+        reference.attention(spec, q, k, k)
+    o, lse = reference.attention(spec, q, k, k, documents=(q_ids, kv_ids))
+    # batch 0, query 3 (document 2) has no key of its document: zeros and -inf
+    assert torch.isneginf(lse[0, 0, 3]) and (o[0, 0, 3] == 0).all()
+
+
+@pytest.mark.parametrize("sorted_", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tile_tables_are_sound(sorted_, transposed):
+    """Every visible pair lies in a listed tile; every FULL tile is visible throughout and not
+    ragged along the walked dimension; every tile is listed at most once."""
+    module = attngen.load(SHIPPED)
+    g = torch.Generator().manual_seed(3)
+    shape = Shape(3, 1, 1, 150, 190)
+    q_ids, kv_ids = random_documents(shape, "cpu", g, sorted_=sorted_)
+    q_ids[2] = 7  # one batch row that is a single document for queries and keys alike
+    kv_ids[2] = 7
+    BM, BN = 32, 16
+    count, index = module._document_table(q_ids, kv_ids, BM, BN, transposed)
+    vis = reference.dense_mask(load_spec(SHIPPED), 150, 190)[None] & reference.document_mask(q_ids, kv_ids)
+    if transposed:
+        vis, BM, BN, Nq, Nk = vis.transpose(1, 2), BN, BM, 190, 150
+    else:
+        Nq, Nk = 150, 190
+    n_m, n_n = -(-Nq // BM), -(-Nk // BN)
+    padded = torch.zeros(3, n_m * BM, n_n * BN, dtype=torch.bool)
+    padded[:, :Nq, :Nk] = vis
+    inb = torch.zeros_like(padded)
+    inb[:, :Nq, :Nk] = True
+    tiles, inb = padded.reshape(3, n_m, BM, n_n, BN), inb.reshape(3, n_m, BM, n_n, BN)
+    any_vis = tiles.any(dim=4).any(dim=2)
+    all_vis = (tiles == inb).all(dim=4).all(dim=2)  # every in-bounds pair visible (rows past the end are not stored)
+    assert count.shape == (3, n_m, 2) and index.shape == (3, n_m, 2, n_n)
+    full_seen = 0
+    for b in range(3):
+        for i in range(n_m):
+            partial = index[b, i, 0, :count[b, i, 0]].tolist()
+            full = index[b, i, 1, :count[b, i, 1]].tolist()
+            assert len(set(partial + full)) == len(partial) + len(full)
+            assert set(torch.nonzero(any_vis[b, i]).flatten().tolist()) <= set(partial + full)
+            for j in full:
+                assert all_vis[b, i, j] and (j + 1) * BN <= Nk
+            full_seen += len(full)
+    assert full_seen > 0  # the single-document row has full tiles below the diagonal
+    assert bool((count[2].sum(-1) > 0).all())
+
+
+@pytest.mark.parametrize("name,mask,extra", [
+    ("doc_only", "{document: true}", {}),
+    ("doc_window_softcap", "{document: true, window: {left: 40, right: 8}}", {"score": "{softcap: 20.0}"}),
+    ("doc_dropout_gqa", "{document: true, causal: {align: top_left}}", {"dropout": "{p: 0.2}", "head_dim": 16}),
+])
+def test_document_variants_match_reference(tmp_path, name, mask, extra, device):
+    path = _spec_file(tmp_path, name, mask, **extra)
+    spec, module = load_spec(path), attngen.load(path)
+    shapes = [Shape(2, 2, 1, 61, 61), Shape(1, 2, 2, 40, 90), Shape(2, 3, 1, 77, 33, "bnhd")]
+    results = [check(spec, module, s, "fp32", device, seed=i, backward=True) for i, s in enumerate(shapes)]
+    results += [check(spec, module, shapes[0], "fp16", device, seed=5)]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+def _qkv(B, Hq, Hkv, Nq, Nk, D=128, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, h, n, D, generator=g).to(device) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
+
+
+def test_documents_forms_agree_and_tables_are_kept(device):
+    module = attngen.load(SHIPPED)
+    q, k, v = _qkv(2, 2, 1, 70, 70, device=device)
+    ids = torch.tensor([0] * 20 + [1] * 30 + [2] * 20).repeat(2, 1).to(device)
+    ids[1, 5:] += 1
+    docs = module.Documents(ids)
+    by_handle = module.attention(q, k, v, documents=docs)
+    assert len(docs._tables) == 1
+    module.attention(q, k, v, documents=docs)
+    assert len(docs._tables) == 1  # kept: a second call builds nothing
+    assert torch.equal(by_handle, module.attention(q, k, v, documents=ids))
+    assert torch.equal(by_handle, module.attention(q, k, v, documents=(ids, ids.to(torch.int16))))
+    ref, _ = reference.attention(load_spec(SHIPPED), q.double(), k.double(), v.double(), documents=(ids, ids))
+    assert (by_handle.double() - ref).abs().max() < 1e-4
+
+
+def test_a_call_with_other_documents_of_the_same_shape_uses_their_tables(device):
+    """The launch plan is per signature; the tables and ids are per call (a plan that kept the
+    first call's would give the first call's result)."""
+    module = attngen.load(SHIPPED)
+    spec = load_spec(SHIPPED)
+    q, k, v = _qkv(1, 2, 2, 64, 64, device=device)
+    module._PLANS.clear()
+    for ids in (torch.zeros(1, 64, dtype=torch.long), torch.arange(64).reshape(1, 64) // 16):
+        ids = ids.to(device)
+        o = module.attention(q, k, v, documents=ids)
+        ref, _ = reference.attention(spec, q.double(), k.double(), v.double(), documents=(ids, ids))
+        assert (o.double() - ref).abs().max() < 1e-4
+    assert len(module._PLANS) == 1
+
+
+@pytest.mark.parametrize("documents,error,match", [
+    (None, ValueError, "has a document mask: pass documents="),
+    (torch.zeros(2, 70), TypeError, "integer tensor"),
+    (torch.zeros(2, 71, dtype=torch.long), ValueError, r"\[batch, Nq\] = \[2, 70\]"),
+    (torch.zeros(70, dtype=torch.long), TypeError, "integer tensor"),
+    ((torch.zeros(2, 70, dtype=torch.long), torch.zeros(3, 70, dtype=torch.long)), ValueError, "one batch size"),
+])
+def test_bad_documents_get_clear_errors(documents, error, match):
+    module = attngen.load(SHIPPED)
+    q, k, v = _qkv(2, 2, 1, 70, 70)
+    with pytest.raises(error, match=match):
+        module.attention(q, k, v, documents=documents)
+
+
+def test_single_ids_tensor_needs_equal_lengths():
+    module = attngen.load(SHIPPED)
+    q, k, v = _qkv(1, 1, 1, 20, 30)
+    with pytest.raises(ValueError, match=r"\[batch, Nk\] = \[1, 30\]"):
+        module.attention(q, k, v, documents=torch.zeros(1, 20, dtype=torch.long))
