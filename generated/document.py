@@ -219,14 +219,17 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX, DOC_Q, DOC_KV,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
 
-    # Tile table of this batch's documents: COUNT[r] = (partial, full), INDEX[r, 0 | 1, :] their block numbers.
+    # Tile table of this batch's documents: COUNT[r] = (partial tiles, runs of full tiles);
+    # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
     tile_row = (off_b * tl.cdiv(Nq, BLOCK_M) + first // BLOCK_M).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
-    n_full = tl.load(COUNT + tile_row * 2 + 1)
-    row = INDEX + tile_row * 2 * n_blocks
-    for i in range(0, n_full):
-        start_i = tl.load(row + n_blocks + i) * BLOCK_N
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+    n_runs = tl.load(COUNT + tile_row * 2 + 1)
+    row = INDEX + tile_row * 2 * (n_blocks + 1)
+    for j in range(0, n_runs):
+        run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_N
+        run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_N
+        for start_i in range(run_first, run_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA,
                                   FAST_TANH, WIDE)
@@ -335,14 +338,17 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q,
         DELTAh = DELTA + bh * Nq
         slope = 0.0
 
-        # Tile table of this batch's documents: COUNT[r] = (partial, full), INDEX[r, 0 | 1, :] their block numbers.
+        # Tile table of this batch's documents: COUNT[r] = (partial tiles, runs of full tiles);
+        # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
         tile_row = (off_b * tl.cdiv(Nk, BLOCK_N) + first // BLOCK_N).to(tl.int64)
         n_partial = tl.load(COUNT + tile_row * 2)
-        n_full = tl.load(COUNT + tile_row * 2 + 1)
-        row = INDEX + tile_row * 2 * n_blocks
-        for i in range(0, n_full):
-            start_i = tl.load(row + n_blocks + i) * BLOCK_M
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+        n_runs = tl.load(COUNT + tile_row * 2 + 1)
+        row = INDEX + tile_row * 2 * (n_blocks + 1)
+        for j in range(0, n_runs):
+            run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_M
+            run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_M
+            for start_i in range(run_first, run_end, BLOCK_M):
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH, WIDE)
@@ -428,14 +434,17 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q, DO
     slope = 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Tile table of this batch's documents: COUNT[r] = (partial, full), INDEX[r, 0 | 1, :] their block numbers.
+    # Tile table of this batch's documents: COUNT[r] = (partial tiles, runs of full tiles);
+    # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
     tile_row = (off_b * tl.cdiv(Nq, BLOCK_M) + first // BLOCK_M).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
-    n_full = tl.load(COUNT + tile_row * 2 + 1)
-    row = INDEX + tile_row * 2 * n_blocks
-    for i in range(0, n_full):
-        start_i = tl.load(row + n_blocks + i) * BLOCK_N
-        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+    n_runs = tl.load(COUNT + tile_row * 2 + 1)
+    row = INDEX + tile_row * 2 * (n_blocks + 1)
+    for j in range(0, n_runs):
+        run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_N
+        run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_N
+        for start_i in range(run_first, run_end, BLOCK_N):
+            dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
     for i in range(0, n_partial):
@@ -499,14 +508,25 @@ def _tile_classes(Nq, Nk, BLOCK_M, BLOCK_N, device):
     return _TILE_CLASSES[key]
 
 
+def _first(selected):
+    """The positions of the True entries of bool [..., n], in increasing order, first along the last dim."""
+    return torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices  # a stable sort keeps their order
+
+
 def _tile_lists(classes):
-    """From tile classes [..., n, n_other], COUNT [..., n, 2] (partial, full) and INDEX
-    [..., n, 2, n_other]: per outer block, its partial and its full tiles' block numbers."""
-    count = torch.stack([(classes == c).sum(dim=-1) for c in (1, 2)], dim=-1).to(torch.int32)
-    # a stable sort puts the selected block numbers first, in increasing order
-    index = torch.stack([torch.sort((classes != c).to(torch.int8), dim=-1, stable=True).indices
-                         for c in (1, 2)], dim=-2).to(torch.int32)
-    return count.contiguous(), index.contiguous()
+    """From tile classes [..., n, n_other]: COUNT [..., n, 2] = (partial tiles, runs of full tiles)
+    and INDEX [..., n, 2, n_other + 1]: per outer block its partial tiles' block numbers, and the
+    runs of consecutive full tiles as [first, end) pairs (the kernels loop over a run without
+    loading an index per tile; a block of contiguous documents has one run)."""
+    full = classes == 2
+    before = torch.nn.functional.pad(full[..., :-1], (1, 0))  # is the tile before full?
+    after = torch.nn.functional.pad(full[..., 1:], (0, 1))
+    firsts, lasts = _first(full & ~before), _first(full & ~after)
+    n = classes.shape[-1]
+    runs = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
+    partial = torch.nn.functional.pad(_first(classes == 1), (0, 1))
+    count = torch.stack([(classes == 1).sum(dim=-1), (full & ~before).sum(dim=-1)], dim=-1).to(torch.int32)
+    return count.contiguous(), torch.stack([partial, runs], dim=-2).to(torch.int32).contiguous()
 
 
 def _block_ranges(ids, block):

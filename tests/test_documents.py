@@ -53,8 +53,8 @@ def test_reference_document_mask_is_same_id_pairs():
 @pytest.mark.parametrize("sorted_", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_tile_tables_are_sound(sorted_, transposed):
-    """Every visible pair lies in a listed tile; every FULL tile is visible throughout and not
-    ragged along the walked dimension; every tile is listed at most once."""
+    """Every visible pair lies in a listed tile; every FULL tile (in runs of consecutive ones) is
+    visible throughout and not ragged along the walked dimension; every tile is listed at most once."""
     module = attngen.load(SHIPPED)
     g = torch.Generator().manual_seed(3)
     shape = Shape(3, 1, 1, 150, 190)
@@ -76,12 +76,14 @@ def test_tile_tables_are_sound(sorted_, transposed):
     tiles, inb = padded.reshape(3, n_m, BM, n_n, BN), inb.reshape(3, n_m, BM, n_n, BN)
     any_vis = tiles.any(dim=4).any(dim=2)
     all_vis = (tiles == inb).all(dim=4).all(dim=2)  # every in-bounds pair visible (rows past the end are not stored)
-    assert count.shape == (3, n_m, 2) and index.shape == (3, n_m, 2, n_n)
+    assert count.shape == (3, n_m, 2) and index.shape == (3, n_m, 2, n_n + 1)
     full_seen = 0
     for b in range(3):
         for i in range(n_m):
             partial = index[b, i, 0, :count[b, i, 0]].tolist()
-            full = index[b, i, 1, :count[b, i, 1]].tolist()
+            runs = index[b, i, 1, :2 * count[b, i, 1]].reshape(-1, 2).tolist()
+            assert all(f < e for f, e in runs) and all(e < f for (_, e), (f, _) in zip(runs, runs[1:]))  # maximal runs
+            full = [j for f, e in runs for j in range(f, e)]
             assert len(set(partial + full)) == len(partial) + len(full)
             assert set(torch.nonzero(any_vis[b, i]).flatten().tolist()) <= set(partial + full)
             for j in full:
@@ -160,3 +162,14 @@ def test_single_ids_tensor_needs_equal_lengths():
     q, k, v = _qkv(1, 1, 1, 20, 30)
     with pytest.raises(ValueError, match=r"\[batch, Nk\] = \[1, 30\]"):
         module.attention(q, k, v, documents=torch.zeros(1, 20, dtype=torch.long))
+
+
+def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
+    module = attngen.load(SHIPPED)
+    classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [2, 2, 2, 2, 2]], dtype=torch.int8)
+    count, index = module._tile_lists(classes)
+    assert count.tolist() == [[0, 3], [1, 2], [2, 0], [0, 1]]
+    assert index[0, 1].tolist() == [0, 1, 2, 3, 4, 5]  # (n + 1) // 2 runs fill all n + 1 slots
+    assert index[1, 0, :1].tolist() == [2] and index[1, 1, :4].tolist() == [0, 2, 3, 5]
+    assert index[2, 0, :2].tolist() == [1, 2]
+    assert index[3, 1, :2].tolist() == [0, 5]
