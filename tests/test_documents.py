@@ -173,3 +173,22 @@ def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
     assert index[1, 0, :1].tolist() == [2] and index[1, 1, :4].tolist() == [0, 2, 3, 5]
     assert index[2, 0, :2].tolist() == [1, 2]
     assert index[3, 1, :2].tolist() == [0, 5]
+
+
+def test_one_document_is_the_causal_spec(device):
+    """With one document per row the document spec's kernels (tables with runs of full tiles)
+    must give what the causal spec's (closed-form bounds) give, forward and gradients."""
+    module, causal = attngen.load(SHIPPED), attngen.load(ROOT / "specs" / "causal.yaml")
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 1, 230, 230, device=device))
+    do = torch.randn(2, 2, 230, 128, generator=torch.Generator().manual_seed(1)).to(device)
+    results = []
+    for fn in (lambda: module.attention(q, k, v, documents=torch.zeros(2, 230, dtype=torch.long, device=device)),
+               lambda: causal.attention(q, k, v)):
+        o = fn()
+        results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), do)])
+    count, _ = module._document_table(torch.zeros(2, 230, dtype=torch.long, device=device),
+                                      torch.zeros(2, 230, dtype=torch.long, device=device),
+                                      *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False)
+    assert (count[..., 1] > 0).any()  # some query blocks have full tiles: the runs are walked
+    for a, b in zip(*results):
+        assert (a - b).abs().max() < 1e-5

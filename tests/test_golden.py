@@ -11,7 +11,7 @@ from attngen.pipeline import emit
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
-CASES = [(spec, stage) for spec in ("causal", "softcap", "dilated", "head_dim_96")
+CASES = [(spec, stage) for spec in ("causal", "softcap", "dilated", "head_dim_96", "document")
          for stage in ("ir", "tiling", "triton")]
 
 
