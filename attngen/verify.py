@@ -79,13 +79,13 @@ def random_inputs(spec: Spec, shape: Shape, dtype: torch.dtype, device, generato
 
 def random_documents(shape: Shape, device, generator: torch.Generator, sorted_: bool = True):
     """Document ids (q_ids [B, Nq], kv_ids [B, Nk]) for a `document` mask: per batch, sorted runs of
-    random lengths (packed sequences: about 100 positions on average, some much longer, so that
-    tiles inside one document occur), or with sorted_=False ids 0-2 in any order; drawn for queries
+    random lengths (packed sequences: at least three, about 100 positions on average, some much
+    longer, so that tiles inside one document occur), or with sorted_=False ids 0-2 in any order; drawn for queries
     and keys apart, so when Nq != Nk a query's document can have no key (a row that sees nothing)."""
     def ids(n: int) -> torch.Tensor:
         if not sorted_:
             return torch.randint(0, 3, (shape.batch, n), generator=generator, device=device)
-        cuts = torch.randint(0, max(n, 1), (shape.batch, max(n, 1) // 100), generator=generator, device=device)
+        cuts = torch.randint(0, max(n, 1), (shape.batch, max(2, n // 100)), generator=generator, device=device)
         return (torch.arange(n, device=device)[None, :, None] >= cuts[:, None, :]).sum(dim=2)
     q_ids = ids(shape.seq_q)
     kv_ids = q_ids if shape.seq_q == shape.seq_k else ids(shape.seq_k)

@@ -559,7 +559,8 @@ class Documents:
     kv_ids [B, Nk] (the same tensor for both by default). A query sees the keys of its own
     document that the spec's mask lets it see; a query whose document has no key gets zeros.
     The tile tables the kernels walk are built from the ids on first use per tiling and kept:
-    make one Documents per batch of packed sequences and pass it to every layer's call."""
+    make one Documents per batch of packed sequences and pass it to every layer's call. The ids
+    are copied, so changing the tensors given has no effect on a Documents made from them."""
 
     def __init__(self, q_ids, kv_ids=None):
         kv_ids = q_ids if kv_ids is None else kv_ids
@@ -571,9 +572,7 @@ class Documents:
         if q_ids.shape[0] != kv_ids.shape[0] or q_ids.device != kv_ids.device:
             raise ValueError(f"document q_ids and kv_ids must have one batch size on one device; got "
                              f"{tuple(q_ids.shape)} on {q_ids.device}, {tuple(kv_ids.shape)} on {kv_ids.device}")
-        # int64 ids stay int64 (narrowing could make two documents one); the kernels read them as they are
-        wide = lambda t: t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int32)  # noqa: E731
-        self.q_ids, self.kv_ids = wide(q_ids).contiguous(), wide(kv_ids).contiguous()
+        self.q_ids, self.kv_ids = _ids(q_ids), _ids(kv_ids)
         self._tables = {}
 
     def operands(self, role, cfg):
@@ -585,11 +584,26 @@ class Documents:
         return (*self._tables[key], self.q_ids, self.kv_ids)
 
 
+def _ids(t):
+    """A copy of document ids as the kernels read them: int32 or int64 as given, narrower types as
+    int32, uint32 as int64, uint64 reinterpreted as int64 (equal ids stay equal, distinct ones distinct)."""
+    if t.dtype == getattr(torch, "uint64", None):
+        t = t.contiguous().view(torch.int64)
+    elif t.dtype == getattr(torch, "uint32", None):
+        t = t.to(torch.int64)
+    elif t.dtype not in (torch.int32, torch.int64):
+        t = t.to(torch.int32)
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _documents(documents, q, k):
     """The call's Documents (made from ids if need be), checked against q and k."""
     if documents is None:
         raise ValueError(f"spec {SPEC['name']!r} has a document mask: pass documents= (document ids "
                          f"[batch, seq], a (q_ids, kv_ids) pair, or a Documents)")
+    if type(documents).__name__ == "Documents" and not isinstance(documents, Documents):
+        raise TypeError(f"documents is a Documents of another module: its tables follow that module's mask "
+                        f"and tiling; make one with this module's (spec {SPEC['name']!r}) Documents, or pass the ids")
     if not isinstance(documents, Documents):
         documents = Documents(*documents) if isinstance(documents, (tuple, list)) else Documents(documents)
     B, Nq, Nk = q.shape[0], q.shape[2], k.shape[2]
@@ -650,11 +664,8 @@ def _check(q, k, v, alibi_slopes):
 
 
 def _table(role, cfg, Nq, Nk, device):
-    """The tile table a role's kernel walks (a placeholder tensor for closed-form plans); none:
-    the documents' tables are per call (_launch)."""
+    """None here: the documents' tables are per call (_launch)."""
     return ()
-    empty = _placeholder(device, torch.int32)
-    return empty, empty
 
 
 _PLACEHOLDERS = {}

@@ -192,3 +192,25 @@ def test_one_document_is_the_causal_spec(device):
     assert (count[..., 1] > 0).any()  # some query blocks have full tiles: the runs are walked
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-5
+
+
+def test_documents_copy_their_ids_and_keep_wide_unsigned_ids_apart(device):
+    module, spec = attngen.load(SHIPPED), load_spec(SHIPPED)
+    q, k, v = _qkv(1, 1, 1, 200, 200, device=device)
+    ids = torch.zeros(1, 200, dtype=torch.long, device=device)
+    docs = module.Documents(ids)
+    first = module.attention(q, k, v, documents=docs)
+    ids[0, 100:] = 1  # the caller's tensor changes; the Documents (and its tables) must not
+    assert torch.equal(first, module.attention(q, k, v, documents=docs))
+    wide = torch.tensor([[0] * 100 + [2**33] * 100], dtype=torch.uint64).to(device)
+    o = module.attention(q, k, v, documents=wide)
+    ref, _ = reference.attention(spec, q.double(), k.double(), v.double(), documents=(ids, ids))
+    assert (o.double() - ref).abs().max() < 1e-4  # 2^33 is not narrowed into document 0
+
+
+def test_a_documents_of_another_module_is_refused(tmp_path):
+    other = attngen.load(_spec_file(tmp_path, "doc_other", "{document: true}", head_dim=128))
+    module = attngen.load(SHIPPED)
+    q, k, v = _qkv(1, 1, 1, 20, 20)
+    with pytest.raises(TypeError, match="another module"):
+        module.attention(q, k, v, documents=other.Documents(torch.zeros(1, 20, dtype=torch.long)))
