@@ -56,9 +56,11 @@ def _sdpa_ok(spec: Spec) -> bool:
 
 
 def bench_documents(shape: BenchShape, generator: torch.Generator, docs: int = 4) -> torch.Tensor:
-    """Document ids [batch, seq]: per row, `docs` runs of random lengths (cut at random positions)."""
-    cuts = torch.randint(1, max(shape.seq, 2), (shape.batch, docs - 1), generator=generator, device="cuda")
-    pos = torch.arange(shape.seq, device="cuda")
+    """Document ids [batch, seq] on the generator's device: per row, `docs` runs of random lengths
+    (cut at random positions)."""
+    device = generator.device
+    cuts = torch.randint(1, max(shape.seq, 2), (shape.batch, docs - 1), generator=generator, device=device)
+    pos = torch.arange(shape.seq, device=device)
     return (pos[None, :, None] >= cuts.sort(dim=1).values[:, None, :]).sum(dim=2).to(torch.int32)
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .bench import BenchShape
+from .bench import BenchShape, bench_documents
 from .loader import load
 from .passes import PassOptions
 from .pipeline import compile_spec
@@ -65,11 +65,13 @@ def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, dev
     q, k, v = mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim_v)
     slopes = module.default_alibi_slopes(shape.heads, device) if spec.score.alibi else q.new_empty(0, dtype=torch.float32)
     scale = spec.scale
+    # a document mask: the benchmark's documents (bench_documents), their tables built on the first run
+    docs = (module.Documents(bench_documents(shape, g)),) if spec.mask.document else ()
     if role == "fwd":
-        return lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, False)
-    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True)
+        return lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, False, *docs)
+    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs)
     do = mk(shape.seq, spec.head_dim_v)
-    return lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0)
+    return lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs)
 
 
 def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[[Callable], float],

@@ -14,7 +14,7 @@ import torch
 import triton
 
 import attngen
-from attngen.bench import parse_case, parse_shapes
+from attngen.bench import bench_documents, parse_case, parse_shapes
 from attngen.exhaustive import workload
 from attngen.spec import load_spec
 
@@ -38,13 +38,15 @@ def main():
             mk = lambda d: torch.randn(shape.batch, shape.heads, shape.seq, d, generator=g, device="cuda",  # noqa: E731
                                        dtype=torch.bfloat16)
             q, k, v, do = mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v), mk(spec.head_dim_v)
+            ids = bench_documents(shape, g) if spec.mask.document else None  # the benchmark's documents
             out = {}
             for value in (True, False):
                 module = attngen.load(path, **{args.option: value})
-                fwd = lambda: module.attention(q, k, v, training=False)  # noqa: E731
+                extra = {"documents": module.Documents(ids)} if ids is not None else {}
+                fwd = lambda: module.attention(q, k, v, training=False, **extra)  # noqa: E731
                 bwd = workload(module, spec, shape, "bwd_dq", torch.bfloat16, "cuda")
                 qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-                step = lambda: module.attention(qg, kg, vg, training=False).backward(do)  # noqa: E731
+                step = lambda: module.attention(qg, kg, vg, training=False, **extra).backward(do)  # noqa: E731
                 out[value] = (graph(fwd), graph(bwd), bench(step, grad_to_none=[qg, kg, vg]))
             on, off = out[True], out[False]
             print(f"{spec.name:<18} {str(shape):<16} " + " | ".join(

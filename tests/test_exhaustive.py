@@ -69,3 +69,12 @@ def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
         module.TUNED.clear()
     assert attngen.load(path) is module  # on by default
     assert not hasattr(attngen.load(path, shape_buckets=False), "BUCKET_TILINGS")
+
+
+def test_search_runs_a_document_spec_on_the_benchmarks_documents(device):
+    """The exhaustive search's (and autotune's) workload passes documents to a document spec's kernels."""
+    path = ROOT / "specs" / "document.yaml"
+    runs = []
+    trials = search(path, BenchShape(2, 1, 70), "bwd_dkdv", lambda run: runs.append(run()) or 1.0,
+                    dtype="fp16", device=device, top=2)
+    assert [t.measured_ms for t in trials] == [1.0, 1.0] and len(runs) == 2
