@@ -107,6 +107,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "document": fwd.attr("mask_plan").document,
         "helpers": {h for h in ("floordiv", "mod") if visible and f"_{h}(" in visible},
         "needs_tile_table": bool(tiles_roles),
+        "nested_runs": all(kernels[role].attr("nested_runs") for role in tiles_roles),  # the tables' encoding
         "tiles_roles": tiles_roles,
     }
 

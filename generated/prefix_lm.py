@@ -487,6 +487,11 @@ def _first(selected):
     return torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices  # a stable sort keeps their order
 
 
+
+
+TILE_RUNS = "nested"  # how tile tables store full tiles (_tile_lists; the `nested_runs` option)
+
+
 def _tile_lists(classes):
     """From tile classes [..., n, n_other]: COUNT [..., n, 2] = (partial tiles, runs of full tiles)
     and INDEX [..., n, 2, n_other + 1]: per outer block its partial tiles' block numbers, and the

@@ -50,12 +50,25 @@ def test_reference_document_mask_is_same_id_pairs():
     assert torch.isneginf(lse[0, 0, 3]) and (o[0, 0, 3] == 0).all()
 
 
+def _full_tiles(module, count, index):
+    """One outer block's full tiles from its COUNT [2] and INDEX [2, n + 1] rows, in either encoding."""
+    if module.TILE_RUNS == "nested":  # runs as [first, end) pairs
+        runs = index[1, :2 * count[1]].reshape(-1, 2).tolist()
+        assert all(f < e for f, e in runs) and all(e < f for (_, e), (f, _) in zip(runs, runs[1:]))  # maximal runs
+        return [j for f, e in runs for j in range(f, e)]
+    first, end = index[1, :2].tolist()  # the first run, then the others one by one
+    rest = index[1, 2:2 + count[1]].tolist()
+    assert first <= end and all(j > end for j in rest) and rest == sorted(rest)
+    return list(range(first, end)) + rest
+
+
+@pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("sorted_", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_tile_tables_are_sound(sorted_, transposed):
+def test_tile_tables_are_sound(sorted_, transposed, nested):
     """Every visible pair lies in a listed tile; every FULL tile (in runs of consecutive ones) is
     visible throughout and not ragged along the walked dimension; every tile is listed at most once."""
-    module = attngen.load(SHIPPED)
+    module = attngen.load(SHIPPED, nested_runs=nested)
     g = torch.Generator().manual_seed(3)
     shape = Shape(3, 1, 1, 150, 190)
     q_ids, kv_ids = random_documents(shape, "cpu", g, sorted_=sorted_)
@@ -81,9 +94,7 @@ def test_tile_tables_are_sound(sorted_, transposed):
     for b in range(3):
         for i in range(n_m):
             partial = index[b, i, 0, :count[b, i, 0]].tolist()
-            runs = index[b, i, 1, :2 * count[b, i, 1]].reshape(-1, 2).tolist()
-            assert all(f < e for f, e in runs) and all(e < f for (_, e), (f, _) in zip(runs, runs[1:]))  # maximal runs
-            full = [j for f, e in runs for j in range(f, e)]
+            full = _full_tiles(module, count[b, i], index[b, i])
             assert len(set(partial + full)) == len(partial) + len(full)
             assert set(torch.nonzero(any_vis[b, i]).flatten().tolist()) <= set(partial + full)
             for j in full:
@@ -100,7 +111,7 @@ def test_tile_tables_are_sound(sorted_, transposed):
 ])
 def test_document_variants_match_reference(tmp_path, name, mask, extra, device):
     path = _spec_file(tmp_path, name, mask, **extra)
-    spec, module = load_spec(path), attngen.load(path)
+    spec, module = load_spec(path), attngen.load(path, nested_runs=name != "doc_window_softcap")
     shapes = [Shape(2, 2, 1, 61, 61), Shape(1, 2, 2, 40, 90), Shape(2, 3, 1, 77, 33, "bnhd")]
     results = [check(spec, module, s, "fp32", device, seed=i, backward=True) for i, s in enumerate(shapes)]
     results += [check(spec, module, shapes[0], "fp16", device, seed=5)]
@@ -166,6 +177,7 @@ def test_single_ids_tensor_needs_equal_lengths():
 
 def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
     module = attngen.load(SHIPPED)
+    assert module.TILE_RUNS == "nested"
     classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [2, 2, 2, 2, 2]], dtype=torch.int8)
     count, index = module._tile_lists(classes)
     assert count.tolist() == [[0, 3], [1, 2], [2, 0], [0, 1]]
@@ -175,10 +187,23 @@ def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
     assert index[3, 1, :2].tolist() == [0, 5]
 
 
-def test_one_document_is_the_causal_spec(device):
+def test_tile_lists_without_nested_runs_put_the_first_run_then_the_other_full_tiles():
+    module = attngen.load(SHIPPED, nested_runs=False)
+    assert module.TILE_RUNS == "first"
+    classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [0, 2, 2, 2, 2]], dtype=torch.int8)
+    count, index = module._tile_lists(classes)
+    assert count.tolist() == [[0, 2], [1, 2], [2, 0], [0, 0]]
+    assert index[0, 1, :4].tolist() == [0, 1, 2, 4]  # the run [0, 1), then tiles 2 and 4
+    assert index[1, 1, :4].tolist() == [0, 2, 3, 4]
+    assert index[2, 1, :2].tolist() == [0, 0]  # no full tile: an empty first run
+    assert index[3, 1, :2].tolist() == [1, 5]
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_one_document_is_the_causal_spec(device, nested):
     """With one document per row the document spec's kernels (tables with runs of full tiles)
     must give what the causal spec's (closed-form bounds) give, forward and gradients."""
-    module, causal = attngen.load(SHIPPED), attngen.load(ROOT / "specs" / "causal.yaml")
+    module, causal = attngen.load(SHIPPED, nested_runs=nested), attngen.load(ROOT / "specs" / "causal.yaml")
     q, k, v = (t.requires_grad_() for t in _qkv(2, 2, 1, 230, 230, device=device))
     do = torch.randn(2, 2, 230, 128, generator=torch.Generator().manual_seed(1)).to(device)
     results = []
@@ -186,10 +211,10 @@ def test_one_document_is_the_causal_spec(device):
                lambda: causal.attention(q, k, v)):
         o = fn()
         results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), do)])
-    count, _ = module._document_table(torch.zeros(2, 230, dtype=torch.long, device=device),
+    count, index = module._document_table(torch.zeros(2, 230, dtype=torch.long, device=device),
                                       torch.zeros(2, 230, dtype=torch.long, device=device),
                                       *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False)
-    assert (count[..., 1] > 0).any()  # some query blocks have full tiles: the runs are walked
+    assert any(_full_tiles(module, c, i) for c, i in zip(count[0], index[0]))  # full tiles: the runs are walked
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-5
 
@@ -214,3 +239,15 @@ def test_a_documents_of_another_module_is_refused(tmp_path):
     q, k, v = _qkv(1, 1, 1, 20, 20)
     with pytest.raises(TypeError, match="another module"):
         module.attention(q, k, v, documents=other.Documents(torch.zeros(1, 20, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("name", ["prefix_lm", "dilated"])
+def test_static_tile_tables_without_nested_runs_match_reference(name, device):
+    """The `nested_runs=False` encoding on the shipped tile-table plans (prefix-LM's dK/dV kernel,
+    every dilated kernel)."""
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path, nested_runs=False)
+    assert module.TILE_RUNS == "first"
+    results = [check(spec, module, s, "fp32", device, seed=i, backward=True)
+               for i, s in enumerate([Shape(1, 2, 1, 200, 200), Shape(2, 2, 2, 70, 150)])]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
