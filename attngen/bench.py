@@ -20,7 +20,7 @@ import torch
 
 from .loader import load
 from .mask import mask_condition
-from .reference import dense_mask, document_mask
+from .reference import dense_mask, document_mask, documents_at_cuts
 from .spec import Spec, load_spec
 from .symbolic import to_callable
 
@@ -58,10 +58,7 @@ def _sdpa_ok(spec: Spec) -> bool:
 def bench_documents(shape: BenchShape, generator: torch.Generator, docs: int = 4) -> torch.Tensor:
     """Document ids [batch, seq] on the generator's device: per row, `docs` runs of random lengths
     (cut at random positions)."""
-    device = generator.device
-    cuts = torch.randint(1, max(shape.seq, 2), (shape.batch, docs - 1), generator=generator, device=device)
-    pos = torch.arange(shape.seq, device=device)
-    return (pos[None, :, None] >= cuts.sort(dim=1).values[:, None, :]).sum(dim=2).to(torch.int32)
+    return documents_at_cuts(shape.batch, shape.seq, docs - 1, generator, low=1)
 
 
 def _peers(spec: Spec, shape: BenchShape, module, doc_ids=None):

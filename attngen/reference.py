@@ -48,6 +48,14 @@ def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu") -> torch.Tensor:
     return vis
 
 
+def documents_at_cuts(batch: int, n: int, cuts: int, generator: torch.Generator, low: int = 0) -> torch.Tensor:
+    """Document ids int32 [batch, n] on the generator's device: per row, the positions cut at
+    `cuts` random places in [low, n) into sorted runs (packed sequences of random lengths)."""
+    device = generator.device
+    at = torch.randint(low, max(n, low + 1), (batch, cuts), generator=generator, device=device)
+    return (torch.arange(n, device=device)[None, :, None] >= at[:, None, :]).sum(dim=2).to(torch.int32)
+
+
 def document_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
     """bool [B, Nq, Nk]: are query i and key j of batch b in the same document?"""
     return q_ids[:, :, None] == kv_ids[:, None, :]

@@ -85,8 +85,7 @@ def random_documents(shape: Shape, device, generator: torch.Generator, sorted_: 
     def ids(n: int) -> torch.Tensor:
         if not sorted_:
             return torch.randint(0, 3, (shape.batch, n), generator=generator, device=device)
-        cuts = torch.randint(0, max(n, 1), (shape.batch, max(2, n // 100)), generator=generator, device=device)
-        return (torch.arange(n, device=device)[None, :, None] >= cuts[:, None, :]).sum(dim=2)
+        return reference.documents_at_cuts(shape.batch, n, max(2, n // 100), generator)
     q_ids = ids(shape.seq_q)
     kv_ids = q_ids if shape.seq_q == shape.seq_k else ids(shape.seq_k)
     return q_ids, kv_ids

@@ -523,15 +523,16 @@ def _tile_lists(classes):
     and INDEX [..., n, 2, n_other + 1]: per outer block its partial tiles' block numbers, and the
     runs of consecutive full tiles as [first, end) pairs (the kernels loop over a run without
     loading an index per tile; a block of contiguous documents has one run)."""
+    n = classes.shape[-1]
     full = classes == 2
     before = torch.nn.functional.pad(full[..., :-1], (1, 0))  # is the tile before full?
     after = torch.nn.functional.pad(full[..., 1:], (0, 1))
     firsts, lasts = _first(full & ~before), _first(full & ~after)
-    n = classes.shape[-1]
-    runs = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
+    lists = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
+    second = (full & ~before).sum(dim=-1)  # COUNT's second column: the runs
     partial = torch.nn.functional.pad(_first(classes == 1), (0, 1))
-    count = torch.stack([(classes == 1).sum(dim=-1), (full & ~before).sum(dim=-1)], dim=-1).to(torch.int32)
-    return count.contiguous(), torch.stack([partial, runs], dim=-2).to(torch.int32).contiguous()
+    count = torch.stack([(classes == 1).sum(dim=-1), second], dim=-1).to(torch.int32)
+    return count.contiguous(), torch.stack([partial, lists], dim=-2).to(torch.int32).contiguous()
 
 
 def _block_ranges(ids, block):
