@@ -107,7 +107,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "document": fwd.attr("mask_plan").document,
         "helpers": {h for h in ("floordiv", "mod") if visible and f"_{h}(" in visible},
         "needs_tile_table": bool(tiles_roles),
-        "nested_runs": all(kernels[role].attr("nested_runs") for role in tiles_roles),  # the tables' encoding
+        "nested_runs": {role: bool(kernels[role].attr("nested_runs")) for role in tiles_roles},  # each table's encoding
+        "tile_runs": repr({role: "nested" if kernels[role].attr("nested_runs") else "first" for role in tiles_roles}),
         "tiles_roles": tiles_roles,
     }
 

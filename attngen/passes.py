@@ -31,13 +31,13 @@
       attr longest_first = True
       attr split_loops = True     (fwd; False for bwd_dkdv, bwd_dq)
 
-  A tile-table plan's full tiles are stored as runs of consecutive blocks; `nested_runs` loops
-  over the runs with the run's tiles in an inner loop (H200: as fast as closed-form bounds at 4k
-  and 16k tokens, a third slower than one index load per tile for 256-token documents at 1k);
-  off, the first run is a flat loop and further full tiles are indexed one by one (no nesting;
-  not yet timed: scripts/option_ab.py --option nested_runs):
+  A tile-table plan's full tiles are stored as runs of consecutive blocks. The forward loops
+  over the runs with each run's tiles in an inner loop; the backward kernels store the first run
+  as a flat loop and further full tiles one index each, no nesting (H200, four documents, CUDA
+  graphs: the backward 5-11% faster so, the forward 1-2% slower; scripts/option_ab.py --option
+  nested_runs):
 
-      attr nested_runs = True     (tile-table plans only)
+      attr nested_runs = True     (fwd; False for bwd_dkdv, bwd_dq; tile-table plans only)
 
 The verifier runs after every pass.
 """
@@ -61,7 +61,7 @@ class PassOptions:
     longest_first: bool = True  # False: programs start in block order whatever the work profile
     split_loops: bool | None = None  # None: the schedule pass decides; True / False: force it (for A/B)
     shape_buckets: bool = True  # also pick tilings per sequence-length bucket (BUCKETS); False: one tiling
-    nested_runs: bool = True  # tile tables: loop over runs of full tiles, each an inner loop; False: see schedule
+    nested_runs: bool | None = None  # tile tables: None: the schedule pass decides; True: runs in nested loops; False: first run flat
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -149,7 +149,8 @@ def schedule(kernel: Kernel, options: PassOptions) -> Kernel:
     split = kernel.attr("role") == "fwd" if options.split_loops is None else options.split_loops
     kernel = kernel.with_attrs(longest_first=reverse, split_loops=split)
     if kernel.attr("mask_plan").kind is PlanKind.TILES:
-        kernel = kernel.with_attrs(nested_runs=options.nested_runs)
+        nested = kernel.attr("role") == "fwd" if options.nested_runs is None else options.nested_runs
+        kernel = kernel.with_attrs(nested_runs=nested)
     return kernel
 
 

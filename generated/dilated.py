@@ -331,17 +331,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         DELTAh = DELTA + bh * Nq
         slope = 0.0
 
-        # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, runs of full tiles);
-        # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
+        # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, other full tiles);
+        # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run of full tiles as a
+        # [first, end) block pair, then the block numbers of the full tiles after it.
         tile_row = (first // BLOCK_N).to(tl.int64)
         n_partial = tl.load(COUNT + tile_row * 2)
-        n_runs = tl.load(COUNT + tile_row * 2 + 1)
+        n_rest = tl.load(COUNT + tile_row * 2 + 1)
         row = INDEX + tile_row * 2 * (n_blocks + 1)
-        for j in range(0, n_runs):
-            run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_M
-            run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_M
-            for start_i in range(run_first, run_end, BLOCK_M):
-                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+        run_first = tl.load(row + n_blocks + 1) * BLOCK_M
+        run_end = tl.load(row + n_blocks + 2) * BLOCK_M
+        for start_i in range(run_first, run_end, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+                                        seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
+                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
+                                        DOT_PRECISION, TMA, FAST_TANH, WIDE)
+        for i in range(0, n_rest):
+            start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_M
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH, WIDE)
@@ -424,17 +430,22 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     slope = 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, runs of full tiles);
-    # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
+    # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, other full tiles);
+    # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run of full tiles as a
+    # [first, end) block pair, then the block numbers of the full tiles after it.
     tile_row = (first // BLOCK_M).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
-    n_runs = tl.load(COUNT + tile_row * 2 + 1)
+    n_rest = tl.load(COUNT + tile_row * 2 + 1)
     row = INDEX + tile_row * 2 * (n_blocks + 1)
-    for j in range(0, n_runs):
-        run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_N
-        run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_N
-        for start_i in range(run_first, run_end, BLOCK_N):
-            dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+    run_first = tl.load(row + n_blocks + 1) * BLOCK_N
+    run_end = tl.load(row + n_blocks + 2) * BLOCK_N
+    for start_i in range(run_first, run_end, BLOCK_N):
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                          p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
+    for i in range(0, n_rest):
+        start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_N
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
     for i in range(0, n_partial):
@@ -503,35 +514,45 @@ def _first(selected):
     return torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices  # a stable sort keeps their order
 
 
+TILE_RUNS = {'fwd': 'nested', 'bwd_dkdv': 'first', 'bwd_dq': 'first'}  # how each role's tile table stores full tiles (_tile_lists; the `nested_runs` option)
 
 
-TILE_RUNS = "nested"  # how tile tables store full tiles (_tile_lists; the `nested_runs` option)
-
-
-def _tile_lists(classes):
-    """From tile classes [..., n, n_other]: COUNT [..., n, 2] = (partial tiles, runs of full tiles)
-    and INDEX [..., n, 2, n_other + 1]: per outer block its partial tiles' block numbers, and the
-    runs of consecutive full tiles as [first, end) pairs (the kernels loop over a run without
-    loading an index per tile; a block of contiguous documents has one run)."""
+def _tile_lists(classes, nested):
+    """From tile classes [..., n, n_other]: COUNT [..., n, 2] and INDEX [..., n, 2, n_other + 1].
+    COUNT[..., 0] and INDEX[..., 0, :] are each outer block's partial tiles and their block
+    numbers. Its full tiles, which the kernels loop over without loading an index per tile where
+    they are consecutive, are stored, if `nested`, as runs of consecutive blocks: COUNT[..., 1]
+    runs as [first, end) pairs in INDEX[..., 1, :] (a block of contiguous documents has one run);
+    else as the first run's [first, end) pair ([0, 0) if none) and then the block numbers of the
+    other full tiles, COUNT[..., 1] of them."""
     n = classes.shape[-1]
     full = classes == 2
     before = torch.nn.functional.pad(full[..., :-1], (1, 0))  # is the tile before full?
     after = torch.nn.functional.pad(full[..., 1:], (0, 1))
-    firsts, lasts = _first(full & ~before), _first(full & ~after)
-    lists = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
-    second = (full & ~before).sum(dim=-1)  # COUNT's second column: the runs
+    if nested:
+        firsts, lasts = _first(full & ~before), _first(full & ~after)
+        lists = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
+        second = (full & ~before).sum(dim=-1)  # the runs
+    else:
+        any_full = full.any(dim=-1, keepdim=True)
+        first = torch.where(any_full, _first(full & ~before)[..., :1], 0)
+        end = torch.where(any_full, _first(full & ~after)[..., :1] + 1, 0)
+        pos = torch.arange(n, device=classes.device)
+        rest = full & ((pos < first) | (pos >= end))  # (none lie before the first run)
+        lists = torch.cat([first, end, _first(rest)], dim=-1)[..., :n + 1]  # 2 + (full tiles - 1) <= n + 1
+        second = rest.sum(dim=-1)  # the full tiles after the first run
     partial = torch.nn.functional.pad(_first(classes == 1), (0, 1))
     count = torch.stack([(classes == 1).sum(dim=-1), second], dim=-1).to(torch.int32)
     return count.contiguous(), torch.stack([partial, lists], dim=-2).to(torch.int32).contiguous()
 
 
-def _tile_table(Nq, Nk, BLOCK_M, BLOCK_N, device, transposed=False):
+def _tile_table(Nq, Nk, BLOCK_M, BLOCK_N, device, transposed, nested):
     """The tile lists of query blocks walking keys, or (transposed, for dK/dV) of key blocks
     walking queries, for this shape (made once)."""
-    key = (Nq, Nk, BLOCK_M, BLOCK_N, str(device), transposed)
+    key = (Nq, Nk, BLOCK_M, BLOCK_N, str(device), transposed, nested)
     if key not in _TILE_LISTS:
         by_keys, by_rows = _tile_classes(Nq, Nk, BLOCK_M, BLOCK_N, device)
-        _TILE_LISTS[key] = _tile_lists(by_rows.T if transposed else by_keys)
+        _TILE_LISTS[key] = _tile_lists(by_rows.T if transposed else by_keys, nested)
     return _TILE_LISTS[key]
 
 
@@ -586,7 +607,7 @@ def _check(q, k, v, alibi_slopes):
 def _table(role, cfg, Nq, Nk, device):
     """The tile table a role's kernel walks (a placeholder tensor for closed-form plans)."""
     if role in ('fwd', 'bwd_dkdv', 'bwd_dq'):
-        return _tile_table(Nq, Nk, cfg["BLOCK_M"], cfg["BLOCK_N"], device, transposed=role == "bwd_dkdv")
+        return _tile_table(Nq, Nk, cfg["BLOCK_M"], cfg["BLOCK_N"], device, role == "bwd_dkdv", TILE_RUNS[role] == "nested")
     empty = _placeholder(device, torch.int32)
     return empty, empty
 

@@ -338,17 +338,23 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q,
         DELTAh = DELTA + bh * Nq
         slope = 0.0
 
-        # Tile table of this batch's documents: COUNT[r] = (partial tiles, runs of full tiles);
-        # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
+        # Tile table of this batch's documents: COUNT[r] = (partial tiles, other full tiles);
+        # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run of full tiles as a
+        # [first, end) block pair, then the block numbers of the full tiles after it.
         tile_row = (off_b * tl.cdiv(Nk, BLOCK_N) + first // BLOCK_N).to(tl.int64)
         n_partial = tl.load(COUNT + tile_row * 2)
-        n_runs = tl.load(COUNT + tile_row * 2 + 1)
+        n_rest = tl.load(COUNT + tile_row * 2 + 1)
         row = INDEX + tile_row * 2 * (n_blocks + 1)
-        for j in range(0, n_runs):
-            run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_M
-            run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_M
-            for start_i in range(run_first, run_end, BLOCK_M):
-                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+        run_first = tl.load(row + n_blocks + 1) * BLOCK_M
+        run_end = tl.load(row + n_blocks + 2) * BLOCK_M
+        for start_i in range(run_first, run_end, BLOCK_M):
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
+                                        seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
+                                        HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
+                                        DOT_PRECISION, TMA, FAST_TANH, WIDE)
+        for i in range(0, n_rest):
+            start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_M
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH, WIDE)
@@ -434,17 +440,22 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q, DO
     slope = 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Tile table of this batch's documents: COUNT[r] = (partial tiles, runs of full tiles);
-    # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
+    # Tile table of this batch's documents: COUNT[r] = (partial tiles, other full tiles);
+    # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run of full tiles as a
+    # [first, end) block pair, then the block numbers of the full tiles after it.
     tile_row = (off_b * tl.cdiv(Nq, BLOCK_M) + first // BLOCK_M).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
-    n_runs = tl.load(COUNT + tile_row * 2 + 1)
+    n_rest = tl.load(COUNT + tile_row * 2 + 1)
     row = INDEX + tile_row * 2 * (n_blocks + 1)
-    for j in range(0, n_runs):
-        run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_N
-        run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_N
-        for start_i in range(run_first, run_end, BLOCK_N):
-            dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+    run_first = tl.load(row + n_blocks + 1) * BLOCK_N
+    run_end = tl.load(row + n_blocks + 2) * BLOCK_N
+    for start_i in range(run_first, run_end, BLOCK_N):
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
+                          p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+                          HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
+    for i in range(0, n_rest):
+        start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_N
+        dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
     for i in range(0, n_partial):
@@ -513,23 +524,33 @@ def _first(selected):
     return torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices  # a stable sort keeps their order
 
 
+TILE_RUNS = {'fwd': 'nested', 'bwd_dkdv': 'first', 'bwd_dq': 'first'}  # how each role's tile table stores full tiles (_tile_lists; the `nested_runs` option)
 
 
-TILE_RUNS = "nested"  # how tile tables store full tiles (_tile_lists; the `nested_runs` option)
-
-
-def _tile_lists(classes):
-    """From tile classes [..., n, n_other]: COUNT [..., n, 2] = (partial tiles, runs of full tiles)
-    and INDEX [..., n, 2, n_other + 1]: per outer block its partial tiles' block numbers, and the
-    runs of consecutive full tiles as [first, end) pairs (the kernels loop over a run without
-    loading an index per tile; a block of contiguous documents has one run)."""
+def _tile_lists(classes, nested):
+    """From tile classes [..., n, n_other]: COUNT [..., n, 2] and INDEX [..., n, 2, n_other + 1].
+    COUNT[..., 0] and INDEX[..., 0, :] are each outer block's partial tiles and their block
+    numbers. Its full tiles, which the kernels loop over without loading an index per tile where
+    they are consecutive, are stored, if `nested`, as runs of consecutive blocks: COUNT[..., 1]
+    runs as [first, end) pairs in INDEX[..., 1, :] (a block of contiguous documents has one run);
+    else as the first run's [first, end) pair ([0, 0) if none) and then the block numbers of the
+    other full tiles, COUNT[..., 1] of them."""
     n = classes.shape[-1]
     full = classes == 2
     before = torch.nn.functional.pad(full[..., :-1], (1, 0))  # is the tile before full?
     after = torch.nn.functional.pad(full[..., 1:], (0, 1))
-    firsts, lasts = _first(full & ~before), _first(full & ~after)
-    lists = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
-    second = (full & ~before).sum(dim=-1)  # COUNT's second column: the runs
+    if nested:
+        firsts, lasts = _first(full & ~before), _first(full & ~after)
+        lists = torch.stack([firsts, lasts + 1], dim=-1).flatten(-2)[..., :n + 1]  # at most (n + 1) // 2 runs
+        second = (full & ~before).sum(dim=-1)  # the runs
+    else:
+        any_full = full.any(dim=-1, keepdim=True)
+        first = torch.where(any_full, _first(full & ~before)[..., :1], 0)
+        end = torch.where(any_full, _first(full & ~after)[..., :1] + 1, 0)
+        pos = torch.arange(n, device=classes.device)
+        rest = full & ((pos < first) | (pos >= end))  # (none lie before the first run)
+        lists = torch.cat([first, end, _first(rest)], dim=-1)[..., :n + 1]  # 2 + (full tiles - 1) <= n + 1
+        second = rest.sum(dim=-1)  # the full tiles after the first run
     partial = torch.nn.functional.pad(_first(classes == 1), (0, 1))
     count = torch.stack([(classes == 1).sum(dim=-1), second], dim=-1).to(torch.int32)
     return count.contiguous(), torch.stack([partial, lists], dim=-2).to(torch.int32).contiguous()
@@ -544,7 +565,7 @@ def _block_ranges(ids, block):
     return blocks.amin(dim=2), blocks.amax(dim=2)
 
 
-def _document_table(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed):
+def _document_table(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed, nested):
     """Per batch, the tile lists (_tile_lists) of the spec's mask and the documents together: a
     tile is EMPTY where the mask's is or its query and key id ranges do not meet, FULL where the
     mask's is and all its ids are one, else PARTIAL. Sound for any ids; tight where each document
@@ -557,7 +578,7 @@ def _document_table(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed):
     meet = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
     one = (q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
     classes = torch.where(meet & (static > 0), 1 + (one & (static == 2)).to(torch.int8), 0).to(torch.int8)
-    return _tile_lists(classes.transpose(1, 2) if transposed else classes)
+    return _tile_lists(classes.transpose(1, 2) if transposed else classes, nested)
 
 
 class Documents:
@@ -584,7 +605,7 @@ class Documents:
     def operands(self, role, cfg):
         """The kernel arguments of the documents for role's kernel at tiling cfg: COUNT, INDEX
         (per batch) and the ids."""
-        key = (cfg["BLOCK_M"], cfg["BLOCK_N"], role == "bwd_dkdv")
+        key = (cfg["BLOCK_M"], cfg["BLOCK_N"], role == "bwd_dkdv", TILE_RUNS[role] == "nested")
         if key not in self._tables:
             self._tables[key] = _document_table(self.q_ids, self.kv_ids, *key)
         return (*self._tables[key], self.q_ids, self.kv_ids)

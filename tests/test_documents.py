@@ -50,9 +50,9 @@ def test_reference_document_mask_is_same_id_pairs():
     assert torch.isneginf(lse[0, 0, 3]) and (o[0, 0, 3] == 0).all()
 
 
-def _full_tiles(module, count, index):
+def _full_tiles(nested, count, index):
     """One outer block's full tiles from its COUNT [2] and INDEX [2, n + 1] rows, in either encoding."""
-    if module.TILE_RUNS == "nested":  # runs as [first, end) pairs
+    if nested:  # runs as [first, end) pairs
         runs = index[1, :2 * count[1]].reshape(-1, 2).tolist()
         assert all(f < e for f, e in runs) and all(e < f for (_, e), (f, _) in zip(runs, runs[1:]))  # maximal runs
         return [j for f, e in runs for j in range(f, e)]
@@ -75,7 +75,7 @@ def test_tile_tables_are_sound(sorted_, transposed, nested):
     q_ids[2] = 7  # one batch row that is a single document for queries and keys alike
     kv_ids[2] = 7
     BM, BN = 32, 16
-    count, index = module._document_table(q_ids, kv_ids, BM, BN, transposed)
+    count, index = module._document_table(q_ids, kv_ids, BM, BN, transposed, nested)
     vis = reference.dense_mask(load_spec(SHIPPED), 150, 190)[None] & reference.document_mask(q_ids, kv_ids)
     if transposed:
         vis, BM, BN, Nq, Nk = vis.transpose(1, 2), BN, BM, 190, 150
@@ -94,7 +94,7 @@ def test_tile_tables_are_sound(sorted_, transposed, nested):
     for b in range(3):
         for i in range(n_m):
             partial = index[b, i, 0, :count[b, i, 0]].tolist()
-            full = _full_tiles(module, count[b, i], index[b, i])
+            full = _full_tiles(nested, count[b, i], index[b, i])
             assert len(set(partial + full)) == len(partial) + len(full)
             assert set(torch.nonzero(any_vis[b, i]).flatten().tolist()) <= set(partial + full)
             for j in full:
@@ -111,7 +111,8 @@ def test_tile_tables_are_sound(sorted_, transposed, nested):
 ])
 def test_document_variants_match_reference(tmp_path, name, mask, extra, device):
     path = _spec_file(tmp_path, name, mask, **extra)
-    spec, module = load_spec(path), attngen.load(path, nested_runs=name != "doc_window_softcap")
+    nested = {"doc_only": True, "doc_window_softcap": False}.get(name)  # None: the default, per role
+    spec, module = load_spec(path), attngen.load(path, nested_runs=nested)
     shapes = [Shape(2, 2, 1, 61, 61), Shape(1, 2, 2, 40, 90), Shape(2, 3, 1, 77, 33, "bnhd")]
     results = [check(spec, module, s, "fp32", device, seed=i, backward=True) for i, s in enumerate(shapes)]
     results += [check(spec, module, shapes[0], "fp16", device, seed=5)]
@@ -177,9 +178,9 @@ def test_single_ids_tensor_needs_equal_lengths():
 
 def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
     module = attngen.load(SHIPPED)
-    assert module.TILE_RUNS == "nested"
+    assert module.TILE_RUNS == {"fwd": "nested", "bwd_dkdv": "first", "bwd_dq": "first"}  # the schedule pass's default
     classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [2, 2, 2, 2, 2]], dtype=torch.int8)
-    count, index = module._tile_lists(classes)
+    count, index = module._tile_lists(classes, True)
     assert count.tolist() == [[0, 3], [1, 2], [2, 0], [0, 1]]
     assert index[0, 1].tolist() == [0, 1, 2, 3, 4, 5]  # (n + 1) // 2 runs fill all n + 1 slots
     assert index[1, 0, :1].tolist() == [2] and index[1, 1, :4].tolist() == [0, 2, 3, 5]
@@ -189,9 +190,9 @@ def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
 
 def test_tile_lists_without_nested_runs_put_the_first_run_then_the_other_full_tiles():
     module = attngen.load(SHIPPED, nested_runs=False)
-    assert module.TILE_RUNS == "first"
+    assert set(module.TILE_RUNS.values()) == {"first"}
     classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [0, 2, 2, 2, 2]], dtype=torch.int8)
-    count, index = module._tile_lists(classes)
+    count, index = module._tile_lists(classes, False)
     assert count.tolist() == [[0, 2], [1, 2], [2, 0], [0, 0]]
     assert index[0, 1, :4].tolist() == [0, 1, 2, 4]  # the run [0, 1), then tiles 2 and 4
     assert index[1, 1, :4].tolist() == [0, 2, 3, 4]
@@ -213,8 +214,8 @@ def test_one_document_is_the_causal_spec(device, nested):
         results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), do)])
     count, index = module._document_table(torch.zeros(2, 230, dtype=torch.long, device=device),
                                       torch.zeros(2, 230, dtype=torch.long, device=device),
-                                      *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False)
-    assert any(_full_tiles(module, c, i) for c, i in zip(count[0], index[0]))  # full tiles: the runs are walked
+                                      *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False, nested)
+    assert any(_full_tiles(nested, c, i) for c, i in zip(count[0], index[0]))  # full tiles: the runs are walked
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-5
 
@@ -247,7 +248,7 @@ def test_static_tile_tables_without_nested_runs_match_reference(name, device):
     every dilated kernel)."""
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path, nested_runs=False)
-    assert module.TILE_RUNS == "first"
+    assert set(module.TILE_RUNS.values()) == {"first"}
     results = [check(spec, module, s, "fp32", device, seed=i, backward=True)
                for i, s in enumerate([Shape(1, 2, 1, 200, 200), Shape(2, 2, 2, 70, 150)])]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
