@@ -38,7 +38,7 @@ import sympy
 import torch
 
 from .mask_expr import KV_IDX, NK, NQ, Q_IDX
-from .symbolic import evaluate
+from .symbolic import evaluate, to_callable
 
 M_FIRST, M_LAST = sympy.symbols("m_first m_last", integer=True)
 
@@ -334,19 +334,41 @@ def block_key_range(plan: MaskPlan, m_first, m_last, Nq: int, Nk: int, block_n: 
     return start, full_start, full_end, torch.maximum(end, full_end)
 
 
+CELL = 16  # block sizes are multiples of it: the mask is evaluated once per cell grid, for every tiling
+
+
+@functools.lru_cache(maxsize=16)
+def _cells(cond: sympy.Basic | None, Nq: int, Nk: int, gm: int, gn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per gm x gn cell of the score matrix (ceil(Nq / gm) x ceil(Nk / gn) of them): whether any
+    pair is visible, and whether every in-bounds pair is. The mask is evaluated densely, a band of
+    rows at a time, so that memory stays bounded at long sequences."""
+    c_m, c_n = -(-Nq // gm), -(-Nk // gn)
+    visible = None if cond is None else to_callable(cond)
+    any_c = torch.empty(c_m, c_n, dtype=torch.bool)
+    all_c = torch.empty(c_m, c_n, dtype=torch.bool)
+    k = torch.arange(c_n * gn)[None, :]
+    band = max(gm, (1 << 22) // (c_n * gn) // gm * gm)  # rows per band: about 4M pairs
+    for r0 in range(0, c_m * gm, band):
+        q = torch.arange(r0, min(r0 + band, c_m * gm))[:, None]
+        inb = (q < Nq) & (k < Nk)
+        vis = inb if visible is None else inb & visible({Q_IDX.name: q, KV_IDX.name: k, NQ.name: Nq, NK.name: Nk})
+        shape = (q.shape[0] // gm, gm, c_n, gn)
+        any_c[r0 // gm:r0 // gm + shape[0]] = vis.reshape(shape).any(dim=3).any(dim=1)
+        all_c[r0 // gm:r0 // gm + shape[0]] = (vis == inb).reshape(shape).all(dim=3).all(dim=1)
+    return any_c, all_c
+
+
 def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
     """Exact classes of every tile by evaluating the mask densely: int8 [n_m, n_n] of
-    0 = EMPTY, 1 = PARTIAL, 2 = FULL. Out-of-bounds rows and keys count as not visible."""
+    0 = EMPTY, 1 = PARTIAL, 2 = FULL. Out-of-bounds rows and keys count as not visible. The
+    evaluation is per CELL x CELL cell and shared by every tiling of one shape (_cells)."""
+    gm, gn = math.gcd(block_m, CELL), math.gcd(block_n, CELL)
+    any_c, all_c = _cells(cond, Nq, Nk, gm, gn)
     n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
-    q = torch.arange(n_m * block_m)[:, None]
-    k = torch.arange(n_n * block_n)[None, :]
-    vis = (q < Nq) & (k < Nk)
-    if cond is not None:
-        vis = vis & evaluate(cond, {Q_IDX: q, KV_IDX: k, NQ: Nq, NK: Nk})
-    tiles = vis.reshape(n_m, block_m, n_n, block_n)
-    inb = ((q < Nq) & (k < Nk)).reshape(n_m, block_m, n_n, block_n)
-    anyv = tiles.any(dim=(1, 3))
-    allv = (tiles == inb).all(dim=(1, 3)) & anyv
+    pad = (0, n_n * block_n // gn - any_c.shape[1], 0, n_m * block_m // gm - any_c.shape[0])
+    shape = (n_m, block_m // gm, n_n, block_n // gn)  # cells past the end: nothing visible, all as it should be
+    anyv = torch.nn.functional.pad(any_c, pad, value=False).reshape(shape).any(dim=3).any(dim=1)
+    allv = torch.nn.functional.pad(all_c, pad, value=True).reshape(shape).all(dim=3).all(dim=1) & anyv
     return anyv.to(torch.int8) + allv.to(torch.int8)
 
 

@@ -1,7 +1,8 @@
 """Where a forward+backward step's time goes, ours against FlexAttention: the do_bench median (as
 `attngen bench` times it), the GPU time of each kernel per step (torch.profiler), their sum, and
 the host time to issue one step (no synchronization, after warm-up). A median well above the
-kernel sum means the GPU waits for the host.
+kernel sum means the GPU waits for the host. A document spec runs on the benchmark's documents
+(bench_documents), its Documents and Flex's block mask made before timing.
 
     python scripts/profile_step.py sliding_window:128:4x16x4096 dense:128:16x16x1024 [--fwd]
 """
@@ -16,7 +17,7 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from attngen.bench import _flex, parse_case
+from attngen.bench import _flex, bench_documents, parse_case
 from attngen.loader import load
 from attngen.spec import load_spec
 
@@ -58,8 +59,10 @@ def main():
         g = torch.Generator(device="cuda").manual_seed(0)
         mk = lambda dd: torch.randn(b, h, n, dd, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
         q, k, v, do = mk(spec.head_dim), mk(spec.head_dim), mk(spec.head_dim_v), mk(spec.head_dim_v)
-        impls = {"ours": lambda q, k, v: module.attention(q, k, v, training=False),
-                 "flex": _flex(spec, shape, module)}
+        ids = bench_documents(shape, g) if spec.mask.document else None  # the benchmark's documents
+        extra = {"documents": module.Documents(ids)} if ids is not None else {}
+        impls = {"ours": lambda q, k, v: module.attention(q, k, v, training=False, **extra),
+                 "flex": _flex(spec, shape, module, ids)}
         for impl, fn in impls.items():
             qg, kg, vg = (t.clone().requires_grad_(not args.fwd) for t in (q, k, v))
             if args.fwd:

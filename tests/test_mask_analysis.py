@@ -469,6 +469,16 @@ def test_dense_tile_classes_and_counts_on_random_specs(mask, Nq, Nk, BM, BN, tra
                                     transposed)
 
 
+@pytest.mark.parametrize("BM,BN", [(64, 128), (40, 24)])
+def test_dense_tile_classes_over_several_bands_and_cell_sizes(BM, BN):
+    """Long rows: the mask's cell grid is evaluated a band of rows at a time (three bands here);
+    blocks that are not multiples of 16 use finer cells. Both must agree with tile-by-tile classes
+    of the mask evaluated from its text."""
+    text = "(q_idx - kv_idx) % 3 != 0 and kv_idx <= q_idx + 700"
+    cond = parse_mask_expr(text, {})
+    assert_dense_classes_and_counts(cond, expr_visible(text, {}, 2100, 5001), BM, BN, text)
+
+
 @pytest.mark.parametrize("text", ["(q_idx - kv_idx) % 2 == 0", "kv_idx % 3 != 1 and kv_idx <= q_idx",
                                   "(q_idx // 16 + kv_idx // 16) % 2 == 0"])
 def test_tiles_plan_counts_examples(text):
