@@ -334,14 +334,15 @@ def block_key_range(plan: MaskPlan, m_first, m_last, Nq: int, Nk: int, block_n: 
     return start, full_start, full_end, torch.maximum(end, full_end)
 
 
-CELL = 16  # block sizes are multiples of it: the mask is evaluated once per cell grid, for every tiling
+CELL = 16  # the cell of the cost model's mask grid: every tiling whose blocks are multiples of it shares one grid
 
 
 @functools.lru_cache(maxsize=16)
 def _cells(cond: sympy.Basic | None, Nq: int, Nk: int, gm: int, gn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per gm x gn cell of the score matrix (ceil(Nq / gm) x ceil(Nk / gn) of them): whether any
     pair is visible, and whether every in-bounds pair is. The mask is evaluated densely, a band of
-    rows at a time, so that memory stays bounded at long sequences."""
+    rows at a time, so that memory stays bounded at long sequences. Cached: callers must not
+    modify the tensors."""
     c_m, c_n = -(-Nq // gm), -(-Nk // gn)
     visible = None if cond is None else to_callable(cond)
     any_c = torch.empty(c_m, c_n, dtype=torch.bool)
@@ -361,7 +362,8 @@ def _cells(cond: sympy.Basic | None, Nq: int, Nk: int, gm: int, gn: int) -> tupl
 def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
     """Exact classes of every tile by evaluating the mask densely: int8 [n_m, n_n] of
     0 = EMPTY, 1 = PARTIAL, 2 = FULL. Out-of-bounds rows and keys count as not visible. The
-    evaluation is per CELL x CELL cell and shared by every tiling of one shape (_cells)."""
+    mask is evaluated once per shape on a grid of cells (_cells): CELL x CELL where the blocks are
+    multiples of CELL (every shipped candidate), finer otherwise."""
     gm, gn = math.gcd(block_m, CELL), math.gcd(block_n, CELL)
     any_c, all_c = _cells(cond, Nq, Nk, gm, gn)
     n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)

@@ -32,10 +32,10 @@
       attr split_loops = True     (fwd; False for bwd_dkdv, bwd_dq)
 
   A tile-table plan's full tiles are stored as runs of consecutive blocks. The forward loops
-  over the runs with each run's tiles in an inner loop; the backward kernels store the first run
-  as a flat loop and further full tiles one index each, no nesting (H200, four documents, CUDA
-  graphs: the backward 5-11% faster so, the forward 1-2% slower; scripts/option_ab.py --option
-  nested_runs):
+  over the runs with each run's tiles in an inner loop; the backward kernels' tables hold the
+  first run, looped over flat, and then the other full tiles one index each (H200, CUDA graphs,
+  document / dilated / prefix-LM: the forward 1-4% faster nested, the backward kernels 5-13%
+  faster flat; scripts/option_ab.py --option nested_runs):
 
       attr nested_runs = True     (fwd; False for bwd_dkdv, bwd_dq; tile-table plans only)
 

@@ -566,7 +566,12 @@ def _block_ranges(ids, block):
 
 
 def _document_table(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed, nested):
-    """Per batch, the tile lists (_tile_lists) of the spec's mask and the documents together: a
+    """Per batch, the tile lists (_tile_lists) of the spec's mask and the documents together."""
+    return _tile_lists(_document_classes(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed), nested)
+
+
+def _document_classes(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed):
+    """Per batch, the classes of the tiles under the spec's mask and the documents together: a
     tile is EMPTY where the mask's is or its query and key id ranges do not meet, FULL where the
     mask's is and all its ids are one, else PARTIAL. Sound for any ids; tight where each document
     is one run of positions."""
@@ -578,7 +583,7 @@ def _document_table(q_ids, kv_ids, BLOCK_M, BLOCK_N, transposed, nested):
     meet = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
     one = (q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
     classes = torch.where(meet & (static > 0), 1 + (one & (static == 2)).to(torch.int8), 0).to(torch.int8)
-    return _tile_lists(classes.transpose(1, 2) if transposed else classes, nested)
+    return classes.transpose(1, 2) if transposed else classes
 
 
 class Documents:
@@ -600,14 +605,18 @@ class Documents:
             raise ValueError(f"document q_ids and kv_ids must have one batch size on one device; got "
                              f"{tuple(q_ids.shape)} on {q_ids.device}, {tuple(kv_ids.shape)} on {kv_ids.device}")
         self.q_ids, self.kv_ids = _ids(q_ids), _ids(kv_ids)
-        self._tables = {}
+        self._classes, self._tables = {}, {}
 
     def operands(self, role, cfg):
         """The kernel arguments of the documents for role's kernel at tiling cfg: COUNT, INDEX
-        (per batch) and the ids."""
-        key = (cfg["BLOCK_M"], cfg["BLOCK_N"], role == "bwd_dkdv", TILE_RUNS[role] == "nested")
+        (per batch) and the ids. Roles with one tiling and orientation share the tile classes;
+        each encoding (TILE_RUNS) gets its own lists."""
+        blocks = (cfg["BLOCK_M"], cfg["BLOCK_N"], role == "bwd_dkdv")
+        key = (*blocks, TILE_RUNS[role] == "nested")
         if key not in self._tables:
-            self._tables[key] = _document_table(self.q_ids, self.kv_ids, *key)
+            if blocks not in self._classes:
+                self._classes[blocks] = _document_classes(self.q_ids, self.kv_ids, *blocks)
+            self._tables[key] = _tile_lists(self._classes[blocks], key[-1])
         return (*self._tables[key], self.q_ids, self.kv_ids)
 
 

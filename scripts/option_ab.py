@@ -1,6 +1,8 @@
 """A/B of one lowering option (a PassOptions flag): the module compiled with it on against off,
 same tilings, bf16: the forward and the backward alone (forward outputs computed once) replayed as
 CUDA graphs (GPU time, no host overhead), and forward+backward through autograd as `bench` times it.
+For an option the passes set per role (split_loops, nested_runs), on and off force it for every
+kernel: neither arm is the shipped per-role default.
 
     python scripts/option_ab.py --option longest_first specs/causal.yaml --shape 4x16x4096
     python scripts/option_ab.py --option split_loops sliding_window:128 softcap:64 --shape 16x16x1024

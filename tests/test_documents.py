@@ -220,6 +220,22 @@ def test_one_document_is_the_causal_spec(device, nested):
         assert (a - b).abs().max() < 1e-5
 
 
+def test_roles_with_one_tiling_share_classes_but_get_their_own_encoding():
+    """fwd and bwd_dq walk the same orientation: at equal blocks they share the tile classes, yet
+    each kernel must get its table in its own encoding (TILE_RUNS), listing the same full tiles."""
+    module = attngen.load(SHIPPED)
+    assert module.TILE_RUNS["fwd"] == "nested" and module.TILE_RUNS["bwd_dq"] == "first"
+    ids = (torch.arange(256) // 16 % 2)[None]  # blocks of 16 alternate between two documents
+    docs = module.Documents(ids)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 16}
+    (fc, fi), (qc, qi) = (docs.operands(role, cfg)[:2] for role in ("fwd", "bwd_dq"))
+    assert len(docs._classes) == 1 and len(docs._tables) == 2
+    assert torch.equal(fi, module._document_table(docs.q_ids, docs.kv_ids, 16, 16, False, True)[1])
+    assert torch.equal(qi, module._document_table(docs.q_ids, docs.kv_ids, 16, 16, False, False)[1])
+    last = fi.shape[1] - 1  # the last query block sees every other key block: runs of one tile each
+    assert fc[0, last, 1] > 1 and _full_tiles(True, fc[0, last], fi[0, last]) == _full_tiles(False, qc[0, last], qi[0, last])
+
+
 def test_documents_copy_their_ids_and_keep_wide_unsigned_ids_apart(device):
     module, spec = attngen.load(SHIPPED), load_spec(SHIPPED)
     q, k, v = _qkv(1, 1, 1, 200, 200, device=device)
