@@ -103,10 +103,13 @@ def main():
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     slopes = module.default_alibi_slopes(h, "cuda") if module.SPEC["score"]["alibi"] else q.new_empty(0, dtype=torch.float32)
     scale = d ** -0.5
-    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True)
+    # a document spec: one document per row (the host path is the same for any ids)
+    docs = (module.Documents(torch.zeros(b, n, dtype=torch.long, device="cuda")),) if module.SPEC["mask"].get("document") else ()
+    kw = {"documents": docs[0]} if docs else {}
+    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs)
 
     def step():
-        module.attention(qg, kg, vg, training=False).backward(do)
+        module.attention(qg, kg, vg, training=False, **kw).backward(do)
         qg.grad = kg.grad = vg.grad = None
 
     def step_one_thread():
@@ -123,9 +126,9 @@ def main():
         "step (autograd fwd+bwd)": step,
         "no-op autograd Function step": identity_step,
         "step, backward on this thread": step_one_thread,
-        "attention, no grad": lambda: module.attention(q, k, v, training=False),
-        "_forward": lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, True),
-        "_backward, main thread": lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0),
+        "attention, no grad": lambda: module.attention(q, k, v, training=False, **kw),
+        "_forward": lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs),
+        "_backward, main thread": lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs),
         "torch.empty x3": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
         "current stream": lambda: torch.cuda.current_stream().cuda_stream,
         "_operands (4 descriptors)": lambda: module._operands(module.TILINGS["bwd_dq"]["bf16"], (q, do), (k, v)),
@@ -135,8 +138,8 @@ def main():
     for name, spy in spies.items():
         setattr(module, name, spy)
     module._PLANS.clear()  # plans made from here on launch through the spies
-    module._forward(q, k, v, slopes, scale, 0, 0.0, None, True)
-    module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0)
+    module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs)
+    module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs)
     module._PLANS.clear()
     for name, fn in kernels.items():
         setattr(module, name, fn)
@@ -145,7 +148,7 @@ def main():
         cases[f"{name} compiled.run direct"] = direct(fn, grid, args, kwargs)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; "
           f"{sys.argv[1]} at {b}x{h}x{n}; host us per call")
-    threaded = on_a_thread(lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0))
+    threaded = on_a_thread(lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs))
     print(f"{'_backward, on another thread':<34} {threaded:8.1f}")
     for label, fn in cases.items():
         try:
