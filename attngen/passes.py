@@ -34,8 +34,8 @@
   A tile-table plan's full tiles are stored as runs of consecutive blocks. The forward loops
   over the runs with each run's tiles in an inner loop; the backward kernels' tables hold the
   first run, looped over flat, and then the other full tiles one index each (H200, CUDA graphs,
-  document / dilated / prefix-LM: the forward 1-4% faster nested, the backward kernels 5-13%
-  faster flat; scripts/option_ab.py --option nested_runs):
+  document / dilated / prefix-LM: the forward takes 1-4% less time nested, the backward kernels
+  5-11% less flat; scripts/option_ab.py --option nested_runs):
 
       attr nested_runs = True     (fwd; False for bwd_dkdv, bwd_dq; tile-table plans only)
 
