@@ -216,12 +216,12 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX,
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
 
     # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, runs of full tiles);
-    # INDEX[r, 0, :] the partial tiles' block numbers, INDEX[r, 1, :] the runs' [first, end) block pairs.
+    # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the runs' [first, end) block pairs.
     tile_row = (first // BLOCK_M).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
-    n_runs = tl.load(COUNT + tile_row * 2 + 1)
+    n_full = tl.load(COUNT + tile_row * 2 + 1)
     row = INDEX + tile_row * 2 * (n_blocks + 1)
-    for j in range(0, n_runs):
+    for j in range(0, n_full):
         run_first = tl.load(row + n_blocks + 1 + 2 * j) * BLOCK_N
         run_end = tl.load(row + n_blocks + 2 + 2 * j) * BLOCK_N
         for start_i in range(run_first, run_end, BLOCK_N):
@@ -331,12 +331,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
         DELTAh = DELTA + bh * Nq
         slope = 0.0
 
-        # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, other full tiles);
+        # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, full tiles after the first run);
         # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run of full tiles as a
         # [first, end) block pair, then the block numbers of the full tiles after it.
         tile_row = (first // BLOCK_N).to(tl.int64)
         n_partial = tl.load(COUNT + tile_row * 2)
-        n_rest = tl.load(COUNT + tile_row * 2 + 1)
+        n_full = tl.load(COUNT + tile_row * 2 + 1)
         row = INDEX + tile_row * 2 * (n_blocks + 1)
         run_first = tl.load(row + n_blocks + 1) * BLOCK_M
         run_end = tl.load(row + n_blocks + 2) * BLOCK_M
@@ -345,7 +345,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH, WIDE)
-        for i in range(0, n_rest):
+        for i in range(0, n_full):
             start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
@@ -430,12 +430,12 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
     slope = 0.0
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
 
-    # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, other full tiles);
+    # Tile table for this (Nq, Nk): COUNT[r] = (partial tiles, full tiles after the first run);
     # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run of full tiles as a
     # [first, end) block pair, then the block numbers of the full tiles after it.
     tile_row = (first // BLOCK_M).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
-    n_rest = tl.load(COUNT + tile_row * 2 + 1)
+    n_full = tl.load(COUNT + tile_row * 2 + 1)
     row = INDEX + tile_row * 2 * (n_blocks + 1)
     run_first = tl.load(row + n_blocks + 1) * BLOCK_N
     run_end = tl.load(row + n_blocks + 2) * BLOCK_N
@@ -443,7 +443,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX,
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
-    for i in range(0, n_rest):
+    for i in range(0, n_full):
         start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_N
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,

@@ -50,6 +50,11 @@ def test_reference_document_mask_is_same_id_pairs():
     assert torch.isneginf(lse[0, 0, 3]) and (o[0, 0, 3] == 0).all()
 
 
+def _doc_lists(module, q_ids, kv_ids, BM, BN, transposed, nested):
+    """A module's tile lists (COUNT, INDEX) for these documents at one tiling and encoding."""
+    return module._tile_lists(module._document_classes(q_ids, kv_ids, BM, BN, transposed), nested)
+
+
 def _full_tiles(nested, count, index):
     """One outer block's full tiles from its COUNT [2] and INDEX [2, n + 1] rows, in either encoding."""
     if nested:  # runs as [first, end) pairs
@@ -75,7 +80,7 @@ def test_tile_tables_are_sound(sorted_, transposed, nested):
     q_ids[2] = 7  # one batch row that is a single document for queries and keys alike
     kv_ids[2] = 7
     BM, BN = 32, 16
-    count, index = module._document_table(q_ids, kv_ids, BM, BN, transposed, nested)
+    count, index = _doc_lists(module, q_ids, kv_ids, BM, BN, transposed, nested)
     vis = reference.dense_mask(load_spec(SHIPPED), 150, 190)[None] & reference.document_mask(q_ids, kv_ids)
     if transposed:
         vis, BM, BN, Nq, Nk = vis.transpose(1, 2), BN, BM, 190, 150
@@ -212,9 +217,9 @@ def test_one_document_is_the_causal_spec(device, nested):
                lambda: causal.attention(q, k, v)):
         o = fn()
         results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), do)])
-    count, index = module._document_table(torch.zeros(2, 230, dtype=torch.long, device=device),
-                                      torch.zeros(2, 230, dtype=torch.long, device=device),
-                                      *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False, nested)
+    count, index = _doc_lists(module, torch.zeros(2, 230, dtype=torch.long, device=device),
+                              torch.zeros(2, 230, dtype=torch.long, device=device),
+                              *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False, nested)
     assert any(_full_tiles(nested, c, i) for c, i in zip(count[0], index[0]))  # full tiles: the runs are walked
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-5
@@ -230,8 +235,8 @@ def test_roles_with_one_tiling_share_classes_but_get_their_own_encoding():
     cfg = {"BLOCK_M": 16, "BLOCK_N": 16}
     (fc, fi), (qc, qi) = (docs.operands(role, cfg)[:2] for role in ("fwd", "bwd_dq"))
     assert len(docs._classes) == 1 and len(docs._tables) == 2
-    assert torch.equal(fi, module._document_table(docs.q_ids, docs.kv_ids, 16, 16, False, True)[1])
-    assert torch.equal(qi, module._document_table(docs.q_ids, docs.kv_ids, 16, 16, False, False)[1])
+    assert torch.equal(fi, _doc_lists(module, docs.q_ids, docs.kv_ids, 16, 16, False, True)[1])
+    assert torch.equal(qi, _doc_lists(module, docs.q_ids, docs.kv_ids, 16, 16, False, False)[1])
     last = fi.shape[1] - 1  # the last query block sees every other key block: runs of one tile each
     assert fc[0, last, 1] > 1 and _full_tiles(True, fc[0, last], fi[0, last]) == _full_tiles(False, qc[0, last], qi[0, last])
 
