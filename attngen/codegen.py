@@ -105,7 +105,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "visible": visible,
         "visible_host": (render(cond, "torch") if cond is not None else "True") if tiles_roles else None,
         "document": fwd.attr("mask_plan").document,
-        "helpers": {h for h in ("floordiv", "mod") if visible and f"_{h}(" in visible},
+        "helpers": {h for h in ("floordiv", "mod")  # in the mask, or in a plan's bounds (floor(q_idx / 2), say)
+                    if any(f"_{h}(" in src for src in (visible or "", *(str(v) for p in plans.values() for v in p.values())))},
         "needs_tile_table": bool(tiles_roles),
         "nested_runs": {role: bool(kernels[role].attr("nested_runs")) for role in tiles_roles},  # each table's encoding
         "tile_runs": repr({role: "nested" if kernels[role].attr("nested_runs") else "first" for role in tiles_roles}),

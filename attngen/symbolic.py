@@ -23,8 +23,8 @@ import torch
 
 DIALECTS = {
     "triton": {"min": "tl.minimum", "max": "tl.maximum", "abs": "tl.abs", "floordiv": "_floordiv", "mod": "_mod"},
-    "torch": {"min": "torch.minimum", "max": "torch.maximum", "abs": "torch.abs",
-              "floordiv": "_host_floordiv", "mod": "torch.remainder"},
+    "torch": {"min": "_host_min", "max": "_host_max", "abs": "abs",  # ints or tensors, as the host passes them
+              "floordiv": "_host_floordiv", "mod": "_host_mod"},
 }
 _REL = {sympy.Le: "<=", sympy.Lt: "<", sympy.Ge: ">=", sympy.Gt: ">", sympy.Eq: "==", sympy.Ne: "!="}
 
@@ -34,6 +34,18 @@ def _ratio(arg: sympy.Expr) -> tuple[sympy.Expr, int]:
     if not den.is_Integer or den <= 0:
         raise ValueError(f"division by a non-constant: {arg}")
     return sympy.expand(num), int(den)
+
+
+def _exact_quotient(e: sympy.Mul) -> sympy.Basic | None:
+    """A product with a fractional coefficient that sympy proves integer-valued (it drops a floor
+    around, e.g., Min(0, 2*q_idx)/2 - 1/2) as that floor, unevaluated: the integer helpers compute
+    it exactly. None for an integer coefficient; an error for a product that may not be an integer."""
+    coeff, _ = e.as_coeff_Mul()
+    if coeff.is_Integer:
+        return None
+    if e.is_integer is not True:
+        raise ValueError(f"non-integer product: {e}")
+    return sympy.floor(e, evaluate=False)
 
 
 def render(e: sympy.Basic, dialect: str = "triton", names: dict[str, str] | None = None) -> str:
@@ -54,9 +66,9 @@ def render(e: sympy.Basic, dialect: str = "triton", names: dict[str, str] | None
             out += f" - {r(-t)}" if coeff < 0 else f" + {r(t)}"
         return f"({out})"
     if isinstance(e, sympy.Mul):
+        if (quotient := _exact_quotient(e)) is not None:
+            return r(quotient)
         coeff, rest = e.as_coeff_Mul()
-        if not coeff.is_Integer:
-            raise ValueError(f"non-integer product: {e}")
         factors = [r(f) for f in sorted(sympy.Mul.make_args(rest), key=sympy.default_sort_key)]
         body = " * ".join(factors) if len(factors) > 1 else factors[0]
         if coeff == -1:
@@ -139,9 +151,9 @@ def to_callable(e: sympy.Basic):
         f, n = to_callable(base), int(exp)
         return lambda env: f(env) ** n
     if isinstance(e, sympy.Mul):
+        if (quotient := _exact_quotient(e)) is not None:
+            return to_callable(quotient)
         coeff, rest = e.as_coeff_Mul()
-        if not coeff.is_Integer:
-            raise ValueError(f"non-integer product: {e}")
         c, fs = int(coeff), [to_callable(f) for f in sympy.Mul.make_args(rest)]
 
         def product(env):

@@ -474,11 +474,23 @@ def _keep_mask_kernel(KEEP, H, Nq, Nk, seed, p_drop, BLOCK_M: tl.constexpr, BLOC
 
 
 def _host_floordiv(a, c):
-    return torch.div(a, c, rounding_mode="floor")
+    return torch.div(a, c, rounding_mode="floor") if isinstance(a, torch.Tensor) else a // c
+
+
+def _host_mod(a, c):  # Python's sign convention, for ints and tensors alike
+    return a % c
+
+
+def _host_min(a, b):  # either may be a Python int
+    return torch.where(a <= b, a, b) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else min(a, b)
+
+
+def _host_max(a, b):
+    return torch.where(a >= b, a, b) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else max(a, b)
 
 
 def _visible_host(q_idx, kv_idx, Nq, Nk):
-    return ((torch.remainder(((-kv_idx) + q_idx), 2) == 0) & (kv_idx >= (Nk - Nq + q_idx - 512)) & (kv_idx <= (Nk - Nq + q_idx)))
+    return ((_host_mod(((-kv_idx) + q_idx), 2) == 0) & (kv_idx >= (Nk - Nq + q_idx - 512)) & (kv_idx <= (Nk - Nq + q_idx)))
 
 
 _TILE_CLASSES = {}

@@ -256,3 +256,19 @@ def test_tma_falls_back_to_pointers_for_misaligned_views(device):
     assert module._operands(dict(module.TILINGS["fwd"]["fp16"], TMA=True), (qa,), (ka, va))[1] is True
     ref, _ = reference.attention(spec, q.double(), k.double(), v.double())
     assert (module.attention(q, k, v).double() - ref).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("expr", [
+    "2 * kv_idx <= q_idx",  # its range bounds use floor(q_idx / 2); the mask itself has no `//`
+    "2 * kv_idx < min(40, (q_idx + q_idx))",  # sympy drops a floor: Min(40, 2*q_idx)/2 - 1
+    "min(kv_idx, 30) % 7 != 2 and abs(q_idx - kv_idx) < 50",  # a tile table: the host evaluates min, %, abs
+])
+def test_masks_whose_bounds_or_host_code_need_helpers(tmp_path, expr, device):
+    """Masks whose compiled bounds use integer division the mask text does not, or whose tile
+    table's host code applies min, max, % or abs to Python ints as well as tensors."""
+    path = tmp_path / "helpers.yaml"
+    path.write_text(f'name: helpers\nhead_dim: 16\nmask:\n  expr: "{expr}"\n')
+    spec, module = load_spec(path), attngen.load(path)
+    results = [check(spec, module, s, "fp32", device, seed=i, backward=True)
+               for i, s in enumerate([Shape(1, 2, 1, 100, 100), Shape(2, 1, 1, 70, 130)])]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
