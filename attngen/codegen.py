@@ -111,6 +111,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel]) -> dict:
         "nested_runs": {role: bool(kernels[role].attr("nested_runs")) for role in tiles_roles},  # each table's encoding
         "tile_runs": repr({role: "nested" if kernels[role].attr("nested_runs") else "first" for role in tiles_roles}),
         "tiles_roles": tiles_roles,
+        "shallow_partial": {role: bool(kernels[role].attr("shallow_partial")) for role in tiles_roles},
     }
 
 

@@ -39,6 +39,14 @@
 
       attr nested_runs = True     (fwd; False for bwd_dkdv, bwd_dq; tile-table plans only)
 
+  A document kernel's partial tiles also load the walked positions' ids, a buffer per pipeline
+  stage that puts the kernel past the shared memory its tiling was ranked with: 24 bytes over the
+  two programs per SM that a 64 x 64, 3-stage forward gets (Triton 3.6, sm90; 115,736 bytes where
+  two programs fit in 115,712). Its partial-tile loop therefore pipelines one stage fewer than the
+  tiling's num_stages (at least two):
+
+      attr shallow_partial = True (document plans only)
+
 The verifier runs after every pass.
 """
 
@@ -62,6 +70,7 @@ class PassOptions:
     split_loops: bool | None = None  # None: the schedule pass decides; True / False: force it (for A/B)
     shape_buckets: bool = True  # also pick tilings per sequence-length bucket (BUCKETS); False: one tiling
     nested_runs: bool | None = None  # tile tables: None: the schedule pass decides; True: runs in nested loops; False: first run flat
+    shallow_partial: bool | None = None  # document plans: None: the schedule pass decides; True / False: force it (for A/B)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -151,6 +160,9 @@ def schedule(kernel: Kernel, options: PassOptions) -> Kernel:
     if kernel.attr("mask_plan").kind is PlanKind.TILES:
         nested = kernel.attr("role") == "fwd" if options.nested_runs is None else options.nested_runs
         kernel = kernel.with_attrs(nested_runs=nested)
+        if kernel.attr("mask_plan").document:
+            shallow = True if options.shallow_partial is None else options.shallow_partial
+            kernel = kernel.with_attrs(shallow_partial=shallow)
     return kernel
 
 

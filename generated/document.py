@@ -196,7 +196,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX, DOC_Q, DOC_KV,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
+              TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr, PARTIAL_STAGES: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
     # descriptors where TMA.
     off_hz = tl.program_id(1)
@@ -233,7 +233,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX, DOC_Q, DOC_KV,
                                   p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA,
                                   FAST_TANH, WIDE)
-    for i in range(0, n_partial):
+    for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage fewer: the ids' buffers
         start_i = tl.load(row + i) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
@@ -304,7 +304,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                   FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
+                   FAST_TANH: tl.constexpr, WIDE: tl.constexpr, PARTIAL_STAGES: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     off_hkz = tl.program_id(1)
@@ -358,7 +358,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q,
                                         seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH, WIDE)
-        for i in range(0, n_partial):
+        for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage fewer: the ids' buffers
             start_i = tl.load(row + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
@@ -412,7 +412,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q, DO
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                 FAST_TANH: tl.constexpr, WIDE: tl.constexpr):
+                 FAST_TANH: tl.constexpr, WIDE: tl.constexpr, PARTIAL_STAGES: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
     off_hz = tl.program_id(1)
     off_b = off_hz // H
@@ -458,7 +458,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q, DO
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
-    for i in range(0, n_partial):
+    for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage fewer: the ids' buffers
         start_i = tl.load(row + i) * BLOCK_N
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
@@ -780,6 +780,7 @@ def _constexprs(cfg, tma, wide, q):
                 TMA=tma, WIDE=wide, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 # the tanh instruction on NVIDIA GPUs for 16-bit inputs; exact tanh for fp32, the interpreter, ROCm
                 FAST_TANH=_NATIVE_NVIDIA and q.is_cuda and q.dtype != torch.float32,
+                PARTIAL_STAGES=max(2, cfg["num_stages"] - 1),  # the partial-tile loop's depth where shallow (the schedule pass)
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
