@@ -10,6 +10,8 @@ import torch
 import attngen
 from attngen import reference
 from attngen.errors import SpecError
+from attngen.passes import PassOptions
+from attngen.pipeline import compile_spec
 from attngen.spec import load_spec, parse_spec
 from attngen.verify import Shape, check, format_table, random_documents
 
@@ -121,6 +123,20 @@ def test_document_variants_match_reference(tmp_path, name, mask, extra, device):
     shapes = [Shape(2, 2, 1, 61, 61), Shape(1, 2, 2, 40, 90), Shape(2, 3, 1, 77, 33, "bnhd")]
     results = [check(spec, module, s, "fp32", device, seed=i, backward=True) for i, s in enumerate(shapes)]
     results += [check(spec, module, shapes[0], "fp16", device, seed=5)]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+@pytest.mark.parametrize("shallow", [True, False])
+def test_shallow_partial_renders_its_loop_and_both_match_reference(tmp_path, shallow, device):
+    """The schedule pass makes document kernels' partial-tile loop one pipeline stage shallower
+    (PARTIAL_STAGES, a constexpr the host sets); forced off, it is a plain loop. Both compute the mask."""
+    path = _spec_file(tmp_path, "doc_shallow", "{document: true, causal: {align: top_left}}")
+    source = compile_spec(path, options=PassOptions(shallow_partial=shallow)).source
+    assert source.count("tl.range(0, n_partial, num_stages=PARTIAL_STAGES)") == (3 if shallow else 0)
+    assert compile_spec(path).source == compile_spec(path, options=PassOptions(shallow_partial=True)).source
+    spec, module = load_spec(path), attngen.load(path, shallow_partial=shallow)
+    results = [check(spec, module, s, "fp32", device, seed=i, backward=True)
+               for i, s in enumerate([Shape(2, 2, 1, 61, 61), Shape(1, 2, 2, 40, 90)])]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
