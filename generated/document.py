@@ -233,7 +233,7 @@ def _attn_fwd(Q, K, V, O, LSE, SLOPES, COUNT, INDEX, DOC_Q, DOC_KV,
                                   p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                                   HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA,
                                   FAST_TANH, WIDE)
-    for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage fewer: the ids' buffers
+    for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # num_stages - 1: room for the ids' buffers
         start_i = tl.load(row + i) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                                   p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
@@ -358,7 +358,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q,
                                         seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
                                         HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT,
                                         DOT_PRECISION, TMA, FAST_TANH, WIDE)
-        for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage fewer: the ids' buffers
+        for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # num_stages - 1: room for the ids' buffers
             start_i = tl.load(row + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, slope, qk_scale,
                                         seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM,
@@ -458,7 +458,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, SLOPES, COUNT, INDEX, DOC_Q, DO
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
                           HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE)
-    for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage fewer: the ids' buffers
+    for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # num_stages - 1: room for the ids' buffers
         start_i = tl.load(row + i) * BLOCK_N
         dq = _bwd_dq_tile(dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, slope, qk_scale, seed, off_hz,
                           p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
