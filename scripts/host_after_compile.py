@@ -27,6 +27,7 @@ import triton
 from attngen.bench import _flex, parse_case, parse_shapes
 from attngen.loader import load
 from attngen.spec import load_spec
+from profile_step import host_ms  # this script's folder is on sys.path
 
 
 def state():
@@ -47,16 +48,7 @@ def state():
 
 def measure(label, step, n_host=50):
     med = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-    hosts = []
-    for _ in range(5):
-        step()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n_host):
-            step()
-        hosts.append((time.perf_counter() - t) * 1e3 / n_host)
-        torch.cuda.synchronize()
-    hosts.sort()
+    hosts = sorted(host_ms(step, n_host) for _ in range(5))
     print(f"{label:34s} median {med:.3f} ms, host issue {hosts[2]:.3f} ms (min {hosts[0]:.3f})", flush=True)
     return med, hosts[2]
 
