@@ -5,7 +5,7 @@ winners, which the generated module then uses for calls in those shape buckets.
     attngen autotune specs/causal.yaml --shapes 4x16x4096 --top 8     # on the GPU: measure, cache
     mod = attngen.load("specs/causal.yaml", autotune=True)           # uses the cache for this GPU
 
-Buckets are the next powers of two of Nq and Nk (the generated module's `_config`). An entry is
+Buckets are the next powers of two of Nq and Nk (runtime.KernelModule.config). An entry is
 keyed by the generated source's digest too, so a compiler change that alters the kernels makes old
 entries unused instead of wrong.
 """
@@ -16,12 +16,12 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from . import runtime
 from .bench import BenchShape
 from .exhaustive import as_launch, search
 from .loader import CACHE, load
 
 CACHE_FILE = CACHE / "autotune.json"
-ROLES = ("fwd", "bwd_dkdv", "bwd_dq")
 
 
 def _bucket(n: int) -> int:
@@ -43,7 +43,7 @@ def tune(spec_path: str | Path, shapes: list[BenchShape], timer: Callable[[Calla
     module = load(spec_path)
     winners = {}
     for shape in shapes:
-        for role in ROLES:
+        for role in runtime.ROLES:
             timed = [t for t in search(spec_path, shape, role, timer, dtype, device, top) if t.measured_ms is not None]
             if timed:
                 best = min(timed, key=lambda t: t.measured_ms)
@@ -57,12 +57,13 @@ def tune(spec_path: str | Path, shapes: list[BenchShape], timer: Callable[[Calla
 
 
 def apply(module, gpu: str, path: Path | None = None) -> int:
-    """Fills `module.TUNED` from the cache entries for its source and this GPU; returns how many."""
-    applied = 0
+    """Fills the module's tuned tilings (runtime.of(module).tuned) from the cache entries for its
+    source and this GPU; returns how many."""
+    tuned, applied = runtime.of(module).tuned, 0
     for key, entry in _read(path or CACHE_FILE).items():
         digest, key_gpu, role, dtype, nq, nk = key.split("|")
         if digest == module.__attngen_digest__ and key_gpu == gpu:
-            module.TUNED[(role, dtype, int(nq), int(nk))] = {k: v for k, v in entry.items()
-                                                            if k not in ("measured_ms", "rank")}
+            tuned[(role, dtype, int(nq), int(nk))] = {k: v for k, v in entry.items()
+                                                     if k not in ("measured_ms", "rank")}
             applied += 1
     return applied

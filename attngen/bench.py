@@ -21,6 +21,7 @@ import torch
 from .loader import load
 from .mask import mask_condition
 from .reference import dense_mask, document_mask, documents_at_cuts
+from .resources import specs_dir
 from .spec import Spec, load_spec
 from .symbolic import to_callable
 
@@ -229,7 +230,7 @@ def parse_case(text: str) -> tuple[Path, BenchShape | None]:
     name, *rest = text.split(":")
     if not rest:
         return Path(name), None
-    path = with_head_dim(Path(__file__).resolve().parent.parent / "specs" / f"{name}.yaml", int(rest[0]))
+    path = with_head_dim(specs_dir() / f"{name}.yaml", int(rest[0]))
     return path, (parse_shapes(rest[1])[0] if len(rest) > 1 else None)
 
 

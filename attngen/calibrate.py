@@ -22,6 +22,7 @@ from pathlib import Path
 from .cost_model import FITTED, TARGETS, Constants, Workload, predict, rank
 from .lower import lower, lower_backward
 from .passes import BUCKETS, PassOptions, bucket_workload, mask_plan, sfu_per_score
+from .resources import specs_dir
 from .spec import load_spec
 from .tiling import TileConfig
 
@@ -38,7 +39,7 @@ def _plan(spec_path: str, role: str):
     """The kernel's mask plan, and its special-function ops per score."""
     path = Path(spec_path)
     if not path.exists():  # measured elsewhere: a shipped spec, or a --head-dim copy of one (same mask plan)
-        path = Path(__file__).resolve().parent.parent / "specs" / (re.sub(r"_d\d+$", "", path.stem) + ".yaml")
+        path = specs_dir() / (re.sub(r"_d\d+$", "", path.stem) + ".yaml")
     spec = load_spec(path)
     kernel = {k.attr("role"): k for k in (lower(spec), *lower_backward(spec))}[role]
     return mask_plan(kernel, PassOptions()).attr("mask_plan"), sfu_per_score(kernel)

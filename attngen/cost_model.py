@@ -23,8 +23,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import TilingError
+from . import resources
+from .errors import AttngenError, TilingError
 from .mask_analysis import MaskPlan, TileCounts, tile_counts
+from .runtime.roles import ROLES
 from .tiling import TileConfig, candidates, check_legal, registers_per_thread, shared_memory_bytes
 
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -109,24 +111,29 @@ class Constants:
 
     @classmethod
     def load(cls, path: Path) -> "Constants":
-        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+        if not path.is_file():
+            raise AttngenError(f"{path}: the cost model's fitted constants are missing: restore "
+                               "data/cost_constants.json from the repository, or reinstall attngen")
+        return cls(**json.loads(path.read_text()))
 
 
-FITTED = Path(__file__).resolve().parent.parent / "data" / "cost_constants.json"
-CONSTANTS = Constants.load(FITTED)
+def load_fitted() -> Constants:
+    """The fitted constants (resources.cost_constants_path()); an error if the file is missing. The
+    unfitted estimates are `Constants()`: pass them, or any others, as `k=` to predict and rank."""
+    return Constants.load(resources.cost_constants_path())
+
+
+FITTED = resources.cost_constants_path()
+CONSTANTS = load_fitted()
 
 
 def _mma_efficiency(cfg: TileConfig, role: str, k: Constants) -> float:
     """Small tiles issue more, smaller MMAs. The rows of the resident block (queries in fwd and
     bwd_dq, keys in bwd_dkdv) are the MMAs' M dimension and weigh more than the streamed one."""
-    rows, streamed = (cfg.block_n, cfg.block_m) if role == "bwd_dkdv" else (cfg.block_m, cfg.block_n)
+    r = ROLES[role]
+    rows, streamed = r.outer(cfg.block_m, cfg.block_n), r.inner(cfg.block_m, cfg.block_n)
     eff = (min(rows, 128) / 128) ** k.rows_exponent * (min(streamed, 128) / 128) ** k.streamed_exponent
     return eff * {1: k.one_stage, 2: k.two_stages}.get(cfg.num_stages, 1.0)
-
-
-# Matrix products per tile, as multiples of BM*BN*(head dim): fwd QK^T and PV; bwd_dq QK^T, dO V^T,
-# dS K; bwd_dkdv QK^T, P^T dO, dO V^T, dS^T Q.
-PRODUCTS = {"fwd": (1, 1), "bwd_dq": (2, 1), "bwd_dkdv": (2, 2)}  # (D-sized, Dv-sized)
 
 
 def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, role: str = "fwd",
@@ -146,20 +153,21 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
 
     bm, bn, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     sm_flops = target.mma_flops[work.dtype] / target.sms
-    nd, ndv = PRODUCTS[role]
+    r = ROLES[role]
+    nd, ndv = r.products  # matrix products per tile, as multiples of BM*BN*(D, Dv)
     mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role, k))
     softmax = bm * bn * (work.score_sfu / target.sfu_per_sm_per_clock + k.alu_ops / target.fp32_per_sm_per_clock) / target.clock_hz
     masking = k.mask_ops * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
-    streamed = bm if role == "bwd_dkdv" else bn  # rows of the tiles the loop streams in
+    streamed = r.inner(bm, bn)  # rows of the tiles the loop streams in
     memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
     parts = (mma, softmax, memory)
     full_tile = max(parts) + k.overlap / occupancy ** k.hiding * (sum(parts) - max(parts))
     if cfg.tma:
-        full_tile /= k.tma_gain if role == "fwd" else k.tma_gain_bwd
-    n_outer = -(-(work.seq_k if role == "bwd_dkdv" else work.seq_q) // (bn if role == "bwd_dkdv" else bm))
+        full_tile /= k.tma_gain_bwd if r.backward else k.tma_gain
+    n_outer = -(-(work.seq_k if r.transposed else work.seq_q) // r.outer(bm, bn))
     tiles_per_program = counts.visited / n_outer
     partial_per_program = counts.partial / n_outer
-    resident = (bn if role == "bwd_dkdv" else bm) * (d + dv) * elem * (2 if role != "fwd" else 1)
+    resident = r.outer(bm, bn) * (d + dv) * elem * (2 if r.backward else 1)
     edges = resident / (target.hbm_bytes_per_s / target.sms)
     program = tiles_per_program * full_tile + partial_per_program * masking + edges
 

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from . import runtime
 from .bench import BenchShape, bench_documents
 from .loader import load
 from .passes import PassOptions
@@ -38,16 +39,17 @@ class Trial:
 @contextlib.contextmanager
 def tiling_of(module, role: str, dtype: str, cfg: TileConfig):
     """Temporarily runs `module`'s `role` kernel with `cfg`."""
-    saved, tuned = module.TILINGS[role][dtype], dict(module.TUNED)
-    buckets = getattr(module, "BUCKET_TILINGS", {})
+    rt = runtime.of(module)
+    saved, tuned = rt.tilings[role][dtype], dict(rt.tuned)
+    buckets = rt.bucket_tilings
     shadowing = {key: buckets.pop(key) for key in list(buckets) if key[:2] == (role, dtype)}
-    module.TILINGS[role][dtype] = as_launch(cfg)
-    module.TUNED.clear()  # autotuned entries and this kernel's per-bucket ones would shadow the candidate
+    rt.tilings[role][dtype] = as_launch(cfg)
+    rt.tuned.clear()  # autotuned entries and this kernel's per-bucket ones would shadow the candidate
     try:
         yield
     finally:
-        module.TILINGS[role][dtype] = saved
-        module.TUNED.update(tuned)
+        rt.tilings[role][dtype] = saved
+        rt.tuned.update(tuned)
         buckets.update(shadowing)
 
 
@@ -63,15 +65,15 @@ def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, dev
     g = torch.Generator(device=device).manual_seed(0)
     mk = lambda n, d: torch.randn(shape.batch, shape.heads, n, d, generator=g, device=device).to(dtype)  # noqa: E731
     q, k, v = mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim), mk(shape.seq, spec.head_dim_v)
-    slopes = module.default_alibi_slopes(shape.heads, device) if spec.score.alibi else q.new_empty(0, dtype=torch.float32)
-    scale = spec.scale
+    rt = runtime.of(module)
+    hp, scale = rt.head_param_rows(q, {}), spec.scale  # default per-head parameters
     # a document mask: the benchmark's documents (bench_documents), their tables built on the first run
-    docs = (module.Documents(bench_documents(shape, g)),) if spec.mask.document else ()
+    docs = runtime.Documents(bench_documents(shape, g)) if spec.mask.document else None
     if role == "fwd":
-        return lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, False, *docs)
-    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs)
+        return lambda: rt.forward(q, k, v, hp, scale, 0, 0.0, None, False, docs)
+    o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)
     do = mk(shape.seq, spec.head_dim_v)
-    return lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs)
+    return lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs)
 
 
 def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[[Callable], float],

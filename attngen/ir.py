@@ -4,9 +4,13 @@ Grammar:
 
     kernel  := name attrs op*                      attr role: fwd | bwd_dkdv | bwd_dq
     op      := %name = KIND(%input, ...) {attr=value, ...}   in region prologue | loop | epilogue
-    KIND    := load_q | load_k | load_v | load_do | qk | scale | softcap | alibi | mask
+    KIND    := load_q | load_k | load_v | load_do | qk | scale | temperature | softcap | alibi | mask
              | online_softmax | dropout | pv | normalize | store_o | store_lse         (forward)
-             | recompute_p | dv | dp | ds | dk | dq | store_dk | store_dv | store_dq  (backward)
+             | recompute_p | dv | dp | ds | vjp | dk | dq | store_dk | store_dv | store_dq  (backward)
+
+The backward kernels are derived from the forward (lower.derive_backward): they recompute its
+score chain, and each score modifier's `vjp` op (attr `of`: the modifier) carries its derivative
+rule (attngen/ops.py). attngen/interp.py evaluates any kernel of this IR on torch tensors.
 
 One program instance of `fwd` or `bwd_dq` owns BLOCK_M query rows of one (batch, head) and its
 `loop` walks key tiles; one of `bwd_dkdv` owns BLOCK_N keys of one (batch, KV head) and its loop
@@ -26,6 +30,7 @@ from typing import Any
 import networkx as nx
 
 from .errors import IRError
+from .runtime.roles import ROLES
 
 
 class OpKind(enum.Enum):
@@ -35,6 +40,7 @@ class OpKind(enum.Enum):
     LOAD_DO = "load_do"
     QK = "qk"
     SCALE = "scale"
+    TEMPERATURE = "temperature"
     SOFTCAP = "softcap"
     ALIBI = "alibi"
     MASK = "mask"
@@ -48,6 +54,7 @@ class OpKind(enum.Enum):
     DV = "dv"
     DP = "dp"
     DS = "ds"
+    VJP = "vjp"
     DK = "dk"
     DQ = "dq"
     STORE_DK = "store_dk"
@@ -61,7 +68,7 @@ class Region(enum.Enum):
     EPILOGUE = "epilogue"
 
 
-SCORE_MODIFIERS = (OpKind.SCALE, OpKind.SOFTCAP, OpKind.ALIBI, OpKind.MASK)
+SCORE_MODIFIERS = (OpKind.SCALE, OpKind.TEMPERATURE, OpKind.SOFTCAP, OpKind.ALIBI, OpKind.MASK)
 _COMMON = (OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.QK, OpKind.SCALE)
 REQUIRED = {
     "fwd": _COMMON + (OpKind.ONLINE_SOFTMAX, OpKind.PV, OpKind.NORMALIZE, OpKind.STORE_O),
@@ -69,7 +76,6 @@ REQUIRED = {
                            OpKind.STORE_DK, OpKind.STORE_DV),
     "bwd_dq": _COMMON + (OpKind.LOAD_DO, OpKind.RECOMPUTE_P, OpKind.DP, OpKind.DS, OpKind.DQ, OpKind.STORE_DQ),
 }
-LOOP_NAME = {"fwd": "kv_loop", "bwd_dq": "kv_loop", "bwd_dkdv": "q_loop"}
 
 
 @dataclass(frozen=True)
@@ -187,10 +193,11 @@ def print_ir(kernel: Kernel) -> str:
                 lines.append("  }")
             region = op.region
             if region is Region.KV_LOOP:
-                lines.append(f"  {LOOP_NAME.get(kernel.attr('role', 'fwd'), 'loop')} {{")
+                lines.append(f"  {ROLES[kernel.attr('role', 'fwd')].loop} {{")
         indent = "    " if region is Region.KV_LOOP else "  "
         args = ", ".join(f"%{s}" for s in op.inputs)
-        attrs = ", ".join(f"{k}={_show(v)}" for k, v in op.attrs)
-        lines.append(f"{indent}%{op.name} = {op.kind.value}({args})" + (f" {{{attrs}}}" if attrs else ""))
+        kind = f"vjp.{op.attr('of')}" if op.kind is OpKind.VJP else op.kind.value
+        attrs = ", ".join(f"{k}={_show(v)}" for k, v in op.attrs if not (op.kind is OpKind.VJP and k == "of"))
+        lines.append(f"{indent}%{op.name} = {kind}({args})" + (f" {{{attrs}}}" if attrs else ""))
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -15,7 +15,7 @@ from pathlib import Path
 from .codegen import generate
 from .cost_model import Ranking, format_ranking
 from .ir import Kernel, print_ir
-from .lower import lower, lower_backward
+from .lower import derive_backward, lower
 from .passes import PASSES, PassOptions, rankings, run_passes
 from .spec import Spec, load_spec
 
@@ -33,14 +33,16 @@ class Compiled:
         return self.stages[role][-1][1]
 
 
-def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(), stop: str = "triton") -> Compiled:
+def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(), stop: str = "triton",
+                 standalone: bool = False) -> Compiled:
     if stop not in STAGES:
         raise ValueError(f"unknown stage {stop!r}; stages: {', '.join(STAGES)}")
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if stop == "spec":
         return Compiled(spec)
     stages, ranks = {}, {}
-    for kernel in (lower(spec), *lower_backward(spec)):
+    fwd = lower(spec)
+    for kernel in (fwd, *derive_backward(fwd)):
         steps = [("lower", kernel)]
         for name in PASSES:
             kernel = run_passes(kernel, options, (name,))
@@ -52,7 +54,7 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
             ranks[role] = rankings(before_tiling, options)
     c = Compiled(spec, stages, ranks)
     if stop == "triton":
-        c = Compiled(spec, stages, ranks, generate(spec, {role: c.kernel(role) for role in stages}))
+        c = Compiled(spec, stages, ranks, generate(spec, {role: c.kernel(role) for role in stages}, standalone))
     return c
 
 

@@ -62,11 +62,12 @@ def document_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64, keep=None,
-              documents=None):
+              documents=None, temperature=None):
     """O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] computed in `dtype` (float64 by default; the input
     dtype gives the eager same-precision baseline the tolerance is measured against).
     `keep` [B, Hq, Nq, Nk] applies the spec's dropout with that keep-mask; LSE ignores dropout.
     `documents` = (q_ids [B, Nq], kv_ids [B, Nk]): the document ids a `document` mask compares.
+    `temperature` [Hq] (default ones) multiplies each head's scores, for a spec with score.temperature.
     Differentiable: gradients of the float64 result are the reference gradients."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -74,6 +75,8 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = (q @ k.transpose(-1, -2)) * (spec.scale if scale is None else scale)
+    if spec.score.temperature and temperature is not None:
+        s = s * temperature.to(q.device, dtype)[None, :, None, None]
     if spec.score.softcap is not None:
         s = spec.score.softcap * torch.tanh(s / spec.score.softcap)
     if spec.score.alibi:

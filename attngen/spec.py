@@ -14,7 +14,7 @@ A spec file looks like::
       expr: "kv_idx // CHUNK == q_idx // CHUNK"
       constants: {CHUNK: 128}
       document: true                         # only keys of the query's document (ids per call)
-    score: {scale: null, softcap: 30.0, alibi: true}
+    score: {scale: null, softcap: 30.0, alibi: true, temperature: true}
     dropout: {p: 0.1}        # on the normalized probabilities, training only
 
 Every mask part present is combined with `and`. Every error names the file,
@@ -72,6 +72,7 @@ class ScoreSpec:
     scale: float | None = None  # None: 1/sqrt(head_dim)
     softcap: float | None = None
     alibi: bool = False
+    temperature: bool = False  # a learned per-head factor on the scores, passed at call time
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ class Spec:
             mask["constants"] = dict(m.constants)
         if m.document:
             mask["document"] = True
-        score = {"scale": self.score.scale, "softcap": self.score.softcap, "alibi": self.score.alibi}
+        score = {"scale": self.score.scale, "softcap": self.score.softcap, "alibi": self.score.alibi,
+                 "temperature": self.score.temperature}
         out = {
             "name": self.name,
             "description": self.description,
@@ -257,8 +259,9 @@ def _parse_mask(source: str, data: Any) -> MaskSpec:
 def _parse_score(source: str, data: Any) -> ScoreSpec:
     if data is None:
         return ScoreSpec()
-    f = _Fields(source, "score", data, ("scale", "softcap", "alibi"))
-    return ScoreSpec(scale=f.float("scale"), softcap=f.float("softcap"), alibi=f.bool("alibi"))
+    f = _Fields(source, "score", data, ("scale", "softcap", "alibi", "temperature"))
+    return ScoreSpec(scale=f.float("scale"), softcap=f.float("softcap"), alibi=f.bool("alibi"),
+                     temperature=f.bool("temperature"))
 
 
 def _parse_dropout(source: str, data: Any) -> float:

@@ -23,8 +23,8 @@ import torch
 
 DIALECTS = {
     "triton": {"min": "tl.minimum", "max": "tl.maximum", "abs": "tl.abs", "floordiv": "_floordiv", "mod": "_mod"},
-    "torch": {"min": "_host_min", "max": "_host_max", "abs": "abs",  # ints or tensors, as the host passes them
-              "floordiv": "_host_floordiv", "mod": "_host_mod"},
+    "torch": {"min": "host_min", "max": "host_max", "abs": "abs",  # ints or tensors (attngen/runtime/host_math.py)
+              "floordiv": "host_floordiv", "mod": "host_mod"},
 }
 _REL = {sympy.Le: "<=", sympy.Lt: "<", sympy.Ge: ">=", sympy.Gt: ">", sympy.Eq: "==", sympy.Ne: "!="}
 

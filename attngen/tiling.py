@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from itertools import product
 
 from .errors import TilingError
+from .runtime.roles import ROLES, width
 
 BLOCK_M = (32, 64, 128)
 BLOCK_N = (32, 64, 128)
@@ -57,29 +58,21 @@ def candidates(head_dim: int, head_dim_v: int, tma: bool = False) -> list[TileCo
             for m, n, w, s, t in product(BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, (False, True) if tma else (False,))]
 
 
-ROLES = ("fwd", "bwd_dkdv", "bwd_dq")
-
-
 def shared_memory_bytes(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> int:
-    """The tiles a program keeps resident, plus the streamed ones once per pipeline stage.
-    fwd and bwd_dq keep a query block and stream K, V; bwd_dkdv keeps K, V and streams Q, dO."""
-    m, n, d, dv, st = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad, cfg.num_stages
-    if role == "fwd":
-        return elem_bytes * (m * d + st * n * (d + dv))
-    if role == "bwd_dq":
-        return elem_bytes * (m * (d + dv) + st * n * (d + dv))
-    return elem_bytes * (n * (d + dv) + st * m * (d + dv))
+    """The tiles a program keeps resident, plus the streamed ones once per pipeline stage
+    (runtime/roles.py: fwd and bwd_dq keep a query block and stream K, V; bwd_dkdv keeps K, V and
+    streams Q, dO)."""
+    r, d, dv = ROLES[role], cfg.head_dim_pad, cfg.head_dim_v_pad
+    outer, inner = r.outer(cfg.block_m, cfg.block_n), r.inner(cfg.block_m, cfg.block_n)
+    return elem_bytes * (outer * width(r.resident, d, dv) + cfg.num_stages * inner * width(r.streamed, d, dv))
 
 
 def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> int:
-    """fp32 accumulators and score-sized temporaries, plus the resident operand fragments."""
-    m, n, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
-    if role == "fwd":  # acc, s, p and the Q fragment
-        words = m * dv + m * n + (m * n + m * d) * elem_bytes // 4
-    elif role == "bwd_dq":  # dq, s/p, dp/ds, and the Q and dO fragments (loop-invariant MMA operands)
-        words = m * d + 2 * m * n + (m * n + m * (d + dv)) * elem_bytes // 4
-    else:  # dk, dv, s/p, dp/ds
-        words = n * (d + dv) + 2 * m * n + (m * n) * elem_bytes // 4
+    """fp32 accumulators and score-sized temporaries, plus the converted P and the resident
+    operand fragments the MMAs read from registers."""
+    r, m, n, d, dv = ROLES[role], cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
+    outer = r.outer(m, n)
+    words = outer * width(r.accumulators, d, dv) + r.score_tiles * m * n + (m * n + m * width(r.fragments, d, dv)) * elem_bytes // 4
     return REG_OVERHEAD + -(-words // (32 * cfg.num_warps))
 
 
@@ -92,8 +85,8 @@ def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: 
     regs = registers_per_thread(cfg, elem_bytes, role)
     if regs > MAX_REGS_PER_THREAD:
         raise TilingError(f"needs about {regs} registers per thread, over {MAX_REGS_PER_THREAD}: it would spill")
-    rows = cfg.block_n if role == "bwd_dkdv" else cfg.block_m  # the dimension the warps split
+    r = ROLES[role]
+    rows = r.outer(cfg.block_m, cfg.block_n)  # the dimension the warps split
     if rows < rows_per_warp * cfg.num_warps:
-        raise TilingError(f"{'BLOCK_N' if role == 'bwd_dkdv' else 'BLOCK_M'}={rows} is too few rows for "
-                          f"{cfg.num_warps} warps (needs at least {rows_per_warp} * num_warps to keep every "
-                          f"warp's MMA busy)")
+        raise TilingError(f"{r.outer_block}={rows} is too few rows for {cfg.num_warps} warps (needs at least "
+                          f"{rows_per_warp} * num_warps to keep every warp's MMA busy)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from . import reference, runtime
 from .loader import load
 from .spec import Spec, load_spec
 
@@ -91,9 +91,10 @@ def random_documents(shape: Shape, device, generator: torch.Generator, sorted_: 
     return q_ids, kv_ids
 
 
-def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None, budget_bytes: float = 8e9):
-    """o, lse and, given do, (dq, dk, dv), computed in `dtype` over chunks of whole GQA groups of
-    heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
+def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None, temperature=None,
+               budget_bytes: float = 8e9):
+    """o, lse and, given do, (dq, dk, dv[, dtemperature]), computed in `dtype` over chunks of whole
+    GQA groups of heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     per_head = max(1, Nq * k.shape[2]) * 8 * 6  # a few float64 score-sized tensors kept for autograd
@@ -101,23 +102,28 @@ def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None
     o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=torch.float64, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float64, device=q.device)
     grads = [torch.zeros(t.shape, dtype=torch.float64, device=q.device) for t in (q, k, v)]
+    dtemp = torch.zeros(Hq, dtype=torch.float64, device=q.device)
     for b in range(B):
         for h0 in range(0, Hq, chunk):
             h1 = min(h0 + chunk, Hq)
             heads = (slice(h0, h1), slice(h0 // group, h1 // group), slice(h0 // group, h1 // group))
             leaves = [t[b:b + 1, hs].detach().to(dtype).requires_grad_(do is not None) for t, hs in zip((q, k, v), heads)]
+            temp = None if temperature is None else temperature[h0:h1].detach().double().requires_grad_(do is not None)
             with torch.set_grad_enabled(do is not None):
                 ob, lb = reference.attention(spec, *leaves, dtype=dtype,
                                              alibi_slopes_=slopes[h0:h1] if slopes is not None else None,
                                              keep=keep[b:b + 1, h0:h1] if keep is not None else None,
-                                             documents=None if documents is None else tuple(d[b:b + 1] for d in documents))
+                                             documents=None if documents is None else tuple(d[b:b + 1] for d in documents),
+                                             temperature=temp)
                 if do is not None:
                     ob.backward(do[b:b + 1, h0:h1].to(dtype))
             o[b, h0:h1], lse[b, h0:h1] = ob[0].detach(), lb[0].detach()
             if do is not None:
                 for g, leaf, hs in zip(grads, leaves, heads):
                     g[b, hs] = leaf.grad[0].double()
-    return o, lse, grads
+                if temp is not None:
+                    dtemp[h0:h1] += temp.grad
+    return o, lse, grads + ([dtemp] if temperature is not None and do is not None else [])
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -134,6 +140,9 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if spec.score.alibi:  # alternately random and geometric slopes, passed at call time
         slopes = torch.rand(shape.heads_q, generator=g, device=device) if seed % 2 else reference.alibi_slopes(shape.heads_q).to(device)
     kwargs = {"alibi_slopes": slopes} if slopes is not None else {}
+    temperature = None
+    if spec.score.temperature:  # a learned per-head factor: its gradient is checked too
+        temperature = torch.rand(shape.heads_q, generator=g, device=device) + 0.5
     documents = None
     if spec.mask.document:  # sorted runs (packed sequences) and, on odd seeds, ids in any order
         documents = random_documents(shape, device, g, sorted_=seed % 2 == 0)
@@ -148,16 +157,22 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     def run():
         if backward:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-            o, lse = module.attention(*leaves, return_lse=True, dropout_seed=dropout_seed, **kwargs)
+            extra = {}
+            if temperature is not None:
+                extra["temperature"] = temperature.detach().requires_grad_()
+                leaves.append(extra["temperature"])
+            o, lse = module.attention(*leaves[:3], return_lse=True, dropout_seed=dropout_seed, **kwargs, **extra)
             o.backward(do)
             return o.detach(), lse, [t.grad for t in leaves]
         # poison the output so an element the kernel never wrote shows as NaN
         out = torch.full(q.shape[:3] + (spec.head_dim_v,), float("nan"), dtype=tdt, device=device)
-        return (*module.attention(q, k, v, return_lse=True, out=out, dropout_seed=dropout_seed, **kwargs), [])
+        extra = {} if temperature is None else {"temperature": temperature}
+        return (*module.attention(q, k, v, return_lse=True, out=out, dropout_seed=dropout_seed, **kwargs, **extra), [])
 
-    direct = getattr(module, "_DIRECT", False)
+    rt = runtime.of(module)
+    direct = rt.direct
     if direct:
-        module._PLANS.clear()  # so that the first call launches through Triton
+        rt.plans.clear()  # so that the first call launches through Triton
     o, lse, got = run()
     # On an NVIDIA GPU a signature's later calls launch the compiled kernels directly (the module's
     # _Plan), the first through Triton: the two must agree bit for bit.
@@ -165,8 +180,8 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if direct:
         o2, lse2, got2 = run()
         repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
-    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents)
-    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents)
+    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature)
+    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature)
 
     def max_err(a, b):
         return float((a.detach().double() - b).abs().max()) if a.numel() else 0.0
@@ -174,7 +189,8 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     dead = torch.isneginf(ref_lse)  # rows with no visible key
     errors = [("o", max_err(o, ref_o), max_err(eager_o, ref_o)),
               ("lse", max_err(lse[~dead], ref_lse[~dead]), max_err(eager_lse[~dead], ref_lse[~dead]))]
-    errors += [(name, max_err(a, r), max_err(e, r)) for name, a, r, e in zip(("dq", "dk", "dv"), got, ref_grads, eager_grads)]
+    errors += [(name, max_err(a, r), max_err(e, r))
+               for name, a, r, e in zip(("dq", "dk", "dv", "dtemp"), got, ref_grads, eager_grads)]
     why = []
     if any(t.isnan().any() for t in [o, lse] + got):
         why.append("NaN in output (unwritten or invalid)")
@@ -183,7 +199,8 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     # The floor is in units of the quantity's magnitude: gradients share one scale, so a gradient
     # that is exactly zero in float64 (one visible key: softmax has no slope) gets the same floor.
     magnitude = {"o": ref_o.abs().max().item() if ref_o.numel() else 0.0, "lse": 10.0}
-    magnitude.update(dict.fromkeys(("dq", "dk", "dv"), max((r.abs().max().item() for r in ref_grads if r.numel()), default=0.0)))
+    magnitude.update(dict.fromkeys(("dq", "dk", "dv"), max((r.abs().max().item() for r in ref_grads[:3] if r.numel()), default=0.0)))
+    magnitude["dtemp"] = ref_grads[3].abs().max().item() if len(ref_grads) > 3 else 0.0
     for name, err, eager in errors:
         floor = (FLOOR["fp32"] if name == "lse" else FLOOR[dtype]) * max(1.0, magnitude[name])
         if err > FACTOR * eager + floor:

@@ -9,8 +9,7 @@ from typing import List, Optional
 
 import typer
 
-REPO = Path(__file__).resolve().parent.parent
-SPECS = REPO / "specs"
+from attngen.resources import generated_dir, resolve_spec, shipped_specs
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="attngen: a compiler for attention variants (YAML spec -> verified Triton kernels).")
@@ -43,14 +42,14 @@ def _compile(spec: Path, target: str, stop: str = "triton"):
 
 
 @app.command()
-def generate(specs: List[Path] = typer.Argument(..., help="spec files"),
-             out: Path = typer.Option(REPO / "generated", "-o", "--out", help="output directory"),
+def generate(specs: List[Path] = typer.Argument(..., help="spec files, or shipped specs' names"),
+             out: Path = typer.Option(generated_dir(), "-o", "--out", help="output directory"),
              target: str = typer.Option("sm90", help="GPU target the tiling is chosen for: sm90 or sm80")):
     """Writes OUT/<spec name>.py for each spec and prints the chosen tiling."""
     from attngen.loader import write_if_different
 
     for spec in specs:
-        c = _compile(spec, target)
+        c = _compile(resolve_spec(spec), target)
         path = out / f"{c.spec.name}.py"
         written = write_if_different(path, c.source)
         typer.echo(f"{path}: {'written' if written else 'unchanged'}")
@@ -60,7 +59,7 @@ def generate(specs: List[Path] = typer.Argument(..., help="spec files"),
 
 
 @app.command()
-def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
+def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped specs' names"),
            dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="dtypes to test (default: the spec's; "
                                                      "bf16 is skipped on the interpreter, whose bf16 dot is wrong)"),
            backward: bool = typer.Option(False, "--backward", help="also check dQ, dK, dV against the reference"),
@@ -77,7 +76,7 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
     results = []
     for spec in specs:
         try:
-            rows = verify_spec(spec, dtypes=dtypes, backward=backward)
+            rows = verify_spec(resolve_spec(spec), dtypes=dtypes, backward=backward)
         except AttngenError as e:
             _fail(e)
         results += rows
@@ -91,7 +90,7 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files"),
 
 
 @app.command()
-def show(spec: Path = typer.Argument(..., help="spec file"),
+def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's name"),
          emit: str = typer.Option("triton", help="stage to print: spec, ir, tiling or triton"),
          target: str = typer.Option("sm90", help="sm90 or sm80")):
     """Prints one stage of the compiler."""
@@ -102,7 +101,7 @@ def show(spec: Path = typer.Argument(..., help="spec file"),
     if emit not in STAGES:
         _fail(ValueError(f"--emit: expected one of {', '.join(STAGES)}, got {emit!r}"))
     try:
-        typer.echo(emit_stage(spec, emit, PassOptions(target=target)), nl=False)
+        typer.echo(emit_stage(resolve_spec(spec), emit, PassOptions(target=target)), nl=False)
     except AttngenError as e:
         _fail(e)
 
@@ -212,7 +211,7 @@ def list_specs():
     """Lists the shipped specs with their descriptions."""
     from attngen.spec import load_spec
 
-    for path in sorted(SPECS.glob("*.yaml")):
+    for path in shipped_specs():
         spec = load_spec(path)
         typer.echo(f"{spec.name:<22} {spec.description}")
 

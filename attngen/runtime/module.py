@@ -1,0 +1,350 @@
+"""The host side of a generated kernel module: checks, tiling choice, tile tables, launch plans,
+autograd, and the torch.library ops that torch.compile sees. A generated module holds only its
+kernels and a data section, and binds them with `KernelModule(globals())`.
+
+    plan: per call signature (dtypes, shapes, strides, alignment, flags), once (launch.Plan)
+    run:  re-base the TMA descriptors, launch; the hot path
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+import triton
+
+from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
+from .roles import ROLES
+from .tiles import Documents, as_documents, kept, tile_classes, tile_lists
+from .tl_lib import _keep_mask_kernel
+
+LOG2E = 1.4426950408889634
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_PLACEHOLDERS: dict = {}
+_SLOPES: dict = {}
+
+
+def placeholder(device, dtype=torch.int32) -> torch.Tensor:
+    """An empty tensor for an argument a kernel does not read (made once per device and dtype)."""
+    return kept(_PLACEHOLDERS, (device, dtype), lambda: torch.empty(0, dtype=dtype, device=device))
+
+
+def default_alibi_slopes(heads: int, device=None) -> torch.Tensor:
+    """The ALiBi paper's geometric slopes for `heads` heads."""
+    def make():
+        def powers(n):
+            start = 2.0 ** (-8.0 / n)
+            return [start ** (i + 1) for i in range(n)]
+        p = 1 << (heads.bit_length() - 1)
+        slopes = powers(p) if p == heads else powers(p) + powers(2 * p)[0::2][: heads - p]
+        return torch.tensor(slopes, dtype=torch.float32, device=device)
+    return kept(_SLOPES, (heads, str(device)), make)
+
+
+_DEFAULTS = {"alibi": default_alibi_slopes,
+             "ones": lambda heads, device: kept(_SLOPES, ("ones", heads, str(device)),
+                                                lambda: torch.ones(heads, dtype=torch.float32, device=device))}
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rt, q, k, v, hp, scale, seed, p_drop, documents):
+        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, documents)
+        ctx.save_for_backward(q, k, v, o, lse, hp)
+        ctx.rt, ctx.scale, ctx.seed, ctx.p_drop, ctx.documents = rt, scale, seed, p_drop, documents
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, hp = ctx.saved_tensors
+        dq, dk, dv, dhp = ctx.rt.backward(do, q, k, v, o, lse, hp, ctx.scale, ctx.seed, ctx.p_drop, ctx.documents)
+        return None, dq, dk, dv, dhp if ctx.needs_input_grad[4] else None, None, None, None, None
+
+
+_OP_NAMES: dict[str, int] = {}
+
+
+class KernelModule:
+    """One generated module's kernels and data, with its host code. `attention` is the entry point."""
+
+    def __init__(self, ns: dict):
+        self.spec = ns["SPEC"]
+        self.name = self.spec["name"]
+        self.tilings, self.tuned = ns["TILINGS"], {}
+        self.bucket_seqs, self.bucket_tilings = ns.get("BUCKET_SEQS"), ns.get("BUCKET_TILINGS", {})
+        self.head_dim, self.head_dim_v = ns["HEAD_DIM"], ns["HEAD_DIM_V"]
+        self.scale, self.dropout_p = ns["SCALE"], ns["DROPOUT_P"]
+        self.head_params = ns["HEAD_PARAMS"]  # ({"arg", "default", "grad"}, ...): rows of the kernels' HP
+        self.n_grads = sum(p["grad"] for p in self.head_params)
+        self.tables = ns["TILE_TABLES"]  # role -> "nested" | "first" for kernels that walk a tile table
+        self.shallow = ns["SHALLOW_PARTIAL"]  # roles whose partial-tile loop pipelines one stage less
+        self.document = ns["DOCUMENT"]
+        self.visible = ns.get("_visible_host")
+        self.kernels = {role: ns[r.kernel] for role, r in ROLES.items()}
+        self.native = native_nvidia(self.kernels["fwd"])
+        self.direct = direct_launch(self.kernels["fwd"])
+        self.plans: dict = {}  # call signature -> Plan; cleared when it reaches 1024
+        self._static: dict = {}
+        source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
+        self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
+        self.ops = _register_ops(self)
+
+    # ------------------------------------------------------------------ choices per call
+
+    def config(self, role: str, dtype: str, Nq: int, Nk: int) -> dict:
+        """The tiling for this call: an autotuned one for its shape bucket if any, else the cost
+        model's (the nearest sequence-length bucket's, when the module has buckets)."""
+        if self.tuned:
+            key = (role, dtype, triton.next_power_of_2(Nq), triton.next_power_of_2(Nk))
+            if key in self.tuned:
+                return self.tuned[key]
+        if self.bucket_seqs:
+            seq = min(self.bucket_seqs, key=lambda b: abs(math.log2(max(Nq, Nk, 1) / b)))
+            return self.bucket_tilings.get((role, dtype, seq), self.tilings[role][dtype])
+        return self.tilings[role][dtype]
+
+    def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device):
+        """The spec's static mask's tile classes at this shape (cached)."""
+        key = ("classes", Nq, Nk, block_m, block_n, str(device))
+        return kept(self._static, key, lambda: tile_classes(self.visible, Nq, Nk, block_m, block_n, device))
+
+    def _tables(self, role: str, cfg: dict, q, k, documents):
+        """COUNT, INDEX, DOC_Q, DOC_KV for role's kernel: per call for documents, per shape for a
+        static tile table, placeholders for closed-form loops."""
+        Nq, Nk, device = q.shape[2], k.shape[2], q.device
+        bm, bn, transposed = cfg["BLOCK_M"], cfg["BLOCK_N"], ROLES[role].transposed
+        if role not in self.tables:
+            empty = placeholder(device)
+            return empty, empty, empty, empty
+        nested = self.tables[role] == "nested"
+        static = lambda: self.static_classes(Nq, Nk, bm, bn, device)  # noqa: E731
+        if self.document:
+            return (*documents.tables(self.key, static, bm, bn, transposed, nested), documents.q_ids, documents.kv_ids)
+        key = ("lists", Nq, Nk, bm, bn, str(device), transposed, nested)
+        count, index = kept(self._static, key, lambda: tile_lists(static()[1].T if transposed else static()[0], nested))
+        empty = placeholder(device)
+        return count, index, empty, empty
+
+    def _constexprs(self, role: str, cfg: dict, tma: bool, wide: bool, q) -> dict:
+        return dict(HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
+                    HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                    TMA=tma, WIDE=wide, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                    # the tanh instruction on NVIDIA GPUs for 16-bit inputs; exact tanh for fp32, the interpreter, ROCm
+                    FAST_TANH=self.native and q.is_cuda and q.dtype != torch.float32,
+                    DOCUMENT=self.document,
+                    PARTIAL_STAGES=max(2, cfg["num_stages"] - 1) if role in self.shallow else cfg["num_stages"],
+                    num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    # ------------------------------------------------------------------ plan and run
+
+    def _plan(self, role: str, cfg: dict, tensors, flags) -> Plan:
+        q, k, v = tensors[:3]
+        B, Hq, Nq, _ = q.shape
+        Hkv, Nk = k.shape[1], k.shape[2]
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        n = {"fwd": 6, "bwd_dq": 10, "bwd_dkdv": 9}[role]  # the tensors before the tables
+        # static tables (no documents) are the same tensors for every call of this signature: plan constants
+        tables = () if self.document else tensors[n:]
+        strided = tensors[:4] if role == "fwd" else tensors[:6]  # q, k, v and the [B, H, N, D] outputs / dO
+        blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
+        descs, tma = descriptors(cfg, tensors[:n], blocks, (self.head_dim, self.head_dim_v))
+        if self.document:
+            descs += [None] * (len(tensors) - n)
+        sizes = {"fwd": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn)),
+                 "bwd_dq": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn)),
+                 "bwd_dkdv": (Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, bm))}[role]
+        grid = (triton.cdiv(Nk, bn), B * Hkv, 1) if ROLES[role].transposed else (triton.cdiv(Nq, bm), B * Hq, 1)
+        middle = (*tables, *(s for t in strided for s in t.stride()), *sizes)
+        consts = dict(DROPOUT=flags[-1], **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
+        if role == "fwd":
+            consts["STORE_LSE"] = flags[0]
+        return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)
+
+    def _launch(self, role: str, tensors, scalars, seed: int, flags, documents, cfg=None):
+        q, k = tensors[0], tensors[1]
+        cfg = cfg or self.config(role, DTYPES[q.dtype], q.shape[2], k.shape[2])
+        tables = self._tables(role, cfg, q, k, documents)
+        if self.document:
+            tensors = (*tensors, *tables)
+        key = signature(role, cfg, tensors, seed, flags)
+        plan = self.plans.get(key)
+        if plan is None:
+            if len(self.plans) >= 1024:
+                self.plans.clear()
+            plan = self.plans[key] = self._plan(role, cfg, tensors if self.document else (*tensors, *tables), flags)
+        plan(tensors, scalars)
+
+    def forward(self, q, k, v, hp, scale: float, seed: int, p_drop: float, out=None, store_lse: bool = True,
+                documents=None):
+        """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log): no autograd, no checks."""
+        B, Hq, Nq, _ = q.shape
+        Nk = k.shape[2]
+        o = torch.empty((B, Hq, Nq, self.head_dim_v), dtype=q.dtype, device=q.device) if out is None else out
+        lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        if o.numel() == 0 or Nk == 0:
+            return o.zero_(), lse.fill_(float("-inf"))
+        flags = (store_lse, p_drop > 0)
+        self._launch("fwd", (q, k, v, o, lse, hp), (scale * LOG2E, seed, p_drop), seed, flags, documents)
+        return o, lse
+
+    def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, documents=None):
+        """dq, dk, dv and dhp (the head parameters' gradients, [P, Hq]; zero rows for those without)."""
+        B, Hq, Nq, _ = q.shape
+        Nk = k.shape[2]
+        dhp = torch.zeros_like(hp)
+        if q.numel() == 0 or Nk == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dhp
+        # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
+        flags, scalars = (p_drop > 0,), (scale * LOG2E, scale, seed, p_drop)
+        cfg = self.config("bwd_dq", DTYPES[q.dtype], Nq, Nk)
+        # per dQ program, its rows' share of each learnable head parameter's gradient; summed below
+        part = (torch.empty((self.n_grads, B * Hq, triton.cdiv(Nq, cfg["BLOCK_M"])), dtype=torch.float32, device=q.device)
+                if self.n_grads else placeholder(q.device, torch.float32))
+        # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
+        self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, documents, cfg)
+        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, documents)
+        if self.n_grads:
+            rows = [i for i, p in enumerate(self.head_params) if p["grad"]]
+            dhp[rows] = part.view(self.n_grads, B, Hq, -1).sum(dim=(1, 3))
+        return dq, dk, dv, dhp
+
+    # ------------------------------------------------------------------ the entry point
+
+    def check(self, q, k, v):
+        if not (q.dim() == k.dim() == v.dim() == 4):
+            raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got {q.dim()}-d, {k.dim()}-d, {v.dim()}-d")
+        if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise TypeError(f"q, k, v must share one dtype of {', '.join(DTYPES.values())}; got {q.dtype}, {k.dtype}, {v.dtype}")
+        if DTYPES[q.dtype] not in self.tilings["fwd"]:
+            raise TypeError(f"spec {self.name!r} is built for {', '.join(self.tilings['fwd'])}, not {DTYPES[q.dtype]}")
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+        B, Hq = q.shape[:2]
+        Bk, Hkv, Nk = k.shape[:3]
+        if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim or v.shape[-1] != self.head_dim_v:
+            raise ValueError(f"spec {self.name!r} has head_dim {self.head_dim} and head_dim_v {self.head_dim_v}; "
+                             f"got q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+        if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Nk:
+            raise ValueError(f"k and v must be [{B}, Hkv, Nk, *] alike; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if Hkv == 0 or Hq % Hkv:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+        if B * Hq > 65535:
+            raise ValueError(f"batch x query heads = {B * Hq} is over 65535, the launch grid's limit on axis 1")
+
+    def head_param_rows(self, q, given: dict) -> torch.Tensor:
+        """HP [P, Hq] float32: the spec's per-head parameters, given or default, in declared order."""
+        Hq = q.shape[1]
+        for name, value in given.items():
+            if value is not None and name not in {p["arg"] for p in self.head_params}:
+                raise TypeError(f"spec {self.name!r} takes no {name}= (it has no such score modifier)")
+        rows = []
+        for p in self.head_params:
+            value = given.get(p["arg"])
+            if value is None:
+                value = _DEFAULTS[p["default"]](Hq, q.device)
+            elif tuple(value.shape) != (Hq,):
+                raise ValueError(f"{p['arg']} must have shape [{Hq}]; got {tuple(value.shape)}")
+            value = value.to(device=q.device, dtype=torch.float32)
+            rows.append(value if p["grad"] else value.detach())
+        if not rows:
+            return placeholder(q.device, torch.float32)
+        return rows[0].reshape(1, Hq).contiguous() if len(rows) == 1 else torch.stack(rows)
+
+    def attention(self, q, k, v, *, documents=None, return_lse=False, alibi_slopes=None, temperature=None,
+                  scale=None, out=None, training=True, dropout_seed=None):
+        """o [B, Hq, Nq, Dv] from q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (and lse
+        [B, Hq, Nq], float32, natural log, with return_lse). The module's docstring has the spec."""
+        self.check(q, k, v)
+        if self.document:
+            documents = as_documents(documents, q.shape[0], q.shape[2], k.shape[2], q.device, self.name)
+        elif documents is not None:
+            raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
+        hp = self.head_param_rows(q, {"alibi_slopes": alibi_slopes, "temperature": temperature})
+        scale = self.scale if scale is None else float(scale)
+        p_drop = self.dropout_p if training else 0.0
+        if torch.compiler.is_compiling():  # one opaque op per direction: no graph break
+            seed = (torch.randint(0, 2**31 - 1, (1,)) if p_drop > 0 and dropout_seed is None
+                    else torch.tensor([int(dropout_seed or 0)]))
+            ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
+            o, lse = self.ops.forward(q, k, v, hp, *ids, scale, seed, p_drop)
+            if out is not None:
+                out.copy_(o)
+                o = out
+            return (o, lse) if return_lse else o
+        seed = 0
+        if p_drop > 0:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
+            if out is not None:
+                raise ValueError("out= cannot be used when gradients are required")
+            o, lse = _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, documents)
+        else:
+            o, lse = self.forward(q, k, v, hp, scale, seed, p_drop, out, return_lse, documents)
+        return (o, lse) if return_lse else o
+
+    def dropout_keep_mask(self, batch, heads, seq_q, seq_k, dropout_seed, device=None):
+        """For tests: the bool keep-mask [B, Hq, Nq, Nk] the kernels use for this seed (all True when
+        the spec has no dropout)."""
+        keep = torch.ones((batch, heads, seq_q, seq_k), dtype=torch.int8, device=device)
+        if self.dropout_p > 0 and keep.numel():
+            _keep_mask_kernel[(triton.cdiv(seq_q, 64), triton.cdiv(seq_k, 64), batch * heads)](
+                keep, heads, seq_q, seq_k, int(dropout_seed), self.dropout_p, BLOCK_M=64, BLOCK_N=64)
+        return keep.bool()
+
+
+class _Ops:
+    """The module's torch.library ops: what torch.compile traces instead of the host code."""
+
+    def __init__(self, forward, backward):
+        self.forward, self.backward = forward, backward
+
+
+def _register_ops(rt: KernelModule) -> _Ops:
+    base = rt.key
+    _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
+    name = f"attngen::{base}_{n}"
+    fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, float scale, Tensor seed, "
+                  "float p_drop) -> (Tensor, Tensor)")
+    bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
+                  "Tensor? kv_ids, float scale, Tensor seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
+
+    def documents(q_ids, kv_ids):
+        return None if q_ids is None else Documents(q_ids, kv_ids)  # tables built per call inside the op
+
+    def fwd(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
+        o, lse = rt.forward(q, k, v, hp, scale, int(seed.item()), p_drop, None, True, documents(q_ids, kv_ids))
+        return o, lse
+
+    def fwd_fake(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
+        shape = (*q.shape[:3], rt.head_dim_v)
+        return q.new_empty(shape), q.new_empty(shape[:3], dtype=torch.float32)
+
+    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
+        return tuple(rt.backward(do, q, k, v, o, lse, hp, scale, int(seed.item()), p_drop, documents(q_ids, kv_ids)))
+
+    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(hp)
+
+    forward_op = torch.library.custom_op(f"{name}_fwd", fwd, mutates_args=(), schema=fwd_schema)
+    forward_op.register_fake(fwd_fake)
+    backward_op = torch.library.custom_op(f"{name}_bwd", bwd, mutates_args=(), schema=bwd_schema)
+    backward_op.register_fake(bwd_fake)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop = inputs
+        ctx.save_for_backward(q, k, v, *output, hp, seed, *(t for t in (q_ids, kv_ids) if t is not None))
+        ctx.scale, ctx.p_drop, ctx.has_ids = scale, p_drop, q_ids is not None
+
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, hp, seed, *ids = ctx.saved_tensors
+        ids = ids if ctx.has_ids else (None, None)
+        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *ids, ctx.scale, seed, ctx.p_drop)
+        return dq, dk, dv, dhp, None, None, None, None, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+    return _Ops(forward_op, backward_op)

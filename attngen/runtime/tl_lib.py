@@ -1,0 +1,117 @@
+"""Triton helpers that every family's kernels call; the generated modules import them.
+
+They hold no spec-dependent code (that is rendered into each module: the score modifiers, the
+mask, the loop bounds), so one copy serves every module.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mod(a, c):
+    # Python modulo for a positive constant c, whatever the sign of a (Triton's % is C's).
+    return ((a % c) + c) % c
+
+
+@triton.jit
+def _floordiv(a, c):
+    # Python floor division for a positive constant c (Triton's // truncates toward zero).
+    return (a - _mod(a, c)) // c
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    if FAST:  # the GPU's tanh instruction (max. relative error 2^-10.7), for 16-bit inputs
+        y = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        # tanh from exp alone (the interpreter has no libdevice), accurate to fp32 rounding:
+        # (1 - e) / (1 + e) with e = exp(-2|x|) cancels for small |x|, where the odd series is used.
+        a = tl.abs(x)
+        e = tl.exp(-2.0 * a)
+        big = (1.0 - e) / (1.0 + e)
+        x2 = a * a
+        small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+        t = tl.where(a < 0.15, small, big)
+        y = tl.where(x < 0, -t, t)
+    return y
+
+
+@triton.jit
+def _keep(seed, bh, q_idx, kv_idx, p_drop):
+    # Dropout's keep-mask: Philox keyed by the seed and each element's (kv, q, batch*head), so the
+    # backward regenerates exactly the forward's mask.
+    kk = kv_idx + q_idx * 0
+    r, _, _, _ = tl.philox(seed, kk.to(tl.int32), (q_idx + kv_idx * 0).to(tl.int32), (kk * 0 + bh).to(tl.int32),
+                           (kk * 0).to(tl.int32))
+    return tl.uint_to_uniform_float(r) >= p_drop
+
+
+@triton.jit
+def _wide(idx, WIDE: tl.constexpr):
+    # Indices for address arithmetic: int64 where row x stride can reach 2^31 elements (WIDE: the
+    # host saw such a tensor), else int32 as they are.
+    if WIDE:
+        idx = idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
+def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: tl.constexpr,
+          COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr):
+    # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
+    # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
+    # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
+    # (One return at the end: Triton compiles the statements after a return in a constexpr branch.)
+    if TMA:
+        x = X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
+    else:
+        offs_r = first + tl.arange(0, ROWS)
+        offs_c = tl.arange(0, COLS_PAD)
+        ptrs = X + _wide(offs_r, WIDE)[:, None] * stride_r + _wide(offs_c, WIDE)[None, :] * stride_c
+        if COLS < COLS_PAD:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
+            else:
+                x = tl.load(ptrs, mask=offs_c[None, :] < COLS, other=0.0)
+        else:
+            if MASK_ROWS:
+                x = tl.load(ptrs, mask=offs_r[:, None] < n_rows, other=0.0)
+            else:
+                x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(X, offs_r, n_rows, stride_r, stride_c, x, COLS: tl.constexpr, COLS_PAD: tl.constexpr,
+                WIDE: tl.constexpr):
+    # Stores rows offs_r x COLS of x (COLS_PAD wide) through a pointer already offset to its (b, h).
+    offs_c = tl.arange(0, COLS_PAD)
+    tl.store(X + _wide(offs_r, WIDE)[:, None] * stride_r + _wide(offs_c, WIDE)[None, :] * stride_c,
+             x.to(X.dtype.element_ty), mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS))
+
+
+@triton.jit
+def _lse2(LSE, offs_m, Nq):
+    # The saved LSE in log2 units; +inf for rows with nothing visible, so their P is exactly 0.
+    lse = tl.load(LSE + offs_m, mask=offs_m < Nq, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
+def _same_document(doc_res, DOC_WALK, offs_walk, n_walk):
+    # The document mask of a tile: do the resident rows' documents (ids doc_res) match those of
+    # the walked indices (read from DOC_WALK, this batch's ids)?
+    doc_walk = tl.load(DOC_WALK + offs_walk, mask=offs_walk < n_walk, other=-1)
+    return doc_res[:, None] == doc_walk[None, :]
+
+
+@triton.jit
+def _keep_mask_kernel(KEEP, H, Nq, Nk, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Writes the keep-mask the kernels use (for tests: see dropout_keep_mask).
+    off_hz = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, off_hz, offs_m[:, None], offs_n[None, :], p_drop)
+    tl.store(KEEP + off_hz.to(tl.int64) * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], keep.to(tl.int8),
+             mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
