@@ -30,13 +30,13 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _compile(spec: Path, target: str, stop: str = "triton"):
+def _compile(spec: Path, target: str, stop: str = "triton", standalone: bool = False):
     from attngen.errors import AttngenError
     from attngen.passes import PassOptions
     from attngen.pipeline import compile_spec
 
     try:
-        return compile_spec(spec, options=PassOptions(target=target), stop=stop)
+        return compile_spec(spec, options=PassOptions(target=target), stop=stop, standalone=standalone)
     except AttngenError as e:
         _fail(e)
 
@@ -44,12 +44,14 @@ def _compile(spec: Path, target: str, stop: str = "triton"):
 @app.command()
 def generate(specs: List[Path] = typer.Argument(..., help="spec files, or shipped specs' names"),
              out: Path = typer.Option(generated_dir(), "-o", "--out", help="output directory"),
-             target: str = typer.Option("sm90", help="GPU target the tiling is chosen for: sm90 or sm80")):
+             target: str = typer.Option("sm90", help="GPU target the tiling is chosen for: sm90 or sm80"),
+             standalone: bool = typer.Option(False, "--standalone", help="inline attngen's runtime: a single file "
+                                             "that imports only torch and triton, for vendoring")):
     """Writes OUT/<spec name>.py for each spec and prints the chosen tiling."""
     from attngen.loader import write_if_different
 
     for spec in specs:
-        c = _compile(resolve_spec(spec), target)
+        c = _compile(resolve_spec(spec), target, standalone=standalone)
         path = out / f"{c.spec.name}.py"
         written = write_if_different(path, c.source)
         typer.echo(f"{path}: {'written' if written else 'unchanged'}")
