@@ -12,9 +12,9 @@ For each candidate it predicts the kernel time from first principles:
   grid        programs run in waves of SMs x occupancy (shared memory, registers and warps per SM
               bound it); the last wave's quantization is counted.
 
-The target rates are datasheet rates derated to measured ones where we have them (the H100's bf16
-matrix product ran at ~798 TFLOP/s, device copies at ~3.0 TB/s); the efficiency and overlap
-factors are `Constants`, fitted to measured runs by attngen/calibrate.py.
+The target rates are datasheet rates derated to measured ones where we have them (sm90: the H100's
+MMA and copy rates; docs/decisions/cost-model-rates.md); the efficiency and overlap factors are
+`Constants`, fitted to measured runs by attngen/calibrate.py.
 """
 
 from __future__ import annotations
@@ -48,9 +48,8 @@ class Target:
     alu_per_sm_per_clock: int = 64  # integer
     fp32_per_sm_per_clock: int = 128
     tma: bool = False  # has the tensor memory accelerator (Hopper)
-    # MMA rows per warp: Hopper's wgmma takes 64 rows per warpgroup of 4 warps (16 per warp; fewer
-    # rows split the MMA along N and ran about 2x slower on the H100), Ampere's mma.sync 16 per warp,
-    # of which 8 still kept it busy.
+    # MMA rows per warp: Hopper's wgmma takes 64 per warpgroup of 4 warps (16 per warp; fewer run
+    # slower), Ampere's mma.sync 16, of which 8 keep it busy (docs/decisions/cost-model-rates.md).
     rows_per_warp: int = 8
 
 

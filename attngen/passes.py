@@ -14,36 +14,31 @@
 
   With `shape_buckets`, it also ranks at one shape per sequence-length bucket (1k, 16k; as many
   tokens as the nominal shape, batch at least 1) and records the winners; the module takes the
-  nearest bucket's tiling per call (on by default: at 1k tokens the nominal pick reached 0.84-0.96
-  of the best timed tiling on an H200, the bucket picks 0.98-1.00; BENCHMARKS.md):
+  nearest bucket's tiling per call. On by default: the nominal shape's pick misses at 1k tokens
+  (docs/decisions/shape-buckets.md):
 
       attr bucket_tilings = {1024: bf16: BLOCK_M=64 ...; 16384: ...}
 
 * `schedule`: the order programs start in, and the shape of their loops. Where later blocks have
   more work than earlier ones (causal: the last query block sees every key), the longest programs
-  go first, so the last wave is made of short ones (FA3's and FlexAttention's causal scheduling do
-  the same). A range plan's tiles run as masked / unmasked / masked loops in the forward, where
-  the mask's arithmetic on every tile would cost up to 15% (dense, causal, prefix-LM at 4k); the
-  backward kernels run them as one masked loop, where the mask hides behind four matrix products
-  and one software pipeline beats three (H100, CUDA graphs: 1-12% faster on dense, causal,
-  sliding window, softcap; within 2.5% on prefix-LM; scripts/option_ab.py --option split_loops):
+  go first, so the last wave is made of short ones (free; no measurable effect at 4k tokens:
+  docs/decisions/longest-first.md). A range plan's tiles run as masked / unmasked / masked loops
+  in the forward (no mask code on full tiles) and as one masked loop in the backward kernels, whose
+  four matrix products hide the mask (docs/decisions/split-loops.md):
 
       attr longest_first = True
       attr split_loops = True     (fwd; False for bwd_dkdv, bwd_dq)
 
   A tile-table plan's full tiles are stored as runs of consecutive blocks. The forward loops
   over the runs with each run's tiles in an inner loop; the backward kernels' tables hold the
-  first run, looped over flat, and then the other full tiles one index each (H200, CUDA graphs,
-  document / dilated / prefix-LM: the forward takes 1-4% less time nested, the backward kernels
-  5-11% less flat; scripts/option_ab.py --option nested_runs):
+  first run, looped over flat, and then the other full tiles one index each: each role's faster
+  encoding (docs/decisions/nested-runs.md):
 
       attr nested_runs = True     (fwd; False for bwd_dkdv, bwd_dq; tile-table plans only)
 
-  A document kernel's partial tiles also load the walked positions' ids, a buffer per pipeline
-  stage that puts the kernel past the shared memory its tiling was ranked with: 24 bytes over the
-  two programs per SM that a 64 x 64, 3-stage forward gets (Triton 3.6, sm90; 115,736 bytes where
-  two programs fit in 115,712). Its partial-tile loop therefore pipelines one stage fewer than the
-  tiling's num_stages (at least two):
+  A document kernel's partial-tile loop pipelines one stage fewer than the tiling's num_stages (at
+  least two): the ids' buffer per stage would otherwise cost the tiling its programs per SM
+  (docs/decisions/shallow-partial.md):
 
       attr shallow_partial = True (document plans only)
 
@@ -59,6 +54,7 @@ from .cost_model import TARGETS, Ranking, Workload, rank
 from .errors import AttngenError
 from .ir import Kernel, OpKind, verify
 from .mask_analysis import MaskPlan, PlanKind, analyze, longest_first
+from .runtime.roles import ROLES
 from .tiling import TileConfig
 
 
@@ -79,7 +75,7 @@ class PassOptions:
 
 def mask_plan(kernel: Kernel, options: PassOptions) -> Kernel:
     mask = kernel.op(OpKind.MASK)
-    plan = analyze(mask.attr("cond") if mask else None, transposed=kernel.attr("role") == "bwd_dkdv",
+    plan = analyze(mask.attr("cond") if mask else None, transposed=ROLES[kernel.attr("role")].transposed,
                    document=mask is not None and mask.attr("document") is not None)
     if mask is not None:
         kernel = kernel.replace_op(OpKind.MASK, plan=plan.kind.value)
@@ -155,10 +151,11 @@ def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
 def schedule(kernel: Kernel, options: PassOptions) -> Kernel:
     w, cfg = options.workload, next(iter(kernel.attr("tiling")))
     reverse = options.longest_first and longest_first(kernel.attr("mask_plan"), w.seq_q, w.seq_k, cfg.block_m, cfg.block_n)
-    split = kernel.attr("role") == "fwd" if options.split_loops is None else options.split_loops
+    forward = not ROLES[kernel.attr("role")].backward
+    split = forward if options.split_loops is None else options.split_loops
     kernel = kernel.with_attrs(longest_first=reverse, split_loops=split)
     if kernel.attr("mask_plan").kind is PlanKind.TILES:
-        nested = kernel.attr("role") == "fwd" if options.nested_runs is None else options.nested_runs
+        nested = forward if options.nested_runs is None else options.nested_runs
         kernel = kernel.with_attrs(nested_runs=nested)
         if kernel.attr("mask_plan").document:
             shallow = True if options.shallow_partial is None else options.shallow_partial

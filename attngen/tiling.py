@@ -5,9 +5,8 @@ per program, the software-pipelining depth and the head dims padded to powers of
 and tl.dot need powers of two; 80 and 96 pad to 128, 192 to 256; padded lanes load zeros), and
 on Hopper (sm90) whether the tiles come through the tensor memory accelerator (`tma`) from
 host-built descriptors (out-of-bounds rows and padded columns arrive as zeros, no masks).
-Not a candidate: Triton 3.6's warp specialization (`tl.range(warp_specialize=True)`), which on the
-H100 left the forward's SASS unchanged where it compiled and crashed its pass on five of the
-shipped specs' kernels (docs/performance.md).
+Not a candidate: Triton's warp specialization (`tl.range(warp_specialize=True)`): no SASS change on
+sm90 where it compiled, a crash elsewhere (docs/decisions/no-warp-specialization.md).
 """
 
 from __future__ import annotations

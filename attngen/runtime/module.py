@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from pathlib import Path
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .roles import ROLES
@@ -313,8 +315,19 @@ def _register_ops(rt: KernelModule) -> _Ops:
     bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
                   "Tensor? kv_ids, float scale, Tensor seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
 
+    made = WeakIdKeyDictionary()  # q_ids tensor -> (a weak reference to kv_ids, their versions, Documents)
+
     def documents(q_ids, kv_ids):
-        return None if q_ids is None else Documents(q_ids, kv_ids)  # tables built per call inside the op
+        """The Documents of these ids, kept while the same tensors hold the same values (a model
+        passes one batch's ids to every layer), so their tile tables are built once."""
+        if q_ids is None:
+            return None
+        hit = made.get(q_ids)
+        if hit is not None and hit[0]() is kv_ids and hit[1] == (q_ids._version, kv_ids._version):
+            return hit[2]
+        docs = Documents(q_ids, kv_ids)  # copies the ids: holds neither tensor
+        made[q_ids] = (weakref.ref(kv_ids), (q_ids._version, kv_ids._version), docs)
+        return docs
 
     def fwd(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
         o, lse = rt.forward(q, k, v, hp, scale, int(seed.item()), p_drop, None, True, documents(q_ids, kv_ids))
