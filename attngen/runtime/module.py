@@ -81,6 +81,7 @@ class KernelModule:
         self.scale, self.dropout_p = ns["SCALE"], ns["DROPOUT_P"]
         self.head_params = ns["HEAD_PARAMS"]  # ({"arg", "default", "grad"}, ...): rows of the kernels' HP
         self.n_grads = sum(p["grad"] for p in self.head_params)
+        self.param_args = frozenset(p["arg"] for p in self.head_params)
         self.tables = ns["TILE_TABLES"]  # role -> "nested" | "first" for kernels that walk a tile table
         self.shallow = ns["SHALLOW_PARTIAL"]  # roles whose partial-tile loop pipelines one stage less
         self.document = ns["DOCUMENT"]
@@ -116,18 +117,20 @@ class KernelModule:
     def _tables(self, role: str, cfg: dict, q, k, documents):
         """COUNT, INDEX, DOC_Q, DOC_KV for role's kernel: per call for documents, per shape for a
         static tile table, placeholders for closed-form loops."""
-        Nq, Nk, device = q.shape[2], k.shape[2], q.device
-        bm, bn, transposed = cfg["BLOCK_M"], cfg["BLOCK_N"], ROLES[role].transposed
-        if role not in self.tables:
-            empty = placeholder(device)
+        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        encoding = self.tables.get(role)
+        if encoding is None:
+            empty = placeholder(q.device)
             return empty, empty, empty, empty
-        nested = self.tables[role] == "nested"
-        static = lambda: self.static_classes(Nq, Nk, bm, bn, device)  # noqa: E731
+        Nq, Nk, transposed = q.shape[2], k.shape[2], ROLES[role].transposed
+        static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device)  # noqa: E731
         if self.document:
-            return (*documents.tables(self.key, static, bm, bn, transposed, nested), documents.q_ids, documents.kv_ids)
-        key = ("lists", Nq, Nk, bm, bn, str(device), transposed, nested)
-        count, index = kept(self._static, key, lambda: tile_lists(static()[1].T if transposed else static()[0], nested))
-        empty = placeholder(device)
+            count, index = documents.tables(self.key, static, bm, bn, transposed, encoding == "nested")
+            return count, index, documents.q_ids, documents.kv_ids
+        key = ("lists", Nq, Nk, bm, bn, str(q.device), transposed, encoding)
+        count, index = kept(self._static, key,
+                            lambda: tile_lists(static()[1].T if transposed else static()[0], encoding == "nested"))
+        empty = placeholder(q.device)
         return count, index, empty, empty
 
     def _constexprs(self, role: str, cfg: dict, tma: bool, wide: bool, q) -> dict:
@@ -168,15 +171,16 @@ class KernelModule:
     def _launch(self, role: str, tensors, scalars, seed: int, flags, documents, cfg=None):
         q, k = tensors[0], tensors[1]
         cfg = cfg or self.config(role, DTYPES[q.dtype], q.shape[2], k.shape[2])
-        tables = self._tables(role, cfg, q, k, documents)
-        if self.document:
-            tensors = (*tensors, *tables)
+        if self.document:  # the call's tables and ids are kernel arguments like the tensors
+            tensors = (*tensors, *self._tables(role, cfg, q, k, documents))
         key = signature(role, cfg, tensors, seed, flags)
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= 1024:
                 self.plans.clear()
-            plan = self.plans[key] = self._plan(role, cfg, tensors if self.document else (*tensors, *tables), flags)
+            # a static table depends only on what the signature holds: a plan constant
+            full = tensors if self.document else (*tensors, *self._tables(role, cfg, q, k, None))
+            plan = self.plans[key] = self._plan(role, cfg, full, flags)
         plan(tensors, scalars)
 
     def forward(self, q, k, v, hp, scale: float, seed: int, p_drop: float, out=None, store_lse: bool = True,
@@ -193,10 +197,11 @@ class KernelModule:
         return o, lse
 
     def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, documents=None):
-        """dq, dk, dv and dhp (the head parameters' gradients, [P, Hq]; zero rows for those without)."""
+        """dq, dk, dv and dhp: the head parameters' gradients [P, Hq] (zero rows for those without
+        one), or None when no parameter has one."""
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
-        dhp = torch.zeros_like(hp)
+        dhp = torch.zeros_like(hp) if self.n_grads else None
         if q.numel() == 0 or Nk == 0:
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dhp
         # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
@@ -242,8 +247,10 @@ class KernelModule:
         """HP [P, Hq] float32: the spec's per-head parameters, given or default, in declared order."""
         Hq = q.shape[1]
         for name, value in given.items():
-            if value is not None and name not in {p["arg"] for p in self.head_params}:
+            if value is not None and name not in self.param_args:
                 raise TypeError(f"spec {self.name!r} takes no {name}= (it has no such score modifier)")
+        if not self.head_params:
+            return placeholder(q.device, torch.float32)
         rows = []
         for p in self.head_params:
             value = given.get(p["arg"])
@@ -253,8 +260,6 @@ class KernelModule:
                 raise ValueError(f"{p['arg']} must have shape [{Hq}]; got {tuple(value.shape)}")
             value = value.to(device=q.device, dtype=torch.float32)
             rows.append(value if p["grad"] else value.detach())
-        if not rows:
-            return placeholder(q.device, torch.float32)
         return rows[0].reshape(1, Hq).contiguous() if len(rows) == 1 else torch.stack(rows)
 
     def attention(self, q, k, v, *, documents=None, return_lse=False, alibi_slopes=None, temperature=None,
@@ -338,7 +343,8 @@ def _register_ops(rt: KernelModule) -> _Ops:
         return q.new_empty(shape), q.new_empty(shape[:3], dtype=torch.float32)
 
     def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
-        return tuple(rt.backward(do, q, k, v, o, lse, hp, scale, int(seed.item()), p_drop, documents(q_ids, kv_ids)))
+        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, int(seed.item()), p_drop, documents(q_ids, kv_ids))
+        return dq, dk, dv, torch.zeros_like(hp) if dhp is None else dhp
 
     def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(hp)

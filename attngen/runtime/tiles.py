@@ -135,14 +135,16 @@ class Documents:
         """COUNT and INDEX for a kernel of module `owner` (its key) at these blocks; `static()`
         gives that module's static tile classes for the ids' shape. Kernels with one tiling and
         orientation share the classes; each encoding gets its own lists."""
-        blocks = (owner, block_m, block_n, transposed)
-        if (*blocks, nested) not in self._tables:
+        key = (owner, block_m, block_n, transposed, nested)
+        lists = self._tables.get(key)
+        if lists is None:
+            blocks = key[:4]
             if blocks not in self._classes:
                 by_keys, by_rows = static()
                 self._classes[blocks] = document_classes(by_rows if transposed else by_keys, self.q_ids, self.kv_ids,
                                                          block_m, block_n, transposed)
-            self._tables[(*blocks, nested)] = tile_lists(self._classes[blocks], nested)
-        return self._tables[(*blocks, nested)]
+            lists = self._tables[key] = tile_lists(self._classes[blocks], nested)
+        return lists
 
 
 def as_documents(documents, batch: int, Nq: int, Nk: int, device, spec_name: str) -> Documents:
