@@ -1,4 +1,5 @@
-"""The attngen command line: generate, verify, show, list."""
+"""The attngen command line: generate, verify, show, list, the GPU benchmarks and tools (bench,
+bench-merge, autotune, calibrate, inspect, profile). The tools' code lives in attngen/tools/."""
 
 from __future__ import annotations
 
@@ -65,24 +66,27 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
            dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="dtypes to test (default: the spec's; "
                                                      "bf16 is skipped on the interpreter, whose bf16 dot is wrong)"),
            backward: bool = typer.Option(False, "--backward", help="also check dQ, dK, dV against the reference"),
-           markdown: Optional[Path] = typer.Option(None, help="also write the table here")):
+           markdown: Optional[Path] = typer.Option(None, help="also write the table here"),
+           jobs: int = typer.Option(1, "--jobs", min=1, help="verify the specs in N worker processes at once; "
+                                    "the results still print in spec order")):
     """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
     device = _interpret_without_gpu()
-    from attngen.errors import AttngenError
-    from attngen.verify import format_table, verify_spec
+    from contextlib import closing
+
+    from attngen.tools.jobs import verify_all
+    from attngen.verify import format_table
 
     dtypes = dtype or None
     if device.startswith("cpu") and not dtype:
         dtypes = ["fp32", "fp16"]
     typer.echo(f"device: {device}")
     results = []
-    for spec in specs:
-        try:
-            rows = verify_spec(resolve_spec(spec), dtypes=dtypes, backward=backward)
-        except AttngenError as e:
-            _fail(e)
-        results += rows
-        typer.echo(format_table(rows).split("\n", 2)[2] if len(results) > len(rows) else format_table(rows), nl=False)
+    with closing(verify_all([resolve_spec(spec) for spec in specs], dtypes, backward, jobs)) as per_spec:
+        for rows, error in per_spec:
+            if error is not None:
+                _fail(RuntimeError(error))
+            results += rows
+            typer.echo(format_table(rows).split("\n", 2)[2] if len(results) > len(rows) else format_table(rows), nl=False)
     table = format_table(results)
     if markdown:
         markdown.write_text(table)
@@ -117,20 +121,44 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
           exhaustive: int = typer.Option(0, help="instead: time the N best-ranked tilings of each kernel "
                                                  "(fwd, bwd_dkdv, bwd_dq) and compare the cost model's pick"),
           head_dim: Optional[int] = typer.Option(None, help="bench a copy of each spec with this head dim "
-                                                           "(named <spec>_d<N>)")):
+                                                           "(named <spec>_d<N>)"),
+          ab: Optional[str] = typer.Option(None, "--ab", metavar="OPTION",
+                                           help="instead: A/B of this lowering option (a PassOptions flag: "
+                                                "longest_first, split_loops, nested_runs, ...), the module compiled "
+                                                "with it on against off; fwd and bwd as CUDA graphs, fwd+bwd through "
+                                                "autograd (default shape 4x16x4096; specs may be name:head_dim)")):
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
+    if ab is not None:
+        from attngen.tools.ab import check_option
+
+        try:
+            check_option(ab)
+            if exhaustive or markdown:
+                raise ValueError("--ab cannot go with --exhaustive or --markdown")
+        except ValueError as e:
+            _fail(e)
     if not torch.cuda.is_available():
         _fail(RuntimeError("attngen bench needs a CUDA GPU"))
-    from attngen.bench import DEFAULT_SHAPES, bench_spec, parse_shapes, save, with_head_dim
+    from attngen.bench import DEFAULT_SHAPES, BenchShape, bench_spec, parse_shapes, save, with_head_dim
 
-    shape_list = parse_shapes(shapes) if shapes else DEFAULT_SHAPES
+    shape_list = parse_shapes(shapes) if shapes else (BenchShape(4, 16, 4096),) if ab else DEFAULT_SHAPES
     if head_dim is not None:
         try:
             specs = [with_head_dim(spec, head_dim) for spec in specs]
         except (ValueError, OSError) as e:
             _fail(e)
+    if ab is not None:
+        import json
+
+        from attngen.bench import environment
+        from attngen.tools.ab import option_ab
+
+        rows = option_ab(specs, ab, shape_list, log=typer.echo)
+        if json_out:
+            json_out.write_text(json.dumps({"environment": environment(), "ab_rows": rows}, indent=1))
+        return
     if exhaustive:
         import json
 
@@ -206,6 +234,58 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
     if write:
         write_constants(fitted)
         typer.echo("wrote data/cost_constants.json: regenerate (attngen generate specs/*.yaml) and re-verify on the GPU")
+
+
+@app.command("bench-merge")
+def bench_merge(files: List[Path] = typer.Argument(..., help="JSON files from `attngen bench --json F`"),
+                json_out: Optional[Path] = typer.Option(None, "--json", help="write the merged rows as JSON"),
+                markdown: Optional[Path] = typer.Option(None, help="write the merged markdown table")):
+    """Merges `attngen bench --json` files (say one per spec, so that a run cut short keeps the rest)
+    into one JSON file and one markdown table, which it prints."""
+    from attngen.tools.merge import merge
+
+    try:
+        typer.echo(merge(files, json_out, markdown), nl=False)
+    except ValueError as e:
+        _fail(e)
+
+
+@app.command("inspect")
+def inspect_kernels(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's name"),
+                    shape: str = typer.Option("4x16x4096", help="batch x heads x seq of the launch"),
+                    offline: bool = typer.Option(False, "--offline", help="no GPU needed: compile each kernel for "
+                                                 "sm90 with the installed Triton instead of running it"),
+                    role: Optional[List[str]] = typer.Option(None, "--role", help="only these kernels: fwd, bwd_dkdv, "
+                                                             "bwd_dq (default: all)"),
+                    dtype: str = typer.Option("bf16", help="the dtype whose tiling is inspected"),
+                    out: Optional[Path] = typer.Option(None, help="also write each kernel's SASS into this directory")):
+    """Prints registers, spills, shared memory and the SASS instruction mix (HGMMA, TMA loads, local
+    memory, barriers) of each kernel at the cost model's tiling, with pointer and with TMA loads."""
+    from attngen.errors import AttngenError
+    from attngen.tools.inspect_kernels import InspectError, inspect_spec
+
+    try:
+        inspect_spec(resolve_spec(spec), shape, offline=offline, out=out, roles=role, dtype=dtype, log=typer.echo)
+    except (AttngenError, InspectError, ValueError) as e:
+        _fail(e)
+
+
+@app.command("profile")
+def profile_step(cases: List[str] = typer.Argument(..., help="spec:head_dim:BxHxN, e.g. sliding_window:128:4x16x4096 "
+                                                  "(a shipped spec at that head dim and shape)"),
+                 fwd: bool = typer.Option(False, "--fwd", help="the forward only")):
+    """Splits a forward+backward step's time into kernels (GPU ms each, torch.profiler) and host issue
+    time, ours against FlexAttention, beside the do_bench median; GPU only."""
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(RuntimeError("attngen profile needs a CUDA GPU"))
+    from attngen.tools.profile_step import profile_cases
+
+    try:
+        profile_cases(cases, forward_only=fwd, log=typer.echo)
+    except (ValueError, OSError) as e:
+        _fail(e)
 
 
 @app.command("list")

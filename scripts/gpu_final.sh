@@ -30,7 +30,7 @@ for group in "$@"; do
   done
 done
 for mode in fwd fwdbwd; do
-  ls /tmp/b/${mode}_*.json >/dev/null 2>&1 && python3 scripts/merge_bench.py /tmp/b/${mode}_*.json \
+  ls /tmp/b/${mode}_*.json >/dev/null 2>&1 && python3 -m cli.main bench-merge /tmp/b/${mode}_*.json \
     --json $OUT/bench_$mode.json --markdown $OUT/bench_$mode.md > /dev/null
 done
 echo "elapsed ${SECONDS}s"

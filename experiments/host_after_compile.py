@@ -1,13 +1,17 @@
-"""Does compiling FlexAttention in a process slow our host path later in it, and why?
+"""Ran on: Triton 3.6.0, NVIDIA H200 (torch 2.11.0+cu130, Python 3.12.3), 2026-12-02; raw:
+data/host_after_compile_2026-12-02_h200.txt.
+
+Does compiling FlexAttention in a process slow our host path later in it, and why?
 
 `attngen bench` times the sliding window's 16k shape after two Flex compilations in the process,
-and there our step's host time rose from 0.63 to 0.77 ms (BENCHMARKS.md). This script times one
-case's forward+backward step (do_bench median and host issue time) before and after compiling and
-running Flex for the same spec, records the process state that could explain a change (gc counts,
-threads, profiler and trace hooks, torch function / dispatch mode stacks, Triton's launch hooks),
-profiles the host path with cProfile both times, and then retimes after gc.freeze().
+and there our step's host time rose from 0.63 to 0.77 ms (docs/lab/benchmarks-log.md). This script
+times one case's forward+backward step (do_bench median and host issue time) before and after
+compiling and running Flex for the same spec, records the process state that could explain a change
+(gc counts, threads, profiler and trace hooks, torch function / dispatch mode stacks, Triton's
+launch hooks), profiles the host path with cProfile both times (--profile), and then retimes after
+gc.freeze().
 
-    python scripts/host_after_compile.py sliding_window:128:1x16x16384 [--flex-shapes 1x16x1024,4x16x4096]
+    python experiments/host_after_compile.py sliding_window:128:1x16x16384 [--flex-shapes 1x16x1024,4x16x4096]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import triton
 from attngen.bench import _flex, parse_case, parse_shapes
 from attngen.loader import load
 from attngen.spec import load_spec
-from profile_step import host_ms  # this script's folder is on sys.path
+from attngen.tools.profile_step import host_ms
 
 
 def state():

@@ -1,7 +1,10 @@
-"""Which ways of loading attention tiles through TMA the installed Triton compiles and runs on this
+"""Ran on: Triton 3.6.0, NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130), 2026-11-22 (the H100 session of
+data/bench_2026-11-22_h100_*.json; its findings are in commit 4482613: TMA candidates off until a form compiled).
+
+Which ways of loading attention tiles through TMA the installed Triton compiles and runs on this
 GPU: a [rows, D] tile of one (batch, head) of a [B, H, N, D] tensor, fed to tl.dot.
 
-    python scripts/probe_tma.py
+    python experiments/probe_tma.py
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""A probe, not a backend: a warp-specialized FlashAttention forward for sm90 written in Gluon
+"""Ran on: Triton 3.6.0, NVIDIA H200 (torch 2.11.0+cu130), 2026-12-02; raw: data/gluon_probe_2026-12-02_h200.txt.
+Does not compile on Triton 3.9's Gluon.
+
+A probe, not a backend: a warp-specialized FlashAttention forward for sm90 written in Gluon
 (`triton.experimental.gluon`, Triton 3.6), dense or causal, bf16 / fp16, checked against float64 and
 timed beside attngen's Triton forward and SDPA cuDNN. Nothing in attngen renders or calls it.
 Written against Triton 3.6's Gluon (the GPU machines'); Triton 3.9's Gluon does not compile it.
@@ -16,14 +19,14 @@ on 10 of 12 rows: its best configuration per row at 0.90-0.99x at d128 (128 x 64
 ping-pong) and 0.83-1.06x at d64 (128 x 128, 3 stages); ping-pong cost 1-4%. docs/performance.md
 has the table and what it does and does not show.
 
-    python scripts/gluon_probe.py             # on a GPU: check, then time
-    python scripts/gluon_probe.py --offline   # no GPU needed: compile for sm90, print the SASS mix
-    ncu --clock-control none -k regex:attn_fwd python scripts/gluon_probe.py --once   # one launch of each
+    python experiments/gluon_probe.py             # on a GPU: check, then time
+    python experiments/gluon_probe.py --offline   # no GPU needed: compile for sm90, print the SASS mix
+    ncu --clock-control none -k regex:attn_fwd python experiments/gluon_probe.py --once   # one launch of each
 
 `--offline` compiles through triton.compile for an sm90 target, so it runs on a machine without a
 GPU, e.g. with Triton 3.6 unpacked beside the installed one:
     pip download triton==3.6.0 --no-deps -d /tmp/w && python -m zipfile -e /tmp/w/triton-3.6.0-*.whl /tmp/t36
-    chmod +x /tmp/t36/triton/backends/nvidia/bin/* && PYTHONPATH=/tmp/t36 python scripts/gluon_probe.py --offline
+    chmod +x /tmp/t36/triton/backends/nvidia/bin/* && PYTHONPATH=/tmp/t36 python experiments/gluon_probe.py --offline
 """
 
 from __future__ import annotations

@@ -1,37 +1,42 @@
-"""Programs per SM: what the cost model counted on against what the compiled kernels get.
+"""Ran on: Triton 3.6.0, no GPU (offline compilation for sm90), 2026-12-02; raw:
+data/occupancy_audit_2026-12-02_triton36_sm90.txt.
+
+Programs per SM: what the cost model counted on against what the compiled kernels get.
 
 For each spec and head dim, each kernel role and each of its tilings (the nominal one and the
-sequence-length buckets'), compiles the kernel for sm90 without a GPU (as `scripts/inspect_kernels.py
+sequence-length buckets'), compiles the kernel for sm90 without a GPU (as `attngen inspect
 --offline` does: run under the Triton the GPU machines have, 3.6) and derives the programs per SM
 from its shared memory (CUDA reserves 1 KiB per program besides), registers and warps. A row marked
 `<` runs fewer programs per SM than the cost model ranked it with: a tiling that was chosen for
 co-resident programs it does not get (e.g. the document forward's 24 bytes too many, before
 `shallow_partial`).
 
-    PYTHONPATH=/tmp/t36 python scripts/occupancy_audit.py causal:128 document:64 [--shape 16x4096]
+    PYTHONPATH=/tmp/t36 python experiments/occupancy_audit.py [causal:128 document:64 ...] [--tokens 16384]
+
+Without cases it audits those of its data file (the benchmark's six specs at d128 and d64, the
+document spec at d64, dilated at d128, chunked).
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import attngen
+from attngen import runtime
+from attngen.bench import BenchShape, parse_case
+from attngen.cost_model import TARGETS, predict
+from attngen.exhaustive import tiling_of, workload
+from attngen.passes import PassOptions, bucket_workload
+from attngen.pipeline import compile_spec
+from attngen.runtime.roles import ROLES
+from attngen.spec import load_spec
+from attngen.tools.inspect_kernels import check_offline, cuobjdump, offline_run
 
-import attngen  # noqa: E402
-from attngen.bench import BenchShape, parse_case  # noqa: E402
-from attngen.cost_model import TARGETS, predict  # noqa: E402
-from attngen.exhaustive import tiling_of, workload  # noqa: E402
-from attngen.passes import PassOptions, bucket_workload  # noqa: E402
-from attngen.pipeline import compile_spec  # noqa: E402
-from attngen.spec import load_spec  # noqa: E402
-from inspect_kernels import cuobjdump, offline_run  # noqa: E402
-
-KERNELS = {"fwd": "_attn_fwd", "bwd_dkdv": "_attn_bwd_dkdv", "bwd_dq": "_attn_bwd_dq"}
+AUDITED = [f"{s}:{d}" for s in ("dense", "causal", "sliding_window", "prefix_lm", "softcap", "alibi") for d in (128, 64)] \
+    + ["document:64", "dilated:128", "chunked:128"]
 RESERVED = 1024  # shared memory CUDA keeps per program (sm80 and later)
 
 
@@ -47,15 +52,16 @@ def programs_per_sm(kernel, target) -> tuple[int, int, int]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cases", nargs="+", help="spec:head_dim")
+    ap.add_argument("cases", nargs="*", default=AUDITED, help="spec:head_dim (default: the data file's)")
     ap.add_argument("--tokens", type=int, default=16384, help="batch x seq of the workloads")
     args = ap.parse_args()
+    check_offline()
     target, options = TARGETS["sm90"], PassOptions()
     print(f"{'kernel':<28} {'seq':>6} {'tiling':<24} {'model':>5} {'real':>5} {'smem':>7} {'regs':>4}")
     for case in args.cases:
         path, _ = parse_case(case)
         spec, compiled = load_spec(path), compile_spec(path, stop="tiling")
-        for role, name in KERNELS.items():
+        for role in ROLES:
             kernel = compiled.kernel(role)
             plan = kernel.attr("mask_plan")
             tilings = [(options.workload.seq_q, kernel.attr("tiling")["bf16"])]
@@ -64,9 +70,10 @@ def main():
                 work = bucket_workload(options.workload, seq)
                 model = predict(cfg, plan, target, work, role).occupancy
                 module = attngen.load(path)
+                rt = runtime.of(module)
+                rt.plans.clear()
                 sink = []
-                for other, fn_name in KERNELS.items():
-                    fn = getattr(module, fn_name)
+                for other, fn in rt.kernels.items():
                     fn.device_caches.clear()
                     fn.run = offline_run(fn, sink if other == role else [])
                 heads = 16 if spec.head_dim > 64 else 32

@@ -1,9 +1,12 @@
-"""Where the document kernels' time goes, on the GPU: the causal spec's kernels (closed-form loop
+"""Ran on: Triton 3.6.0, NVIDIA H200 (torch 2.11.0+cu130), 2026-12-01; results:
+docs/lab/benchmarks-log.md ("The same mask three ways"), docs/decisions/nested-runs.md.
+
+Where the document kernels' time goes, on the GPU: the causal spec's kernels (closed-form loop
 bounds) against the document spec's (per-batch tile tables) with every row one document, which
 is the same mask, and with four documents per row (bench_documents), forward and forward+backward,
 bf16, medians of do_bench in ms.
 
-    PYTHONPATH=. python scripts/document_ab.py [--shapes 4x16x4096,1x16x16384] [--head-dim 128]
+    PYTHONPATH=. python experiments/document_ab.py [--shapes 4x16x4096,1x16x16384] [--head-dim 128]
 """
 
 from __future__ import annotations

@@ -1,15 +1,21 @@
-"""Host microseconds per call of each piece of a generated module's launch path, at a shape whose
+"""Ran on: Triton 3.6.0, NVIDIA H200 (torch 2.11.0+cu130), 2026-12-01; results:
+docs/lab/benchmarks-log.md ("Host time per launch and per step"), docs/decisions/direct-launch.md.
+Ported to attngen.runtime since (not rerun).
+
+Host microseconds per call of each piece of a generated module's launch path, at a shape whose
 GPU work is negligible (so nothing waits on the GPU), then a cProfile of the forward and the
 backward on the main thread. bf16, GPU only.
 
-    python scripts/launch_cost.py sliding_window:128
+    python experiments/launch_cost.py sliding_window:128
 
 Pieces: a whole training step through autograd (and with its backward on this thread, and a
-no-op autograd Function's step); attention() without autograd; _forward and _backward called
-directly (and _backward on another Python thread, as autograd's device thread runs it); each
-kernel's Triton launch alone (its arguments prepared once, so only
-Triton's binding, cache lookup and launcher run); the compiled kernel's launcher called directly
-(Triton's binding and cache lookup skipped); building TMA descriptors.
+no-op autograd Function's step); attention() without autograd; the runtime's forward and
+backward called directly (rt = attngen.runtime.of(module); and rt.backward on another Python
+thread, as autograd's device thread runs it); each kernel's Triton launch alone (its arguments
+prepared once, so only Triton's binding, cache lookup and launcher run); the compiled kernel's
+launcher called directly, as a launch plan does from a signature's second call (Triton's binding
+and cache lookup skipped); building TMA descriptors. (Before attngen.runtime, the same pieces
+were the module's _forward, _backward and _operands, as the logged tables name them.)
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ import time
 import torch
 import triton
 
+from attngen import runtime
 from attngen.bench import parse_case
 from attngen.loader import load
+from attngen.runtime.launch import descriptors
+from attngen.runtime.roles import ROLES
 
 
 class _Identity(torch.autograd.Function):
@@ -68,7 +77,8 @@ def on_a_thread(fn):
 
 
 class Spy:
-    """Stands in for a kernel: records the launches it is asked for and passes them on."""
+    """Stands in for a kernel in the runtime's table: records the launches its plans ask for and
+    passes them on."""
 
     def __init__(self, fn):
         self.fn, self.calls, self.arg_names = fn, [], fn.arg_names
@@ -81,32 +91,34 @@ class Spy:
 
 
 def direct(fn, grid, args, kwargs):
-    """The compiled kernel's launcher with the bound arguments, as JITFunction.run calls it."""
+    """The compiled kernel's launcher with the launch's arguments, as a launch plan calls it from a
+    signature's second call on (attngen.runtime.launch.Plan): the constexprs are the trailing
+    parameters, the stream the current device's current stream."""
     compiled = fn[grid](*args, **kwargs)
-    params = dict(zip(fn.arg_names, args))
-    params.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
-    bound = [params[name] for name in fn.arg_names]
-    g = tuple(grid) + (1,) * (3 - len(grid))
-    stream = torch.cuda.current_stream().cuda_stream
-    return lambda: compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata, None,
-                                None, None, *bound)
+    runner = compiled[grid]
+    constexprs = [kwargs[name] for name in fn.arg_names[len(args):]]
+    return lambda: runner(*args, *constexprs,
+                          stream=torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice()))
 
 
 def main():
     path, _ = parse_case(sys.argv[1])
     module = load(path)
-    d, dv = module.HEAD_DIM, module.HEAD_DIM_V
+    rt = runtime.of(module)
+    d, dv = rt.head_dim, rt.head_dim_v
     b, h, n = 1, 2, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     mk = lambda dim: torch.randn(b, h, n, dim, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     q, k, v, do = mk(d), mk(d), mk(dv), mk(dv)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    slopes = module.default_alibi_slopes(h, "cuda") if module.SPEC["score"]["alibi"] else q.new_empty(0, dtype=torch.float32)
-    scale = d ** -0.5
+    hp = rt.head_param_rows(q, {})  # the default per-head parameters (ALiBi slopes, temperatures), if any
+    scale = rt.scale
     # a document spec: one document per row (the host path is the same for any ids)
-    docs = (module.Documents(torch.zeros(b, n, dtype=torch.long, device="cuda")),) if module.SPEC["mask"].get("document") else ()
-    kw = {"documents": docs[0]} if docs else {}
-    o, lse = module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs)
+    docs = runtime.Documents(torch.zeros(b, n, dtype=torch.long, device="cuda")) if rt.document else None
+    kw = {"documents": docs} if docs is not None else {}
+    o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)
+    dq_cfg = rt.config("bwd_dq", "bf16", n, n)
+    dq_blocks = {0: dq_cfg["BLOCK_M"], 3: dq_cfg["BLOCK_M"], 1: dq_cfg["BLOCK_N"], 2: dq_cfg["BLOCK_N"]}
 
     def step():
         module.attention(qg, kg, vg, training=False, **kw).backward(do)
@@ -127,29 +139,29 @@ def main():
         "no-op autograd Function step": identity_step,
         "step, backward on this thread": step_one_thread,
         "attention, no grad": lambda: module.attention(q, k, v, training=False, **kw),
-        "_forward": lambda: module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs),
-        "_backward, main thread": lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs),
+        "rt.forward": lambda: rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs),
+        "rt.backward, main thread": lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs),
         "torch.empty x3": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
         "current stream": lambda: torch.cuda.current_stream().cuda_stream,
-        "_operands (4 descriptors)": lambda: module._operands(module.TILINGS["bwd_dq"]["bf16"], (q, do), (k, v)),
+        "descriptors (bwd_dq: 4)": lambda: descriptors(dq_cfg, (q, k, v, do), dq_blocks, (d, dv)),
     }
-    kernels = {name: getattr(module, name) for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")}
-    spies = {name: Spy(fn) for name, fn in kernels.items()}
-    for name, spy in spies.items():
-        setattr(module, name, spy)
-    module._PLANS.clear()  # plans made from here on launch through the spies
-    module._forward(q, k, v, slopes, scale, 0, 0.0, None, True, *docs)
-    module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs)
-    module._PLANS.clear()
-    for name, fn in kernels.items():
-        setattr(module, name, fn)
-        grid, args, kwargs = spies[name].calls[-1]
+    kernels = dict(rt.kernels)
+    spies = {role: Spy(fn) for role, fn in kernels.items()}
+    rt.kernels.update(spies)
+    rt.plans.clear()  # plans made from here on launch through the spies
+    rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)
+    rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs)
+    rt.kernels.update(kernels)
+    rt.plans.clear()
+    for role, fn in kernels.items():
+        name = ROLES[role].kernel
+        grid, args, kwargs = spies[role].calls[-1]
         cases[f"{name}[grid](...) alone"] = lambda fn=fn, grid=grid, args=args, kwargs=kwargs: fn[grid](*args, **kwargs)
-        cases[f"{name} compiled.run direct"] = direct(fn, grid, args, kwargs)
+        cases[f"{name} compiled launcher direct"] = direct(fn, grid, args, kwargs)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; "
           f"{sys.argv[1]} at {b}x{h}x{n}; host us per call")
-    threaded = on_a_thread(lambda: module._backward(do, q, k, v, o, lse, slopes, scale, 0, 0.0, *docs))
-    print(f"{'_backward, on another thread':<34} {threaded:8.1f}")
+    threaded = on_a_thread(lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs))
+    print(f"{'rt.backward, on another thread':<34} {threaded:8.1f}")
     for label, fn in cases.items():
         try:
             print(f"{label:<34} {host_us(fn):8.1f}")

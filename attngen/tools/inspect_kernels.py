@@ -1,0 +1,206 @@
+"""What the compiler made of a spec's kernels: registers, spills, shared memory and the instruction
+mix of the SASS (HGMMA = Hopper warpgroup MMA, HMMA = the older mma.sync path, UTMALDG = TMA loads,
+LDL/STL = local-memory spills), for the cost model's tiling with pointer loads and with TMA loads.
+
+    attngen inspect specs/dense.yaml [--out DIR]            # on a GPU: the kernels as they run
+    attngen inspect specs/causal.yaml --offline             # no GPU: compiled for sm90
+
+With offline=True no GPU is needed: each kernel launch is replaced by a compilation for an sm90
+target (Triton's own binder decides the specialization, as on a GPU; inputs are CPU tensors), and
+the SASS comes from the cubin, through the ptxas and cuobjdump that Triton's NVIDIA backend bundles.
+Run it under the Triton the GPU machines have (3.6) to see what they run, e.g. unpacked beside the
+installed one:
+
+    pip download triton==3.6.0 --no-deps -d /tmp/w && python -m zipfile -e /tmp/w/triton-3.6.0-*.whl /tmp/t36
+    chmod +x /tmp/t36/triton/backends/nvidia/bin/* && PYTHONPATH=/tmp/t36 attngen inspect specs/causal.yaml --offline
+
+Offline differs from a GPU run in the inputs' alignment (CPU allocations, also 16-byte aligned)
+and in FAST_TANH, which the host code sets only for CUDA tensors (softcap specs).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDG", "LDL", "STL", "MUFU.EX2", "MUFU.TANH", "BAR.SYNC", "SYNCS")
+DTYPES = ("bf16", "fp16", "fp32")
+
+
+class InspectError(RuntimeError):
+    """This machine cannot inspect the kernels as asked; says why and what to do."""
+
+
+def compiled_kernels(fn):
+    """Every CompiledKernel in a JITFunction's caches (the layout of the cache varies by version)."""
+    out = []
+    for entry in getattr(fn, "device_caches", {}).values():
+        for part in entry if isinstance(entry, tuple) else (entry,):
+            if isinstance(part, dict):
+                out += [k for k in part.values() if hasattr(k, "asm")]
+    return out
+
+
+def _nvidia_tool(name: str) -> str | None:
+    """Triton's bundled copy of an NVIDIA tool, else the one on PATH, else None."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else shutil.which(name)
+
+
+def cuobjdump(kernel, flag: str) -> str:
+    """cuobjdump's output for the kernel's cubin."""
+    tool = _nvidia_tool("cuobjdump") or "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def sass(kernel) -> str:
+    try:
+        return kernel.asm["sass"]
+    except Exception:  # older versions, and offline: disassemble the cubin ourselves
+        return cuobjdump(kernel, "-sass")
+
+
+def offline_run(fn, sink: list, arch: int = 90):
+    """A stand-in for JITFunction.run that compiles the launch for an NVIDIA `arch` target instead
+    of running it: the installed Triton's binder and argument packing, as a launch would use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+
+    def run(*args, grid, warmup, **kwargs):
+        bound_args, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+        sink.append(triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__))
+    return run
+
+
+def describe(kernel) -> str:
+    text = sass(kernel)
+    counts = collections.Counter()
+    for op in OPS:
+        counts[op] = len(re.findall(rf"\b{re.escape(op)}\b", text))
+    meta = kernel.metadata
+    regs = getattr(kernel, "n_regs", None)
+    if regs is None:  # not loaded on a device (offline): the cubin's resource usage
+        found = re.findall(r"REG:(\d+)", cuobjdump(kernel, "-res-usage"))
+        regs = found[-1] if found else "?"
+    return (f"regs {regs} spills {getattr(kernel, 'n_spills', '?')} "
+            f"smem {getattr(meta, 'shared', '?')} warps {meta.num_warps} stages {meta.num_stages} | "
+            + " ".join(f"{op} {counts[op]}" for op in OPS))
+
+
+def check_offline() -> None:
+    """Raises InspectError unless this process can compile kernels for sm90 without a GPU."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    interpret = getattr(getattr(knobs, "runtime", None), "interpret", False)
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off") or interpret:
+        raise InspectError("--offline compiles the kernels for sm90, which Triton's interpreter cannot: "
+                           "unset TRITON_INTERPRET and run again")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import make_backend
+
+        make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as e:
+        raise InspectError(f"--offline needs Triton's NVIDIA backend, which this Triton lacks: "
+                           f"{type(e).__name__}: {e}") from e
+    missing = [tool for tool in ("ptxas", "cuobjdump") if _nvidia_tool(tool) is None]
+    if missing:
+        raise InspectError(f"--offline needs {' and '.join(missing)} (bundled with Triton's NVIDIA backend, or on "
+                           "PATH), to compile for sm90 and read the SASS; none found")
+
+
+def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bool = False, out: Path | None = None,
+                 roles: Iterable[str] | None = None, dtype: str = "bf16",
+                 log: Callable[[str], None] = print) -> list[str]:
+    """Prints (through log) and returns one line per kernel role and load path (pointers, TMA): the
+    kernel at the cost model's tiling for `dtype`, launched (or, offline, compiled) at `shape`
+    (BxHxN). With `out`, also writes each kernel's SASS there."""
+    import torch
+
+    import attngen
+    from attngen import runtime
+    from attngen.bench import parse_shapes
+    from attngen.exhaustive import tiling_of, workload
+    from attngen.pipeline import compile_spec
+    from attngen.runtime.roles import ROLES
+    from attngen.spec import load_spec
+
+    if offline:
+        check_offline()
+    elif not torch.cuda.is_available():
+        raise InspectError("attngen inspect needs a CUDA GPU; --offline compiles for sm90 without one")
+    roles = list(roles or ROLES)
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise InspectError(f"unknown role {unknown[0]!r}; roles: {', '.join(ROLES)}")
+    if dtype not in DTYPES:
+        raise InspectError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
+    spec = load_spec(spec_path)
+    if dtype not in spec.dtypes:
+        raise InspectError(f"spec {spec.name!r} is built for {', '.join(spec.dtypes)}, not {dtype}: pass --dtype")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    device = "cpu" if offline else "cuda"
+    bench_shape = parse_shapes(shape)[0]
+    compiled = compile_spec(spec_path, stop="tiling")
+    module = attngen.load(spec_path)
+    rt = runtime.of(module)
+    lines = []
+    for role in roles:
+        fn = rt.kernels[role]
+        base = compiled.kernel(role).attr("tiling")[dtype]
+        for cfg in (replace(base, tma=False), replace(base, tma=True)):
+            if hasattr(fn, "device_caches"):
+                fn.device_caches.clear()  # so that only this variant is in the cache
+            rt.plans.clear()  # a plan may hold a compiled kernel's launcher: launch through Triton again
+            sink, saved = [], {}
+            if offline:  # every kernel compiles instead of running; only this role's is kept
+                for other, kernel in rt.kernels.items():
+                    saved[other] = kernel.__dict__.get("run")
+                    kernel.run = offline_run(kernel, sink if other == role else [])
+            try:
+                with tiling_of(module, role, dtype, cfg):
+                    workload(module, spec, bench_shape, role, torch_dtype, device)()
+                    if not offline:
+                        torch.cuda.synchronize()
+            except Exception as e:
+                line = f"{spec.name} {role} {cfg.short()}: failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                lines.append(line)
+                log(line)
+                continue
+            finally:
+                for other, run in saved.items():  # the module's kernels launch normally again
+                    kernel = rt.kernels[other]
+                    if run is None:
+                        del kernel.run
+                    else:
+                        kernel.run = run
+                if saved:
+                    rt.plans.clear()
+            for k in sink or compiled_kernels(fn):
+                line = f"{spec.name} {role} {cfg.short()}: {describe(k)}"
+                lines.append(line)
+                log(line)
+                if out:
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / f"{spec.name}_{role}_{cfg.short().replace(' ', '_')}.sass").write_text(sass(k))
+    return lines
