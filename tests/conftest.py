@@ -18,7 +18,18 @@ def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/ from the current output")
 
 
+# Every test is in exactly one tier (pyproject.toml registers the markers): `compiler` runs no
+# kernel, `interp` runs kernels (on Triton's interpreter without a GPU), `gpu` needs a CUDA GPU.
+# Select one with -m, e.g. `pytest -m compiler` for the fast tier.
+TIERS = ("compiler", "interp", "gpu")
+
+
 def pytest_collection_modifyitems(config, items):
+    tiers = {item: sorted({m.name for m in item.iter_markers() if m.name in TIERS}) for item in items}
+    wrong = [f"{item.nodeid}: {', '.join(names) or 'none'}" for item, names in tiers.items() if len(names) != 1]
+    if wrong:
+        raise pytest.UsageError(f"tests must carry exactly one tier marker of {', '.join(TIERS)}:\n  "
+                                + "\n  ".join(wrong))
     if HAS_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

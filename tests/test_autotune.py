@@ -3,13 +3,16 @@ disk, applied on load, and used by the generated module for calls in that bucket
 
 from pathlib import Path
 
+import pytest
 import torch
 
 import attngen
-from attngen import reference
+from attngen import reference, runtime
 from attngen.autotune import apply, tune
 from attngen.bench import BenchShape
 from attngen.spec import load_spec
+
+pytestmark = pytest.mark.interp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,9 +35,11 @@ def test_tune_caches_winners_and_load_applies_them(tmp_path, device):
     module.TUNED.clear()
     assert apply(module, "OtherGPU", cache) == 0 and not module.TUNED
     assert apply(module, "TestGPU", cache) == 3
+    rt = runtime.of(module)
+    assert rt.tuned is module.TUNED
     tuned = module.TUNED[("fwd", "fp32", 128, 128)]
-    assert module._config("fwd", "fp32", 100, 77) == tuned  # Nq, Nk in the (128, 128) bucket
-    assert module._config("fwd", "fp32", 300, 77) == module.TILINGS["fwd"]["fp32"]  # another bucket
+    assert rt.config("fwd", "fp32", 100, 77) == tuned  # Nq, Nk in the (128, 128) bucket
+    assert rt.config("fwd", "fp32", 300, 77) == rt.tilings["fwd"]["fp32"]  # another bucket
 
     spec = load_spec(path)  # and the tuned tiling computes the same function
     g = torch.Generator().manual_seed(0)

@@ -6,11 +6,14 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from attngen.calibrate import fit, load_rows, loss, predicted_ms, report
 from attngen.cost_model import CONSTANTS, Constants
 from attngen.tiling import candidates
+
+pytestmark = pytest.mark.compiler
 
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN = replace(Constants(), rows_exponent=0.9, overlap=0.6, two_stages=0.7, scale=1.7)

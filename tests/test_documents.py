@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import attngen
-from attngen import reference
+from attngen import reference, runtime
 from attngen.errors import SpecError
 from attngen.passes import PassOptions
 from attngen.pipeline import compile_spec
+from attngen.runtime import tiles
 from attngen.spec import load_spec, parse_spec
 from attngen.verify import Shape, check, format_table, random_documents
 
@@ -27,15 +28,16 @@ def _spec_file(tmp_path, name, mask, **extra):
     return path
 
 
+@pytest.mark.compiler
 def test_spec_field_parses_round_trips_and_rejects_non_booleans():
     spec = load_spec(SHIPPED)
     assert spec.mask.document and spec.mask.causal is not None and not spec.mask.is_dense
-    assert parse_spec(spec.to_dict()) == parse_spec(spec.to_dict())
     assert parse_spec(spec.to_dict()).mask == spec.mask
     with pytest.raises(SpecError, match=r"mask\.document.*true or false"):
         parse_spec({"name": "x", "head_dim": 64, "mask": {"document": "yes"}}, "x.yaml")
 
 
+@pytest.mark.compiler
 def test_reference_document_mask_is_same_id_pairs():
     q_ids = torch.tensor([[0, 0, 1, 2], [5, 5, 5, 5]])
     kv_ids = torch.tensor([[0, 1, 1], [5, 4, 5]])
@@ -54,7 +56,27 @@ def test_reference_document_mask_is_same_id_pairs():
 
 def _doc_lists(module, q_ids, kv_ids, BM, BN, transposed, nested):
     """A module's tile lists (COUNT, INDEX) for these documents at one tiling and encoding."""
-    return module._tile_lists(module._document_classes(q_ids, kv_ids, BM, BN, transposed), nested)
+    static = runtime.of(module).static_classes(q_ids.shape[1], kv_ids.shape[1], BM, BN, q_ids.device)
+    classes = tiles.document_classes(static[1 if transposed else 0], q_ids, kv_ids, BM, BN, transposed)
+    return tiles.tile_lists(classes, nested)
+
+
+class _Builds:
+    """Counts the tile classes and tile lists that Documents build (spies on attngen.runtime.tiles)."""
+
+    def __init__(self, monkeypatch):
+        self.classes, self.lists = [], []
+        real_classes, real_lists = tiles.document_classes, tiles.tile_lists
+
+        def classes(*args):
+            self.classes.append(args[3:])  # block_m, block_n, transposed
+            return real_classes(*args)
+
+        def lists(classes, nested):
+            self.lists.append(nested)
+            return real_lists(classes, nested)
+        monkeypatch.setattr(tiles, "document_classes", classes)
+        monkeypatch.setattr(tiles, "tile_lists", lists)
 
 
 def _full_tiles(nested, count, index):
@@ -69,6 +91,7 @@ def _full_tiles(nested, count, index):
     return list(range(first, end)) + rest
 
 
+@pytest.mark.compiler
 @pytest.mark.parametrize("nested", [True, False])
 @pytest.mark.parametrize("sorted_", [True, False])
 @pytest.mark.parametrize("transposed", [False, True])
@@ -111,6 +134,7 @@ def test_tile_tables_are_sound(sorted_, transposed, nested):
     assert bool((count[2].sum(-1) > 0).all())
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name,mask,extra", [
     ("doc_only", "{document: true}", {}),
     ("doc_window_softcap", "{document: true, window: {left: 40, right: 8}}", {"score": "{softcap: 20.0}"}),
@@ -126,6 +150,7 @@ def test_document_variants_match_reference(tmp_path, name, mask, extra, device):
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("shallow", [True, False])
 def test_shallow_partial_renders_its_loop_and_both_match_reference(tmp_path, shallow, device):
     """The schedule pass makes document kernels' partial-tile loop one pipeline stage shallower
@@ -145,37 +170,43 @@ def _qkv(B, Hq, Hkv, Nq, Nk, D=128, device="cpu"):
     return [torch.randn(B, h, n, D, generator=g).to(device) for h, n in ((Hq, Nq), (Hkv, Nk), (Hkv, Nk))]
 
 
-def test_documents_forms_agree_and_tables_are_kept(device):
+@pytest.mark.interp
+def test_documents_forms_agree_and_tables_are_kept(device, monkeypatch):
     module = attngen.load(SHIPPED)
     q, k, v = _qkv(2, 2, 1, 70, 70, device=device)
     ids = torch.tensor([0] * 20 + [1] * 30 + [2] * 20).repeat(2, 1).to(device)
     ids[1, 5:] += 1
     docs = module.Documents(ids)
+    assert module.Documents is runtime.Documents
+    builds = _Builds(monkeypatch)
     by_handle = module.attention(q, k, v, documents=docs)
-    assert len(docs._tables) == 1
+    assert len(builds.classes) == 1 and len(builds.lists) == 1  # the forward kernel's table
     module.attention(q, k, v, documents=docs)
-    assert len(docs._tables) == 1  # kept: a second call builds nothing
+    assert len(builds.classes) == 1 and len(builds.lists) == 1  # kept: a second call builds nothing
     assert torch.equal(by_handle, module.attention(q, k, v, documents=ids))
     assert torch.equal(by_handle, module.attention(q, k, v, documents=(ids, ids.to(torch.int16))))
     ref, _ = reference.attention(load_spec(SHIPPED), q.double(), k.double(), v.double(), documents=(ids, ids))
     assert (by_handle.double() - ref).abs().max() < 1e-4
 
 
+@pytest.mark.interp
 def test_a_call_with_other_documents_of_the_same_shape_uses_their_tables(device):
     """The launch plan is per signature; the tables and ids are per call (a plan that kept the
     first call's would give the first call's result)."""
     module = attngen.load(SHIPPED)
     spec = load_spec(SHIPPED)
     q, k, v = _qkv(1, 2, 2, 64, 64, device=device)
-    module._PLANS.clear()
+    rt = runtime.of(module)
+    rt.plans.clear()
     for ids in (torch.zeros(1, 64, dtype=torch.long), torch.arange(64).reshape(1, 64) // 16):
         ids = ids.to(device)
         o = module.attention(q, k, v, documents=ids)
         ref, _ = reference.attention(spec, q.double(), k.double(), v.double(), documents=(ids, ids))
         assert (o.double() - ref).abs().max() < 1e-4
-    assert len(module._PLANS) == 1
+    assert len(rt.plans) == 1
 
 
+@pytest.mark.compiler
 @pytest.mark.parametrize("documents,error,match", [
     (None, ValueError, "has a document mask: pass documents="),
     (torch.zeros(2, 70), TypeError, "integer tensor"),
@@ -190,6 +221,7 @@ def test_bad_documents_get_clear_errors(documents, error, match):
         module.attention(q, k, v, documents=documents)
 
 
+@pytest.mark.compiler
 def test_single_ids_tensor_needs_equal_lengths():
     module = attngen.load(SHIPPED)
     q, k, v = _qkv(1, 1, 1, 20, 30)
@@ -197,11 +229,13 @@ def test_single_ids_tensor_needs_equal_lengths():
         module.attention(q, k, v, documents=torch.zeros(1, 20, dtype=torch.long))
 
 
+@pytest.mark.compiler
 def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
     module = attngen.load(SHIPPED)
-    assert module.TILE_RUNS == {"fwd": "nested", "bwd_dkdv": "first", "bwd_dq": "first"}  # the schedule pass's default
+    assert module.TILE_TABLES == {"fwd": "nested", "bwd_dkdv": "first", "bwd_dq": "first"}  # the schedule pass's default
+    assert runtime.of(module).tables is module.TILE_TABLES
     classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [2, 2, 2, 2, 2]], dtype=torch.int8)
-    count, index = module._tile_lists(classes, True)
+    count, index = tiles.tile_lists(classes, True)
     assert count.tolist() == [[0, 3], [1, 2], [2, 0], [0, 1]]
     assert index[0, 1].tolist() == [0, 1, 2, 3, 4, 5]  # (n + 1) // 2 runs fill all n + 1 slots
     assert index[1, 0, :1].tolist() == [2] and index[1, 1, :4].tolist() == [0, 2, 3, 5]
@@ -209,11 +243,12 @@ def test_tile_lists_encode_partial_tiles_and_runs_of_full_ones():
     assert index[3, 1, :2].tolist() == [0, 5]
 
 
+@pytest.mark.compiler
 def test_tile_lists_without_nested_runs_put_the_first_run_then_the_other_full_tiles():
     module = attngen.load(SHIPPED, nested_runs=False)
-    assert set(module.TILE_RUNS.values()) == {"first"}
+    assert module.TILE_TABLES == {"fwd": "first", "bwd_dkdv": "first", "bwd_dq": "first"}
     classes = torch.tensor([[2, 0, 2, 0, 2], [2, 2, 1, 2, 2], [0, 1, 1, 0, 0], [0, 2, 2, 2, 2]], dtype=torch.int8)
-    count, index = module._tile_lists(classes, False)
+    count, index = tiles.tile_lists(classes, False)
     assert count.tolist() == [[0, 2], [1, 2], [2, 0], [0, 0]]
     assert index[0, 1, :4].tolist() == [0, 1, 2, 4]  # the run [0, 1), then tiles 2 and 4
     assert index[1, 1, :4].tolist() == [0, 2, 3, 4]
@@ -221,6 +256,7 @@ def test_tile_lists_without_nested_runs_put_the_first_run_then_the_other_full_ti
     assert index[3, 1, :2].tolist() == [1, 5]
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("nested", [True, False])
 def test_one_document_is_the_causal_spec(device, nested):
     """With one document per row the document spec's kernels (tables with runs of full tiles)
@@ -235,28 +271,36 @@ def test_one_document_is_the_causal_spec(device, nested):
         results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), do)])
     count, index = _doc_lists(module, torch.zeros(2, 230, dtype=torch.long, device=device),
                               torch.zeros(2, 230, dtype=torch.long, device=device),
-                              *(module._config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")), False, nested)
+                              *(runtime.of(module).config("fwd", "fp32", 230, 230)[b] for b in ("BLOCK_M", "BLOCK_N")),
+                              False, nested)
     assert any(_full_tiles(nested, c, i) for c, i in zip(count[0], index[0]))  # full tiles: the runs are walked
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-5
 
 
-def test_roles_with_one_tiling_share_classes_but_get_their_own_encoding():
+@pytest.mark.compiler
+def test_roles_with_one_tiling_share_classes_but_get_their_own_encoding(monkeypatch):
     """fwd and bwd_dq walk the same orientation: at equal blocks they share the tile classes, yet
-    each kernel must get its table in its own encoding (TILE_RUNS), listing the same full tiles."""
+    each kernel must get its table in its own encoding (TILE_TABLES), listing the same full tiles."""
     module = attngen.load(SHIPPED)
-    assert module.TILE_RUNS["fwd"] == "nested" and module.TILE_RUNS["bwd_dq"] == "first"
+    rt = runtime.of(module)
+    assert rt.tables["fwd"] == "nested" and rt.tables["bwd_dq"] == "first"
     ids = (torch.arange(256) // 16 % 2)[None]  # blocks of 16 alternate between two documents
     docs = module.Documents(ids)
-    cfg = {"BLOCK_M": 16, "BLOCK_N": 16}
-    (fc, fi), (qc, qi) = (docs.operands(role, cfg)[:2] for role in ("fwd", "bwd_dq"))
-    assert len(docs._classes) == 1 and len(docs._tables) == 2
+    static = lambda: rt.static_classes(256, 256, 16, 16, ids.device)  # noqa: E731
+    builds = _Builds(monkeypatch)
+    # each role's table as the runtime asks for it: its orientation, its encoding
+    (fc, fi), (qc, qi) = (docs.tables(rt.key, static, 16, 16, runtime.ROLES[role].transposed,
+                                      rt.tables[role] == "nested") for role in ("fwd", "bwd_dq"))
+    assert len(builds.classes) == 1 and builds.lists == [True, False]
+    assert docs.tables(rt.key, static, 16, 16, False, True)[1] is fi  # kept
     assert torch.equal(fi, _doc_lists(module, docs.q_ids, docs.kv_ids, 16, 16, False, True)[1])
     assert torch.equal(qi, _doc_lists(module, docs.q_ids, docs.kv_ids, 16, 16, False, False)[1])
     last = fi.shape[1] - 1  # the last query block sees every other key block: runs of one tile each
     assert fc[0, last, 1] > 1 and _full_tiles(True, fc[0, last], fi[0, last]) == _full_tiles(False, qc[0, last], qi[0, last])
 
 
+@pytest.mark.interp
 def test_documents_copy_their_ids_and_keep_wide_unsigned_ids_apart(device):
     module, spec = attngen.load(SHIPPED), load_spec(SHIPPED)
     q, k, v = _qkv(1, 1, 1, 200, 200, device=device)
@@ -271,21 +315,46 @@ def test_documents_copy_their_ids_and_keep_wide_unsigned_ids_apart(device):
     assert (o.double() - ref).abs().max() < 1e-4  # 2^33 is not narrowed into document 0
 
 
-def test_a_documents_of_another_module_is_refused(tmp_path):
-    other = attngen.load(_spec_file(tmp_path, "doc_other", "{document: true}", head_dim=128))
-    module = attngen.load(SHIPPED)
-    q, k, v = _qkv(1, 1, 1, 20, 20)
-    with pytest.raises(TypeError, match="another module"):
-        module.attention(q, k, v, documents=other.Documents(torch.zeros(1, 20, dtype=torch.long)))
+@pytest.mark.interp
+def test_one_documents_serves_two_document_modules(tmp_path, device, monkeypatch):
+    """One Documents passed to two document-mask modules with the same tiling but other static
+    masks (the shipped spec: causal within documents; a spec with documents only): the tables are
+    kept per module, so each module's results match its own reference, in either order, forward
+    and gradients (a table built for one module's mask would drop or skip-mask tiles of the other's)."""
+    causal_docs, spec_a = attngen.load(SHIPPED), load_spec(SHIPPED)
+    path = _spec_file(tmp_path, "doc_plain", "{document: true}", head_dim=128)
+    plain_docs, spec_b = attngen.load(path), load_spec(path)
+    a, b = runtime.of(causal_docs), runtime.of(plain_docs)
+    assert a.key != b.key
+    B, H, N = 2, 1, 150
+    monkeypatch.setattr(b, "bucket_seqs", ())  # b takes a's tilings at this shape: the same blocks
+    for role in runtime.ROLES:
+        monkeypatch.setitem(b.tilings[role], "fp32", a.config(role, "fp32", N, N))
+        assert a.config(role, "fp32", N, N) == b.config(role, "fp32", N, N)
+    g = torch.Generator().manual_seed(4)
+    q_ids, kv_ids = random_documents(Shape(B, H, H, N, N), "cpu", g)
+    docs = runtime.Documents(q_ids.to(device), kv_ids.to(device))
+    q, k, v, do = (torch.randn(B, H, N, 128, generator=g).to(device) for _ in range(4))
+    for module, spec in ((causal_docs, spec_a), (plain_docs, spec_b), (causal_docs, spec_a)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = module.attention(*leaves, documents=docs)
+        o.backward(do)
+        ref = [t.double().requires_grad_() for t in (q, k, v)]
+        ref_o, _ = reference.attention(spec, *ref, documents=(q_ids, kv_ids))
+        ref_o.backward(do.double())
+        for name, got, want in zip("o dq dk dv".split(), [o, *(t.grad for t in leaves)], [ref_o, *(t.grad for t in ref)]):
+            err = float((got.detach().double() - want.detach()).abs().max())
+            assert err < 1e-4, (spec.name, name, err)
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name", ["prefix_lm", "dilated"])
 def test_static_tile_tables_without_nested_runs_match_reference(name, device):
     """The `nested_runs=False` encoding on the shipped tile-table plans (prefix-LM's dK/dV kernel,
     every dilated kernel)."""
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path, nested_runs=False)
-    assert set(module.TILE_RUNS.values()) == {"first"}
+    assert module.TILE_TABLES and set(module.TILE_TABLES.values()) == {"first"}
     results = [check(spec, module, s, "fp32", device, seed=i, backward=True)
                for i, s in enumerate([Shape(1, 2, 1, 200, 200), Shape(2, 2, 2, 70, 150)])]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])

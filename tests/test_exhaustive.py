@@ -3,13 +3,17 @@ tiling swapped in, the module restored afterwards, failures recorded."""
 
 from pathlib import Path
 
+import pytest
+
 import attngen
+from attngen import runtime
 from attngen.bench import BenchShape
 from attngen.exhaustive import format_markdown, search, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.interp
 def test_search_runs_each_candidate_with_its_tiling(device):
     path = ROOT / "specs" / "causal.yaml"
     module = attngen.load(path)
@@ -35,6 +39,7 @@ def test_search_runs_each_candidate_with_its_tiling(device):
     assert "| 0.50 | 3 of 4 |" in table
 
 
+@pytest.mark.compiler
 def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
     """With PassOptions.shape_buckets the module carries the cost model's picks per
     sequence-length bucket; a call takes the nearest bucket (log scale), an autotuned tiling
@@ -46,31 +51,36 @@ def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
 
     path = ROOT / "specs" / "causal.yaml"
     module = attngen.load(path, shape_buckets=True)
+    rt = runtime.of(module)
     kernel = compile_spec(path, stop="tiling").kernel("fwd")
     by_seq = dict(kernel.attr("bucket_tilings").by_seq)
     assert tuple(by_seq) == BUCKETS and module.BUCKET_SEQS == (4096, *BUCKETS)
+    assert rt.bucket_tilings is module.BUCKET_TILINGS and rt.tilings is module.TILINGS
     as_cfg = lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages,  # noqa: E731
                             HEAD_DIM_PAD=c.head_dim_pad, HEAD_DIM_V_PAD=c.head_dim_v_pad, TMA=c.tma)
-    assert module._config("fwd", "bf16", 1000, 1500) == as_cfg(by_seq[1024]["bf16"])
-    assert module._config("fwd", "bf16", 3000, 4096) == module.TILINGS["fwd"]["bf16"]
-    assert module._config("fwd", "bf16", 20000, 9000) == as_cfg(by_seq[16384]["bf16"])
+    assert rt.config("fwd", "bf16", 1000, 1500) == as_cfg(by_seq[1024]["bf16"])
+    assert rt.config("fwd", "bf16", 3000, 4096) == module.TILINGS["fwd"]["bf16"]
+    assert rt.config("fwd", "bf16", 20000, 9000) == as_cfg(by_seq[16384]["bf16"])
     assert bucket_workload(PassOptions().workload, 1024).batch == 8  # as many tokens as the nominal shape
     tuned = dict(module.TILINGS["fwd"]["bf16"], num_stages=1)
     module.TUNED[("fwd", "bf16", 1024, 1024)] = tuned
     try:
-        assert module._config("fwd", "bf16", 1000, 1000) == tuned
+        assert rt.config("fwd", "bf16", 1000, 1000) == tuned
         candidate = TileConfig(32, 32, 4, 2, 128, 128)
         with tiling_of(module, "fwd", "bf16", candidate):
-            assert module._config("fwd", "bf16", 1000, 1000)["BLOCK_M"] == 32
-            assert module._config("bwd_dq", "bf16", 1000, 1000) == module.BUCKET_TILINGS[("bwd_dq", "bf16", 1024)]
-            assert module._config("fwd", "fp16", 1000, 1000) == module.BUCKET_TILINGS[("fwd", "fp16", 1024)]
-        assert module._config("fwd", "bf16", 1000, 1000) == tuned and module.BUCKET_TILINGS  # restored
+            assert rt.config("fwd", "bf16", 1000, 1000)["BLOCK_M"] == 32
+            assert rt.config("bwd_dq", "bf16", 1000, 1000) == module.BUCKET_TILINGS[("bwd_dq", "bf16", 1024)]
+            assert rt.config("fwd", "fp16", 1000, 1000) == module.BUCKET_TILINGS[("fwd", "fp16", 1024)]
+        assert rt.config("fwd", "bf16", 1000, 1000) == tuned and module.BUCKET_TILINGS  # restored
     finally:
         module.TUNED.clear()
     assert attngen.load(path) is module  # on by default
-    assert not hasattr(attngen.load(path, shape_buckets=False), "BUCKET_TILINGS")
+    without = attngen.load(path, shape_buckets=False)
+    assert without.BUCKET_SEQS == () and without.BUCKET_TILINGS == {}
+    assert runtime.of(without).config("fwd", "bf16", 1000, 1000) == without.TILINGS["fwd"]["bf16"]
 
 
+@pytest.mark.interp
 def test_search_runs_a_document_spec_on_the_benchmarks_documents(device):
     """The exhaustive search's (and autotune's) workload passes documents to a document spec's kernels."""
     path = ROOT / "specs" / "document.yaml"

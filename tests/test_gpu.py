@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import attngen
+from attngen import runtime
 from attngen.spec import load_spec
-from attngen.verify import Shape, check, format_table
+from attngen.verify import Shape, check, format_table, random_documents
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def test_backward_bitwise_deterministic(name):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "prefix_lm", "head_dim_96", "alibi"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "prefix_lm", "head_dim_96", "alibi", "document"])
 def test_bf16_forward_and_backward(name):
     path = ROOT / "specs" / f"{name}.yaml"
     spec, mod = load_spec(path), attngen.load(path)
@@ -45,22 +46,30 @@ def test_bf16_forward_and_backward(name):
     assert all(r.ok for r in results), format_table(results)
 
 
-@pytest.mark.parametrize("name", ["causal", "dilated", "causal_dropout", "alibi"])
+@pytest.mark.parametrize("name", ["causal", "dilated", "causal_dropout", "alibi", "document"])
 def test_direct_launches_match_launches_through_triton_bitwise(name):
     """A signature's first call launches through Triton, later ones call the compiled kernels'
-    launchers directly (_Plan): the same outputs and gradients, bit for bit."""
+    launchers directly (runtime.launch.Plan.runner): the same outputs and gradients, bit for bit.
+    The document spec gets ids as attngen.verify.random_documents draws them, as a pair of
+    tensors: each call builds its own Documents, so the direct launches get new table tensors."""
     path = ROOT / "specs" / f"{name}.yaml"
     spec, mod = load_spec(path), attngen.load(path)
-    mod._PLANS.clear()
+    rt = runtime.of(mod)
+    assert rt.direct, "this GPU's Triton has no direct launch path"
+    rt.plans.clear()
     q, k, v, do = _inputs(spec, 8, 2, 1000, 1500, seed=1)
+    extra = {}
+    if spec.mask.document:
+        g = torch.Generator(device="cuda").manual_seed(2)
+        extra["documents"] = random_documents(Shape(2, 8, 2, 1000, 1500), "cuda", g)
     runs = []
     for _ in range(3):
         q.grad = k.grad = v.grad = None
-        o = mod.attention(q, k, v, dropout_seed=5)
+        o = mod.attention(q, k, v, dropout_seed=5, **extra)
         o.backward(do)
         runs.append([o.detach().clone()] + [t.grad.clone() for t in (q, k, v)])
         if not runs[1:]:
-            assert all(plan.runner is not None for plan in mod._PLANS.values())  # the next calls are direct
-    assert len(mod._PLANS) == 3
+            assert all(plan.runner is not None for plan in rt.plans.values())  # the next calls are direct
+    assert len(rt.plans) == 3
     for other in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

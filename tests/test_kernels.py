@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attngen
-from attngen import reference
+from attngen import reference, runtime
+from attngen.runtime import launch, module as runtime_module
 from attngen.spec import load_spec
 from attngen.verify import CPU_SHAPES, GPU_SHAPES, Shape, check, format_table
 
@@ -20,6 +21,7 @@ def _dtypes(device):
     return ("fp32", "fp16", "bf16") if device == "cuda" else ("fp32", "fp16")
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_shipped_spec_matches_reference(path, device):
     spec = load_spec(path)
@@ -29,6 +31,7 @@ def test_shipped_spec_matches_reference(path, device):
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_shipped_spec_gradients_match_reference(path, device):
     spec = load_spec(path)
@@ -42,6 +45,7 @@ def test_shipped_spec_gradients_match_reference(path, device):
 RANDOM_SPECS = ["causal_bottom_right", "sliding_window", "prefix_lm", "chunked", "dilated", "alibi", "softcap"]
 
 
+@pytest.mark.interp
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(spec=st.sampled_from(RANDOM_SPECS), nq=st.integers(1, 200), nk=st.integers(1, 200),
        group=st.sampled_from([1, 2, 3]), dtype=st.sampled_from(["fp32", "fp16"]), seed=st.integers(0, 2**16))
@@ -58,6 +62,7 @@ def _inputs(spec, B, Hq, Hkv, Nq, Nk, dtype=torch.float32, device="cpu"):
     return mk(Hq, Nq, spec.head_dim), mk(Hkv, Nk, spec.head_dim), mk(Hkv, Nk, spec.head_dim_v)
 
 
+@pytest.mark.interp
 def test_fully_masked_rows_are_zero_with_lse_minus_inf(device):
     path = ROOT / "specs" / "causal_bottom_right.yaml"
     spec, mod = load_spec(path), attngen.load(path)
@@ -67,6 +72,7 @@ def test_fully_masked_rows_are_zero_with_lse_minus_inf(device):
     assert torch.isfinite(lse[:, :, 30:]).all() and not o.isnan().any()
 
 
+@pytest.mark.compiler
 def test_empty_inputs(device):
     path = ROOT / "specs" / "dense.yaml"
     spec, mod = load_spec(path), attngen.load(path)
@@ -77,6 +83,7 @@ def test_empty_inputs(device):
     assert mod.attention(q, k, v).shape == (1, 2, 0, 128)
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name", ["causal_bottom_right", "gqa", "sliding_window"])
 def test_every_output_element_is_written(name, device, monkeypatch):
     """Outputs and gradients are allocated without a fill: with every new buffer poisoned (NaN),
@@ -98,35 +105,37 @@ def test_every_output_element_is_written(name, device, monkeypatch):
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
+@pytest.mark.compiler
 def test_wide_offsets_flag_tensors_whose_rows_reach_int32_limits():
     """Row x stride within one (batch, head) at or past 2^31 elements needs int64 addresses: e.g.
     a [B, N, H, D] view with H = 32, D = 128 past N = 512k. Shapes and strides only (meta tensors)."""
-    module = attngen.load(ROOT / "specs" / "causal.yaml")
     view = lambda n, strides: torch.empty_strided((1, 32, n, 128), strides, device="meta")  # noqa: E731
     bnhd = lambda n: view(n, (n * 4096, 128, 4096, 1))  # noqa: E731
-    assert not module._wide_offsets(bnhd(2**19 - 1))
-    assert module._wide_offsets(bnhd(2**19 + 1))
-    assert not module._wide_offsets(view(2**23, (32 * 2**30, 2**30, 128, 1)))  # contiguous: 2^30 per head
-    assert module._wide_offsets(view(4096, (1, 1, 1, 2**25)))  # a column stride of 2^25: 127 x 2^25 + 4095
-    assert not module._wide_offsets(view(4096, (1, 1, 1, 2**24)))  # 127 x 2^24 + 4095 < 2^31
-    assert not module._wide_offsets(view(0, (0, 0, 4096, 1)))
+    assert not launch.wide_offsets(bnhd(2**19 - 1))
+    assert launch.wide_offsets(bnhd(2**19 + 1))
+    assert not launch.wide_offsets(view(2**23, (32 * 2**30, 2**30, 128, 1)))  # contiguous: 2^30 per head
+    assert launch.wide_offsets(view(4096, (1, 1, 1, 2**25)))  # a column stride of 2^25: 127 x 2^25 + 4095
+    assert not launch.wide_offsets(view(4096, (1, 1, 1, 2**24)))  # 127 x 2^24 + 4095 < 2^31
+    assert not launch.wide_offsets(view(0, (0, 0, 4096, 1)))
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name", ["causal_dropout", "gqa", "softcap"])
 def test_int64_addressing_matches_reference(name, device, monkeypatch):
     """The kernels' int64 address path (taken only for tensors past 2^31 elements per head, too
     big to test here) on small shapes, forced: same results as the reference."""
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path)
+    rt = runtime.of(module)
     launched = []
-    real = module._constexprs
+    real = rt._constexprs
 
-    def spy(cfg, tma, wide, q):
+    def spy(role, cfg, tma, wide, q):
         launched.append(wide)
-        return real(cfg, tma, wide, q)
-    monkeypatch.setattr(module, "_wide_offsets", lambda *tensors: True)
-    monkeypatch.setattr(module, "_constexprs", spy)
-    monkeypatch.setattr(module, "_PLANS", {})  # plans made before would not ask again
+        return real(role, cfg, tma, wide, q)
+    monkeypatch.setattr(runtime_module, "wide_offsets", lambda *tensors: True)
+    monkeypatch.setattr(rt, "_constexprs", spy)
+    monkeypatch.setattr(rt, "plans", {})  # plans made before would not ask again
     shapes = (Shape(1, 4, 2, 45, 70), Shape(2, 2, 2, 70, 30, "bnhd"))
     results = [check(spec, module, s, d, device, seed=i, backward=True)
                for d in ("fp32", "fp16") for i, s in enumerate(shapes)]
@@ -134,6 +143,7 @@ def test_int64_addressing_matches_reference(name, device, monkeypatch):
     assert launched and all(launched)
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name,seq", [("causal", 1024), ("alibi", 1024), ("alibi", 16384), ("head_dim_96", 16384),
                                       ("prefix_lm", 16384)])
 def test_shape_bucket_tilings_match_reference(name, seq, device, monkeypatch):
@@ -142,21 +152,22 @@ def test_shape_bucket_tilings_match_reference(name, seq, device, monkeypatch):
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path, shape_buckets=True)
     assert any(key[2] == seq for key in module.BUCKET_TILINGS)
-    monkeypatch.setattr(module, "BUCKET_SEQS", (seq,))
+    monkeypatch.setattr(runtime.of(module), "bucket_seqs", (seq,))
     shapes = (CPU_SHAPES[0], CPU_SHAPES[4])
     results = [check(spec, module, s, d, device, seed=i, backward=True) for d in _dtypes(device) for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name", ["dense", "alibi"])
-def test_training_after_inference_mode(name, device):
+def test_training_after_inference_mode(name, device, monkeypatch):
     """Tensors the module caches (argument placeholders, ALiBi slopes) first made under
     torch.inference_mode must not break a later training call: inference tensors cannot be saved
     for backward."""
     path = ROOT / "specs" / f"{name}.yaml"
     spec, module = load_spec(path), attngen.load(path)
-    module._PLACEHOLDERS.clear()
-    module._SLOPES.clear()
+    monkeypatch.setattr(runtime_module, "_PLACEHOLDERS", {})
+    monkeypatch.setattr(runtime_module, "_SLOPES", {})
     q, k, v = _inputs(spec, 1, 2, 2, 20, 30, device=device)
     with torch.inference_mode():
         module.attention(q, k, v)
@@ -165,6 +176,7 @@ def test_training_after_inference_mode(name, device):
     assert qg.grad is not None and torch.isfinite(qg.grad).all()
 
 
+@pytest.mark.interp
 def test_scale_override_and_default_alibi_slopes(device):
     path = ROOT / "specs" / "alibi.yaml"
     spec, mod = load_spec(path), attngen.load(path)
@@ -182,6 +194,7 @@ def test_scale_override_and_default_alibi_slopes(device):
     (lambda q, k, v: (q, k, v[:, :, :5]), "alike"),
     (lambda q, k, v: (q.expand(16385, 4, 8, 128), k.expand(16385, 2, 8, 128), v.expand(16385, 2, 8, 128)), "65535"),
 ])
+@pytest.mark.compiler  # refused before any launch
 def test_bad_inputs_get_clear_errors(bad, match):
     path = ROOT / "specs" / "dense.yaml"
     spec, mod = load_spec(path), attngen.load(path)
@@ -190,6 +203,7 @@ def test_bad_inputs_get_clear_errors(bad, match):
         mod.attention(*bad(q, k, v))
 
 
+@pytest.mark.interp
 def test_generated_module_in_repo_is_importable_and_runs(device):
     """Users import generated/<name>.py directly."""
     from attngen.loader import import_file
@@ -204,6 +218,7 @@ def test_generated_module_in_repo_is_importable_and_runs(device):
 TMA_SPECS = ["causal_bottom_right", "head_dim_96", "dilated", "softcap", "causal_dropout", "alibi"]
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "tma"])
 @pytest.mark.parametrize("name", TMA_SPECS)
 def test_both_load_paths_match_reference(name, tma, device, monkeypatch):
@@ -221,28 +236,26 @@ def test_both_load_paths_match_reference(name, tma, device, monkeypatch):
     dtypes = ("fp16", "bf16") if device == "cuda" else ("fp16",)
     shapes = (CPU_SHAPES[0], CPU_SHAPES[1], CPU_SHAPES[4]) if device == "cpu" else GPU_SHAPES[4:6] + GPU_SHAPES[1:2]
     calls = []
-    real = module._operands
-    monkeypatch.setattr(module, "_PLANS", {})  # plans made before would not ask again
+    real = runtime_module.descriptors
+    monkeypatch.setattr(runtime.of(module), "plans", {})  # plans made before would not ask again
 
     def spy(*args):
         out = real(*args)
         calls.append(out[1])
         return out
+    monkeypatch.setattr(runtime_module, "descriptors", spy)
     with contextlib.ExitStack() as stack:
         for role in ("fwd", "bwd_dkdv", "bwd_dq"):
             for dtype in dtypes:
                 cfg = replace(compiled.kernel(role).attr("tiling")[dtype], tma=tma)
                 stack.enter_context(tiling_of(module, role, dtype, cfg))
-        module._operands = spy
-        try:
-            results = [check(spec, module, s, d, device, seed=i, backward=True)
-                       for d in dtypes for i, s in enumerate(shapes)]
-        finally:
-            module._operands = real
+        results = [check(spec, module, s, d, device, seed=i, backward=True)
+                   for d in dtypes for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
     assert calls and all(used == tma for used in calls)  # every launch took the path under test
 
 
+@pytest.mark.interp
 def test_tma_falls_back_to_pointers_for_misaligned_views(device):
     """A view whose base is not 16-byte aligned cannot be a TMA descriptor: the host takes the
     pointer path for that launch, and the result is still right."""
@@ -251,13 +264,17 @@ def test_tma_falls_back_to_pointers_for_misaligned_views(device):
     g = torch.Generator().manual_seed(3)
     big = lambda n: torch.randn(1, 2, n, spec.head_dim + 1, generator=g).to(device, torch.float16)  # noqa: E731
     q, k, v = big(40)[..., 1:], big(70)[..., 1:], big(70)[..., 1:]  # base offset by one element
-    assert module._operands(dict(module.TILINGS["fwd"]["fp16"], TMA=True), (q,), (k, v))[1] is False
+    cfg = dict(runtime.of(module).config("fwd", "fp16", 40, 70), TMA=True)
+    blocks = {0: cfg["BLOCK_M"], 1: cfg["BLOCK_N"], 2: cfg["BLOCK_N"]}  # q, k, v (as the forward's plan)
+    head_dims = (spec.head_dim, spec.head_dim_v)
+    assert launch.descriptors(cfg, (q, k, v), blocks, head_dims)[1] is False
     qa, ka, va = (t.contiguous() for t in (q, k, v))
-    assert module._operands(dict(module.TILINGS["fwd"]["fp16"], TMA=True), (qa,), (ka, va))[1] is True
+    assert launch.descriptors(cfg, (qa, ka, va), blocks, head_dims)[1] is True
     ref, _ = reference.attention(spec, q.double(), k.double(), v.double())
     assert (module.attention(q, k, v).double() - ref).abs().max() < 1e-2
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("expr", [
     "2 * kv_idx <= q_idx",  # its range bounds use floor(q_idx / 2); the mask itself has no `//`
     "2 * kv_idx < min(40, (q_idx + q_idx))",  # sympy drops a floor: Min(40, 2*q_idx)/2 - 1

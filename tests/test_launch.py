@@ -9,8 +9,12 @@ import pytest
 import torch
 
 import attngen
+from attngen import runtime
+from attngen.runtime import module as runtime_module
 from attngen.spec import load_spec
 from attngen.verify import CPU_SHAPES, check, format_table
+
+pytestmark = pytest.mark.interp
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,53 +37,54 @@ def _misaligned(t):
 def test_plans_are_reused_per_signature_and_renewed_when_it_changes(device, monkeypatch):
     path = ROOT / "specs" / "sliding_window.yaml"
     spec, module = load_spec(path), attngen.load(path)
-    monkeypatch.setattr(module, "_PLANS", {})
+    rt = runtime.of(module)
+    monkeypatch.setattr(rt, "plans", {})
     q, k, v = _qkv(spec, device=device)
     first = module.attention(q, k, v)
-    assert [key[0] for key in module._PLANS] == ["fwd"]
-    plan = next(iter(module._PLANS.values()))
+    assert [key[0] for key in rt.plans] == ["fwd"]
+    plan = next(iter(rt.plans.values()))
     q2, k2, v2 = (t + 1 for t in (q, k, v))  # new tensors, same signature
     assert torch.equal(module.attention(q, k, v), first)
     module.attention(q2, k2, v2)
-    assert list(module._PLANS.values()) == [plan]
+    assert list(rt.plans.values()) == [plan]
     module.attention(q[:, :, :39], k, v)  # another length
     module.attention(_misaligned(q), k, v)  # the same strides, another alignment
     module.attention(q, k, v, return_lse=True)  # another flag
     with module_tiling(module, "fwd", "fp32", BLOCK_N=16):  # another tiling (as exhaustive search swaps them)
         module.attention(q, k, v)
-    assert len(module._PLANS) == 5
+    assert len(rt.plans) == 5
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     module.attention(qg, kg, vg).sum().backward()
-    assert sorted(key[0] for key in module._PLANS) == ["bwd_dkdv", "bwd_dq"] + ["fwd"] * 5
+    assert sorted(key[0] for key in rt.plans) == ["bwd_dkdv", "bwd_dq"] + ["fwd"] * 5
 
 
 class module_tiling:
-    """Temporarily overrides some fields of a role's tiling in module.TILINGS (and buckets)."""
+    """Temporarily overrides some fields of a role's tiling in the module's tilings (and buckets)."""
 
     def __init__(self, module, role, dtype, **fields):
-        self.module, self.role, self.dtype, self.fields = module, role, dtype, fields
+        self.rt, self.role, self.dtype, self.fields = runtime.of(module), role, dtype, fields
 
     def __enter__(self):
-        self.saved = self.module.TILINGS[self.role][self.dtype]
-        self.buckets = dict(getattr(self.module, "BUCKET_TILINGS", {}))
-        self.module.TILINGS[self.role][self.dtype] = dict(self.saved, **self.fields)
+        self.saved = self.rt.tilings[self.role][self.dtype]
+        self.buckets = dict(self.rt.bucket_tilings)
+        self.rt.tilings[self.role][self.dtype] = dict(self.saved, **self.fields)
         for key in list(self.buckets):
             if key[:2] == (self.role, self.dtype):
-                self.module.BUCKET_TILINGS[key] = dict(self.buckets[key], **self.fields)
+                self.rt.bucket_tilings[key] = dict(self.buckets[key], **self.fields)
 
     def __exit__(self, *exc):
-        self.module.TILINGS[self.role][self.dtype] = self.saved
-        if self.buckets:
-            self.module.BUCKET_TILINGS.clear()
-            self.module.BUCKET_TILINGS.update(self.buckets)
+        self.rt.tilings[self.role][self.dtype] = self.saved
+        self.rt.bucket_tilings.clear()
+        self.rt.bucket_tilings.update(self.buckets)
 
 
 def test_the_plans_cache_is_bounded(monkeypatch):
     path = ROOT / "specs" / "dense.yaml"
     spec, module = load_spec(path), attngen.load(path)
-    monkeypatch.setattr(module, "_PLANS", {("old", i): None for i in range(1024)})
+    rt = runtime.of(module)
+    monkeypatch.setattr(rt, "plans", {("old", i): None for i in range(1024)})
     module.attention(*_qkv(spec, n=8))
-    assert len(module._PLANS) == 1
+    assert len(rt.plans) == 1
 
 
 class _Compiled:
@@ -119,21 +124,22 @@ def _emulate_direct_launches(module, monkeypatch, perturb=None):
     """The module as on an NVIDIA GPU: a signature's first launch through Triton, later ones
     through the compiled kernel's launcher (emulated). Returns the list the launchers log to."""
     launched = []
-    monkeypatch.setattr(module, "_PLANS", {})
-    monkeypatch.setattr(module, "_DIRECT", True)
+    rt = runtime.of(module)
+    monkeypatch.setattr(rt, "plans", {})
+    monkeypatch.setattr(rt, "direct", True)  # Plans copy it when made: none is made before
     monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: 0, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 0 if index == 0 else None, raising=False)
-    for kernel in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
-        monkeypatch.setattr(module, kernel, _Kernel(getattr(module, kernel), launched,
-                                                    perturb if kernel == "_attn_fwd" else None))
+    for role in ("fwd", "bwd_dq", "bwd_dkdv"):
+        monkeypatch.setitem(rt.kernels, role, _Kernel(rt.kernels[role], launched, perturb if role == "fwd" else None))
     return launched
 
 
-@pytest.mark.parametrize("name", ["causal_dropout", "gqa", "dilated", "alibi"])
+@pytest.mark.parametrize("name", ["causal_dropout", "gqa", "dilated", "alibi", "document"])
 def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypatch):
     """With the direct path on (as on an NVIDIA GPU), a signature's second call goes to the compiled
     kernel's launcher: `check` repeats each call and requires the same results bit for bit, and the
-    first call's against the reference."""
+    first call's against the reference. (For the document spec `check` passes documents= with ids
+    from attngen.verify.random_documents: the tables and ids are per-call tensor arguments.)"""
     if device == "cuda":
         pytest.skip("the GPU takes the real direct path (tests/test_gpu.py)")
     path = ROOT / "specs" / f"{name}.yaml"
@@ -141,7 +147,7 @@ def test_direct_launches_pass_the_arguments_triton_would(name, device, monkeypat
     launched = _emulate_direct_launches(module, monkeypatch)
     result = check(spec, module, CPU_SHAPES[0], "fp16", device, backward=True)  # fp16: TMA descriptors too
     assert result.ok, format_table([result])
-    assert any(d is not None for plan in module._PLANS.values() for d in plan.descriptors)
+    assert any(d is not None for plan in runtime.of(module).plans.values() for d in plan.descs)
     assert sorted(launched) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]  # the repeats were direct
 
 
@@ -163,10 +169,11 @@ def test_plans_keep_no_tensor_of_their_calls_alive(device, monkeypatch):
 
     path = ROOT / "specs" / "softcap.yaml"
     spec, module = load_spec(path), attngen.load(path)
-    monkeypatch.setattr(module, "_PLANS", {})
+    rt = runtime.of(module)
+    monkeypatch.setattr(rt, "plans", {})
     q, k, v = (t.requires_grad_() for t in _qkv(spec, dtype=torch.float16, device=device))
     module.attention(q, k, v).sum().backward()
-    assert any(d is not None for plan in module._PLANS.values() for d in plan.descriptors)  # TMA was taken
+    assert any(d is not None for plan in rt.plans.values() for d in plan.descs)  # TMA was taken
     refs = [weakref.ref(t) for t in (q, k, v)]
     del q, k, v
     gc.collect()
@@ -183,15 +190,16 @@ def test_equal_signatures_give_equal_triton_specializations(device, monkeypatch)
 
     path = ROOT / "specs" / "causal_dropout.yaml"
     spec, module = load_spec(path), attngen.load(path)
-    monkeypatch.setattr(module, "_PLANS", {})
-    monkeypatch.setattr(module, "_DIRECT", False)  # every launch through kernel[grid], where it is recorded
+    rt = runtime.of(module)
+    monkeypatch.setattr(rt, "plans", {})
+    monkeypatch.setattr(rt, "direct", False)  # every launch through kernel[grid], where it is recorded
     launches, current = [], {}
-    real_signature = module._signature
+    real_signature = runtime_module.signature
 
     def signature(*args):
         current["key"] = real_signature(*args)
         return current["key"]
-    monkeypatch.setattr(module, "_signature", signature)
+    monkeypatch.setattr(runtime_module, "signature", signature)
 
     class Recorder:
         def __init__(self, fn):
@@ -206,8 +214,8 @@ def test_equal_signatures_give_equal_triton_specializations(device, monkeypatch)
                 launches.append((current["key"], tuple(spec_of), kwargs["num_warps"], kwargs["num_stages"]))
                 return self.fn[grid](*args, **kwargs)
             return launch
-    for kernel in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv"):
-        monkeypatch.setattr(module, kernel, Recorder(getattr(module, kernel)))
+    for role in ("fwd", "bwd_dq", "bwd_dkdv"):
+        monkeypatch.setitem(rt.kernels, role, Recorder(rt.kernels[role]))
     dtype = torch.float16
     q, k, v = _qkv(spec, dtype=dtype, device=device)
     q2, k2, v2 = (t * 0.5 for t in (q, k, v))

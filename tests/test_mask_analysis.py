@@ -13,8 +13,6 @@ with a tile-by-tile classification done here.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -27,6 +25,8 @@ from attngen.mask_expr import KV_IDX, NK, NQ, Q_IDX, evaluate_mask_expr, parse_m
 from attngen.spec import Causal, MaskSpec, Window
 from attngen.symbolic import evaluate
 
+pytestmark = pytest.mark.compiler
+
 ALIGNS = ("top_left", "bottom_right")
 CLASS_CODE = {TileClass.EMPTY: 0, TileClass.PARTIAL: 1, TileClass.FULL: 2}
 SLOW = [HealthCheck.too_slow, HealthCheck.filter_too_much]
@@ -35,17 +35,16 @@ sizes = st.integers(1, 160)
 blocks = st.sampled_from([16, 32, 64])
 
 # Transposed plans (the backward's dK/dV kernel walks queries for a block of keys) are tested with
-# the same claims when this version of analyze() has them.
-HAS_TRANSPOSED = "transposed" in inspect.signature(analyze).parameters
-orientations = st.sampled_from([False, True] if HAS_TRANSPOSED else [False])
+# the same claims.
+orientations = st.sampled_from([False, True])
 
 
 def plan_for(cond, transposed: bool = False):
-    return analyze(cond, transposed=True) if transposed else analyze(cond)
+    return analyze(cond, transposed=transposed)
 
 
 def is_transposed(plan) -> bool:
-    return bool(getattr(plan, "transposed", False))
+    return plan.transposed
 
 
 # ------------------------------------------------------------------ dense oracles
@@ -411,7 +410,6 @@ def test_known_masks_give_tiles_plans(mask):
     assert analyze(mask_condition(mask)).kind is PlanKind.TILES
 
 
-@pytest.mark.skipif(not HAS_TRANSPOSED, reason="analyze() has no transposed plans")
 @pytest.mark.parametrize("mask", [m for m in RANGE_MASKS if m.prefix is None and m.expr is None], ids=repr)
 def test_known_masks_give_transposed_range_plans(mask):
     plan = analyze(mask_condition(mask), transposed=True)
@@ -485,7 +483,7 @@ def test_tiles_plan_counts_examples(text):
     cond = parse_mask_expr(text, {})
     assert analyze(cond).kind is PlanKind.TILES
     for Nq, Nk, BM, BN in [(1, 1, 16, 16), (100, 70, 32, 64), (160, 128, 64, 16), (33, 161, 16, 32)]:
-        for transposed in [False, True] if HAS_TRANSPOSED else [False]:
+        for transposed in [False, True]:
             assert_dense_classes_and_counts(cond, expr_visible(text, {}, Nq, Nk), BM, BN, repr(text), transposed)
 
 

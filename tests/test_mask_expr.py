@@ -21,6 +21,8 @@ from attngen.errors import SpecError
 from attngen.mask_expr import (KV_IDX, MAX_EXPR_CHARS, NK, NQ, Q_IDX, evaluate_mask_expr,
                                parse_mask_expr, validate_mask_expr)
 
+pytestmark = pytest.mark.compiler
+
 CONSTANTS = {"CHUNK": 4, "W": 3, "NEG": -5}
 SOURCE = "specs/x.yaml"
 

@@ -10,6 +10,8 @@ from typer.testing import CliRunner
 from attngen import resources
 from attngen.errors import AttngenError
 
+pytestmark = pytest.mark.compiler
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -18,6 +18,8 @@ from hypothesis import strategies as st
 from attngen.errors import SpecError
 from attngen.spec import DTYPES, Causal, MaskSpec, ScoreSpec, Spec, Window, load_spec, parse_spec
 
+pytestmark = pytest.mark.compiler
+
 SPECS_DIR = Path(__file__).resolve().parent.parent / "specs"
 SHIPPED = sorted(SPECS_DIR.glob("*.yaml"))
 BASE = "name: t\nhead_dim: 64\n"
@@ -195,8 +197,9 @@ def test_error_format_exact(tmp_path: Path):
     # unknown fields: the message lists what is allowed
     (BASE + "mask: {sliding: 4}\n", "mask.sliding",
      ["unknown field; allowed here: causal, window, prefix, expr, constants"]),
-    (BASE + "score: {temperature: 2}\n", "score.temperature",
-     ["unknown field; allowed here: scale, softcap, alibi"]),
+    (BASE + "score: {temp: 2}\n", "score.temp",
+     ["unknown field; allowed here: scale, softcap, alibi, temperature"]),
+    (BASE + "score: {temperature: 2}\n", "score.temperature", ["expected true or false, got 2"]),
     (BASE + "mask: {window: {left: 4, size: 8}}\n", "mask.window.size",
      ["unknown field; allowed here: left, right, align"]),
     (BASE + "mask: {causal: {align: top_left, diagonal: 1}}\n", "mask.causal.diagonal",
