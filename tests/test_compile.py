@@ -61,6 +61,19 @@ def test_fullgraph_compile_matches_eager(name, device):
 
 
 @pytest.mark.interp
+def test_dropout_under_compile_needs_a_seed(device):
+    mod = attngen.load(ROOT / "specs" / "causal_dropout.yaml")
+    (q, k, v), _ = _inputs(mod, "causal_dropout", device)
+    torch._dynamo.reset()
+    f = torch.compile(lambda q, k, v: mod.attention(q, k, v), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="dropout_seed"):
+        f(q, k, v)
+    torch._dynamo.reset()
+    g = torch.compile(lambda q, k, v: mod.attention(q, k, v, training=False), fullgraph=True, backend="aot_eager")
+    assert torch.equal(g(q, k, v), mod.attention(q, k, v, training=False))
+
+
+@pytest.mark.interp
 def test_opcheck(device):
     """torch.library.opcheck: schema, fake tensor, autograd registration and dispatch of both ops."""
     mod = attngen.load(ROOT / "specs" / "temperature.yaml")
@@ -68,7 +81,7 @@ def test_opcheck(device):
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v = (torch.randn(1, 2, 24, 128, generator=g, device=device) for _ in range(3))
     hp = torch.rand(1, 2, generator=g, device=device) + 0.5
-    seed = torch.tensor([0])
+    seed = 0
     torch.library.opcheck(rt.ops.forward, (q, k, v, hp, None, None, 0.1, seed, 0.0))
     o, lse = rt.ops.forward(q, k, v, hp, None, None, 0.1, seed, 0.0)
     torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, 0.1, seed, 0.0))

@@ -275,10 +275,11 @@ class KernelModule:
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
         if torch.compiler.is_compiling():  # one opaque op per direction: no graph break
-            seed = (torch.randint(0, 2**31 - 1, (1,)) if p_drop > 0 and dropout_seed is None
-                    else torch.tensor([int(dropout_seed or 0)]))
+            if p_drop > 0 and dropout_seed is None:
+                raise ValueError(f"spec {self.name!r} has dropout: under torch.compile pass dropout_seed= (an int per "
+                                 f"step, drawn outside the compiled function), or training=False")
             ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
-            o, lse = self.ops.forward(q, k, v, hp, *ids, scale, seed, p_drop)
+            o, lse = self.ops.forward(q, k, v, hp, *ids, scale, dropout_seed if p_drop > 0 else 0, p_drop)
             if out is not None:
                 out.copy_(o)
                 o = out
@@ -315,10 +316,11 @@ def _register_ops(rt: KernelModule) -> _Ops:
     base = rt.key
     _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
     name = f"attngen::{base}_{n}"
-    fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, float scale, Tensor seed, "
+    # the seed is an int, not a tensor: a CPU tensor in the graph would be an input of its CUDA graphs
+    fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, float scale, SymInt seed, "
                   "float p_drop) -> (Tensor, Tensor)")
     bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
-                  "Tensor? kv_ids, float scale, Tensor seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
+                  "Tensor? kv_ids, float scale, SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
 
     made = WeakIdKeyDictionary()  # q_ids tensor -> (a weak reference to kv_ids, their versions, Documents)
 
@@ -335,7 +337,7 @@ def _register_ops(rt: KernelModule) -> _Ops:
         return docs
 
     def fwd(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
-        o, lse = rt.forward(q, k, v, hp, scale, int(seed.item()), p_drop, None, True, documents(q_ids, kv_ids))
+        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, documents(q_ids, kv_ids))
         return o, lse
 
     def fwd_fake(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
@@ -343,7 +345,7 @@ def _register_ops(rt: KernelModule) -> _Ops:
         return q.new_empty(shape), q.new_empty(shape[:3], dtype=torch.float32)
 
     def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
-        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, int(seed.item()), p_drop, documents(q_ids, kv_ids))
+        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop, documents(q_ids, kv_ids))
         return dq, dk, dv, torch.zeros_like(hp) if dhp is None else dhp
 
     def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
@@ -356,13 +358,13 @@ def _register_ops(rt: KernelModule) -> _Ops:
 
     def setup_context(ctx, inputs, output):
         q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop = inputs
-        ctx.save_for_backward(q, k, v, *output, hp, seed, *(t for t in (q_ids, kv_ids) if t is not None))
-        ctx.scale, ctx.p_drop, ctx.has_ids = scale, p_drop, q_ids is not None
+        ctx.save_for_backward(q, k, v, *output, hp, *(t for t in (q_ids, kv_ids) if t is not None))
+        ctx.scale, ctx.seed, ctx.p_drop, ctx.has_ids = scale, seed, p_drop, q_ids is not None
 
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, hp, seed, *ids = ctx.saved_tensors
+        q, k, v, o, lse, hp, *ids = ctx.saved_tensors
         ids = ids if ctx.has_ids else (None, None)
-        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *ids, ctx.scale, seed, ctx.p_drop)
+        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *ids, ctx.scale, ctx.seed, ctx.p_drop)
         return dq, dk, dv, dhp, None, None, None, None, None
 
     forward_op.register_autograd(backward, setup_context=setup_context)
