@@ -201,9 +201,8 @@ class KernelModule:
         one), or None when no parameter has one."""
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
-        dhp = torch.zeros_like(hp) if self.n_grads else None
         if q.numel() == 0 or Nk == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dhp
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(hp) if self.n_grads else None
         # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
@@ -215,9 +214,9 @@ class KernelModule:
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, documents, cfg)
         self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, documents)
-        if self.n_grads:
-            rows = [i for i, p in enumerate(self.head_params) if p["grad"]]
-            dhp[rows] = part.view(self.n_grads, B, Hq, -1).sum(dim=(1, 3))
+        if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
+            sums = iter(part.view(self.n_grads, B, Hq, -1).sum(dim=(1, 3)))
+            dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
         return dq, dk, dv, dhp
 
     # ------------------------------------------------------------------ the entry point
