@@ -214,6 +214,7 @@ class KernelModule:
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, documents, cfg)
         self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, documents)
+        dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, B, Hq, -1).sum(dim=(1, 3)))
             dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
@@ -328,6 +329,8 @@ def _register_ops(rt: KernelModule) -> _Ops:
         passes one batch's ids to every layer), so their tile tables are built once."""
         if q_ids is None:
             return None
+        if q_ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return Documents(q_ids, kv_ids)  # built inside the CUDA graph on every replay; a kept one would leak its pool
         hit = made.get(q_ids)
         if hit is not None and hit[0]() is kv_ids and hit[1] == (q_ids._version, kv_ids._version):
             return hit[2]
