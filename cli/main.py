@@ -126,7 +126,9 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
                                            help="instead: A/B of this lowering option (a PassOptions flag: "
                                                 "longest_first, split_loops, nested_runs, ...), the module compiled "
                                                 "with it on against off; fwd and bwd as CUDA graphs, fwd+bwd through "
-                                                "autograd (default shape 4x16x4096; specs may be name:head_dim)")):
+                                                "autograd (default shape 4x16x4096; specs may be name:head_dim)"),
+          baseline: Optional[Path] = typer.Option(None, help="a directory of modules an earlier attngen generated "
+                                                  "(<spec name>.py), timed as the peer `before` (a redesign's A/B)")):
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
@@ -182,7 +184,7 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
         return
     rows = []
     for spec in specs:
-        rows += bench_spec(spec, shape_list, backward)
+        rows += bench_spec(spec, shape_list, backward, baseline=baseline)
     typer.echo(save(rows, json_out, markdown))
 
 
