@@ -122,7 +122,7 @@ def walk(kernel: Kernel, call, indent: str = "    ") -> str:
         lo, hi = _bound(plan, "kv_lo", "0"), _bound(plan, "kv_hi", f"({extent} - 1)")
         head = [f"lo = tl.minimum(tl.maximum({lo}, 0), {extent})",
                 f"end = tl.minimum(tl.maximum({hi} + 1, lo), {extent})"]
-        if not kernel.attr("split_loops"):
+        if kernel.attr("loop").segments == ("masked",):
             lines = ["# [lo, hi]: what this block may see; one loop, every tile masked.", *head,
                      f"for start_i in range(lo // {block} * {block}, end, {block}):", c('start_i', 'True')]
         else:
@@ -140,7 +140,7 @@ def walk(kernel: Kernel, call, indent: str = "    ") -> str:
                                  ("full_end", "end", "True")):
                 lines += [f"for start_i in range({a}, {b}, {block}):", c('start_i', masked)]
     else:
-        nested = kernel.attr("nested_runs")
+        nested = kernel.attr("loop").encoding == "nested"
         lines = ["# Tile table (per shape, or per batch with DOCUMENT): COUNT[r] = (partial tiles, "
                  + ("runs of full tiles);" if nested else "full tiles after the first run);"),
                  "# INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] "
@@ -165,7 +165,7 @@ def walk(kernel: Kernel, call, indent: str = "    ") -> str:
                       f"for start_i in range(run_first, run_end, {block}):", c('start_i', 'False'),
                       "for i in range(0, n_full):",
                       f"    start_i = tl.load(row + n_blocks + 3 + i) * {block}", c('start_i', 'False')]
-        if kernel.attr("shallow_partial"):  # docs/decisions/shallow-partial.md
+        if kernel.attr("loop").shallow_partial:  # docs/decisions/shallow-partial.md
             lines.append("for i in tl.range(0, n_partial, num_stages=PARTIAL_STAGES):  # one stage less: room for the ids")
         else:
             lines.append("for i in range(0, n_partial):")
@@ -240,8 +240,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
         "scale": repr(fwd.op(OpKind.SCALE).attr("scale")),
         "dropout": repr(fwd.op(OpKind.DROPOUT).attr("p")) if fwd.has(OpKind.DROPOUT) else "0.0",
         "head_params": repr(tuple(p.as_data() for p in params)),
-        "tile_tables": repr({r: "nested" if kernels[r].attr("nested_runs") else "first" for r in tile_roles}),
-        "shallow": repr(tuple(r for r in tile_roles if kernels[r].attr("shallow_partial"))),
+        "tile_tables": repr({r: kernels[r].attr("loop").encoding for r in tile_roles}),
+        "shallow": repr(tuple(r for r in tile_roles if kernels[r].attr("loop").shallow_partial)),
         "document": repr(bool(fwd.attr("mask_plan").document)),
         "functions": functions,
         "score": {"lhs": lambda s: ", ".join((s, *saved))},
@@ -256,7 +256,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                  "init": "".join(f"\n    {a} = tl.zeros([BLOCK_M], dtype=tl.float32)" for a in accs),
                  "store": "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
                                   f"tl.program_id(0), tl.sum({a}, 0))" for i, a in enumerate(accs))},
-        "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("longest_first")
+        "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("loop").longest_first
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),
         "binding": binding,

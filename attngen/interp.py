@@ -31,7 +31,8 @@ def _segments(kernel: Kernel, outer: tuple[int, int], Nq: int, Nk: int, block: i
         return [(i, True) for i in range(0, n, block)]
     first, last = (torch.tensor([v]) for v in (outer[0], outer[1] - 1))
     start, full_start, full_end, end = (int(x) for x in block_key_range(plan, first, last, Nq, Nk, block))
-    split = bool(kernel.attr("split_loops"))
+    loop = kernel.attr("loop")
+    split = loop is not None and loop.segments == ("masked", "full", "masked")
     return ([(i, True) for i in range(start, full_start, block)]
             + [(i, not split) for i in range(full_start, full_end, block)]
             + [(i, True) for i in range(full_end, end, block)])

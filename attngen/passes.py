@@ -26,21 +26,21 @@
   in the forward (no mask code on full tiles) and as one masked loop in the backward kernels, whose
   four matrix products hide the mask (docs/decisions/split-loops.md):
 
-      attr longest_first = True
-      attr split_loops = True     (fwd; False for bwd_dkdv, bwd_dq)
+      attr loop = longest first; range loops: masked | full | masked     (fwd)
+      attr loop = longest first; range loops: masked                     (bwd_dkdv, bwd_dq)
 
   A tile-table plan's full tiles are stored as runs of consecutive blocks. The forward loops
   over the runs with each run's tiles in an inner loop; the backward kernels' tables hold the
   first run, looped over flat, and then the other full tiles one index each: each role's faster
   encoding (docs/decisions/nested-runs.md):
 
-      attr nested_runs = True     (fwd; False for bwd_dkdv, bwd_dq; tile-table plans only)
+      attr loop = block order; table loops: full tiles (nested runs) | partial tiles   (fwd)
 
   A document kernel's partial-tile loop pipelines one stage fewer than the tiling's num_stages (at
   least two): the ids' buffer per stage would otherwise cost the tiling its programs per SM
   (docs/decisions/shallow-partial.md):
 
-      attr shallow_partial = True (document plans only)
+      ... | partial tiles (num_stages - 1)   (document plans)
 
 The verifier runs after every pass.
 """
@@ -148,19 +148,36 @@ def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
     return kernel
 
 
+@dataclass(frozen=True)
+class Loop:
+    """The loop over a program's inner tiles, as the schedule pass shapes it (a kernel attr; codegen
+    renders it, attngen/interp.py walks it)."""
+
+    longest_first: bool  # programs start last block first
+    walk: str  # "range": closed-form bounds; "table": a tile table
+    segments: tuple[str, ...] = ()  # range: ("masked", "full", "masked") split, or ("masked",)
+    encoding: str | None = None  # table: full tiles as "nested" runs, or the "first" run then indices
+    shallow_partial: bool = False  # table: the partial-tile loop pipelines one stage less
+
+    def describe(self) -> str:
+        order = "longest first" if self.longest_first else "block order"
+        if self.walk == "range":
+            return f"{order}; range loops: {' | '.join(self.segments)}"
+        partial = "partial tiles (num_stages - 1)" if self.shallow_partial else "partial tiles"
+        return f"{order}; table loops: full tiles ({self.encoding} run{'s' if self.encoding == 'nested' else ''}) | {partial}"
+
+
 def schedule(kernel: Kernel, options: PassOptions) -> Kernel:
     w, cfg = options.workload, next(iter(kernel.attr("tiling")))
-    reverse = options.longest_first and longest_first(kernel.attr("mask_plan"), w.seq_q, w.seq_k, cfg.block_m, cfg.block_n)
+    plan = kernel.attr("mask_plan")
+    reverse = options.longest_first and longest_first(plan, w.seq_q, w.seq_k, cfg.block_m, cfg.block_n)
     forward = not ROLES[kernel.attr("role")].backward
-    split = forward if options.split_loops is None else options.split_loops
-    kernel = kernel.with_attrs(longest_first=reverse, split_loops=split)
-    if kernel.attr("mask_plan").kind is PlanKind.TILES:
-        nested = forward if options.nested_runs is None else options.nested_runs
-        kernel = kernel.with_attrs(nested_runs=nested)
-        if kernel.attr("mask_plan").document:
-            shallow = True if options.shallow_partial is None else options.shallow_partial
-            kernel = kernel.with_attrs(shallow_partial=shallow)
-    return kernel
+    if plan.kind is not PlanKind.TILES:
+        split = forward if options.split_loops is None else options.split_loops
+        return kernel.with_attrs(loop=Loop(reverse, "range", ("masked", "full", "masked") if split else ("masked",)))
+    nested = forward if options.nested_runs is None else options.nested_runs
+    shallow = plan.document if options.shallow_partial is None else options.shallow_partial and plan.document
+    return kernel.with_attrs(loop=Loop(reverse, "table", encoding="nested" if nested else "first", shallow_partial=shallow))
 
 
 PASSES: dict[str, Callable[[Kernel, PassOptions], Kernel]] = {
