@@ -38,6 +38,7 @@ import sympy
 import torch
 
 from .mask_expr import KV_IDX, NK, NQ, Q_IDX
+from .runtime.tiles import cell_visibility
 from .symbolic import evaluate, to_callable
 
 M_FIRST, M_LAST = sympy.symbols("m_first m_last", integer=True)
@@ -339,24 +340,14 @@ CELL = 16  # the cell of the cost model's mask grid: every tiling whose blocks a
 
 @functools.lru_cache(maxsize=16)
 def _cells(cond: sympy.Basic | None, Nq: int, Nk: int, gm: int, gn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per gm x gn cell of the score matrix (ceil(Nq / gm) x ceil(Nk / gn) of them): whether any
-    pair is visible, and whether every in-bounds pair is. The mask is evaluated densely, a band of
-    rows at a time, so that memory stays bounded at long sequences. Cached: callers must not
-    modify the tensors."""
-    c_m, c_n = -(-Nq // gm), -(-Nk // gn)
-    visible = None if cond is None else to_callable(cond)
-    any_c = torch.empty(c_m, c_n, dtype=torch.bool)
-    all_c = torch.empty(c_m, c_n, dtype=torch.bool)
-    k = torch.arange(c_n * gn)[None, :]
-    band = max(gm, (1 << 22) // (c_n * gn) // gm * gm)  # rows per band: about 4M pairs
-    for r0 in range(0, c_m * gm, band):
-        q = torch.arange(r0, min(r0 + band, c_m * gm))[:, None]
-        inb = (q < Nq) & (k < Nk)
-        vis = inb if visible is None else inb & visible({Q_IDX.name: q, KV_IDX.name: k, NQ.name: Nq, NK.name: Nk})
-        shape = (q.shape[0] // gm, gm, c_n, gn)
-        any_c[r0 // gm:r0 // gm + shape[0]] = vis.reshape(shape).any(dim=3).any(dim=1)
-        all_c[r0 // gm:r0 // gm + shape[0]] = (vis == inb).reshape(shape).all(dim=3).all(dim=1)
-    return any_c, all_c
+    """Per gm x gn cell of the score matrix: whether any pair is visible, and whether every
+    in-bounds pair is (runtime.tiles.cell_visibility, the runtime's tile tables' own evaluation).
+    Cached: callers must not modify the tensors."""
+    if cond is None:
+        return cell_visibility(None, Nq, Nk, gm, gn)
+    fn = to_callable(cond)
+    return cell_visibility(lambda q, k, nq, nk: fn({Q_IDX.name: q, KV_IDX.name: k, NQ.name: nq, NK.name: nk}),
+                           Nq, Nk, gm, gn)
 
 
 def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:

@@ -23,24 +23,34 @@ def kept(cache: dict, key, make):
     return cache[key]
 
 
-def tile_classes(visible, Nq: int, Nk: int, block_m: int, block_n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 [n_m, n_n] classes (EMPTY, PARTIAL, FULL) under `visible(q_idx, kv_idx, Nq, Nk)`,
-    evaluated densely in chunks of rows; twice: for loops over keys and for loops over queries
-    (a FULL tile skips the bounds check of the dimension its loop walks: ragged edges stay PARTIAL)."""
-    n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
-    kv = torch.arange(n_n * block_n, device=device)[None, :]
-    keys_ok = (kv < Nk).reshape(n_n, block_n).all(dim=1)[None, :]
-    rows_ok = (torch.arange(n_m * block_m, device=device) < Nq).reshape(n_m, block_m).all(dim=1)[:, None]
-    chunk = max(block_m, (1 << 24) // (n_n * block_n) // block_m * block_m)
-    classes = []
-    for m0 in range(0, n_m * block_m, chunk):
-        q = torch.arange(m0, min(m0 + chunk, n_m * block_m), device=device)[:, None]
+def cell_visibility(visible, Nq: int, Nk: int, gm: int, gn: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per gm x gn cell of the score matrix: whether any in-bounds pair is visible under
+    `visible(q_idx, kv_idx, Nq, Nk)` (None: every pair), and whether every in-bounds one is; bool
+    [ceil(Nq / gm), ceil(Nk / gn)] twice. The mask is evaluated densely a band of rows at a time,
+    so memory stays bounded at long sequences. (The cost model's tile counts use it too.)"""
+    c_m, c_n = -(-Nq // gm), -(-Nk // gn)
+    kv = torch.arange(c_n * gn, device=device)[None, :]
+    band = max(gm, (1 << 22) // (c_n * gn) // gm * gm)  # rows per band: about 4M pairs
+    any_c, all_c = [], []
+    for m0 in range(0, c_m * gm, band):
+        q = torch.arange(m0, min(m0 + band, c_m * gm), device=device)[:, None]
         inb = (q < Nq) & (kv < Nk)
-        vis = (inb & visible(q, kv, Nq, Nk)).reshape(-1, block_m, n_n, block_n)
-        any_vis = vis.any(dim=3).any(dim=1)
-        all_vis = (vis == inb.reshape(-1, block_m, n_n, block_n)).all(dim=3).all(dim=1)
-        classes.append(any_vis.to(torch.int8) + (any_vis & all_vis).to(torch.int8))
-    classes = torch.cat(classes)
+        vis = inb if visible is None else inb & visible(q, kv, Nq, Nk)
+        shape = (-1, gm, c_n, gn)
+        any_c.append(vis.reshape(shape).any(dim=3).any(dim=1))
+        all_c.append((vis == inb).reshape(shape).all(dim=3).all(dim=1))
+    return torch.cat(any_c), torch.cat(all_c)
+
+
+def tile_classes(visible, Nq: int, Nk: int, block_m: int, block_n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [n_m, n_n] classes (EMPTY, PARTIAL, FULL) of the tiles under `visible`; twice: for
+    loops over keys and for loops over queries (a FULL tile skips the bounds check of the dimension
+    its loop walks: ragged edges stay PARTIAL)."""
+    any_vis, all_vis = cell_visibility(visible, Nq, Nk, block_m, block_n, device)
+    classes = any_vis.to(torch.int8) + (any_vis & all_vis).to(torch.int8)
+    n_m, n_n = classes.shape
+    keys_ok = (torch.arange(n_n * block_n, device=device) < Nk).reshape(n_n, block_n).all(dim=1)[None, :]
+    rows_ok = (torch.arange(n_m * block_m, device=device) < Nq).reshape(n_m, block_m).all(dim=1)[:, None]
     return (torch.where((classes == FULL) & ~keys_ok, PARTIAL, classes),
             torch.where((classes == FULL) & ~rows_ok, PARTIAL, classes))
 
