@@ -1,4 +1,4 @@
-"""Ran on: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, Triton 3.6.0, 2026-12-06 (data/gpu_checks_2026-12-06_h100_redesign.txt).
+"""Ran on: Triton 3.6.0, NVIDIA H100 80GB HBM3 (torch 2.11.0+cu130), 2026-12-06; raw: data/gpu_checks_2026-12-06_h100_redesign.txt.
 
 The redesign's GPU checks: direct launches against launches through Triton, bit for bit (document and
 temperature included), and the host time of a small step for the new runtime against the previous
