@@ -1,7 +1,7 @@
 """Codegen: renders the optimized kernel IR of a family into a Triton module.
 
 Each piece of generated code comes from one renderer: the score modifiers and their chain rules
-from attngen/ops.py (rendered into `_score` and `_score_grad`-style lines), the mask from its
+from attngen/ops.py (rendered into `_score` and into the backward tiles' chain-rule lines), the mask from its
 sympy condition (symbolic.render), the loops from the plan and schedule the passes recorded
 (`walk`), and the family's fixed structure (loads, online softmax, the products) from its
 templates (templates/fa2/). The templates place what this module rendered; they decide nothing.
@@ -33,7 +33,7 @@ FAMILY = "fa2"
 FAMILY_KINDS = frozenset({OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.LOAD_DO, OpKind.QK, OpKind.MASK,
                           OpKind.ONLINE_SOFTMAX, OpKind.DROPOUT, OpKind.PV, OpKind.NORMALIZE, OpKind.STORE_O,
                           OpKind.STORE_LSE, OpKind.RECOMPUTE_P, OpKind.DV, OpKind.DP, OpKind.DS, OpKind.DK,
-                          OpKind.DQ, OpKind.STORE_DK, OpKind.STORE_DV, OpKind.STORE_DQ, OpKind.VJP})
+                          OpKind.DQ, OpKind.STORE_DK, OpKind.STORE_DV, OpKind.STORE_DQ})
 RANGE_NAMES = {"m_first": "first", "m_last": "last"}
 RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_mod", "_same_document", "_store_tile", "_tanh", "_tile")
 
@@ -63,7 +63,7 @@ def _score_function(chain: list, params: list) -> tuple[str, tuple[str, ...]]:
     for op in chain:
         if op.kind in SCORE_MODS:
             body, keep = SCORE_MODS[op.kind].triton(op)
-            lines += [f"{line}" for line in body]
+            lines += body
             saved += keep
     args = "".join(f", hp_{p.name}" for p in params)
     ret = ", ".join(("s", *saved))

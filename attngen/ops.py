@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from .errors import IRError
 from .ir import Op, OpKind
 
 LOG2E = 1.4426950408889634
@@ -139,12 +140,10 @@ def head_params(ops) -> tuple[HeadParam, ...]:
 
 
 def check_renderable(kernel, family_kinds: frozenset) -> None:
-    """Every op of `kernel` has a renderer: a score modifier here, or the family's template."""
-    from .errors import IRError
-
+    """Every op of `kernel` has a renderer: a score modifier here, or the family's template; a vjp
+    op, through the modifier it differentiates (the family's mask passes ds through)."""
     for op in kernel.ops:
-        kind = op.attr("of") if op.kind is OpKind.VJP else op.kind.value
-        if op.kind not in family_kinds and OpKind(kind) not in SCORE_MODS and OpKind(kind) not in family_kinds:
-            raise IRError(f"{kernel.name}: %{op.name} ({op.kind.value}) has no renderer in attngen/ops.py "
-                          f"nor in the kernel family's template")
-
+        kind = OpKind(op.attr("of")) if op.kind is OpKind.VJP else op.kind
+        if kind not in SCORE_MODS and kind not in family_kinds:
+            raise IRError(f"{kernel.name}: %{op.name} ({op.kind.value} of {kind.value}) has no renderer in "
+                          f"attngen/ops.py nor in the kernel family's template")

@@ -102,3 +102,16 @@ def test_backward_ir_is_derived_from_the_forward():
         assert vjps == chain[::-1]
     acc = [o.attr("accumulates") for o in c.kernel("bwd_dq").ops if o.kind is OpKind.VJP and o.attr("accumulates")]
     assert acc == ["dtemperature"]  # only the dQ kernel sums the parameter's gradient
+
+
+def test_codegen_refuses_an_op_without_a_renderer(monkeypatch):
+    """A score modifier with no entry in attngen/ops.py cannot reach the templates unnoticed."""
+    from attngen.codegen import FAMILY_KINDS
+    from attngen.errors import IRError
+    from attngen.ops import check_renderable
+
+    c = compile_spec(ROOT / "specs" / "softcap.yaml", stop="ir")
+    check_renderable(c.kernel("bwd_dq"), FAMILY_KINDS)
+    monkeypatch.delitem(SCORE_MODS, OpKind.SOFTCAP)
+    with pytest.raises(IRError, match="softcap"):
+        check_renderable(c.kernel("bwd_dq"), FAMILY_KINDS)
