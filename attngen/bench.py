@@ -98,13 +98,13 @@ def _flex(spec: Spec, shape: BenchShape, module, doc_ids=None):
             return vis
         batch = shape.batch if doc_ids is not None else None
         block_mask = create_block_mask(mask_mod, batch, None, n, n, device="cuda")
-    score_mod = None
+    modified = None
     if spec.score.softcap is not None or spec.score.alibi or spec.score.temperature:
         cap = spec.score.softcap
         slopes = module.default_alibi_slopes(shape.heads, "cuda") if spec.score.alibi else None
         temperature = torch.ones(shape.heads, device="cuda") if spec.score.temperature else None  # ours' default
 
-        def score_mod(score, b, h, q_idx, kv_idx):  # noqa: F811
+        def modified(score, b, h, q_idx, kv_idx):
             if temperature is not None:
                 score = score * temperature[h]
             if cap is not None:
@@ -114,7 +114,7 @@ def _flex(spec: Spec, shape: BenchShape, module, doc_ids=None):
             return score
     torch._dynamo.reset()  # each spec's mask and score functions recompile flex_attention: start afresh
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)  # a graph break is an error, not an eager fallback
-    return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale)
+    return lambda q, k, v: compiled(q, k, v, score_mod=modified, block_mask=block_mask, scale=spec.scale)
 
 
 def _time(fn, backward: bool, inputs, do) -> float:

@@ -123,7 +123,7 @@ def forward(kernel: Kernel, q, k, v, *, block=(16, 16), scale=None, params=None,
     return o, lse
 
 
-def _vjps(kernel: Kernel, values: dict, grad_name: str, tile: _Tile, grads: dict) -> None:
+def _vjps(kernel: Kernel, values: dict, tile: _Tile, grads: dict) -> None:
     """The backward IR's vjp ops: the chain rule through the score modifiers; parameter gradients
     summed over the tile where the op accumulates them."""
     by_input = {(o.kind.value, o.inputs[0]): o for o in kernel.ops if o.inputs}
@@ -171,7 +171,7 @@ def backward(dkdv: Kernel, dq_kernel: Kernel, q, k, v, o, lse, do, *, block=(16,
                 values[op.name] = dp * keep[:, :, m0:m1, n0:n1] / (1 - p_drop) if keep is not None else dp
             elif op.kind is OpKind.DS:
                 values[op.name] = values["p"] * (values["dp"] - D[:, :, m0:m1, None])
-        _vjps(kernel, values, "", tile, grads)
+        _vjps(kernel, values, tile, grads)
         for op in kernel.ops:
             if op.kind is OpKind.DK:
                 out["dk"] = values[op.inputs[0]].transpose(-1, -2) @ values["q"]
