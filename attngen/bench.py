@@ -98,23 +98,22 @@ def _flex(spec: Spec, shape: BenchShape, module, doc_ids=None):
             return vis
         batch = shape.batch if doc_ids is not None else None
         block_mask = create_block_mask(mask_mod, batch, None, n, n, device="cuda")
-    modified = None
-    if spec.score.softcap is not None or spec.score.alibi or spec.score.temperature:
-        cap = spec.score.softcap
-        slopes = module.default_alibi_slopes(shape.heads, "cuda") if spec.score.alibi else None
-        temperature = torch.ones(shape.heads, device="cuda") if spec.score.temperature else None  # ours' default
+    cap = spec.score.softcap
+    slopes = module.default_alibi_slopes(shape.heads, "cuda") if spec.score.alibi else None
+    temperature = torch.ones(shape.heads, device="cuda") if spec.score.temperature else None  # ours' default
 
-        def modified(score, b, h, q_idx, kv_idx):
-            if temperature is not None:
-                score = score * temperature[h]
-            if cap is not None:
-                score = cap * torch.tanh(score / cap)
-            if slopes is not None:
-                score = score - slopes[h] * (q_idx - kv_idx).abs()
-            return score
+    def modified(score, b, h, q_idx, kv_idx):
+        if temperature is not None:
+            score = score * temperature[h]
+        if cap is not None:
+            score = cap * torch.tanh(score / cap)
+        if slopes is not None:
+            score = score - slopes[h] * (q_idx - kv_idx).abs()
+        return score
+    score_mod = modified if cap is not None or slopes is not None or temperature is not None else None
     torch._dynamo.reset()  # each spec's mask and score functions recompile flex_attention: start afresh
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)  # a graph break is an error, not an eager fallback
-    return lambda q, k, v: compiled(q, k, v, score_mod=modified, block_mask=block_mask, scale=spec.scale)
+    return lambda q, k, v: compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=spec.scale)
 
 
 def _time(fn, backward: bool, inputs, do) -> float:
