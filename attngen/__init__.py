@@ -7,7 +7,6 @@
 
 __version__ = "0.1.0"
 
-from . import runtime  # noqa: E402
 from .loader import load  # noqa: E402
 
-__all__ = ["load", "runtime", "__version__"]
+__all__ = ["load", "__version__"]
