@@ -214,8 +214,10 @@ def format_markdown(rows: list[Row], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(rows: list[Row], json_path: Path | None, md_path: Path | None) -> str:
-    env = environment()
+def save(rows: list[Row], json_path: Path | None, md_path: Path | None, env: dict | None = None) -> str:
+    """Writes the rows as JSON and as markdown where asked (with this machine's environment unless
+    `env` is given); returns the markdown table."""
+    env = env or environment()
     md = format_markdown(rows, env)
     if json_path:
         json_path.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=1))

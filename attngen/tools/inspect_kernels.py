@@ -91,17 +91,23 @@ def offline_run(fn, sink: list, arch: int = 90):
     return run
 
 
+def registers(kernel) -> int | None:
+    """Registers per thread: the loaded kernel's count, or offline the cubin's resource usage."""
+    regs = getattr(kernel, "n_regs", None)
+    if regs is None:
+        found = re.findall(r"REG:(\d+)", cuobjdump(kernel, "-res-usage"))
+        regs = int(found[-1]) if found else None
+    return regs
+
+
 def describe(kernel) -> str:
     text = sass(kernel)
     counts = collections.Counter()
     for op in OPS:
         counts[op] = len(re.findall(rf"\b{re.escape(op)}\b", text))
     meta = kernel.metadata
-    regs = getattr(kernel, "n_regs", None)
-    if regs is None:  # not loaded on a device (offline): the cubin's resource usage
-        found = re.findall(r"REG:(\d+)", cuobjdump(kernel, "-res-usage"))
-        regs = found[-1] if found else "?"
-    return (f"regs {regs} spills {getattr(kernel, 'n_spills', '?')} "
+    regs = registers(kernel)
+    return (f"regs {'?' if regs is None else regs} spills {getattr(kernel, 'n_spills', '?')} "
             f"smem {getattr(meta, 'shared', '?')} warps {meta.num_warps} stages {meta.num_stages} | "
             + " ".join(f"{op} {counts[op]}" for op in OPS))
 

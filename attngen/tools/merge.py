@@ -4,10 +4,9 @@ one JSON file and one markdown table: `attngen bench-merge out/fwd_*.json --json
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-from attngen.bench import Row, format_markdown
+from attngen.bench import Row, save
 
 
 def load_rows(files: list[Path]) -> tuple[dict, list[Row]]:
@@ -28,9 +27,4 @@ def load_rows(files: list[Path]) -> tuple[dict, list[Row]]:
 def merge(files: list[Path], json_out: Path | None = None, markdown: Path | None = None) -> str:
     """Writes the merged rows as JSON and as markdown where asked; returns the markdown table."""
     env, rows = load_rows(files)
-    md = format_markdown(rows, env)
-    if json_out:
-        json_out.write_text(json.dumps({"environment": env, "rows": [asdict(r) for r in rows]}, indent=1))
-    if markdown:
-        markdown.write_text(md)
-    return md
+    return save(rows, json_out, markdown, env)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from dataclasses import asdict, dataclass
 
 RESERVED = 1024  # shared memory CUDA keeps per program (sm80 and later)
@@ -34,10 +33,9 @@ class Audit:
 
 def programs_per_sm(kernel, target) -> tuple[int, int, int]:
     """(programs per SM, shared memory bytes, registers per thread) of a compiled kernel."""
-    from .inspect_kernels import cuobjdump
+    from .inspect_kernels import registers
 
-    found = re.findall(r"REG:(\d+)", cuobjdump(kernel, "-res-usage"))
-    regs = int(found[-1]) if found else 255
+    regs = registers(kernel) or 255
     smem, warps = kernel.metadata.shared, kernel.metadata.num_warps
     regs_per_program = -(-regs * 32 // 256) * 256 * warps  # allocated per warp in units of 256
     return (min(target.smem_per_sm // (smem + RESERVED), target.regs_per_sm // regs_per_program,
