@@ -112,7 +112,7 @@ def walk(kernel: Kernel, call, indent: str = "    ") -> str:
     masked)` renders one tile's call (a macro of the family's template)."""
     plan, role = kernel.attr("mask_plan"), ROLES[kernel.attr("role")]
     extent, block = ("Nq", "BLOCK_M") if role.transposed else ("Nk", "BLOCK_N")
-    outer_extent, outer_block = ("Nk", "BLOCK_N") if role.transposed else ("Nq", "BLOCK_M")
+    outer_block = "BLOCK_N" if role.transposed else "BLOCK_M"
 
     def c(i: str, masked: str, depth: int = 1) -> str:  # a tile's call inside a loop body `depth` deep
         pre = "    " * depth
@@ -141,15 +141,13 @@ def walk(kernel: Kernel, call, indent: str = "    ") -> str:
                 lines += [f"for start_i in range({a}, {b}, {block}):", c('start_i', masked)]
     else:
         nested = kernel.attr("loop").encoding == "nested"
-        lines = ["# Tile table (per shape, or per batch with DOCUMENT): COUNT[r] = (partial tiles, "
+        lines = ["# Tile table (per shape, or per batch and head from the call's documents or layout; TABLE_B and",
+                 "# TABLE_H are its rows per batch and per head, 0 where shared): COUNT[r] = (partial tiles, "
                  + ("runs of full tiles);" if nested else "full tiles after the first run);"),
                  "# INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] "
                  + ("the runs' [first, end) block pairs." if nested else
                     "the first run's [first, end) pair, then the other full tiles."),
-                 f"tile_row = first // {outer_block}",
-                 "if DOCUMENT:",
-                 f"    tile_row += off_b * tl.cdiv({outer_extent}, {outer_block})",
-                 "tile_row = tile_row.to(tl.int64)",
+                 f"tile_row = (first // {outer_block} + off_b * TABLE_B + off_h * TABLE_H).to(tl.int64)",
                  "n_partial = tl.load(COUNT + tile_row * 2)",
                  "n_full = tl.load(COUNT + tile_row * 2 + 1)",
                  "row = INDEX + tile_row * 2 * (n_blocks + 1)"]

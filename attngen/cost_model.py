@@ -195,7 +195,11 @@ class Ranking:
 def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: Workload,
          role: str = "fwd", k: Constants | None = None) -> Ranking:
     tma = target.tma and work.dtype in ("fp16", "bf16")
-    preds = [predict(c, plan, target, work, role, k) for c in candidates(head_dim, head_dim_v, tma)]
+    configs = candidates(head_dim, head_dim_v, tma)
+    if plan.sparsity is not None:  # a tile lies inside one layout block (runtime/block_mask.py)
+        bq, bk = plan.sparsity.block
+        configs = [c for c in configs if c.block_m <= bq and c.block_n <= bk]
+    preds = [predict(c, plan, target, work, role, k) for c in configs]
     legal = sorted((p for p in preds if p.time_s is not None), key=lambda p: (p.time_s, p.config))
     return Ranking(target, work, tuple(legal), tuple(p for p in preds if p.time_s is None))
 

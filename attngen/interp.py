@@ -19,6 +19,7 @@ from .ir import Kernel, OpKind, Region
 from .mask_analysis import PlanKind, block_key_range
 from .mask_expr import KV_IDX, NK, NQ, Q_IDX
 from .ops import SCORE_MODS, Env
+from .runtime.layouts import static_layout
 from .runtime.roles import ROLES
 from .symbolic import evaluate
 
@@ -41,11 +42,11 @@ def _segments(kernel: Kernel, outer: tuple[int, int], Nq: int, Nk: int, block: i
 class _Tile:
     """The values of one (outer block, inner tile) pair: positions, the mask inputs, the params."""
 
-    def __init__(self, q_idx, kv_idx, Nq, Nk, params, documents, masked):
+    def __init__(self, q_idx, kv_idx, Nq, Nk, params, documents, layout, masked):
         self.env = Env(q_idx, kv_idx, Nq, Nk, params)
-        self.documents, self.masked = documents, masked
+        self.documents, self.layout, self.masked = documents, layout, masked
 
-    def visible(self, cond, doc) -> torch.Tensor:
+    def visible(self, cond, doc, sparsity=None) -> torch.Tensor:
         e = self.env
         vis = (e.q_idx < e.Nq) & (e.kv_idx < e.Nk)
         if cond is not None:
@@ -53,6 +54,9 @@ class _Tile:
         if doc:
             q_ids, kv_ids = self.documents
             vis = vis[None, None] & (q_ids[:, e.q_idx[:, 0]][:, :, None] == kv_ids[:, e.kv_idx[0]][:, None, :])[:, None]
+        if sparsity is not None:  # the block layout [B', H', n_qb, n_kb], read at each pair's blocks
+            bq, bk = sparsity.block
+            vis = vis & self.layout[:, :, e.q_idx[:, 0] // bq][:, :, :, e.kv_idx[0] // bk]
         return vis
 
 
@@ -65,7 +69,7 @@ def _score_chain(kernel: Kernel, values: dict, tile: _Tile) -> None:
             values[op.name] = values["q"] @ values["k"].transpose(-1, -2)
         elif op.kind is OpKind.MASK:
             s = values[op.inputs[0]]
-            vis = tile.visible(op.attr("cond"), op.attr("document") is not None) if tile.masked else True
+            vis = tile.visible(op.attr("cond"), op.attr("document") is not None, op.attr("layout")) if tile.masked else True
             values[op.name] = torch.where(vis, s, float("-inf")) if tile.masked else s
             values["__visible"] = vis
         elif op.kind in SCORE_MODS:
@@ -81,11 +85,26 @@ def _expand(t: torch.Tensor, Hq: int) -> torch.Tensor:
     return t.double().repeat_interleave(Hq // t.shape[1], dim=1)
 
 
-def forward(kernel: Kernel, q, k, v, *, block=(16, 16), scale=None, params=None, documents=None, keep=None,
-            p_drop: float = 0.0):
+def block_layout(kernel: Kernel, Hq: int, Nq: int, Nk: int, layout=None):
+    """The kernel's block layout: its spec's static terms (for Hq heads) or'ed with the call's
+    `layout` (bool [B or 1, H or 1, n_qb, n_kb]); None without a sparsity section."""
+    mask = kernel.op(OpKind.MASK)
+    sparsity = mask.attr("layout") if mask else None
+    if sparsity is None:
+        return None
+    bq, bk = sparsity.block
+    static = static_layout(sparsity.to_dict(), -(-Nq // bq), -(-Nk // bk), Hq, "cpu")
+    if sparsity.runtime:
+        return layout if static is None else static | layout
+    return static
+
+
+def forward(kernel: Kernel, q, k, v, *, block=(16, 16), scale=None, params=None, documents=None, layout=None,
+            keep=None, p_drop: float = 0.0):
     """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (natural log) of the forward kernel's IR."""
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
+    layout = block_layout(kernel, Hq, Nq, Nk, layout)
     scale = next(o for o in kernel.ops if o.kind is OpKind.SCALE).attr("scale") if scale is None else scale
     prm = _params(params or {}, scale, Hq)
     k, v, q = _expand(k, Hq), _expand(v, Hq), q.double()
@@ -99,7 +118,8 @@ def forward(kernel: Kernel, q, k, v, *, block=(16, 16), scale=None, params=None,
         acc = torch.zeros(B, Hq, m1 - m0, v.shape[-1], dtype=torch.float64)
         for n0, masked in _segments(kernel, (m0, m1), Nq, Nk, bn):
             n1 = min(n0 + bn, Nk)
-            tile = _Tile(torch.arange(m0, m1)[:, None], torch.arange(n0, n1)[None, :], Nq, Nk, prm, documents, masked)
+            tile = _Tile(torch.arange(m0, m1)[:, None], torch.arange(n0, n1)[None, :], Nq, Nk, prm, documents, layout,
+                         masked)
             values = {"q": q[:, :, m0:m1], "k": k[:, :, n0:n1], "v": v[:, :, n0:n1]}
             _score_chain(kernel, values, tile)
             for op in kernel.ops:
@@ -142,10 +162,11 @@ def _vjps(kernel: Kernel, values: dict, tile: _Tile, grads: dict) -> None:
 
 
 def backward(dkdv: Kernel, dq_kernel: Kernel, q, k, v, o, lse, do, *, block=(16, 16), scale=None, params=None,
-             documents=None, keep=None, p_drop: float = 0.0):
+             documents=None, layout=None, keep=None, p_drop: float = 0.0):
     """dq, dk, dv and {param: gradient [Hq]} from the two backward kernels' IR."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    layout = block_layout(dq_kernel, Hq, Nq, Nk, layout)
     scale = next(op for op in dq_kernel.ops if op.kind is OpKind.SCALE).attr("scale") if scale is None else scale
     prm = _params(params or {}, scale, Hq)
     ke, ve, q, do, o, lse = _expand(k, Hq), _expand(v, Hq), q.double(), do.double(), o.double(), lse.double()
@@ -155,7 +176,7 @@ def backward(dkdv: Kernel, dq_kernel: Kernel, q, k, v, o, lse, do, *, block=(16,
     bm, bn = block
 
     def tile_products(kernel, m0, m1, n0, n1, masked, grads):
-        tile = _Tile(torch.arange(m0, m1)[:, None], torch.arange(n0, n1)[None, :], Nq, Nk, prm, documents, masked)
+        tile = _Tile(torch.arange(m0, m1)[:, None], torch.arange(n0, n1)[None, :], Nq, Nk, prm, documents, layout, masked)
         values = {"q": q[:, :, m0:m1], "k": ke[:, :, n0:n1], "v": ve[:, :, n0:n1], "do": do[:, :, m0:m1]}
         _score_chain(kernel, values, tile)
         out = {}

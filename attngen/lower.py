@@ -44,10 +44,13 @@ def _score_chain(spec: Spec) -> list[Op]:
     if spec.score.alibi:
         mods.append((OpKind.ALIBI, (("slopes", "per query head, at call time"),)))
     cond = mask_condition(spec.mask, spec.source)
+    mask = [("cond", cond)] if cond is not None else []
     if spec.mask.document:  # the ids come with each call: the op compares them besides `cond`
-        mods.append((OpKind.MASK, (("cond", cond), ("document", "q_doc == kv_doc, ids per call"))))
-    elif cond is not None:
-        mods.append((OpKind.MASK, (("cond", cond),)))
+        mask.append(("document", "q_doc == kv_doc, ids per call"))
+    if spec.sparsity is not None:  # and the block layout: its terms, and a layout per call
+        mask.append(("layout", spec.sparsity))
+    if mask:
+        mods.append((OpKind.MASK, tuple(mask)))
     last = "s1"
     for i, (kind, attrs) in enumerate(mods, start=2):
         ops.append(Op(f"s{i}", kind, (last,), attrs))

@@ -38,7 +38,10 @@ import sympy
 import torch
 
 from .mask_expr import KV_IDX, NK, NQ, Q_IDX
+from .runtime.block_mask import layout_tiles
+from .runtime.layouts import static_layout
 from .runtime.tiles import cell_visibility
+from .spec import Sparsity
 from .symbolic import evaluate, to_callable
 
 M_FIRST, M_LAST = sympy.symbols("m_first m_last", integer=True)
@@ -80,11 +83,18 @@ class MaskPlan:
     full_lo: sympy.Expr | None = None  # first inner index every outer index sees
     full_hi: sympy.Expr | None = None  # last inner index every outer index sees
     document: bool = False  # TILES only: the tables also depend on each call's document ids
+    sparsity: Sparsity | None = None  # TILES only: and on the block layout (its static terms, a layout per call)
 
     def describe(self) -> str:
-        if self.document:
-            static = f" and {sympy.sstr(self.cond)}" if self.cond is not None else ""
-            return f"tiles: visible where the documents match{static}; per-batch tables from each call's document ids"
+        if self.document or self.sparsity:
+            where = ["the documents match"] * self.document + [sympy.sstr(self.cond)] * (self.cond is not None)
+            if self.sparsity:
+                where.append(f"in the layout ({self.sparsity.describe()})")
+            per = ("per-batch" if self.document else "per-shape") if not (self.sparsity and (
+                self.sparsity.runtime or self.sparsity.random_blocks)) else "per-batch and per-head"
+            given = " and ".join(["each call's document ids"] * self.document
+                                 + ["the layout"] * bool(self.sparsity))
+            return f"tiles: visible where {' and '.join(where)}; {per} tables from {given}"
         if self.kind is PlanKind.DENSE:
             return "dense: every in-bounds tile is full"
         inner = "queries" if self.transposed else "keys"
@@ -181,18 +191,20 @@ def _nondecreasing(e: sympy.Expr, x: sympy.Symbol) -> bool:
     return False
 
 
-def analyze(cond: sympy.Basic | None, transposed: bool = False, document: bool = False) -> MaskPlan:
+def analyze(cond: sympy.Basic | None, transposed: bool = False, document: bool = False,
+            sparsity: Sparsity | None = None) -> MaskPlan:
     """The loop plan for a mask condition (see the module docstring). `transposed` plans walk
     queries for a block of keys (the backward's dK/dV kernel):
 
         causal top-left   kv_idx <= q_idx   ->   key kv_idx is seen by queries [kv_idx, +oo)
 
-    `document`: the mask also compares per-call document ids (always a `tiles` plan).
+    `document`: the mask also compares per-call document ids; `sparsity`: the spec's block layout
+    (both always a `tiles` plan: the tables combine the condition's tiles with them).
     """
     if cond is sympy.true:
         cond = None
-    if document:
-        return MaskPlan(PlanKind.TILES, cond, transposed=transposed, document=True)
+    if document or sparsity is not None:
+        return MaskPlan(PlanKind.TILES, cond, transposed=transposed, document=document, sparsity=sparsity)
     if cond is None:
         return MaskPlan(PlanKind.DENSE, None, transposed=transposed)
     inner, outer = (Q_IDX, KV_IDX) if transposed else (KV_IDX, Q_IDX)
@@ -369,8 +381,12 @@ def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int
     """(visited, partial): int64 [n_outer], the tiles each outer block's program loops over and, of
     those, the ones that run mask code. block_m blocks queries and block_n keys, whichever of them
     the plan walks."""
-    if plan.document:  # the documents come with each call: count the static mask's tiles (one document)
+    if plan.document or plan.sparsity:  # count the static mask's tiles (one document) in the static layout
+        layout = _static_layout_tiles(plan.sparsity, Nq, Nk, block_m, block_n)
         plan = analyze(plan.cond, plan.transposed)
+        if layout is not None:
+            return _counted(torch.where(layout, _classes(plan, Nq, Nk, block_m, block_n), 0), plan.transposed,
+                            Nk if plan.transposed else Nq, Nq if plan.transposed else Nk, block_m if plan.transposed else block_n)
     outer, inner, outer_block, inner_block = (Nk, Nq, block_n, block_m) if plan.transposed else (Nq, Nk, block_m, block_n)
     n_outer, n_inner = -(-outer // outer_block), -(-inner // inner_block)
     ragged = inner % inner_block != 0
@@ -383,14 +399,34 @@ def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int
         start, f_lo, f_hi, end = block_key_range(plan, first, last, Nq, Nk, inner_block)
         visited = -(-(end - start) // inner_block)
         return visited, visited - (f_hi - f_lo) // inner_block
-    classes = dense_tile_classes(plan.cond, Nq, Nk, block_m, block_n)
-    if plan.transposed:
+    return _counted(_classes(plan, Nq, Nk, block_m, block_n), plan.transposed, outer, inner, inner_block)
+
+
+def _classes(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
+    if plan.kind is PlanKind.DENSE:
+        return torch.full((-(-Nq // block_m), -(-Nk // block_n)), 2, dtype=torch.int8)
+    return dense_tile_classes(plan.cond, Nq, Nk, block_m, block_n)
+
+
+def _counted(classes: torch.Tensor, transposed: bool, outer: int, inner: int, inner_block: int):
+    """(visited, partial) per outer block from tile classes [n_m, n_n]."""
+    if transposed:
         classes = classes.T
     full = classes == 2
-    if ragged:  # the last inner tile always needs the bounds check
+    if inner % inner_block:  # the last inner tile always needs the bounds check
         full[:, -1] = False
     visited = (classes > 0).sum(dim=1)
     return visited, visited - full.sum(dim=1)
+
+
+def _static_layout_tiles(sparsity: Sparsity | None, Nq: int, Nk: int, block_m: int, block_n: int):
+    """bool [n_m, n_n]: the static layout terms at the kernel's tiles (one head's random blocks),
+    or None without static terms (a layout per call: the cost model counts every tile)."""
+    if sparsity is None or not sparsity.is_static:
+        return None
+    bq, bk = sparsity.block
+    layout = static_layout(sparsity.to_dict(), -(-Nq // bq), -(-Nk // bk), 1, "cpu")
+    return layout_tiles(layout, -(-Nq // block_m), -(-Nk // block_n), block_m, block_n, bq, bk)[0, 0]
 
 
 @functools.lru_cache(maxsize=256)

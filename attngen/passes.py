@@ -76,7 +76,8 @@ class PassOptions:
 def mask_plan(kernel: Kernel, options: PassOptions) -> Kernel:
     mask = kernel.op(OpKind.MASK)
     plan = analyze(mask.attr("cond") if mask else None, transposed=ROLES[kernel.attr("role")].transposed,
-                   document=mask is not None and mask.attr("document") is not None)
+                   document=mask is not None and mask.attr("document") is not None,
+                   sparsity=mask.attr("layout") if mask else None)
     if mask is not None:
         kernel = kernel.replace_op(OpKind.MASK, plan=plan.kind.value)
     return kernel.with_attrs(mask_plan=plan)

@@ -2,7 +2,8 @@
 
 The dense mask comes from the spec's fields (causal, window, prefix) written out here by hand, and
 from the expression evaluated on its Python syntax tree with torch (mask_expr.evaluate_mask_expr),
-not from the sympy condition the compiler lowers. So a lowering bug cannot cancel out.
+not from the sympy condition the compiler lowers. So a lowering bug cannot cancel out. The block
+sparsity (`sparsity_mask`) is written out here per element too, not taken from the runtime's layouts.
 """
 
 from __future__ import annotations
@@ -48,6 +49,70 @@ def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu") -> torch.Tensor:
     return vis
 
 
+def sparsity_mask(spec: Spec, Nq: int, Nk: int, heads: int, layout=None, device="cpu") -> torch.Tensor:
+    """bool [1 or B, 1 or H, Nq, Nk]: does the spec's `sparsity` section let query i see key j?
+    The union of its terms, each decided per element from its blocks q_idx // bq and kv_idx // bk;
+    `layout` bool [B or 1, H or 1, ceil(Nq / bq), ceil(Nk / bk)] is the call-time one (`layout:
+    runtime`). All True without a sparsity section."""
+    if spec.sparsity is None and layout is None:
+        return torch.ones(1, 1, Nq, Nk, dtype=torch.bool, device=device)
+    runtime = None
+    if layout is not None or spec.sparsity.runtime:
+        runtime = _runtime_sparsity(spec, Nq, Nk, layout, device)
+    vis = _static_sparsity(spec, Nq, Nk, heads, device)
+    return vis if runtime is None else vis | runtime
+
+
+def _static_sparsity(spec: Spec, Nq: int, Nk: int, heads: int, device) -> torch.Tensor:
+    """bool [1, H', Nq, Nk] (H' = heads with a random term, else 1): the union of the local, global,
+    stride and random terms; all False when there are none."""
+    sp = spec.sparsity
+    bq, bk = sp.block
+    qb = torch.arange(Nq, device=device)[:, None] // bq
+    kb = torch.arange(Nk, device=device)[None, :] // bk
+    vis = torch.zeros(Nq, Nk, dtype=torch.bool, device=device)
+    if sp.has_local:
+        # the key block is at most `left` blocks before the query block's diagonal, `right` after
+        after = kb - qb
+        lo = after >= -sp.local_left if sp.local_left is not None else torch.ones_like(vis)
+        hi = after <= sp.local_right if sp.local_right is not None else torch.ones_like(vis)
+        vis |= lo & hi
+    if sp.global_blocks:
+        vis |= (kb < sp.global_blocks) | (qb < sp.global_blocks)
+    if sp.stride is not None:
+        vis |= (kb + 1) % sp.stride == 0
+    vis = vis[None, None]
+    if sp.random_blocks:
+        # The documented contract: per head and query block, the `blocks` key blocks of the
+        # smallest CPU-drawn scores, ties to the lower index. Here by rank: key block kb is picked
+        # when fewer than `blocks` blocks come before it in the stable order.
+        n_qb, n_kb = -(-Nq // bq), -(-Nk // bk)
+        g = torch.Generator(device="cpu").manual_seed(sp.random_seed)
+        scores = torch.rand(heads, n_qb, n_kb, generator=g)
+        order = torch.sort(scores, dim=-1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n_kb).expand_as(order).contiguous())
+        picked = (rank < sp.random_blocks).to(device)  # [heads, n_qb, n_kb]
+        vis = vis | picked[:, qb, kb][None]
+    return vis
+
+
+def _runtime_sparsity(spec: Spec, Nq: int, Nk: int, layout, device) -> torch.Tensor:
+    """bool [B or 1, H or 1, Nq, Nk]: the call-time block layout, expanded to elements."""
+    sp = spec.sparsity
+    if sp is None or not sp.runtime:
+        raise ValueError(f"spec {spec.name!r} has no `sparsity: {{layout: runtime}}`: layout= is not taken")
+    if layout is None:
+        raise ValueError(f"spec {spec.name!r} has a runtime sparsity layout: pass layout= "
+                         "(bool [B or 1, H or 1, query blocks, key blocks])")
+    bq, bk = sp.block
+    blocks = (-(-Nq // bq), -(-Nk // bk))
+    if layout.dtype != torch.bool or layout.dim() != 4 or tuple(layout.shape[2:]) != blocks:
+        raise ValueError(f"layout must be bool [B or 1, H or 1, {blocks[0]}, {blocks[1]}]; "
+                         f"got {layout.dtype} {list(layout.shape)}")
+    layout = layout.to(device).repeat_interleave(bq, dim=2)[:, :, :Nq]
+    return layout.repeat_interleave(bk, dim=3)[:, :, :, :Nk]
+
+
 def documents_at_cuts(batch: int, n: int, cuts: int, generator: torch.Generator, low: int = 0) -> torch.Tensor:
     """Document ids int32 [batch, n] on the generator's device: per row, the positions cut at
     `cuts` random places in [low, n) into sorted runs (packed sequences of random lengths)."""
@@ -62,12 +127,16 @@ def document_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64, keep=None,
-              documents=None, temperature=None):
+              documents=None, temperature=None, layout=None, heads=None, head_offset=0):
     """O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] computed in `dtype` (float64 by default; the input
     dtype gives the eager same-precision baseline the tolerance is measured against).
     `keep` [B, Hq, Nq, Nk] applies the spec's dropout with that keep-mask; LSE ignores dropout.
     `documents` = (q_ids [B, Nq], kv_ids [B, Nk]): the document ids a `document` mask compares.
     `temperature` [Hq] (default ones) multiplies each head's scores, for a spec with score.temperature.
+    `layout` bool [B or 1, Hq or 1, query blocks, key blocks]: the call-time block layout of a spec
+    with `sparsity: {layout: runtime}`. When q holds heads head_offset.. of a call with `heads`
+    query heads (verify runs heads in chunks), the random sparsity term is drawn for all `heads`
+    and those heads taken.
     Differentiable: gradients of the float64 result are the reference gradients."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -91,6 +160,15 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
             raise ValueError(f"spec {spec.name!r} has a document mask: pass documents=(q_ids, kv_ids)")
         vis = vis[None] & document_mask(*(d.to(q.device) for d in documents))
         vis = vis[:, None]  # [B, 1, Nq, Nk]
+    if spec.sparsity is not None or layout is not None:
+        # sparsity_mask's two parts: the layout is sliced like q by the caller, the random term here
+        runtime = None
+        if layout is not None or spec.sparsity.runtime:
+            runtime = _runtime_sparsity(spec, Nq, Nk, layout, q.device)
+        block = _static_sparsity(spec, Nq, Nk, heads or Hq, q.device)
+        if block.shape[1] > 1:
+            block = block[:, head_offset:head_offset + Hq]
+        vis = vis & (block if runtime is None else block | runtime)  # [1 or B, 1 or Hq, Nq, Nk]
     s = s.masked_fill(~vis, float("-inf"))
     lse = torch.logsumexp(s.float() if dtype in (torch.float16, torch.bfloat16) else s, dim=-1)
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with nothing visible: all zeros

@@ -16,9 +16,17 @@ A spec file looks like::
       document: true                         # only keys of the query's document (ids per call)
     score: {scale: null, softcap: 30.0, alibi: true, temperature: true}
     dropout: {p: 0.1}        # on the normalized probabilities, training only
+    sparsity:                # block-sparse: which (query block, key block) pairs are computed
+      block: [128, 128]      # query x key block size; powers of two >= 64 (the kernel tiles lie inside them)
+      local: 2               # key blocks each side of the diagonal qb == kb, or {left: 2, right: 0}
+      global: 1              # the first 1 key blocks to every query; the first 1 query blocks see all
+      stride: 8              # key block kb is visible when kb % 8 == 7
+      random: {blocks: 3, seed: 0}   # BigBird: 3 random key blocks per head and query block
+      layout: runtime        # and a bool block layout [B or 1, H or 1, n_qb, n_kb] per call
 
-Every mask part present is combined with `and`. Every error names the file,
-the field and what is allowed; unknown fields are errors.
+Every mask part present is combined with `and`; the sparsity terms present are combined with `or`
+(at least one is needed), and the result with the mask by `and`. Every error names the file, the
+field and what is allowed; unknown fields are errors.
 """
 
 from __future__ import annotations
@@ -76,6 +84,59 @@ class ScoreSpec:
 
 
 @dataclass(frozen=True)
+class Sparsity:
+    """A block-sparse layout over (query block, key block) pairs: the union of the terms present.
+    Block coordinates are top-left aligned (the diagonal is qb == kb)."""
+    block: tuple[int, int]  # (query block, key block) sizes
+    local_left: int | None  # both None: no local term; one None: that side unbounded
+    local_right: int | None
+    global_blocks: int = 0
+    stride: int | None = None
+    random_blocks: int = 0
+    random_seed: int = 0
+    runtime: bool = False  # a layout passed at call time
+
+    @property
+    def has_local(self) -> bool:
+        return self.local_left is not None or self.local_right is not None
+
+    @property
+    def is_static(self) -> bool:
+        """Whether any term is known at compile time (all but `layout: runtime`)."""
+        return self.has_local or bool(self.global_blocks) or self.stride is not None or bool(self.random_blocks)
+
+    def describe(self) -> str:
+        """e.g. `blocks 128x128: local [-2, +2] | global 1 | random 3 (seed 0) | runtime`"""
+        terms = []
+        if self.has_local:
+            side = lambda v, sign: "oo" if v is None else f"{sign}{v}"  # noqa: E731
+            terms.append(f"local [{side(self.local_left, '-')}, {side(self.local_right, '+')}]")
+        if self.global_blocks:
+            terms.append(f"global {self.global_blocks}")
+        if self.stride is not None:
+            terms.append(f"stride {self.stride}")
+        if self.random_blocks:
+            terms.append(f"random {self.random_blocks} (seed {self.random_seed})")
+        if self.runtime:
+            terms.append("runtime")
+        return f"blocks {self.block[0]}x{self.block[1]}: " + " | ".join(terms)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"block": list(self.block)}
+        if self.has_local:
+            out["local"] = {"left": self.local_left, "right": self.local_right}
+        if self.global_blocks:
+            out["global"] = self.global_blocks
+        if self.stride is not None:
+            out["stride"] = self.stride
+        if self.random_blocks:
+            out["random"] = {"blocks": self.random_blocks, "seed": self.random_seed}
+        if self.runtime:
+            out["layout"] = "runtime"
+        return out
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     description: str
@@ -86,6 +147,7 @@ class Spec:
     score: ScoreSpec = field(default_factory=ScoreSpec)
     dropout: float = 0.0
     source: str = "<spec>"
+    sparsity: Sparsity | None = None
 
     @property
     def scale(self) -> float:
@@ -120,6 +182,8 @@ class Spec:
         }
         if self.dropout:
             out["dropout"] = {"p": self.dropout}
+        if self.sparsity is not None:
+            out["sparsity"] = self.sparsity.to_dict()
         return out
 
     def to_yaml(self) -> str:
@@ -274,10 +338,63 @@ def _parse_dropout(source: str, data: Any) -> float:
     return p
 
 
+SPARSITY_TERMS = ("local", "global", "stride", "random", "layout")
+MAX_SEED = 2 ** 63 - 1
+
+
+def _parse_sparsity(source: str, data: Any) -> Sparsity | None:
+    if data is None:
+        return None
+    f = _Fields(source, "sparsity", data, ("block",) + SPARSITY_TERMS)
+    if not f.has("block"):
+        raise f.error("block", "required field is missing; give [query block, key block], "
+                      "each a power of two >= 64")
+    block = data["block"]
+    if (not isinstance(block, list) or len(block) != 2
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 64 or b & (b - 1) for b in block)):
+        raise f.error("block", f"expected [query block, key block], each a power of two >= 64, got {_show(block)}")
+    left = right = None
+    if f.has("local"):
+        local = data["local"]
+        if isinstance(local, Mapping):
+            w = _Fields(source, "sparsity.local", local, ("left", "right"))
+            left, right = w.int("left", low=0), w.int("right", low=0)
+            if left is None and right is None:
+                raise f.error("local", "a local term needs `left` or `right` (or both); "
+                              "with both unbounded every block is visible: leave `local` out")
+        else:
+            if isinstance(local, bool) or not isinstance(local, int) or local < 0:
+                raise f.error("local", "expected a non-negative integer (blocks each side of the diagonal) "
+                              f"or a mapping {{left, right}}, got {_show(local)}")
+            left = right = local
+    random_blocks, random_seed = 0, 0
+    if f.has("random"):
+        r = _Fields(source, "sparsity.random", data["random"], ("blocks", "seed"))
+        random_blocks = r.int("blocks", low=1, required=True)
+        random_seed = r.int("seed", low=0, high=MAX_SEED, default=0)
+    layout = f.str("layout")
+    if layout is not None and layout != "runtime":
+        raise f.error("layout", f"expected `runtime` (a block layout passed at call time), got {layout!r}")
+    sparsity = Sparsity(
+        block=(block[0], block[1]),
+        local_left=left,
+        local_right=right,
+        global_blocks=f.int("global", low=1, default=0),
+        stride=f.int("stride", low=2),  # 1 would make every block visible
+        random_blocks=random_blocks,
+        random_seed=random_seed,
+        runtime=layout is not None,
+    )
+    if not sparsity.is_static and not sparsity.runtime:
+        raise SpecError(source, "sparsity", f"needs at least one of {', '.join(SPARSITY_TERMS)}; "
+                        "without any, leave the section out")
+    return sparsity
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     """Validates a decoded YAML document into a Spec."""
     f = _Fields(source, "", data, ("name", "description", "head_dim", "head_dim_v", "dtypes", "mask", "score",
-                                   "dropout"))
+                                   "dropout", "sparsity"))
     name = f.str("name", required=True)
     if not NAME_RE.match(name):
         raise f.error("name", f"expected lower-case letters, digits and _, starting with a letter, got {name!r}")
@@ -298,6 +415,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
         score=_parse_score(source, data.get("score")),
         dropout=_parse_dropout(source, data.get("dropout")),
         source=source,
+        sparsity=_parse_sparsity(source, data.get("sparsity")),
     )
 
 

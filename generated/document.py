@@ -110,7 +110,7 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              H, GROUP, Nq, Nk, n_blocks, qk_scale, seed, p_drop,
+              H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, qk_scale, seed, p_drop,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -138,12 +138,10 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    # Tile table (per shape, or per batch with DOCUMENT): COUNT[r] = (partial tiles, runs of full tiles);
+    # Tile table (per shape, or per batch and head from the call's documents or layout; TABLE_B and
+    # TABLE_H are its rows per batch and per head, 0 where shared): COUNT[r] = (partial tiles, runs of full tiles);
     # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the runs' [first, end) block pairs.
-    tile_row = first // BLOCK_M
-    if DOCUMENT:
-        tile_row += off_b * tl.cdiv(Nq, BLOCK_M)
-    tile_row = tile_row.to(tl.int64)
+    tile_row = (first // BLOCK_M + off_b * TABLE_B + off_h * TABLE_H).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
     n_full = tl.load(COUNT + tile_row * 2 + 1)
     row = INDEX + tile_row * 2 * (n_blocks + 1)
@@ -212,7 +210,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   H, HKV, GROUP, Nq, Nk, n_blocks, qk_scale, sm_scale, seed, p_drop,
+                   H, HKV, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, qk_scale, sm_scale, seed, p_drop,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -248,12 +246,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
             DOh = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
         LSEh = LSE + bh * Nq
         DELTAh = DELTA + bh * Nq
-        # Tile table (per shape, or per batch with DOCUMENT): COUNT[r] = (partial tiles, full tiles after the first run);
+        # Tile table (per shape, or per batch and head from the call's documents or layout; TABLE_B and
+        # TABLE_H are its rows per batch and per head, 0 where shared): COUNT[r] = (partial tiles, full tiles after the first run);
         # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run's [first, end) pair, then the other full tiles.
-        tile_row = first // BLOCK_N
-        if DOCUMENT:
-            tile_row += off_b * tl.cdiv(Nk, BLOCK_N)
-        tile_row = tile_row.to(tl.int64)
+        tile_row = (first // BLOCK_N + off_b * TABLE_B + off_h * TABLE_H).to(tl.int64)
         n_partial = tl.load(COUNT + tile_row * 2)
         n_full = tl.load(COUNT + tile_row * 2 + 1)
         row = INDEX + tile_row * 2 * (n_blocks + 1)
@@ -318,7 +314,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_ob, stride_oh, stride_om, stride_od,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 H, GROUP, Nq, Nk, n_blocks, qk_scale, sm_scale, seed, p_drop,
+                 H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, qk_scale, sm_scale, seed, p_drop,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -349,12 +345,10 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
         doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=-1)
         DOC_KV += off_b.to(tl.int64) * Nk
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    # Tile table (per shape, or per batch with DOCUMENT): COUNT[r] = (partial tiles, full tiles after the first run);
+    # Tile table (per shape, or per batch and head from the call's documents or layout; TABLE_B and
+    # TABLE_H are its rows per batch and per head, 0 where shared): COUNT[r] = (partial tiles, full tiles after the first run);
     # INDEX[r, 0, :] the partial tiles' block numbers; INDEX[r, 1, :] the first run's [first, end) pair, then the other full tiles.
-    tile_row = first // BLOCK_M
-    if DOCUMENT:
-        tile_row += off_b * tl.cdiv(Nq, BLOCK_M)
-    tile_row = tile_row.to(tl.int64)
+    tile_row = (first // BLOCK_M + off_b * TABLE_B + off_h * TABLE_H).to(tl.int64)
     n_partial = tl.load(COUNT + tile_row * 2)
     n_full = tl.load(COUNT + tile_row * 2 + 1)
     row = INDEX + tile_row * 2 * (n_blocks + 1)

@@ -4,6 +4,9 @@
 #                                                  # gradients) and the GPU test tier, then benchmarks
 #   SPECS="softcap alibi" scripts/gpu_final.sh fwdbwd:128
 #   DTYPES="bf16 fp16" scripts/gpu_final.sh verify   # verification in each dtype (default bf16)
+#   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
+#   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
+#                                                     # (timings discarded), then time them one by one
 # Each benchmark group is MODE:HEAD_DIM over $SPECS at 1k, 4k and 16k tokens (16 heads at d128,
 # 32 at d64), one JSON per spec so that a run cut short keeps the rest; nothing new starts after
 # $DEADLINE seconds. $OUT gets the verification tables and the merged benchmark tables.
@@ -11,6 +14,18 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 mkdir -p /tmp/v /tmp/b
 SPECS=${SPECS:-"dense causal sliding_window prefix_lm softcap alibi"}
 DEADLINE=${DEADLINE:-540}
+bench() {  # MODE HEAD_DIM SPEC JSON
+  local h=$(( $2 == 128 ? 16 : 32 )) flag=""
+  [ "$1" = fwdbwd ] && flag="--backward"
+  timeout 150 python3 -m cli.main bench specs/$3.yaml --head-dim $2 $flag ${BASELINE:+--baseline $BASELINE} \
+    --shapes 16x${h}x1024,4x${h}x4096,1x${h}x16384 --json $4 2>&1 | grep -v -i warn | tail -3
+}
+export -f bench
+if [ -n "$WARM" ]; then  # the compile caches (Triton's, Inductor's) are shared between processes
+  for group in "$@"; do [ "$group" = verify ] || for s in $SPECS; do echo "${group%%:*} ${group##*:} $s"; done; done |
+    timeout 300 xargs -P "$WARM" -L 1 bash -c 'bench $0 $1 $2 /tmp/warm_$0_$2_$1.json > /dev/null'
+  echo "warm ${SECONDS}s"
+fi
 for group in "$@"; do
   if [ "$group" = verify ]; then
     for dt in ${DTYPES:-bf16}; do
@@ -21,12 +36,10 @@ for group in "$@"; do
     timeout 100 python3 -m pytest -q tests/test_gpu.py 2>&1 | tail -2
     continue
   fi
-  mode=${group%%:*}; d=${group##*:}; h=$(( d == 128 ? 16 : 32 )); flag=""
-  [ "$mode" = fwdbwd ] && flag="--backward"
+  mode=${group%%:*}; d=${group##*:}
   for s in $SPECS; do
     [ $SECONDS -lt $DEADLINE ] || { echo "deadline: skipped $mode $s d$d"; continue; }
-    timeout 120 python3 -m cli.main bench specs/$s.yaml --head-dim $d $flag \
-      --shapes 16x${h}x1024,4x${h}x4096,1x${h}x16384 --json /tmp/b/${mode}_${s}_$d.json 2>&1 | grep -v -i warn | tail -3
+    bench $mode $d $s /tmp/b/${mode}_${s}_$d.json
   done
 done
 for mode in fwd fwdbwd; do

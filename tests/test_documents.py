@@ -57,8 +57,9 @@ def test_reference_document_mask_is_same_id_pairs():
 def _doc_lists(module, q_ids, kv_ids, BM, BN, transposed, nested):
     """A module's tile lists (COUNT, INDEX) for these documents at one tiling and encoding."""
     static = runtime.of(module).static_classes(q_ids.shape[1], kv_ids.shape[1], BM, BN, q_ids.device)
-    classes = tiles.document_classes(static[1 if transposed else 0], q_ids, kv_ids, BM, BN, transposed)
-    return tiles.tile_lists(classes, nested)
+    classes = tiles.document_classes(static[1 if transposed else 0], q_ids, kv_ids, BM, BN)
+    count, index = tiles.tile_lists(classes.transpose(-1, -2) if transposed else classes, nested)
+    return count[:, 0], index[:, 0]  # [B, H' = 1, ...]: one head's
 
 
 class _Builds:
@@ -294,6 +295,7 @@ def test_roles_with_one_tiling_share_classes_but_get_their_own_encoding(monkeypa
                                       rt.tables[role] == "nested") for role in ("fwd", "bwd_dq"))
     assert len(builds.classes) == 1 and builds.lists == [True, False]
     assert docs.tables(rt.key, static, 16, 16, False, True)[1] is fi  # kept
+    (fc, fi), (qc, qi) = (fc[:, 0], fi[:, 0]), (qc[:, 0], qi[:, 0])  # [B, H' = 1, ...]: one head's
     assert torch.equal(fi, _doc_lists(module, docs.q_ids, docs.kv_ids, 16, 16, False, True)[1])
     assert torch.equal(qi, _doc_lists(module, docs.q_ids, docs.kv_ids, 16, 16, False, False)[1])
     last = fi.shape[1] - 1  # the last query block sees every other key block: runs of one tile each

@@ -20,10 +20,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 # ragged, Nq != Nk both ways (bottom-right causal with Nq > Nk leaves rows with no visible key), GQA
 SHAPES = [Shape(2, 4, 2, 37, 53), Shape(1, 2, 1, 70, 30), Shape(1, 3, 3, 16, 16)]
+SPARSE_SHAPES = [Shape(2, 4, 2, 300, 410), Shape(1, 2, 1, 330, 130)]  # several 64 x 64 layout blocks
 
 
 def _run(path, shape, block=(16, 32), seed=0):
     spec = load_spec(path)
+    if spec.sparsity is not None:  # the smallest layout blocks, so that the shapes have several
+        spec = replace(spec, sparsity=replace(spec.sparsity, block=(64, 64)))
     c = compile_spec(spec, stop="tiling")
     g = torch.Generator().manual_seed(seed)
     mk = lambda h, n, d: torch.randn(shape.batch, h, n, d, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
@@ -37,12 +40,15 @@ def _run(path, shape, block=(16, 32), seed=0):
         params["temperature"] = ref_kw["temperature"].detach()
     if spec.mask.document:
         docs = ref_kw["documents"] = random_documents(shape, "cpu", g)
+    if spec.sparsity is not None and spec.sparsity.runtime:  # broadcast over batch or heads by the seed
+        n_b, n_h = (shape.batch, 1) if seed % 2 else (1, shape.heads_q)
+        ref_kw["layout"] = torch.rand(n_b, n_h, -(-shape.seq_q // 64), -(-shape.seq_k // 64), generator=g) < 0.5
     if spec.dropout:
         keep = ref_kw["keep"] = torch.rand(shape.batch, shape.heads_q, shape.seq_q, shape.seq_k, generator=g) > spec.dropout
     ref_o, ref_lse = reference.attention(spec, q, k, v, **ref_kw)
     do = torch.randn(ref_o.shape, generator=g, dtype=torch.float64)
     ref_o.backward(do)
-    kw = dict(block=block, params=params, documents=docs, keep=keep, p_drop=spec.dropout)
+    kw = dict(block=block, params=params, documents=docs, layout=ref_kw.get("layout"), keep=keep, p_drop=spec.dropout)
     o, lse = interp.forward(c.kernel("fwd"), q.detach(), k.detach(), v.detach(), **kw)
     dq, dk, dv, pgrads = interp.backward(c.kernel("bwd_dkdv"), c.kernel("bwd_dq"), q.detach(), k.detach(), v.detach(),
                                          o, lse, do, **kw)
@@ -66,7 +72,7 @@ def _max_errors(got, want):
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_shipped_spec_ir_matches_reference(path):
-    for i, shape in enumerate(SHAPES):
+    for i, shape in enumerate(SHAPES + SPARSE_SHAPES * ("sparsity:" in path.read_text())):
         errors = _max_errors(*_run(path, shape, seed=i))
         assert all(e < 1e-10 for e in errors.values()), (shape, errors)
 

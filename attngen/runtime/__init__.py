@@ -8,11 +8,12 @@ and Triton (no sympy, jinja or networkx), so a module imports it cheaply, and
     o, lse = rt.forward(q, k, v, rt.head_param_rows(q, {}), rt.scale, 0, 0.0)
 """
 
-from .module import KernelModule, default_alibi_slopes
+from .block_mask import BlockMask
+from .module import KernelModule, Sparse, default_alibi_slopes
 from .roles import ROLES, KernelRole
 from .tiles import Documents
 
-__all__ = ["KernelModule", "KernelRole", "ROLES", "Documents", "default_alibi_slopes", "of"]
+__all__ = ["BlockMask", "KernelModule", "KernelRole", "ROLES", "Documents", "Sparse", "default_alibi_slopes", "of"]
 
 
 def of(module) -> KernelModule:

@@ -12,13 +12,16 @@ import hashlib
 import math
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .block_mask import BlockMask, layout_tiles
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .roles import ROLES
+from .layouts import static_layout
 from .tiles import Documents, as_documents, kept, tile_classes, tile_lists
 from .tl_lib import _keep_mask_kernel
 
@@ -50,19 +53,28 @@ _DEFAULTS = {"alibi": default_alibi_slopes,
                                                 lambda: torch.ones(heads, dtype=torch.float32, device=device))}
 
 
+class Sparse(NamedTuple):
+    """A call's data-dependent sparsity, which its tile tables are built from."""
+    documents: Documents | None = None
+    block_mask: BlockMask | None = None
+
+
+NO_SPARSE = Sparse()
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rt, q, k, v, hp, scale, seed, p_drop, documents):
-        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, documents)
+    def forward(ctx, rt, q, k, v, hp, scale, seed, p_drop, sparse):
+        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, sparse)
         ctx.save_for_backward(q, k, v, o, lse, hp)
-        ctx.rt, ctx.scale, ctx.seed, ctx.p_drop, ctx.documents = rt, scale, seed, p_drop, documents
+        ctx.rt, ctx.scale, ctx.seed, ctx.p_drop, ctx.sparse = rt, scale, seed, p_drop, sparse
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, hp = ctx.saved_tensors
-        dq, dk, dv, dhp = ctx.rt.backward(do, q, k, v, o, lse, hp, ctx.scale, ctx.seed, ctx.p_drop, ctx.documents)
+        dq, dk, dv, dhp = ctx.rt.backward(do, q, k, v, o, lse, hp, ctx.scale, ctx.seed, ctx.p_drop, ctx.sparse)
         return None, dq, dk, dv, dhp if ctx.needs_input_grad[4] else None, None, None, None, None
 
 
@@ -85,6 +97,10 @@ class KernelModule:
         self.tables = ns["TILE_TABLES"]  # role -> "nested" | "first" for kernels that walk a tile table
         self.shallow = ns["SHALLOW_PARTIAL"]  # roles whose partial-tile loop pipelines one stage less
         self.document = ns["DOCUMENT"]
+        self.sparsity = self.spec.get("sparsity")  # the spec's block layout terms, or None
+        self.layout_block = tuple(self.sparsity["block"]) if self.sparsity else None
+        self.runtime_layout = bool(self.sparsity) and self.sparsity.get("layout") == "runtime"
+        self.per_call = self.document or self.runtime_layout  # tile tables made from each call's data
         self.visible = ns.get("_visible_host")
         self.kernels = {role: ns[r.kernel] for role, r in ROLES.items()}
         self.native = native_nvidia(self.kernels["fwd"])
@@ -109,29 +125,49 @@ class KernelModule:
             return self.bucket_tilings.get((role, dtype, seq), self.tilings[role][dtype])
         return self.tilings[role][dtype]
 
-    def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device):
-        """The spec's static mask's tile classes at this shape (cached)."""
-        key = ("classes", Nq, Nk, block_m, block_n, str(device))
-        return kept(self._static, key, lambda: tile_classes(self.visible, Nq, Nk, block_m, block_n, device))
+    def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device, heads: int = 1):
+        """The tile classes of the spec's static mask and static layout terms at this shape, by keys
+        and by rows (tiles.tile_classes): int8 [1, H', n_m, n_n] twice, H' = heads with a random
+        layout term, else 1 (cached)."""
+        random = bool(self.sparsity and self.sparsity.get("random"))
+        key = ("classes", Nq, Nk, block_m, block_n, str(device), heads if random else 1)
 
-    def _tables(self, role: str, cfg: dict, q, k, documents):
-        """COUNT, INDEX, DOC_Q, DOC_KV for role's kernel: per call for documents, per shape for a
-        static tile table, placeholders for closed-form loops."""
+        def make():
+            by_keys, by_rows = (c[None, None] for c in tile_classes(self.visible, Nq, Nk, block_m, block_n, device))
+            layout = self.sparsity and static_layout(self.sparsity, -(-Nq // self.layout_block[0]),
+                                                     -(-Nk // self.layout_block[1]), heads, device)
+            if layout is None:
+                return by_keys, by_rows
+            tiles = layout_tiles(layout, by_keys.shape[-2], by_keys.shape[-1], block_m, block_n, *self.layout_block)
+            return torch.where(tiles, by_keys, 0).to(torch.int8), torch.where(tiles, by_rows, 0).to(torch.int8)
+        return kept(self._static, key, make)
+
+    def _tables(self, role: str, cfg: dict, q, k, sparse: Sparse):
+        """COUNT, INDEX, DOC_Q, DOC_KV for role's kernel: per call from its documents or block
+        mask, per shape for a static tile table, placeholders for closed-form loops."""
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         encoding = self.tables.get(role)
-        if encoding is None:
-            empty = placeholder(q.device)
-            return empty, empty, empty, empty
-        Nq, Nk, transposed = q.shape[2], k.shape[2], ROLES[role].transposed
-        static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device)  # noqa: E731
-        if self.document:
-            count, index = documents.tables(self.key, static, bm, bn, transposed, encoding == "nested")
-            return count, index, documents.q_ids, documents.kv_ids
-        key = ("lists", Nq, Nk, bm, bn, str(q.device), transposed, encoding)
-        count, index = kept(self._static, key,
-                            lambda: tile_lists(static()[1].T if transposed else static()[0], encoding == "nested"))
         empty = placeholder(q.device)
-        return count, index, empty, empty
+        if encoding is None:
+            return empty, empty, empty, empty
+        Nq, Nk, transposed, nested = q.shape[2], k.shape[2], ROLES[role].transposed, encoding == "nested"
+        static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, q.shape[1])  # noqa: E731
+        docs, ids = sparse.documents, (empty, empty)
+        if self.document:
+            ids = docs.q_ids, docs.kv_ids
+        if sparse.block_mask is not None:
+            base = (lambda: docs.classes(self.key, static, bm, bn, transposed)) if docs else \
+                (lambda: static()[1 if transposed else 0])
+            key = (self.key, bm, bn, transposed, nested, id(docs))
+            count, index = sparse.block_mask.tables(key, base, -(-Nq // bm), -(-Nk // bn), bm, bn, self.layout_block,
+                                                    transposed, nested, keep=docs)
+        elif docs is not None:
+            count, index = docs.tables(self.key, static, bm, bn, transposed, nested)
+        else:
+            key = ("lists", Nq, Nk, bm, bn, str(q.device), q.shape[1], transposed, encoding)
+            count, index = kept(self._static, key, lambda: tile_lists(static()[1].transpose(-1, -2) if transposed
+                                                                      else static()[0], nested))
+        return count, index, *ids
 
     def _constexprs(self, role: str, cfg: dict, tma: bool, wide: bool, q) -> dict:
         return dict(HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
@@ -151,16 +187,19 @@ class KernelModule:
         Hkv, Nk = k.shape[1], k.shape[2]
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         n = {"fwd": 6, "bwd_dq": 10, "bwd_dkdv": 9}[role]  # the tensors before the tables
-        # static tables (no documents) are the same tensors for every call of this signature: plan constants
-        tables = () if self.document else tensors[n:]
+        # static tables are the same tensors for every call of this signature: plan constants
+        tables = () if self.per_call else tensors[n:]
+        count = tensors[n]  # [B', H', n_outer, 2]: its rows per batch and per head (0 where shared)
+        rows = (0, 0) if count.dim() != 4 else (count.shape[1] * count.shape[2] * (count.shape[0] > 1),
+                                                 count.shape[2] * (count.shape[1] > 1))
         strided = tensors[:4] if role == "fwd" else tensors[:6]  # q, k, v and the [B, H, N, D] outputs / dO
         blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
         descs, tma = descriptors(cfg, tensors[:n], blocks, (self.head_dim, self.head_dim_v))
-        if self.document:
+        if self.per_call:
             descs += [None] * (len(tensors) - n)
-        sizes = {"fwd": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn)),
-                 "bwd_dq": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn)),
-                 "bwd_dkdv": (Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, bm))}[role]
+        sizes = {"fwd": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn), *rows),
+                 "bwd_dq": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn), *rows),
+                 "bwd_dkdv": (Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, bm), *rows)}[role]
         grid = (triton.cdiv(Nk, bn), B * Hkv, 1) if ROLES[role].transposed else (triton.cdiv(Nq, bm), B * Hq, 1)
         middle = (*tables, *(s for t in strided for s in t.stride()), *sizes)
         consts = dict(DROPOUT=flags[-1], **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
@@ -168,23 +207,23 @@ class KernelModule:
             consts["STORE_LSE"] = flags[0]
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)
 
-    def _launch(self, role: str, tensors, scalars, seed: int, flags, documents, cfg=None):
+    def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None):
         q, k = tensors[0], tensors[1]
         cfg = cfg or self.config(role, DTYPES[q.dtype], q.shape[2], k.shape[2])
-        if self.document:  # the call's tables and ids are kernel arguments like the tensors
-            tensors = (*tensors, *self._tables(role, cfg, q, k, documents))
+        if self.per_call:  # the call's tables and ids are kernel arguments like the tensors
+            tensors = (*tensors, *self._tables(role, cfg, q, k, sparse))
         key = signature(role, cfg, tensors, seed, flags)
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= 1024:
                 self.plans.clear()
             # a static table depends only on what the signature holds: a plan constant
-            full = tensors if self.document else (*tensors, *self._tables(role, cfg, q, k, None))
+            full = tensors if self.per_call else (*tensors, *self._tables(role, cfg, q, k, NO_SPARSE))
             plan = self.plans[key] = self._plan(role, cfg, full, flags)
         plan(tensors, scalars)
 
     def forward(self, q, k, v, hp, scale: float, seed: int, p_drop: float, out=None, store_lse: bool = True,
-                documents=None):
+                sparse: Sparse = NO_SPARSE):
         """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log): no autograd, no checks."""
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
@@ -193,10 +232,10 @@ class KernelModule:
         if o.numel() == 0 or Nk == 0:
             return o.zero_(), lse.fill_(float("-inf"))
         flags = (store_lse, p_drop > 0)
-        self._launch("fwd", (q, k, v, o, lse, hp), (scale * LOG2E, seed, p_drop), seed, flags, documents)
+        self._launch("fwd", (q, k, v, o, lse, hp), (scale * LOG2E, seed, p_drop), seed, flags, sparse)
         return o, lse
 
-    def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, documents=None):
+    def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, sparse: Sparse = NO_SPARSE):
         """dq, dk, dv and dhp: the head parameters' gradients [P, Hq] (zero rows for those without
         one), or None when no parameter has one."""
         B, Hq, Nq, _ = q.shape
@@ -212,8 +251,8 @@ class KernelModule:
         part = (torch.empty((self.n_grads, B * Hq, triton.cdiv(Nq, cfg["BLOCK_M"])), dtype=torch.float32, device=q.device)
                 if self.n_grads else placeholder(q.device, torch.float32))
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
-        self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, documents, cfg)
-        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, documents)
+        self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg)
+        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, sparse)
         dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, B, Hq, -1).sum(dim=(1, 3)))
@@ -262,8 +301,25 @@ class KernelModule:
             rows.append(value if p["grad"] else value.detach())
         return rows[0].reshape(1, Hq).contiguous() if len(rows) == 1 else torch.stack(rows)
 
-    def attention(self, q, k, v, *, documents=None, return_lse=False, alibi_slopes=None, temperature=None,
-                  scale=None, out=None, training=True, dropout_seed=None):
+    def block_mask(self, layout, q, k) -> BlockMask | None:
+        """The call's BlockMask (made from a bool layout if need be), checked against q and k."""
+        if not self.runtime_layout:
+            if layout is not None:
+                raise TypeError(f"spec {self.name!r} has no runtime layout (sparsity: {{layout: runtime}}): "
+                                f"layout= is not taken")
+            return None
+        bq, bk = self.layout_block
+        if layout is None:
+            raise ValueError(f"spec {self.name!r} has a runtime block layout: pass layout= (a bool tensor [B or 1, "
+                             f"H or 1, ceil(Nq / {bq}), ceil(Nk / {bk})], or a BlockMask)")
+        block_mask = layout if isinstance(layout, BlockMask) else BlockMask(layout)
+        block_mask.check(q.shape[0], q.shape[1], q.shape[2], k.shape[2], self.layout_block, self.name)
+        if block_mask.layout.device != q.device:
+            raise ValueError(f"layout: the block mask is on {block_mask.layout.device}, q on {q.device}")
+        return block_mask
+
+    def attention(self, q, k, v, *, documents=None, layout=None, return_lse=False, alibi_slopes=None,
+                  temperature=None, scale=None, out=None, training=True, dropout_seed=None):
         """o [B, Hq, Nq, Dv] from q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (and lse
         [B, Hq, Nq], float32, natural log, with return_lse). The module's docstring has the spec."""
         self.check(q, k, v)
@@ -271,6 +327,7 @@ class KernelModule:
             documents = as_documents(documents, q.shape[0], q.shape[2], k.shape[2], q.device, self.name)
         elif documents is not None:
             raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
+        sparse = Sparse(documents, self.block_mask(layout, q, k))
         hp = self.head_param_rows(q, {"alibi_slopes": alibi_slopes, "temperature": temperature})
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
@@ -279,7 +336,8 @@ class KernelModule:
                 raise ValueError(f"spec {self.name!r} has dropout: under torch.compile pass dropout_seed= (an int per "
                                  f"step, drawn outside the compiled function), or training=False")
             ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
-            o, lse = self.ops.forward(q, k, v, hp, *ids, scale, dropout_seed if p_drop > 0 else 0, p_drop)
+            blocks = None if sparse.block_mask is None else sparse.block_mask.layout
+            o, lse = self.ops.forward(q, k, v, hp, *ids, blocks, scale, dropout_seed if p_drop > 0 else 0, p_drop)
             if out is not None:
                 out.copy_(o)
                 o = out
@@ -290,9 +348,9 @@ class KernelModule:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
             if out is not None:
                 raise ValueError("out= cannot be used when gradients are required")
-            o, lse = _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, documents)
+            o, lse = _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, sparse)
         else:
-            o, lse = self.forward(q, k, v, hp, scale, seed, p_drop, out, return_lse, documents)
+            o, lse = self.forward(q, k, v, hp, scale, seed, p_drop, out, return_lse, sparse)
         return (o, lse) if return_lse else o
 
     def dropout_keep_mask(self, batch, heads, seq_q, seq_k, dropout_seed, device=None):
@@ -317,40 +375,43 @@ def _register_ops(rt: KernelModule) -> _Ops:
     _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
     name = f"attngen::{base}_{n}"
     # the seed is an int, not a tensor: a CPU tensor in the graph would be an input of its CUDA graphs
-    fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, float scale, SymInt seed, "
-                  "float p_drop) -> (Tensor, Tensor)")
+    fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, Tensor? layout, "
+                  "float scale, SymInt seed, float p_drop) -> (Tensor, Tensor)")
     bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
-                  "Tensor? kv_ids, float scale, SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
+                  "Tensor? kv_ids, Tensor? layout, float scale, SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
 
-    made = WeakIdKeyDictionary()  # q_ids tensor -> (a weak reference to kv_ids, their versions, Documents)
+    made = WeakIdKeyDictionary()  # first tensor -> (a weak reference to the second, their versions, the object)
 
-    def documents(q_ids, kv_ids):
-        """The Documents of these ids, kept while the same tensors hold the same values (a model
-        passes one batch's ids to every layer), so their tile tables are built once."""
-        if q_ids is None:
-            return None
-        if q_ids.is_cuda and torch.cuda.is_current_stream_capturing():
-            return Documents(q_ids, kv_ids)  # built inside the CUDA graph on every replay; a kept one would leak its pool
-        hit = made.get(q_ids)
-        if hit is not None and hit[0]() is kv_ids and hit[1] == (q_ids._version, kv_ids._version):
+    def kept_for(a, b, make):
+        """make(), kept while the same tensors hold the same values (a model passes one batch's ids
+        or one step's layout to every layer), so the tile tables are built once."""
+        if a.is_cuda and torch.cuda.is_current_stream_capturing():
+            return make()  # built inside the CUDA graph on every replay; a kept one would leak its pool
+        hit = made.get(a)
+        if hit is not None and hit[0]() is b and hit[1] == (a._version, b._version):
             return hit[2]
-        docs = Documents(q_ids, kv_ids)  # copies the ids: holds neither tensor
-        made[q_ids] = (weakref.ref(kv_ids), (q_ids._version, kv_ids._version), docs)
-        return docs
+        obj = make()  # copies the tensors: holds neither
+        made[a] = (weakref.ref(b), (a._version, b._version), obj)
+        return obj
 
-    def fwd(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
-        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, documents(q_ids, kv_ids))
+    def sparse(q_ids, kv_ids, layout):
+        docs = None if q_ids is None else kept_for(q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))
+        blocks = None if layout is None else kept_for(layout, layout, lambda: BlockMask(layout))
+        return Sparse(docs, blocks)
+
+    def fwd(q, k, v, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
+        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, sparse(q_ids, kv_ids, layout))
         return o, lse
 
-    def fwd_fake(q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop):
+    def fwd_fake(q, k, v, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
         shape = (*q.shape[:3], rt.head_dim_v)
         return q.new_empty(shape), q.new_empty(shape[:3], dtype=torch.float32)
 
-    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
-        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop, documents(q_ids, kv_ids))
+    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
+        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop, sparse(q_ids, kv_ids, layout))
         return dq, dk, dv, torch.zeros_like(hp) if dhp is None else dhp
 
-    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, scale, seed, p_drop):
+    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(hp)
 
     forward_op = torch.library.custom_op(f"{name}_fwd", fwd, mutates_args=(), schema=fwd_schema)
@@ -359,15 +420,17 @@ def _register_ops(rt: KernelModule) -> _Ops:
     backward_op.register_fake(bwd_fake)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, hp, q_ids, kv_ids, scale, seed, p_drop = inputs
-        ctx.save_for_backward(q, k, v, *output, hp, *(t for t in (q_ids, kv_ids) if t is not None))
-        ctx.scale, ctx.seed, ctx.p_drop, ctx.has_ids = scale, seed, p_drop, q_ids is not None
+        q, k, v, hp, q_ids, kv_ids, layout, scale, seed, p_drop = inputs
+        extra = (q_ids, kv_ids, layout)
+        ctx.save_for_backward(q, k, v, *output, hp, *(t for t in extra if t is not None))
+        ctx.scale, ctx.seed, ctx.p_drop, ctx.given = scale, seed, p_drop, tuple(t is not None for t in extra)
 
     def backward(ctx, do, dlse):
-        q, k, v, o, lse, hp, *ids = ctx.saved_tensors
-        ids = ids if ctx.has_ids else (None, None)
-        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *ids, ctx.scale, ctx.seed, ctx.p_drop)
-        return dq, dk, dv, dhp, None, None, None, None, None
+        q, k, v, o, lse, hp, *given = ctx.saved_tensors
+        given = iter(given)
+        extra = [next(given) if g else None for g in ctx.given]
+        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *extra, ctx.scale, ctx.seed, ctx.p_drop)
+        return dq, dk, dv, dhp, None, None, None, None, None, None
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     return _Ops(forward_op, backward_op)

@@ -93,18 +93,17 @@ def block_ranges(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Ten
     return blocks.amin(dim=2), blocks.amax(dim=2)
 
 
-def document_classes(static: torch.Tensor, q_ids: torch.Tensor, kv_ids: torch.Tensor, block_m: int, block_n: int,
-                     transposed: bool) -> torch.Tensor:
-    """Per batch, the classes of the tiles under the static mask's classes `static` [n_m, n_n] and
-    the documents together: EMPTY where the mask's tile is or its query and key id ranges do not
+def document_classes(static: torch.Tensor, q_ids: torch.Tensor, kv_ids: torch.Tensor, block_m: int,
+                     block_n: int) -> torch.Tensor:
+    """Per batch, the classes of the tiles under the static mask's classes `static` [1, H', n_m, n_n]
+    and the documents together: EMPTY where the mask's tile is or its query and key id ranges do not
     meet, FULL where the mask's is and all its ids are one, else PARTIAL. Sound for any ids; tight
-    where each document is one run of positions. [B, n_m, n_n], or [B, n_n, n_m] transposed."""
+    where each document is one run of positions. [B, H', n_m, n_n]."""
     q_lo, q_hi = block_ranges(q_ids, block_m)
     k_lo, k_hi = block_ranges(kv_ids, block_n)
-    meet = (q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None])
-    one = (q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :])
-    classes = torch.where(meet & (static > EMPTY), 1 + (one & (static == FULL)).to(torch.int8), 0).to(torch.int8)
-    return classes.transpose(1, 2) if transposed else classes
+    meet = ((q_lo[:, :, None] <= k_hi[:, None, :]) & (k_lo[:, None, :] <= q_hi[:, :, None]))[:, None]
+    one = ((q_lo == q_hi)[:, :, None] & (k_lo == k_hi)[:, None, :] & (q_lo[:, :, None] == k_lo[:, None, :]))[:, None]
+    return torch.where(meet & (static > EMPTY), 1 + (one & (static == FULL)).to(torch.int8), 0).to(torch.int8)
 
 
 def _ids(t: torch.Tensor) -> torch.Tensor:
@@ -141,20 +140,27 @@ class Documents:
         self.q_ids, self.kv_ids = _ids(q_ids), _ids(kv_ids)
         self._classes, self._tables = {}, {}
 
+    def classes(self, owner: str, static, block_m: int, block_n: int, transposed: bool) -> torch.Tensor:
+        """[B, H', n_m, n_n] tile classes for kernels of module `owner` (its key) at these blocks;
+        `static()` gives that module's static tile classes for the ids' shape (by keys and by rows)."""
+        key = (owner, block_m, block_n, transposed)
+        if key not in self._classes:
+            by_keys, by_rows = static()
+            with torch.inference_mode(False):
+                self._classes[key] = document_classes(by_rows if transposed else by_keys, self.q_ids, self.kv_ids,
+                                                      block_m, block_n)
+        return self._classes[key]
+
     def tables(self, owner: str, static, block_m: int, block_n: int, transposed: bool, nested: bool):
-        """COUNT and INDEX for a kernel of module `owner` (its key) at these blocks; `static()`
-        gives that module's static tile classes for the ids' shape. Kernels with one tiling and
-        orientation share the classes; each encoding gets its own lists."""
+        """COUNT and INDEX [B, H', n_outer, ...] for a kernel of module `owner` at these blocks (see
+        classes). Kernels with one tiling and orientation share the classes; each encoding gets its
+        own lists."""
         key = (owner, block_m, block_n, transposed, nested)
-        lists = self._tables.get(key)
-        if lists is None:
-            blocks = key[:4]
-            if blocks not in self._classes:
-                by_keys, by_rows = static()
-                self._classes[blocks] = document_classes(by_rows if transposed else by_keys, self.q_ids, self.kv_ids,
-                                                         block_m, block_n, transposed)
-            lists = self._tables[key] = tile_lists(self._classes[blocks], nested)
-        return lists
+        if key not in self._tables:
+            classes = self.classes(owner, static, block_m, block_n, transposed)
+            with torch.inference_mode(False):
+                self._tables[key] = tile_lists(classes.transpose(-1, -2) if transposed else classes, nested)
+        return self._tables[key]
 
 
 def as_documents(documents, batch: int, Nq: int, Nk: int, device, spec_name: str) -> Documents:
