@@ -62,6 +62,16 @@ def bench_documents(shape: BenchShape, generator: torch.Generator, docs: int = 4
     return documents_at_cuts(shape.batch, shape.seq, docs - 1, generator, low=1)
 
 
+def bench_layout(spec: Spec, shape: BenchShape, device, density: float = 0.1) -> torch.Tensor:
+    """A block layout [1, 1, n_qb, n_kb] of about `density` of the blocks: a band about the diagonal
+    plus the first key block (the shape of the issue's Longformer-like benchmark)."""
+    bq, bk = spec.sparsity.block
+    n_qb, n_kb = -(-shape.seq // bq), -(-shape.seq // bk)
+    width = max(0, round((density * n_kb - 2) / 2))  # 2 * width + 1 diagonal blocks and the global one
+    qb, kb = torch.arange(n_qb, device=device)[:, None], torch.arange(n_kb, device=device)[None, :]
+    return (((qb - kb).abs() <= width) | (kb == 0))[None, None]
+
+
 def _peers(spec: Spec, shape: BenchShape, module, doc_ids=None):
     """name -> callable(q, k, v) for every peer that can express the spec."""
     import torch.nn.functional as F

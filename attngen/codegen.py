@@ -35,7 +35,7 @@ FAMILY_KINDS = frozenset({OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.LO
                           OpKind.STORE_LSE, OpKind.RECOMPUTE_P, OpKind.DV, OpKind.DP, OpKind.DS, OpKind.DK,
                           OpKind.DQ, OpKind.STORE_DK, OpKind.STORE_DV, OpKind.STORE_DQ})
 RANGE_NAMES = {"m_first": "first", "m_last": "last"}
-RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_mod", "_same_document", "_store_tile", "_tanh", "_tile")
+RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile")
 
 
 def _source_name(source: str) -> str:
@@ -219,9 +219,10 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
     imports = ["from attngen.runtime.tl_lib import " + ", ".join(RUNTIME_HELPERS)]
     if tile_roles:
         imports.append("from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401")
-    binding = "from attngen.runtime import Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401\n\n" \
+    binding = "from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401\n\n" \
               "RUNTIME = KernelModule(globals())\n" \
-              "attention, dropout_keep_mask, TUNED = RUNTIME.attention, RUNTIME.dropout_keep_mask, RUNTIME.tuned"
+              "attention, attention_varlen = RUNTIME.attention, RUNTIME.attention_varlen\n" \
+              "dropout_keep_mask, TUNED = RUNTIME.dropout_keep_mask, RUNTIME.tuned"
     if standalone:
         from .standalone import inline_runtime
         imports, binding = inline_runtime(imports, binding)

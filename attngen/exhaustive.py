@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from . import runtime
-from .bench import BenchShape, bench_documents
+from .bench import BenchShape, bench_documents, bench_layout
 from .loader import load
 from .passes import PassOptions
 from .pipeline import compile_spec
@@ -69,6 +69,9 @@ def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, dev
     hp, scale = rt.head_param_rows(q, {}), spec.scale  # default per-head parameters
     # a document mask: the benchmark's documents (bench_documents), their tables built on the first run
     docs = runtime.Documents(bench_documents(shape, g)) if spec.mask.document else None
+    # a layout per call: the benchmark's (bench_layout), its tables built on the first run
+    blocks = runtime.BlockMask(bench_layout(spec, shape, device)) if rt.runtime_layout else None
+    docs = runtime.Sparse(docs, blocks)
     if role == "fwd":
         return lambda: rt.forward(q, k, v, hp, scale, 0, 0.0, None, False, docs)
     o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)

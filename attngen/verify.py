@@ -91,7 +91,7 @@ def random_documents(shape: Shape, device, generator: torch.Generator, sorted_: 
     return q_ids, kv_ids
 
 
-def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None, temperature=None,
+def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None, temperature=None, layout=None,
                budget_bytes: float = 8e9):
     """o, lse and, given do, (dq, dk, dv[, dtemperature]), computed in `dtype` over chunks of whole
     GQA groups of heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
@@ -114,7 +114,7 @@ def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None
                                              alibi_slopes_=slopes[h0:h1] if slopes is not None else None,
                                              keep=keep[b:b + 1, h0:h1] if keep is not None else None,
                                              documents=None if documents is None else tuple(d[b:b + 1] for d in documents),
-                                             temperature=temp)
+                                             temperature=temp, layout=_rows(layout, b, h0, h1), heads=Hq, head_offset=h0)
                 if do is not None:
                     ob.backward(do[b:b + 1, h0:h1].to(dtype))
             o[b, h0:h1], lse[b, h0:h1] = ob[0].detach(), lb[0].detach()
@@ -124,6 +124,28 @@ def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None
                 if temp is not None:
                     dtemp[h0:h1] += temp.grad
     return o, lse, grads + ([dtemp] if temperature is not None and do is not None else [])
+
+
+def _rows(layout, b: int, h0: int, h1: int):
+    """A block layout [B or 1, H or 1, ..] cut to batch b and heads [h0, h1) where not broadcast."""
+    if layout is None:
+        return None
+    layout = layout[b:b + 1] if layout.shape[0] > 1 else layout
+    return layout[:, h0:h1] if layout.shape[1] > 1 else layout
+
+
+def random_layout(spec: Spec, shape: Shape, device, generator, seed: int) -> torch.Tensor:
+    """A call-time block layout: the block diagonal and about 40% of the other blocks, per batch
+    and head on even seeds and broadcast over one of them on odd ones; with two query blocks or
+    more, the last of the first batch sees nothing (zeros and LSE -inf)."""
+    bq, bk = spec.sparsity.block
+    n_b, n_h = (shape.batch, shape.heads_q) if seed % 2 == 0 else ((1, shape.heads_q) if seed % 4 == 1 else (shape.batch, 1))
+    n_qb, n_kb = -(-shape.seq_q // bq), -(-shape.seq_k // bk)
+    diagonal = torch.eye(n_qb, n_kb, dtype=torch.bool, device=device)
+    layout = (torch.rand(n_b, n_h, n_qb, n_kb, generator=generator, device=device) < 0.4) | diagonal
+    if n_qb > 1:
+        layout[0, :, -1] = False
+    return layout
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -147,6 +169,9 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if spec.mask.document:  # sorted runs (packed sequences) and, on odd seeds, ids in any order
         documents = random_documents(shape, device, g, sorted_=seed % 2 == 0)
         kwargs["documents"] = documents
+    layout = None
+    if spec.sparsity is not None and spec.sparsity.runtime:
+        layout = kwargs["layout"] = random_layout(spec, shape, device, g, seed)
     dropout_seed = 1000 + seed
     keep = (module.dropout_keep_mask(shape.batch, shape.heads_q, shape.seq_q, shape.seq_k, dropout_seed, device)
             if spec.dropout else None)
@@ -180,8 +205,8 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if direct:
         o2, lse2, got2 = run()
         repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
-    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature)
-    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature)
+    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature, layout)
+    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature, layout)
 
     def max_err(a, b):
         return float((a.detach().double() - b).abs().max()) if a.numel() else 0.0

@@ -57,7 +57,7 @@ def main() -> None:
         def ours():
             docs = runtime.Documents(ids)
             for role in ROLES:  # the runtime's own table building (an internal of KernelModule)
-                rt._tables(role, rt.config(role, "bf16", shape.seq, shape.seq), qk, qk, docs)
+                rt._tables(role, rt.config(role, "bf16", shape.seq, shape.seq), qk, qk, runtime.Sparse(docs))
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (ids[b, q_idx] == ids[b, kv_idx]) & (kv_idx <= q_idx)

@@ -116,7 +116,8 @@ def main():
     # a document spec: one document per row (the host path is the same for any ids)
     docs = runtime.Documents(torch.zeros(b, n, dtype=torch.long, device="cuda")) if rt.document else None
     kw = {"documents": docs} if docs is not None else {}
-    o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)
+    sparse = runtime.Sparse(docs)
+    o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, sparse)
     dq_cfg = rt.config("bwd_dq", "bf16", n, n)
     dq_blocks = {0: dq_cfg["BLOCK_M"], 3: dq_cfg["BLOCK_M"], 1: dq_cfg["BLOCK_N"], 2: dq_cfg["BLOCK_N"]}
 
@@ -139,8 +140,8 @@ def main():
         "no-op autograd Function step": identity_step,
         "step, backward on this thread": step_one_thread,
         "attention, no grad": lambda: module.attention(q, k, v, training=False, **kw),
-        "rt.forward": lambda: rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs),
-        "rt.backward, main thread": lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs),
+        "rt.forward": lambda: rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, sparse),
+        "rt.backward, main thread": lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, sparse),
         "torch.empty x3": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
         "current stream": lambda: torch.cuda.current_stream().cuda_stream,
         "descriptors (bwd_dq: 4)": lambda: descriptors(dq_cfg, (q, k, v, do), dq_blocks, (d, dv)),
@@ -149,8 +150,8 @@ def main():
     spies = {role: Spy(fn) for role, fn in kernels.items()}
     rt.kernels.update(spies)
     rt.plans.clear()  # plans made from here on launch through the spies
-    rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)
-    rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs)
+    rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, sparse)
+    rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, sparse)
     rt.kernels.update(kernels)
     rt.plans.clear()
     for role, fn in kernels.items():
@@ -160,7 +161,7 @@ def main():
         cases[f"{name} compiled launcher direct"] = direct(fn, grid, args, kwargs)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; "
           f"{sys.argv[1]} at {b}x{h}x{n}; host us per call")
-    threaded = on_a_thread(lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs))
+    threaded = on_a_thread(lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, sparse))
     print(f"{'rt.backward, on another thread':<34} {threaded:8.1f}")
     for label, fn in cases.items():
         try:

@@ -9,7 +9,7 @@ Entry point: attention(q, k, v, *, return_lse=False, ...), differentiable in q, 
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _store_tile, _tanh, _tile
+from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
 
 SPEC = {'name': 'head_dim_96',
        'description': 'Causal attention with head_dim 96 (padded to 128 internally) and head_dim_v 64',
@@ -95,17 +95,18 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, qk_sc
 
 
 @triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
-def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV,
+def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
-              H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, qk_scale, seed, p_drop,
+              H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
+              qk_scale, seed, p_drop,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr,
-              PARTIAL_STAGES: tl.constexpr):
+              PARTIAL_STAGES: tl.constexpr, VARLEN: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
     # descriptors where TMA.
     off_hz = tl.program_id(1)
@@ -117,14 +118,22 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV,
         K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
         V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
     O += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    q_start, k_start, Nq, Nk = _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN)
     first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    if VARLEN:  # packed sequences: off_b is a sequence; the grid covers the longest
+        if first >= Nq:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        O += q_start.to(tl.int64) * stride_om
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
     doc_q = offs_m  # the block's document ids where DOCUMENT
     if DOCUMENT:
-        doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=-1)
-        DOC_KV += off_b.to(tl.int64) * Nk
+        doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * stride_iq + q_start + offs_m, mask=offs_m < Nq, other=-1)
+        DOC_KV += off_b.to(tl.int64) * stride_ik + k_start
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
@@ -160,7 +169,7 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV,
     _store_tile(O, offs_m, Nq, stride_om, stride_od, acc / l_use[:, None], HEAD_DIM_V, HEAD_DIM_V_PAD, WIDE)
     if STORE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_use)) * 0.6931471805599453)
-        tl.store(LSE + off_hz.to(tl.int64) * Nq + offs_m, lse, mask=offs_m < Nq)
+        tl.store(LSE + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < Nq)
 
 
 @triton.jit
@@ -198,24 +207,36 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, N
 
 
 @triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC_KV,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                   H, HKV, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, qk_scale, sm_scale, seed, p_drop,
+                   H, HKV, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
+                   qk_scale, sm_scale, seed, p_drop,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                   FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr):
+                   FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
+                   VARLEN: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     off_hkz = tl.program_id(1)
     off_b = off_hkz // HKV
     off_hk = off_hkz % HKV
+    q_start, k_start, Nq, Nk = _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN)
     first = (tl.program_id(0)) * BLOCK_N
+    if VARLEN:  # packed sequences: off_b is a sequence; the grid covers the longest
+        if first >= Nk:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
+        DK += k_start.to(tl.int64) * stride_dkn
+        DV += k_start.to(tl.int64) * stride_dvn
     last = tl.minimum(first + BLOCK_N, Nk) - 1
     offs_n = first + tl.arange(0, BLOCK_N)
     Kh = K
@@ -227,8 +248,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
     v = _tile(Vh, off_b, off_hk, first, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     doc_k = offs_n  # the block's document ids where DOCUMENT
     if DOCUMENT:
-        doc_k = tl.load(DOC_KV + off_b.to(tl.int64) * Nk + offs_n, mask=offs_n < Nk, other=-1)
-        DOC_Q += off_b.to(tl.int64) * Nq
+        doc_k = tl.load(DOC_KV + off_b.to(tl.int64) * stride_ik + k_start + offs_n, mask=offs_n < Nk, other=-1)
+        DOC_Q += off_b.to(tl.int64) * stride_iq + q_start
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -239,8 +260,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         if not TMA:
             Qh = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
             DOh = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        LSEh = LSE + bh * Nq
-        DELTAh = DELTA + bh * Nq
+        LSEh = LSE + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+        DELTAh = DELTA + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
         # [lo, hi]: what this block may see; one loop, every tile masked.
         lo = tl.minimum(tl.maximum(((-Nk) + Nq + first), 0), Nq)
         end = tl.minimum(tl.maximum((Nq - 1) + 1, lo), Nq)
@@ -284,18 +305,20 @@ def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk,
 
 
 @triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
-def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, DOC_KV,
+def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_dob, stride_doh, stride_dom, stride_dod,
                  stride_ob, stride_oh, stride_om, stride_od,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                 H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, qk_scale, sm_scale, seed, p_drop,
+                 H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
+                 qk_scale, sm_scale, seed, p_drop,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-                 FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr):
+                 FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
+                 VARLEN: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
     off_hz = tl.program_id(1)
     off_b = off_hz // H
@@ -306,21 +329,33 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
         DO += off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
         K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
         V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    O += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    DQ += off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
+    q_start, k_start, Nq, Nk = _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN)
     first = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    if VARLEN:  # packed sequences: off_b is a sequence; the grid covers the longest
+        if first >= Nq:
+            return
+        Q += q_start.to(tl.int64) * stride_qm
+        DO += q_start.to(tl.int64) * stride_dom
+        O += q_start.to(tl.int64) * stride_om
+        DQ += q_start.to(tl.int64) * stride_dqm
+        K += k_start.to(tl.int64) * stride_kn
+        V += k_start.to(tl.int64) * stride_vn
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     offs_m = first + tl.arange(0, BLOCK_M)
     q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
     do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
-    lse2 = _lse2(LSE + off_hz.to(tl.int64) * Nq, offs_m, Nq)
+    lse_row = off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start  # LSE's and delta's
+    lse2 = _lse2(LSE + lse_row, offs_m, Nq)
     # D = rowsum(dO * O), the softmax backward's row term, kept for the dK/dV kernel (launched after this one)
-    O += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
     o = _tile(O, off_b, off_h, first, Nq, stride_om, stride_od, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, WIDE)
     Di = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + off_hz.to(tl.int64) * Nq + offs_m, Di, mask=offs_m < Nq)
+    tl.store(DELTA + lse_row + offs_m, Di, mask=offs_m < Nq)
     doc_q = offs_m  # the block's document ids where DOCUMENT
     if DOCUMENT:
-        doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * Nq + offs_m, mask=offs_m < Nq, other=-1)
-        DOC_KV += off_b.to(tl.int64) * Nk
+        doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * stride_iq + q_start + offs_m, mask=offs_m < Nq, other=-1)
+        DOC_KV += off_b.to(tl.int64) * stride_ik + k_start
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # [lo, hi]: what this block may see; one loop, every tile masked.
     lo = tl.minimum(tl.maximum(0, 0), Nk)
@@ -330,11 +365,11 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
             dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q,
             DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD,
             BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
-    DQ += off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
 
 
-from attngen.runtime import Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401
+from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401
 
 RUNTIME = KernelModule(globals())
-attention, dropout_keep_mask, TUNED = RUNTIME.attention, RUNTIME.dropout_keep_mask, RUNTIME.tuned
+attention, attention_varlen = RUNTIME.attention, RUNTIME.attention_varlen
+dropout_keep_mask, TUNED = RUNTIME.dropout_keep_mask, RUNTIME.tuned

@@ -74,7 +74,7 @@ def test_lowered_shipped_specs_verify(path: Path):
     assert kernel.attr("head_dim") == spec.head_dim and kernel.attr("head_dim_v") == spec.head_dim_v
     kinds = [o.kind for o in kernel.ops]
     assert all(kinds.count(k) == 1 for k in FWD_REQUIRED)
-    assert kernel.has(OpKind.MASK) == (not spec.mask.is_dense)
+    assert kernel.has(OpKind.MASK) == (not spec.mask.is_dense or spec.sparsity is not None)
     assert kernel.has(OpKind.SOFTCAP) == (spec.score.softcap is not None)
     assert kernel.has(OpKind.ALIBI) == spec.score.alibi
     # regions appear in order prologue, kv_loop, epilogue

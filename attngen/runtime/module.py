@@ -24,6 +24,7 @@ from .roles import ROLES
 from .layouts import static_layout
 from .tiles import Documents, as_documents, kept, tile_classes, tile_lists
 from .tl_lib import _keep_mask_kernel
+from .varlen import Seqlens
 
 LOG2E = 1.4426950408889634
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -57,6 +58,7 @@ class Sparse(NamedTuple):
     """A call's data-dependent sparsity, which its tile tables are built from."""
     documents: Documents | None = None
     block_mask: BlockMask | None = None
+    seqlens: Seqlens | None = None  # packed sequences: q, k, v are [1, H, total, D] views
 
 
 NO_SPARSE = Sparse()
@@ -152,6 +154,15 @@ class KernelModule:
             return empty, empty, empty, empty
         Nq, Nk, transposed, nested = q.shape[2], k.shape[2], ROLES[role].transposed, encoding == "nested"
         static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, q.shape[1])  # noqa: E731
+        if sparse.seqlens is not None:  # per sequence, at its own Nq and Nk
+            docs = sparse.documents
+            count, index = sparse.seqlens.tables(
+                (self.key, bm, bn, transposed, nested, id(docs)),
+                lambda n_q, n_k: self.static_classes(n_q, n_k, bm, bn, q.device, q.shape[1]),
+                bm, bn, transposed, nested, docs)
+            return (count, index, *((docs.q_ids, docs.kv_ids) if self.document else (empty, empty)))
+        if self.runtime_layout and sparse.block_mask is None:
+            raise ValueError(f"spec {self.name!r} has a runtime block layout: its kernels need a BlockMask")
         docs, ids = sparse.documents, (empty, empty)
         if self.document:
             ids = docs.q_ids, docs.kv_ids
@@ -181,52 +192,73 @@ class KernelModule:
 
     # ------------------------------------------------------------------ plan and run
 
-    def _plan(self, role: str, cfg: dict, tensors, flags) -> Plan:
+    def _plan(self, role: str, cfg: dict, tensors, flags, seqlens: Seqlens | None) -> Plan:
         q, k, v = tensors[:3]
         B, Hq, Nq, _ = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
+        total_q, per_call = Nq, self.per_call or seqlens is not None
+        if seqlens is not None:  # a program per block of the longest sequence, per (sequence, head)
+            B, Nq, Nk = seqlens.batch, seqlens.max_q, seqlens.max_k
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         n = {"fwd": 6, "bwd_dq": 10, "bwd_dkdv": 9}[role]  # the tensors before the tables
         # static tables are the same tensors for every call of this signature: plan constants
-        tables = () if self.per_call else tensors[n:]
+        tables = () if per_call else tensors[n:]
         count = tensors[n]  # [B', H', n_outer, 2]: its rows per batch and per head (0 where shared)
         rows = (0, 0) if count.dim() != 4 else (count.shape[1] * count.shape[2] * (count.shape[0] > 1),
                                                  count.shape[2] * (count.shape[1] > 1))
         strided = tensors[:4] if role == "fwd" else tensors[:6]  # q, k, v and the [B, H, N, D] outputs / dO
         blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
-        descs, tma = descriptors(cfg, tensors[:n], blocks, (self.head_dim, self.head_dim_v))
-        if self.per_call:
+        # packed sequences start at any row: no TMA (its boxes would cross into the next sequence)
+        descs, tma = descriptors({**cfg, "TMA": cfg["TMA"] and seqlens is None}, tensors[:n], blocks,
+                                 (self.head_dim, self.head_dim_v))
+        if per_call:
             descs += [None] * (len(tensors) - n)
+        # LSE and delta rows [B, H, Nq] (packed: [H, total_q]); document ids [B, N] (packed: [1, total])
+        rows += (0, total_q) if seqlens is not None else (Hq * Nq, Nq)
+        rows += (0, 0) if seqlens is not None else (Nq, Nk)
         sizes = {"fwd": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn), *rows),
                  "bwd_dq": (Hq, Hq // Hkv, Nq, Nk, triton.cdiv(Nk, bn), *rows),
                  "bwd_dkdv": (Hq, Hkv, Hq // Hkv, Nq, Nk, triton.cdiv(Nq, bm), *rows)}[role]
         grid = (triton.cdiv(Nk, bn), B * Hkv, 1) if ROLES[role].transposed else (triton.cdiv(Nq, bm), B * Hq, 1)
-        middle = (*tables, *(s for t in strided for s in t.stride()), *sizes)
-        consts = dict(DROPOUT=flags[-1], **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
+        # packed sequences: the batch entry is a sequence, found through CU_Q and CU_K, not a stride
+        middle = (*tables, *(s for t in strided for s in (0 if seqlens else t.stride(0), *t.stride()[1:])), *sizes)
+        consts = dict(DROPOUT=flags[-1], VARLEN=seqlens is not None, **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
         if role == "fwd":
             consts["STORE_LSE"] = flags[0]
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)
 
     def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None):
         q, k = tensors[0], tensors[1]
-        cfg = cfg or self.config(role, DTYPES[q.dtype], q.shape[2], k.shape[2])
-        if self.per_call:  # the call's tables and ids are kernel arguments like the tensors
-            tensors = (*tensors, *self._tables(role, cfg, q, k, sparse))
-        key = signature(role, cfg, tensors, seed, flags)
+        cfg = cfg or self.config(role, DTYPES[q.dtype], *self._lengths(q, k, sparse))
+        seqlens = sparse.seqlens
+        per_call = self.per_call or seqlens is not None
+        empty = placeholder(q.device)
+        starts = (seqlens.cu_q, seqlens.cu_k) if seqlens is not None else (empty, empty)
+        if per_call:  # the call's tables, ids and sequence starts are kernel arguments like the tensors
+            tensors = (*tensors, *self._tables(role, cfg, q, k, sparse), *starts)
+        key = signature(role, cfg, tensors, seed, flags) + ((seqlens.max_q, seqlens.max_k) if seqlens else ())
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= 1024:
                 self.plans.clear()
             # a static table depends only on what the signature holds: a plan constant
-            full = tensors if self.per_call else (*tensors, *self._tables(role, cfg, q, k, NO_SPARSE))
-            plan = self.plans[key] = self._plan(role, cfg, full, flags)
+            full = tensors if per_call else (*tensors, *self._tables(role, cfg, q, k, NO_SPARSE), *starts)
+            plan = self.plans[key] = self._plan(role, cfg, full, flags, seqlens)
         plan(tensors, scalars)
+
+    @staticmethod
+    def _lengths(q, k, sparse: Sparse) -> tuple[int, int]:
+        """The (Nq, Nk) a call's tiling is chosen for: the longest sequence's when packed."""
+        s = sparse.seqlens
+        return (q.shape[2], k.shape[2]) if s is None else (s.max_q, s.max_k)
 
     def forward(self, q, k, v, hp, scale: float, seed: int, p_drop: float, out=None, store_lse: bool = True,
                 sparse: Sparse = NO_SPARSE):
         """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log): no autograd, no checks."""
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
+        if out is None and sparse.seqlens is not None:  # packed: o [total_q, Hq, Dv] in memory
+            out = torch.empty((Nq, Hq, self.head_dim_v), dtype=q.dtype, device=q.device).transpose(0, 1)[None]
         o = torch.empty((B, Hq, Nq, self.head_dim_v), dtype=q.dtype, device=q.device) if out is None else out
         lse = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
         if o.numel() == 0 or Nk == 0:
@@ -246,16 +278,20 @@ class KernelModule:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
         flags, scalars = (p_drop > 0,), (scale * LOG2E, scale, seed, p_drop)
-        cfg = self.config("bwd_dq", DTYPES[q.dtype], Nq, Nk)
+        lengths = self._lengths(q, k, sparse)
+        cfg = self.config("bwd_dq", DTYPES[q.dtype], *lengths)
         # per dQ program, its rows' share of each learnable head parameter's gradient; summed below
-        part = (torch.empty((self.n_grads, B * Hq, triton.cdiv(Nq, cfg["BLOCK_M"])), dtype=torch.float32, device=q.device)
-                if self.n_grads else placeholder(q.device, torch.float32))
+        # (packed: zeros, for the programs past their sequence's end return before writing theirs)
+        programs = (B if sparse.seqlens is None else sparse.seqlens.batch) * Hq
+        part = ((torch.empty if sparse.seqlens is None else torch.zeros)(
+            (self.n_grads, programs, triton.cdiv(lengths[0], cfg["BLOCK_M"])), dtype=torch.float32, device=q.device)
+            if self.n_grads else placeholder(q.device, torch.float32))
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg)
         self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, sparse)
         dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
-            sums = iter(part.view(self.n_grads, B, Hq, -1).sum(dim=(1, 3)))
+            sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))
             dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
         return dq, dk, dv, dhp
 
@@ -353,6 +389,50 @@ class KernelModule:
             o, lse = self.forward(q, k, v, hp, scale, seed, p_drop, out, return_lse, sparse)
         return (o, lse) if return_lse else o
 
+    @torch.compiler.disable  # the sequence lengths are read on the host: not traceable (yet)
+    def attention_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
+                         return_lse=False, documents=None, alibi_slopes=None, temperature=None, scale=None,
+                         training=True, dropout_seed=None):
+        """Packed sequences without padding, FlashAttention's varlen layout: o [total_q, Hq, Dv] from
+        q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv], where sequence i is rows
+        cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q and cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v
+        (int32 [B + 1]); and lse [Hq, total_q] with return_lse. Sequence i's queries see only its
+        keys, under the spec's mask at its own lengths (bottom-right causal aligns each pair of
+        sequence ends). Lengths 0 and Nq_i != Nk_i are legal. documents= takes ids of the packed
+        tokens ([total_q] and [total_k], or one tensor when they are the same). The lengths are
+        read on the host once per pair of tensors (checked, and for tile-table specs made into
+        per-sequence tables), then kept while the tensors are unchanged."""
+        if not (q.dim() == k.dim() == v.dim() == 3):
+            raise ValueError(f"attention_varlen: q, k, v must be 3-d [total, heads, head_dim]; got {q.dim()}-d, "
+                             f"{k.dim()}-d, {v.dim()}-d")
+        if self.runtime_layout:
+            raise TypeError(f"spec {self.name!r} takes a block layout per call, which attention_varlen does not take")
+        q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # [1, H, total, D] views
+        self.check(q4, k4, v4)
+        seqlens = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
+        if seqlens.cu_q.device != q.device:
+            raise ValueError(f"cu_seqlens are on {seqlens.cu_q.device}, q on {q.device}")
+        if self.document:
+            ids = documents if isinstance(documents, (Documents, tuple, list)) or documents is None else (documents,)
+            if isinstance(ids, (tuple, list)):
+                ids = tuple(t.reshape(1, -1) for t in ids)
+            documents = as_documents(ids, 1, q.shape[0], k.shape[0], q.device, self.name)
+        elif documents is not None:
+            raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
+        hp = self.head_param_rows(q4, {"alibi_slopes": alibi_slopes, "temperature": temperature})
+        scale = self.scale if scale is None else float(scale)
+        p_drop = self.dropout_p if training else 0.0
+        seed = 0
+        if p_drop > 0:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
+        sparse = Sparse(documents, None, seqlens)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
+            o, lse = _Attention.apply(self, q4, k4, v4, hp, scale, seed, p_drop, sparse)
+        else:
+            o, lse = self.forward(q4, k4, v4, hp, scale, seed, p_drop, None, return_lse, sparse)
+        o = o[0].transpose(0, 1)  # [total_q, Hq, Dv], contiguous
+        return (o, lse[0]) if return_lse else o
+
     def dropout_keep_mask(self, batch, heads, seq_q, seq_k, dropout_seed, device=None):
         """For tests: the bool keep-mask [B, Hq, Nq, Nk] the kernels use for this seed (all True when
         the spec has no dropout)."""
@@ -361,6 +441,23 @@ class KernelModule:
             _keep_mask_kernel[(triton.cdiv(seq_q, 64), triton.cdiv(seq_k, 64), batch * heads)](
                 keep, heads, seq_q, seq_k, int(dropout_seed), self.dropout_p, BLOCK_M=64, BLOCK_N=64)
         return keep.bool()
+
+
+_SEQLENS = WeakIdKeyDictionary()  # cu_seqlens_q -> (a weak reference to cu_seqlens_k, versions, arguments, Seqlens)
+
+
+def _seqlens(cu_q, cu_k, max_q: int, max_k: int, total_q: int, total_k: int) -> Seqlens:
+    """The Seqlens of these tensors, kept while they hold the same values (a model passes one
+    batch's to every layer), so the lengths are read and checked once."""
+    if not isinstance(cu_q, torch.Tensor) or not isinstance(cu_k, torch.Tensor):
+        return Seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k)  # raises the type error
+    args = (int(max_q), int(max_k), total_q, total_k)
+    hit = _SEQLENS.get(cu_q)
+    if hit is not None and hit[0]() is cu_k and hit[1] == (cu_q._version, cu_k._version) and hit[2] == args:
+        return hit[3]
+    made = Seqlens(cu_q, cu_k, *args)
+    _SEQLENS[cu_q] = (weakref.ref(cu_k), (cu_q._version, cu_k._version), args, made)
+    return made
 
 
 class _Ops:

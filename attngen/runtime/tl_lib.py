@@ -92,6 +92,20 @@ def _store_tile(X, offs_r, n_rows, stride_r, stride_c, x, COLS: tl.constexpr, CO
 
 
 @triton.jit
+def _sequence(CU_Q, CU_K, off_b, Nq, Nk, VARLEN: tl.constexpr):
+    """(first query row, first key row, Nq, Nk) of batch entry off_b: with VARLEN, of packed sequence
+    off_b (cumulative lengths CU_Q, CU_K); else a whole batch entry, from row 0."""
+    q_start = off_b * 0
+    k_start = off_b * 0
+    if VARLEN:
+        q_start = tl.load(CU_Q + off_b)
+        k_start = tl.load(CU_K + off_b)
+        Nq = tl.load(CU_Q + off_b + 1) - q_start
+        Nk = tl.load(CU_K + off_b + 1) - k_start
+    return q_start, k_start, Nq, Nk
+
+
+@triton.jit
 def _lse2(LSE, offs_m, Nq):
     # The saved LSE in log2 units; +inf for rows with nothing visible, so their P is exactly 0.
     lse = tl.load(LSE + offs_m, mask=offs_m < Nq, other=float("-inf"))
