@@ -188,6 +188,37 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
     typer.echo(save(rows, json_out, markdown))
 
 
+@app.command("bench-sparsity")
+def bench_sparsity(spec: Path = typer.Argument(..., help="a spec file (block-sparse for --what block or build)"),
+                   what: str = typer.Option("block", help="block: beside Flex with the same blocks and at full "
+                                            "density; build: the layout build; varlen: packed sequences beside "
+                                            "FlashAttention-2's varlen and Flex"),
+                   seqs: str = typer.Option("16384,65536", help="sequence lengths (block, build) or totals (varlen)"),
+                   backward: bool = typer.Option(False, help="time forward+backward"),
+                   json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON")):
+    """Times issue 15's sparsity on a GPU (attngen/bench_sparsity.py)."""
+    import json
+
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(RuntimeError("attngen bench-sparsity needs a CUDA GPU"))
+    from attngen import bench_sparsity as bs
+    from attngen.bench import BenchShape, environment
+
+    ns = [int(x) for x in seqs.split(",")]
+    if what == "block":
+        rows = bs.block_sparse(spec, [BenchShape(1, 16, n) for n in ns], backward, log=typer.echo)
+    elif what == "build":
+        rows = bs.layout_build(spec, ns, log=typer.echo)
+    elif what == "varlen":
+        rows = bs.varlen(spec, ns, backward=backward, log=typer.echo)
+    else:
+        _fail(ValueError(f"--what must be block, build or varlen; got {what!r}"))
+    if json_out:
+        json_out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+
+
 @app.command()
 def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
              shapes: str = typer.Option("4x16x4096", help="batch x heads x seq, comma separated"),

@@ -82,9 +82,9 @@ def test_opcheck(device):
     q, k, v = (torch.randn(1, 2, 24, 128, generator=g, device=device) for _ in range(3))
     hp = torch.rand(1, 2, generator=g, device=device) + 0.5
     seed = 0
-    torch.library.opcheck(rt.ops.forward, (q, k, v, hp, None, None, 0.1, seed, 0.0))
-    o, lse = rt.ops.forward(q, k, v, hp, None, None, 0.1, seed, 0.0)
-    torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, 0.1, seed, 0.0))
+    torch.library.opcheck(rt.ops.forward, (q, k, v, hp, None, None, None, 0.1, seed, 0.0))
+    o, lse = rt.ops.forward(q, k, v, hp, None, None, None, 0.1, seed, 0.0)
+    torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, None, 0.1, seed, 0.0))
 
 
 @pytest.mark.gpu

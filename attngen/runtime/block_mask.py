@@ -76,14 +76,17 @@ class BlockMask:
                              f"(batch, query heads, query blocks of {bq}, key blocks of {bk}); got {list(shape)}")
 
     def tables(self, key: tuple, base, n_m: int, n_n: int, bm: int, bn: int, block: tuple[int, int],
-               transposed: bool, nested: bool, keep=None):
-        """COUNT and INDEX [B', H', n_outer, ...] for a kernel whose tile classes without the layout
-        are `base()` (int8 [.., n_m, n_n]); cached under `key` (module, tiling, orientation,
+               transposed: bool, nested: bool, keep=None, static=None):
+        """COUNT and INDEX [B', H', n_outer, ...] for a kernel whose tile classes without any layout
+        are `base()` (int8 [.., n_m, n_n]), in the union of this layout and `static()` (the spec's
+        static terms, or None); cached under `key` (module, shape, heads, tiling, orientation,
         encoding, and the documents' identity: `keep` holds them, so the identity is not reused)."""
         hit = self._tables.get(key)
         if hit is None:
             with torch.inference_mode(False):
-                tiles = layout_tiles(self.layout, n_m, n_n, bm, bn, *block)
+                extra = None if static is None else static()
+                layout = self.layout if extra is None else self.layout | extra
+                tiles = layout_tiles(layout, n_m, n_n, bm, bn, *block)
                 classes = torch.where(tiles, base(), EMPTY).to(torch.int8)
                 hit = self._tables[key] = (tile_lists(classes.transpose(-1, -2) if transposed else classes, nested), keep)
         return hit[0]

@@ -127,22 +127,29 @@ class KernelModule:
             return self.bucket_tilings.get((role, dtype, seq), self.tilings[role][dtype])
         return self.tilings[role][dtype]
 
-    def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device, heads: int = 1):
-        """The tile classes of the spec's static mask and static layout terms at this shape, by keys
-        and by rows (tiles.tile_classes): int8 [1, H', n_m, n_n] twice, H' = heads with a random
-        layout term, else 1 (cached)."""
-        random = bool(self.sparsity and self.sparsity.get("random"))
-        key = ("classes", Nq, Nk, block_m, block_n, str(device), heads if random else 1)
+    def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device, heads: int = 1,
+                       with_layout: bool = True):
+        """The tile classes of the spec's static mask and (with_layout) static layout terms at this
+        shape, by keys and by rows (tiles.tile_classes): int8 [1, H', n_m, n_n] twice, H' = heads
+        with a random layout term, else 1 (cached)."""
+        random = with_layout and bool(self.sparsity and self.sparsity.get("random"))
+        key = ("classes", Nq, Nk, block_m, block_n, str(device), heads if random else 1, with_layout)
 
         def make():
             by_keys, by_rows = (c[None, None] for c in tile_classes(self.visible, Nq, Nk, block_m, block_n, device))
-            layout = self.sparsity and static_layout(self.sparsity, -(-Nq // self.layout_block[0]),
-                                                     -(-Nk // self.layout_block[1]), heads, device)
+            layout = self.static_layout(Nq, Nk, heads, device) if with_layout else None
             if layout is None:
                 return by_keys, by_rows
             tiles = layout_tiles(layout, by_keys.shape[-2], by_keys.shape[-1], block_m, block_n, *self.layout_block)
             return torch.where(tiles, by_keys, 0).to(torch.int8), torch.where(tiles, by_rows, 0).to(torch.int8)
         return kept(self._static, key, make)
+
+    def static_layout(self, Nq: int, Nk: int, heads: int, device):
+        """The spec's static layout terms at this shape, bool [1, H', n_qb, n_kb], or None."""
+        if not self.sparsity:
+            return None
+        bq, bk = self.layout_block
+        return static_layout(self.sparsity, -(-Nq // bq), -(-Nk // bk), heads, device)
 
     def _tables(self, role: str, cfg: dict, q, k, sparse: Sparse):
         """COUNT, INDEX, DOC_Q, DOC_KV for role's kernel: per call from its documents or block
@@ -166,12 +173,14 @@ class KernelModule:
         docs, ids = sparse.documents, (empty, empty)
         if self.document:
             ids = docs.q_ids, docs.kv_ids
-        if sparse.block_mask is not None:
-            base = (lambda: docs.classes(self.key, static, bm, bn, transposed)) if docs else \
-                (lambda: static()[1 if transposed else 0])
-            key = (self.key, bm, bn, transposed, nested, id(docs))
-            count, index = sparse.block_mask.tables(key, base, -(-Nq // bm), -(-Nk // bn), bm, bn, self.layout_block,
-                                                    transposed, nested, keep=docs)
+        if sparse.block_mask is not None:  # the mask's classes in the union of the static and the call's layout
+            element = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, with_layout=False)  # noqa: E731
+            base = (lambda: docs.classes(self.key, element, bm, bn, transposed)) if docs else \
+                (lambda: element()[1 if transposed else 0])
+            key = (self.key, Nq, Nk, q.shape[1], bm, bn, transposed, nested, id(docs))
+            count, index = sparse.block_mask.tables(
+                key, base, -(-Nq // bm), -(-Nk // bn), bm, bn, self.layout_block, transposed, nested, keep=docs,
+                static=lambda: self.static_layout(Nq, Nk, q.shape[1], q.device))
         elif docs is not None:
             count, index = docs.tables(self.key, static, bm, bn, transposed, nested)
         else:
