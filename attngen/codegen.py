@@ -207,7 +207,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                          f"    # The spec's mask: may key kv_idx be seen by query q_idx?\n"
                          f"    return {render(cond, 'triton')}")
     functions.append(score_fn)
-    if tile_roles:
+    if tile_roles or cond is not None:  # the runtime's tile classes (tables, varlen, layouts) read it
         functions.append(f"def _visible_host(q_idx, kv_idx, Nq, Nk):\n"
                          f"    # The mask on the host, for the tile tables (torch tensors or ints)\n"
                          f"    return {render(cond, 'torch') if cond is not None else 'True'}")
@@ -217,7 +217,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
     hp_loads = "".join(f"\n    hp_{p.name} = tl.load(HP + {i} * H + off_h).to(tl.float32){p.load}"
                        for i, p in enumerate(params))
     imports = ["from attngen.runtime.tl_lib import " + ", ".join(RUNTIME_HELPERS)]
-    if tile_roles:
+    if tile_roles or cond is not None:
         imports.append("from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401")
     binding = "from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401\n\n" \
               "RUNTIME = KernelModule(globals())\n" \

@@ -10,6 +10,7 @@ Entry point: attention(q, k, v, *, return_lse=False, ...), differentiable in q, 
 import triton
 import triton.language as tl
 from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
+from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'alibi',
        'description': "Causal attention with ALiBi linear biases (FlashAttention-2's alibi_slopes)",
@@ -64,6 +65,11 @@ def _score(qk, q_idx, kv_idx, Nq, Nk, qk_scale, hp_alibi, FAST_TANH: tl.constexp
     s = qk * qk_scale
     s = s - hp_alibi * tl.abs(q_idx + Nk - Nq - kv_idx).to(tl.float32)  # ALiBi
     return s
+
+
+def _visible_host(q_idx, kv_idx, Nq, Nk):
+    # The mask on the host, for the tile tables (torch tensors or ints)
+    return (kv_idx <= (Nk - Nq + q_idx))
 
 
 @triton.jit

@@ -10,6 +10,7 @@ Entry point: attention(q, k, v, *, return_lse=False, ...), differentiable in q, 
 import triton
 import triton.language as tl
 from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
+from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'causal',
        'description': 'Causal attention aligned top-left (query i sees keys 0..i)',
@@ -64,6 +65,11 @@ def _score(qk, q_idx, kv_idx, Nq, Nk, qk_scale, FAST_TANH: tl.constexpr):
     # modifier of the spec in order; returns s and what their derivatives need.
     s = qk * qk_scale
     return s
+
+
+def _visible_host(q_idx, kv_idx, Nq, Nk):
+    # The mask on the host, for the tile tables (torch tensors or ints)
+    return (kv_idx <= q_idx)
 
 
 @triton.jit

@@ -10,6 +10,7 @@ Entry point: attention(q, k, v, *, return_lse=False, ...), differentiable in q, 
 import triton
 import triton.language as tl
 from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
+from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'softcap',
        'description': 'Gemma-2 style, logits soft-capped at 50 with a causal 512-key sliding window',
@@ -61,6 +62,11 @@ def _score(qk, q_idx, kv_idx, Nq, Nk, qk_scale, FAST_TANH: tl.constexpr):
     t_s2 = _tanh(s * 0.013862943611198908, FAST_TANH)  # softcap: c * tanh(s / c)
     s = 72.13475204444816 * t_s2
     return s, t_s2
+
+
+def _visible_host(q_idx, kv_idx, Nq, Nk):
+    # The mask on the host, for the tile tables (torch tensors or ints)
+    return ((kv_idx >= (Nk - Nq + q_idx - 512)) & (kv_idx <= (Nk - Nq + q_idx)))
 
 
 @triton.jit

@@ -10,6 +10,7 @@ Entry point: attention(q, k, v, *, return_lse=False, ...), differentiable in q, 
 import triton
 import triton.language as tl
 from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
+from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'temperature',
        'description': 'Causal attention with a learned per-head temperature on the scores (passed at '
@@ -67,6 +68,11 @@ def _score(qk, q_idx, kv_idx, Nq, Nk, qk_scale, hp_temperature, FAST_TANH: tl.co
     s_in_s2 = s
     s = s * hp_temperature
     return s, s_in_s2
+
+
+def _visible_host(q_idx, kv_idx, Nq, Nk):
+    # The mask on the host, for the tile tables (torch tensors or ints)
+    return (kv_idx <= (Nk - Nq + q_idx))
 
 
 @triton.jit

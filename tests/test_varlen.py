@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import attngen
-from attngen import reference
+from attngen import reference, runtime
 from attngen.resources import resolve_spec
 from attngen.spec import load_spec
 
-pytestmark = pytest.mark.interp
+
 
 
 def _cu(lengths):
@@ -62,6 +62,7 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
                 assert err < tol * max(1.0, want.abs().max().item()), (name, i, err)
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("name, lens_q, lens_k, heads", [
     ("causal", [5, 0, 70, 33], [5, 0, 70, 33], (2, 1)),           # an empty sequence
     ("causal_bottom_right", [5, 1, 20, 33], [40, 7, 0, 100], (2, 2)),  # Nq_i != Nk_i, no keys, one query
@@ -76,10 +77,12 @@ def test_varlen_matches_the_reference_per_sequence(name, lens_q, lens_k, heads):
     _check(name, lens_q, lens_k, *heads)
 
 
+@pytest.mark.interp
 def test_varlen_fp16():
     _check("causal", [30, 1, 65], [30, 1, 65], dtype=torch.float16, tol=2e-2)
 
 
+@pytest.mark.interp
 def test_varlen_all_empty_and_no_sequences():
     module = attngen.load(resolve_spec("causal"))
     q = torch.randn(0, 2, 128)
@@ -89,6 +92,7 @@ def test_varlen_all_empty_and_no_sequences():
     assert o.shape == (0, 2, 128)
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("change, error, fragment", [
     (lambda a: {**a, "cu_seqlens_q": a["cu_seqlens_q"].long()}, TypeError, "cu_seqlens_q must be an int32 tensor"),
     (lambda a: {**a, "cu_seqlens_k": torch.tensor([0, 40, 30, 70], dtype=torch.int32)}, ValueError, "non-decreasing"),
@@ -109,6 +113,7 @@ def test_varlen_bad_input_is_refused(change, error, fragment):
         module.attention_varlen(**change(args))
 
 
+@pytest.mark.interp
 def test_varlen_keeps_the_checked_lengths_per_tensor_pair():
     """One read of cu_seqlens per batch: the same tensors, unchanged, reuse the Seqlens (and its
     tables); a changed tensor is read again."""
@@ -124,3 +129,24 @@ def test_varlen_keeps_the_checked_lengths_per_tensor_pair():
     cu[1] = 20
     module.attention_varlen(q, q, q, cu, cu, 30, 30)
     assert rt_module._SEQLENS[cu][3] is not first
+
+
+@pytest.mark.compiler
+@pytest.mark.parametrize("name", sorted(p.stem for p in resolve_spec("causal").parent.glob("*.yaml")))
+def test_static_classes_follow_the_spec_mask(name):
+    """The runtime's per-shape tile classes (which varlen's per-sequence tables, block layouts and
+    the benchmarks' Flex block masks start from) against the reference's dense mask, for every
+    shipped spec, at a ragged shape: no tile FULL unless all its pairs are visible, none EMPTY that
+    holds a visible pair (a module without its host mask once reported every tile FULL)."""
+    spec, module = load_spec(resolve_spec(name)), attngen.load(resolve_spec(name))
+    rt = runtime.of(module)
+    Nq, Nk, bm, bn = 200, 150, 32, 64
+    by_keys, _ = rt.static_classes(Nq, Nk, bm, bn, "cpu", with_layout=False)
+    vis = reference.dense_mask(spec, Nq, Nk)
+    pad = torch.nn.functional.pad(vis, (0, -(-Nk // bn) * bn - Nk, 0, -(-Nq // bm) * bm - Nq))
+    inb = torch.nn.functional.pad(torch.ones(Nq, Nk, dtype=torch.bool), (0, pad.shape[1] - Nk, 0, pad.shape[0] - Nq))
+    cells = lambda t, f: f(f(t.reshape(-1, bm, pad.shape[1] // bn, bn), 3), 1)  # noqa: E731
+    any_vis = cells(pad, torch.Tensor.any)
+    all_vis = cells(pad | ~inb, torch.Tensor.all)
+    classes = by_keys[0, 0]
+    assert not ((classes == 2) & ~all_vis).any() and not ((classes == 0) & any_vis).any(), name
