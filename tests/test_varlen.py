@@ -35,6 +35,11 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
         kw["documents"] = ids
     if spec.score.temperature:
         kw["temperature"] = (torch.rand(Hq, generator=g) + 0.5).requires_grad_()
+    layout = None
+    if spec.sparsity is not None and spec.sparsity.runtime:  # per sequence and head, in its own block coordinates
+        bq, bk = spec.sparsity.block
+        layout = kw["layout"] = torch.rand(len(lens_q), Hq, -(-max(lens_q) // bq), -(-max(lens_k) // bk),
+                                           generator=g) < 0.6
     o, lse = module.attention_varlen(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_lse=True, **kw)
     assert o.shape == (tq, Hq, spec.head_dim_v) and o.is_contiguous() and lse.shape == (Hq, tq)
     do = torch.randn(o.shape, generator=g).to(dtype)
@@ -48,6 +53,8 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
             rkw["documents"] = (ids[qs:qs + nq][None], ids[ks:ks + nk][None])
         if "temperature" in kw:
             rkw["temperature"] = kw["temperature"].detach().double()
+        if layout is not None:
+            rkw["layout"] = layout[i:i + 1, :, :-(-nq // bq), :-(-nk // bk)]
         ro, rlse = reference.attention(spec, rq, rk, rv, **rkw)
         ro.backward(do[qs:qs + nq].transpose(0, 1)[None].double())
         got_lse = lse[:, qs:qs + nq][None].double()
@@ -72,6 +79,7 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
     ("document", [40, 90, 3], [40, 90, 3], (2, 1)),               # ids of the packed tokens
     ("temperature", [40, 9], [60, 45], (2, 1)),
     ("longformer", [300, 9], [200, 145], (2, 1)),                 # static block layout per sequence
+    ("block_sparse", [300, 0, 140], [260, 50, 0], (2, 1)),        # a layout per sequence and head
 ])
 def test_varlen_matches_the_reference_per_sequence(name, lens_q, lens_k, heads):
     _check(name, lens_q, lens_k, *heads)

@@ -162,11 +162,17 @@ class KernelModule:
         Nq, Nk, transposed, nested = q.shape[2], k.shape[2], ROLES[role].transposed, encoding == "nested"
         static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, q.shape[1])  # noqa: E731
         if sparse.seqlens is not None:  # per sequence, at its own Nq and Nk
-            docs = sparse.documents
+            docs, blocks, heads = sparse.documents, sparse.block_mask, q.shape[1]
+
+            def layout(i: int, n_q: int, n_k: int):  # sequence i's rows of the call's layout, and the static terms
+                own = blocks.layout[i:i + 1] if blocks.layout.shape[0] > 1 else blocks.layout
+                own = own[..., :-(-n_q // self.layout_block[0]), :-(-n_k // self.layout_block[1])]
+                static_terms = self.static_layout(n_q, n_k, heads, q.device)
+                return own if static_terms is None else own | static_terms
             count, index = sparse.seqlens.tables(
-                (self.key, bm, bn, transposed, nested, id(docs)),
-                lambda n_q, n_k: self.static_classes(n_q, n_k, bm, bn, q.device, q.shape[1]),
-                bm, bn, transposed, nested, docs)
+                (self.key, bm, bn, transposed, nested, id(docs), id(blocks)),
+                lambda n_q, n_k: self.static_classes(n_q, n_k, bm, bn, q.device, heads, with_layout=blocks is None),
+                bm, bn, transposed, nested, docs, layout if blocks is not None else None, self.layout_block, keep=blocks)
             return (count, index, *((docs.q_ids, docs.kv_ids) if self.document else (empty, empty)))
         if self.runtime_layout and sparse.block_mask is None:
             raise ValueError(f"spec {self.name!r} has a runtime block layout: its kernels need a BlockMask")
@@ -346,8 +352,8 @@ class KernelModule:
             rows.append(value if p["grad"] else value.detach())
         return rows[0].reshape(1, Hq).contiguous() if len(rows) == 1 else torch.stack(rows)
 
-    def block_mask(self, layout, q, k) -> BlockMask | None:
-        """The call's BlockMask (made from a bool layout if need be), checked against q and k."""
+    def block_mask(self, layout, batch: int, heads: int, Nq: int, Nk: int, device) -> BlockMask | None:
+        """The call's BlockMask (made from a bool layout if need be), checked against the call."""
         if not self.runtime_layout:
             if layout is not None:
                 raise TypeError(f"spec {self.name!r} has no runtime layout (sparsity: {{layout: runtime}}): "
@@ -358,9 +364,9 @@ class KernelModule:
             raise ValueError(f"spec {self.name!r} has a runtime block layout: pass layout= (a bool tensor [B or 1, "
                              f"H or 1, ceil(Nq / {bq}), ceil(Nk / {bk})], or a BlockMask)")
         block_mask = layout if isinstance(layout, BlockMask) else BlockMask(layout)
-        block_mask.check(q.shape[0], q.shape[1], q.shape[2], k.shape[2], self.layout_block, self.name)
-        if block_mask.layout.device != q.device:
-            raise ValueError(f"layout: the block mask is on {block_mask.layout.device}, q on {q.device}")
+        block_mask.check(batch, heads, Nq, Nk, self.layout_block, self.name)
+        if block_mask.layout.device != device:
+            raise ValueError(f"layout: the block mask is on {block_mask.layout.device}, q on {device}")
         return block_mask
 
     def attention(self, q, k, v, *, documents=None, layout=None, return_lse=False, alibi_slopes=None,
@@ -372,7 +378,7 @@ class KernelModule:
             documents = as_documents(documents, q.shape[0], q.shape[2], k.shape[2], q.device, self.name)
         elif documents is not None:
             raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
-        sparse = Sparse(documents, self.block_mask(layout, q, k))
+        sparse = Sparse(documents, self.block_mask(layout, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device))
         hp = self.head_param_rows(q, {"alibi_slopes": alibi_slopes, "temperature": temperature})
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
@@ -400,22 +406,22 @@ class KernelModule:
 
     @torch.compiler.disable  # the sequence lengths are read on the host: not traceable (yet)
     def attention_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
-                         return_lse=False, documents=None, alibi_slopes=None, temperature=None, scale=None,
-                         training=True, dropout_seed=None):
+                         return_lse=False, documents=None, layout=None, alibi_slopes=None, temperature=None,
+                         scale=None, training=True, dropout_seed=None):
         """Packed sequences without padding, FlashAttention's varlen layout: o [total_q, Hq, Dv] from
         q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv], where sequence i is rows
         cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q and cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v
         (int32 [B + 1]); and lse [Hq, total_q] with return_lse. Sequence i's queries see only its
         keys, under the spec's mask at its own lengths (bottom-right causal aligns each pair of
         sequence ends). Lengths 0 and Nq_i != Nk_i are legal. documents= takes ids of the packed
-        tokens ([total_q] and [total_k], or one tensor when they are the same). The lengths are
+        tokens ([total_q] and [total_k], or one tensor when they are the same); layout= (specs with a
+        runtime layout) a block layout per sequence, [B or 1, H or 1, ceil(max_seqlen_q / bq),
+        ceil(max_seqlen_k / bk)], in each sequence's own block coordinates. The lengths are
         read on the host once per pair of tensors (checked, and for tile-table specs made into
         per-sequence tables), then kept while the tensors are unchanged."""
         if not (q.dim() == k.dim() == v.dim() == 3):
             raise ValueError(f"attention_varlen: q, k, v must be 3-d [total, heads, head_dim]; got {q.dim()}-d, "
                              f"{k.dim()}-d, {v.dim()}-d")
-        if self.runtime_layout:
-            raise TypeError(f"spec {self.name!r} takes a block layout per call, which attention_varlen does not take")
         q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # [1, H, total, D] views
         self.check(q4, k4, v4)
         seqlens = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
@@ -434,7 +440,8 @@ class KernelModule:
         seed = 0
         if p_drop > 0:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
-        sparse = Sparse(documents, None, seqlens)
+        blocks = self.block_mask(layout, seqlens.batch, q.shape[1], seqlens.max_q, seqlens.max_k, q.device)
+        sparse = Sparse(documents, blocks, seqlens)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
             o, lse = _Attention.apply(self, q4, k4, v4, hp, scale, seed, p_drop, sparse)
         else:

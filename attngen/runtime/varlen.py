@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .block_mask import layout_tiles
 from .tiles import EMPTY, document_classes, tile_lists
 
 
@@ -52,10 +53,13 @@ class Seqlens:
     def batch(self) -> int:
         return len(self.lengths)
 
-    def tables(self, key: tuple, static, bm: int, bn: int, transposed: bool, nested: bool, documents=None):
+    def tables(self, key: tuple, static, bm: int, bn: int, transposed: bool, nested: bool, documents=None,
+               layout=None, block=None, keep=None):
         """COUNT and INDEX [B, H', n_outer, ...] over the longest sequence's blocks: per sequence,
         `static(Nq_i, Nk_i)`'s tile classes (by rows when transposed) and, with `documents`
-        (packed ids [1, total]), the ids' classes; EMPTY past each sequence's end. Kept under `key`."""
+        (packed ids [1, total]), the ids' classes, inside `layout(i, Nq_i, Nk_i)` (a bool block
+        layout of `block`s, or None); EMPTY past each sequence's end. Kept under `key` (`keep`
+        holds what its identities name)."""
         hit = self._tables.get(key)
         if hit is None:
             n_m, n_n = -(-self.max_q // bm), -(-self.max_k // bn)
@@ -69,10 +73,14 @@ class Seqlens:
                 if documents is not None and Nq and Nk:
                     classes = document_classes(classes, documents.q_ids[:, q0:q0 + Nq], documents.kv_ids[:, k0:k0 + Nk],
                                                bm, bn)
+                if layout is not None and Nq and Nk:
+                    tiles = layout_tiles(layout(len(rows), Nq, Nk), classes.shape[-2], classes.shape[-1], bm, bn, *block)
+                    classes = torch.where(tiles, classes, EMPTY).to(torch.int8)
                 pad = (0, n_n - classes.shape[-1], 0, n_m - classes.shape[-2])
                 rows.append(torch.nn.functional.pad(classes, pad, value=EMPTY))
             heads = max(r.shape[1] for r in rows)
             classes = torch.cat([r.expand(1, heads, n_m, n_n) for r in rows])
             with torch.inference_mode(False):
-                hit = self._tables[key] = (tile_lists(classes.transpose(-1, -2) if transposed else classes, nested), documents)
+                hit = self._tables[key] = (tile_lists(classes.transpose(-1, -2) if transposed else classes, nested),
+                                           (documents, keep))
         return hit[0]
