@@ -57,10 +57,28 @@ GPU_SHAPES = (
 
 
 @dataclass(frozen=True)
+class Packed:
+    """A varlen case: packed sequences of these query and key lengths (attention_varlen)."""
+    heads_q: int
+    heads_kv: int
+    lens_q: tuple[int, ...]
+    lens_k: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return f"varlen H{self.heads_q}/{self.heads_kv} {len(self.lens_q)} seqs, {sum(self.lens_q)}x{sum(self.lens_k)}"
+
+
+# Lengths 0 and 1, Nq_i != Nk_i both ways, GQA; on the GPU up to 4k-token sequences.
+CPU_PACKED = (Packed(2, 1, (37, 0, 1, 80), (53, 5, 0, 80)), Packed(4, 2, (130, 64), (64, 200)))
+GPU_PACKED = (Packed(16, 4, (1000, 0, 1, 3000, 517), (1000, 7, 0, 3000, 2049)),
+              Packed(8, 8, (4096, 100, 2000), (4096, 100, 2000)), Packed(8, 2, (300,) * 20, (900,) * 20))
+
+
+@dataclass(frozen=True)
 class Result:
     spec: str
     dtype: str
-    shape: Shape
+    shape: Shape | Packed
     errors: tuple[tuple[str, float, float], ...]  # (quantity, max |kernel - ref|, max |eager - ref|)
     ok: bool
     why: str = ""
@@ -208,6 +226,14 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature, layout)
     eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature, layout)
 
+    return _judge(spec, dtype, shape, (o, lse, got), (ref_o, ref_lse, ref_grads), (eager_o, eager_lse, eager_grads),
+                  repeat_differs)
+
+
+def _judge(spec: Spec, dtype: str, shape, kernel, ref, eager, repeat_differs: bool) -> Result:
+    """The verdict on the kernel's (o, lse, grads) against the float64 reference's and eager's."""
+    (o, lse, got), (ref_o, ref_lse, ref_grads), (eager_o, eager_lse, eager_grads) = kernel, ref, eager
+
     def max_err(a, b):
         return float((a.detach().double() - b).abs().max()) if a.numel() else 0.0
 
@@ -235,12 +261,79 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     return Result(spec.name, dtype, shape, tuple(errors), not why, "; ".join(why))
 
 
+def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int = 0, backward: bool = False) -> Result:
+    """attention_varlen on packed sequences against the reference run on each sequence alone."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    tdt = TORCH_DTYPES[dtype]
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+                  for lens in (case.lens_q, case.lens_k))
+    B, tq, tk = len(case.lens_q), int(cu_q[-1]), int(cu_k[-1])
+    mk = lambda n, h, d: torch.randn(n, h, d, generator=g, device=device).to(tdt)  # noqa: E731
+    q, k, v = mk(tq, case.heads_q, spec.head_dim), mk(tk, case.heads_kv, spec.head_dim), mk(tk, case.heads_kv, spec.head_dim_v)
+    kwargs, slopes, temperature, ids, layout, keep = {}, None, None, None, None, None
+    if spec.score.alibi:
+        slopes = kwargs["alibi_slopes"] = torch.rand(case.heads_q, generator=g, device=device)
+    if spec.score.temperature:
+        temperature = torch.rand(case.heads_q, generator=g, device=device) + 0.5
+    if spec.mask.document:  # ids of the packed tokens: three runs within each sequence, for queries and keys apart
+        ids = kwargs["documents"] = tuple(torch.cat([torch.arange(n, device=device) * 3 // max(n, 1) + 10 * i
+                                                     for i, n in enumerate(lens)]).to(torch.int32)
+                                          for lens in (case.lens_q, case.lens_k))
+    if spec.sparsity is not None and spec.sparsity.runtime:
+        bq, bk = spec.sparsity.block
+        layout = kwargs["layout"] = torch.rand(B, case.heads_q, -(-max(case.lens_q) // bq), -(-max(case.lens_k) // bk),
+                                               generator=g, device=device) < 0.5
+    dropout_seed = 1000 + seed
+    if spec.dropout:  # the kernels' keep-mask of sequence i: batch entry i of the longest shape's
+        keep = module.dropout_keep_mask(B, case.heads_q, max(case.lens_q), max(case.lens_k), dropout_seed, device)
+    do = torch.randn(tq, case.heads_q, spec.head_dim_v, generator=g, device=device).to(tdt) if backward else None
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+    extra = {}
+    if temperature is not None:
+        extra["temperature"] = temperature.detach().requires_grad_(backward)
+    o, lse = module.attention_varlen(*leaves, cu_q, cu_k, max(case.lens_q), max(case.lens_k), return_lse=True,
+                                     dropout_seed=dropout_seed, **kwargs, **extra)
+    got = []
+    if backward:
+        o.backward(do)
+        got = [t.grad for t in leaves] + ([extra["temperature"].grad] if temperature is not None else [])
+
+    def packed_reference(dtype_):
+        ro = torch.zeros(tq, case.heads_q, spec.head_dim_v, dtype=torch.float64, device=device)
+        rl = torch.full((case.heads_q, tq), float("-inf"), dtype=torch.float64, device=device)
+        grads = [torch.zeros(t.shape, dtype=torch.float64, device=device) for t in (q, k, v)]
+        dtemp = torch.zeros(case.heads_q, dtype=torch.float64, device=device)
+        for i, (nq, nk) in enumerate(zip(case.lens_q, case.lens_k)):
+            q0, k0 = int(cu_q[i]), int(cu_k[i])
+            if nq == 0 or nk == 0:  # nothing to see: zeros, -inf and zero gradients, as initialized
+                continue
+            cut = lambda t, s, n: t[s:s + n].transpose(0, 1)[None]  # noqa: E731
+            doc = None if ids is None else (ids[0][q0:q0 + nq][None], ids[1][k0:k0 + nk][None])
+            lay = None if layout is None else layout[i:i + 1, :, :-(-nq // bq), :-(-nk // bk)]
+            kp = None if keep is None else keep[i:i + 1, :, :nq, :nk]
+            o_i, l_i, g_i = _reference(spec, cut(q, q0, nq), cut(k, k0, nk), cut(v, k0, nk), slopes, kp, dtype_,
+                                       None if do is None else cut(do, q0, nq), doc, temperature, lay)
+            ro[q0:q0 + nq], rl[:, q0:q0 + nq] = o_i[0].transpose(0, 1), l_i[0]
+            for g_, part, s0, n in zip(grads, g_i, (q0, k0, k0), (nq, nk, nk)):
+                g_[s0:s0 + n] = part[0].transpose(0, 1)
+            if len(g_i) > 3:
+                dtemp += g_i[3]
+        return ro.transpose(0, 1), rl, grads + ([dtemp] if temperature is not None and backward else [])
+    # o as [Hq, total_q, Dv], row for row with lse [Hq, total_q]
+    return _judge(spec, dtype, case, (o.transpose(0, 1), lse, got), packed_reference(torch.float64),
+                  packed_reference(tdt), False)
+
+
 def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, target: str = "sm90",
-                backward: bool = False) -> list[Result]:
+                backward: bool = False, varlen: bool = False) -> list[Result]:
     spec = load_spec(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load(path, target=target)
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
+    if varlen:
+        cases = shapes or (GPU_PACKED if device.type == "cuda" else CPU_PACKED)
+        return [check_varlen(spec, module, c, d, device, seed=i, backward=backward)
+                for d in dtypes for i, c in enumerate(cases)]
     if shapes is None:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     return [check(spec, module, s, d, device, seed=i, backward=backward) for d in dtypes for i, s in enumerate(shapes)]

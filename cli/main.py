@@ -68,7 +68,9 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
            backward: bool = typer.Option(False, "--backward", help="also check dQ, dK, dV against the reference"),
            markdown: Optional[Path] = typer.Option(None, help="also write the table here"),
            jobs: int = typer.Option(1, "--jobs", min=1, help="verify the specs in N worker processes at once; "
-                                    "the results still print in spec order")):
+                                    "the results still print in spec order"),
+           varlen: bool = typer.Option(False, "--varlen", help="instead: attention_varlen on packed sequences, "
+                                       "against the reference run on each sequence")):
     """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
     device = _interpret_without_gpu()
     from contextlib import closing
@@ -81,7 +83,7 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
         dtypes = ["fp32", "fp16"]
     typer.echo(f"device: {device}")
     results = []
-    with closing(verify_all([resolve_spec(spec) for spec in specs], dtypes, backward, jobs)) as per_spec:
+    with closing(verify_all([resolve_spec(spec) for spec in specs], dtypes, backward, jobs, varlen)) as per_spec:
         for rows, error in per_spec:
             if error is not None:
                 _fail(RuntimeError(error))

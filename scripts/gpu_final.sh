@@ -4,6 +4,7 @@
 #                                                  # gradients) and the GPU test tier, then benchmarks
 #   SPECS="softcap alibi" scripts/gpu_final.sh fwdbwd:128
 #   DTYPES="bf16 fp16" scripts/gpu_final.sh verify   # verification in each dtype (default bf16)
+#   DTYPES="bf16 fp16" scripts/gpu_final.sh verify-varlen   # attention_varlen's, every spec
 #   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
@@ -27,6 +28,13 @@ if [ -n "$WARM" ]; then  # the compile caches (Triton's, Inductor's) are shared 
   echo "warm ${SECONDS}s"
 fi
 for group in "$@"; do
+  if [ "$group" = verify-varlen ]; then  # attention_varlen on packed sequences, every spec, with gradients
+    for dt in ${DTYPES:-bf16}; do
+      ls specs/*.yaml | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --varlen --backward --dtype $DT --markdown /tmp/v/${n}_varlen_$DT.md > /tmp/v/${n}_varlen_$DT.log 2>&1; echo "verify --varlen $n $DT rc=$?"'
+      cat /tmp/v/*_varlen_$dt.md > $OUT/verify_varlen_$dt.md
+    done
+    continue
+  fi
   if [ "$group" = verify ]; then
     for dt in ${DTYPES:-bf16}; do
       ls specs/*.yaml | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --backward --dtype $DT --markdown /tmp/v/${n}_$DT.md > /tmp/v/${n}_$DT.log 2>&1; echo "verify $n $DT rc=$?"'

@@ -158,3 +158,22 @@ def test_static_classes_follow_the_spec_mask(name):
     all_vis = cells(pad | ~inb, torch.Tensor.all)
     classes = by_keys[0, 0]
     assert not ((classes == 2) & ~all_vis).any() and not ((classes == 0) & any_vis).any(), name
+
+
+@pytest.mark.interp
+def test_verify_varlen_checks_every_quantity():
+    """`attngen verify --varlen`: packed cases against the reference run per sequence, dropout's
+    keep-mask included; and a kernel that is off is caught."""
+    from attngen.verify import verify_spec
+
+    results = verify_spec(resolve_spec("causal_dropout"), dtypes=["fp32"], backward=True, varlen=True)
+    assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
+    assert [name for name, _, _ in results[0].errors] == ["o", "lse", "dq", "dk", "dv"]
+    module = attngen.load(resolve_spec("causal"))
+    real = module.attention_varlen
+    try:
+        module.attention_varlen = lambda *a, **kw: (lambda o, lse: (o * 1.01, lse))(*real(*a, **kw))
+        results = verify_spec(resolve_spec("causal"), dtypes=["fp32"], varlen=True)
+    finally:
+        module.attention_varlen = real
+    assert not any(r.ok for r in results) and "o error" in results[0].why
