@@ -383,12 +383,7 @@ class KernelModule:
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
         if torch.compiler.is_compiling():  # one opaque op per direction: no graph break
-            if p_drop > 0 and dropout_seed is None:
-                raise ValueError(f"spec {self.name!r} has dropout: under torch.compile pass dropout_seed= (an int per "
-                                 f"step, drawn outside the compiled function), or training=False")
-            ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
-            blocks = None if sparse.block_mask is None else sparse.block_mask.layout
-            o, lse = self.ops.forward(q, k, v, hp, *ids, blocks, scale, dropout_seed if p_drop > 0 else 0, p_drop)
+            o, lse = self._compiled(q, k, v, hp, documents, sparse.block_mask, scale, p_drop, dropout_seed)
             if out is not None:
                 out.copy_(o)
                 o = out
@@ -404,7 +399,6 @@ class KernelModule:
             o, lse = self.forward(q, k, v, hp, scale, seed, p_drop, out, return_lse, sparse)
         return (o, lse) if return_lse else o
 
-    @torch.compiler.disable  # the sequence lengths are read on the host: not traceable (yet)
     def attention_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                          return_lse=False, documents=None, layout=None, alibi_slopes=None, temperature=None,
                          scale=None, training=True, dropout_seed=None):
@@ -418,15 +412,18 @@ class KernelModule:
         runtime layout) a block layout per sequence, [B or 1, H or 1, ceil(max_seqlen_q / bq),
         ceil(max_seqlen_k / bk)], in each sequence's own block coordinates. The lengths are
         read on the host once per pair of tensors (checked, and for tile-table specs made into
-        per-sequence tables), then kept while the tensors are unchanged."""
+        per-sequence tables), then kept while the tensors are unchanged; under torch.compile, inside
+        the op at run time."""
         if not (q.dim() == k.dim() == v.dim() == 3):
             raise ValueError(f"attention_varlen: q, k, v must be 3-d [total, heads, head_dim]; got {q.dim()}-d, "
                              f"{k.dim()}-d, {v.dim()}-d")
         q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # [1, H, total, D] views
         self.check(q4, k4, v4)
-        seqlens = _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
-        if seqlens.cu_q.device != q.device:
-            raise ValueError(f"cu_seqlens are on {seqlens.cu_q.device}, q on {q.device}")
+        compiling = torch.compiler.is_compiling()  # the lengths are read in the op, at run time
+        seqlens = None if compiling else _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                   q.shape[0], k.shape[0])
+        if cu_seqlens_q.device != q.device:
+            raise ValueError(f"cu_seqlens are on {cu_seqlens_q.device}, q on {q.device}")
         if self.document:
             ids = documents if isinstance(documents, (Documents, tuple, list)) or documents is None else (documents,)
             if isinstance(ids, (tuple, list)):
@@ -437,10 +434,14 @@ class KernelModule:
         hp = self.head_param_rows(q4, {"alibi_slopes": alibi_slopes, "temperature": temperature})
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
+        blocks = self.block_mask(layout, cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
+        if compiling:
+            o, lse = self._compiled(q4, k4, v4, hp, documents, blocks, scale, p_drop, dropout_seed,
+                                    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+            return (o[0].transpose(0, 1), lse[0]) if return_lse else o[0].transpose(0, 1)
         seed = 0
         if p_drop > 0:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
-        blocks = self.block_mask(layout, seqlens.batch, q.shape[1], seqlens.max_q, seqlens.max_k, q.device)
         sparse = Sparse(documents, blocks, seqlens)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
             o, lse = _Attention.apply(self, q4, k4, v4, hp, scale, seed, p_drop, sparse)
@@ -448,6 +449,15 @@ class KernelModule:
             o, lse = self.forward(q4, k4, v4, hp, scale, seed, p_drop, None, return_lse, sparse)
         o = o[0].transpose(0, 1)  # [total_q, Hq, Dv], contiguous
         return (o, lse[0]) if return_lse else o
+
+    def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0)):
+        """o, lse through the torch.library ops (what torch.compile traces instead of the host code)."""
+        if p_drop > 0 and dropout_seed is None:
+            raise ValueError(f"spec {self.name!r} has dropout: under torch.compile pass dropout_seed= (an int per "
+                             f"step, drawn outside the compiled function), or training=False")
+        ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
+        blocks = None if block_mask is None else block_mask.layout
+        return self.ops.forward(q, k, v, hp, *ids, blocks, *packed, scale, dropout_seed if p_drop > 0 else 0, p_drop)
 
     def dropout_keep_mask(self, batch, heads, seq_q, seq_k, dropout_seed, device=None):
         """For tests: the bool keep-mask [B, Hq, Nq, Nk] the kernels use for this seed (all True when
@@ -488,10 +498,13 @@ def _register_ops(rt: KernelModule) -> _Ops:
     _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
     name = f"attngen::{base}_{n}"
     # the seed is an int, not a tensor: a CPU tensor in the graph would be an input of its CUDA graphs
+    # packed sequences (attention_varlen): cu_q, cu_k and the longest lengths; q, k, v [1, H, total, D] views
     fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, Tensor? layout, "
-                  "float scale, SymInt seed, float p_drop) -> (Tensor, Tensor)")
+                  "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, SymInt seed, float p_drop) "
+                  "-> (Tensor, Tensor)")
     bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
-                  "Tensor? kv_ids, Tensor? layout, float scale, SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
+                  "Tensor? kv_ids, Tensor? layout, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, "
+                  "SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
 
     made = WeakIdKeyDictionary()  # first tensor -> (a weak reference to the second, their versions, the object)
 
@@ -507,24 +520,28 @@ def _register_ops(rt: KernelModule) -> _Ops:
         made[a] = (weakref.ref(b), (a._version, b._version), obj)
         return obj
 
-    def sparse(q_ids, kv_ids, layout):
+    def sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k):
         docs = None if q_ids is None else kept_for(q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))
         blocks = None if layout is None else kept_for(layout, layout, lambda: BlockMask(layout))
-        return Sparse(docs, blocks)
+        seqlens = None if cu_q is None else _seqlens(cu_q, cu_k, max_q, max_k, q.shape[2], k.shape[2])
+        return Sparse(docs, blocks, seqlens)
 
-    def fwd(q, k, v, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
-        o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, sparse(q_ids, kv_ids, layout))
-        return o, lse
+    def fwd(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+        return rt.forward(q, k, v, hp, scale, seed, p_drop, None, True,
+                          sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k))
 
-    def fwd_fake(q, k, v, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
-        shape = (*q.shape[:3], rt.head_dim_v)
-        return q.new_empty(shape), q.new_empty(shape[:3], dtype=torch.float32)
+    def fwd_fake(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+        B, H, N = q.shape[:3]
+        # packed: o lies as [total, H, Dv] in memory (rt.forward), seen as [1, H, total, Dv]
+        o = q.new_empty((N, H, rt.head_dim_v)).transpose(0, 1)[None] if cu_q is not None else q.new_empty((B, H, N, rt.head_dim_v))
+        return o, q.new_empty((B, H, N), dtype=torch.float32)
 
-    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
-        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop, sparse(q_ids, kv_ids, layout))
+    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop,
+                                      sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k))
         return dq, dk, dv, torch.zeros_like(hp) if dhp is None else dhp
 
-    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, scale, seed, p_drop):
+    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(hp)
 
     forward_op = torch.library.custom_op(f"{name}_fwd", fwd, mutates_args=(), schema=fwd_schema)
@@ -533,17 +550,19 @@ def _register_ops(rt: KernelModule) -> _Ops:
     backward_op.register_fake(bwd_fake)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, hp, q_ids, kv_ids, layout, scale, seed, p_drop = inputs
-        extra = (q_ids, kv_ids, layout)
+        q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop = inputs
+        extra = (q_ids, kv_ids, layout, cu_q, cu_k)
         ctx.save_for_backward(q, k, v, *output, hp, *(t for t in extra if t is not None))
         ctx.scale, ctx.seed, ctx.p_drop, ctx.given = scale, seed, p_drop, tuple(t is not None for t in extra)
+        ctx.maxes = (max_q, max_k)
 
     def backward(ctx, do, dlse):
         q, k, v, o, lse, hp, *given = ctx.saved_tensors
         given = iter(given)
         extra = [next(given) if g else None for g in ctx.given]
-        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *extra, ctx.scale, ctx.seed, ctx.p_drop)
-        return dq, dk, dv, dhp, None, None, None, None, None, None
+        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *extra, *ctx.maxes, ctx.scale, ctx.seed,
+                                      ctx.p_drop)
+        return dq, dk, dv, dhp, *[None] * 10
 
     forward_op.register_autograd(backward, setup_context=setup_context)
     return _Ops(forward_op, backward_op)
