@@ -90,8 +90,10 @@ class MaskPlan:
             where = ["the documents match"] * self.document + [sympy.sstr(self.cond)] * (self.cond is not None)
             if self.sparsity:
                 where.append(f"in the layout ({self.sparsity.describe()})")
-            per = ("per-batch" if self.document else "per-shape") if not (self.sparsity and (
-                self.sparsity.runtime or self.sparsity.random_blocks)) else "per-batch and per-head"
+            by_batch = self.document or bool(self.sparsity and self.sparsity.runtime)
+            by_head = bool(self.sparsity and (self.sparsity.runtime or self.sparsity.random_blocks))
+            per = {(False, False): "per-shape", (True, False): "per-batch", (False, True): "per-head",
+                   (True, True): "per-batch and per-head"}[by_batch, by_head]
             given = " and ".join(["each call's document ids"] * self.document
                                  + ["the layout"] * bool(self.sparsity))
             return f"tiles: visible where {' and '.join(where)}; {per} tables from {given}"

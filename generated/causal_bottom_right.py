@@ -179,7 +179,8 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     _store_tile(O, offs_m, Nq, stride_om, stride_od, acc / l_use[:, None], HEAD_DIM_V, HEAD_DIM_V_PAD, WIDE)
     if STORE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_use)) * 0.6931471805599453)
-        tl.store(LSE + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start + offs_m, lse, mask=offs_m < Nq)
+        lse_row = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+        tl.store(LSE + lse_row + offs_m, lse, mask=offs_m < Nq)
 
 
 @triton.jit
@@ -270,8 +271,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         if not TMA:
             Qh = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
             DOh = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        LSEh = LSE + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
-        DELTAh = DELTA + off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start
+        LSEh = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
+        DELTAh = DELTA + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
         # [lo, hi]: what this block may see; one loop, every tile masked.
         lo = tl.minimum(tl.maximum(((-Nk) + Nq + first), 0), Nq)
         end = tl.minimum(tl.maximum((Nq - 1) + 1, lo), Nq)
@@ -356,7 +357,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
     offs_m = first + tl.arange(0, BLOCK_M)
     q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
     do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
-    lse_row = off_b.to(tl.int64) * stride_lb + off_h * stride_lh + q_start  # LSE's and delta's
+    lse_row = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start  # LSE's and delta's
     lse2 = _lse2(LSE + lse_row, offs_m, Nq)
     # D = rowsum(dO * O), the softmax backward's row term, kept for the dK/dV kernel (launched after this one)
     o = _tile(O, off_b, off_h, first, Nq, stride_om, stride_od, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, False, WIDE)

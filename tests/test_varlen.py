@@ -15,8 +15,6 @@ from attngen.resources import resolve_spec
 from attngen.spec import load_spec
 
 
-
-
 def _cu(lengths):
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
@@ -44,6 +42,7 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
     assert o.shape == (tq, Hq, spec.head_dim_v) and o.is_contiguous() and lse.shape == (Hq, tq)
     do = torch.randn(o.shape, generator=g).to(dtype)
     o.backward(do)
+    dtemp = torch.zeros(Hq, dtype=torch.float64)
     for i, (nq, nk) in enumerate(zip(lens_q, lens_k)):
         qs, ks = int(cu_q[i]), int(cu_k[i])
         cut = lambda t, s, n: t.detach()[s:s + n].transpose(0, 1)[None].double().requires_grad_()  # noqa: E731
@@ -52,7 +51,7 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
         if ids is not None:
             rkw["documents"] = (ids[qs:qs + nq][None], ids[ks:ks + nk][None])
         if "temperature" in kw:
-            rkw["temperature"] = kw["temperature"].detach().double()
+            rkw["temperature"] = kw["temperature"].detach().double().requires_grad_()
         if layout is not None:
             rkw["layout"] = layout[i:i + 1, :, :-(-nq // bq), :-(-nk // bk)]
         ro, rlse = reference.attention(spec, rq, rk, rv, **rkw)
@@ -67,6 +66,11 @@ def _check(name, lens_q, lens_k, Hq=2, Hkv=1, dtype=torch.float32, seed=0, tol=2
             if want.numel():
                 err = (got.double() - want).abs().max().item()
                 assert err < tol * max(1.0, want.abs().max().item()), (name, i, err)
+        if "temperature" in rkw and rkw["temperature"].grad is not None:
+            dtemp = dtemp + rkw["temperature"].grad
+    if "temperature" in kw:  # the learned temperature's gradient, summed over the sequences
+        err = (kw["temperature"].grad.double() - dtemp).abs().max().item()
+        assert err < tol * max(1.0, dtemp.abs().max().item()), (name, "dtemperature", err)
 
 
 @pytest.mark.interp
@@ -161,7 +165,7 @@ def test_static_classes_follow_the_spec_mask(name):
 
 
 @pytest.mark.interp
-def test_verify_varlen_checks_every_quantity():
+def test_verify_varlen_checks_every_quantity(monkeypatch):
     """`attngen verify --varlen`: packed cases against the reference run per sequence, dropout's
     keep-mask included; and a kernel that is off is caught."""
     from attngen.verify import verify_spec
@@ -169,11 +173,34 @@ def test_verify_varlen_checks_every_quantity():
     results = verify_spec(resolve_spec("causal_dropout"), dtypes=["fp32"], backward=True, varlen=True)
     assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
     assert [name for name, _, _ in results[0].errors] == ["o", "lse", "dq", "dk", "dv"]
-    module = attngen.load(resolve_spec("causal"))
-    real = module.attention_varlen
-    try:
-        module.attention_varlen = lambda *a, **kw: (lambda o, lse: (o * 1.01, lse))(*real(*a, **kw))
-        results = verify_spec(resolve_spec("causal"), dtypes=["fp32"], varlen=True)
-    finally:
-        module.attention_varlen = real
+    real = runtime.KernelModule.attention_varlen  # what verify calls, for whichever module object it loads
+    monkeypatch.setattr(runtime.KernelModule, "attention_varlen",
+                        lambda self, *a, **kw: (lambda o, lse: (o * 1.01, lse))(*real(self, *a, **kw)))
+    results = verify_spec(resolve_spec("causal"), dtypes=["fp32"], varlen=True)
     assert not any(r.ok for r in results) and "o error" in results[0].why
+
+
+@pytest.mark.interp
+def test_varlen_reuses_lengths_across_head_counts():
+    """bigbird's random term gives per-head tables: the same cu_seqlens with another head count
+    must get tables for that head count (a kept table of the first once made the kernel read past
+    its end)."""
+    path = resolve_spec("bigbird")
+    spec, module = load_spec(path), attngen.load(path)
+    cu = torch.tensor([0, 150, 290], dtype=torch.int32)
+    for heads in (2, 4):
+        q = torch.randn(290, heads, spec.head_dim, generator=torch.Generator().manual_seed(heads))
+        o = module.attention_varlen(q, q, q, cu, cu, 150, 150)
+        for s0, n in ((0, 150), (150, 140)):
+            x = q[s0:s0 + n].transpose(0, 1)[None].double()
+            want, _ = reference.attention(spec, x, x, x)
+            assert (o[s0:s0 + n].transpose(0, 1)[None].double() - want).abs().max() < 2e-5, heads
+
+
+@pytest.mark.interp
+def test_varlen_grid_limit_is_a_clear_error():
+    module = attngen.load(resolve_spec("causal"))
+    q = torch.randn(4200, 16, 128)
+    cu = torch.arange(4201, dtype=torch.int32)  # 4200 sequences of one token, x 16 heads > 65535
+    with pytest.raises(ValueError, match="over 65535"):
+        module.attention_varlen(q, q, q, cu, cu, 1, 1)

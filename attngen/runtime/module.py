@@ -142,6 +142,8 @@ class KernelModule:
                 return by_keys, by_rows
             tiles = layout_tiles(layout, by_keys.shape[-2], by_keys.shape[-1], block_m, block_n, *self.layout_block)
             return torch.where(tiles, by_keys, 0).to(torch.int8), torch.where(tiles, by_rows, 0).to(torch.int8)
+        if len(self._static) >= 4096:  # one entry per shape (and per sequence shape with varlen): bounded
+            self._static.clear()
         return kept(self._static, key, make)
 
     def static_layout(self, Nq: int, Nk: int, heads: int, device):
@@ -170,7 +172,7 @@ class KernelModule:
                 static_terms = self.static_layout(n_q, n_k, heads, q.device)
                 return own if static_terms is None else own | static_terms
             count, index = sparse.seqlens.tables(
-                (self.key, bm, bn, transposed, nested, id(docs), id(blocks)),
+                (self.key, heads, bm, bn, transposed, nested, id(docs), id(blocks)),
                 lambda n_q, n_k: self.static_classes(n_q, n_k, bm, bn, q.device, heads, with_layout=blocks is None),
                 bm, bn, transposed, nested, docs, layout if blocks is not None else None, self.layout_block, keep=blocks)
             return (count, index, *((docs.q_ids, docs.kv_ids) if self.document else (empty, empty)))
@@ -181,14 +183,14 @@ class KernelModule:
             ids = docs.q_ids, docs.kv_ids
         if sparse.block_mask is not None:  # the mask's classes in the union of the static and the call's layout
             element = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, with_layout=False)  # noqa: E731
-            base = (lambda: docs.classes(self.key, element, bm, bn, transposed)) if docs else \
+            base = (lambda: docs.classes(self.key, element, bm, bn, transposed, q.shape[1])) if docs else \
                 (lambda: element()[1 if transposed else 0])
             key = (self.key, Nq, Nk, q.shape[1], bm, bn, transposed, nested, id(docs))
             count, index = sparse.block_mask.tables(
                 key, base, -(-Nq // bm), -(-Nk // bn), bm, bn, self.layout_block, transposed, nested, keep=docs,
                 static=lambda: self.static_layout(Nq, Nk, q.shape[1], q.device))
         elif docs is not None:
-            count, index = docs.tables(self.key, static, bm, bn, transposed, nested)
+            count, index = docs.tables(self.key, static, bm, bn, transposed, nested, q.shape[1])
         else:
             key = ("lists", Nq, Nk, bm, bn, str(q.device), q.shape[1], transposed, encoding)
             count, index = kept(self._static, key, lambda: tile_lists(static()[1].transpose(-1, -2) if transposed
@@ -424,16 +426,23 @@ class KernelModule:
                                                    q.shape[0], k.shape[0])
         if cu_seqlens_q.device != q.device:
             raise ValueError(f"cu_seqlens are on {cu_seqlens_q.device}, q on {q.device}")
+        if seqlens is not None and seqlens.batch * q.shape[1] > 65535:
+            raise ValueError(f"sequences x query heads = {seqlens.batch * q.shape[1]} is over 65535, the launch "
+                             f"grid's limit on axis 1")
         if self.document:
             ids = documents if isinstance(documents, (Documents, tuple, list)) or documents is None else (documents,)
-            if isinstance(ids, (tuple, list)):
-                ids = tuple(t.reshape(1, -1) for t in ids)
+            if isinstance(ids, (tuple, list)) and len(ids) in (1, 2) and all(isinstance(t, torch.Tensor) for t in ids):
+                q_ids, kv_ids = (t.reshape(1, -1) for t in (ids[0], ids[-1]))  # raw ids: one Documents per tensor pair
+                ids = made_for("documents", ids[0], ids[-1], lambda: as_documents((q_ids, kv_ids), 1, q.shape[0],
+                                                                                   k.shape[0], q.device, self.name))
             documents = as_documents(ids, 1, q.shape[0], k.shape[0], q.device, self.name)
         elif documents is not None:
             raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
         hp = self.head_param_rows(q4, {"alibi_slopes": alibi_slopes, "temperature": temperature})
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
+        if isinstance(layout, torch.Tensor) and layout.dtype == torch.bool:  # raw: one BlockMask per tensor
+            layout = made_for("layout", layout, layout, lambda: BlockMask(layout))
         blocks = self.block_mask(layout, cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
         if compiling:
             o, lse = self._compiled(q4, k4, v4, hp, documents, blocks, scale, p_drop, dropout_seed,
@@ -467,6 +476,24 @@ class KernelModule:
             _keep_mask_kernel[(triton.cdiv(seq_q, 64), triton.cdiv(seq_k, 64), batch * heads)](
                 keep, heads, seq_q, seq_k, int(dropout_seed), self.dropout_p, BLOCK_M=64, BLOCK_N=64)
         return keep.bool()
+
+
+_MADE = {"documents": WeakIdKeyDictionary(), "layout": WeakIdKeyDictionary()}  # first tensor -> (a weak
+# reference to the second, their versions, the object made from them)
+
+
+def made_for(kind: str, a: torch.Tensor, b: torch.Tensor, make):
+    """make(), kept while the same tensors hold the same values (a model passes one batch's ids or
+    one step's layout to every layer), so the tile tables made from them are built once."""
+    if a.is_cuda and torch.cuda.is_current_stream_capturing():
+        return make()  # built inside the CUDA graph on every replay; a kept one would leak its pool
+    made = _MADE[kind]
+    hit = made.get(a)
+    if hit is not None and hit[0]() is b and hit[1] == (a._version, b._version):
+        return hit[2]
+    obj = make()  # copies the tensors: holds neither
+    made[a] = (weakref.ref(b), (a._version, b._version), obj)
+    return obj
 
 
 _SEQLENS = WeakIdKeyDictionary()  # cu_seqlens_q -> (a weak reference to cu_seqlens_k, versions, arguments, Seqlens)
@@ -506,23 +533,9 @@ def _register_ops(rt: KernelModule) -> _Ops:
                   "Tensor? kv_ids, Tensor? layout, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, "
                   "SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
 
-    made = WeakIdKeyDictionary()  # first tensor -> (a weak reference to the second, their versions, the object)
-
-    def kept_for(a, b, make):
-        """make(), kept while the same tensors hold the same values (a model passes one batch's ids
-        or one step's layout to every layer), so the tile tables are built once."""
-        if a.is_cuda and torch.cuda.is_current_stream_capturing():
-            return make()  # built inside the CUDA graph on every replay; a kept one would leak its pool
-        hit = made.get(a)
-        if hit is not None and hit[0]() is b and hit[1] == (a._version, b._version):
-            return hit[2]
-        obj = make()  # copies the tensors: holds neither
-        made[a] = (weakref.ref(b), (a._version, b._version), obj)
-        return obj
-
     def sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k):
-        docs = None if q_ids is None else kept_for(q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))
-        blocks = None if layout is None else kept_for(layout, layout, lambda: BlockMask(layout))
+        docs = None if q_ids is None else made_for("documents", q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))
+        blocks = None if layout is None else made_for("layout", layout, layout, lambda: BlockMask(layout))
         seqlens = None if cu_q is None else _seqlens(cu_q, cu_k, max_q, max_k, q.shape[2], k.shape[2])
         return Sparse(docs, blocks, seqlens)
 

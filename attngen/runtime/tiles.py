@@ -140,10 +140,11 @@ class Documents:
         self.q_ids, self.kv_ids = _ids(q_ids), _ids(kv_ids)
         self._classes, self._tables = {}, {}
 
-    def classes(self, owner: str, static, block_m: int, block_n: int, transposed: bool) -> torch.Tensor:
-        """[B, H', n_m, n_n] tile classes for kernels of module `owner` (its key) at these blocks;
-        `static()` gives that module's static tile classes for the ids' shape (by keys and by rows)."""
-        key = (owner, block_m, block_n, transposed)
+    def classes(self, owner: str, static, block_m: int, block_n: int, transposed: bool, heads: int = 1) -> torch.Tensor:
+        """[B, H', n_m, n_n] tile classes for kernels of module `owner` (its key) at these blocks and
+        query heads; `static()` gives that module's static tile classes for the ids' shape (by keys
+        and by rows)."""
+        key = (owner, block_m, block_n, transposed, heads)
         if key not in self._classes:
             by_keys, by_rows = static()
             with torch.inference_mode(False):
@@ -151,13 +152,13 @@ class Documents:
                                                       block_m, block_n)
         return self._classes[key]
 
-    def tables(self, owner: str, static, block_m: int, block_n: int, transposed: bool, nested: bool):
+    def tables(self, owner: str, static, block_m: int, block_n: int, transposed: bool, nested: bool, heads: int = 1):
         """COUNT and INDEX [B, H', n_outer, ...] for a kernel of module `owner` at these blocks (see
         classes). Kernels with one tiling and orientation share the classes; each encoding gets its
         own lists."""
-        key = (owner, block_m, block_n, transposed, nested)
+        key = (owner, block_m, block_n, transposed, nested, heads)
         if key not in self._tables:
-            classes = self.classes(owner, static, block_m, block_n, transposed)
+            classes = self.classes(owner, static, block_m, block_n, transposed, heads)
             with torch.inference_mode(False):
                 self._tables[key] = tile_lists(classes.transpose(-1, -2) if transposed else classes, nested)
         return self._tables[key]

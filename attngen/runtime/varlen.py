@@ -18,12 +18,12 @@ from .tiles import EMPTY, document_classes, tile_lists
 
 class Seqlens:
     """Checked cumulative sequence lengths (int32 [B + 1], from 0 to the totals, non-decreasing) and
-    the longest lengths; the per-sequence tile tables built from them are kept (make one per batch
-    and pass it to every layer, or let attention_varlen keep it for the same tensors)."""
+    the longest lengths, with the per-sequence tile tables built from them. attention_varlen keeps
+    one per pair of cu_seqlens tensors while they are unchanged, so every layer of a step shares it."""
 
     def __init__(self, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                  total_q: int, total_k: int):
-        lengths = []
+        lengths, starts = [], []
         for name, cu, total, longest in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q),
                                          ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k)):
             if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
@@ -35,6 +35,7 @@ class Seqlens:
             if host[-1] != total:
                 raise ValueError(f"{name}'s last entry must be the total number of rows, {total}; got {host[-1]}")
             seq = [b - a for a, b in zip(host, host[1:])]
+            starts.append(host[:-1])
             if seq and max(seq) > longest:
                 raise ValueError(f"max_seqlen_{name[-1]} = {longest} is below the longest sequence, {max(seq)}")
             lengths.append(seq)
@@ -46,7 +47,7 @@ class Seqlens:
         self.cu_q, self.cu_k = cu_seqlens_q.clone(), cu_seqlens_k.clone()
         self.max_q, self.max_k = int(max_seqlen_q), int(max_seqlen_k)
         self.lengths = list(zip(*lengths))  # (Nq_i, Nk_i) per sequence
-        self.starts = list(zip(cu_seqlens_q.tolist(), cu_seqlens_k.tolist()))
+        self.starts = list(zip(*starts))  # (first query row, first key row) per sequence
         self._tables: dict = {}
 
     @property
