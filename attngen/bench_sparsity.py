@@ -152,11 +152,13 @@ def _packing(total: int, g: torch.Generator, low: int = 100, high: int = 8192) -
     while sum(lengths) < total:
         lengths.append(int(torch.randint(low, high + 1, (1,), generator=g)))
     lengths[-1] -= sum(lengths) - total
-    return [n for n in lengths if n > 0]
+    if lengths[-1] < low and len(lengths) > 1:  # no sequence under `low`: the remainder joins the one before
+        lengths[-2] += lengths.pop()
+    return lengths
 
 
 def varlen(path, totals=(16384, 65536), heads: int = 16, backward: bool = False, log=print) -> list[dict]:
-    """Packed sequences of 100 to 8192 tokens, `total` in all: ours beside FlashAttention-2's varlen
+    """Packed sequences of 100 to 8192 tokens (the last one joined to its neighbour if shorter), `total` in all: ours beside FlashAttention-2's varlen
     (causal: bottom-right per sequence, as ours) and Flex with the equivalent document mask."""
     spec, module = load_spec(path), load(path)
     rt = runtime.of(module)
