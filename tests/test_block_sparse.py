@@ -19,7 +19,7 @@ from torch.nn.attention import flex_attention as flex
 import attngen
 from attngen import reference, runtime
 from attngen.runtime import block_mask as block_mask_module
-from attngen.runtime.module import Sparse
+from attngen.runtime.sparse import Sparse
 from attngen.runtime.tiles import EMPTY, FULL, PARTIAL
 from attngen.spec import load_spec
 

@@ -129,7 +129,7 @@ def test_varlen_bad_input_is_refused(change, error, fragment):
 def test_varlen_keeps_the_checked_lengths_per_tensor_pair():
     """One read of cu_seqlens per batch: the same tensors, unchanged, reuse the Seqlens (and its
     tables); a changed tensor is read again."""
-    from attngen.runtime import module as rt_module
+    from attngen.runtime import sparse as rt_module
 
     module = attngen.load(resolve_spec("dilated"))
     q = torch.randn(70, 2, 64)

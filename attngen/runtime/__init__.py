@@ -9,7 +9,8 @@ and Triton (no sympy, jinja or networkx), so a module imports it cheaply, and
 """
 
 from .block_mask import BlockMask
-from .module import KernelModule, Sparse, default_alibi_slopes
+from .module import KernelModule, default_alibi_slopes
+from .sparse import Sparse
 from .roles import ROLES, KernelRole
 from .tiles import Documents
 

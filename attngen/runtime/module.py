@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import triton
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .block_mask import BlockMask, layout_tiles
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
-from .roles import ROLES
 from .layouts import static_layout
+from .library import register_ops
+from .roles import ROLES
+from .sparse import NO_SPARSE, Sparse, kept_seqlens, made_for
 from .tiles import Documents, as_documents, kept, tile_classes, tile_lists
 from .tl_lib import _keep_mask_kernel
 from .varlen import Seqlens
@@ -54,16 +53,6 @@ _DEFAULTS = {"alibi": default_alibi_slopes,
                                                 lambda: torch.ones(heads, dtype=torch.float32, device=device))}
 
 
-class Sparse(NamedTuple):
-    """A call's data-dependent sparsity, which its tile tables are built from."""
-    documents: Documents | None = None
-    block_mask: BlockMask | None = None
-    seqlens: Seqlens | None = None  # packed sequences: q, k, v are [1, H, total, D] views
-
-
-NO_SPARSE = Sparse()
-
-
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rt, q, k, v, hp, scale, seed, p_drop, sparse):
@@ -78,9 +67,6 @@ class _Attention(torch.autograd.Function):
         q, k, v, o, lse, hp = ctx.saved_tensors
         dq, dk, dv, dhp = ctx.rt.backward(do, q, k, v, o, lse, hp, ctx.scale, ctx.seed, ctx.p_drop, ctx.sparse)
         return None, dq, dk, dv, dhp if ctx.needs_input_grad[4] else None, None, None, None, None
-
-
-_OP_NAMES: dict[str, int] = {}
 
 
 class KernelModule:
@@ -111,7 +97,7 @@ class KernelModule:
         self._static: dict = {}
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
-        self.ops = _register_ops(self)
+        self.ops = register_ops(self)
 
     # ------------------------------------------------------------------ choices per call
 
@@ -422,7 +408,7 @@ class KernelModule:
         q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # [1, H, total, D] views
         self.check(q4, k4, v4)
         compiling = torch.compiler.is_compiling()  # the lengths are read in the op, at run time
-        seqlens = None if compiling else _seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        seqlens = None if compiling else kept_seqlens(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                    q.shape[0], k.shape[0])
         if cu_seqlens_q.device != q.device:
             raise ValueError(f"cu_seqlens are on {cu_seqlens_q.device}, q on {q.device}")
@@ -477,106 +463,3 @@ class KernelModule:
             _keep_mask_kernel[(triton.cdiv(seq_q, 64), triton.cdiv(seq_k, 64), batch * heads)](
                 keep, heads, seq_q, seq_k, int(dropout_seed), self.dropout_p, BLOCK_M=64, BLOCK_N=64)
         return keep.bool()
-
-
-_MADE = {"documents": WeakIdKeyDictionary(), "layout": WeakIdKeyDictionary()}  # first tensor -> (a weak
-# reference to the second, their versions, the object made from them)
-
-
-def made_for(kind: str, a: torch.Tensor, b: torch.Tensor, make):
-    """make(), kept while the same tensors hold the same values (a model passes one batch's ids or
-    one step's layout to every layer), so the tile tables made from them are built once."""
-    if a.is_cuda and torch.cuda.is_current_stream_capturing():
-        return make()  # built inside the CUDA graph on every replay; a kept one would leak its pool
-    made = _MADE[kind]
-    hit = made.get(a)
-    if hit is not None and hit[0]() is b and hit[1] == (a._version, b._version):
-        return hit[2]
-    obj = make()  # copies the tensors: holds neither
-    made[a] = (weakref.ref(b), (a._version, b._version), obj)
-    return obj
-
-
-_SEQLENS = WeakIdKeyDictionary()  # cu_seqlens_q -> (a weak reference to cu_seqlens_k, versions, arguments, Seqlens)
-
-
-def _seqlens(cu_q, cu_k, max_q: int, max_k: int, total_q: int, total_k: int) -> Seqlens:
-    """The Seqlens of these tensors, kept while they hold the same values (a model passes one
-    batch's to every layer), so the lengths are read and checked once."""
-    if not isinstance(cu_q, torch.Tensor) or not isinstance(cu_k, torch.Tensor):
-        return Seqlens(cu_q, cu_k, max_q, max_k, total_q, total_k)  # raises the type error
-    args = (int(max_q), int(max_k), total_q, total_k)
-    hit = _SEQLENS.get(cu_q)
-    if hit is not None and hit[0]() is cu_k and hit[1] == (cu_q._version, cu_k._version) and hit[2] == args:
-        return hit[3]
-    made = Seqlens(cu_q, cu_k, *args)
-    _SEQLENS[cu_q] = (weakref.ref(cu_k), (cu_q._version, cu_k._version), args, made)
-    return made
-
-
-class _Ops:
-    """The module's torch.library ops: what torch.compile traces instead of the host code."""
-
-    def __init__(self, forward, backward):
-        self.forward, self.backward = forward, backward
-
-
-def _register_ops(rt: KernelModule) -> _Ops:
-    base = rt.key
-    _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
-    name = f"attngen::{base}_{n}"
-    # the seed is an int, not a tensor: a CPU tensor in the graph would be an input of its CUDA graphs
-    # packed sequences (attention_varlen): cu_q, cu_k and the longest lengths; q, k, v [1, H, total, D] views
-    fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, Tensor? layout, "
-                  "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, SymInt seed, float p_drop) "
-                  "-> (Tensor, Tensor)")
-    bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
-                  "Tensor? kv_ids, Tensor? layout, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, "
-                  "SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
-
-    def sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k):
-        docs = None if q_ids is None else made_for("documents", q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))
-        blocks = None if layout is None else made_for("layout", layout, layout, lambda: BlockMask(layout))
-        seqlens = None if cu_q is None else _seqlens(cu_q, cu_k, max_q, max_k, q.shape[2], k.shape[2])
-        return Sparse(docs, blocks, seqlens)
-
-    def fwd(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
-        return rt.forward(q, k, v, hp, scale, seed, p_drop, None, True,
-                          sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k))
-
-    def fwd_fake(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
-        B, H, N = q.shape[:3]
-        # packed: o lies as [total, H, Dv] in memory (rt.forward), seen as [1, H, total, Dv]
-        o = q.new_empty((N, H, rt.head_dim_v)).transpose(0, 1)[None] if cu_q is not None else q.new_empty((B, H, N, rt.head_dim_v))
-        return o, q.new_empty((B, H, N), dtype=torch.float32)
-
-    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
-        dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop,
-                                      sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k))
-        return dq, dk, dv, torch.zeros_like(hp) if dhp is None else dhp
-
-    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(hp)
-
-    forward_op = torch.library.custom_op(f"{name}_fwd", fwd, mutates_args=(), schema=fwd_schema)
-    forward_op.register_fake(fwd_fake)
-    backward_op = torch.library.custom_op(f"{name}_bwd", bwd, mutates_args=(), schema=bwd_schema)
-    backward_op.register_fake(bwd_fake)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop = inputs
-        extra = (q_ids, kv_ids, layout, cu_q, cu_k)
-        ctx.save_for_backward(q, k, v, *output, hp, *(t for t in extra if t is not None))
-        ctx.scale, ctx.seed, ctx.p_drop, ctx.given = scale, seed, p_drop, tuple(t is not None for t in extra)
-        ctx.maxes = (max_q, max_k)
-
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse, hp, *given = ctx.saved_tensors
-        given = iter(given)
-        extra = [next(given) if g else None for g in ctx.given]
-        dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *extra, *ctx.maxes, ctx.scale, ctx.seed,
-                                      ctx.p_drop)
-        return dq, dk, dv, dhp, *[None] * 10
-
-    forward_op.register_autograd(backward, setup_context=setup_context)
-    return _Ops(forward_op, backward_op)
