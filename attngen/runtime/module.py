@@ -376,16 +376,19 @@ class KernelModule:
                 out.copy_(o)
                 o = out
             return (o, lse) if return_lse else o
+        o, lse = self._eager(q, k, v, hp, scale, p_drop, dropout_seed, sparse, out, return_lse)
+        return (o, lse) if return_lse else o
+
+    def _eager(self, q, k, v, hp, scale: float, p_drop: float, dropout_seed, sparse: Sparse, out, store_lse: bool):
+        """o, lse of an eager call: through autograd when a gradient is needed, else the forward alone."""
         seed = 0
         if p_drop > 0:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
             if out is not None:
                 raise ValueError("out= cannot be used when gradients are required")
-            o, lse = _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, sparse)
-        else:
-            o, lse = self.forward(q, k, v, hp, scale, seed, p_drop, out, return_lse, sparse)
-        return (o, lse) if return_lse else o
+            return _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, sparse)
+        return self.forward(q, k, v, hp, scale, seed, p_drop, out, store_lse, sparse)
 
     def attention_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                          return_lse=False, documents=None, layout=None, alibi_slopes=None, temperature=None,
@@ -435,14 +438,8 @@ class KernelModule:
             o, lse = self._compiled(q4, k4, v4, hp, documents, blocks, scale, p_drop, dropout_seed,
                                     (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
             return (o[0].transpose(0, 1), lse[0]) if return_lse else o[0].transpose(0, 1)
-        seed = 0
-        if p_drop > 0:
-            seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout_seed is None else int(dropout_seed)
-        sparse = Sparse(documents, blocks, seqlens)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
-            o, lse = _Attention.apply(self, q4, k4, v4, hp, scale, seed, p_drop, sparse)
-        else:
-            o, lse = self.forward(q4, k4, v4, hp, scale, seed, p_drop, None, return_lse, sparse)
+        o, lse = self._eager(q4, k4, v4, hp, scale, p_drop, dropout_seed, Sparse(documents, blocks, seqlens), None,
+                             return_lse)
         o = o[0].transpose(0, 1)  # [total_q, Hq, Dv], contiguous
         return (o, lse[0]) if return_lse else o
 
