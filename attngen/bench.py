@@ -91,21 +91,30 @@ def _peers(spec: Spec, shape: BenchShape, module, doc_ids=None):
     return peers
 
 
+def flex_mask_mod(spec: Spec, n: int, doc_ids=None):
+    """FlexAttention's mask_mod for the spec's element mask at Nq = Nk = n (and documents), or None
+    where every pair is visible."""
+    cond = mask_condition(spec.mask, spec.source)
+    if cond is None and doc_ids is None:
+        return None
+    visible = to_callable(cond) if cond is not None else None  # closures over torch ops: torch.compile traces no sympy
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        vis = visible({"q_idx": q_idx, "kv_idx": kv_idx, "Nq": n, "Nk": n}) if visible else None
+        if doc_ids is not None:
+            same = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
+            vis = same if vis is None else vis & same
+        return vis
+    return mask_mod
+
+
 def _flex(spec: Spec, shape: BenchShape, module, doc_ids=None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    cond = mask_condition(spec.mask, spec.source)
     n = shape.seq
     block_mask = None
-    if cond is not None or doc_ids is not None:
-        visible = to_callable(cond) if cond is not None else None  # closures over torch ops: torch.compile traces no sympy
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            vis = visible({"q_idx": q_idx, "kv_idx": kv_idx, "Nq": n, "Nk": n}) if visible else None
-            if doc_ids is not None:
-                same = doc_ids[b, q_idx] == doc_ids[b, kv_idx]
-                vis = same if vis is None else vis & same
-            return vis
+    mask_mod = flex_mask_mod(spec, n, doc_ids)
+    if mask_mod is not None:
         batch = shape.batch if doc_ids is not None else None
         block_mask = create_block_mask(mask_mod, batch, None, n, n, device="cuda")
     cap = spec.score.softcap

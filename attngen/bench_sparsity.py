@@ -21,12 +21,10 @@ import torch
 DT = torch.bfloat16  # the dtype benchmarked
 
 from . import runtime
-from .bench import BenchShape, _time, bench_layout
+from .bench import BenchShape, _time, bench_layout, flex_mask_mod
 from .loader import load
-from .mask import mask_condition
 from .runtime.tiles import FULL, PARTIAL, document_classes, tile_classes
 from .spec import load_spec
-from .symbolic import to_callable
 
 
 def _flex_mask(spec, layout: torch.Tensor, classes: torch.Tensor, n: int, heads: int, doc_ids=None):
@@ -34,16 +32,13 @@ def _flex_mask(spec, layout: torch.Tensor, classes: torch.Tensor, n: int, heads:
     element classes are `classes` (EMPTY, PARTIAL, FULL; broadcastable), the spec's mask as mask_mod."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    cond = mask_condition(spec.mask, spec.source)
-    visible = to_callable(cond) if cond is not None else None
+    element = flex_mask_mod(spec, n, doc_ids)
     bq, bk = spec.sparsity.block if spec.sparsity else (128, 128)
     by_batch, by_head = layout.shape[0] > 1, layout.shape[1] > 1
 
     def mask_mod(b, h, q_idx, kv_idx):  # the whole mask (Flex runs it on partial blocks; eager Flex everywhere)
-        vis = visible({"q_idx": q_idx, "kv_idx": kv_idx, "Nq": n, "Nk": n}) if visible else q_idx >= 0
-        if doc_ids is not None:
-            vis = vis & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
-        return vis & layout[b if by_batch else 0, h if by_head else 0, q_idx // bq, kv_idx // bk]
+        vis = layout[b if by_batch else 0, h if by_head else 0, q_idx // bq, kv_idx // bk]
+        return vis if element is None else vis & element(b, h, q_idx, kv_idx)
 
     def lists(blocks):
         num = blocks.sum(-1).to(torch.int32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiles import EMPTY, tile_lists
+from .tiles import EMPTY, oriented_lists
 
 
 def layout_tiles(layout: torch.Tensor, n_m: int, n_n: int, bm: int, bn: int, bq: int, bk: int) -> torch.Tensor:
@@ -88,5 +88,5 @@ class BlockMask:
                 layout = self.layout if extra is None else self.layout | extra
                 tiles = layout_tiles(layout, n_m, n_n, bm, bn, *block)
                 classes = torch.where(tiles, base(), EMPTY).to(torch.int8)
-                hit = self._tables[key] = (tile_lists(classes.transpose(-1, -2) if transposed else classes, nested), keep)
+                hit = self._tables[key] = (oriented_lists(classes, transposed, nested), keep)
         return hit[0]

@@ -21,7 +21,7 @@ from .layouts import static_layout
 from .library import register_ops
 from .roles import ROLES
 from .sparse import NO_SPARSE, Sparse, kept_seqlens, made_for
-from .tiles import Documents, as_documents, kept, tile_classes, tile_lists
+from .tiles import Documents, as_documents, kept, oriented_lists, tile_classes
 from .tl_lib import _keep_mask_kernel
 from .varlen import Seqlens
 
@@ -179,8 +179,8 @@ class KernelModule:
             count, index = docs.tables(self.key, static, bm, bn, transposed, nested, q.shape[1])
         else:
             key = ("lists", Nq, Nk, bm, bn, str(q.device), q.shape[1], transposed, encoding)
-            count, index = kept(self._static, key, lambda: tile_lists(static()[1].transpose(-1, -2) if transposed
-                                                                      else static()[0], nested))
+            count, index = kept(self._static, key,
+                                lambda: oriented_lists(static()[1 if transposed else 0], transposed, nested))
         return count, index, *ids
 
     def _constexprs(self, role: str, cfg: dict, tma: bool, wide: bool, q) -> dict:
@@ -422,16 +422,15 @@ class KernelModule:
             ids = documents if isinstance(documents, (Documents, tuple, list)) or documents is None else (documents,)
             if isinstance(ids, (tuple, list)) and len(ids) in (1, 2) and all(isinstance(t, torch.Tensor) for t in ids):
                 q_ids, kv_ids = (t.reshape(1, -1) for t in (ids[0], ids[-1]))
-                make = lambda: as_documents((q_ids, kv_ids), 1, q.shape[0], k.shape[0], q.device, self.name)  # noqa: E731
-                # raw ids: one Documents per tensor pair (under compile the op keeps one per ids tensor)
-                ids = make() if compiling else made_for("documents", ids[0], ids[-1], make)
+                ids = made_for("documents", ids[0], ids[-1],  # raw ids: one Documents per tensor pair
+                               lambda: as_documents((q_ids, kv_ids), 1, q.shape[0], k.shape[0], q.device, self.name))
             documents = as_documents(ids, 1, q.shape[0], k.shape[0], q.device, self.name)
         elif documents is not None:
             raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
         hp = self.head_param_rows(q4, {"alibi_slopes": alibi_slopes, "temperature": temperature})
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
-        if isinstance(layout, torch.Tensor) and layout.dtype == torch.bool and not compiling:  # one BlockMask per tensor
+        if isinstance(layout, torch.Tensor) and layout.dtype == torch.bool:  # raw: one BlockMask per tensor
             layout = made_for("layout", layout, layout, lambda: BlockMask(layout))
         blocks = self.block_mask(layout, cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
         if compiling:

@@ -32,6 +32,8 @@ _MADE = {"documents": WeakIdKeyDictionary(), "layout": WeakIdKeyDictionary()}  #
 def made_for(kind: str, a: torch.Tensor, b: torch.Tensor, make):
     """make(), kept while the same tensors hold the same values (a model passes one batch's ids or
     one step's layout to every layer), so the tile tables made from them are built once."""
+    if torch.compiler.is_compiling():
+        return make()  # traced: the op keeps its own per tensor at run time (library.py)
     if a.is_cuda and torch.cuda.is_current_stream_capturing():
         return make()  # built inside the CUDA graph on every replay; a kept one would leak its pool
     made = _MADE[kind]

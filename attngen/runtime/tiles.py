@@ -84,6 +84,13 @@ def tile_lists(classes: torch.Tensor, nested: bool) -> tuple[torch.Tensor, torch
     return count.contiguous(), torch.stack([partial, lists], dim=-2).to(torch.int32).contiguous()
 
 
+def oriented_lists(classes: torch.Tensor, transposed: bool, nested: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """tile_lists of classes [..., n_m, n_n] for a kernel that walks queries (transposed: the dK/dV
+    kernel) or keys, made outside inference mode (a kept table may serve a later call's backward)."""
+    with torch.inference_mode(False):
+        return tile_lists(classes.transpose(-1, -2) if transposed else classes, nested)
+
+
 def block_ranges(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The least and the greatest id of each block of `block` positions: [B, n_blocks] twice."""
     B, n = ids.shape
@@ -158,9 +165,8 @@ class Documents:
         own lists."""
         key = (owner, block_m, block_n, transposed, nested, heads)
         if key not in self._tables:
-            classes = self.classes(owner, static, block_m, block_n, transposed, heads)
-            with torch.inference_mode(False):
-                self._tables[key] = tile_lists(classes.transpose(-1, -2) if transposed else classes, nested)
+            self._tables[key] = oriented_lists(self.classes(owner, static, block_m, block_n, transposed, heads),
+                                               transposed, nested)
         return self._tables[key]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .block_mask import layout_tiles
-from .tiles import EMPTY, document_classes, tile_lists
+from .tiles import EMPTY, document_classes, oriented_lists
 
 
 class Seqlens:
@@ -81,7 +81,5 @@ class Seqlens:
                 rows.append(torch.nn.functional.pad(classes, pad, value=EMPTY))
             heads = max(r.shape[1] for r in rows)
             classes = torch.cat([r.expand(1, heads, n_m, n_n) for r in rows])
-            with torch.inference_mode(False):
-                hit = self._tables[key] = (tile_lists(classes.transpose(-1, -2) if transposed else classes, nested),
-                                           (documents, keep))
+            hit = self._tables[key] = (oriented_lists(classes, transposed, nested), (documents, keep))
         return hit[0]
