@@ -38,7 +38,7 @@ import sympy
 import torch
 
 from .mask_expr import KV_IDX, NK, NQ, Q_IDX
-from .runtime.block_mask import layout_tiles
+from .runtime.tiles import layout_tiles
 from .runtime.layouts import static_layout
 from .runtime.tiles import cell_visibility
 from .spec import Sparsity

@@ -19,6 +19,7 @@ from torch.nn.attention import flex_attention as flex
 import attngen
 from attngen import reference, runtime
 from attngen.runtime import block_mask as block_mask_module
+from attngen.runtime import tiles as tiles_module
 from attngen.runtime.sparse import Sparse
 from attngen.runtime.tiles import EMPTY, FULL, PARTIAL
 from attngen.spec import load_spec
@@ -166,6 +167,35 @@ def test_tables_agree_with_dense_layout_and_mask(copy, name, nested, B, H, batch
         assert count.shape[:2] == vis.shape[:2], (role, count.shape, vis.shape)
         got = _decode(count, index, nested, want.shape[-1])
         assert torch.equal(got, want), (role, (got != want).nonzero()[:5].tolist())
+
+
+@pytest.mark.interp
+@settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
+@given(B=st.integers(1, 2), H=st.integers(1, 2), class_wide=st.booleans(), layout_wide=st.booleans(),
+       n_qb=st.integers(1, 5), n_kb=st.integers(1, 12), per_block=st.sampled_from([(1, 1), (2, 1), (1, 4), (4, 2)]),
+       ragged=st.booleans(), chunk=st.sampled_from([16, 1024]), seed=st.integers(0, 2**16))
+def test_the_table_kernel_lists_the_classes_inside_the_layout(B, H, class_wide, layout_wide, n_qb, n_kb, per_block,
+                                                              ragged, chunk, seed):
+    """The Triton table builder (CUDA's; here on the interpreter) encodes exactly the tile classes
+    inside the block layout, in both orientations and encodings, across chunk boundaries, with
+    classes and layout each broadcast over batch and heads or not."""
+    from attngen.runtime.table_kernel import build_lists
+    g = torch.Generator().manual_seed(seed)
+    tile = (32, 16)
+    block = (tile[0] * per_block[0], tile[1] * per_block[1])
+    n_m, n_n = n_qb * per_block[0] - (ragged and per_block[0] > 1), n_kb * per_block[1] - (ragged and per_block[1] > 1)
+    # long runs of FULL tiles and scattered PARTIAL ones
+    classes = torch.multinomial(torch.tensor([0.3, 0.2, 0.5]), (B if class_wide else 1) * n_m * n_n, replacement=True,
+                                generator=g).reshape(B if class_wide else 1, 1, n_m, n_n).to(torch.int8)
+    layout = torch.rand(B if layout_wide else 1, H, n_qb, n_kb, generator=g) < 0.7
+    inside = tiles_module.layout_tiles(layout, n_m, n_n, *tile, *block)
+    want = torch.where(inside, classes, EMPTY).to(torch.int8)
+    for transposed in (False, True):
+        for nested in (False, True):
+            count, index = build_lists(classes, transposed, nested, layout, tile, block, chunk=chunk)
+            expect = want.transpose(-1, -2) if transposed else want
+            got = _decode(count, index, nested, expect.shape[-1])
+            assert torch.equal(got, expect.expand_as(got)), (transposed, nested)
 
 
 def _static_and_runtime(copy):
@@ -338,17 +368,12 @@ class _Builds:
     """Counts the tile tables BlockMasks build (spies on attngen.runtime.block_mask)."""
 
     def __init__(self, monkeypatch):
-        self.tiles, self.lists = 0, []
-        real_tiles, real_lists = block_mask_module.layout_tiles, block_mask_module.oriented_lists
+        self.lists = []
+        real_lists = block_mask_module.oriented_lists
 
-        def tiles(*args):
-            self.tiles += 1
-            return real_tiles(*args)
-
-        def lists(classes, transposed, nested):
+        def lists(classes, transposed, nested, *layout):
             self.lists.append(nested)
-            return real_lists(classes, transposed, nested)
-        monkeypatch.setattr(block_mask_module, "layout_tiles", tiles)
+            return real_lists(classes, transposed, nested, *layout)
         monkeypatch.setattr(block_mask_module, "oriented_lists", lists)
 
 
@@ -363,13 +388,13 @@ def test_blockmask_tables_are_built_once_and_the_layout_is_copied(copy, monkeypa
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     o = module.attention(*leaves, layout=bmask)
     o.backward(torch.ones_like(o))
-    assert builds.tiles == 3 and len(builds.lists) == 3  # one table per kernel: fwd, bwd_dq, bwd_dkdv
+    assert len(builds.lists) == 3  # one table per kernel: fwd, bwd_dq, bwd_dkdv
     first = [o.detach(), *(t.grad for t in leaves)]
     for t in leaves:
         t.grad = None
     o = module.attention(*leaves, layout=bmask)
     o.backward(torch.ones_like(o))
-    assert builds.tiles == 3 and len(builds.lists) == 3  # kept: the second call builds nothing
+    assert len(builds.lists) == 3  # kept: the second call builds nothing
     assert all(torch.equal(a, b) for a, b in zip(first, [o.detach(), *(t.grad for t in leaves)]))
     layout[0, :, 2] = False  # the caller's tensor changes; the BlockMask (and its tables) must not
     assert torch.equal(bmask.layout, given_layout)

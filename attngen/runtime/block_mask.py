@@ -9,17 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiles import EMPTY, oriented_lists
-
-
-def layout_tiles(layout: torch.Tensor, n_m: int, n_n: int, bm: int, bn: int, bq: int, bk: int) -> torch.Tensor:
-    """bool [.., n_m, n_n]: the layout [.., n_qb, n_kb] of bq x bk blocks read at the kernel's bm x bn
-    tiles, each of which lies inside one block (bm divides bq, bn divides bk)."""
-    if bq % bm or bk % bn:
-        raise ValueError(f"a {bm} x {bn} kernel tile does not lie inside one {bq} x {bk} layout block")
-    rows = torch.arange(n_m, device=layout.device) * bm // bq
-    cols = torch.arange(n_n, device=layout.device) * bn // bk
-    return layout.index_select(-2, rows).index_select(-1, cols)
+from .tiles import oriented_lists
 
 
 def _flex_layout(num: torch.Tensor, indices: torch.Tensor | None, n_kb: int) -> torch.Tensor:
@@ -86,7 +76,6 @@ class BlockMask:
             with torch.inference_mode(False):
                 extra = None if static is None else static()
                 layout = self.layout if extra is None else self.layout | extra
-                tiles = layout_tiles(layout, n_m, n_n, bm, bn, *block)
-                classes = torch.where(tiles, base(), EMPTY).to(torch.int8)
-                hit = self._tables[key] = (oriented_lists(classes, transposed, nested), keep)
+                lists = oriented_lists(base(), transposed, nested, layout, (bm, bn), block)
+                hit = self._tables[key] = (lists, keep)
         return hit[0]

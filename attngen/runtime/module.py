@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 import triton
 
-from .block_mask import BlockMask, layout_tiles
+from .block_mask import BlockMask
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .layouts import static_layout
 from .library import register_ops
 from .roles import ROLES
 from .sparse import NO_SPARSE, Sparse, kept_seqlens, made_for
-from .tiles import Documents, as_documents, kept, oriented_lists, tile_classes
+from .tiles import Documents, as_documents, kept, layout_tiles, oriented_lists, tile_classes
 from .tl_lib import _keep_mask_kernel
 from .varlen import Seqlens
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .table_kernel import build_lists
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
@@ -84,10 +86,28 @@ def tile_lists(classes: torch.Tensor, nested: bool) -> tuple[torch.Tensor, torch
     return count.contiguous(), torch.stack([partial, lists], dim=-2).to(torch.int32).contiguous()
 
 
-def oriented_lists(classes: torch.Tensor, transposed: bool, nested: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """tile_lists of classes [..., n_m, n_n] for a kernel that walks queries (transposed: the dK/dV
-    kernel) or keys, made outside inference mode (a kept table may serve a later call's backward)."""
+def layout_tiles(layout: torch.Tensor, n_m: int, n_n: int, bm: int, bn: int, bq: int, bk: int) -> torch.Tensor:
+    """bool [.., n_m, n_n]: the layout [.., n_qb, n_kb] of bq x bk blocks read at the kernel's bm x bn
+    tiles, each of which lies inside one block (bm divides bq, bn divides bk)."""
+    if bq % bm or bk % bn:
+        raise ValueError(f"a {bm} x {bn} kernel tile does not lie inside one {bq} x {bk} layout block")
+    rows = torch.arange(n_m, device=layout.device) * bm // bq
+    cols = torch.arange(n_n, device=layout.device) * bn // bk
+    return layout.index_select(-2, rows).index_select(-1, cols)
+
+
+def oriented_lists(classes: torch.Tensor, transposed: bool, nested: bool, layout: torch.Tensor | None = None,
+                   tile: tuple[int, int] = (1, 1), block: tuple[int, int] = (1, 1)) -> tuple[torch.Tensor, torch.Tensor]:
+    """tile_lists of classes [..., n_m, n_n] inside a block `layout` (bool [.., n_qb, n_kb] of
+    `block`s, read at `tile`s; None: everywhere) for a kernel that walks queries (transposed: the
+    dK/dV kernel) or keys, made outside inference mode (a kept table may serve a later call's
+    backward). CUDA tensors: one Triton kernel (table_kernel.py); elsewhere torch."""
     with torch.inference_mode(False):
+        if classes.is_cuda:
+            return build_lists(classes, transposed, nested, layout, tile, block)
+        if layout is not None:
+            inside = layout_tiles(layout, classes.shape[-2], classes.shape[-1], *tile, *block)
+            classes = torch.where(inside, classes, EMPTY).to(torch.int8)
         return tile_lists(classes.transpose(-1, -2) if transposed else classes, nested)
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_mask import layout_tiles
-from .tiles import EMPTY, document_classes, oriented_lists
+from .tiles import EMPTY, document_classes, layout_tiles, oriented_lists
 
 
 class Seqlens:
