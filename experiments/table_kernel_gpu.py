@@ -1,4 +1,6 @@
-"""The Triton table builder on a GPU against the torch tables (tiles.tile_lists on the CPU), entry
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130, NVIDIA H100 80GB HBM3, 2026-12-06; raw: data/table_kernel_2026-12-06_h100.txt.
+
+The Triton table builder on a GPU against the torch tables (tiles.tile_lists on the CPU), entry
 by entry where the kernels read: random classes and layouts, both orientations and encodings,
 rows past one chunk. Prints one line per case and a summary. Run: PYTHONPATH=. python3 experiments/table_kernel_gpu.py"""
 
