@@ -75,21 +75,30 @@ def _score_function(chain: list, params: list) -> tuple[str, tuple[str, ...]]:
             f"{body}\n    return {ret}"), saved
 
 
-def _vjp_lines(kernel: Kernel, ds: str, indent: str) -> tuple[str, list[str]]:
-    """The backward IR's vjp ops rendered in order (the chain rule through the score modifiers);
-    and the names of the head-parameter gradients this kernel accumulates."""
-    lines, accs = [], []
-    for op in kernel.ops:
-        if op.kind is not OpKind.VJP or OpKind(op.attr("of")) not in SCORE_MODS:
-            continue
-        of = next(o for o in kernel.ops if o.kind.value == op.attr("of") and o.inputs[:1] == op.inputs[1:])
+def _vjp_lines(kernel: Kernel, ds: str, p: str, indent: str) -> tuple[str, list[str], list[str]]:
+    """The backward IR's vjp ops rendered in order (the chain rule through the score modifiers); the
+    accumulators this kernel carries over its tiles; and the head parameters whose gradients it sums.
+    A parameter's gradient sums g(ds), linear in ds. The rows of ds sum to zero but for rounding (D comes
+    from the forward's O, P from the LSE), and g would keep that residue times the row's mean score: so
+    the kernel also sums g(p) and each row's sum of ds, and the store subtracts rowsum(ds) * g(p) (the
+    rows of p sum to 1), as if D had been computed from this P."""
+    vjps = [(op, next(o for o in kernel.ops if o.kind.value == op.attr("of") and o.inputs[:1] == op.inputs[1:]))
+            for op in kernel.ops if op.kind is OpKind.VJP and OpKind(op.attr("of")) in SCORE_MODS]
+    last = max((i for i, (op, _) in enumerate(vjps) if op.attr("accumulates")), default=-1)
+    lines, accs, params = [], [], []
+    if last >= 0:
+        lines += [f"ds_rows += tl.sum({ds}, 1)", f"p_chain = {p}  # p through the same chain rule, for the store"]
+        accs.append("ds_rows")
+    for i, (op, of) in enumerate(vjps):
         body, grads = SCORE_MODS[of.kind].vjp_triton(of, ds)
+        p_body, p_grads = SCORE_MODS[of.kind].vjp_triton(of, "p_chain")
         if op.attr("accumulates"):  # before the body: a parameter's gradient takes ds of the op's output
             for name, g in grads.items():
-                lines.append(f"dhp_{name} += tl.sum({g}, 1)")
-                accs.append(f"dhp_{name}")
-        lines += body
-    return "".join(f"\n{indent}{line}" for line in lines), accs
+                lines += [f"dhp_{name} += tl.sum({g}, 1)", f"dhp_{name}_p += tl.sum({p_grads[name]}, 1)"]
+                accs += [f"dhp_{name}", f"dhp_{name}_p"]
+                params.append(name)
+        lines += body + (p_body if i < last else [])
+    return "".join(f"\n{indent}{line}" for line in lines), accs, params
 
 
 def _mask_line(kernel: Kernel) -> str:
@@ -212,9 +221,9 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
         functions.append(f"def _visible_host(q_idx, kv_idx, Nq, Nk):\n"
                          f"    # The mask on the host, for the tile tables (torch tensors or ints)\n"
                          f"    return {render(cond, 'torch') if cond is not None else 'True'}")
-    grads = {role: _vjp_lines(kernels[role], "dsT" if ROLES[role].transposed else "ds", "    ")
+    grads = {role: _vjp_lines(kernels[role], *(("dsT", "pT") if ROLES[role].transposed else ("ds", "p")), "    ")
              for role in ("bwd_dkdv", "bwd_dq")}
-    accs = grads["bwd_dq"][1]
+    accs, grad_params = grads["bwd_dq"][1:]
     hp_loads = "".join(f"\n    hp_{p.name} = tl.load(HP + {i} * H + off_h).to(tl.float32){p.load}"
                        for i, p in enumerate(params))
     imports = ["from attngen.runtime.tl_lib import " + ", ".join(RUNTIME_HELPERS)]
@@ -255,7 +264,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                  "accs": "".join(f", {a}" for a in accs),
                  "init": "".join(f"\n    {a} = tl.zeros([BLOCK_M], dtype=tl.float32)" for a in accs),
                  "store": "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
-                                  f"tl.program_id(0), tl.sum({a}, 0))" for i, a in enumerate(accs))},
+                                  f"tl.program_id(0), tl.sum(dhp_{a} - ds_rows * dhp_{a}_p, 0))"
+                                  for i, a in enumerate(grad_params))},
         "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("loop").longest_first
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),

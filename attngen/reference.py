@@ -132,7 +132,8 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     dtype gives the eager same-precision baseline the tolerance is measured against).
     `keep` [B, Hq, Nq, Nk] applies the spec's dropout with that keep-mask; LSE ignores dropout.
     `documents` = (q_ids [B, Nq], kv_ids [B, Nk]): the document ids a `document` mask compares.
-    `temperature` [Hq] (default ones) multiplies each head's scores, for a spec with score.temperature.
+    `temperature` [Hq] (default ones) multiplies each head's scores, for a spec with score.temperature;
+    or [1, Hq, Nq, Nk], one per score, whose gradient is then the summands of dtemperature.
     `layout` bool [B or 1, Hq or 1, query blocks, key blocks]: the call-time block layout of a spec
     with `sparsity: {layout: runtime}`. When q holds heads head_offset.. of a call with `heads`
     query heads (verify runs heads in chunks), the random sparsity term is drawn for all `heads`
@@ -145,7 +146,8 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     v = v.repeat_interleave(Hq // Hkv, dim=1)
     s = (q @ k.transpose(-1, -2)) * (spec.scale if scale is None else scale)
     if spec.score.temperature and temperature is not None:
-        s = s * temperature.to(q.device, dtype)[None, :, None, None]
+        tau = temperature.to(q.device, dtype)
+        s = s * (tau if tau.dim() == 4 else tau[None, :, None, None])
     if spec.score.softcap is not None:
         s = spec.score.softcap * torch.tanh(s / spec.score.softcap)
     if spec.score.alibi:

@@ -2,7 +2,8 @@
 
 Tolerance in the manner of FlexAttention's tests: the kernel's error against float64 must be at
 most FACTOR x the error of an eager PyTorch computation in the same dtype, plus a tiny floor
-(FLOOR x the quantity's magnitude); NaN never passes, and rows with no visible key must be exactly zero with LSE = -inf.
+(FLOOR x the quantity's magnitude; for the temperature's gradient, a sum whose terms cancel, at least
+the root-sum-square of its terms); NaN never passes, and rows with no visible key must be exactly zero with LSE = -inf.
 Outputs are poisoned with NaN before each run, so an element the kernel never wrote fails.
 """
 
@@ -111,22 +112,29 @@ def random_documents(shape: Shape, device, generator: torch.Generator, sorted_: 
 
 def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None, temperature=None, layout=None,
                budget_bytes: float = 8e9):
-    """o, lse and, given do, (dq, dk, dv[, dtemperature]), computed in `dtype` over chunks of whole
-    GQA groups of heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
+    """o, lse, given do (dq, dk, dv[, dtemperature]) and, in float64 with a temperature, the root-sum-square
+    of dtemperature's Nq x Nk terms per head (else None); computed in `dtype` over chunks of whole GQA
+    groups of heads, each chunk's score matrices within `budget_bytes`. Gradients come from autograd."""
     B, Hq, Nq, _ = q.shape
-    group = Hq // k.shape[1]
-    per_head = max(1, Nq * k.shape[2]) * 8 * 6  # a few float64 score-sized tensors kept for autograd
+    Nk, group = k.shape[2], Hq // k.shape[1]
+    # dtemperature's terms: a float64 temperature per score, whose gradient they are
+    per_score = temperature is not None and do is not None and dtype == torch.float64
+    per_head = max(1, Nq * Nk) * 8 * (8 if per_score else 6)  # a few float64 score-sized tensors kept for autograd
     chunk = max(1, int(budget_bytes // per_head) // group) * group
     o = torch.empty(q.shape[:3] + (v.shape[-1],), dtype=torch.float64, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float64, device=q.device)
     grads = [torch.zeros(t.shape, dtype=torch.float64, device=q.device) for t in (q, k, v)]
-    dtemp = torch.zeros(Hq, dtype=torch.float64, device=q.device)
+    dtemp, squares = (torch.zeros(Hq, dtype=torch.float64, device=q.device) for _ in range(2))
     for b in range(B):
         for h0 in range(0, Hq, chunk):
             h1 = min(h0 + chunk, Hq)
             heads = (slice(h0, h1), slice(h0 // group, h1 // group), slice(h0 // group, h1 // group))
             leaves = [t[b:b + 1, hs].detach().to(dtype).requires_grad_(do is not None) for t, hs in zip((q, k, v), heads)]
-            temp = None if temperature is None else temperature[h0:h1].detach().double().requires_grad_(do is not None)
+            temp = None if temperature is None else temperature[h0:h1].detach().double()
+            if per_score:
+                temp = temp[None, :, None, None].expand(1, h1 - h0, Nq, Nk).clone()
+            if temp is not None:
+                temp.requires_grad_(do is not None)
             with torch.set_grad_enabled(do is not None):
                 ob, lb = reference.attention(spec, *leaves, dtype=dtype,
                                              alibi_slopes_=slopes[h0:h1] if slopes is not None else None,
@@ -139,9 +147,13 @@ def _reference(spec: Spec, q, k, v, slopes, keep, dtype, do=None, documents=None
             if do is not None:
                 for g, leaf, hs in zip(grads, leaves, heads):
                     g[b, hs] = leaf.grad[0].double()
-                if temp is not None:
+                if per_score:
+                    dtemp[h0:h1] += temp.grad.sum((0, 2, 3))
+                    squares[h0:h1] += temp.grad.square().sum((0, 2, 3))
+                elif temp is not None:
                     dtemp[h0:h1] += temp.grad
-    return o, lse, grads + ([dtemp] if temperature is not None and do is not None else [])
+    return (o, lse, grads + ([dtemp] if temperature is not None and do is not None else []),
+            squares.sqrt() if per_score else None)
 
 
 def _rows(layout, b: int, h0: int, h1: int):
@@ -223,16 +235,15 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     if direct:
         o2, lse2, got2 = run()
         repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
-    ref_o, ref_lse, ref_grads = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature, layout)
-    eager_o, eager_lse, eager_grads = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature, layout)
-
-    return _judge(spec, dtype, shape, (o, lse, got), (ref_o, ref_lse, ref_grads), (eager_o, eager_lse, eager_grads),
-                  repeat_differs)
+    ref = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature, layout)
+    eager = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature, layout)
+    return _judge(spec, dtype, shape, (o, lse, got), ref, eager, repeat_differs)
 
 
 def _judge(spec: Spec, dtype: str, shape, kernel, ref, eager, repeat_differs: bool) -> Result:
-    """The verdict on the kernel's (o, lse, grads) against the float64 reference's and eager's."""
-    (o, lse, got), (ref_o, ref_lse, ref_grads), (eager_o, eager_lse, eager_grads) = kernel, ref, eager
+    """The verdict on the kernel's (o, lse, grads) against the float64 reference's and eager's
+    (each o, lse, grads and the root-sum-square of dtemperature's terms or None)."""
+    (o, lse, got), (ref_o, ref_lse, ref_grads, ref_terms), (eager_o, eager_lse, eager_grads, _) = kernel, ref, eager
 
     def max_err(a, b):
         return float((a.detach().double() - b).abs().max()) if a.numel() else 0.0
@@ -252,6 +263,10 @@ def _judge(spec: Spec, dtype: str, shape, kernel, ref, eager, repeat_differs: bo
     magnitude = {"o": ref_o.abs().max().item() if ref_o.numel() else 0.0, "lse": 10.0}
     magnitude.update(dict.fromkeys(("dq", "dk", "dv"), max((r.abs().max().item() for r in ref_grads[:3] if r.numel()), default=0.0)))
     magnitude["dtemp"] = ref_grads[3].abs().max().item() if len(ref_grads) > 3 else 0.0
+    # dtemperature sums Nq x Nk terms that cancel (a softmax Jacobian's row sums to zero) but whose
+    # rounding errors add up in quadrature: its scale is the terms' root-sum-square where larger
+    if ref_terms is not None and ref_terms.numel():
+        magnitude["dtemp"] = max(magnitude["dtemp"], ref_terms.max().item())
     for name, err, eager in errors:
         floor = (FLOOR["fp32"] if name == "lse" else FLOOR[dtype]) * max(1.0, magnitude[name])
         if err > FACTOR * eager + floor:
@@ -314,7 +329,7 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
         ro = torch.zeros(tq, case.heads_q, spec.head_dim_v, dtype=torch.float64, device=device)
         rl = torch.full((case.heads_q, tq), float("-inf"), dtype=torch.float64, device=device)
         grads = [torch.zeros(t.shape, dtype=torch.float64, device=device) for t in (q, k, v)]
-        dtemp = torch.zeros(case.heads_q, dtype=torch.float64, device=device)
+        dtemp, squares = (torch.zeros(case.heads_q, dtype=torch.float64, device=device) for _ in range(2))
         for i, (nq, nk) in enumerate(zip(case.lens_q, case.lens_k)):
             q0, k0 = int(cu_q[i]), int(cu_k[i])
             if nq == 0 or nk == 0:  # nothing to see: zeros, -inf and zero gradients, as initialized
@@ -323,14 +338,17 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
             doc = None if ids is None else (ids[0][q0:q0 + nq][None], ids[1][k0:k0 + nk][None])
             lay = None if layout is None else layout[i:i + 1, :, :-(-nq // bq), :-(-nk // bk)]
             kp = None if keep is None else keep[i:i + 1, :, :nq, :nk]
-            o_i, l_i, g_i = _reference(spec, cut(q, q0, nq), cut(k, k0, nk), cut(v, k0, nk), slopes, kp, dtype_,
-                                       None if do is None else cut(do, q0, nq), doc, temperature, lay)
+            o_i, l_i, g_i, terms_i = _reference(spec, cut(q, q0, nq), cut(k, k0, nk), cut(v, k0, nk), slopes, kp,
+                                                dtype_, None if do is None else cut(do, q0, nq), doc, temperature, lay)
             ro[q0:q0 + nq], rl[:, q0:q0 + nq] = o_i[0].transpose(0, 1), l_i[0]
             for g_, part, s0, n in zip(grads, g_i, (q0, k0, k0), (nq, nk, nk)):
                 g_[s0:s0 + n] = part[0].transpose(0, 1)
             if len(g_i) > 3:
                 dtemp += g_i[3]
-        return ro.transpose(0, 1), rl, grads + ([dtemp] if temperature is not None and backward else [])
+            if terms_i is not None:
+                squares += terms_i.square()
+        terms = squares.sqrt() if temperature is not None and backward and dtype_ == torch.float64 else None
+        return ro.transpose(0, 1), rl, grads + ([dtemp] if temperature is not None and backward else []), terms
     # o as [Hq, total_q, Dv], row for row with lse [Hq, total_q]
     return _judge(spec, dtype, case, (o.transpose(0, 1), lse, got), packed_reference(torch.float64),
                   packed_reference(tdt), repeat_differs)

@@ -294,7 +294,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
 
 
 @triton.jit
-def _bwd_dq_tile(dq, dhp_temperature, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, qk_scale, seed, bh,
+def _bwd_dq_tile(dq, ds_rows, dhp_temperature, dhp_temperature_p, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, qk_scale, seed, bh,
                  p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_temperature,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -317,10 +317,13 @@ def _bwd_dq_tile(dq, dhp_temperature, q, do, lse2, Di, K, V, kv_b, kv_h, start_n
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), dp / (1.0 - p_drop), 0.0)
     ds = p * (dp - Di[:, None])
+    ds_rows += tl.sum(ds, 1)
+    p_chain = p  # p through the same chain rule, for the store
     dhp_temperature += tl.sum(ds * s_in_s2 * 0.6931471805599453, 1)
+    dhp_temperature_p += tl.sum(p_chain * s_in_s2 * 0.6931471805599453, 1)
     ds = ds * hp_temperature
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq, dhp_temperature
+    return dq, ds_rows, dhp_temperature, dhp_temperature_p
 
 
 @triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
@@ -376,18 +379,20 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
         doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * stride_iq + q_start + offs_m, mask=offs_m < Nq, other=-1)
         DOC_KV += off_b.to(tl.int64) * stride_ik + k_start
     hp_temperature = tl.load(HP + 0 * H + off_h).to(tl.float32)
+    ds_rows = tl.zeros([BLOCK_M], dtype=tl.float32)
     dhp_temperature = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dhp_temperature_p = tl.zeros([BLOCK_M], dtype=tl.float32)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # [lo, hi]: what this block may see; one loop, every tile masked.
     lo = tl.minimum(tl.maximum(0, 0), Nk)
     end = tl.minimum(tl.maximum((Nk - Nq + last) + 1, lo), Nk)
     for start_i in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
-        dq, dhp_temperature = _bwd_dq_tile(
-            dq, dhp_temperature, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q,
+        dq, ds_rows, dhp_temperature, dhp_temperature_p = _bwd_dq_tile(
+            dq, ds_rows, dhp_temperature, dhp_temperature_p, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q,
             DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_temperature, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD,
             BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
-    tl.store(DHP + (0 * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), tl.sum(dhp_temperature, 0))
+    tl.store(DHP + (0 * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), tl.sum(dhp_temperature - ds_rows * dhp_temperature_p, 0))
 
 
 from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401
