@@ -232,6 +232,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
     binding = "from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401\n\n" \
               "RUNTIME = KernelModule(globals())\n" \
               "attention, attention_varlen = RUNTIME.attention, RUNTIME.attention_varlen\n" \
+              "attention_with_kvcache = RUNTIME.attention_with_kvcache\n" \
               "dropout_keep_mask, TUNED = RUNTIME.dropout_keep_mask, RUNTIME.tuned"
     if standalone:
         from .standalone import inline_runtime
@@ -269,8 +270,20 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
         "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("loop").longest_first
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),
+        "decode": _decode_context(fwd, params),
         "binding": binding,
     }
+
+
+def _decode_context(fwd: Kernel, params) -> dict:
+    """The decode kernel's pieces: the forward's closed-form key bounds (in first, last, Nq, Nk) and
+    the per-head parameters loaded per packed row (rows span the query heads of a KV head)."""
+    plan = fwd.attr("mask_plan")
+    closed = plan.kind is not PlanKind.TILES
+    return {"lo": _bound(plan, "kv_lo", "0") if closed else "0",
+            "hi": _bound(plan, "kv_hi", "(Nk - 1)") if closed else "(Nk - 1)",
+            "hp_loads": "".join(f"\n    hp_{p.name} = (tl.load(HP + {i} * H + off_h).to(tl.float32){p.load})[:, None]"
+                                for i, p in enumerate(params))}
 
 
 def generate(spec: Spec, kernels: dict[str, Kernel], standalone: bool = False) -> str:

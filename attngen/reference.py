@@ -178,3 +178,26 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
         p = p * keep.to(p.dtype) / (1.0 - spec.dropout)
     o = p @ v
     return o, lse
+
+
+def decode(spec: Spec, q, k_cache, v_cache, lengths, *, dtype=torch.float64, **kwargs):
+    """Decoding, per sequence: O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] for queries at the last Nq
+    positions of sequences of `lengths` (their keys the first lengths[b] rows of the contiguous
+    caches [B, Hkv, S, *]): the rows of the square L x L problem (the spec's mask at absolute
+    positions, L = lengths[b]); a query before position 0, or of an empty sequence, gets zeros and
+    LSE -inf. kwargs go to attention (alibi_slopes_, temperature, scale)."""
+    B, Hq, Nq, _ = q.shape
+    o = torch.zeros(B, Hq, Nq, v_cache.shape[-1], dtype=dtype, device=q.device)
+    lse = torch.full((B, Hq, Nq), float("-inf"), dtype=dtype, device=q.device)
+    for b, L in enumerate(int(n) for n in lengths):
+        rows = [(t, L - Nq + t) for t in range(Nq) if L - Nq + t >= 0]
+        if not rows:
+            continue
+        full = torch.zeros(1, Hq, L, q.shape[-1], dtype=dtype, device=q.device)
+        for t, pos in rows:
+            full[0, :, pos] = q[b, :, t].to(dtype)
+        ob, lb = attention(spec, full, k_cache[b:b + 1, :, :L].to(dtype), v_cache[b:b + 1, :, :L].to(dtype),
+                           dtype=dtype, **kwargs)
+        for t, pos in rows:
+            o[b, :, t], lse[b, :, t] = ob[0, :, pos], lb[0, :, pos]
+    return o, lse

@@ -8,7 +8,7 @@ from pathlib import Path
 RUNTIME = Path(__file__).resolve().parent / "runtime"
 
 # The runtime's modules in dependency order (attngen/runtime/__init__.py only re-exports them).
-RUNTIME_MODULES = ("roles", "host_math", "tl_lib", "table_kernel", "tiles", "layouts", "block_mask", "varlen", "sparse", "launch", "library", "module")
+RUNTIME_MODULES = ("roles", "host_math", "tl_lib", "table_kernel", "tiles", "layouts", "block_mask", "varlen", "sparse", "launch", "library", "decode", "module")
 
 
 def runtime_source() -> str:

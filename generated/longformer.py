@@ -396,8 +396,83 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
 
 
+@triton.jit
+def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_ob, stride_oh, stride_om, stride_os, stride_od,
+                 stride_lb, stride_lh, stride_lm, stride_ls, stride_pb,
+                 H, HKV, GROUP, n_q, split_len, page_size, qk_scale,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+    # K and V are [B, HKV, S, D] (stride_kb: a sequence) or, PAGED, [pages, page_size, HKV, D]
+    # (stride_kb: a page; PAGES [B, pages per sequence] holds each sequence's page numbers).
+    split = tl.program_id(0)
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # (query head in the group, query) pairs
+    row_ok = rows < GROUP * n_q
+    t = rows % n_q
+    off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+    Nk = tl.load(SEQLENS + off_b)
+    Nq = Nk  # the square problem whose last n_q rows these queries are
+    first = Nk - n_q
+    last = Nk - 1
+    offs_m = first + t  # absolute positions; a row before the sequence's start sees nothing
+    lo = tl.minimum(tl.maximum(0, 0), Nk)
+    end = tl.minimum(tl.maximum((Nk - 1) + 1, lo), Nk)
+    lo = tl.maximum(lo, split * split_len)
+    end = tl.minimum(end, split * split_len + split_len)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K += off_hk.to(tl.int64) * stride_kh
+    V += off_hk.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for start_n in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keys = (offs_n >= lo) & (offs_n < end)
+        if PAGED:
+            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // page_size, mask=keys, other=0).to(tl.int64)
+            k_rows = page * stride_kb + (offs_n % page_size).to(tl.int64) * stride_kn
+            v_rows = page * stride_vb + (offs_n % page_size).to(tl.int64) * stride_vn
+        else:
+            k_rows = off_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kn
+            v_rows = off_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vn
+        k = tl.load(K + k_rows[:, None] + offs_d[None, :] * stride_kd,
+                    mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V + v_rows[:, None] + offs_dv[None, :] * stride_vd,
+                    mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None],
+                      offs_n[None, :], Nq, Nk, qk_scale, FAST_TANH)
+        vis = keys[None, :] & (row_ok & (offs_m >= 0))[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    # Rows that saw no key (in this split) store zeros and LSE = -inf.
+    l_use = tl.where(l_i == 0.0, 1.0, l_i)
+    out = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + t.to(tl.int64) * stride_om + split * stride_os
+    tl.store(O + out[:, None] + offs_dv[None, :] * stride_od, acc / l_use[:, None],
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_use)) * 0.6931471805599453)
+    tl.store(LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lm
+             + split * stride_ls, lse, mask=row_ok)
+
+
 from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401
 
 RUNTIME = KernelModule(globals())
 attention, attention_varlen = RUNTIME.attention, RUNTIME.attention_varlen
+attention_with_kvcache = RUNTIME.attention_with_kvcache
 dropout_keep_mask, TUNED = RUNTIME.dropout_keep_mask, RUNTIME.tuned

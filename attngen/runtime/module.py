@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import triton
 
+from . import decode
 from .block_mask import BlockMask
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .layouts import static_layout
@@ -91,6 +92,7 @@ class KernelModule:
         self.per_call = self.document or self.runtime_layout  # tile tables made from each call's data
         self.visible = ns.get("_visible_host")
         self.kernels = {role: ns[r.kernel] for role, r in ROLES.items()}
+        self.decode_kernel = ns.get("_attn_decode")
         self.native = native_nvidia(self.kernels["fwd"])
         self.direct = direct_launch(self.kernels["fwd"])
         self.plans: dict = {}  # call signature -> Plan; cleared when it reaches 1024
@@ -441,6 +443,38 @@ class KernelModule:
                              return_lse)
         o = o[0].transpose(0, 1)  # [total_q, Hq, Dv], contiguous
         return (o, lse[0]) if return_lse else o
+
+    def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, block_table=None, k=None, v=None,
+                               return_lse=False, num_splits=None, alibi_slopes=None, temperature=None, scale=None):
+        """Decoding against a KV cache, FlashAttention's flash_attn_with_kvcache semantics: o [B, Hq,
+        Nq, Dv] (and lse [B, Hq, Nq] with return_lse) for q [B, Hq, Nq, D], the queries at each
+        sequence's last Nq positions. The cache is [B, Hkv, S, D] (v: Dv), or paged [pages,
+        page_size, Hkv, D] with block_table int32 [B, pages per sequence] (page_size a multiple of
+        16). cache_seqlens int32 [B] counts the tokens already cached; k, v [B, Hkv, Nq, *], when
+        given, are first written into the cache there, in place. The spec's mask and score apply
+        at absolute positions with Nk = the sequence's length (its bottom-right rows); a sequence
+        with no key gives zeros and LSE -inf. num_splits (default: FlashAttention-3's rule, from the
+        shapes alone) splits each sequence's keys over programs. No backward and no dropout
+        (inference). Inputs are checked with one host read of the lengths, skipped while a CUDA
+        graph is captured (runtime/decode.py)."""
+        if self.document or self.sparsity:
+            raise TypeError(f"spec {self.name!r}: attention_with_kvcache does not yet take document ids or block "
+                            f"layouts")
+        if torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError("attention_with_kvcache has no backward (inference): call it under torch.no_grad(), "
+                             "or on tensors that do not require grad")
+        dtypes = [t for t, name in DTYPES.items() if name in self.tilings["fwd"]]
+        Hkv, capacity = decode.check(self.name, dtypes, (self.head_dim, self.head_dim_v), q, k_cache, v_cache,
+                                     cache_seqlens, block_table, k, v)
+        if k is not None:
+            decode.append(k_cache, v_cache, block_table, cache_seqlens, k, v)
+        seqlens = cache_seqlens + q.shape[2] if k is not None else cache_seqlens
+        hp = self.head_param_rows(q, {"alibi_slopes": alibi_slopes, "temperature": temperature}).detach()
+        plan = decode.decode_plan(q.shape[0], Hkv, q.shape[1] // Hkv * q.shape[2], capacity, self.head_dim,
+                                  decode.sms(q.device), num_splits)
+        o, lse = decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table,
+                            self.scale if scale is None else float(scale), plan, Hkv, self.head_dim_v, self.native)
+        return (o, lse) if return_lse else o
 
     def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0)):
         """o, lse through the torch.library ops (what torch.compile traces instead of the host code)."""

@@ -1,0 +1,193 @@
+"""Decoding against a KV cache: `attention_with_kvcache`, FlashAttention's `flash_attn_with_kvcache`
+semantics for every spec. The queries are each sequence's last Nq positions; the cache is
+contiguous [B, Hkv, S, D] or paged [pages, page_size, Hkv, D] with a block table. The module's
+`_attn_decode` kernel (templates/fa2/decode.jinja) packs a KV head's query heads into the rows of
+one tile and splits the keys over programs (flash-decoding) when the batch would leave SMs idle;
+`_combine_splits` merges the splits by their LSE. No host synchronisation on the way when the
+inputs' checks are skipped (they are while a CUDA graph is being captured), and every buffer is
+sized from the shapes: a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_SPLITS = 128
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    block_m: int  # packed rows per program: (query heads of a KV head) x queries
+    block_n: int  # keys per loop step
+    splits: int  # programs over one sequence's keys
+    split_len: int  # keys per split, a multiple of block_n
+
+    def describe(self) -> str:
+        return f"{self.block_m} rows x {self.block_n} keys per step, {self.splits} split(s) of {self.split_len} keys"
+
+
+def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
+    """FlashAttention-3's rule: no split while the tiles fill 80% of the SMs; else the fewest
+    splits whose wave efficiency is at least 0.85 of the best, at most max_splits and key_blocks."""
+    if tiles >= 0.8 * sms:
+        return 1
+    most = max(1, min(max_splits, sms, key_blocks))
+    efficiency = []
+    for s in range(1, most + 1):
+        waves = tiles * s / sms
+        efficiency.append(waves / -(-waves // 1))
+    best = max(efficiency)
+    return next(s for s, e in enumerate(efficiency, 1) if e >= 0.85 * best)
+
+
+def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
+                splits: int | None = None) -> DecodePlan:
+    """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
+    `max_keys` the cache's capacity (a static bound: no host read of the lengths)."""
+    block_m = max(16, min(64, triton.next_power_of_2(max(rows, 1))))
+    block_n = 64 if head_dim <= 128 else 32
+    key_blocks = max(1, -(-max_keys // block_n))
+    tiles = batch * heads_kv * -(-rows // block_m)
+    splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks))
+    split_len = -(-key_blocks // splits) * block_n
+    return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len)
+
+
+@triton.jit
+def _combine_splits(O_PART, LSE_PART, O, LSE, n_splits, DV: tl.constexpr, DV_PAD: tl.constexpr,
+                    SPLITS_PAD: tl.constexpr):
+    # One (batch, head, query) row: the splits' normalized rows weighted by exp(lse - max).
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, SPLITS_PAD)
+    lse = tl.load(LSE_PART + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse - m_use)
+    total = tl.sum(w, 0)
+    d = tl.arange(0, DV_PAD)
+    o = tl.load(O_PART + (row * n_splits + s[:, None]) * DV + d[None, :],
+                mask=(s[:, None] < n_splits) & (d[None, :] < DV), other=0.0)
+    total_use = tl.where(total == 0.0, 1.0, total)  # a row no split saw: zeros, LSE -inf
+    tl.store(O + row * DV + d, tl.sum(o * w[:, None], 0) / total_use, mask=d < DV)
+    tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_use + tl.log(total_use)))
+
+
+def sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's, so that the interpreter runs the splits a GPU would
+
+
+def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, block_table, k, v) -> tuple[int, int]:
+    """Raises with the argument and what is allowed; returns (Hkv, capacity in keys)."""
+    if q.dim() != 4:
+        raise ValueError(f"attention_with_kvcache: q must be 4-d [batch, heads, Nq, head_dim]; got {q.dim()}-d")
+    if q.dtype not in dtypes or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"attention_with_kvcache: q, k_cache, v_cache must share one dtype of spec {name!r}'s "
+                        f"({', '.join(map(str, dtypes))}); got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (q.device == k_cache.device == v_cache.device == cache_seqlens.device):
+        raise ValueError(f"attention_with_kvcache: q, the caches and cache_seqlens must be on one device; got "
+                         f"{q.device}, {k_cache.device}, {v_cache.device}, {cache_seqlens.device}")
+    B, Hq, Nq, D = q.shape
+    if k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError("attention_with_kvcache: k_cache and v_cache must be 4-d: [B, Hkv, S, D], or paged "
+                         "[pages, page_size, Hkv, D] with block_table")
+    if block_table is None:
+        Hkv, capacity = k_cache.shape[1], k_cache.shape[2]
+        want_k, want_v = (B, Hkv, capacity, head_dims[0]), (B, Hkv, capacity, head_dims[1])
+    else:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+            raise TypeError(f"attention_with_kvcache: block_table must be int32 [batch={B}, pages per sequence]; got "
+                            f"{block_table.dtype} of shape {list(block_table.shape)}")
+        pages, page_size, Hkv = k_cache.shape[:3]
+        if page_size % 16:
+            raise ValueError(f"attention_with_kvcache: the page size (k_cache.shape[1]) must be a multiple of 16; "
+                             f"got {page_size}")
+        capacity = block_table.shape[1] * page_size
+        want_k, want_v = (pages, page_size, Hkv, head_dims[0]), (pages, page_size, Hkv, head_dims[1])
+    if tuple(k_cache.shape) != want_k or tuple(v_cache.shape) != want_v:
+        raise ValueError(f"attention_with_kvcache: k_cache must be {list(want_k)} and v_cache {list(want_v)} "
+                         f"(head_dim {head_dims[0]}, head_dim_v {head_dims[1]}); got {list(k_cache.shape)}, "
+                         f"{list(v_cache.shape)}")
+    if D != head_dims[0]:
+        raise ValueError(f"attention_with_kvcache: q's head dim must be {head_dims[0]}; got {D}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention_with_kvcache: query heads ({Hq}) must be a multiple of the cache's heads ({Hkv})")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
+        raise TypeError(f"attention_with_kvcache: cache_seqlens must be int32 [{B}]; got {cache_seqlens.dtype} of "
+                        f"shape {list(cache_seqlens.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("attention_with_kvcache: give both k and v to append, or neither")
+    if k is not None:
+        for arg, t, dim in (("k", k, head_dims[0]), ("v", v, head_dims[1])):
+            if tuple(t.shape) != (B, Hkv, Nq, dim) or t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"attention_with_kvcache: {arg} must be {q.dtype} [{B}, {Hkv}, {Nq}, {dim}] on "
+                                 f"{q.device}; got {t.dtype} of shape {list(t.shape)} on {t.device}")
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return Hkv, capacity  # no host reads inside a CUDA graph: the values are the caller's to keep in range
+    longest = int(cache_seqlens.max()) + (Nq if k is not None else 0) if B else 0
+    if B and int(cache_seqlens.min()) < 0 or longest > capacity:
+        raise ValueError(f"attention_with_kvcache: cache_seqlens{' + Nq' if k is not None else ''} must lie in "
+                         f"[0, {capacity}] (the cache's capacity); got up to {longest}")
+    if block_table is not None and block_table.numel():
+        lo, hi = int(block_table.min()), int(block_table.max())
+        if lo < 0 or hi >= k_cache.shape[0]:
+            raise ValueError(f"attention_with_kvcache: block_table entries must be pages in [0, {k_cache.shape[0]}); "
+                             f"got [{lo}, {hi}]")
+    return Hkv, capacity
+
+
+def append(k_cache, v_cache, block_table, cache_seqlens, k, v) -> None:
+    """Writes k, v [B, Hkv, Nq, *] into the caches at positions cache_seqlens .. + Nq, in place."""
+    B, _, Nq, _ = k.shape
+    pos = cache_seqlens.long()[:, None] + torch.arange(Nq, device=k.device)  # [B, Nq]
+    if block_table is None:
+        b = torch.arange(B, device=k.device)[:, None].expand(B, Nq)
+        k_cache[b, :, pos] = k.transpose(1, 2)
+        v_cache[b, :, pos] = v.transpose(1, 2)
+    else:
+        page_size = k_cache.shape[1]
+        pages = torch.gather(block_table.long(), 1, pos // page_size)
+        k_cache[pages, pos % page_size] = k.transpose(1, 2)
+        v_cache[pages, pos % page_size] = v.transpose(1, 2)
+
+
+def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, plan: DecodePlan, Hkv: int,
+        head_dim_v: int, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log) from the decode kernel (and the
+    combine kernel when the keys are split)."""
+    B, Hq, Nq, D = q.shape
+    o = torch.empty(B, Hq, Nq, head_dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
+    if o.numel() == 0:
+        return o, lse
+    split = plan.splits > 1
+    o_part = torch.empty(B, Hq, Nq, plan.splits, head_dim_v, dtype=torch.float32, device=q.device) if split else o
+    lse_part = torch.empty(B, Hq, Nq, plan.splits, dtype=torch.float32, device=q.device) if split else lse
+    os_ = o_part.stride() if split else (*o.stride()[:3], 0, o.stride(3))
+    ls_ = lse_part.stride() if split else (*lse.stride(), 0)
+    paged = block_table is not None
+    if paged:  # [pages, page_size, Hkv, D]: a page, the cache's head, a slot
+        ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
+        vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))
+    else:
+        ks, vs = k_cache.stride(), v_cache.stride()
+    pages = block_table if paged else seqlens
+    group, rows = Hq // Hkv, Hq // Hkv * Nq
+    grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
+    kernel[grid](q, k_cache, v_cache, o_part, lse_part, hp, pages, seqlens, *q.stride(), *ks, *vs, *os_, *ls_,
+                 pages.stride(0), Hq, Hkv, group, Nq, plan.split_len, k_cache.shape[1] if paged else 1,
+                 scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
+                 HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
+                 BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGED=paged,
+                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                 FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=4, num_stages=2)
+    if split:
+        _combine_splits[(B * Hq * Nq,)](o_part, lse_part, o, lse, plan.splits, DV=head_dim_v,
+                                        DV_PAD=max(16, triton.next_power_of_2(head_dim_v)),
+                                        SPLITS_PAD=max(2, triton.next_power_of_2(plan.splits)), num_warps=4)
+    return o, lse

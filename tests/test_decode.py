@@ -1,0 +1,162 @@
+"""attention_with_kvcache: decoding against contiguous and paged KV caches, against the float64
+reference of decoding (reference.decode: the spec's mask at absolute positions, per sequence);
+split and unsplit runs, paged and contiguous runs, appending to the cache, the split rule, and the
+checks on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attngen
+from attngen import reference
+from attngen.resources import resolve_spec
+from attngen.runtime import decode
+from attngen.spec import load_spec
+
+
+def _case(name, B=3, Hkv=2, G=2, Nq=1, S=160, lengths=(0, 1, 150), dtype=torch.float32, seed=0):
+    path = resolve_spec(name)
+    spec, module = load_spec(path), attngen.load(path)
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv * G, Nq, spec.head_dim, generator=g).to(dtype)
+    k_cache = torch.randn(B, Hkv, S, spec.head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(B, Hkv, S, spec.head_dim_v, generator=g).to(dtype)
+    return spec, module, q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32), g
+
+
+def _paged(cache, page_size: int, order):
+    """The contiguous cache [B, Hkv, S, D] as pages [pages, page_size, Hkv, D], sequence b's page i
+    at order[b, i] (a permutation: the pages shuffled), and so order as the block table."""
+    B, Hkv, S, D = cache.shape
+    per_seq = order.shape[1]
+    padded = torch.zeros(B, Hkv, per_seq * page_size, D, dtype=cache.dtype)
+    padded[:, :, :S] = cache
+    pages = torch.empty(B * per_seq, page_size, Hkv, D, dtype=cache.dtype)
+    pages[order.reshape(-1).long()] = padded.reshape(B, Hkv, per_seq, page_size, D).permute(0, 2, 3, 1, 4) \
+        .reshape(-1, page_size, Hkv, D)
+    return pages
+
+
+def _shuffle(B: int, S: int, page_size: int, g):
+    per_seq = -(-S // page_size)
+    return torch.randperm(B * per_seq, generator=g).reshape(B, per_seq).to(torch.int32)
+
+
+def _close(spec, o, lse, q, k_cache, v_cache, lengths, tol, **kw):
+    want_o, want_lse = reference.decode(spec, q, k_cache, v_cache, lengths, **kw)
+    assert (o.double() - want_o).abs().max() < tol
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))  # empty rows: -inf exactly
+    finite = torch.isfinite(want_lse)
+    assert (lse.double()[finite] - want_lse[finite]).abs().max() < tol if finite.any() else True
+    assert torch.equal(o[torch.isinf(lse)], torch.zeros_like(o[torch.isinf(lse)]))
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("name, Nq", [("causal", 1), ("causal", 3), ("sliding_window", 2), ("alibi", 1),
+                                      ("softcap", 1), ("dilated", 2), ("temperature", 1), ("prefix_lm", 4)])
+def test_decode_matches_reference_split_and_not(name, Nq):
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, Nq=Nq)
+    kw = {"temperature": torch.rand(q.shape[1], generator=g) + 0.5} if spec.score.temperature else {}
+    with torch.no_grad():
+        for splits in (1, 3, None):
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits, **kw)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, **kw)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("page_size", [16, 48, 64])
+def test_paged_cache_gives_the_contiguous_bits(page_size):
+    spec, module, q, k_cache, v_cache, lengths, g = _case("causal", Nq=2, lengths=(150, 7, 33))
+    table = _shuffle(3, k_cache.shape[2], page_size, g)
+    k_pages, v_pages = _paged(k_cache, page_size, table), _paged(v_cache, page_size, table)
+    with torch.no_grad():
+        for splits in (1, 2):
+            want = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, num_splits=splits)
+            got = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table,
+                                                num_splits=splits)
+            assert torch.equal(got, want), (page_size, splits)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("paged", [False, True])
+def test_appending_writes_the_cache_then_attends(paged):
+    spec, module, q, k_cache, v_cache, lengths, g = _case("gqa", B=2, Hkv=2, G=4, Nq=3, S=96, lengths=(0, 60))
+    k_new = torch.randn(2, 2, 3, spec.head_dim, generator=g)
+    v_new = torch.randn(2, 2, 3, spec.head_dim_v, generator=g)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(lengths.tolist()):
+        want_k[b, :, n:n + 3], want_v[b, :, n:n + 3] = k_new[b], v_new[b]
+    kc, vc, table = k_cache.clone(), v_cache.clone(), None
+    if paged:
+        table = _shuffle(2, 96, 32, g)
+        kc, vc = _paged(k_cache, 32, table), _paged(v_cache, 32, table)
+    with torch.no_grad():
+        o, lse = module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, k=k_new, v=v_new,
+                                               return_lse=True)
+    if paged:
+        assert torch.equal(kc, _paged(want_k, 32, table)) and torch.equal(vc, _paged(want_v, 32, table))
+    else:
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    _close(spec, o, lse, q, want_k, want_v, lengths + 3, 2e-5)
+
+
+@pytest.mark.interp
+def test_fp16_decode_with_many_packed_rows():
+    """G x Nq = 96 rows: two row blocks per KV head."""
+    spec, module, q, k_cache, v_cache, lengths, _ = _case("causal", B=2, Hkv=1, G=12, Nq=8, S=130, lengths=(130, 9),
+                                                          dtype=torch.float16)
+    with torch.no_grad():
+        o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True)
+    _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-3)
+
+
+@pytest.mark.compiler
+@pytest.mark.parametrize("tiles, key_blocks, want", [(132, 512, 1), (106, 512, 1), (8, 512, 15), (1, 512, 109),
+                                                     (8, 4, 4), (64, 512, 2)])
+def test_split_rule_is_flashattention3s(tiles, key_blocks, want):
+    assert decode.num_splits(tiles, key_blocks, 132) == want
+
+
+@pytest.mark.compiler
+def test_decode_plan_splits_cover_the_cache_once():
+    for capacity in (1, 64, 1000, 32768):
+        plan = decode.decode_plan(1, 8, 4, capacity, 128, 132)
+        assert plan.split_len % plan.block_n == 0
+        assert (plan.splits - 1) * plan.split_len < capacity <= plan.splits * plan.split_len
+
+
+def _errors():
+    spec, module, q, k_cache, v_cache, lengths, g = _case("causal", B=2, lengths=(5, 7))
+    table = _shuffle(2, k_cache.shape[2], 16, g)
+    pages = _paged(k_cache, 16, table)
+    return [
+        (dict(cache_seqlens=torch.tensor([5, 161], dtype=torch.int32)), "must lie in [0, 160]"),
+        (dict(cache_seqlens=lengths.long()), "cache_seqlens must be int32"),
+        (dict(cache_seqlens=lengths, k_cache=k_cache.half()), "must share one dtype"),
+        (dict(cache_seqlens=lengths, k_cache=pages, v_cache=pages, block_table=table + 100), "block_table entries"),
+        (dict(cache_seqlens=lengths, k_cache=pages[:, :12], v_cache=pages[:, :12], block_table=table),
+         "multiple of 16"),
+        (dict(cache_seqlens=lengths, k_cache=pages, v_cache=pages, block_table=table.long()), "block_table must be int32"),
+        (dict(cache_seqlens=lengths, k=torch.zeros(2, 2, 1, spec.head_dim)), "give both k and v"),
+        (dict(cache_seqlens=lengths, k_cache=k_cache[:, :, :, :64]), "k_cache must be"),
+    ], module, q, k_cache, v_cache
+
+
+@pytest.mark.compiler
+def test_bad_input_is_refused_with_the_argument_named():
+    cases, module, q, k_cache, v_cache = _errors()
+    for kwargs, fragment in cases:
+        args = {"k_cache": k_cache, "v_cache": v_cache, **kwargs}
+        kc, vc = args.pop("k_cache"), args.pop("v_cache")
+        before = kc.clone()
+        with pytest.raises((ValueError, TypeError), match=fragment.replace("[", r"\[").replace("]", r"\]")):
+            module.attention_with_kvcache(q, kc, vc, **args)
+        assert torch.equal(kc, before)  # nothing written
+    with pytest.raises(ValueError, match="no backward"):
+        module.attention_with_kvcache(q.clone().requires_grad_(), k_cache, v_cache,
+                                      cache_seqlens=torch.tensor([5, 7], dtype=torch.int32))
+    document = attngen.load(resolve_spec("document"))
+    with pytest.raises(TypeError, match="document ids"):
+        document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([5, 7], dtype=torch.int32))
