@@ -25,12 +25,12 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor(powers(p) + extra, dtype=torch.float64)
 
 
-def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu") -> torch.Tensor:
-    """bool [Nq, Nk]: may query i see key j?"""
+def dense_mask(spec: Spec, Nq: int, Nk: int, device="cpu", rows=None) -> torch.Tensor:
+    """bool [Nq, Nk]: may query i see key j? With `rows` (query positions), only those rows: [len(rows), Nk]."""
     m = spec.mask
-    i = torch.arange(Nq, device=device)[:, None]
+    i = (torch.arange(Nq, device=device) if rows is None else rows.to(device))[:, None]
     j = torch.arange(Nk, device=device)[None, :]
-    vis = torch.ones(Nq, Nk, dtype=torch.bool, device=device)
+    vis = torch.ones(i.shape[0], Nk, dtype=torch.bool, device=device)
 
     def off(align: str) -> int:
         return Nk - Nq if align == "bottom_right" else 0
@@ -127,7 +127,7 @@ def document_mask(q_ids: torch.Tensor, kv_ids: torch.Tensor) -> torch.Tensor:
 
 
 def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torch.float64, keep=None,
-              documents=None, temperature=None, layout=None, heads=None, head_offset=0):
+              documents=None, temperature=None, layout=None, heads=None, head_offset=0, rows=None):
     """O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] computed in `dtype` (float64 by default; the input
     dtype gives the eager same-precision baseline the tolerance is measured against).
     `keep` [B, Hq, Nq, Nk] applies the spec's dropout with that keep-mask; LSE ignores dropout.
@@ -137,10 +137,13 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     `layout` bool [B or 1, Hq or 1, query blocks, key blocks]: the call-time block layout of a spec
     with `sparsity: {layout: runtime}`. When q holds heads head_offset.. of a call with `heads`
     query heads (verify runs heads in chunks), the random sparsity term is drawn for all `heads`
-    and those heads taken.
+    and those heads taken. `rows` (decoding): q's rows are these positions of the square Nk x Nk
+    problem (no documents, layouts or dropout then).
     Differentiable: gradients of the float64 result are the reference gradients."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    if rows is not None and (documents is not None or layout is not None or spec.sparsity is not None):
+        raise ValueError("reference.attention: rows= (decoding) takes no documents, layouts or sparsity")
     q, k, v = (t.to(dtype) for t in (q, k, v))  # .to keeps autograd's graph to the inputs
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
@@ -152,11 +155,11 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
         s = spec.score.softcap * torch.tanh(s / spec.score.softcap)
     if spec.score.alibi:
         slopes = alibi_slopes(Hq) if alibi_slopes_ is None else alibi_slopes_
-        i = torch.arange(Nq, device=q.device)[:, None]
+        i = (torch.arange(Nq, device=q.device) + Nk - Nq if rows is None else rows.to(q.device))[:, None]
         j = torch.arange(Nk, device=q.device)[None, :]
-        dist = (i + Nk - Nq - j).abs().to(dtype)
+        dist = (i - j).abs().to(dtype)
         s = s - slopes.to(q.device, dtype)[None, :, None, None] * dist
-    vis = dense_mask(spec, Nq, Nk, q.device)
+    vis = dense_mask(spec, Nq, Nk, q.device) if rows is None else dense_mask(spec, Nk, Nk, q.device, rows)
     if spec.mask.document:
         if documents is None:
             raise ValueError(f"spec {spec.name!r} has a document mask: pass documents=(q_ids, kv_ids)")
@@ -183,21 +186,18 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
 def decode(spec: Spec, q, k_cache, v_cache, lengths, *, dtype=torch.float64, **kwargs):
     """Decoding, per sequence: O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] for queries at the last Nq
     positions of sequences of `lengths` (their keys the first lengths[b] rows of the contiguous
-    caches [B, Hkv, S, *]): the rows of the square L x L problem (the spec's mask at absolute
+    caches [B, Hkv, S, *]): rows of the square L x L problem (the spec's mask and score at absolute
     positions, L = lengths[b]); a query before position 0, or of an empty sequence, gets zeros and
     LSE -inf. kwargs go to attention (alibi_slopes_, temperature, scale)."""
     B, Hq, Nq, _ = q.shape
     o = torch.zeros(B, Hq, Nq, v_cache.shape[-1], dtype=dtype, device=q.device)
     lse = torch.full((B, Hq, Nq), float("-inf"), dtype=dtype, device=q.device)
     for b, L in enumerate(int(n) for n in lengths):
-        rows = [(t, L - Nq + t) for t in range(Nq) if L - Nq + t >= 0]
-        if not rows:
+        first = max(0, Nq - L)  # the queries at positions >= 0
+        if first == Nq:
             continue
-        full = torch.zeros(1, Hq, L, q.shape[-1], dtype=dtype, device=q.device)
-        for t, pos in rows:
-            full[0, :, pos] = q[b, :, t].to(dtype)
-        ob, lb = attention(spec, full, k_cache[b:b + 1, :, :L].to(dtype), v_cache[b:b + 1, :, :L].to(dtype),
-                           dtype=dtype, **kwargs)
-        for t, pos in rows:
-            o[b, :, t], lse[b, :, t] = ob[0, :, pos], lb[0, :, pos]
+        rows = torch.arange(L - Nq + first, L, device=q.device)
+        ob, lb = attention(spec, q[b:b + 1, :, first:], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L],
+                           dtype=dtype, rows=rows, **kwargs)
+        o[b, :, first:], lse[b, :, first:] = ob[0], lb[0]
     return o, lse

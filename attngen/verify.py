@@ -76,10 +76,33 @@ GPU_PACKED = (Packed(16, 4, (1000, 0, 1, 3000, 517), (1000, 7, 0, 3000, 2049)),
 
 
 @dataclass(frozen=True)
+class Decode:
+    """A decoding case: attention_with_kvcache, n_q queries per sequence, caches of these lengths
+    (capacity keys each; page_size > 0: paged, the pages shuffled)."""
+    heads_q: int
+    heads_kv: int
+    n_q: int
+    lengths: tuple[int, ...]
+    capacity: int
+    page_size: int = 0
+
+    def __str__(self) -> str:
+        paged = f", pages of {self.page_size}" if self.page_size else ""
+        return f"decode H{self.heads_q}/{self.heads_kv} Nq {self.n_q}, {len(self.lengths)} seqs to {max(self.lengths)}{paged}"
+
+
+# Lengths 0 and 1, fewer keys than queries, contexts past a window, GQA groups of 1 to 8, paged and not.
+CPU_DECODE = (Decode(4, 2, 1, (0, 1, 90), 100), Decode(4, 1, 3, (2, 130), 144, 16))
+GPU_DECODE = (Decode(32, 8, 1, (0, 1, 300, 4000, 8191), 8192), Decode(32, 8, 1, (32768,), 32768, 64),
+              Decode(16, 2, 4, (3, 2048, 5000), 5120, 16), Decode(32, 4, 16, (17, 3000), 3072, 256),
+              Decode(8, 8, 1, (1000,) * 8, 1024))
+
+
+@dataclass(frozen=True)
 class Result:
     spec: str
     dtype: str
-    shape: Shape | Packed
+    shape: Shape | Packed | Decode
     errors: tuple[tuple[str, float, float], ...]  # (quantity, max |kernel - ref|, max |eager - ref|)
     ok: bool
     why: str = ""
@@ -354,12 +377,60 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
                   packed_reference(tdt), repeat_differs)
 
 
+def paged(cache: torch.Tensor, page_size: int, table: torch.Tensor) -> torch.Tensor:
+    """A contiguous cache [B, Hkv, S, D] as pages [pages, page_size, Hkv, D]: sequence b's page i at
+    table[b, i] (int32 [B, ceil(S / page_size)], a permutation of the pages)."""
+    B, Hkv, S, D = cache.shape
+    per_seq = table.shape[1]
+    padded = torch.zeros(B, Hkv, per_seq * page_size, D, dtype=cache.dtype, device=cache.device)
+    padded[:, :, :S] = cache
+    pages = torch.empty(B * per_seq, page_size, Hkv, D, dtype=cache.dtype, device=cache.device)
+    pages[table.reshape(-1).long()] = padded.reshape(B, Hkv, per_seq, page_size, D).permute(0, 2, 3, 1, 4) \
+        .reshape(-1, page_size, Hkv, D)
+    return pages
+
+
+def check_decode(spec: Spec, module, case: Decode, dtype: str, device, seed: int = 0) -> Result:
+    """attention_with_kvcache against the float64 decoding reference (and eager in the dtype)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    tdt = TORCH_DTYPES[dtype]
+    B = len(case.lengths)
+    mk = lambda h, n, d: torch.randn(B, h, n, d, generator=g, device=device).to(tdt)  # noqa: E731
+    q = mk(case.heads_q, case.n_q, spec.head_dim)
+    k_cache, v_cache = mk(case.heads_kv, case.capacity, spec.head_dim), mk(case.heads_kv, case.capacity, spec.head_dim_v)
+    lengths = torch.tensor(case.lengths, dtype=torch.int32, device=device)
+    kwargs, ref_kw = {}, {}
+    if spec.score.alibi:
+        kwargs["alibi_slopes"] = ref_kw["alibi_slopes_"] = torch.rand(case.heads_q, generator=g, device=device)
+    if spec.score.temperature:
+        kwargs["temperature"] = ref_kw["temperature"] = torch.rand(case.heads_q, generator=g, device=device) + 0.5
+    kc, vc, table = k_cache, v_cache, None
+    if case.page_size:
+        per_seq = -(-case.capacity // case.page_size)
+        table = torch.randperm(B * per_seq, generator=g, device=device).reshape(B, per_seq).to(torch.int32)
+        kc, vc = paged(k_cache, case.page_size, table), paged(v_cache, case.page_size, table)
+    with torch.no_grad():
+        o, lse = module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, return_lse=True,
+                                               **kwargs)
+        o2, lse2 = module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, return_lse=True,
+                                                 **kwargs)
+    repeat_differs = not (_same_bits(o, o2) and _same_bits(lse, lse2))
+    ref = (*reference.decode(spec, q, k_cache, v_cache, lengths, **ref_kw), [], None)
+    eager = (*reference.decode(spec, q, k_cache, v_cache, lengths, dtype=tdt, **ref_kw), [], None)
+    return _judge(spec, dtype, case, (o, lse, []), ref, eager, repeat_differs)
+
+
 def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, target: str = "sm90",
-                backward: bool = False, varlen: bool = False) -> list[Result]:
+                backward: bool = False, varlen: bool = False, decode: bool = False) -> list[Result]:
     spec = load_spec(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load(path, target=target)
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
+    if decode:
+        if spec.mask.document or spec.sparsity is not None:
+            return []  # attention_with_kvcache refuses them (runtime/module.py)
+        cases = shapes or (GPU_DECODE if device.type == "cuda" else CPU_DECODE)
+        return [check_decode(spec, module, c, d, device, seed=i) for d in dtypes for i, c in enumerate(cases)]
     if varlen:
         cases = shapes or (GPU_PACKED if device.type == "cuda" else CPU_PACKED)
         return [check_varlen(spec, module, c, d, device, seed=i, backward=backward)

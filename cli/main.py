@@ -70,7 +70,9 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
            jobs: int = typer.Option(1, "--jobs", min=1, help="verify the specs in N worker processes at once; "
                                     "the results still print in spec order"),
            varlen: bool = typer.Option(False, "--varlen", help="instead: attention_varlen on packed sequences, "
-                                       "against the reference run on each sequence")):
+                                       "against the reference run on each sequence"),
+           decode: bool = typer.Option(False, "--decode", help="instead: attention_with_kvcache on contiguous and "
+                                       "paged caches, against the float64 reference of decoding")):
     """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
     device = _interpret_without_gpu()
     from contextlib import closing
@@ -78,15 +80,21 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
     from attngen.tools.jobs import verify_all
     from attngen.verify import format_table
 
+    if decode and (varlen or backward):
+        _fail(ValueError("--decode cannot go with --varlen or --backward (decoding has no backward)"))
     dtypes = dtype or None
     if device.startswith("cpu") and not dtype:
         dtypes = ["fp32", "fp16"]
     typer.echo(f"device: {device}")
     results = []
-    with closing(verify_all([resolve_spec(spec) for spec in specs], dtypes, backward, jobs, varlen)) as per_spec:
-        for rows, error in per_spec:
+    paths = [resolve_spec(spec) for spec in specs]
+    with closing(verify_all(paths, dtypes, backward, jobs, varlen, decode)) as per_spec:
+        for path, (rows, error) in zip(paths, per_spec):
             if error is not None:
                 _fail(RuntimeError(error))
+            if not rows:
+                typer.echo(f"{path}: no cases (decoding does not take document ids or block layouts yet)")
+                continue
             results += rows
             typer.echo(format_table(rows).split("\n", 2)[2] if len(results) > len(rows) else format_table(rows), nl=False)
     table = format_table(results)
@@ -100,7 +108,9 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
 @app.command()
 def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's name"),
          emit: str = typer.Option("triton", help="stage to print: spec, ir, tiling or triton"),
-         target: str = typer.Option("sm90", help="sm90 or sm80")):
+         target: str = typer.Option("sm90", help="sm90 or sm80"),
+         decode: str = typer.Option("1x32/8x1x32768", help="with --emit tiling, the decode plan of this "
+                                    "BATCHxHQ/HKVxNQxCONTEXT call of attention_with_kvcache")):
     """Prints one stage of the compiler."""
     from attngen.errors import AttngenError
     from attngen.passes import PassOptions
@@ -110,6 +120,17 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
         _fail(ValueError(f"--emit: expected one of {', '.join(STAGES)}, got {emit!r}"))
     try:
         typer.echo(emit_stage(resolve_spec(spec), emit, PassOptions(target=target)), nl=False)
+        if emit == "tiling":
+            from attngen.cost_model import TARGETS
+            from attngen.runtime.decode import decode_plan
+            from attngen.spec import load_spec
+
+            batch, heads, n_q, context = decode.split("x")
+            hq, hkv = (int(h) for h in heads.split("/"))
+            plan = decode_plan(int(batch), hkv, hq // hkv * int(n_q), int(context), load_spec(resolve_spec(spec)).head_dim,
+                               TARGETS[target].sms)
+            typer.echo(f"// decode, B={batch} Hq={hq} Hkv={hkv} Nq={n_q} context={context} on {target} "
+                       f"({TARGETS[target].sms} SMs)\n{plan.describe()}")
     except AttngenError as e:
         _fail(e)
 
@@ -217,6 +238,36 @@ def bench_sparsity(spec: Path = typer.Argument(..., help="a spec file (block-spa
         rows = bs.varlen(spec, ns, backward=backward, log=typer.echo)
     else:
         _fail(ValueError(f"--what must be block, build or varlen; got {what!r}"))
+    if json_out:
+        json_out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+
+
+@app.command("bench-decode")
+def bench_decode(spec: Path = typer.Argument(..., help="a spec file"),
+                 shapes: str = typer.Option("1x2048,1x32768,1x131072,8x8192,32x8192,128x2048",
+                                            help="BATCHxCONTEXT,..."),
+                 heads: str = typer.Option("32/8", help="query heads / KV heads"),
+                 flex: str = typer.Option("", help="the shapes (BATCHxCONTEXT,...) Flex also runs at: a compile each"),
+                 variants: str = typer.Option("", help="plans beside ours, NAME:block_n=128:stages=2;..."),
+                 json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON")):
+    """Times attention_with_kvcache beside SDPA and Flex on a GPU (attngen/bench_decode.py)."""
+    import json
+
+    import torch
+
+    if not torch.cuda.is_available():
+        _fail(RuntimeError("attngen bench-decode needs a CUDA GPU"))
+    from attngen import bench_decode as bd
+    from attngen.bench import environment
+
+    def pairs(text):
+        return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
+    plans = []
+    for item in filter(None, variants.split(";")):
+        name, *fields = item.split(":")
+        plans.append((name, {f.split("=")[0]: int(f.split("=")[1]) for f in fields}))
+    hq, hkv = (int(x) for x in heads.split("/"))
+    rows = bd.bench(spec, pairs(shapes), hq, hkv, pairs(flex), plans, log=typer.echo)
     if json_out:
         json_out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
 

@@ -160,3 +160,12 @@ def test_bad_input_is_refused_with_the_argument_named():
     document = attngen.load(resolve_spec("document"))
     with pytest.raises(TypeError, match="document ids"):
         document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([5, 7], dtype=torch.int32))
+
+
+@pytest.mark.interp
+def test_verify_decode_passes_and_skips_what_decoding_does_not_take():
+    from attngen.verify import verify_spec
+
+    results = verify_spec(resolve_spec("alibi"), dtypes=["fp32"], decode=True)
+    assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
+    assert verify_spec(resolve_spec("document"), dtypes=["fp32"], decode=True) == []
