@@ -5,6 +5,9 @@
 #   SPECS="softcap alibi" scripts/gpu_final.sh fwdbwd:128
 #   DTYPES="bf16 fp16" scripts/gpu_final.sh verify   # verification in each dtype (default bf16)
 #   DTYPES="bf16 fp16" scripts/gpu_final.sh verify-varlen   # attention_varlen's, every spec
+#   DTYPES="bf16 fp16" scripts/gpu_final.sh verify-decode   # attention_with_kvcache's, every spec that decodes
+#   VSPECS="specs/temperature.yaml" scripts/gpu_final.sh verify   # verify groups over these specs only
+#   FLEX=128x2048 scripts/gpu_final.sh bench-decode   # decoding beside SDPA (and Flex at these shapes)
 #   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
@@ -27,17 +30,30 @@ if [ -n "$WARM" ]; then  # the compile caches (Triton's, Inductor's) are shared 
     timeout 300 xargs -P "$WARM" -L 1 bash -c 'bench $0 $1 $2 /tmp/warm_$0_$2_$1.json > /dev/null'
   echo "warm ${SECONDS}s"
 fi
+VSPECS=${VSPECS:-specs/*.yaml}
 for group in "$@"; do
+  if [ "$group" = bench-decode ]; then  # causal, B x context from 1 x 2k to 128 x 2k, CUDA-graph replays
+    timeout 240 python3 -m cli.main bench-decode specs/causal.yaml --variants "${VARIANTS:-n128:block_n=128;s2:stages=2}" \
+      --flex "${FLEX:-}" --json $OUT/bench_decode.json 2>&1 | grep -v -i warn
+    continue
+  fi
+  if [ "$group" = verify-decode ]; then  # attention_with_kvcache, contiguous and paged caches
+    for dt in ${DTYPES:-bf16}; do
+      ls $VSPECS | DT=$dt timeout 300 xargs -P 6 -I{} sh -c 'n=$(basename {} .yaml); timeout 250 python3 -m cli.main verify {} --decode --dtype $DT --markdown /tmp/v/${n}_decode_$DT.md > /tmp/v/${n}_decode_$DT.log 2>&1; echo "verify --decode $n $DT rc=$?"'
+      cat /tmp/v/*_decode_$dt.md > $OUT/verify_decode_$dt.md 2>/dev/null
+    done
+    continue
+  fi
   if [ "$group" = verify-varlen ]; then  # attention_varlen on packed sequences, every spec, with gradients
     for dt in ${DTYPES:-bf16}; do
-      ls specs/*.yaml | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --varlen --backward --dtype $DT --markdown /tmp/v/${n}_varlen_$DT.md > /tmp/v/${n}_varlen_$DT.log 2>&1; echo "verify --varlen $n $DT rc=$?"'
+      ls $VSPECS | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --varlen --backward --dtype $DT --markdown /tmp/v/${n}_varlen_$DT.md > /tmp/v/${n}_varlen_$DT.log 2>&1; echo "verify --varlen $n $DT rc=$?"'
       cat /tmp/v/*_varlen_$dt.md > $OUT/verify_varlen_$dt.md
     done
     continue
   fi
   if [ "$group" = verify ]; then
     for dt in ${DTYPES:-bf16}; do
-      ls specs/*.yaml | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --backward --dtype $DT --markdown /tmp/v/${n}_$DT.md > /tmp/v/${n}_$DT.log 2>&1; echo "verify $n $DT rc=$?"'
+      ls $VSPECS | DT=$dt timeout 300 xargs -P 4 -I{} sh -c 'n=$(basename {} .yaml); timeout 200 python3 -m cli.main verify {} --backward --dtype $DT --markdown /tmp/v/${n}_$DT.md > /tmp/v/${n}_$DT.log 2>&1; echo "verify $n $DT rc=$?"'
       cat /tmp/v/*_$dt.md > $OUT/verify_$dt.md
     done
     tail -n 3 /tmp/v/*.log > $OUT/verify_log.txt
