@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attngen
-from attngen import reference
+from attngen import reference, runtime
 from attngen.resources import resolve_spec
 from attngen.runtime import decode
 from attngen.spec import load_spec
@@ -169,3 +169,63 @@ def test_verify_decode_passes_and_skips_what_decoding_does_not_take():
     results = verify_spec(resolve_spec("alibi"), dtypes=["fp32"], decode=True)
     assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
     assert verify_spec(resolve_spec("document"), dtypes=["fp32"], decode=True) == []
+
+
+@pytest.mark.interp
+def test_fullgraph_compile_of_a_decode_step_matches_eager():
+    """Appending and attending under torch.compile(fullgraph=True): the append is torch indexing, the
+    attention one custom op; the same output and the same cache as eager."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("alibi", B=2, Nq=1, S=80, lengths=(3, 70))
+    k_new, v_new = (torch.randn(2, 2, 1, spec.head_dim, generator=g) for _ in range(2))
+    table = _shuffle(2, 80, 16, g)
+
+    def step(q, kc, vc, lengths, table, k, v):
+        return module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, k=k, v=v,
+                                             num_splits=2)
+    caches = [(_paged(k_cache, 16, table), _paged(v_cache, 16, table)) for _ in range(2)]
+    with torch.no_grad():
+        want = step(q, *caches[0], lengths, table, k_new, v_new)
+        torch._dynamo.reset()
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, *caches[1], lengths, table, k_new, v_new)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+
+
+@pytest.mark.interp
+def test_opcheck_decode():
+    spec, module, q, k_cache, v_cache, lengths, g = _case("temperature", B=2, Nq=2, S=40, lengths=(0, 33))
+    rt = runtime.of(module)
+    hp = rt.head_param_rows(q, {})
+    torch.library.opcheck(rt.ops.decode, (q, k_cache, v_cache, lengths, None, hp, 0.1, 2))
+
+
+@pytest.mark.gpu
+def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cache():
+    """No host read on the way: capture one step (appending and attending), then change
+    cache_seqlens, the new token and the cache in place and replay: the eager call's output."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=4, Hkv=8, G=4, Nq=1, S=4096,
+                                                          lengths=(0, 1, 700, 4000), dtype=torch.bfloat16)
+    q, k_cache, v_cache, lengths = (t.cuda() for t in (q, k_cache, v_cache, lengths))
+    k_new, v_new = (torch.randn(4, 8, 1, spec.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    step = lambda: module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=k_new,  # noqa: E731
+                                                 v=v_new)
+    with torch.no_grad():
+        step()  # compile outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for new_lengths in ((5, 2, 3000, 4094), (4095, 0, 1, 17)):
+            lengths.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+            for t in (q, k_new, v_new, k_cache):
+                t.normal_()
+            graph.replay()
+            got = out.clone()
+            want = step()  # eager: the same append (idempotent at these lengths) and attention
+            assert torch.equal(got, want), new_lengths

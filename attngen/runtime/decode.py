@@ -84,8 +84,9 @@ def sms(device) -> int:
     return 132  # an H100's, so that the interpreter runs the splits a GPU would
 
 
-def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, block_table, k, v) -> tuple[int, int]:
-    """Raises with the argument and what is allowed; returns (Hkv, capacity in keys)."""
+def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, block_table, k, v) -> None:
+    """Raises with the argument and what is allowed. The lengths and the block table's values are read
+    on the host, except while a CUDA graph is captured or torch.compile traces."""
     if q.dim() != 4:
         raise ValueError(f"attention_with_kvcache: q must be 4-d [batch, heads, Nq, head_dim]; got {q.dim()}-d")
     if q.dtype not in dtypes or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
@@ -129,8 +130,8 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
             if tuple(t.shape) != (B, Hkv, Nq, dim) or t.dtype != q.dtype or t.device != q.device:
                 raise ValueError(f"attention_with_kvcache: {arg} must be {q.dtype} [{B}, {Hkv}, {Nq}, {dim}] on "
                                  f"{q.device}; got {t.dtype} of shape {list(t.shape)} on {t.device}")
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return Hkv, capacity  # no host reads inside a CUDA graph: the values are the caller's to keep in range
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return  # no host reads: the values are the caller's to keep in range
     longest = int(cache_seqlens.max()) + (Nq if k is not None else 0) if B else 0
     if B and int(cache_seqlens.min()) < 0 or longest > capacity:
         raise ValueError(f"attention_with_kvcache: cache_seqlens{' + Nq' if k is not None else ''} must lie in "
@@ -140,7 +141,6 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
         if lo < 0 or hi >= k_cache.shape[0]:
             raise ValueError(f"attention_with_kvcache: block_table entries must be pages in [0, {k_cache.shape[0]}); "
                              f"got [{lo}, {hi}]")
-    return Hkv, capacity
 
 
 def append(k_cache, v_cache, block_table, cache_seqlens, k, v) -> None:

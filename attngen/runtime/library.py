@@ -1,10 +1,11 @@
 """The torch.library ops of a kernel module: what torch.compile traces instead of the host code
-(one op per direction, with fake and autograd registrations)."""
+(one op per direction, with fake and autograd registrations, and one for decoding)."""
 
 from __future__ import annotations
 
 import torch
 
+from . import decode as dec
 from .block_mask import BlockMask
 from .sparse import Sparse, kept_seqlens, made_for
 from .tiles import Documents
@@ -15,8 +16,8 @@ _OP_NAMES: dict[str, int] = {}
 class _Ops:
     """The module's torch.library ops: what torch.compile traces instead of the host code."""
 
-    def __init__(self, forward, backward):
-        self.forward, self.backward = forward, backward
+    def __init__(self, forward, backward, decode):
+        self.forward, self.backward, self.decode = forward, backward, decode
 
 
 def register_ops(rt) -> _Ops:
@@ -77,4 +78,18 @@ def register_ops(rt) -> _Ops:
         return dq, dk, dv, dhp, *[None] * 10
 
     forward_op.register_autograd(backward, setup_context=setup_context)
-    return _Ops(forward_op, backward_op)
+
+    # decoding: the caches are read, never written (appending is torch indexing before the op)
+    dec_schema = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor? block_table, Tensor hp, "
+                  "float scale, int splits) -> (Tensor, Tensor)")
+
+    def decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits):
+        return rt.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits)
+
+    def decode_fake(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits):
+        B, H, N = q.shape[:3]
+        return q.new_empty((B, H, N, rt.head_dim_v)), q.new_empty((B, H, N), dtype=torch.float32)
+
+    decode_op = torch.library.custom_op(f"{name}_decode", decode, mutates_args=(), schema=dec_schema)
+    decode_op.register_fake(decode_fake)
+    return _Ops(forward_op, backward_op, decode_op)

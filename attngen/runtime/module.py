@@ -456,7 +456,7 @@ class KernelModule:
         with no key gives zeros and LSE -inf. num_splits (default: FlashAttention-3's rule, from the
         shapes alone) splits each sequence's keys over programs. No backward and no dropout
         (inference). Inputs are checked with one host read of the lengths, skipped while a CUDA
-        graph is captured (runtime/decode.py)."""
+        graph is captured or torch.compile traces (one custom op then; runtime/decode.py)."""
         if self.document or self.sparsity:
             raise TypeError(f"spec {self.name!r}: attention_with_kvcache does not yet take document ids or block "
                             f"layouts")
@@ -464,17 +464,29 @@ class KernelModule:
             raise ValueError("attention_with_kvcache has no backward (inference): call it under torch.no_grad(), "
                              "or on tensors that do not require grad")
         dtypes = [t for t, name in DTYPES.items() if name in self.tilings["fwd"]]
-        Hkv, capacity = decode.check(self.name, dtypes, (self.head_dim, self.head_dim_v), q, k_cache, v_cache,
-                                     cache_seqlens, block_table, k, v)
+        decode.check(self.name, dtypes, (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens,
+                     block_table, k, v)
         if k is not None:
             decode.append(k_cache, v_cache, block_table, cache_seqlens, k, v)
         seqlens = cache_seqlens + q.shape[2] if k is not None else cache_seqlens
         hp = self.head_param_rows(q, {"alibi_slopes": alibi_slopes, "temperature": temperature}).detach()
-        plan = decode.decode_plan(q.shape[0], Hkv, q.shape[1] // Hkv * q.shape[2], capacity, self.head_dim,
-                                  decode.sms(q.device), num_splits)
-        o, lse = decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table,
-                            self.scale if scale is None else float(scale), plan, Hkv, self.head_dim_v, self.native)
+        scale = self.scale if scale is None else float(scale)
+        splits = 0 if num_splits is None else max(1, int(num_splits))  # 0: the rule's choice
+        if torch.compiler.is_compiling():  # one opaque op: no graph break
+            o, lse = self.ops.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits)
+        else:
+            o, lse = self.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits)
         return (o, lse) if return_lse else o
+
+    def decode(self, q, k_cache, v_cache, seqlens, block_table, hp, scale: float, splits: int = 0):
+        """o, lse of decoding (no checks; seqlens counts each sequence's keys, the appended ones included)."""
+        paged = block_table is not None
+        Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
+        capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
+        plan = decode.decode_plan(q.shape[0], Hkv, q.shape[1] // Hkv * q.shape[2], capacity, self.head_dim,
+                                  decode.sms(q.device), splits or None)
+        return decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale, plan, Hkv,
+                          self.head_dim_v, self.native)
 
     def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0)):
         """o, lse through the torch.library ops (what torch.compile traces instead of the host code)."""
