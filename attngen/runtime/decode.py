@@ -120,6 +120,9 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
         raise ValueError(f"attention_with_kvcache: q's head dim must be {head_dims[0]}; got {D}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attention_with_kvcache: query heads ({Hq}) must be a multiple of the cache's heads ({Hkv})")
+    if B * Hkv > 65535:
+        raise ValueError(f"attention_with_kvcache: batch x KV heads = {B * Hkv} is over 65535, the launch grid's "
+                         f"limit on axis 1")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"attention_with_kvcache: cache_seqlens must be int32 [{B}]; got {cache_seqlens.dtype} of "
                         f"shape {list(cache_seqlens.shape)}")
