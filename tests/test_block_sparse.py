@@ -572,3 +572,14 @@ def test_opcheck_with_a_layout(copy):
     assert (o.double() - want).abs().max() < 1e-4
     do = torch.randn_like(o)
     torch.library.opcheck(rt.ops.backward, (do, q, k, v, o, lse, hp, None, None, layout, None, None, 0, 0, rt.scale, 0, 0.0))
+
+
+@pytest.mark.interp
+def test_the_table_kernel_with_no_inner_tiles_lists_nothing():
+    from attngen.runtime.table_kernel import build_lists
+    for nested in (False, True):
+        count, index = build_lists(torch.zeros(1, 1, 3, 0, dtype=torch.int8), False, nested)
+        assert count.shape == (1, 1, 3, 2) and not count.any() and index.shape[-1] == 1
+    with pytest.raises(ValueError, match="does not lie inside one"):
+        build_lists(torch.zeros(1, 1, 2, 2, dtype=torch.int8), False, False, torch.ones(1, 1, 1, 1, dtype=torch.bool),
+                    (48, 64), (128, 128))

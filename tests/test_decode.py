@@ -229,3 +229,18 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cac
             got = out.clone()
             want = step()  # eager: the same append (idempotent at these lengths) and attention
             assert torch.equal(got, want), new_lengths
+
+
+@pytest.mark.interp
+def test_strided_lengths_and_block_table_give_the_contiguous_bits():
+    """cache_seqlens and block_table are read with their strides honoured (a view of a wider tensor)."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("causal", B=2, Nq=1, S=96, lengths=(5, 90))
+    table = _shuffle(2, 96, 16, g)
+    k_pages, v_pages = _paged(k_cache, 16, table), _paged(v_cache, 16, table)
+    wide_lengths = torch.stack([lengths, torch.zeros_like(lengths)], 1)[:, 0]  # stride 2
+    wide_table = torch.stack([table, torch.full_like(table, 10**6)], 2).reshape(2, -1)[:, ::2]  # strides (2n, 2)
+    assert not wide_lengths.is_contiguous() and not wide_table.is_contiguous()
+    with torch.no_grad():
+        want = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)
+        got = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=wide_lengths, block_table=wide_table)
+    assert torch.equal(got, want)

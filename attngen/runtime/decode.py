@@ -106,6 +106,8 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
         if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
             raise TypeError(f"attention_with_kvcache: block_table must be int32 [batch={B}, pages per sequence]; got "
                             f"{block_table.dtype} of shape {list(block_table.shape)}")
+        if block_table.device != q.device:
+            raise ValueError(f"attention_with_kvcache: block_table is on {block_table.device}, q on {q.device}")
         pages, page_size, Hkv = k_cache.shape[:3]
         if page_size % 16:
             raise ValueError(f"attention_with_kvcache: the page size (k_cache.shape[1]) must be a multiple of 16; "
@@ -120,9 +122,9 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
         raise ValueError(f"attention_with_kvcache: q's head dim must be {head_dims[0]}; got {D}")
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attention_with_kvcache: query heads ({Hq}) must be a multiple of the cache's heads ({Hkv})")
-    if B * Hkv > 65535:
-        raise ValueError(f"attention_with_kvcache: batch x KV heads = {B * Hkv} is over 65535, the launch grid's "
-                         f"limit on axis 1")
+    if B * Hkv > 65535 or Hq * Nq // Hkv > 65535 * 64:
+        raise ValueError(f"attention_with_kvcache: batch x KV heads ({B * Hkv}) and query heads per KV head x Nq "
+                         f"({Hq * Nq // Hkv}, in blocks of up to 64 rows) are over the launch grid's limits")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"attention_with_kvcache: cache_seqlens must be int32 [{B}]; got {cache_seqlens.dtype} of "
                         f"shape {list(cache_seqlens.shape)}")
@@ -166,6 +168,8 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log) from the decode kernel (and the
     combine kernel when the keys are split)."""
     B, Hq, Nq, D = q.shape
+    seqlens = seqlens.contiguous()  # the kernel reads both with unit stride (no copy when already so)
+    block_table = None if block_table is None else block_table.contiguous()
     o = torch.empty(B, Hq, Nq, head_dim_v, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, Nq, dtype=torch.float32, device=q.device)
     if o.numel() == 0:

@@ -84,6 +84,8 @@ def build_lists(classes: torch.Tensor, transposed: bool, nested: bool, layout: t
     n_m, n_n = classes.shape[-2:]
     shapes = [classes.shape[:2]] + ([layout.shape[:2]] if layout is not None else [])
     B, H = torch.broadcast_shapes(*shapes)
+    if block[0] % tile[0] or block[1] % tile[1]:
+        raise ValueError(f"a {tile[0]} x {tile[1]} kernel tile does not lie inside one {block[0]} x {block[1]} layout block")
     divs = (block[0] // tile[0], block[1] // tile[1])
     lay = layout if layout is not None else classes  # a placeholder pointer when there is none
     bs = [0 if classes.shape[i] == 1 else classes.stride(i) for i in (0, 1)] + list(classes.stride()[2:])
@@ -93,6 +95,8 @@ def build_lists(classes: torch.Tensor, transposed: bool, nested: bool, layout: t
         bs[2:], ls[2:] = bs[:1:-1], ls[:1:-1]
     count = torch.empty(B, H, n_m, 2, dtype=torch.int32, device=classes.device)
     index = torch.empty(B, H, n_m, 2, n_n + 1, dtype=torch.int32, device=classes.device)
+    if n_n == 0:  # nothing to list (the first run's pair would not fit a row of width 1)
+        return (count.zero_()[0, 0], index.zero_()[0, 0]) if flat else (count.zero_(), index.zero_())
     if count.numel():
         chunk = min(chunk, max(16, triton.next_power_of_2(n_n)))
         _build_lists[(B * H * n_m,)](classes, lay.view(torch.uint8) if lay.dtype == torch.bool else lay, count, index,
