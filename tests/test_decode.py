@@ -13,6 +13,7 @@ from attngen import reference, runtime
 from attngen.resources import resolve_spec
 from attngen.runtime import decode
 from attngen.spec import load_spec
+from attngen.verify import paged as as_pages
 
 
 def _case(name, B=3, Hkv=2, G=2, Nq=1, S=160, lengths=(0, 1, 150), dtype=torch.float32, seed=0):
@@ -23,19 +24,6 @@ def _case(name, B=3, Hkv=2, G=2, Nq=1, S=160, lengths=(0, 1, 150), dtype=torch.f
     k_cache = torch.randn(B, Hkv, S, spec.head_dim, generator=g).to(dtype)
     v_cache = torch.randn(B, Hkv, S, spec.head_dim_v, generator=g).to(dtype)
     return spec, module, q, k_cache, v_cache, torch.tensor(lengths, dtype=torch.int32), g
-
-
-def _paged(cache, page_size: int, order):
-    """The contiguous cache [B, Hkv, S, D] as pages [pages, page_size, Hkv, D], sequence b's page i
-    at order[b, i] (a permutation: the pages shuffled), and so order as the block table."""
-    B, Hkv, S, D = cache.shape
-    per_seq = order.shape[1]
-    padded = torch.zeros(B, Hkv, per_seq * page_size, D, dtype=cache.dtype)
-    padded[:, :, :S] = cache
-    pages = torch.empty(B * per_seq, page_size, Hkv, D, dtype=cache.dtype)
-    pages[order.reshape(-1).long()] = padded.reshape(B, Hkv, per_seq, page_size, D).permute(0, 2, 3, 1, 4) \
-        .reshape(-1, page_size, Hkv, D)
-    return pages
 
 
 def _shuffle(B: int, S: int, page_size: int, g):
@@ -70,7 +58,7 @@ def test_decode_matches_reference_split_and_not(name, Nq):
 def test_paged_cache_gives_the_contiguous_bits(page_size):
     spec, module, q, k_cache, v_cache, lengths, g = _case("causal", Nq=2, lengths=(150, 7, 33))
     table = _shuffle(3, k_cache.shape[2], page_size, g)
-    k_pages, v_pages = _paged(k_cache, page_size, table), _paged(v_cache, page_size, table)
+    k_pages, v_pages = as_pages(k_cache, page_size, table), as_pages(v_cache, page_size, table)
     with torch.no_grad():
         for splits in (1, 2):
             want = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, num_splits=splits)
@@ -91,12 +79,12 @@ def test_appending_writes_the_cache_then_attends(paged):
     kc, vc, table = k_cache.clone(), v_cache.clone(), None
     if paged:
         table = _shuffle(2, 96, 32, g)
-        kc, vc = _paged(k_cache, 32, table), _paged(v_cache, 32, table)
+        kc, vc = as_pages(k_cache, 32, table), as_pages(v_cache, 32, table)
     with torch.no_grad():
         o, lse = module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, k=k_new, v=v_new,
                                                return_lse=True)
     if paged:
-        assert torch.equal(kc, _paged(want_k, 32, table)) and torch.equal(vc, _paged(want_v, 32, table))
+        assert torch.equal(kc, as_pages(want_k, 32, table)) and torch.equal(vc, as_pages(want_v, 32, table))
     else:
         assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     _close(spec, o, lse, q, want_k, want_v, lengths + 3, 2e-5)
@@ -130,7 +118,7 @@ def test_decode_plan_splits_cover_the_cache_once():
 def _errors():
     spec, module, q, k_cache, v_cache, lengths, g = _case("causal", B=2, lengths=(5, 7))
     table = _shuffle(2, k_cache.shape[2], 16, g)
-    pages = _paged(k_cache, 16, table)
+    pages = as_pages(k_cache, 16, table)
     return [
         (dict(cache_seqlens=torch.tensor([5, 161], dtype=torch.int32)), "must lie in [0, 160]"),
         (dict(cache_seqlens=lengths.long()), "cache_seqlens must be int32"),
@@ -182,7 +170,7 @@ def test_fullgraph_compile_of_a_decode_step_matches_eager():
     def step(q, kc, vc, lengths, table, k, v):
         return module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, k=k, v=v,
                                              num_splits=2)
-    caches = [(_paged(k_cache, 16, table), _paged(v_cache, 16, table)) for _ in range(2)]
+    caches = [(as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)) for _ in range(2)]
     with torch.no_grad():
         want = step(q, *caches[0], lengths, table, k_new, v_new)
         torch._dynamo.reset()
@@ -236,7 +224,7 @@ def test_strided_lengths_and_block_table_give_the_contiguous_bits():
     """cache_seqlens and block_table are read with their strides honoured (a view of a wider tensor)."""
     spec, module, q, k_cache, v_cache, lengths, g = _case("causal", B=2, Nq=1, S=96, lengths=(5, 90))
     table = _shuffle(2, 96, 16, g)
-    k_pages, v_pages = _paged(k_cache, 16, table), _paged(v_cache, 16, table)
+    k_pages, v_pages = as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)
     wide_lengths = torch.stack([lengths, torch.zeros_like(lengths)], 1)[:, 0]  # stride 2
     wide_table = torch.stack([table, torch.full_like(table, 10**6)], 2).reshape(2, -1)[:, ::2]  # strides (2n, 2)
     assert not wide_lengths.is_contiguous() and not wide_table.is_contiguous()

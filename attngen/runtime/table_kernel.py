@@ -71,6 +71,13 @@ def _build_lists(BASE, LAYOUT, COUNT, INDEX, n_outer, n_inner, heads, width,
     tl.store(COUNT + out * 2, n_partial)
 
 
+def check_tile_in_block(tile: tuple[int, int], block: tuple[int, int]) -> None:
+    """A kernel tile must lie inside one layout block (both powers of two: the tile divides the block)."""
+    if block[0] % tile[0] or block[1] % tile[1]:
+        raise ValueError(f"a {tile[0]} x {tile[1]} kernel tile does not lie inside one {block[0]} x {block[1]} "
+                         f"layout block")
+
+
 def build_lists(classes: torch.Tensor, transposed: bool, nested: bool, layout: torch.Tensor | None = None,
                 tile: tuple[int, int] = (1, 1), block: tuple[int, int] = (1, 1),
                 chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +91,7 @@ def build_lists(classes: torch.Tensor, transposed: bool, nested: bool, layout: t
     n_m, n_n = classes.shape[-2:]
     shapes = [classes.shape[:2]] + ([layout.shape[:2]] if layout is not None else [])
     B, H = torch.broadcast_shapes(*shapes)
-    if block[0] % tile[0] or block[1] % tile[1]:
-        raise ValueError(f"a {tile[0]} x {tile[1]} kernel tile does not lie inside one {block[0]} x {block[1]} layout block")
+    check_tile_in_block(tile, block)
     divs = (block[0] // tile[0], block[1] // tile[1])
     lay = layout if layout is not None else classes  # a placeholder pointer when there is none
     bs = [0 if classes.shape[i] == 1 else classes.stride(i) for i in (0, 1)] + list(classes.stride()[2:])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .table_kernel import build_lists
+from .table_kernel import build_lists, check_tile_in_block
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -89,8 +89,7 @@ def tile_lists(classes: torch.Tensor, nested: bool) -> tuple[torch.Tensor, torch
 def layout_tiles(layout: torch.Tensor, n_m: int, n_n: int, bm: int, bn: int, bq: int, bk: int) -> torch.Tensor:
     """bool [.., n_m, n_n]: the layout [.., n_qb, n_kb] of bq x bk blocks read at the kernel's bm x bn
     tiles, each of which lies inside one block (bm divides bq, bn divides bk)."""
-    if bq % bm or bk % bn:
-        raise ValueError(f"a {bm} x {bn} kernel tile does not lie inside one {bq} x {bk} layout block")
+    check_tile_in_block((bm, bn), (bq, bk))
     rows = torch.arange(n_m, device=layout.device) * bm // bq
     cols = torch.arange(n_n, device=layout.device) * bn // bk
     return layout.index_select(-2, rows).index_select(-1, cols)
