@@ -281,8 +281,11 @@ def _decode_context(fwd: Kernel, params) -> dict:
     the per-head parameters loaded per packed row (rows span the query heads of a KV head)."""
     plan = fwd.attr("mask_plan")
     closed = plan.kind is not PlanKind.TILES
+    full = closed and fwd.attr("loop").segments != ("masked",)  # else no tile is proven full: none is
     return {"lo": _bound(plan, "kv_lo", "0") if closed else "0",
             "hi": _bound(plan, "kv_hi", "(Nk - 1)") if closed else "(Nk - 1)",
+            "full_lo": _bound(plan, "full_lo", "0") if full else "Nk",
+            "full_hi": _bound(plan, "full_hi", "(Nk - 1)") if full else "-1",
             "hp_loads": "".join(f"\n    hp_{p.name} = (tl.load(HP + {i} * H + off_h).to(tl.float32){p.load})[:, None]"
                                 for i, p in enumerate(params))}
 

@@ -244,10 +244,10 @@ def bench_sparsity(spec: Path = typer.Argument(..., help="a spec file (block-spa
 
 @app.command("bench-decode")
 def bench_decode(spec: Path = typer.Argument(..., help="a spec file"),
-                 shapes: str = typer.Option("1x2048,1x32768,1x131072,8x8192,32x8192,128x2048",
-                                            help="BATCHxCONTEXT,..."),
+                 cases: str = typer.Option("", help="BATCHxCONTEXT[xNQ][pPAGE],... (default: the issue's matrix, "
+                                                    "speculative decoding, chunked prefill, paged caches)"),
                  heads: str = typer.Option("32/8", help="query heads / KV heads"),
-                 flex: str = typer.Option("", help="the shapes (BATCHxCONTEXT,...) Flex also runs at: a compile each"),
+                 flex: str = typer.Option("", help="the cases Flex also runs at: a compile each"),
                  variants: str = typer.Option("", help="plans beside ours, NAME:block_n=128:stages=2;..."),
                  json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON")):
     """Times attention_with_kvcache beside SDPA and Flex on a GPU (attngen/bench_decode.py)."""
@@ -260,14 +260,12 @@ def bench_decode(spec: Path = typer.Argument(..., help="a spec file"),
     from attngen import bench_decode as bd
     from attngen.bench import environment
 
-    def pairs(text):
-        return [tuple(int(x) for x in s.split("x")) for s in text.split(",") if s]
     plans = []
     for item in filter(None, variants.split(";")):
         name, *fields = item.split(":")
         plans.append((name, {f.split("=")[0]: int(f.split("=")[1]) for f in fields}))
     hq, hkv = (int(x) for x in heads.split("/"))
-    rows = bd.bench(spec, pairs(shapes), hq, hkv, pairs(flex), plans, log=typer.echo)
+    rows = bd.bench(spec, cases or bd.DEFAULT, hq, hkv, [c for c in flex.split(",") if c], plans, log=typer.echo)
     if json_out:
         json_out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
 

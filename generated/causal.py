@@ -381,18 +381,62 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
 
 
 @triton.jit
+def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
+                 stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+    # One key tile of online softmax for the packed rows. K and V are [B, HKV, S, D] (PAGE_SIZE 0;
+    # stride_kb: a sequence) or [pages, PAGE_SIZE, HKV, D] (stride_kb: a page; PAGES [B, pages per
+    # sequence] holds each sequence's page numbers). Unmasked tiles lie in [lo, end) and every row
+    # sees all their keys: no mask code.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    keys = (offs_n >= lo) & (offs_n < end)
+    if PAGE_SIZE == 0:
+        k_rows = off_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kn
+        v_rows = off_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vn
+    else:
+        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one page number per step
+            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + start_n // PAGE_SIZE).to(tl.int64)
+        else:  # pages smaller than the tile: a page number per key
+            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // PAGE_SIZE, mask=keys, other=0).to(tl.int64)
+        k_rows = page * stride_kb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kn
+        v_rows = page * stride_vb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_vn
+    k_ok = offs_d[None, :] < HEAD_DIM
+    v_ok = offs_dv[None, :] < HEAD_DIM_V
+    if MASKED:
+        k_ok = k_ok & keys[:, None]
+        v_ok = v_ok & keys[:, None]
+    k = tl.load(K + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
+    v = tl.load(V + v_rows[:, None] + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)
+    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None],
+                  offs_n[None, :], Nq, Nk, qk_scale, FAST_TANH)
+    if MASKED:
+        vis = keys[None, :] & (row_ok & (offs_m >= 0))[:, None]
+        vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
+        s = tl.where(vis, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
                  stride_lb, stride_lh, stride_lm, stride_ls, stride_pb,
-                 H, HKV, GROUP, n_q, split_len, page_size, qk_scale,
+                 H, HKV, GROUP, n_q, split_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGED: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
-    # K and V are [B, HKV, S, D] (stride_kb: a sequence) or, PAGED, [pages, page_size, HKV, D]
-    # (stride_kb: a page; PAGES [B, pages per sequence] holds each sequence's page numbers).
+                 PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     split = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -405,12 +449,16 @@ def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
     first = Nk - n_q
     last = Nk - 1
     offs_m = first + t  # absolute positions; a row before the sequence's start sees nothing
-    lo = tl.minimum(tl.maximum(0, 0), Nk)
-    end = tl.minimum(tl.maximum(last + 1, lo), Nk)
-    lo = tl.maximum(lo, split * split_len)
-    end = tl.minimum(end, split * split_len + split_len)
+    # [lo, end): the keys this split may see; [full_start, full_end): tiles all rows see in full.
+    lo = tl.maximum(tl.minimum(tl.maximum(0, 0), Nk), split * split_len)
+    end = tl.minimum(tl.minimum(tl.maximum(last + 1, lo), Nk), split * split_len + split_len)
+    start = lo // BLOCK_N * BLOCK_N
+    full_start = (tl.maximum(0, lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    full_end = tl.minimum(first + 1, end) // BLOCK_N * BLOCK_N
+    no_full = (full_start >= full_end) | (first < 0)  # rows before the sequence's start see nothing
+    full_start = tl.where(no_full, start, full_start)
+    full_end = tl.where(no_full, start, full_end)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
                 + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
@@ -419,34 +467,24 @@ def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    for start_n in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        keys = (offs_n >= lo) & (offs_n < end)
-        if PAGED:
-            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // page_size, mask=keys, other=0).to(tl.int64)
-            k_rows = page * stride_kb + (offs_n % page_size).to(tl.int64) * stride_kn
-            v_rows = page * stride_vb + (offs_n % page_size).to(tl.int64) * stride_vn
-        else:
-            k_rows = off_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kn
-            v_rows = off_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vn
-        k = tl.load(K + k_rows[:, None] + offs_d[None, :] * stride_kd,
-                    mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(V + v_rows[:, None] + offs_dv[None, :] * stride_vd,
-                    mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None],
-                      offs_n[None, :], Nq, Nk, qk_scale, FAST_TANH)
-        vis = keys[None, :] & (row_ok & (offs_m >= 0))[:, None]
-        vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    for start_n in range(start, full_start, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, FAST_TANH)
+    for start_n in range(full_start, full_end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION, FAST_TANH)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, FAST_TANH)
     # Rows that saw no key (in this split) store zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     out = off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + t.to(tl.int64) * stride_om + split * stride_os
     tl.store(O + out[:, None] + offs_dv[None, :] * stride_od, acc / l_use[:, None],
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))

@@ -7,7 +7,8 @@
 #   DTYPES="bf16 fp16" scripts/gpu_final.sh verify-varlen   # attention_varlen's, every spec
 #   DTYPES="bf16 fp16" scripts/gpu_final.sh verify-decode   # attention_with_kvcache's, every spec that decodes
 #   VSPECS="specs/temperature.yaml" scripts/gpu_final.sh verify   # verify groups over these specs only
-#   FLEX=128x2048 scripts/gpu_final.sh bench-decode   # decoding beside SDPA (and Flex at these shapes)
+#   FLEX=128x2048 scripts/gpu_final.sh bench-decode   # decoding beside SDPA (and Flex at these cases)
+#   CASES=32x8192,1x8192x512 scripts/gpu_final.sh bench-decode   # these cases only
 #   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
@@ -32,9 +33,9 @@ if [ -n "$WARM" ]; then  # the compile caches (Triton's, Inductor's) are shared 
 fi
 VSPECS=${VSPECS:-specs/*.yaml}
 for group in "$@"; do
-  if [ "$group" = bench-decode ]; then  # causal, B x context from 1 x 2k to 128 x 2k, CUDA-graph replays
-    timeout 240 python3 -m cli.main bench-decode specs/causal.yaml --variants "${VARIANTS:-n128:block_n=128;s2:stages=2}" \
-      --flex "${FLEX:-}" --json $OUT/bench_decode.json 2>&1 | grep -v -i warn
+  if [ "$group" = bench-decode ]; then  # causal, the cases (attngen/bench_decode.py), CUDA-graph replays
+    timeout 500 python3 -m cli.main bench-decode specs/causal.yaml --variants "${VARIANTS:-}" --cases "${CASES:-}" \
+      --flex "${FLEX:-}" --json $OUT/bench_decode${FLEX:+_flex}.json 2>&1 | grep -v -i warn | tee -a $OUT/bench_decode.log
     continue
   fi
   if [ "$group" = verify-decode ]; then  # attention_with_kvcache, contiguous and paged caches

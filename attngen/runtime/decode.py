@@ -26,10 +26,11 @@ class DecodePlan:
     splits: int  # programs over one sequence's keys
     split_len: int  # keys per split, a multiple of block_n
     stages: int = 3  # software pipelining depth of the key loop
+    warps: int = 4
 
     def describe(self) -> str:
-        return (f"{self.block_m} rows x {self.block_n} keys per step, {self.stages} stages, {self.splits} split(s) "
-                f"of {self.split_len} keys")
+        return (f"{self.block_m} rows x {self.block_n} keys per step, {self.warps} warps, {self.stages} stages, "
+                f"{self.splits} split(s) of {self.split_len} keys")
 
 
 def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
@@ -47,16 +48,18 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 
 
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
-                splits: int | None = None, block_n: int | None = None, stages: int = 3) -> DecodePlan:
+                splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
+                warps: int | None = None) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths)."""
-    block_m = max(16, min(64, triton.next_power_of_2(max(rows, 1))))
+    block_m = block_m or max(16, min(64, triton.next_power_of_2(max(rows, 1))))
     block_n = block_n or (64 if head_dim <= 128 else 32)
+    warps = warps or (8 if block_m >= 128 else 4)
     key_blocks = max(1, -(-max_keys // block_n))
     tiles = batch * heads_kv * -(-rows // block_m)
     splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks))
     split_len = -(-key_blocks // splits) * block_n
-    return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len, stages)
+    return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len, stages, warps)
 
 
 @triton.jit
@@ -189,12 +192,11 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     group, rows = Hq // Hkv, Hq // Hkv * Nq
     grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
     kernel[grid](q, k_cache, v_cache, o_part, lse_part, hp, pages, seqlens, *q.stride(), *ks, *vs, *os_, *ls_,
-                 pages.stride(0), Hq, Hkv, group, Nq, plan.split_len, k_cache.shape[1] if paged else 1,
-                 scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
+                 pages.stride(0), Hq, Hkv, group, Nq, plan.split_len, scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
                  HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
-                 BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGED=paged,
+                 BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE_SIZE=k_cache.shape[1] if paged else 0,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                 FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=4, num_stages=plan.stages)
+                 FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=plan.warps, num_stages=plan.stages)
     if split:
         _combine_splits[(B * Hq * Nq,)](o_part, lse_part, o, lse, plan.splits, DV=head_dim_v,
                                         DV_PAD=max(16, triton.next_power_of_2(head_dim_v)),
