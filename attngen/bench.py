@@ -53,7 +53,7 @@ def _sdpa_ok(spec: Spec) -> bool:
     m, s = spec.mask, spec.score
     plain = (m.window is None and m.prefix is None and m.expr is None and not m.document
              and s.softcap is None and not s.alibi and not s.temperature)
-    return plain and not spec.dropout and spec.head_dim == spec.head_dim_v
+    return plain and not spec.dropout  # a backend that lacks head_dim_v != head_dim reports it
 
 
 def bench_documents(shape: BenchShape, generator: torch.Generator, docs: int = 4) -> torch.Tensor:

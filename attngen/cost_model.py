@@ -51,13 +51,14 @@ class Target:
     # MMA rows per warp: Hopper's wgmma takes 64 per warpgroup of 4 warps (16 per warp; fewer run
     # slower), Ampere's mma.sync 16, of which 8 keep it busy (docs/decisions/cost-model-rates.md).
     rows_per_warp: int = 8
+    wgmma: bool = False  # warpgroup MMAs for 16-bit inputs (Hopper)
 
 
 TARGETS = {
     "sm90": Target("sm90", sms=132, clock_hz=1.83e9, smem_per_block=232448, smem_per_sm=233472,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 790e12, "bf16": 790e12, "fp32": 60e12},
-                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=True, rows_per_warp=16),
+                   hbm_bytes_per_s=3.0e12, l2_bytes_per_s=10e12, tma=True, rows_per_warp=16, wgmma=True),
     "sm80": Target("sm80", sms=108, clock_hz=1.41e9, smem_per_block=166912, smem_per_sm=167936,
                    regs_per_sm=65536, max_warps_per_sm=64,
                    mma_flops={"fp16": 300e12, "bf16": 300e12, "fp32": 19e12},
@@ -140,8 +141,9 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     k = CONSTANTS if k is None else k
     elem = ELEM_BYTES[work.dtype]
     try:
+        wgmma = target.wgmma and work.dtype != "fp32"  # fp32 (ieee) runs no wgmma
         check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem, role=role,
-                    rows_per_warp=8 if work.dtype == "fp32" else target.rows_per_warp)  # fp32 (ieee) runs no wgmma
+                    rows_per_warp=target.rows_per_warp if wgmma else 8, wgmma=wgmma)
     except TilingError as e:
         return Prediction(cfg, None, rejected=str(e))
     smem = shared_memory_bytes(cfg, elem, role)

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from .cost_model import TARGETS, Ranking, Workload, rank
-from .errors import AttngenError
+from .errors import AttngenError, TilingError
 from .ir import Kernel, OpKind, verify
 from .mask_analysis import MaskPlan, PlanKind, analyze, longest_first
 from .runtime.roles import ROLES
@@ -138,12 +138,22 @@ def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
             for d in kernel.attr("dtypes").split(",")}
 
 
+def _best(kernel: Kernel, dtype: str, r: Ranking) -> TileConfig:
+    if not r.ranked:
+        d, dv = kernel.attr("head_dim"), kernel.attr("head_dim_v")
+        raise TilingError(f"no legal tiling on {r.target.name} for the {kernel.attr('role')} kernel at head_dim {d}"
+                          f"{f', head_dim_v {dv}' if dv != d else ''} in {dtype} ({r.work.describe()}); "
+                          + ("fp32 (no 16-bit MMAs) has no spill-free tiling at this head dim: list `dtypes: [fp16, bf16]`"
+                             if dtype == "fp32" else f"e.g. {r.rejected[0].rejected}" if r.rejected else ""))
+    return r.best
+
+
 def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
-    chosen = tuple((d, r.best) for d, r in rankings(kernel, options).items())
+    chosen = tuple((d, _best(kernel, d, r)) for d, r in rankings(kernel, options).items())
     kernel = kernel.with_attrs(tiling=Tilings(options.target, chosen))
     if options.shape_buckets:
         by_seq = tuple((seq, Tilings(options.target, tuple(
-            (d, r.best) for d, r in rankings(kernel, replace(options, workload=bucket_workload(options.workload, seq))).items())))
+            (d, _best(kernel, d, r)) for d, r in rankings(kernel, replace(options, workload=bucket_workload(options.workload, seq))).items())))
             for seq in BUCKETS)
         kernel = kernel.with_attrs(bucket_tilings=BucketTilings(options.workload.seq_q, by_seq))
     return kernel

@@ -23,6 +23,9 @@ NUM_WARPS = (4, 8)
 NUM_STAGES = (1, 2, 3, 4)
 MAX_REGS_PER_THREAD = 255
 REG_OVERHEAD = 40  # pointers, offsets, loop state, m_i / l_i rows
+# Two warpgroups splitting the streamed dimension (64 resident rows on 8 warps): cross-warpgroup row
+# reductions and layout conversions; fitted (data/registers_head_dims_2026-12-06_sm90_offline.txt)
+SPLIT_OVERHEAD = 32
 
 
 @dataclass(frozen=True, order=True)
@@ -66,26 +69,42 @@ def shared_memory_bytes(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> 
     return elem_bytes * (outer * width(r.resident, d, dv) + cfg.num_stages * inner * width(r.streamed, d, dv))
 
 
-def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> int:
-    """fp32 accumulators and score-sized temporaries, plus the converted P and the resident
-    operand fragments the MMAs read from registers."""
+def splits_n(cfg: TileConfig, role: str, wgmma: bool) -> bool:
+    """64 resident rows on 8 warps under wgmma: the two warpgroups split the streamed dimension
+    (as FlashAttention-3 does at d256), each holding whole rows of P / dS."""
+    return wgmma and ROLES[role].outer(cfg.block_m, cfg.block_n) == 64 and cfg.num_warps == 8
+
+
+def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd", wgmma: bool = False) -> int:
+    """fp32 accumulators and score-sized temporaries, plus the converted P and, for mma.sync (not
+    wgmma, which reads them from shared memory), the resident operand fragments; wgmma with pointer
+    loads also stages the streamed tiles through registers. With wgmma=False, the estimate the cost
+    model's occupancy uses (docs/decisions/head-dims-256.md)."""
     r, m, n, d, dv = ROLES[role], cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
-    outer = r.outer(m, n)
-    words = outer * width(r.accumulators, d, dv) + r.score_tiles * m * n + (m * n + m * width(r.fragments, d, dv)) * elem_bytes // 4
-    return REG_OVERHEAD + -(-words // (32 * cfg.num_warps))
+    outer, inner, threads = r.outer(m, n), r.inner(m, n), 32 * cfg.num_warps
+    spread = outer * width(r.accumulators, d, dv)
+    scores = r.score_tiles * m * n + m * n * elem_bytes // 4
+    if not wgmma:
+        scores += m * width(r.fragments, d, dv) * elem_bytes // 4
+    elif not cfg.tma:
+        spread += inner * width(r.streamed, d, dv) * elem_bytes // 4
+    if splits_n(cfg, role, wgmma):
+        return REG_OVERHEAD + SPLIT_OVERHEAD + -(-spread // threads) + -(-scores // 128)
+    return REG_OVERHEAD + -(-(spread + scores) // threads)
 
 
 def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: str = "fwd",
-                rows_per_warp: int = 8) -> None:
-    """Raises TilingError with the reason when `cfg` cannot run well on the target."""
+                rows_per_warp: int = 8, wgmma: bool = False) -> None:
+    """Raises TilingError with the reason when `cfg` cannot run well on the target (`wgmma`: sm90's
+    warpgroup MMAs, 16-bit inputs)."""
     smem = shared_memory_bytes(cfg, elem_bytes, role)
     if smem > smem_per_block:
         raise TilingError(f"needs {smem // 1024} KiB of shared memory, the target allows {smem_per_block // 1024} KiB")
-    regs = registers_per_thread(cfg, elem_bytes, role)
+    regs = registers_per_thread(cfg, elem_bytes, role, wgmma)
     if regs > MAX_REGS_PER_THREAD:
         raise TilingError(f"needs about {regs} registers per thread, over {MAX_REGS_PER_THREAD}: it would spill")
     r = ROLES[role]
     rows = r.outer(cfg.block_m, cfg.block_n)  # the dimension the warps split
-    if rows < rows_per_warp * cfg.num_warps:
+    if rows < rows_per_warp * cfg.num_warps and not (splits_n(cfg, role, wgmma) and cfg.num_stages >= 2):
         raise TilingError(f"{r.outer_block}={rows} is too few rows for {cfg.num_warps} warps (needs at least "
                           f"{rows_per_warp} * num_warps to keep every warp's MMA busy)")

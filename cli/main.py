@@ -32,12 +32,14 @@ def _fail(err: Exception) -> None:
 
 
 def _compile(spec: Path, target: str, stop: str = "triton", standalone: bool = False):
-    from attngen.errors import AttngenError
+    from attngen.errors import AttngenError, TilingError
     from attngen.passes import PassOptions
     from attngen.pipeline import compile_spec
 
     try:
         return compile_spec(spec, options=PassOptions(target=target), stop=stop, standalone=standalone)
+    except TilingError as e:  # a spec error found past parsing: name the file and its fields
+        _fail(AttngenError(f"{spec}: head_dim / dtypes: {e}"))
     except AttngenError as e:
         _fail(e)
 
