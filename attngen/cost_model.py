@@ -137,13 +137,14 @@ def _mma_efficiency(cfg: TileConfig, role: str, k: Constants) -> float:
 
 
 def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, role: str = "fwd",
-            k: Constants | None = None) -> Prediction:
+            k: Constants | None = None, wgmma_estimate: bool = False) -> Prediction:
+    """`wgmma_estimate`: judge registers by sm90's wgmma model (rank() falls back to it)."""
     k = CONSTANTS if k is None else k
     elem = ELEM_BYTES[work.dtype]
     try:
-        wgmma = target.wgmma and work.dtype != "fp32"  # fp32 (ieee) runs no wgmma
+        wgmma = wgmma_estimate and target.wgmma and work.dtype != "fp32"  # fp32 (ieee) runs no wgmma
         check_legal(cfg, smem_per_block=target.smem_per_block, elem_bytes=elem, role=role,
-                    rows_per_warp=target.rows_per_warp if wgmma else 8, wgmma=wgmma)
+                    rows_per_warp=8 if work.dtype == "fp32" else target.rows_per_warp, wgmma=wgmma)
     except TilingError as e:
         return Prediction(cfg, None, rejected=str(e))
     smem = shared_memory_bytes(cfg, elem, role)
@@ -202,6 +203,10 @@ def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: W
         bq, bk = plan.sparsity.block
         configs = [c for c in configs if c.block_m <= bq and c.block_n <= bk]
     preds = [predict(c, plan, target, work, role, k) for c in configs]
+    if not any(p.time_s is not None for p in preds) and target.wgmma and work.dtype != "fp32":
+        # Past head dim 128 the mma.sync estimate rejects every tiling; wgmma's is right there, but
+        # at d64 it admitted dQ tilings that measured 4-8% slower (docs/decisions/head-dims-256.md).
+        preds = [predict(c, plan, target, work, role, k, wgmma_estimate=True) for c in configs]
     legal = sorted((p for p in preds if p.time_s is not None), key=lambda p: (p.time_s, p.config))
     return Ranking(target, work, tuple(legal), tuple(p for p in preds if p.time_s is None))
 

@@ -6,7 +6,8 @@ prompt) is the reference.
 
     python examples/generate.py --check                      # fp32: identical greedy tokens (CPU: interpreter)
     python examples/generate.py --device cuda --dtype bf16 --batch 8 --prompt 1024 --new 128 --layers 8
-                                                             # tokens per second beside SDPA
+                                                             # tokens per second beside SDPA (eager), and
+                                                             # attngen's decode steps as CUDA-graph replays
 """
 
 from __future__ import annotations
@@ -128,8 +129,10 @@ def sdpa_attend(lengths_host):
 
 
 @torch.no_grad()
-def generate(model, prompt, new: int, backend: str, module=None, capacity: int | None = None):
-    """Greedy tokens [B, new], and the seconds of the prefill and of the decode steps."""
+def generate(model, prompt, new: int, backend: str, module=None, capacity: int | None = None, graph: bool = False):
+    """Greedy tokens [B, new], and the seconds of the prefill and of the decode steps. `graph`
+    (attngen on a GPU): from the third token on, each decode step replays one CUDA graph of the whole
+    model, as a server runs it (no host read or launch cost; lengths and caches change in place)."""
     c, (B, P) = model.c, prompt.shape
     dt, dev = next(model.parameters()).dtype, prompt.device
     capacity = capacity or P + new
@@ -140,11 +143,21 @@ def generate(model, prompt, new: int, backend: str, module=None, capacity: int |
     host = [0]
     attend = attngen_attend(module, lengths) if backend == "attngen" else sdpa_attend(host)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    out, tokens, times = [], prompt, []
-    for _ in range(new):
+    out, tokens, times, replay = [], prompt, [], None
+    for step in range(new):
         sync()
         t0 = time.perf_counter()
-        nxt = model(tokens, lengths, caches, attend).argmax(-1)
+        if graph and step == 2:  # steps 0 and 1 ran eagerly: compiled, and shapes settled
+            static_tokens = tokens.clone()
+            replay = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(replay):
+                static_logits = model(static_tokens, lengths, caches, attend)
+        if replay is not None:
+            static_tokens.copy_(tokens)
+            replay.replay()
+            nxt = static_logits.argmax(-1)
+        else:
+            nxt = model(tokens, lengths, caches, attend).argmax(-1)
         sync()
         times.append(time.perf_counter() - t0)
         lengths += tokens.shape[1]
@@ -176,14 +189,15 @@ def main(argv=None):
     model = Model(cfg).to(args.device, DTYPES[args.dtype]).eval()
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), device=args.device)
     results = {}
-    for backend in ("sdpa", "attngen", "sdpa", "attngen"):  # the second round is timed (compiled, warm)
-        tokens, prefill_s, decode_s = generate(model, prompt, args.new, backend, module)
-        results[backend] = {"tokens": tokens.tolist(), "prefill_ms": prefill_s * 1e3,
+    runs = [("sdpa", False), ("attngen", False)] + ([("attngen_graph", True)] if args.device == "cuda" else [])
+    for name, graph in runs * 2:  # the second round is timed (compiled, warm)
+        tokens, prefill_s, decode_s = generate(model, prompt, args.new, name.split("_")[0], module, graph=graph)
+        results[name] = {"tokens": tokens.tolist(), "prefill_ms": prefill_s * 1e3,
                             "decode_tokens_per_s": args.batch * (args.new - 1) / decode_s if args.new > 1 else None}
-    same = results["sdpa"]["tokens"] == results["attngen"]["tokens"]
+    same = all(r["tokens"] == results["sdpa"]["tokens"] for r in results.values())
     for b, r in results.items():
         rate = r["decode_tokens_per_s"]
-        print(f"{b:8} prefill {r['prefill_ms']:.1f} ms, decode {rate:.0f} tokens/s" if rate else f"{b:8} prefill "
+        print(f"{b:13} prefill {r['prefill_ms']:.1f} ms, decode {rate:.0f} tokens/s" if rate else f"{b:13} prefill "
               f"{r['prefill_ms']:.1f} ms")
     print("greedy tokens identical" if same else "greedy tokens DIFFER")
     if args.json:

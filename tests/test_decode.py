@@ -100,6 +100,21 @@ def test_fp16_decode_with_many_packed_rows():
     _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-3)
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("name", ["causal", "sliding_window"])
+def test_chunked_prefill_runs_128_row_tiles(name):
+    """G x Nq = 2 x 70 = 140 rows: the plan's 128-row tiles on 8 warps, a chunk wrapping into the
+    next query head, sequences shorter than the chunk (rows before their start see nothing)."""
+    spec, module, q, k_cache, v_cache, lengths, _ = _case(name, B=3, Hkv=1, G=2, Nq=70, S=200,
+                                                          lengths=(200, 75, 40))
+    assert decode.decode_plan(3, 1, 140, 200, spec.head_dim, 132).block_m == 128
+    with torch.no_grad():
+        for splits in (1, None):
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
+
+
 @pytest.mark.compiler
 @pytest.mark.parametrize("tiles, key_blocks, want", [(132, 512, 1), (106, 512, 1), (8, 512, 15), (1, 512, 109),
                                                      (8, 4, 4), (64, 512, 2)])

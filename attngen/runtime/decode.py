@@ -52,7 +52,9 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
                 warps: int | None = None) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths)."""
-    block_m = block_m or max(16, min(64, triton.next_power_of_2(max(rows, 1))))
+    # 128 rows on 8 warps once there are that many (chunked prefill: 1.10x the 64-row tile on an H100,
+    # docs/decisions/decode-plan.md); fewer pad to 16-64
+    block_m = block_m or (128 if rows >= 128 else max(16, min(64, triton.next_power_of_2(max(rows, 1)))))
     block_n = block_n or (64 if head_dim <= 128 else 32)
     warps = warps or (8 if block_m >= 128 else 4)
     key_blocks = max(1, -(-max_keys // block_n))
@@ -140,12 +142,18 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
                                  f"{q.device}; got {t.dtype} of shape {list(t.shape)} on {t.device}")
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return  # no host reads: the values are the caller's to keep in range
-    longest = int(cache_seqlens.max()) + (Nq if k is not None else 0) if B else 0
-    if B and int(cache_seqlens.min()) < 0 or longest > capacity:
-        raise ValueError(f"attention_with_kvcache: cache_seqlens{' + Nq' if k is not None else ''} must lie in "
-                         f"[0, {capacity}] (the cache's capacity); got up to {longest}")
+    if not B:
+        return
+    ends = [cache_seqlens.min(), cache_seqlens.max()]
     if block_table is not None and block_table.numel():
-        lo, hi = int(block_table.min()), int(block_table.max())
+        ends += [block_table.min(), block_table.max()]
+    ends = torch.stack(ends).tolist()  # one host read
+    longest = ends[1] + (Nq if k is not None else 0)
+    if ends[0] < 0 or longest > capacity:
+        raise ValueError(f"attention_with_kvcache: cache_seqlens{' + Nq' if k is not None else ''} must lie in "
+                         f"[0, {capacity}] (the cache's capacity); got [{ends[0]}, {longest}]")
+    if len(ends) == 4:
+        lo, hi = ends[2:]
         if lo < 0 or hi >= k_cache.shape[0]:
             raise ValueError(f"attention_with_kvcache: block_table entries must be pages in [0, {k_cache.shape[0]}); "
                              f"got [{lo}, {hi}]")
