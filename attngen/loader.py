@@ -33,27 +33,67 @@ def import_file(path: Path, name: str) -> ModuleType:
 
 
 _LOADED: dict[tuple, ModuleType] = {}
+_COMPILER: list[str] = []
 
 
-def load(spec_path: str | Path, *, autotune: bool = False, **options) -> ModuleType:
+def compiler_digest() -> str:
+    """What a compiled module depends on besides its spec and options: attngen's version, sources,
+    templates and cost constants (an edited checkout never reads a stale module)."""
+    if not _COMPILER:
+        from . import __version__
+        from .resources import cost_constants_path, templates_dir
+
+        package = Path(__file__).parent
+        h = hashlib.sha256(__version__.encode())
+        for path in [*sorted(package.rglob("*.py")), *sorted(templates_dir().rglob("*.jinja")), cost_constants_path()]:
+            if path.is_file():
+                h.update(path.name.encode() + b"\0" + path.read_bytes())
+        _COMPILER.append(h.hexdigest()[:16])
+    return _COMPILER[0]
+
+
+def _cached(index: Path) -> tuple[str, Path] | None:
+    """The module an earlier process compiled for this key, if its file is intact."""
+    try:
+        name = index.read_text().strip()
+        path = CACHE / f"{name}.py"
+        if hashlib.sha256(path.read_bytes()).hexdigest()[:16] == name.rsplit("_", 1)[1]:
+            return name, path
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def load(spec_path: str | Path, *, autotune: bool = False, cache: bool = True, **options) -> ModuleType:
     """Compiles the spec and returns its kernel module (exposing `attention`). The same spec text
-    and options give the same module object within a process, without compiling again.
+    and options give the same module object within a process, without compiling again, and (with
+    `cache`) the module compiled by an earlier process, from $ATTNGEN_CACHE (~/.cache/attngen),
+    keyed by the spec's text, the options and compiler_digest().
     With autotune=True on a GPU, tilings measured by `attngen autotune` for this GPU are used in
     their shape buckets (see attngen/autotune.py)."""
-    from .passes import PassOptions
-    from .pipeline import compile_spec
-
     spec_path = Path(spec_path)
-    key = (str(spec_path.resolve()), spec_path.read_text() if spec_path.is_file() else None,
-           tuple(sorted(options.items())))
+    text = spec_path.read_text() if spec_path.is_file() else None
+    key = (str(spec_path.resolve()), text, tuple(sorted(options.items())))
     if key not in _LOADED:
-        source = compile_spec(spec_path, options=PassOptions(**options)).source
-        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-        name = f"attngen_kernel_{spec_path.stem}_{digest}"
-        if name not in sys.modules:
+        index = None
+        if cache and text is not None:
+            digest = hashlib.sha256(repr((compiler_digest(), spec_path.stem, text, key[2])).encode()).hexdigest()[:24]
+            index = CACHE / "index" / digest
+        found = _cached(index) if index is not None else None
+        if found is None:
+            from .passes import PassOptions
+            from .pipeline import compile_spec
+
+            source = compile_spec(spec_path, options=PassOptions(**options)).source
+            name = f"attngen_kernel_{spec_path.stem}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
             path = CACHE / f"{name}.py"
             write_if_different(path, source)
-            import_file(path, name).__attngen_digest__ = digest
+            if index is not None:
+                write_if_different(index, name)
+        else:
+            name, path = found
+        if name not in sys.modules:
+            import_file(path, name).__attngen_digest__ = name.rsplit("_", 1)[1]
         _LOADED[key] = sys.modules[name]
     module = _LOADED[key]
     if autotune:
