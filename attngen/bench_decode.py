@@ -154,6 +154,6 @@ def bench(path, cases=DEFAULT, heads_q: int = 32, heads_kv: int = 8, flex_at=(),
             for n, v in out.items()))
         row["results"] = out
         rows.append(row)
-        del q, k, v, fns
+        q = k = v = fns = kp = vp = None  # free the caches before the next case
         torch.cuda.empty_cache()
     return rows

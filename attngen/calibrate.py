@@ -93,10 +93,14 @@ def _descend(rows: list[dict], k: Constants, rounds: int) -> tuple[Constants, fl
     return k, best
 
 
-def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4) -> Constants:
-    """Coordinate descent from a few starting points (the loss has local minima); then the overall
-    scale in closed form (the mean log ratio over every row)."""
-    k = min((_descend(rows, replace(start, **s), rounds) for s in STARTS), key=lambda kb: kb[1])[0]
+def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4, advance=lambda: None) -> Constants:
+    """Coordinate descent from a few starting points (the loss has local minima; `advance()` after
+    each); then the overall scale in closed form (the mean log ratio over every row)."""
+    def descend(s):
+        found = _descend(rows, replace(start, **s), rounds)
+        advance()
+        return found
+    k = min((descend(s) for s in STARTS), key=lambda kb: kb[1])[0]
     ratios = [x for g in _log_ratios(rows, replace(k, scale=1.0)).values() for x in g]
     return replace(k, scale=math.exp(-sum(ratios) / len(ratios))) if ratios else k
 

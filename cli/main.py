@@ -80,6 +80,7 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
     from contextlib import closing
 
     from attngen.tools.jobs import verify_all
+    from attngen.tools.progress import progress
     from attngen.verify import format_table
 
     if decode and (varlen or backward):
@@ -90,8 +91,10 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
     typer.echo(f"device: {device}")
     results = []
     paths = [resolve_spec(spec) for spec in specs]
-    with closing(verify_all(paths, dtypes, backward, jobs, varlen, decode)) as per_spec:
-        for path, (rows, error) in zip(paths, per_spec):
+    with closing(verify_all(paths, dtypes, backward, jobs, varlen, decode)) as per_spec, \
+            progress(len(paths), "verify") as advance:
+        for i, (path, (rows, error)) in enumerate(zip(paths, per_spec)):
+            advance(label=paths[i + 1].stem if i + 1 < len(paths) else None)
             if error is not None:
                 _fail(RuntimeError(error))
             if not rows:
@@ -169,6 +172,7 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
     if not torch.cuda.is_available():
         _fail(RuntimeError("attngen bench needs a CUDA GPU"))
     from attngen.bench import DEFAULT_SHAPES, BenchShape, bench_spec, parse_shapes, save, with_head_dim
+    from attngen.tools.progress import progress
 
     shape_list = parse_shapes(shapes) if shapes else (BenchShape(4, 16, 4096),) if ab else DEFAULT_SHAPES
     if head_dim is not None:
@@ -193,23 +197,26 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
         from attngen.exhaustive import format_markdown, median_ms, search, summary, trial_rows
 
         results, rows = [], []
-        for spec in specs:
-            for shape in shape_list:
-                for role in ("fwd", "bwd_dkdv", "bwd_dq"):
-                    trials = search(spec, shape, role, median_ms, top=exhaustive)
-                    rows += trial_rows(spec, shape, role, "bf16", trials)
-                    results.append((spec.stem, shape, role, summary(trials)))
-                    typer.echo(format_markdown(results[-1:]).splitlines()[-1])
-                    if json_out:  # after every kernel: a run cut short keeps what it measured
-                        json_out.write_text(json.dumps({"environment": environment(), "trials": rows}, indent=1))
+        kernels = [(spec, shape, role) for spec in specs for shape in shape_list for role in ("fwd", "bwd_dkdv", "bwd_dq")]
+        with progress(len(kernels), "bench --exhaustive") as advance:
+            for spec, shape, role in kernels:
+                trials = search(spec, shape, role, median_ms, top=exhaustive)
+                advance(label=f"{spec.stem} {role}")
+                rows += trial_rows(spec, shape, role, "bf16", trials)
+                results.append((spec.stem, shape, role, summary(trials)))
+                typer.echo(format_markdown(results[-1:]).splitlines()[-1])
+                if json_out:  # after every kernel: a run cut short keeps what it measured
+                    json_out.write_text(json.dumps({"environment": environment(), "trials": rows}, indent=1))
         table = format_markdown(results)
         if markdown:
             markdown.write_text(table)
         typer.echo(table)
         return
     rows = []
-    for spec in specs:
-        rows += bench_spec(spec, shape_list, backward, baseline=baseline)
+    with progress(len(specs), "bench") as advance:
+        for spec in specs:
+            rows += bench_spec(spec, shape_list, backward, baseline=baseline)
+            advance()
     typer.echo(save(rows, json_out, markdown))
 
 
@@ -286,12 +293,16 @@ def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
     from attngen.bench import parse_shapes
     from attngen.exhaustive import median_ms
 
-    for spec in specs:
-        winners = tune(spec, parse_shapes(shapes), median_ms, torch.cuda.get_device_name(), top=top)
-        for key, entry in winners.items():
-            typer.echo(f"{spec.stem} {key.split('|', 2)[2]}: BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} "
-                       f"warps={entry['num_warps']} stages={entry['num_stages']} ({entry['measured_ms']:.3f} ms, "
-                       f"cost-model rank {entry['rank']})")
+    from attngen.tools.progress import progress
+
+    with progress(len(specs), "autotune") as advance:
+        for spec in specs:
+            winners = tune(spec, parse_shapes(shapes), median_ms, torch.cuda.get_device_name(), top=top)
+            advance()
+            for key, entry in winners.items():
+                typer.echo(f"{spec.stem} {key.split('|', 2)[2]}: BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} "
+                           f"warps={entry['num_warps']} stages={entry['num_stages']} ({entry['measured_ms']:.3f} ms, "
+                           f"cost-model rank {entry['rank']})")
     typer.echo(f"cached in {CACHE_FILE}")
 
 
@@ -313,7 +324,11 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
         typer.echo(f"{len(rows)} measurements; stored constants: {CONSTANTS}; mean squared log error {loss(rows, CONSTANTS):.4f}")
         typer.echo(report(rows, CONSTANTS, buckets))
         return
-    fitted = fit(rows, CONSTANTS)
+    from attngen.calibrate import STARTS
+    from attngen.tools.progress import progress
+
+    with progress(len(STARTS), "calibrate") as advance:
+        fitted = fit(rows, CONSTANTS, advance=advance)
     typer.echo(f"{len(rows)} measurements; mean squared log error {loss(rows, CONSTANTS):.4f} -> {loss(rows, fitted):.4f}")
     typer.echo(f"fitted: {fitted}")
     typer.echo(report(rows, fitted, buckets))

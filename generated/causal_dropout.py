@@ -34,8 +34,8 @@ TILINGS = {
         "fp32": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
     },
     "bwd_dq": {
-        "fp16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
-        "bf16": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
         "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
     },
 }
@@ -45,8 +45,8 @@ BUCKET_TILINGS = {  # (role, dtype, bucket) -> tiling, where the cost model pick
     ('fwd', 'bf16', 1024): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
     ('bwd_dkdv', 'fp16', 16384): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
     ('bwd_dkdv', 'bf16', 16384): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
-    ('bwd_dq', 'fp16', 1024): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
-    ('bwd_dq', 'bf16', 1024): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+    ('bwd_dq', 'fp16', 16384): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+    ('bwd_dq', 'bf16', 16384): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
 }
 HEAD_DIM, HEAD_DIM_V, SCALE, DROPOUT_P = 64, 64, 0.125, 0.1
 HEAD_PARAMS = ()  # per-head call-time parameters: the rows of HP

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 
 
-def _dtypes(device):
-    return ("fp32", "fp16", "bf16") if device == "cuda" else ("fp32", "fp16")
+def _dtypes(device, spec):
+    """The spec's dtypes that this device tests (bf16 only on a GPU: the interpreter's bf16 dot is wrong)."""
+    return tuple(d for d in (("fp32", "fp16", "bf16") if device == "cuda" else ("fp32", "fp16")) if d in spec.dtypes)
 
 
 @pytest.mark.interp
@@ -27,7 +28,7 @@ def test_shipped_spec_matches_reference(path, device):
     spec = load_spec(path)
     module = attngen.load(path)
     shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES[:3]
-    results = [check(spec, module, s, d, device, seed=i) for d in _dtypes(device) for i, s in enumerate(shapes)]
+    results = [check(spec, module, s, d, device, seed=i) for d in _dtypes(device, spec) for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
@@ -38,7 +39,7 @@ def test_shipped_spec_gradients_match_reference(path, device):
     module = attngen.load(path)
     shapes = (CPU_SHAPES[0], CPU_SHAPES[1], CPU_SHAPES[4]) if device == "cpu" else GPU_SHAPES[4:6]
     results = [check(spec, module, s, d, device, seed=i, backward=True)
-               for d in _dtypes(device) for i, s in enumerate(shapes)]
+               for d in _dtypes(device, spec) for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
@@ -154,7 +155,8 @@ def test_shape_bucket_tilings_match_reference(name, seq, device, monkeypatch):
     assert any(key[2] == seq for key in module.BUCKET_TILINGS)
     monkeypatch.setattr(runtime.of(module), "bucket_seqs", (seq,))
     shapes = (CPU_SHAPES[0], CPU_SHAPES[4])
-    results = [check(spec, module, s, d, device, seed=i, backward=True) for d in _dtypes(device) for i, s in enumerate(shapes)]
+    results = [check(spec, module, s, d, device, seed=i, backward=True)
+               for d in _dtypes(device, spec) for i, s in enumerate(shapes)]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
 
 
