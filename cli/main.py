@@ -63,6 +63,43 @@ def generate(specs: List[Path] = typer.Argument(..., help="spec files, or shippe
                 typer.echo(f"  {role:<8} {dtype}: {cfg.describe()}")
 
 
+def _show_tiles(spec: Path, target: str, shape: str, block: str, plot: Optional[Path]) -> None:
+    from attngen.errors import AttngenError
+    from attngen.passes import PassOptions
+    from attngen.pipeline import compile_spec
+    from attngen.tools import tile_map
+
+    try:
+        Nq, Nk = (int(x) for x in shape.split(","))
+        assert Nq > 0 and Nk > 0
+    except (ValueError, AssertionError):
+        _fail(ValueError(f"--shape: expected Nq,Nk (positive integers), got {shape!r}"))
+    try:
+        fwd = compile_spec(spec, options=PassOptions(target=target), stop="tiling").kernel("fwd")
+    except AttngenError as e:
+        _fail(e)
+    tilings = dict(fwd.attr("tiling").by_dtype)
+    cfg = tilings.get("bf16") or next(iter(tilings.values()))
+    bm, bn = cfg.block_m, cfg.block_n
+    if block:
+        try:
+            bm, bn = (int(x) for x in block.lower().split("x"))
+            assert bm > 0 and bn > 0
+        except (ValueError, AssertionError):
+            _fail(ValueError(f"--block: expected BLOCK_MxBLOCK_N, got {block!r}"))
+    plan = fwd.attr("mask_plan")
+    tiles = tile_map.kernel_tiles(plan, Nq, Nk, bm, bn)
+    title = f"{spec.stem}: forward tiles at Nq={Nq} Nk={Nk}, {bm} x {bn} ({plan.describe()})"
+    note = "; documents and the call's layout cut more at run time" if plan.document or plan.sparsity else ""
+    typer.echo(f"// {title}{note}\n{tile_map.as_text(tiles)}{tile_map.summary(tiles)}")
+    if plot:
+        try:
+            tile_map.plot(tiles, plot, title)
+        except ImportError as e:
+            _fail(e)
+        typer.echo(f"wrote {plot}")
+
+
 @app.command()
 def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped specs' names"),
            dtype: Optional[List[str]] = typer.Option(None, "--dtype", help="dtypes to test (default: the spec's; "
@@ -115,14 +152,21 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
          emit: str = typer.Option("triton", help="stage to print: spec, ir, tiling or triton"),
          target: str = typer.Option("sm90", help="sm90 or sm80"),
          decode: str = typer.Option("1x32/8x1x32768", help="with --emit tiling, the decode plan of this "
-                                    "BATCHxHQ/HKVxNQxCONTEXT call of attention_with_kvcache")):
-    """Prints one stage of the compiler."""
+                                    "BATCHxHQ/HKVxNQxCONTEXT call of attention_with_kvcache"),
+         shape: str = typer.Option("1024,1024", help="with --emit tiles: Nq,Nk"),
+         block: str = typer.Option("", help="with --emit tiles: BLOCK_MxBLOCK_N (default: the forward's bf16 tiling, "
+                                   "else its first dtype's)"),
+         plot: Optional[Path] = typer.Option(None, help="with --emit tiles: also draw the tiles to this PNG "
+                                             "(matplotlib)")):
+    """Prints one stage of the compiler (or, with --emit tiles, the forward kernel's tiles at a shape)."""
     from attngen.errors import AttngenError
     from attngen.passes import PassOptions
     from attngen.pipeline import STAGES, emit as emit_stage
 
+    if emit == "tiles":
+        return _show_tiles(resolve_spec(spec), target, shape, block, plot)
     if emit not in STAGES:
-        _fail(ValueError(f"--emit: expected one of {', '.join(STAGES)}, got {emit!r}"))
+        _fail(ValueError(f"--emit: expected one of {', '.join(STAGES)} or tiles, got {emit!r}"))
     try:
         typer.echo(emit_stage(resolve_spec(spec), emit, PassOptions(target=target)), nl=False)
         if emit == "tiling":
