@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import sys
+import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -18,8 +19,8 @@ def write_if_different(path: Path, text: str) -> bool:
     if path.exists() and path.read_text() == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # processes loading at once
+    tmp.write_text(text)  # (torchrun's ranks) each write their own and rename it over the file
     tmp.replace(path)
     return True
 

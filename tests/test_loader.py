@@ -87,3 +87,16 @@ def test_a_new_process_loads_from_the_cache(fresh):
     second = run("cached")  # compile_spec is gone: only the cache can answer
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
+
+
+@pytest.mark.compiler
+def test_processes_loading_one_spec_at_once_all_succeed(fresh):
+    """As torchrun's ranks do: four processes compile and write the same module and index at once."""
+    code = ("import sys, pathlib, attngen.loader as L; L.CACHE = pathlib.Path(sys.argv[2]); "
+            "print(L.load(sys.argv[1]).__name__)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(fresh), str(loader.CACHE)], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    assert len({out for out, _ in outs}) == 1
+    assert not list(loader.CACHE.rglob("*.tmp"))
