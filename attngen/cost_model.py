@@ -148,7 +148,7 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     except TilingError as e:
         return Prediction(cfg, None, rejected=str(e))
     smem = shared_memory_bytes(cfg, elem, role)
-    regs = registers_per_thread(cfg, elem, role) * 32 * cfg.num_warps
+    regs = registers_per_thread(cfg, elem, role, wgmma) * 32 * cfg.num_warps
     occupancy = max(1, min(target.smem_per_sm // smem, target.regs_per_sm // regs,
                            target.max_warps_per_sm // cfg.num_warps))
     counts = tile_counts(plan, work.seq_q, work.seq_k, cfg.block_m, cfg.block_n)

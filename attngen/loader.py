@@ -37,20 +37,27 @@ _LOADED: dict[tuple, ModuleType] = {}
 _COMPILER: list[str] = []
 
 
+def _digest(paths, h=None) -> str:
+    h = h or hashlib.sha256()
+    for path in paths:
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def compiler_digest() -> str:
-    """What a compiled module depends on besides its spec and options: attngen's version, sources,
-    templates and cost constants (an edited checkout never reads a stale module)."""
+    """What a compiled module depends on besides its spec and options: attngen's version, sources
+    and cost constants as this process imported them (hashed once), and the templates as Jinja
+    reads them now (it reloads edited ones). An edited checkout never reads a stale module."""
+    from .resources import cost_constants_path, templates_dir
+
     if not _COMPILER:
         from . import __version__
-        from .resources import cost_constants_path, templates_dir
 
         package = Path(__file__).parent
-        h = hashlib.sha256(__version__.encode())
-        for path in [*sorted(package.rglob("*.py")), *sorted(templates_dir().rglob("*.jinja")), cost_constants_path()]:
-            if path.is_file():
-                h.update(path.name.encode() + b"\0" + path.read_bytes())
-        _COMPILER.append(h.hexdigest()[:16])
-    return _COMPILER[0]
+        _COMPILER.append(_digest([*sorted(package.rglob("*.py")), cost_constants_path()],
+                                 hashlib.sha256(__version__.encode())))
+    return _COMPILER[0] + _digest(sorted(templates_dir().rglob("*.jinja")))
 
 
 def _cached(index: Path) -> tuple[str, Path] | None:
@@ -60,7 +67,7 @@ def _cached(index: Path) -> tuple[str, Path] | None:
         path = CACHE / f"{name}.py"
         if hashlib.sha256(path.read_bytes()).hexdigest()[:16] == name.rsplit("_", 1)[1]:
             return name, path
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError):  # missing, truncated or not text: compile again
         pass
     return None
 

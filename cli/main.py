@@ -135,10 +135,11 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
             if error is not None:
                 _fail(RuntimeError(error))
             if not rows:
-                typer.echo(f"{path}: no cases (decoding does not take document ids or block layouts yet)")
+                print(f"{path}: no cases (decoding does not take document ids or block layouts yet)", flush=True)
                 continue
-            results += rows
-            typer.echo(format_table(rows).split("\n", 2)[2] if len(results) > len(rows) else format_table(rows), nl=False)
+            results += rows  # print(), not typer.echo: rich moves stdout's lines above the progress bar
+            print(format_table(rows).split("\n", 2)[2] if len(results) > len(rows) else format_table(rows), end="",
+                  flush=True)
     table = format_table(results)
     if markdown:
         markdown.write_text(table)
@@ -248,7 +249,7 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
                 advance(label=f"{spec.stem} {role}")
                 rows += trial_rows(spec, shape, role, "bf16", trials)
                 results.append((spec.stem, shape, role, summary(trials)))
-                typer.echo(format_markdown(results[-1:]).splitlines()[-1])
+                print(format_markdown(results[-1:]).splitlines()[-1], flush=True)  # above the progress bar
                 if json_out:  # after every kernel: a run cut short keeps what it measured
                     json_out.write_text(json.dumps({"environment": environment(), "trials": rows}, indent=1))
         table = format_markdown(results)
@@ -344,9 +345,9 @@ def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
             winners = tune(spec, parse_shapes(shapes), median_ms, torch.cuda.get_device_name(), top=top)
             advance()
             for key, entry in winners.items():
-                typer.echo(f"{spec.stem} {key.split('|', 2)[2]}: BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} "
-                           f"warps={entry['num_warps']} stages={entry['num_stages']} ({entry['measured_ms']:.3f} ms, "
-                           f"cost-model rank {entry['rank']})")
+                print(f"{spec.stem} {key.split('|', 2)[2]}: BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} "
+                      f"warps={entry['num_warps']} stages={entry['num_stages']} ({entry['measured_ms']:.3f} ms, "
+                      f"cost-model rank {entry['rank']})", flush=True)  # above the progress bar
     typer.echo(f"cached in {CACHE_FILE}")
 
 

@@ -129,7 +129,7 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
         raise ValueError(f"attention_with_kvcache: query heads ({Hq}) must be a multiple of the cache's heads ({Hkv})")
     if B * Hkv > 65535 or Hq * Nq // Hkv > 65535 * 64:
         raise ValueError(f"attention_with_kvcache: batch x KV heads ({B * Hkv}) and query heads per KV head x Nq "
-                         f"({Hq * Nq // Hkv}, in blocks of up to 64 rows) are over the launch grid's limits")
+                         f"({Hq * Nq // Hkv}, in blocks of 64 rows) are over the launch grid's limits")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (B,):
         raise TypeError(f"attention_with_kvcache: cache_seqlens must be int32 [{B}]; got {cache_seqlens.dtype} of "
                         f"shape {list(cache_seqlens.shape)}")
