@@ -188,6 +188,18 @@ def test_scale_override_and_default_alibi_slopes(device):
     assert (o.double() - ref).abs().max() < 1e-5
 
 
+@pytest.mark.compiler  # refused before any launch
+@pytest.mark.parametrize("slopes, match", [(torch.ones(3, device="meta"), "q's device"),
+                                           (torch.ones(3, dtype=torch.int32), "floating-point"),
+                                           (torch.ones(4), r"shape \[3\]")])
+def test_per_head_parameters_are_checked_not_moved(slopes, match):
+    path = ROOT / "specs" / "alibi.yaml"
+    spec, mod = load_spec(path), attngen.load(path)
+    q, k, v = _inputs(spec, 1, 3, 1, 8, 8, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        mod.attention(q, k, v, alibi_slopes=slopes)
+
+
 @pytest.mark.parametrize("bad,match", [
     (lambda q, k, v: (q[0], k, v), "4-d"),
     (lambda q, k, v: (q.half(), k, v), "one dtype"),

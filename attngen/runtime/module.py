@@ -338,7 +338,10 @@ class KernelModule:
                 value = _DEFAULTS[p["default"]](Hq, q.device)
             elif tuple(value.shape) != (Hq,):
                 raise ValueError(f"{p['arg']} must have shape [{Hq}]; got {tuple(value.shape)}")
-            value = value.to(device=q.device, dtype=torch.float32)
+            elif value.device != q.device or not value.is_floating_point():
+                raise ValueError(f"{p['arg']} must be a floating-point tensor on q's device ({q.device}); got "
+                                 f"{value.dtype} on {value.device} (nothing is copied between devices)")
+            value = value.to(torch.float32)  # the kernels read fp32 rows (a no-op for fp32 input)
             rows.append(value if p["grad"] else value.detach())
         return rows[0].reshape(1, Hq).contiguous() if len(rows) == 1 else torch.stack(rows)
 
