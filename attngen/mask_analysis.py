@@ -177,6 +177,24 @@ def _row_range(cond: sympy.Basic, var: sympy.Symbol) -> RowRange | None:
     return _bound_of_atom(cond, var)
 
 
+def _envelope(cond: sympy.Basic, var: sympy.Symbol) -> RowRange | None:
+    """A range of `var` holding every value that satisfies cond (a superset where _row_range has no
+    exact one: conjuncts without a range, like a modulo test, are dropped), or None."""
+    if isinstance(cond, sympy.And):
+        parts = [p for p in (_envelope(a, var) for a in cond.args) if p is not None]
+        if not parts:
+            return None
+        los = [p.lo for p in parts if p.lo is not None]
+        his = [p.hi for p in parts if p.hi is not None]
+        return RowRange(sympy.Max(*los) if los else None, sympy.Min(*his) if his else None)
+    if isinstance(cond, sympy.Or):
+        parts = [_envelope(a, var) for a in cond.args]
+        if any(p is None for p in parts):
+            return None
+        return RowRange(_join([p.lo for p in parts], sympy.Min), _join([p.hi for p in parts], sympy.Max))
+    return _row_range(cond, var)
+
+
 def _nondecreasing(e: sympy.Expr, x: sympy.Symbol) -> bool:
     """A structural proof that e does not decrease as x grows (False: not proven)."""
     if not e.has(x):
@@ -361,7 +379,19 @@ def _cells(cond: sympy.Basic | None, Nq: int, Nk: int, gm: int, gn: int) -> tupl
         return cell_visibility(None, Nq, Nk, gm, gn)
     fn = to_callable(cond)
     return cell_visibility(lambda q, k, nq, nk: fn({Q_IDX.name: q, KV_IDX.name: k, NQ.name: nq, NK.name: nk}),
-                           Nq, Nk, gm, gn)
+                           Nq, Nk, gm, gn, envelope=_key_envelope(cond, Nq, Nk))
+
+
+def _key_envelope(cond: sympy.Basic, Nq: int, Nk: int):
+    """(first, last) -> [lo, hi]: the keys query rows first..last may see, from the condition's
+    range-shaped conjuncts (bounds proven nondecreasing in q_idx); None where there are none."""
+    env = _envelope(sympy.to_nnf(cond), KV_IDX)
+    if env is None or not all(b is None or _nondecreasing(b, Q_IDX) for b in (env.lo, env.hi)):
+        return None
+    lo = None if env.lo is None else to_callable(env.lo.subs({NQ: Nq, NK: Nk}))
+    hi = None if env.hi is None else to_callable(env.hi.subs({NQ: Nq, NK: Nk}))
+    return lambda first, last: (0 if lo is None else int(lo({Q_IDX.name: first})),
+                                Nk - 1 if hi is None else int(hi({Q_IDX.name: last})))
 
 
 def dense_tile_classes(cond: sympy.Basic | None, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:

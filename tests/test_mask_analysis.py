@@ -509,3 +509,35 @@ def test_block_key_range_on_product_bound():
     plan = analyze(parse_mask_expr(text, {}))
     assert plan.kind is PlanKind.RANGE
     assert_block_ranges(plan, expr_visible(text, {}, 5, 40), 16, 16, text)
+
+
+# ------------------------------------------------------- the cost model's key envelope
+
+ENVELOPE_MASKS = [
+    "(q_idx - kv_idx) % 2 == 0 and kv_idx <= q_idx and kv_idx >= q_idx - 40",  # dilated window
+    "kv_idx <= q_idx + Nk - Nq and (kv_idx % 3 == 0 or kv_idx >= q_idx - 7)",   # a causal envelope only
+    "(kv_idx <= q_idx and kv_idx >= q_idx - 30) or kv_idx < 5",                 # an Or: [0, max(q, 4)]
+    "abs(q_idx - kv_idx) <= 9 and (q_idx + kv_idx) % 4 != 1",                   # |.| window and a modulo
+    "kv_idx // 16 == q_idx // 16 and kv_idx % 2 == 1",                          # chunks
+    "(q_idx + kv_idx) % 3 == 0",                                                # no envelope
+]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=SLOW)
+@given(text=st.sampled_from(ENVELOPE_MASKS), Nq=sizes, Nk=sizes, gm=st.sampled_from([4, 8, 16]),
+       gn=st.sampled_from([4, 8, 16]))
+def test_cells_within_the_key_envelope_equal_the_dense_evaluation(text, Nq, Nk, gm, gn):
+    """Evaluating the mask only inside the bounds its range-shaped conjuncts give (the cost model's
+    shortcut, mask_analysis._key_envelope) changes no cell's classes."""
+    from attngen.mask_analysis import _key_envelope
+    from attngen.runtime.tiles import cell_visibility
+    from attngen.symbolic import to_callable
+
+    cond = parse_mask_expr(text, {})
+    fn = to_callable(cond)
+    visible = lambda q, k, nq, nk: fn({Q_IDX.name: q, KV_IDX.name: k, NQ.name: nq, NK.name: nk})  # noqa: E731
+    envelope = _key_envelope(cond, Nq, Nk)
+    assert (envelope is None) == (text == ENVELOPE_MASKS[-1])
+    dense = cell_visibility(visible, Nq, Nk, gm, gn)
+    cut = cell_visibility(visible, Nq, Nk, gm, gn, envelope=envelope)
+    assert torch.equal(dense[0], cut[0]) and torch.equal(dense[1], cut[1])

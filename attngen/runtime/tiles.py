@@ -25,17 +25,37 @@ def kept(cache: dict, key, make):
     return cache[key]
 
 
-def cell_visibility(visible, Nq: int, Nk: int, gm: int, gn: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def cell_visibility(visible, Nq: int, Nk: int, gm: int, gn: int, device="cpu",
+                    envelope=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per gm x gn cell of the score matrix: whether any in-bounds pair is visible under
     `visible(q_idx, kv_idx, Nq, Nk)` (None: every pair), and whether every in-bounds one is; bool
     [ceil(Nq / gm), ceil(Nk / gn)] twice. The mask is evaluated densely a band of rows at a time,
-    so memory stays bounded at long sequences. (The cost model's tile counts use it too.)"""
+    so memory stays bounded at long sequences. (The cost model's tile counts use it too.)
+    `envelope(first, last)`, when given, bounds the keys rows first..last may see: [lo, hi], ints;
+    the mask is evaluated only there (a window's band instead of the whole matrix)."""
     c_m, c_n = -(-Nq // gm), -(-Nk // gn)
     kv = torch.arange(c_n * gn, device=device)[None, :]
     band = max(gm, (1 << 22) // (c_n * gn) // gm * gm)  # rows per band: about 4M pairs
     any_c, all_c = [], []
     for m0 in range(0, c_m * gm, band):
         q = torch.arange(m0, min(m0 + band, c_m * gm), device=device)[:, None]
+        if envelope is not None and visible is not None and m0 < Nq:
+            # Outside [lo, hi] nothing is visible: a cell there has all its in-bounds pairs visible
+            # only when it has none. Evaluate the cell-aligned columns that hold [lo, hi].
+            lo, hi = envelope(m0, min(m0 + band, Nq) - 1)
+            k0, k1 = max(0, lo) // gn * gn, min(c_n * gn, -(-(hi + 1) // gn) * gn)
+            cells_m = q.shape[0] // gm
+            any_b = torch.zeros(cells_m, c_n, dtype=torch.bool, device=device)
+            all_b = (q[::gm] >= Nq) | (kv[:, ::gn] >= Nk)
+            if k0 < k1:
+                inb = (q < Nq) & (kv[:, k0:k1] < Nk)
+                vis = inb & visible(q, kv[:, k0:k1], Nq, Nk)
+                shape = (-1, gm, (k1 - k0) // gn, gn)
+                any_b[:, k0 // gn:k1 // gn] = vis.reshape(shape).any(dim=3).any(dim=1)
+                all_b[:, k0 // gn:k1 // gn] = (vis == inb).reshape(shape).all(dim=3).all(dim=1)
+            any_c.append(any_b)
+            all_c.append(all_b)
+            continue
         inb = (q < Nq) & (kv < Nk)
         vis = inb if visible is None else inb & visible(q, kv, Nq, Nk)
         shape = (-1, gm, c_n, gn)
