@@ -205,7 +205,7 @@ def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: W
     preds = [predict(c, plan, target, work, role, k) for c in configs]
     if not any(p.time_s is not None for p in preds) and target.wgmma and work.dtype != "fp32":
         # Past head dim 128 the mma.sync estimate rejects every tiling; wgmma's is right there, but
-        # at d64 it admitted dQ tilings that measured 4-8% slower (docs/decisions/head-dims-256.md).
+        # at d64 it admitted dQ tilings that timed slower (docs/decisions/head-dims-256.md).
         preds = [predict(c, plan, target, work, role, k, wgmma_estimate=True) for c in configs]
     legal = sorted((p for p in preds if p.time_s is not None), key=lambda p: (p.time_s, p.config))
     return Ranking(target, work, tuple(legal), tuple(p for p in preds if p.time_s is None))

@@ -413,12 +413,10 @@ def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int
     """(visited, partial): int64 [n_outer], the tiles each outer block's program loops over and, of
     those, the ones that run mask code. block_m blocks queries and block_n keys, whichever of them
     the plan walks."""
-    if plan.document or plan.sparsity:  # count the static mask's tiles (one document) in the static layout
-        layout = _static_layout_tiles(plan.sparsity, Nq, Nk, block_m, block_n)
-        plan = analyze(plan.cond, plan.transposed)
-        if layout is not None:
-            return _counted(torch.where(layout, _classes(plan, Nq, Nk, block_m, block_n), 0), plan.transposed,
-                            Nk if plan.transposed else Nq, Nq if plan.transposed else Nk, block_m if plan.transposed else block_n)
+    plan, static = _static_part(plan, Nq, Nk, block_m, block_n)
+    if static is not None:
+        return _counted(static, plan.transposed, Nk if plan.transposed else Nq, Nq if plan.transposed else Nk,
+                        block_m if plan.transposed else block_n)
     outer, inner, outer_block, inner_block = (Nk, Nq, block_n, block_m) if plan.transposed else (Nq, Nk, block_m, block_n)
     n_outer, n_inner = -(-outer // outer_block), -(-inner // inner_block)
     ragged = inner % inner_block != 0
@@ -432,6 +430,35 @@ def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int
         visited = -(-(end - start) // inner_block)
         return visited, visited - (f_hi - f_lo) // inner_block
     return _counted(_classes(plan, Nq, Nk, block_m, block_n), plan.transposed, outer, inner, inner_block)
+
+
+def _static_part(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> tuple[MaskPlan, torch.Tensor | None]:
+    """Document and layout plans at compile time: the plan of their element mask alone (one
+    document), and with static layout terms the mask's tile classes inside that layout (else None)."""
+    if not (plan.document or plan.sparsity):
+        return plan, None
+    layout = _static_layout_tiles(plan.sparsity, Nq, Nk, block_m, block_n)
+    plan = analyze(plan.cond, plan.transposed)
+    return plan, None if layout is None else torch.where(layout, _classes(plan, Nq, Nk, block_m, block_n), 0)
+
+
+def forward_tiles(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
+    """int8 [n_m, n_n] for a forward plan (queries outer): what its kernel does with each tile,
+    0 skip, 1 mask, 2 run unmasked (`attngen show --emit tiles`; tiles_per_block counts the same)."""
+    plan, tiles = _static_part(plan, Nq, Nk, block_m, block_n)
+    if tiles is None and plan.kind is PlanKind.RANGE:
+        n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
+        first = torch.arange(n_m, dtype=torch.int64) * block_m
+        start, f_lo, f_hi, end = block_key_range(plan, first, torch.clamp(first + block_m, max=Nq) - 1, Nq, Nk, block_n)
+        n0 = torch.arange(n_n, dtype=torch.int64)[None, :] * block_n
+        walked = (n0 >= start[:, None]) & (n0 < end[:, None])
+        full = (n0 >= f_lo[:, None]) & (n0 < f_hi[:, None])
+        return (walked.to(torch.int8) + full.to(torch.int8)).clamp(max=2)
+    tiles = _classes(plan, Nq, Nk, block_m, block_n) if tiles is None else tiles
+    if Nk % block_n:  # the last key tile always checks bounds
+        tiles = tiles.clone()
+        tiles[:, -1] = tiles[:, -1].clamp(max=1)
+    return tiles
 
 
 def _classes(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ NUM_STAGES = (1, 2, 3, 4)
 MAX_REGS_PER_THREAD = 255
 REG_OVERHEAD = 40  # pointers, offsets, loop state, m_i / l_i rows
 # Two warpgroups splitting the streamed dimension (64 resident rows on 8 warps): cross-warpgroup row
-# reductions and layout conversions; fitted (data/registers_head_dims_2026-12-06_sm90_offline.txt)
+# reductions and layout conversions; fitted offline (docs/decisions/head-dims-256.md)
 SPLIT_OVERHEAD = 32
 
 

@@ -65,6 +65,7 @@ def generate(specs: List[Path] = typer.Argument(..., help="spec files, or shippe
 
 def _show_tiles(spec: Path, target: str, shape: str, block: str, plot: Optional[Path]) -> None:
     from attngen.errors import AttngenError
+    from attngen.mask_analysis import forward_tiles
     from attngen.passes import PassOptions
     from attngen.pipeline import compile_spec
     from attngen.tools import tile_map
@@ -88,7 +89,7 @@ def _show_tiles(spec: Path, target: str, shape: str, block: str, plot: Optional[
         except (ValueError, AssertionError):
             _fail(ValueError(f"--block: expected BLOCK_MxBLOCK_N, got {block!r}"))
     plan = fwd.attr("mask_plan")
-    tiles = tile_map.kernel_tiles(plan, Nq, Nk, bm, bn)
+    tiles = forward_tiles(plan, Nq, Nk, bm, bn)
     title = f"{spec.stem}: forward tiles at Nq={Nq} Nk={Nk}, {bm} x {bn} ({plan.describe()})"
     note = "; documents and the call's layout cut more at run time" if plan.document or plan.sparsity else ""
     typer.echo(f"// {title}{note}\n{tile_map.as_text(tiles)}{tile_map.summary(tiles)}")

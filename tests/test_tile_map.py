@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from attngen.mask_analysis import dense_tile_classes
+from attngen.mask_analysis import dense_tile_classes, forward_tiles
 from attngen.passes import PassOptions
 from attngen.pipeline import compile_spec
 from attngen.resources import specs_dir
@@ -20,7 +20,7 @@ from attngen.tools import tile_map
 def test_the_picture_is_sound_against_the_dense_mask(name, Nq, Nk, bm, bn):
     fwd = compile_spec(specs_dir() / f"{name}.yaml", options=PassOptions(), stop="tiling").kernel("fwd")
     plan = fwd.attr("mask_plan")
-    tiles = tile_map.kernel_tiles(plan, Nq, Nk, bm, bn)
+    tiles = forward_tiles(plan, Nq, Nk, bm, bn)
     truth = dense_tile_classes(plan.cond, Nq, Nk, bm, bn)  # 0 empty, 1 partial, 2 full
     assert tiles.shape == truth.shape
     assert not ((tiles == tile_map.SKIPPED) & (truth > 0)).any(), "a skipped tile has visible pairs"

@@ -52,8 +52,8 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
                 warps: int | None = None) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths)."""
-    # 128 rows on 8 warps once there are that many (chunked prefill: 1.10x the 64-row tile on an H100,
-    # docs/decisions/decode-plan.md); fewer pad to 16-64
+    # 128 rows on 8 warps once there are that many (chunked prefill; docs/decisions/decode-plan.md);
+    # fewer pad to 16-64
     block_m = block_m or (128 if rows >= 128 else max(16, min(64, triton.next_power_of_2(max(rows, 1)))))
     block_n = block_n or (64 if head_dim <= 128 else 32)
     warps = warps or (8 if block_m >= 128 else 4)

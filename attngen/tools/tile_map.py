@@ -1,6 +1,6 @@
 """Pictures of the mask analysis: which tiles a kernel skips (EMPTY), walks without mask code
 (FULL) and masks (PARTIAL), at one shape and tiling, as the generated kernel's loops decide them
-(closed-form bounds or the static tile table). `attngen show SPEC --emit tiles --shape Nq,Nk`
+(mask_analysis.forward_tiles: closed-form bounds or the static tile table). `attngen show SPEC --emit tiles --shape Nq,Nk`
 prints it as text; `--plot F.png` draws it (matplotlib, the `plot` extra). The same picture as
 attention-gym's block-mask visualizer, from the symbolic analysis rather than a mask function."""
 
@@ -8,37 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..mask_analysis import (PlanKind, _classes, _static_layout_tiles, analyze, block_key_range)
-
-SKIPPED, MASKED, UNMASKED = 0, 1, 2
+SKIPPED, MASKED, UNMASKED = 0, 1, 2  # mask_analysis.forward_tiles' codes
 CHARS = {SKIPPED: ".", MASKED: "+", UNMASKED: "#"}
-
-
-def kernel_tiles(plan, Nq: int, Nk: int, block_m: int, block_n: int) -> torch.Tensor:
-    """int8 [n_m, n_n] for a forward plan (queries outer): what the kernel does with each tile."""
-    n_m, n_n = -(-Nq // block_m), -(-Nk // block_n)
-    if plan.document or plan.sparsity:  # the static part: one document, the static layout terms
-        layout = _static_layout_tiles(plan.sparsity, Nq, Nk, block_m, block_n)
-        plan = analyze(plan.cond, plan.transposed)
-        if layout is not None:
-            tiles = torch.where(layout, _classes(plan, Nq, Nk, block_m, block_n), 0)
-            return _ragged(tiles, Nk, block_n)
-    if plan.kind is PlanKind.RANGE:
-        first = torch.arange(n_m, dtype=torch.int64) * block_m
-        last = torch.clamp(first + block_m, max=Nq) - 1
-        start, f_lo, f_hi, end = block_key_range(plan, first, last, Nq, Nk, block_n)
-        n0 = torch.arange(n_n, dtype=torch.int64)[None, :] * block_n
-        walked = (n0 >= start[:, None]) & (n0 < end[:, None])
-        full = (n0 >= f_lo[:, None]) & (n0 < f_hi[:, None])
-        return torch.where(full, UNMASKED, torch.where(walked, MASKED, SKIPPED)).to(torch.int8)
-    return _ragged(_classes(plan, Nq, Nk, block_m, block_n), Nk, block_n)
-
-
-def _ragged(tiles: torch.Tensor, Nk: int, block_n: int) -> torch.Tensor:
-    if Nk % block_n:  # the last key tile always checks bounds
-        tiles = tiles.clone()
-        tiles[:, -1] = torch.where(tiles[:, -1] == UNMASKED, MASKED, tiles[:, -1])
-    return tiles
 
 
 def as_text(tiles: torch.Tensor, width: int = 128) -> str:
