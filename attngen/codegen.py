@@ -277,12 +277,16 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
 
 
 def _decode_context(fwd: Kernel, params) -> dict:
-    """The decode kernel's pieces: the forward's closed-form key bounds (in first, last, Nq, Nk) and
-    the per-head parameters loaded per packed row (rows span the query heads of a KV head)."""
+    """The decode kernel's pieces: the forward's closed-form key bounds (in first, last, Nq, Nk),
+    the per-head parameters loaded per packed row (rows span the query heads of a KV head), and
+    whether tiles are gated by document ids or a block layout (then every tile is masked)."""
     plan = fwd.attr("mask_plan")
     closed = plan.kind is not PlanKind.TILES
-    full = closed and fwd.attr("loop").segments != ("masked",)  # else no tile is proven full: none is
-    return {"lo": _bound(plan, "kv_lo", "0") if closed else "0",
+    documents, layout = plan.document, plan.sparsity is not None
+    # no tile is proven full without closed bounds, nor when ids or a layout decide per call
+    full = closed and fwd.attr("loop").segments != ("masked",) and not (documents or layout)
+    return {"documents": documents, "layout": layout, "gated": documents or layout,
+            "lo": _bound(plan, "kv_lo", "0") if closed else "0",
             "hi": _bound(plan, "kv_hi", "(Nk - 1)") if closed else "(Nk - 1)",
             "full_lo": _bound(plan, "full_lo", "0") if full else "Nk",
             "full_hi": _bound(plan, "full_hi", "(Nk - 1)") if full else "-1",

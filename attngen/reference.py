@@ -63,14 +63,15 @@ def sparsity_mask(spec: Spec, Nq: int, Nk: int, heads: int, layout=None, device=
     return vis if runtime is None else vis | runtime
 
 
-def _static_sparsity(spec: Spec, Nq: int, Nk: int, heads: int, device) -> torch.Tensor:
+def _static_sparsity(spec: Spec, Nq: int, Nk: int, heads: int, device, rows=None) -> torch.Tensor:
     """bool [1, H', Nq, Nk] (H' = heads with a random term, else 1): the union of the local, global,
-    stride and random terms; all False when there are none."""
+    stride and random terms; all False when there are none. With `rows` (query positions), only
+    those rows of the Nq x Nk problem: [1, H', len(rows), Nk]."""
     sp = spec.sparsity
     bq, bk = sp.block
-    qb = torch.arange(Nq, device=device)[:, None] // bq
+    qb = (torch.arange(Nq, device=device) if rows is None else rows.to(device))[:, None] // bq
     kb = torch.arange(Nk, device=device)[None, :] // bk
-    vis = torch.zeros(Nq, Nk, dtype=torch.bool, device=device)
+    vis = torch.zeros(qb.shape[0], Nk, dtype=torch.bool, device=device)
     if sp.has_local:
         # the key block is at most `left` blocks before the query block's diagonal, `right` after
         after = kb - qb
@@ -96,8 +97,9 @@ def _static_sparsity(spec: Spec, Nq: int, Nk: int, heads: int, device) -> torch.
     return vis
 
 
-def _runtime_sparsity(spec: Spec, Nq: int, Nk: int, layout, device) -> torch.Tensor:
-    """bool [B or 1, H or 1, Nq, Nk]: the call-time block layout, expanded to elements."""
+def _runtime_sparsity(spec: Spec, Nq: int, Nk: int, layout, device, rows=None) -> torch.Tensor:
+    """bool [B or 1, H or 1, Nq, Nk]: the call-time block layout, expanded to elements (with `rows`,
+    only those query positions' rows)."""
     sp = spec.sparsity
     if sp is None or not sp.runtime:
         raise ValueError(f"spec {spec.name!r} has no `sparsity: {{layout: runtime}}`: layout= is not taken")
@@ -109,7 +111,10 @@ def _runtime_sparsity(spec: Spec, Nq: int, Nk: int, layout, device) -> torch.Ten
     if layout.dtype != torch.bool or layout.dim() != 4 or tuple(layout.shape[2:]) != blocks:
         raise ValueError(f"layout must be bool [B or 1, H or 1, {blocks[0]}, {blocks[1]}]; "
                          f"got {layout.dtype} {list(layout.shape)}")
-    layout = layout.to(device).repeat_interleave(bq, dim=2)[:, :, :Nq]
+    if rows is None:
+        layout = layout.to(device).repeat_interleave(bq, dim=2)[:, :, :Nq]
+    else:
+        layout = layout.to(device)[:, :, rows.to(device) // bq]
     return layout.repeat_interleave(bk, dim=3)[:, :, :, :Nk]
 
 
@@ -138,12 +143,13 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     with `sparsity: {layout: runtime}`. When q holds heads head_offset.. of a call with `heads`
     query heads (verify runs heads in chunks), the random sparsity term is drawn for all `heads`
     and those heads taken. `rows` (decoding): q's rows are these positions of the square Nk x Nk
-    problem (no documents, layouts or dropout then).
+    problem (its documents' q_ids and its layout's rows are those of q; no dropout then).
     Differentiable: gradients of the float64 result are the reference gradients."""
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    if rows is not None and (documents is not None or layout is not None or spec.sparsity is not None):
-        raise ValueError("reference.attention: rows= (decoding) takes no documents, layouts or sparsity")
+    if rows is not None and keep is not None:
+        raise ValueError("reference.attention: rows= (decoding) takes no dropout")
+    sq = Nq if rows is None else Nk  # the problem's query extent (square when decoding)
     q, k, v = (t.to(dtype) for t in (q, k, v))  # .to keeps autograd's graph to the inputs
     k = k.repeat_interleave(Hq // Hkv, dim=1)
     v = v.repeat_interleave(Hq // Hkv, dim=1)
@@ -169,8 +175,8 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
         # sparsity_mask's two parts: the layout is sliced like q by the caller, the random term here
         runtime = None
         if layout is not None or spec.sparsity.runtime:
-            runtime = _runtime_sparsity(spec, Nq, Nk, layout, q.device)
-        block = _static_sparsity(spec, Nq, Nk, heads or Hq, q.device)
+            runtime = _runtime_sparsity(spec, sq, Nk, layout, q.device, rows)
+        block = _static_sparsity(spec, sq, Nk, heads or Hq, q.device, rows)
         if block.shape[1] > 1:
             block = block[:, head_offset:head_offset + Hq]
         vis = vis & (block if runtime is None else block | runtime)  # [1 or B, 1 or Hq, Nq, Nk]
@@ -183,12 +189,15 @@ def attention(spec: Spec, q, k, v, *, alibi_slopes_=None, scale=None, dtype=torc
     return o, lse
 
 
-def decode(spec: Spec, q, k_cache, v_cache, lengths, *, dtype=torch.float64, **kwargs):
+def decode(spec: Spec, q, k_cache, v_cache, lengths, *, dtype=torch.float64, documents=None, layout=None,
+           **kwargs):
     """Decoding, per sequence: O [B, Hq, Nq, Dv] and LSE [B, Hq, Nq] for queries at the last Nq
     positions of sequences of `lengths` (their keys the first lengths[b] rows of the contiguous
     caches [B, Hkv, S, *]): rows of the square L x L problem (the spec's mask and score at absolute
     positions, L = lengths[b]); a query before position 0, or of an empty sequence, gets zeros and
-    LSE -inf. kwargs go to attention (alibi_slopes_, temperature, scale)."""
+    LSE -inf. `documents` = (q_ids [B, Nq], kv_ids [B, >= L]); `layout` bool [B or 1, H or 1, ..]
+    over the cache's positions, of which a sequence takes its top-left ceil(L / bq) x ceil(L / bk)
+    blocks. kwargs go to attention (alibi_slopes_, temperature, scale)."""
     B, Hq, Nq, _ = q.shape
     o = torch.zeros(B, Hq, Nq, v_cache.shape[-1], dtype=dtype, device=q.device)
     lse = torch.full((B, Hq, Nq), float("-inf"), dtype=dtype, device=q.device)
@@ -197,7 +206,13 @@ def decode(spec: Spec, q, k_cache, v_cache, lengths, *, dtype=torch.float64, **k
         if first == Nq:
             continue
         rows = torch.arange(L - Nq + first, L, device=q.device)
+        own = {}
+        if documents is not None:
+            own["documents"] = (documents[0][b:b + 1, first:], documents[1][b:b + 1, :L])
+        if layout is not None:
+            bq, bk = spec.sparsity.block
+            own["layout"] = layout[b:b + 1 if layout.shape[0] > 1 else 1, :, :-(-L // bq), :-(-L // bk)]
         ob, lb = attention(spec, q[b:b + 1, :, first:], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L],
-                           dtype=dtype, rows=rows, **kwargs)
+                           dtype=dtype, rows=rows, **own, **kwargs)
         o[b, :, first:], lse[b, :, first:] = ob[0], lb[0]
     return o, lse

@@ -92,7 +92,7 @@ class Decode:
 
 
 # Lengths 0 and 1, fewer keys than queries, contexts past a window, GQA groups of 1 to 8, paged and not.
-CPU_DECODE = (Decode(4, 2, 1, (0, 1, 90), 100), Decode(4, 1, 3, (2, 130), 144, 16))
+CPU_DECODE = (Decode(4, 2, 1, (0, 1, 90), 100), Decode(4, 1, 3, (2, 270), 288, 16))
 GPU_DECODE = (Decode(32, 8, 1, (0, 1, 300, 4000, 8191), 8192), Decode(32, 8, 1, (32768,), 32768, 64),
               Decode(16, 2, 4, (3, 2048, 5000), 5120, 16), Decode(32, 4, 16, (17, 3000), 3072, 256),
               Decode(8, 8, 1, (1000,) * 8, 1024))
@@ -404,6 +404,15 @@ def check_decode(spec: Spec, module, case: Decode, dtype: str, device, seed: int
         kwargs["alibi_slopes"] = ref_kw["alibi_slopes_"] = torch.rand(case.heads_q, generator=g, device=device)
     if spec.score.temperature:
         kwargs["temperature"] = ref_kw["temperature"] = torch.rand(case.heads_q, generator=g, device=device) + 0.5
+    if spec.mask.document:  # documents of 1 to 200 positions, cut differently per sequence
+        ids = torch.sort(torch.randint(0, max(2, case.capacity // 100), (B, case.capacity), generator=g,
+                                       device=device), dim=1).values
+        pos = (lengths.long()[:, None] - case.n_q + torch.arange(case.n_q, device=device)).clamp(0, case.capacity - 1)
+        kwargs["documents"], ref_kw["documents"] = ids, (ids.gather(1, pos), ids)
+    if spec.sparsity is not None and spec.sparsity.runtime:  # over the cache's positions, as decoding takes it
+        bq, bk = spec.sparsity.block
+        shape = (B, case.heads_q, -(-case.capacity // bq), -(-case.capacity // bk))
+        kwargs["layout"] = ref_kw["layout"] = torch.rand(*shape, generator=g, device=device) < 0.4
     kc, vc, table = k_cache, v_cache, None
     if case.page_size:
         per_seq = -(-case.capacity // case.page_size)
@@ -427,8 +436,6 @@ def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, targ
     module = load(path, target=target)
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
     if decode:
-        if spec.mask.document or spec.sparsity is not None:
-            return []  # attention_with_kvcache refuses them (runtime/module.py)
         cases = shapes or (GPU_DECODE if device.type == "cuda" else CPU_DECODE)
         return [check_decode(spec, module, c, d, device, seed=i) for d in dtypes for i, c in enumerate(cases)]
     if varlen:

@@ -382,7 +382,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+                 MASKED: tl.constexpr, gate, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     # One key tile of online softmax for the packed rows. K and V are [B, HKV, S, D] (PAGE_SIZE 0;
     # stride_kb: a sequence) or [pages, PAGE_SIZE, HKV, D] (stride_kb: a page; PAGES [B, pages per
     # sequence] holds each sequence's page numbers). Unmasked tiles lie in [lo, end) and every row
@@ -424,16 +424,18 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
 
 
 @triton.jit
-def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
+def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
                  stride_lb, stride_lh, stride_lm, stride_ls, stride_pb,
+                 stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids,
                  H, HKV, GROUP, n_q, split_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+                 PAGE_SIZE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+                 LAYOUT_ROW0: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     split = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -468,17 +470,17 @@ def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, FAST_TANH)
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, 0, DOT_PRECISION, FAST_TANH)
     for start_n in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION, FAST_TANH)
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, False, 0, DOT_PRECISION, FAST_TANH)
     for start_n in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, FAST_TANH)
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, 0, DOT_PRECISION, FAST_TANH)
     # Rows that saw no key (in this split) store zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)

@@ -414,11 +414,26 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
 
 
 @triton.jit
+def _decode_gate(QIDS, KVIDS, LAYOUT, off_b, off_h, offs_m, t, start_n, lo, end, row_ok, n_ids, stride_ib, stride_jb,
+                 stride_yb, stride_yh, stride_yr, stride_yc, row0, BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr,
+                 LAYOUT_BK: tl.constexpr):
+    # [BLOCK_M, BLOCK_N]: may the packed rows see this tile's keys, by their document ids (QIDS [B,
+    # Nq], KVIDS [B, n_ids]) and the block layout's bits (LAYOUT [B', H', rows, key blocks], its row
+    # of position p at p // LAYOUT_BQ - row0)? A key tile lies in one layout block.
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    rows = row_ok & (offs_m >= 0)
+    gate = rows[:, None] & ((offs_n >= lo) & (offs_n < end))[None, :]
+    row = tl.maximum(offs_m, 0) // LAYOUT_BQ - row0
+    bits = tl.load(LAYOUT + off_b.to(tl.int64) * stride_yb + off_h.to(tl.int64) * stride_yh + row.to(tl.int64) * stride_yr
+                   + start_n // LAYOUT_BK * stride_yc, mask=rows, other=0)
+    gate = gate & (bits != 0)[:, None]
+    return gate
+@triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+                 MASKED: tl.constexpr, gate, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     # One key tile of online softmax for the packed rows. K and V are [B, HKV, S, D] (PAGE_SIZE 0;
     # stride_kb: a sequence) or [pages, PAGE_SIZE, HKV, D] (stride_kb: a page; PAGES [B, pages per
     # sequence] holds each sequence's page numbers). Unmasked tiles lie in [lo, end) and every row
@@ -449,6 +464,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
     if MASKED:
         vis = keys[None, :] & (row_ok & (offs_m >= 0))[:, None]
         vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
+        vis = vis & gate
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
@@ -460,16 +476,18 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
 
 
 @triton.jit
-def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
+def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
                  stride_lb, stride_lh, stride_lm, stride_ls, stride_pb,
+                 stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids,
                  H, HKV, GROUP, n_q, split_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+                 PAGE_SIZE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+                 LAYOUT_ROW0: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
     split = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -486,35 +504,24 @@ def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS,
     lo = tl.maximum(tl.minimum(tl.maximum(0, 0), Nk), split * split_len)
     end = tl.minimum(tl.minimum(tl.maximum((Nk - 1) + 1, lo), Nk), split * split_len + split_len)
     start = lo // BLOCK_N * BLOCK_N
-    full_start = (tl.maximum(Nk, lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    full_end = tl.minimum(-1 + 1, end) // BLOCK_N * BLOCK_N
-    no_full = (full_start >= full_end) | (first < 0)  # rows before the sequence's start see nothing
-    full_start = tl.where(no_full, start, full_start)
-    full_end = tl.where(no_full, start, full_end)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
                 + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     K += off_hk.to(tl.int64) * stride_kh
     V += off_hk.to(tl.int64) * stride_vh
+    row0 = tl.load(ROW0 + off_b) if LAYOUT_ROW0 else 0  # the layout's first row (rows near the queries only)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    for start_n in range(start, full_start, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
-            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, FAST_TANH)
-    for start_n in range(full_start, full_end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
-            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, False, DOT_PRECISION, FAST_TANH)
-    for start_n in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
-            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, DOT_PRECISION, FAST_TANH)
+    for start_n in range(start, end, BLOCK_N):
+        gate = _decode_gate(QIDS, KVIDS, LAYOUT, off_b, off_h, offs_m, t, start_n, lo, end, row_ok, n_ids, stride_ib,
+                            stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, row0, BLOCK_N, LAYOUT_BQ, LAYOUT_BK)
+        if tl.max(tl.max(gate.to(tl.int32), 1), 0) > 0:  # a tile no row may see is skipped
+            acc, l_i, m_i = _decode_tile(
+                acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+                stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+                HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, gate, DOT_PRECISION, FAST_TANH)
     # Rows that saw no key (in this split) store zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)

@@ -160,31 +160,110 @@ def test_bad_input_is_refused_with_the_argument_named():
     with pytest.raises(ValueError, match="no backward"):
         module.attention_with_kvcache(q.clone().requires_grad_(), k_cache, v_cache,
                                       cache_seqlens=torch.tensor([5, 7], dtype=torch.int32))
+    lengths = torch.tensor([5, 7], dtype=torch.int32)
+    with pytest.raises(TypeError, match="no document mask: documents="):
+        module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, documents=torch.zeros(2, 80).int())
+    with pytest.raises(TypeError, match="no sparsity section: layout="):
+        module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, layout=torch.ones(2, 4, 1, 1).bool())
     document = attngen.load(resolve_spec("document"))
-    with pytest.raises(TypeError, match="document ids"):
-        document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([5, 7], dtype=torch.int32))
+    with pytest.raises(ValueError, match="pass documents="):
+        document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    with pytest.raises(TypeError, match="documents kv_ids must be an integer tensor"):
+        document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, documents=torch.zeros(2, 80))
+    with pytest.raises(ValueError, match=r"documents q_ids must be \[batch=2, Nq=1\]"):
+        document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
+                                        documents=(torch.zeros(2, 3).int(), torch.zeros(2, 80).int()))
+    blocks = attngen.load(resolve_spec("block_sparse"))
+    with pytest.raises(ValueError, match=r"pass layout= \(bool \[B or 1, Hq or 1, 2, 2\]: query and key blocks "
+                                         r"of 128 and 128 over the cache's 160 positions"):
+        blocks.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+    with pytest.raises(ValueError, match=r"the layout must be \[2 or 1, 4 or 1, 2, 2\]"):
+        blocks.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, layout=torch.ones(1, 1, 1, 2).bool())
+
+
+# The five specs decoding gates by document ids or a block layout: a runtime one (block_sparse),
+# static ones (longformer, strided), one with random blocks drawn per length (bigbird).
+GATED = ["document", "block_sparse", "longformer", "strided", "bigbird"]
+
+
+def _gate_args(spec, B, Hq, Nq, S, lengths, g):
+    """The call's documents / layout, and the reference's (q_ids, kv_ids) / layout."""
+    kw, ref = {}, {}
+    if spec.mask.document:  # documents of about 70 positions, shifted per sequence
+        ids = (torch.arange(S)[None] + torch.randint(0, 50, (B, 1), generator=g)) // 70
+        pos = (lengths.long()[:, None] - Nq + torch.arange(Nq)).clamp(0, S - 1)
+        kw["documents"], ref["documents"] = ids, (ids.gather(1, pos), ids)
+    if spec.sparsity is not None and spec.sparsity.runtime:
+        bq, bk = spec.sparsity.block
+        kw["layout"] = ref["layout"] = torch.rand(B, Hq, -(-S // bq), -(-S // bk), generator=g) < 0.5
+    return kw, ref
 
 
 @pytest.mark.interp
-def test_verify_decode_passes_and_skips_what_decoding_does_not_take():
+@pytest.mark.parametrize("name", GATED)
+def test_gated_decoding_matches_reference_split_paged_and_not(name):
+    """Several layout blocks and documents per sequence (the caches hold 320 positions); lengths 0
+    and 2 (fewer keys than the 3 queries); split and unsplit; paged runs give the contiguous bits."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Nq=3, S=320, lengths=(0, 2, 150, 320))
+    kw, ref = _gate_args(spec, 4, q.shape[1], 3, 320, lengths, g)
+    table = _shuffle(4, 320, 16, g)
+    with torch.no_grad():
+        for splits in (1, 4):
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits, **kw)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, **ref)
+            paged_o = module.attention_with_kvcache(q, as_pages(k_cache, 16, table), as_pages(v_cache, 16, table),
+                                                    cache_seqlens=lengths, block_table=table, num_splits=splits, **kw)
+            assert torch.equal(paged_o, o)
+
+
+@pytest.mark.interp
+def test_document_decoding_takes_query_ids_and_skips_other_documents():
+    """q_ids given apart from the cache's ids; a query whose document has no key in the cache gets
+    zeros and LSE -inf."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("document", B=2, Nq=2, S=96, lengths=(40, 96))
+    kv_ids = torch.arange(96).repeat(2, 1) // 30
+    q_ids = torch.tensor([[1, 7], [3, 3]])  # document 7 has no key
+    with torch.no_grad():
+        o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                               documents=(q_ids, kv_ids))
+    _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, documents=(q_ids, kv_ids))
+    assert torch.isinf(lse[0, :, 1]).all() and torch.isfinite(lse[0, :, 0]).all()
+
+
+@pytest.mark.compiler
+def test_random_blocks_refuse_capture(monkeypatch):
+    """bigbird's random blocks are drawn per sequence length on the host: not under torch.compile
+    or CUDA graph capture, with the reason given."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("bigbird", B=2, lengths=(5, 90))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="random sparsity blocks depend on each sequence's length"):
+        module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+
+
+@pytest.mark.interp
+def test_verify_decode_passes():
     from attngen.verify import verify_spec
 
-    results = verify_spec(resolve_spec("alibi"), dtypes=["fp32"], decode=True)
-    assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
-    assert verify_spec(resolve_spec("document"), dtypes=["fp32"], decode=True) == []
+    for name in ("alibi", "document", "block_sparse"):
+        results = verify_spec(resolve_spec(name), dtypes=["fp32"], decode=True)
+        assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
 
 
 @pytest.mark.interp
-def test_fullgraph_compile_of_a_decode_step_matches_eager():
+@pytest.mark.parametrize("name", ["alibi", "document", "longformer", "block_sparse"])
+def test_fullgraph_compile_of_a_decode_step_matches_eager(name):
     """Appending and attending under torch.compile(fullgraph=True): the append is torch indexing, the
-    attention one custom op; the same output and the same cache as eager."""
-    spec, module, q, k_cache, v_cache, lengths, g = _case("alibi", B=2, Nq=1, S=80, lengths=(3, 70))
+    attention one custom op (documents and layouts made into its tensors before it); the same
+    output and the same cache as eager."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=2, Nq=1, S=288, lengths=(3, 270))
     k_new, v_new = (torch.randn(2, 2, 1, spec.head_dim, generator=g) for _ in range(2))
-    table = _shuffle(2, 80, 16, g)
+    table = _shuffle(2, 288, 16, g)
+    kw, _ = _gate_args(spec, 2, q.shape[1], 1, 288, lengths + 1, g)
 
     def step(q, kc, vc, lengths, table, k, v):
         return module.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=table, k=k, v=v,
-                                             num_splits=2)
+                                             num_splits=2, **kw)
     caches = [(as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)) for _ in range(2)]
     with torch.no_grad():
         want = step(q, *caches[0], lengths, table, k_new, v_new)
@@ -199,21 +278,30 @@ def test_opcheck_decode():
     spec, module, q, k_cache, v_cache, lengths, g = _case("temperature", B=2, Nq=2, S=40, lengths=(0, 33))
     rt = runtime.of(module)
     hp = rt.head_param_rows(q, {})
-    torch.library.opcheck(rt.ops.decode, (q, k_cache, v_cache, lengths, None, hp, 0.1, 2))
+    torch.library.opcheck(rt.ops.decode, (q, k_cache, v_cache, lengths, None, hp, None, None, None, None, 0.1, 2))
+    spec, module, q, k_cache, v_cache, lengths, g = _case("document", B=2, Nq=2, S=40, lengths=(0, 33))
+    kv_ids = torch.arange(40).repeat(2, 1) // 9
+    q_ids = kv_ids[:, 31:33].contiguous()
+    rt = runtime.of(module)
+    torch.library.opcheck(rt.ops.decode, (q, k_cache, v_cache, lengths, None, rt.head_param_rows(q, {}), q_ids,
+                                          kv_ids, None, None, 0.1, 2))
 
 
 @pytest.mark.gpu
-def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cache():
+@pytest.mark.parametrize("name", ["sliding_window", "document", "block_sparse", "longformer"])
+def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cache(name):
     """No host read on the way: capture one step (appending and attending), then change
     cache_seqlens, the new token and the cache in place and replay: the eager call's output."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=4, Hkv=8, G=4, Nq=1, S=4096,
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Hkv=8, G=4, Nq=1, S=4096,
                                                           lengths=(0, 1, 700, 4000), dtype=torch.bfloat16)
+    kw, _ = _gate_args(spec, 4, 32, 1, 4096, lengths + 1, g)
     q, k_cache, v_cache, lengths = (t.cuda() for t in (q, k_cache, v_cache, lengths))
+    kw = {key: value.cuda() for key, value in kw.items()}
     k_new, v_new = (torch.randn(4, 8, 1, spec.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     step = lambda: module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=k_new,  # noqa: E731
-                                                 v=v_new)
+                                                 v=v_new, **kw)
     with torch.no_grad():
         step()  # compile outside the capture
         stream = torch.cuda.Stream()

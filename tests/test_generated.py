@@ -59,7 +59,8 @@ def test_generated_imports_only_torch_triton_math_and_the_runtime():
 @pytest.mark.interp
 def test_standalone_module_imports_no_attngen_and_computes_causal_attention(tmp_path, monkeypatch, device):
     """`attngen generate --standalone`: the runtime inlined into one file that needs only torch
-    and triton; loaded from that file, it computes causal attention as torch's SDPA does."""
+    and triton; loaded from that file, it computes causal attention as torch's SDPA does, and
+    decodes (the runtime's modules imported as modules are namespaces there)."""
     spec = tmp_path / "tiny_causal.yaml"
     spec.write_text("name: tiny_causal\nhead_dim: 32\ndtypes: [fp32]\nmask: {causal: {align: top_left}}\n")
     source = compile_spec(spec, standalone=True).source
@@ -77,3 +78,7 @@ def test_standalone_module_imports_no_attngen_and_computes_causal_attention(tmp_
     q, k, v = (torch.randn(1, 2, 37, 32, generator=g).to(device) for _ in range(3))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert (module.attention(q, k, v) - expected).abs().max() < 1e-5
+    with torch.no_grad():  # the last 3 queries against a cache of the 37 keys (bottom-right: top-left's last rows)
+        o = module.attention_with_kvcache(q[:, :, -3:], k, v, cache_seqlens=torch.tensor([37], dtype=torch.int32,
+                                                                                      device=device))
+    assert (o - expected[:, :, -3:]).abs().max() < 1e-5

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode_gate import NO_GATE, Gate
+
 MAX_SPLITS = 128
 
 
@@ -49,13 +51,14 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
-                warps: int | None = None) -> DecodePlan:
+                warps: int | None = None, key_block: int | None = None) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
-    `max_keys` the cache's capacity (a static bound: no host read of the lengths)."""
+    `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
+    within one block of `key_block` keys (a block layout's), when given."""
     # 128 rows on 8 warps once there are that many (chunked prefill; docs/decisions/decode-plan.md);
     # fewer pad to 16-64
     block_m = block_m or (128 if rows >= 128 else max(16, min(64, triton.next_power_of_2(max(rows, 1)))))
-    block_n = block_n or (64 if head_dim <= 128 else 32)
+    block_n = min(block_n or (64 if head_dim <= 128 else 32), key_block or 1 << 30)
     warps = warps or (8 if block_m >= 128 else 4)
     key_blocks = max(1, -(-max_keys // block_n))
     tiles = batch * heads_kv * -(-rows // block_m)
@@ -175,9 +178,9 @@ def append(k_cache, v_cache, block_table, cache_seqlens, k, v) -> None:
 
 
 def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, plan: DecodePlan, Hkv: int,
-        head_dim_v: int, native: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        head_dim_v: int, native: bool, gate: Gate = NO_GATE) -> tuple[torch.Tensor, torch.Tensor]:
     """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log) from the decode kernel (and the
-    combine kernel when the keys are split)."""
+    combine kernel when the keys are split); `gate`: the call's document ids and block layout."""
     B, Hq, Nq, D = q.shape
     seqlens = seqlens.contiguous()  # the kernel reads both with unit stride (no copy when already so)
     block_table = None if block_table is None else block_table.contiguous()
@@ -199,10 +202,12 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     pages = block_table if paged else seqlens
     group, rows = Hq // Hkv, Hq // Hkv * Nq
     grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
-    kernel[grid](q, k_cache, v_cache, o_part, lse_part, hp, pages, seqlens, *q.stride(), *ks, *vs, *os_, *ls_,
-                 pages.stride(0), Hq, Hkv, group, Nq, plan.split_len, scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
+    kernel[grid](q, k_cache, v_cache, o_part, lse_part, hp, pages, seqlens, *gate.tensors(seqlens), *q.stride(), *ks, *vs,
+                 *os_, *ls_, pages.stride(0), *gate.strides(), Hq, Hkv, group, Nq, plan.split_len,
+                 scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
                  HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
                  BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+                 LAYOUT_BQ=gate.block[0], LAYOUT_BK=gate.block[1], LAYOUT_ROW0=gate.row0 is not None,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=plan.warps, num_stages=plan.stages)
     if split:

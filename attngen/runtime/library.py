@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import decode as dec
+from . import decode_gate as dec_gate
 from .block_mask import BlockMask
 from .sparse import Sparse, kept_seqlens, made_for
 from .tiles import Documents
@@ -80,13 +80,16 @@ def register_ops(rt) -> _Ops:
     forward_op.register_autograd(backward, setup_context=setup_context)
 
     # decoding: the caches are read, never written (appending is torch indexing before the op)
+    # q_ids .. row0: the call's document ids and block layout (runtime/decode_gate.py)
     dec_schema = ("(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor? block_table, Tensor hp, "
-                  "float scale, int splits) -> (Tensor, Tensor)")
+                  "Tensor? q_ids, Tensor? kv_ids, Tensor? layout, Tensor? row0, float scale, int splits) "
+                  "-> (Tensor, Tensor)")
 
-    def decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits):
-        return rt.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits)
+    def decode(q, k_cache, v_cache, seqlens, block_table, hp, q_ids, kv_ids, layout, row0, scale, splits):
+        gate = dec_gate.Gate(q_ids, kv_ids, layout, row0, rt.layout_block or (16, 16))
+        return rt.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits, gate)
 
-    def decode_fake(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits):
+    def decode_fake(q, k_cache, v_cache, seqlens, block_table, hp, q_ids, kv_ids, layout, row0, scale, splits):
         B, H, N = q.shape[:3]
         return q.new_empty((B, H, N, rt.head_dim_v)), q.new_empty((B, H, N), dtype=torch.float32)
 

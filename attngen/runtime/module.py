@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import triton
 
-from . import decode
+from . import decode, decode_gate
 from .block_mask import BlockMask
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .layouts import static_layout
@@ -448,7 +448,8 @@ class KernelModule:
         return (o, lse[0]) if return_lse else o
 
     def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, block_table=None, k=None, v=None,
-                               return_lse=False, num_splits=None, alibi_slopes=None, temperature=None, scale=None):
+                               return_lse=False, num_splits=None, documents=None, layout=None, alibi_slopes=None,
+                               temperature=None, scale=None):
         """Decoding against a KV cache, FlashAttention's flash_attn_with_kvcache semantics: o [B, Hq,
         Nq, Dv] (and lse [B, Hq, Nq] with return_lse) for q [B, Hq, Nq, D], the queries at each
         sequence's last Nq positions. The cache is [B, Hkv, S, D] (v: Dv), or paged [pages,
@@ -459,13 +460,17 @@ class KernelModule:
         with no key gives zeros and LSE -inf. num_splits (default: FlashAttention-3's rule, from the
         shapes alone) splits each sequence's keys over programs. No backward and no dropout
         (inference). Inputs are checked with one host read of the lengths, skipped while a CUDA
-        graph is captured or torch.compile traces (one custom op then; runtime/decode.py)."""
-        if self.document or self.sparsity:
-            raise TypeError(f"spec {self.name!r}: attention_with_kvcache does not yet take document ids or block "
-                            f"layouts")
+        graph is captured or torch.compile traces (one custom op then; runtime/decode.py).
+
+        Specs with a document mask take documents= ids per cache position [B, S'] (the queries take
+        their positions' ids) or a (q_ids [B, Nq], kv_ids [B, S']) pair; specs with a runtime layout
+        take layout= over the cache's positions, bool [B or 1, Hq or 1, ceil(S / bq), ceil(S / bk)]
+        with S the capacity (runtime/decode_gate.py)."""
         if torch.is_grad_enabled() and q.requires_grad:
             raise ValueError("attention_with_kvcache has no backward (inference): call it under torch.no_grad(), "
                              "or on tensors that do not require grad")
+        if documents is not None and not self.document:
+            raise TypeError(f"spec {self.name!r} has no document mask: documents= is not taken")
         dtypes = [t for t, name in DTYPES.items() if name in self.tilings["fwd"]]
         decode.check(self.name, dtypes, (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens,
                      block_table, k, v)
@@ -475,21 +480,33 @@ class KernelModule:
         hp = self.head_param_rows(q, {"alibi_slopes": alibi_slopes, "temperature": temperature}).detach()
         scale = self.scale if scale is None else float(scale)
         splits = 0 if num_splits is None else max(1, int(num_splits))  # 0: the rule's choice
+        B, Hq, Nq = q.shape[:3]
+        q_ids = kv_ids = lay = row0 = None
+        if self.document:
+            q_ids, kv_ids = decode_gate.documents(documents, B, Nq, seqlens, self.name)
+        if self.sparsity:
+            capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[2]
+            lay, row0 = decode_gate.layout(self, layout, B, Hq, Nq, capacity, seqlens)
+        elif layout is not None:
+            raise TypeError(f"spec {self.name!r} has no sparsity section: layout= is not taken")
         if torch.compiler.is_compiling():  # one opaque op: no graph break
-            o, lse = self.ops.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits)
+            o, lse = self.ops.decode(q, k_cache, v_cache, seqlens, block_table, hp, q_ids, kv_ids, lay, row0, scale,
+                                     splits)
         else:
-            o, lse = self.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits)
+            o, lse = self.decode(q, k_cache, v_cache, seqlens, block_table, hp, scale, splits,
+                                 decode_gate.Gate(q_ids, kv_ids, lay, row0, self.layout_block or (16, 16)))
         return (o, lse) if return_lse else o
 
-    def decode(self, q, k_cache, v_cache, seqlens, block_table, hp, scale: float, splits: int = 0):
+    def decode(self, q, k_cache, v_cache, seqlens, block_table, hp, scale: float, splits: int = 0,
+               gate: decode_gate.Gate = decode_gate.NO_GATE):
         """o, lse of decoding (no checks; seqlens counts each sequence's keys, the appended ones included)."""
         paged = block_table is not None
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
         capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
         plan = decode.decode_plan(q.shape[0], Hkv, q.shape[1] // Hkv * q.shape[2], capacity, self.head_dim,
-                                  decode.sms(q.device), splits or None)
+                                  decode.sms(q.device), splits or None, key_block=self.layout_block and self.layout_block[1])
         return decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale, plan, Hkv,
-                          self.head_dim_v, self.native)
+                          self.head_dim_v, self.native, gate)
 
     def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0)):
         """o, lse through the torch.library ops (what torch.compile traces instead of the host code)."""

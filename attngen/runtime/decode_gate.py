@@ -1,0 +1,155 @@
+"""What gates a decode call's key tiles beyond the spec's element mask: document ids and block
+layouts (specs with `document: true` or a `sparsity:` section). The decode kernel
+(templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and skips the tiles that no
+packed row may see.
+
+Positions are absolute, as for the mask: the cache's slot p holds the key at position p, and a
+sequence of length L decodes the last Nq rows of the square L x L problem. So
+- document ids are per cache position, kv_ids [B, S]; the queries' ids are those at their positions
+  (or given, q_ids [B, Nq]);
+- a call-time layout is over the cache's positions: bool [B or 1, Hq or 1, ceil(S / bq), ceil(S /
+  bk)] for a cache of capacity S, and a sequence uses its top-left ceil(L / bq) x ceil(L / bk)
+  blocks, which is the layout of its own square problem;
+- the spec's static layout terms (local, global, stride) do not depend on L, so one layout at the
+  capacity serves every sequence; the random term does (runtime/layouts.py draws it per shape), so
+  its rows are drawn per sequence length on the host: eager calls only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .tiles import Documents, _ids
+
+
+@dataclass(frozen=True)
+class Gate:
+    q_ids: torch.Tensor | None = None  # [B, Nq] the queries' document ids
+    kv_ids: torch.Tensor | None = None  # [B, S'] the cache positions' document ids
+    layout: torch.Tensor | None = None  # uint8 [B', H', rows, key blocks]
+    row0: torch.Tensor | None = None  # int32 [B]: the layout's first row per sequence (None: row 0)
+    block: tuple[int, int] = (16, 16)  # the layout's block (bq, bk)
+
+    def tensors(self, placeholder: torch.Tensor):
+        """The kernel's QIDS, KVIDS, LAYOUT, ROW0 pointers (`placeholder` where absent: never read)."""
+        return tuple(placeholder if t is None else t for t in (self.q_ids, self.kv_ids, self.layout, self.row0))
+
+    def strides(self) -> tuple[int, ...]:
+        """stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids."""
+        ids = (self.q_ids.stride(0), self.kv_ids.stride(0)) if self.q_ids is not None else (0, 0)
+        lay = self.layout
+        lay = tuple(0 if lay.shape[i] == 1 else lay.stride(i) for i in range(4)) if lay is not None else (0,) * 4
+        return (*ids, *lay, 0 if self.kv_ids is None else self.kv_ids.shape[1])
+
+
+NO_GATE = Gate()
+
+
+def _capturing() -> bool:
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def documents(documents, B: int, Nq: int, seqlens: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q_ids [B, Nq], kv_ids [B, S']) from kv ids [B, S'] (the queries take their positions' ids), a
+    (q_ids, kv_ids) pair or a Documents. Positions past S' have no key."""
+    if documents is None:
+        raise ValueError(f"spec {name!r} has a document mask: pass documents= (ids per cache position [batch, "
+                         f"cache length], or a (q_ids [batch, Nq], kv_ids) pair)")
+    if isinstance(documents, Documents):
+        q_ids, kv_ids = documents.q_ids, documents.kv_ids
+    elif isinstance(documents, (tuple, list)):
+        q_ids, kv_ids = documents
+    else:
+        q_ids, kv_ids = None, documents
+    for arg, ids in (("kv_ids", kv_ids), ("q_ids", q_ids)):
+        if ids is None:
+            continue
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point \
+                or ids.dtype.is_complex or ids.dtype == torch.bool:
+            got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise TypeError(f"attention_with_kvcache: documents {arg} must be an integer tensor [batch, positions]; "
+                            f"got {got}")
+        if ids.device != seqlens.device:
+            raise ValueError(f"attention_with_kvcache: documents {arg} is on {ids.device}, q on {seqlens.device}")
+    if kv_ids.shape[0] != B or kv_ids.shape[1] == 0:
+        raise ValueError(f"attention_with_kvcache: documents kv_ids must be [batch={B}, cache positions >= 1]; got "
+                         f"{list(kv_ids.shape)}")
+    kv_ids = _ids(kv_ids)
+    if q_ids is None:  # the ids at the queries' positions, L - Nq .. L - 1 (clamped: rows before 0 see nothing)
+        pos = seqlens.long()[:, None] - Nq + torch.arange(Nq, device=seqlens.device)
+        q_ids = torch.gather(kv_ids, 1, pos.clamp(0, kv_ids.shape[1] - 1))
+    elif tuple(q_ids.shape) != (B, Nq):
+        raise ValueError(f"attention_with_kvcache: documents q_ids must be [batch={B}, Nq={Nq}]; got {list(q_ids.shape)}")
+    else:
+        q_ids = _ids(q_ids).to(kv_ids.dtype)
+    return q_ids.contiguous(), kv_ids
+
+
+def layout(rt, given, B: int, Hq: int, Nq: int, capacity: int, seqlens: torch.Tensor):
+    """(uint8 layout [B', H', rows, key blocks], row0 int32 [B] or None) for a spec with a
+    `sparsity:` section: the call's layout (checked, at the cache's capacity) with the static terms
+    added."""
+    bq, bk = rt.layout_block
+    n_qb, n_kb = -(-capacity // bq), -(-capacity // bk)
+    device = seqlens.device
+    if rt.runtime_layout and given is None:
+        raise ValueError(f"spec {rt.name!r} has a runtime block layout: pass layout= (bool [B or 1, Hq or 1, "
+                         f"{n_qb}, {n_kb}]: query and key blocks of {bq} and {bk} over the cache's {capacity} "
+                         f"positions, or a BlockMask)")
+    runtime = rt.block_mask(given, B, Hq, capacity, capacity, device)  # checks it, or refuses a layout
+    runtime = None if runtime is None else runtime.layout
+    if rt.sparsity.get("random"):
+        return _per_length(rt, runtime, B, Hq, Nq, seqlens)
+    static = _static(rt, capacity, device)
+    if static is None:
+        both = runtime
+    elif runtime is None:
+        both = static
+    else:
+        both = static | runtime
+    assert both.shape[-2:] == (n_qb, n_kb)
+    return both.view(torch.uint8), None
+
+
+def _static(rt, capacity: int, device):
+    """The static terms at the capacity, bool [1, 1, n_qb, n_kb] (kept per capacity; not while a CUDA
+    graph is captured, whose pool would own it)."""
+    key = ("decode layout", capacity, str(device))
+    if key in rt._static:
+        return rt._static[key]
+    made = rt.static_layout(capacity, capacity, 1, device)
+    if not _capturing():
+        rt._static[key] = made
+    return made
+
+
+def _per_length(rt, runtime, B: int, Hq: int, Nq: int, seqlens: torch.Tensor):
+    """A random term's rows near each sequence's queries: its layout at the sequence's own length L
+    (runtime/layouts.py draws it per shape), rows (L - Nq) // bq .. (L - 1) // bq, and row0 = the
+    first. Reads the lengths on the host."""
+    if _capturing():
+        raise RuntimeError(f"spec {rt.name!r}: its random sparsity blocks depend on each sequence's length, drawn "
+                           f"on the host; attention_with_kvcache runs it eagerly only, not under torch.compile or "
+                           f"CUDA graph capture")
+    bq, bk = rt.layout_block
+    device = seqlens.device
+    lengths = seqlens.tolist()
+    first = [max(0, L - Nq) // bq for L in lengths]
+    rows = max(1, max((max(L - 1, 0) // bq - f + 1 for L, f in zip(lengths, first)), default=1))
+    n_kb = max(1, -(-max(lengths, default=1) // bk))
+    out = torch.zeros(B, Hq, rows, n_kb, dtype=torch.bool, device=device)
+    drawn = {}
+    for b, (L, f) in enumerate(zip(lengths, first)):
+        if L == 0:
+            continue
+        shape = (-(-L // bq), -(-L // bk))
+        if shape not in drawn:
+            drawn[shape] = rt.static_layout(L, L, Hq, device)[0]  # [H', n_qb(L), n_kb(L)]
+        own = drawn[shape][:, f:f + rows]
+        if runtime is not None:
+            rb = runtime[b if runtime.shape[0] > 1 else 0]
+            own = own | rb[:, f:f + own.shape[1], :shape[1]]
+        out[b, :, :own.shape[1], :shape[1]] = own
+    return out.view(torch.uint8), torch.tensor(first, dtype=torch.int32, device=device)
