@@ -35,7 +35,7 @@ FAMILY_KINDS = frozenset({OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.LO
                           OpKind.STORE_LSE, OpKind.RECOMPUTE_P, OpKind.DV, OpKind.DP, OpKind.DS, OpKind.DK,
                           OpKind.DQ, OpKind.STORE_DK, OpKind.STORE_DV, OpKind.STORE_DQ})
 RANGE_NAMES = {"m_first": "first", "m_last": "last"}
-RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile")
+RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_merge_splits", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile")
 
 
 def _source_name(source: str) -> str:

@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
+from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'causal_bottom_right',
@@ -428,18 +428,20 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
 
 
 @triton.jit
-def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
+def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
-                 stride_lb, stride_lh, stride_lm, stride_ls, stride_pb,
+                 stride_lb, stride_lh, stride_lm, stride_ls, stride_fb, stride_fh, stride_fm, stride_fd,
+                 stride_gb, stride_gh, stride_gm, stride_pb,
                  stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids,
                  H, HKV, GROUP, n_q, split_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
-                 LAYOUT_ROW0: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+                 LAYOUT_ROW0: tl.constexpr, FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 FAST_TANH: tl.constexpr):
     split = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -492,8 +494,14 @@ def _attn_decode(Q, K, V, O, LSE, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
     tl.store(O + out[:, None] + offs_dv[None, :] * stride_od, acc / l_use[:, None],
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_use)) * 0.6931471805599453)
-    tl.store(LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lm
-             + split * stride_ls, lse, mask=row_ok)
+    rows_lse = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_lm
+    tl.store(LSE + rows_lse + split * stride_ls, lse, mask=row_ok)
+    if FUSED_MERGE:  # the last split of these rows merges them all (else runtime/decode.py's kernel does)
+        _merge_splits(O, LSE, O_FINAL, LSE_FINAL, LOCKS + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2),
+                      tl.num_programs(0), out - split * stride_os, rows_lse,
+                      off_b.to(tl.int64) * stride_fb + off_h.to(tl.int64) * stride_fh + t.to(tl.int64) * stride_fm,
+                      off_b.to(tl.int64) * stride_gb + off_h.to(tl.int64) * stride_gh + t.to(tl.int64) * stride_gm,
+                      row_ok, stride_os, stride_ls, stride_od, stride_fd, HEAD_DIM_V, HEAD_DIM_V_PAD, BLOCK_M)
 
 
 from attngen.runtime import BlockMask, Documents, KernelModule, default_alibi_slopes  # noqa: E402, F401

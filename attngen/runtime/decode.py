@@ -29,10 +29,12 @@ class DecodePlan:
     split_len: int  # keys per split, a multiple of block_n
     stages: int = 3  # software pipelining depth of the key loop
     warps: int = 4
+    fused: bool = True  # splits merged by the last split of each tile (else by a second kernel)
 
     def describe(self) -> str:
+        merge = (", merged by the last" if self.fused else ", merged by a second kernel") if self.splits > 1 else ""
         return (f"{self.block_m} rows x {self.block_n} keys per step, {self.warps} warps, {self.stages} stages, "
-                f"{self.splits} split(s) of {self.split_len} keys")
+                f"{self.splits} split(s) of {self.split_len} keys{merge}")
 
 
 def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
@@ -51,7 +53,7 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
-                warps: int | None = None, key_block: int | None = None) -> DecodePlan:
+                warps: int | None = None, key_block: int | None = None, fused: bool = True) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
     within one block of `key_block` keys (a block layout's), when given."""
@@ -64,7 +66,8 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
     tiles = batch * heads_kv * -(-rows // block_m)
     splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks))
     split_len = -(-key_blocks // splits) * block_n
-    return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len, stages, warps)
+    return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len, stages, warps,
+                      bool(fused))
 
 
 @triton.jit
@@ -84,6 +87,23 @@ def _combine_splits(O_PART, LSE_PART, O, LSE, n_splits, DV: tl.constexpr, DV_PAD
     total_use = tl.where(total == 0.0, 1.0, total)  # a row no split saw: zeros, LSE -inf
     tl.store(O + row * DV + d, tl.sum(o * w[:, None], 0) / total_use, mask=d < DV)
     tl.store(LSE + row, tl.where(total == 0.0, float("-inf"), m_use + tl.log(total_use)))
+
+
+_LOCKS: dict = {}
+
+
+def _locks(device, n: int) -> torch.Tensor:
+    """int32 [>= n] zeros, one counter per tile of rows, for the fused split merge: kept per device
+    and stream (calls on one stream run in order; each call leaves its counters at 0 again). Made
+    outside a CUDA graph capture where possible: one made during capture is the graph's own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _LOCKS.get(key)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _LOCKS[key] = have
+    return have
 
 
 def sms(device) -> int:
@@ -193,6 +213,10 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     lse_part = torch.empty(B, Hq, Nq, plan.splits, dtype=torch.float32, device=q.device) if split else lse
     os_ = o_part.stride() if split else (*o.stride()[:3], 0, o.stride(3))
     ls_ = lse_part.stride() if split else (*lse.stride(), 0)
+    fused = split and plan.fused
+    group, rows = Hq // Hkv, Hq // Hkv * Nq
+    grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
+    locks = _locks(q.device, grid[1] * grid[2]) if fused else seqlens
     paged = block_table is not None
     if paged:  # [pages, page_size, Hkv, D]: a page, the cache's head, a slot
         ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
@@ -200,17 +224,16 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     else:
         ks, vs = k_cache.stride(), v_cache.stride()
     pages = block_table if paged else seqlens
-    group, rows = Hq // Hkv, Hq // Hkv * Nq
-    grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
-    kernel[grid](q, k_cache, v_cache, o_part, lse_part, hp, pages, seqlens, *gate.tensors(seqlens), *q.stride(), *ks, *vs,
-                 *os_, *ls_, pages.stride(0), *gate.strides(), Hq, Hkv, group, Nq, plan.split_len,
+    kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens, *gate.tensors(seqlens),
+                 *q.stride(), *ks, *vs, *os_, *ls_, *o.stride(), *lse.stride(), pages.stride(0), *gate.strides(),
+                 Hq, Hkv, group, Nq, plan.split_len,
                  scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
                  HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
                  BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE_SIZE=k_cache.shape[1] if paged else 0,
-                 LAYOUT_BQ=gate.block[0], LAYOUT_BK=gate.block[1], LAYOUT_ROW0=gate.row0 is not None,
+                 LAYOUT_BQ=gate.block[0], LAYOUT_BK=gate.block[1], LAYOUT_ROW0=gate.row0 is not None, FUSED_MERGE=fused,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=plan.warps, num_stages=plan.stages)
-    if split:
+    if split and not fused:
         _combine_splits[(B * Hq * Nq,)](o_part, lse_part, o, lse, plan.splits, DV=head_dim_v,
                                         DV_PAD=max(16, triton.next_power_of_2(head_dim_v)),
                                         SPLITS_PAD=max(2, triton.next_power_of_2(plan.splits)), num_warps=4)

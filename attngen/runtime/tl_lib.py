@@ -121,6 +121,39 @@ def _same_document(doc_res, DOC_WALK, offs_walk, n_walk):
 
 
 @triton.jit
+def _merge_splits(O_PART, LSE_PART, O, LSE, LOCK, n_splits, rows_o, rows_lse, out_o, out_lse, row_ok,
+                  stride_os, stride_ls, stride_od, stride_fd, HEAD_DIM_V: tl.constexpr,
+                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Decoding's split merge, fused into the splits (docs/decisions/decode-plan.md): each split of
+    # these rows has stored its normalized rows and LSE; the last to count itself in at LOCK merges
+    # them by LSE into O, LSE and resets LOCK for the next call. The barrier orders every thread's
+    # stores before the count (a release); the partials are read past L1 (.cg).
+    tl.debug_barrier()
+    if tl.atomic_add(LOCK, 1) == n_splits - 1:
+        tl.store(LOCK, 0)
+        offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+        dv_ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+        for s in range(0, n_splits):
+            lse = tl.load(LSE_PART + rows_lse + s * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(O_PART + rows_o[:, None] + s * stride_os + offs_dv[None, :] * stride_od, mask=dv_ok, other=0.0,
+                        cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            w = tl.exp(lse - m_use)
+            total = total * alpha + w
+            acc = acc * alpha[:, None] + o * w[:, None]
+            m = m_new
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        total_use = tl.where(total == 0.0, 1.0, total)  # a row no split saw: zeros, LSE -inf
+        tl.store(O + out_o[:, None] + offs_dv[None, :] * stride_fd, acc / total_use[:, None], mask=dv_ok)
+        tl.store(LSE + out_lse, tl.where(total == 0.0, float("-inf"), m_use + tl.log(total_use)), mask=row_ok)
+
+
+@triton.jit
 def _keep_mask_kernel(KEEP, H, Nq, Nk, seed, p_drop, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Writes the keep-mask the kernels use (for tests: see dropout_keep_mask).
     off_hz = tl.program_id(2)
