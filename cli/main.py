@@ -202,7 +202,9 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
                                                 "with it on against off; fwd and bwd as CUDA graphs, fwd+bwd through "
                                                 "autograd (default shape 4x16x4096; specs may be name:head_dim)"),
           baseline: Optional[Path] = typer.Option(None, help="a directory of modules an earlier attngen generated "
-                                                  "(<spec name>.py), timed as the peer `before` (a redesign's A/B)")):
+                                                  "(<spec name>.py), timed as the peer `before` (a redesign's A/B)"),
+          plot: Optional[Path] = typer.Option(None, help="also draw the ratios against the peers to this PNG "
+                                                         "(matplotlib: the `plot` extra)")):
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
@@ -264,6 +266,13 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
             rows += bench_spec(spec, shape_list, backward, baseline=baseline)
             advance()
     typer.echo(save(rows, json_out, markdown))
+    if plot:
+        import dataclasses
+
+        from attngen.bench import environment
+        from attngen.tools.bench_plot import plot as draw, title_of
+
+        draw([dataclasses.asdict(r) for r in rows], plot, title_of(environment()))
 
 
 @app.command("bench-sparsity")
@@ -386,14 +395,22 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
 @app.command("bench-merge")
 def bench_merge(files: List[Path] = typer.Argument(..., help="JSON files from `attngen bench --json F`"),
                 json_out: Optional[Path] = typer.Option(None, "--json", help="write the merged rows as JSON"),
-                markdown: Optional[Path] = typer.Option(None, help="write the merged markdown table")):
+                markdown: Optional[Path] = typer.Option(None, help="write the merged markdown table"),
+                plot: Optional[Path] = typer.Option(None, help="also draw the ratios against the peers to this PNG "
+                                                               "(matplotlib: the `plot` extra)")):
     """Merges `attngen bench --json` files (say one per spec, so that a run cut short keeps the rest)
-    into one JSON file and one markdown table, which it prints."""
-    from attngen.tools.merge import merge
+    into one JSON file and one markdown table, which it prints (and draws, with --plot)."""
+    import dataclasses
+
+    from attngen.tools.bench_plot import plot as draw, title_of
+    from attngen.tools.merge import load_rows, merge
 
     try:
         typer.echo(merge(files, json_out, markdown), nl=False)
-    except ValueError as e:
+        if plot:
+            env, rows = load_rows(files)
+            draw([dataclasses.asdict(r) for r in rows], plot, title_of(env))
+    except (ValueError, ImportError) as e:
         _fail(e)
 
 
