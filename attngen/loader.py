@@ -112,3 +112,14 @@ def load(spec_path: str | Path, *, autotune: bool = False, cache: bool = True, *
         if torch.cuda.is_available():
             apply(module, torch.cuda.get_device_name())
     return module
+
+
+def load_derived(data: dict, **options) -> ModuleType:
+    """The module of a spec given as a dict (a family's derived spec, e.g. an NSA branch): its YAML
+    is written once under $ATTNGEN_CACHE/specs/ and loaded (and disk-cached) like a file."""
+    import yaml
+
+    text = yaml.safe_dump(data, sort_keys=False)
+    path = CACHE / "specs" / f"{data['name']}_{hashlib.sha256(text.encode()).hexdigest()[:12]}.yaml"
+    write_if_different(path, text)
+    return load(path, **options)

@@ -40,6 +40,8 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
     spec = spec if isinstance(spec, Spec) else load_spec(spec)
     if stop == "spec":
         return Compiled(spec)
+    if spec.nsa is not None:
+        return _compile_nsa(spec, options, stop)
     stages, ranks = {}, {}
     fwd = lower(spec)
     for kernel in (fwd, *derive_backward(fwd)):
@@ -56,6 +58,22 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
     if stop == "triton":
         c = Compiled(spec, stages, ranks, generate(spec, {role: c.kernel(role) for role in stages}, standalone))
     return c
+
+
+def _compile_nsa(spec: Spec, options: PassOptions, stop: str) -> Compiled:
+    """An NSA spec: its compressed and window branches are fa2 specs (their stages under roles
+    `cmp.fwd`, `swa.bwd_dq`, ...); the module holds the selected branch's kernels besides
+    (codegen_nsa.py, docs/decisions/nsa-plan.md)."""
+    from . import codegen_nsa
+    from .spec import parse_spec
+
+    stages, ranks = {}, {}
+    for branch, data in codegen_nsa.branch_specs(spec).items():
+        c = compile_spec(parse_spec(data, f"{spec.source} ({branch} branch)"), options=options,
+                         stop="tiling" if stop == "triton" else stop)
+        stages.update({f"{branch}.{role}": steps for role, steps in c.stages.items()})
+        ranks.update({f"{branch}.{role}": r for role, r in c.rankings.items()})
+    return Compiled(spec, stages, ranks, codegen_nsa.generate(spec) if stop == "triton" else None)
 
 
 def emit(spec: Spec | str | Path, stage: str, options: PassOptions = PassOptions()) -> str:

@@ -189,14 +189,18 @@ def _selected_visible(indices: torch.Tensor, n: int, select_block: int) -> torch
 
 def nsa_attention(q, k, v, gates, *, compress_block=32, compress_stride=16, compress_kind="mean", w_k=None,
                   w_v=None, select_block=64, select_count=16, init_blocks=1, local_blocks=2, window=512,
-                  scale=None, dtype=torch.float64, return_parts=False):
+                  scale=None, dtype=torch.float64, return_parts=False, indices=None):
     """NSA: o [B, Hq, N, Dv] in `dtype` (every computation in `dtype`, float64 by default; the
     selection scores always float64), differentiable in q, k, v, gates and (compress_kind "linear")
     w_k [Hkv, l*D, D], w_v [Hkv, l*Dv, Dv]. With return_parts, a dict: "o", the branch outputs
     "o_cmp", "o_slc", "o_swa" [B, Hq, N, Dv], "indices" int32 [B, Hkv, N, min(select_count,
     ceil(N / select_block))] (ascending, -1 padded) and "scores" float64 [B, Hkv, N, ceil(N / select_block)].
-    See the module's docstring for the math."""
+    See the module's docstring for the math. `indices` (int32 [B, Hkv, N, n], as select_blocks gives),
+    when given, replace the selection in the selected branch: a kernel's own selection, checked
+    against select_blocks' apart (near-equal scores may order differently in lower precision);
+    "indices" in the parts are then the reference's own."""
     _check_heads(q, k)
+    given = indices
     B, Hq, N, D = q.shape
     Hkv = k.shape[1]
     if k.shape != (B, Hkv, N, D) or v.shape[:3] != (B, Hkv, N):
@@ -224,7 +228,8 @@ def nsa_attention(q, k, v, gates, *, compress_block=32, compress_stride=16, comp
                               select_block=select_block, scale=scale)
     indices = select_blocks(scores, select_block=select_block, count=select_count,
                             init_blocks=init_blocks, local_blocks=local_blocks)
-    visible_slc = _expand_heads(_selected_visible(indices, N, select_block), Hq)
+    used = indices if given is None else given.to(device)
+    visible_slc = _expand_heads(_selected_visible(used, N, select_block), Hq)
     k_full, v_full = _expand_heads(k, Hq), _expand_heads(v, Hq)
     o_slc, _ = _attend(q, k_full, v_full, visible_slc, scale)
 

@@ -23,6 +23,10 @@ A spec file looks like::
       stride: 8              # key block kb is visible when kb % 8 == 7
       random: {blocks: 3, seed: 0}   # BigBird: 3 random key blocks per head and query block
       layout: runtime        # and a bool block layout [B or 1, H or 1, n_qb, n_kb] per call
+    nsa:                     # Native Sparse Attention (no mask, score, dropout or sparsity beside it)
+      compress: {block: 32, stride: 16, kind: mean}   # windows of 32 keys every 16; mean | linear
+      select: {block: 64, count: 16, init_blocks: 1, local_blocks: 2}
+      window: 512            # the sliding-window branch's keys
 
 Every mask part present is combined with `and`; the sparsity terms present are combined with `or`
 (at least one is needed), and the result with the mask by `and`. Every error names the file, the
@@ -137,6 +141,29 @@ class Sparsity:
 
 
 @dataclass(frozen=True)
+class NSA:
+    """Native Sparse Attention's three branches (arXiv 2502.11089; the math: attngen/reference_nsa.py):
+    compressed windows of `compress_block` keys every `compress_stride` (mean or a learned linear
+    map), the `select_count` blocks of `select_block` keys chosen per query from the compressed
+    branch's probabilities (the first `init_blocks` and the `local_blocks` ending at the query's own
+    block always among them), and a causal window of `window` keys, mixed by gates per call."""
+    compress_block: int = 32
+    compress_stride: int = 16
+    compress_kind: str = "mean"
+    select_block: int = 64
+    select_count: int = 16
+    init_blocks: int = 1
+    local_blocks: int = 2
+    window: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"compress": {"block": self.compress_block, "stride": self.compress_stride, "kind": self.compress_kind},
+                "select": {"block": self.select_block, "count": self.select_count, "init_blocks": self.init_blocks,
+                           "local_blocks": self.local_blocks},
+                "window": self.window}
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     description: str
@@ -148,6 +175,7 @@ class Spec:
     dropout: float = 0.0
     source: str = "<spec>"
     sparsity: Sparsity | None = None
+    nsa: NSA | None = None
 
     @property
     def scale(self) -> float:
@@ -184,6 +212,9 @@ class Spec:
             out["dropout"] = {"p": self.dropout}
         if self.sparsity is not None:
             out["sparsity"] = self.sparsity.to_dict()
+        if self.nsa is not None:  # its own masks: no mask or score section beside it
+            del out["mask"], out["score"]
+            out["nsa"] = self.nsa.to_dict()
         return out
 
     def to_yaml(self) -> str:
@@ -391,10 +422,36 @@ def _parse_sparsity(source: str, data: Any) -> Sparsity | None:
     return sparsity
 
 
+def _parse_nsa(source: str, data: Any, f: "_Fields") -> NSA | None:
+    if data is None:
+        return None
+    for other in ("mask", "score", "dropout", "sparsity"):
+        if f.has(other):
+            raise f.error(other, "a spec with an `nsa:` section takes no other attention section: its branches' "
+                          "masks come from `nsa:` (causal throughout)")
+    n = _Fields(source, "nsa", data, ("compress", "select", "window"))
+    c = _Fields(source, "nsa.compress", data.get("compress", {}), ("block", "stride", "kind"))
+    s = _Fields(source, "nsa.select", data.get("select", {}), ("block", "count", "init_blocks", "local_blocks"))
+    nsa = NSA(compress_block=c.int("block", low=1, default=32), compress_stride=c.int("stride", low=1, default=16),
+              compress_kind=c.choice("kind", ("mean", "linear"), "mean"),
+              select_block=s.int("block", low=16, high=256, default=64), select_count=s.int("count", low=1, default=16),
+              init_blocks=s.int("init_blocks", low=0, default=1), local_blocks=s.int("local_blocks", low=0, default=2),
+              window=n.int("window", low=1, default=512))
+    if nsa.compress_stride > nsa.compress_block:
+        raise c.error("stride", f"must be at most the block ({nsa.compress_block}): windows may not leave keys out; "
+                      f"got {nsa.compress_stride}")
+    if nsa.select_block & (nsa.select_block - 1):
+        raise s.error("block", f"expected a power of two from 16 to 256 (a kernel tile), got {nsa.select_block}")
+    if nsa.init_blocks + nsa.local_blocks > nsa.select_count:
+        raise s.error("count", f"must cover the forced blocks: init_blocks + local_blocks = "
+                      f"{nsa.init_blocks + nsa.local_blocks}; got {nsa.select_count}")
+    return nsa
+
+
 def parse_spec(data: Any, source: str = "<spec>") -> Spec:
     """Validates a decoded YAML document into a Spec."""
     f = _Fields(source, "", data, ("name", "description", "head_dim", "head_dim_v", "dtypes", "mask", "score",
-                                   "dropout", "sparsity"))
+                                   "dropout", "sparsity", "nsa"))
     name = f.str("name", required=True)
     if not NAME_RE.match(name):
         raise f.error("name", f"expected lower-case letters, digits and _, starting with a letter, got {name!r}")
@@ -416,6 +473,7 @@ def parse_spec(data: Any, source: str = "<spec>") -> Spec:
         dropout=_parse_dropout(source, data.get("dropout")),
         source=source,
         sparsity=_parse_sparsity(source, data.get("sparsity")),
+        nsa=_parse_nsa(source, data.get("nsa"), f),
     )
 
 

@@ -435,6 +435,14 @@ def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, targ
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load(path, target=target)
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
+    if spec.nsa is not None:  # NSA modules: attention only (no varlen or decoding yet)
+        from .verify_nsa import CPU_NSA, GPU_NSA, check_nsa
+
+        if decode or varlen:
+            return []
+        cases = shapes or (GPU_NSA if device.type == "cuda" else CPU_NSA)
+        return [check_nsa(spec, module, c, d, device, seed=i, backward=backward) for d in dtypes
+                for i, c in enumerate(cases)]
     if decode:
         cases = shapes or (GPU_DECODE if device.type == "cuda" else CPU_DECODE)
         return [check_decode(spec, module, c, d, device, seed=i) for d in dtypes for i, c in enumerate(cases)]

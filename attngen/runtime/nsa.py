@@ -1,0 +1,224 @@
+"""The host code of Native Sparse Attention modules (the nsa family; docs/decisions/nsa-plan.md).
+A spec's `nsa:` section becomes this pipeline, differentiable end to end except for the selection:
+
+1. compression of each KV head's keys and values (mean, or linear with weights given per call);
+2. the compressed branch: the derived fa2 module `BRANCHES["cmp"]`, with its LSE;
+3. the selection: block scores from the compressed branch's probabilities summed over the G query
+   heads of a KV head, then the top-n blocks with the forced ones (chunked torch, no gradient);
+4. the selected branch: the module's `_nsa_select_fwd` / `_nsa_select_bwd` kernels;
+5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
+6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
+
+The math is attngen/reference_nsa.py's, which the kernels are verified against.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from .module import DTYPES
+
+_CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
+
+
+class _Selected(torch.autograd.Function):
+    """The selected branch: o [B, Hq, N, Dv] of q over each token's selected blocks (indices)."""
+
+    @staticmethod
+    def forward(ctx, rt, q, k, v, indices, scale):
+        o, lse = rt.selected_forward(q, k, v, indices, scale)
+        ctx.save_for_backward(q, k, v, indices, o, lse)
+        ctx.rt, ctx.scale = rt, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, indices, o, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.rt.selected_backward(q, k, v, indices, o, lse, do, ctx.scale)
+        return None, dq, dk, dv, None, None
+
+
+class NSAModule:
+    """attention(q, k, v, *, gates, compress_weights=None, return_indices=False, scale=None):
+    q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] (self-attention: queries and keys share
+    positions 0 .. N - 1), gates [B, Hq, N, 3] (cmp, slc, swa; e.g. sigmoid outputs). Linear
+    compression takes compress_weights=(w_k [Hkv, l * D, D], w_v [Hkv, l * Dv, Dv]). Returns o
+    [B, Hq, N, Dv], and with return_indices the selected blocks int32 [B, Hkv, N, n] (ascending, -1
+    padded). Gradients reach q, k, v, the gates and the compression weights; none flows through the
+    selection."""
+
+    def __init__(self, ns: dict):
+        self.spec = ns["SPEC"]
+        self.name = self.spec["name"]
+        self.branch_specs = ns["BRANCHES"]
+        n = self.spec["nsa"]
+        self.l, self.d, self.kind = n["compress"]["block"], n["compress"]["stride"], n["compress"]["kind"]
+        sel = n["select"]
+        self.l_sel, self.count, self.init, self.local = sel["block"], sel["count"], sel["init_blocks"], sel["local_blocks"]
+        self.window = n["window"]
+        self.head_dim, self.head_dim_v = self.spec["head_dim"], self.spec.get("head_dim_v", self.spec["head_dim"])
+        self.scale = self.head_dim ** -0.5
+        self.fwd_kernel, self.bwd_kernel = ns["_nsa_select_fwd"], ns["_nsa_select_bwd"]
+        self._branches = None
+        self._overlaps: dict = {}
+
+    def branches(self):
+        """The compressed and window branches' fa2 modules, compiled (or read from the disk cache) on
+        first use."""
+        if self._branches is None:
+            from attngen.loader import load_derived
+
+            self._branches = {role: load_derived(spec) for role, spec in self.branch_specs.items()}
+        return self._branches
+
+    # ------------------------------------------------------------------ the call
+
+    def check(self, q, k, v, gates, compress_weights) -> None:
+        if not (q.dim() == k.dim() == v.dim() == 4):
+            raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got {q.dim()}-d, {k.dim()}-d, "
+                             f"{v.dim()}-d")
+        if q.dtype not in DTYPES or DTYPES[q.dtype] not in self.spec["dtypes"] or k.dtype != q.dtype \
+                or v.dtype != q.dtype:
+            raise TypeError(f"q, k, v must share one dtype of spec {self.name!r}'s ({', '.join(self.spec['dtypes'])}); "
+                            f"got {q.dtype}, {k.dtype}, {v.dtype}")
+        if not (q.device == k.device == v.device):
+            raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+        B, Hq, N, D = q.shape
+        Hkv = k.shape[1]
+        if D != self.head_dim or k.shape[-1] != self.head_dim or v.shape[-1] != self.head_dim_v:
+            raise ValueError(f"spec {self.name!r} has head_dim {self.head_dim} and head_dim_v {self.head_dim_v}; got "
+                             f"q {D}, k {k.shape[-1]}, v {v.shape[-1]}")
+        if tuple(k.shape[:3]) != (B, Hkv, N) or tuple(v.shape[:3]) != (B, Hkv, N):
+            raise ValueError(f"k and v must be [{B}, Hkv, {N}, *] (NSA is self-attention: as many keys as queries); "
+                             f"got k {list(k.shape)}, v {list(v.shape)}")
+        if Hkv == 0 or Hq % Hkv:
+            raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+        if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (B, Hq, N, 3) \
+                or not gates.dtype.is_floating_point or gates.device != q.device:
+            got = f"{gates.dtype} {list(gates.shape)} on {gates.device}" if isinstance(gates, torch.Tensor) else \
+                type(gates).__name__
+            raise ValueError(f"gates must be a floating tensor [{B}, {Hq}, {N}, 3] (cmp, slc, swa) on {q.device}; "
+                             f"got {got}")
+        if self.kind == "linear":
+            if compress_weights is None or len(compress_weights) != 2:
+                raise ValueError(f"spec {self.name!r} compresses linearly: pass compress_weights=(w_k [{Hkv}, "
+                                 f"{self.l * D}, {D}], w_v [{Hkv}, {self.l * self.head_dim_v}, {self.head_dim_v}])")
+            for arg, w, e in (("w_k", compress_weights[0], D), ("w_v", compress_weights[1], self.head_dim_v)):
+                if not isinstance(w, torch.Tensor) or tuple(w.shape) != (Hkv, self.l * e, e) or w.dtype != q.dtype \
+                        or w.device != q.device:
+                    got = f"{w.dtype} {list(w.shape)} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
+                    raise ValueError(f"compress_weights: {arg} must be {q.dtype} [{Hkv}, {self.l * e}, {e}] on "
+                                     f"{q.device}; got {got}")
+        elif compress_weights is not None:
+            raise TypeError(f"spec {self.name!r} compresses by the mean: compress_weights= is not taken")
+
+    def attention(self, q, k, v, *, gates, compress_weights=None, return_indices=False, scale=None):
+        self.check(q, k, v, gates, compress_weights)
+        scale = self.scale if scale is None else float(scale)
+        branches = self.branches()
+        w_k, w_v = compress_weights if compress_weights is not None else (None, None)
+        k_cmp, v_cmp = self.compress(k, w_k), self.compress(v, w_v)
+        if k_cmp.shape[2]:
+            o_cmp, lse_cmp = branches["cmp"].attention(q, k_cmp, v_cmp, return_lse=True, scale=scale)
+        else:  # shorter than one window: no compressed token, o_cmp = 0
+            o_cmp = q.new_zeros(*q.shape[:3], self.head_dim_v)
+            lse_cmp = None
+        indices = self.select(q, k_cmp, lse_cmp, scale)
+        o_slc = _Selected.apply(self, q, k, v, indices, scale)
+        o_swa = branches["swa"].attention(q, k, v, scale=scale)
+        g = gates.to(torch.float32)
+        o = (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_swa.float()).to(q.dtype)
+        return (o, indices) if return_indices else o
+
+    # ------------------------------------------------------------------ the stages
+
+    def compress(self, x, weight=None):
+        """[B, H, n_cmp, E]: windows of l rows every d, averaged or mapped by weight [H, l * E, E']."""
+        B, H, N, E = x.shape
+        if N < self.l:  # no whole window
+            return x.new_zeros(B, H, 0, E if weight is None else weight.shape[-1])
+        windows = x.unfold(2, self.l, self.d)  # [B, H, (N - l) // d + 1, E, l]
+        n = windows.shape[2]
+        if weight is None:
+            return windows.mean(-1)
+        flat = windows.transpose(-1, -2).reshape(B, H, n, self.l * E)  # row-major over (token, feature)
+        return torch.einsum("bhnf,hfe->bhne", flat, weight)
+
+    def _overlap(self, n_cmp: int, n_blocks: int, device) -> torch.Tensor:
+        """float32 [n_cmp, n_blocks]: |[j d, j d + l) n [b l', (b + 1) l')| / d."""
+        key = (n_cmp, n_blocks, str(device))
+        if key not in self._overlaps:
+            j = torch.arange(n_cmp, device=device)[:, None]
+            b = torch.arange(n_blocks, device=device)[None, :]
+            lo = torch.maximum(j * self.d, b * self.l_sel)
+            hi = torch.minimum(j * self.d + self.l, (b + 1) * self.l_sel)
+            self._overlaps[key] = (hi - lo).clamp(min=0).to(torch.float32) / self.d
+        return self._overlaps[key]
+
+    @torch.no_grad()
+    def select(self, q, k_cmp, lse_cmp, scale: float) -> torch.Tensor:
+        """int32 [B, Hkv, N, n]: per token and KV head, the forced blocks (the first init_blocks, the
+        local_blocks ending at its own) and the best-scored others up to count, none after its own
+        block; ascending, -1 padded. Scores in float32, ties to the lower index (a stable sort)."""
+        B, Hq, N, D = q.shape
+        Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+        G, n_blocks = Hq // Hkv, -(-N // self.l_sel)
+        n = min(self.count, n_blocks)
+        out = torch.empty(B, Hkv, N, n, dtype=torch.int32, device=q.device)
+        overlap = self._overlap(n_cmp, n_blocks, q.device)
+        beta = torch.arange(n_blocks, device=q.device)
+        step = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * max(n_cmp, n_blocks)))
+        for t0 in range(0, N, step):
+            t = torch.arange(t0, min(N, t0 + step), device=q.device)
+            if n_cmp:
+                s = q[:, :, t0:t0 + len(t)].float().view(B, Hkv, G, len(t), D) @ \
+                    k_cmp.float()[:, :, None].transpose(-1, -2) * scale
+                visible = (torch.arange(n_cmp, device=q.device) * self.d + self.l - 1) <= t[:, None]
+                p = torch.where(visible, torch.exp(s - lse_cmp[:, :, t0:t0 + len(t)].view(B, Hkv, G, len(t), 1)), 0.0)
+                scores = p.sum(2) @ overlap  # [B, Hkv, T, n_blocks]
+            else:
+                scores = torch.zeros(B, Hkv, len(t), n_blocks, device=q.device)
+            own = (t // self.l_sel)[:, None]
+            forced = (beta < self.init) | ((beta > own - self.local) & (beta <= own))
+            rank = torch.where(forced, float("inf"), scores)
+            rank = torch.where(beta > own, float("-inf"), rank)
+            order = torch.sort(-rank, dim=-1, stable=True).indices[..., :n]
+            chosen = torch.where(torch.gather(rank, -1, order) > float("-inf"), order, n_blocks)
+            chosen = torch.sort(chosen, dim=-1).values
+            out[:, :, t0:t0 + len(t)] = torch.where(chosen == n_blocks, -1, chosen).to(torch.int32)
+        return out
+
+    def _launch_args(self, q, k):
+        G = q.shape[1] // k.shape[1]
+        return dict(HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v,
+                    HEAD_DIM_PAD=max(16, triton.next_power_of_2(self.head_dim)),
+                    HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(self.head_dim_v)),
+                    BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=self.l_sel,
+                    DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+    def selected_forward(self, q, k, v, indices, scale: float):
+        B, Hq, N, _ = q.shape
+        Hkv = k.shape[1]
+        o = torch.empty(B, Hq, N, self.head_dim_v, dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
+        if o.numel():
+            self.fwd_kernel[(N, B * Hkv)](q, k, v, indices, o, lse, *q.stride(), *k.stride(), *v.stride(),
+                                          *indices.stride(), *o.stride(), *lse.stride(), Hkv, Hq // Hkv,
+                                          indices.shape[-1], scale * 1.4426950408889634, **self._launch_args(q, k))
+        return o, lse
+
+    def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
+        B, Hq, N, _ = q.shape
+        Hkv = k.shape[1]
+        do = do.contiguous() if do.stride() != o.stride() else do  # the kernel reads dO with o's strides
+        delta = (do.float() * o.float()).sum(-1)
+        dq = torch.empty_like(q)
+        dk = torch.zeros(B, Hkv, N, self.head_dim, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(B, Hkv, N, self.head_dim_v, dtype=torch.float32, device=q.device)
+        if q.numel():
+            self.bwd_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, dk, dv, *q.stride(), *k.stride(),
+                                          *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv, Hq // Hkv,
+                                          indices.shape[-1], scale * 1.4426950408889634, scale,
+                                          **self._launch_args(q, k))
+        return dq, dk.to(k.dtype), dv.to(v.dtype)

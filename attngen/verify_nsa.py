@@ -1,0 +1,108 @@
+"""Verification of NSA modules (specs with an `nsa:` section) against attngen/reference_nsa.py:
+the selection on its own (the forced blocks exactly, the rest as sets, a mismatch allowed only
+between blocks of equal score), then the output and the gradients of q, k, v, the gates and the
+compression weights, against the float64 reference run with the module's own selection (and eager
+in the dtype, which sets the tolerance as in verify.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference_nsa
+from .spec import Spec
+
+SCORE_RTOL = 1e-4  # scores this close may order either way (float32 selection against float64)
+
+
+@dataclass(frozen=True)
+class NSACase:
+    batch: int
+    heads_q: int
+    heads_kv: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"nsa B{self.batch} H{self.heads_q}/{self.heads_kv} N{self.seq}"
+
+
+# On the CPU (the interpreter): early rows without a compressed token, GQA groups of 3 and 2; the
+# top-n's choice and a binding window at these lengths are tests/test_nsa.py's (a spec with small
+# counts). On the GPU: past 16 blocks of 64 and the 512-key window, GQA groups of 4, 1 and 16.
+CPU_NSA = (NSACase(1, 3, 1, 77), NSACase(1, 2, 1, 300))
+GPU_NSA = (NSACase(2, 16, 4, 2048), NSACase(1, 4, 4, 1500), NSACase(1, 16, 1, 1024))
+
+
+def selection_agrees(ours: torch.Tensor, ref: torch.Tensor, scores: torch.Tensor) -> tuple[bool, int]:
+    """(ok, rows that differ): per row, the blocks only one side chose must score alike, the best
+    one the reference alone chose at most SCORE_RTOL above the worst one we alone chose."""
+    n_blocks = scores.shape[-1]
+
+    def members(idx):
+        m = torch.zeros(*idx.shape[:3], n_blocks + 1, dtype=torch.bool, device=idx.device)
+        return m.scatter_(-1, torch.where(idx < 0, n_blocks, idx.long()), True)[..., :n_blocks]
+
+    a, b = members(ours), members(ref.to(ours.device))
+    differ = (a != b).any(-1)
+    if not differ.any():
+        return True, 0
+    s = scores.to(ours.device)
+    ours_worst = torch.where(a & ~b, s, torch.inf).amin(-1)
+    ref_best = torch.where(b & ~a, s, -torch.inf).amax(-1)
+    same_count = a.sum(-1) == b.sum(-1)
+    close = ref_best <= ours_worst + SCORE_RTOL * ours_worst.abs().clamp(min=1.0)
+    ok = bool((same_count & close)[differ].all())
+    return ok, int(differ.sum())
+
+
+def check_nsa(spec: Spec, module, case: NSACase, dtype: str, device, seed: int = 0, backward: bool = True):
+    from .verify import FACTOR, FLOOR, TORCH_DTYPES, Result
+
+    n = spec.nsa
+    g = torch.Generator(device=device).manual_seed(seed)
+    tdt = TORCH_DTYPES[dtype]
+    B, N = case.batch, case.seq
+    mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(tdt)  # noqa: E731
+    q, k, v = mk(B, case.heads_q, N, spec.head_dim), mk(B, case.heads_kv, N, spec.head_dim), \
+        mk(B, case.heads_kv, N, spec.head_dim_v)
+    gates = torch.rand(B, case.heads_q, N, 3, generator=g, device=device).to(tdt)
+    inputs = [q, k, v, gates]
+    if n.compress_kind == "linear":
+        inputs += [mk(case.heads_kv, n.compress_block * e, e) * (n.compress_block * e) ** -0.5
+                   for e in (spec.head_dim, spec.head_dim_v)]
+    inputs = [x.requires_grad_(backward) for x in inputs]
+    weights = tuple(inputs[4:]) or None
+    o, indices = module.attention(*inputs[:3], gates=gates, compress_weights=weights, return_indices=True)
+    do = torch.randn(o.shape, generator=g, device=device).to(tdt)
+    grads = list(torch.autograd.grad(o, inputs, do)) if backward else []
+    kw = dict(compress_block=n.compress_block, compress_stride=n.compress_stride, compress_kind=n.compress_kind,
+              select_block=n.select_block, select_count=n.select_count, init_blocks=n.init_blocks,
+              local_blocks=n.local_blocks, window=n.window, return_parts=True, indices=indices)
+
+    def reference(dt):
+        xs = [x.detach().to(dt).requires_grad_(backward) for x in inputs]
+        parts = reference_nsa.nsa_attention(*xs[:4], w_k=xs[4] if weights else None, w_v=xs[5] if weights else None,
+                                            dtype=dt, **kw)
+        return parts, (list(torch.autograd.grad(parts["o"], xs, do.to(dt))) if backward else [])
+
+    (ref, ref_grads), (eager, eager_grads) = reference(torch.float64), reference(tdt)
+    names = ["o", "dq", "dk", "dv", "dgates", "dw_k", "dw_v"]
+    errors, why = [], []
+    selected_ok, differ = selection_agrees(indices, ref["indices"], ref["scores"])
+    if not selected_ok:
+        why.append(f"the selection differs from the reference's beyond equal scores ({differ} rows differ)")
+    scale = ref["o"].abs().max().item()
+    grad_scale = max((r.abs().max().item() for r in ref_grads[:3]), default=0.0)
+    for name, got, want, base in zip(names, [o] + grads, [ref["o"]] + ref_grads, [eager["o"]] + eager_grads):
+        want = want.detach()
+        err = float((got.detach().double() - want).abs().max()) if got.numel() else 0.0
+        eager_err = float((base.detach().double() - want).abs().max()) if got.numel() else 0.0
+        errors.append((name, err, eager_err))
+        magnitude = scale if name == "o" else max(grad_scale, want.abs().max().item())
+        floor = FLOOR[dtype] * max(1.0, magnitude)
+        if not err <= FACTOR * eager_err + floor:
+            why.append(f"{name} error {err:.2e} > {FACTOR} x eager {eager_err:.2e} + {floor:.0e}")
+    if any(t.isnan().any() for t in [o] + grads):
+        why.append("NaN in output or gradients")
+    return Result(spec.name, dtype, case, tuple(errors), not why, "; ".join(why))

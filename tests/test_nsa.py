@@ -1,0 +1,109 @@
+"""NSA modules (specs with an `nsa:` section; runtime/nsa.py, templates/nsa/) against the float64
+reference of NSA's math (attngen/reference_nsa.py): the selection exactly, the output and every
+gradient, with small counts and windows so that the top-n chooses and the window binds at lengths
+the interpreter runs; the spec's checks; the shipped specs' module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import attngen
+from attngen import reference_nsa
+from attngen.errors import SpecError
+from attngen.spec import parse_spec
+from attngen.verify_nsa import NSACase, check_nsa, selection_agrees
+
+SMALL = {"select": {"block": 32, "count": 3, "init_blocks": 1, "local_blocks": 1}, "window": 40}
+
+
+def _module(tmp_path, kind="mean", block=32, stride=16, D=32, Dv=16):
+    data = {"name": f"tiny_nsa_{kind}", "head_dim": D, "head_dim_v": Dv, "dtypes": ["fp32", "fp16"],
+            "nsa": {"compress": {"block": block, "stride": stride, "kind": kind}, **SMALL}}
+    path = tmp_path / f"tiny_nsa_{kind}_{block}_{stride}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return parse_spec(data, str(path)), attngen.load(path)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("kind, block, stride, G, N", [("mean", 32, 16, 3, 150), ("linear", 32, 32, 1, 130),
+                                                       ("mean", 32, 16, 4, 20)])
+def test_nsa_matches_reference_with_gradients(tmp_path, kind, block, stride, G, N):
+    """N 150: 5 blocks of 32, 3 chosen, a window of 40; N 20: no compressed token yet (o_cmp = 0)."""
+    spec, module = _module(tmp_path, kind, block, stride)
+    result = check_nsa(spec, module, NSACase(2, 2 * G, 2, N), "fp32", "cpu")
+    assert result.ok, result.why
+
+
+@pytest.mark.interp
+def test_nsa_selection_is_the_references_exactly(tmp_path):
+    spec, module = _module(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(1, 4, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g), \
+        torch.randn(1, 2, 200, 16, generator=g)
+    gates = torch.rand(1, 4, 200, 3, generator=g)
+    with torch.no_grad():
+        _, indices = module.attention(q, k, v, gates=gates, return_indices=True)
+    ref = reference_nsa.nsa_attention(q, k, v, gates, compress_block=32, compress_stride=16, select_block=32,
+                                      select_count=3, init_blocks=1, local_blocks=1, window=40, return_parts=True)
+    assert torch.equal(indices, ref["indices"])
+    assert indices.shape == (1, 2, 200, 3) and (indices[:, :, :32] == -1).sum() > 0  # early rows: fewer blocks
+
+
+@pytest.mark.compiler
+def test_selection_check_allows_only_equal_scores():
+    scores = torch.tensor([[[[5.0, 2.0, 2.0, 1.0]]]])
+    ref = torch.tensor([[[[0, 1, -1]]]], dtype=torch.int32)
+    assert selection_agrees(torch.tensor([[[[0, 2, -1]]]], dtype=torch.int32), ref, scores) == (True, 1)
+    assert selection_agrees(torch.tensor([[[[0, 3, -1]]]], dtype=torch.int32), ref, scores) == (False, 1)
+    assert selection_agrees(ref.clone(), ref, scores) == (True, 0)
+
+
+@pytest.mark.compiler
+@pytest.mark.parametrize("nsa, fragment", [
+    ({"select": {"count": 2}}, "nsa.select.count: must cover the forced blocks"),
+    ({"compress": {"kind": "max"}}, "nsa.compress.kind: expected one of mean, linear"),
+    ({"compress": {"block": 16, "stride": 32}}, "nsa.compress.stride: must be at most the block"),
+    ({"select": {"block": 48}}, "nsa.select.block: expected a power of two"),
+    ({"windw": 3}, "nsa.windw"),
+])
+def test_bad_nsa_sections_are_refused_by_field(nsa, fragment):
+    with pytest.raises(SpecError, match=fragment):
+        parse_spec({"name": "n", "head_dim": 64, "nsa": nsa}, "n.yaml")
+    with pytest.raises(SpecError, match="takes no other attention section"):
+        parse_spec({"name": "n", "head_dim": 64, "mask": {"causal": True}, "nsa": {}}, "n.yaml")
+
+
+@pytest.mark.interp
+def test_bad_calls_name_the_argument(tmp_path):
+    spec, module = _module(tmp_path, "linear", 32, 32)
+    q, k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 1, 40, 32), torch.randn(1, 1, 40, 16)
+    gates = torch.rand(1, 2, 40, 3)
+    with pytest.raises(ValueError, match=r"pass compress_weights=\(w_k \[1, 1024, 32\]"):
+        module.attention(q, k, v, gates=gates)
+    with pytest.raises(ValueError, match=r"gates must be a floating tensor \[1, 2, 40, 3\]"):
+        module.attention(q, k, v, gates=gates[..., :2], compress_weights=(torch.zeros(1, 1024, 32),
+                                                                          torch.zeros(1, 512, 16)))
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        module.attention(q, k[:, :, :30], v[:, :, :30], gates=gates)
+
+
+@pytest.mark.compiler
+def test_shipped_nsa_specs_generate_a_module_with_their_branches():
+    from attngen.pipeline import compile_spec
+    from attngen.resources import resolve_spec
+
+    c = compile_spec(resolve_spec("nsa"))
+    assert "def _nsa_select_fwd" in c.source and "kv_idx * 16 + 31 <= q_idx" in c.source
+    assert {"cmp.fwd", "swa.bwd_dq"} <= set(c.stages)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("name", ["nsa", "nsa_linear"])
+def test_shipped_nsa_specs_verify(name):
+    from attngen.resources import resolve_spec
+    from attngen.verify import verify_spec
+
+    results = verify_spec(resolve_spec(name), dtypes=["fp32"], shapes=[NSACase(1, 2, 1, 70)], backward=True)
+    assert len(results) == 1 and results[0].ok, results[0].why
