@@ -455,6 +455,9 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
     if MASKED:
         k_ok = k_ok & keys[:, None]
         v_ok = v_ok & keys[:, None]
+        seen = tl.max(gate.to(tl.int32), 0) > 0  # keys no row may see are not read (no branch: pipelined)
+        k_ok = k_ok & seen[:, None]
+        v_ok = v_ok & seen[:, None]
     k = tl.load(K + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
     v = tl.load(V + v_rows[:, None] + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)
     s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None],
@@ -517,11 +520,10 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     for start_n in range(start, end, BLOCK_N):
         gate = _decode_gate(QIDS, KVIDS, LAYOUT, off_b, off_h, offs_m, t, start_n, lo, end, row_ok, n_ids, stride_ib,
                             stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, row0, BLOCK_N, LAYOUT_BQ, LAYOUT_BK)
-        if tl.max(tl.max(gate.to(tl.int32), 1), 0) > 0:  # a tile no row may see is skipped
-            acc, l_i, m_i = _decode_tile(
-                acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
-                stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-                HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, gate, DOT_PRECISION, FAST_TANH)
+        acc, l_i, m_i = _decode_tile(
+            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, gate, DOT_PRECISION, FAST_TANH)
     # Rows that saw no key (in this split) store zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
