@@ -335,3 +335,21 @@ def test_strided_lengths_and_block_table_give_the_contiguous_bits():
         want = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)
         got = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=wide_lengths, block_table=wide_table)
     assert torch.equal(got, want)
+
+
+@pytest.mark.interp
+def test_split_merge_fused_into_the_last_split_matches_the_merge_kernel():
+    """plan.fused (off by default: measured slower, docs/decisions/decode-plan.md): the last split of
+    each tile merges them; the same rows as the second kernel's merge, and the counters reset."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("causal", Nq=2, lengths=(0, 1, 150))
+    rt = runtime.of(module)
+    hp = rt.head_param_rows(q, {})
+    outs = []
+    for fused in (False, True, True):  # twice fused: the counters were left at zero
+        plan = decode.decode_plan(3, 2, 4, 160, spec.head_dim, decode.sms(q.device), splits=3, fused=fused)
+        outs.append(decode.run(rt.decode_kernel, q, k_cache, v_cache, hp, lengths, None, rt.scale, plan, 2,
+                               spec.head_dim_v, rt.native))
+    for o, lse in outs[1:]:
+        assert (o - outs[0][0]).abs().max() < 1e-6
+        assert torch.equal(torch.isinf(lse), torch.isinf(outs[0][1]))
+        assert (lse - outs[0][1]).nan_to_num(0.0, 0.0, 0.0).abs().max() < 1e-6

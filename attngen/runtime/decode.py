@@ -29,7 +29,9 @@ class DecodePlan:
     split_len: int  # keys per split, a multiple of block_n
     stages: int = 3  # software pipelining depth of the key loop
     warps: int = 4
-    fused: bool = True  # splits merged by the last split of each tile (else by a second kernel)
+    # splits merged by the last split of each tile, else by a second kernel (the default: fused measured
+    # slower, docs/decisions/decode-plan.md)
+    fused: bool = False
 
     def describe(self) -> str:
         merge = (", merged by the last" if self.fused else ", merged by a second kernel") if self.splits > 1 else ""
@@ -53,7 +55,7 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
-                warps: int | None = None, key_block: int | None = None, fused: bool = True) -> DecodePlan:
+                warps: int | None = None, key_block: int | None = None, fused: bool = False) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
     within one block of `key_block` keys (a block layout's), when given."""
