@@ -1,0 +1,101 @@
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; results: data/nsa_<date>_<gpu>.json).
+
+A first timing of NSA modules (specs/nsa.yaml, specs/nsa_linear.yaml) beside the dense causal
+generated kernel and torch SDPA (flash, cuDNN) in the same process, bf16, Hq 64, Hkv 4, at the
+lengths given: forward, and forward+backward, the selection included; then the NSA forward's
+stages alone (compression + compressed branch, selection, selected branch, window branch), to see
+where its time goes. Medians of triton.testing.do_bench (not CUDA graphs: the selection's chunk
+loop runs on the host).
+
+    PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 8192,16384 --json $OUT/nsa.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attngen
+from attngen.bench import environment
+from attngen.resources import resolve_spec
+
+
+def _ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, rep=100, return_mode="median")
+
+
+def _fwd_bwd(fn, inputs):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(torch.ones((), device="cuda"))  # a scalar: the sum's gradient is ones
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seqs", default="8192,16384")
+    ap.add_argument("--specs", default="nsa,nsa_linear")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    causal = attngen.load(resolve_spec("causal"))
+    rows = []
+    for name in args.specs.split(","):
+        mod = attngen.load(resolve_spec(name))
+        rt = mod.RUNTIME
+        D, Dv = rt.head_dim, rt.head_dim_v
+        for N in (int(s) for s in args.seqs.split(",")):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            mk = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+            q, k, v = mk(1, 64, N, D), mk(1, 4, N, D), mk(1, 4, N, Dv)
+            gates = torch.rand(1, 64, N, 3, generator=g, device="cuda").to(torch.bfloat16)
+            weights = None
+            if rt.kind == "linear":
+                weights = tuple(mk(4, rt.l * e, e) * (rt.l * e) ** -0.5 for e in (D, Dv))
+            row = {"spec": name, "N": N, "D": D, "Dv": Dv}
+            ins = [x.requires_grad_() for x in (q, k, v, gates)]
+            nsa = lambda: mod.attention(q, k, v, gates=gates, compress_weights=weights)  # noqa: E731
+            with torch.no_grad():
+                row["nsa fwd"] = _ms(nsa)
+            row["nsa fwd+bwd"] = _ms(_fwd_bwd(lambda: nsa().float().sum(), ins))
+            if D == Dv == 128:
+                kk, vv = (x.detach().repeat_interleave(16, dim=1) for x in (k, v))
+                with torch.no_grad():
+                    row["causal (ours) fwd"] = _ms(lambda: causal.attention(q, k, v))
+                    for label, backend in (("sdpa flash fwd", SDPBackend.FLASH_ATTENTION),
+                                           ("sdpa cudnn fwd", SDPBackend.CUDNN_ATTENTION)):
+                        try:
+                            with sdpa_kernel(backend):
+                                row[label] = _ms(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True))
+                        except RuntimeError as e:
+                            row[label] = f"{type(e).__name__}: {str(e)[:80]}"
+                row["causal (ours) fwd+bwd"] = _ms(_fwd_bwd(lambda: causal.attention(q, k, v).float().sum(), ins[:3]))
+            # the forward's stages
+            with torch.no_grad():
+                kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
+                br = rt.branches()
+                o_c, lse_c = br["cmp"].attention(q, kc, vc, return_lse=True)
+                idx = rt.select(q, kc, lse_c, rt.scale)
+                row["stage compress+cmp"] = _ms(lambda: br["cmp"].attention(q, rt.compress(k, weights and weights[0]),
+                                                                            rt.compress(v, weights and weights[1])))
+                row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
+                row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
+                row["stage window"] = _ms(lambda: br["swa"].attention(q, k, v))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            q = k = v = gates = ins = kk = vv = None
+            torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
