@@ -88,20 +88,19 @@ def _nsa_select_fwd(Q, K, V, IDX, O, LSE,
 
 
 @triton.jit
-def _nsa_select_bwd(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
-                    stride_qb, stride_qh, stride_qn, stride_qd,
-                    stride_kb, stride_kh, stride_kn, stride_kd,
-                    stride_vb, stride_vh, stride_vn, stride_vd,
-                    stride_ib, stride_ih, stride_in, stride_ii,
-                    stride_ob, stride_oh, stride_on, stride_od,
-                    stride_lb, stride_lh, stride_ln,
-                    HKV, GROUP, n_select, qk_scale, sm_scale,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    # The selected branch's backward for one (token, KV head): dQ of its rows stored; dK, dV of
-    # each selected block added into float32 [B, HKV, N, *] buffers (atomics: blocks are shared by
-    # many queries). DQ, DO share q's and o's strides; DK, DV are contiguous.
+def _nsa_select_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
+                       stride_qb, stride_qh, stride_qn, stride_qd,
+                       stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd,
+                       stride_ib, stride_ih, stride_in, stride_ii,
+                       stride_ob, stride_oh, stride_on, stride_od,
+                       stride_lb, stride_lh, stride_ln,
+                       HKV, GROUP, n_select, qk_scale, sm_scale,
+                       HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                       HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    # dQ of one (token, KV head)'s rows, over its selected blocks. DQ shares q's strides, DO o's,
+    # DELTA (rowsum(dO * O)) the LSE's.
     t = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -129,22 +128,80 @@ def _nsa_select_bwd(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV,
         if blk >= 0:
             offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
             keys = offs_n <= t
-            k_ok = keys[:, None] & (offs_d[None, :] < HEAD_DIM)
-            v_ok = keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-            k = tl.load(K + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
-            v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)
+            k = tl.load(K + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                        mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                        mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(keys[None, :] & row_ok[:, None], p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION) * sm_scale
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-            kv_rows = ((off_b * HKV + off_hk).to(tl.int64) * tl.num_programs(0) + offs_n)[:, None]
-            tl.atomic_add(DK + kv_rows * HEAD_DIM + offs_d[None, :], dk, mask=k_ok)
-            tl.atomic_add(DV + kv_rows * HEAD_DIM_V + offs_dv[None, :], dv, mask=v_ok)
     tl.store(DQ + q_rows + offs_d[None, :] * stride_qd, dq * sm_scale, mask=q_ok)
+
+
+@triton.jit
+def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, STARTS, DO, LSE, DELTA, DK, DV,
+                         stride_qb, stride_qh, stride_qn, stride_qd,
+                         stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd,
+                         stride_ob, stride_oh, stride_on, stride_od,
+                         stride_lb, stride_lh, stride_ln,
+                         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                         N, HKV, GROUP, qk_scale, sm_scale,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dK, dV of one key block of one KV head: the rows are BLOCK_T of the tokens that chose the
+    # block (TOKENS[STARTS[r] : STARTS[r + 1]], r = this (batch, KV head, block)) x its GROUP query
+    # heads, walked in chunks; every key is written once, by the program of its block.
+    blk = tl.program_id(0)
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    r = (tl.program_id(1) * tl.num_programs(0) + blk).to(tl.int64)
+    first = tl.load(STARTS + r)
+    count = tl.load(STARTS + r + 1) - first
+    offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    k_ok = (offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    v_ok = (offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
+    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+                + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)
+    i = tl.arange(0, BLOCK_T * BLOCK_G)
+    g = i % BLOCK_G
+    dk = tl.zeros([BLOCK_S, HEAD_DIM_PAD], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_S, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for c in range(0, count, BLOCK_T):
+        j = c + i // BLOCK_G
+        row_ok = (j < count) & (g < GROUP)
+        t = tl.load(TOKENS + first + j, mask=j < count, other=0)
+        off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
+        q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                    + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        do = tl.load(DO + off_b.to(tl.int64) * stride_ob + off_h[:, None].to(tl.int64) * stride_oh
+                     + t[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od,
+                     mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        lse_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_ln
+        lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+        delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.where(row_ok[:, None] & (offs_n[None, :] <= t[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk * sm_scale, mask=k_ok)
+    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv, mask=v_ok)
 
 
 

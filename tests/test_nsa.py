@@ -107,3 +107,22 @@ def test_shipped_nsa_specs_verify(name):
 
     results = verify_spec(resolve_spec(name), dtypes=["fp32"], shapes=[NSACase(1, 2, 1, 70)], backward=True)
     assert len(results) == 1 and results[0].ok, results[0].why
+
+
+@pytest.mark.compiler
+def test_inverted_lists_give_each_block_the_tokens_that_chose_it():
+    from attngen.runtime.nsa import inverted_lists
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, N, n, n_blocks = 2, 3, 40, 4, 7
+    indices = torch.randint(-1, n_blocks, (B, Hkv, N, n), generator=g)
+    indices = torch.where(indices >= 0, indices, -1)
+    indices = torch.stack([torch.stack([torch.stack([torch.tensor(sorted(set(r.tolist()) - {-1}) + [-1] * (n - len(set(r.tolist()) - {-1})))
+                                                     for r in indices[b, h]]) for h in range(Hkv)]) for b in range(B)])
+    tokens, starts = inverted_lists(indices.to(torch.int32), n_blocks)
+    for b in range(B):
+        for h in range(Hkv):
+            for blk in range(n_blocks):
+                i = (b * Hkv + h) * n_blocks + blk
+                want = [t for t in range(N) if blk in indices[b, h, t].tolist()]
+                assert tokens[starts[i]:starts[i + 1]].tolist() == want

@@ -5,7 +5,8 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
 2. the compressed branch: the derived fa2 module `BRANCHES["cmp"]`, with its LSE;
 3. the selection: block scores from the compressed branch's probabilities summed over the G query
    heads of a KV head, then the top-n blocks with the forced ones (chunked torch, no gradient);
-4. the selected branch: the module's `_nsa_select_fwd` / `_nsa_select_bwd` kernels;
+4. the selected branch: the module's `_nsa_select_fwd` kernel, and for the backward
+   `_nsa_select_bwd_dq` (query-major) and `_nsa_select_bwd_dkdv` (key-major, over inverted lists);
 5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
 6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
 
@@ -59,7 +60,8 @@ class NSAModule:
         self.window = n["window"]
         self.head_dim, self.head_dim_v = self.spec["head_dim"], self.spec.get("head_dim_v", self.spec["head_dim"])
         self.scale = self.head_dim ** -0.5
-        self.fwd_kernel, self.bwd_kernel = ns["_nsa_select_fwd"], ns["_nsa_select_bwd"]
+        self.fwd_kernel = ns["_nsa_select_fwd"]
+        self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
         self._branches = None
         self._overlaps: dict = {}
 
@@ -209,16 +211,45 @@ class NSAModule:
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
+        """dq, dk, dv: dQ query-major; dK and dV key-major over the inverted lists, each key written by
+        one program (deterministic, no atomics)."""
         B, Hq, N, _ = q.shape
         Hkv = k.shape[1]
-        do = do.contiguous() if do.stride() != o.stride() else do  # the kernel reads dO with o's strides
+        G = Hq // Hkv
+        do = do.contiguous() if do.stride() != o.stride() else do  # the kernels read dO with o's strides
         delta = (do.float() * o.float()).sum(-1)
-        dq = torch.empty_like(q)
-        dk = torch.zeros(B, Hkv, N, self.head_dim, dtype=torch.float32, device=q.device)
-        dv = torch.zeros(B, Hkv, N, self.head_dim_v, dtype=torch.float32, device=q.device)
-        if q.numel():
-            self.bwd_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, dk, dv, *q.stride(), *k.stride(),
-                                          *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv, Hq // Hkv,
-                                          indices.shape[-1], scale * 1.4426950408889634, scale,
-                                          **self._launch_args(q, k))
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if not q.numel():
+            return dq, dk, dv
+        args = self._launch_args(q, k)
+        self.bwd_dq_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
+                                         *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, indices.shape[-1],
+                                         scale * 1.4426950408889634, scale, **args)
+        n_blocks = -(-N // self.l_sel)
+        tokens, starts = inverted_lists(indices, n_blocks)
+        rows = max(64, triton.next_power_of_2(G))  # tokens x query heads per step
+        args.update(BLOCK_G=triton.next_power_of_2(G), BLOCK_T=rows // triton.next_power_of_2(G))
+        self.bwd_dkdv_kernel[(n_blocks, B * Hkv)](q, k, v, tokens, starts, do, lse, delta, dk, dv, *q.stride(),
+                                                  *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *dk.stride(),
+                                                  *dv.stride(), N, Hkv, G, scale * 1.4426950408889634, scale, **args)
+        return dq, dk, dv
+
+
+def inverted_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens int32, starts int64 [B * Hkv * n_blocks + 1]): the tokens that chose key block b of
+    (batch, KV head) r, ascending, are tokens[starts[i] : starts[i + 1]], i = r * n_blocks + b. On the
+    device, without a host read (a sort of the fixed-size list of choices)."""
+    B, Hkv, N, n = indices.shape
+    idx = indices.long()
+    valid = idx >= 0
+    row = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1)
+    block = row * n_blocks + idx.clamp(min=0)  # [B, Hkv, N, n]
+    t = torch.arange(N, device=idx.device).view(1, 1, N, 1)
+    last = B * Hkv * n_blocks  # chosen nothing: after every real list
+    key = torch.where(valid, block, last) * N + t
+    tokens = (torch.sort(key.flatten()).values % N).to(torch.int32)
+    counts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
+    counts.scatter_add_(0, torch.where(valid, block, last).flatten(), torch.ones_like(key.flatten()))
+    starts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
+    starts[1:] = torch.cumsum(counts[:last], 0)
+    return tokens, starts
