@@ -126,3 +126,43 @@ def test_inverted_lists_give_each_block_the_tokens_that_chose_it():
                 i = (b * Hkv + h) * n_blocks + blk
                 want = [t for t in range(N) if blk in indices[b, h, t].tolist()]
                 assert tokens[starts[i]:starts[i + 1]].tolist() == want
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("kind, block, stride", [("mean", 32, 16), ("linear", 32, 32)])
+def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, block, stride):
+    """Two tokens appended to caches of 3, 68 and 140 tokens (the compressed cache kept up to date in
+    place): each row equals the reference's row at that position of its whole sequence; a row
+    before position 0 gets zeros."""
+    spec, module = _module(tmp_path, kind, block, stride)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 2, 32, 16
+    k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    weights = None
+    if kind == "linear":
+        weights = (torch.randn(Hkv, block * D, D, generator=g) / 20, torch.randn(Hkv, block * Dv, Dv, generator=g) / 20)
+    before = torch.tensor([3, 68, 140], dtype=torch.int32)
+    cmp_cache = rt.compressed_cache(k_cache, v_cache, before, weights)
+    q = torch.randn(B, Hkv * G, Nq, D, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, Nq, D, generator=g), torch.randn(B, Hkv, Nq, Dv, generator=g)
+    gates = torch.rand(B, Hkv * G, Nq, 3, generator=g)
+    o, indices = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=before, gates=gates,
+                                               cmp_cache=cmp_cache, k=k_new, v=v_new, compress_weights=weights,
+                                               return_indices=True)
+    assert torch.equal(k_cache[1, :, 68:70], k_new[1])  # appended in place
+    for b, L in enumerate((5, 70, 142)):
+        q_full = torch.randn(1, Hkv * G, L, D, generator=g)
+        q_full[:, :, -Nq:] = q[b]
+        gates_full = torch.rand(1, Hkv * G, L, 3, generator=g)
+        gates_full[:, :, -Nq:] = gates[b]
+        ref = reference_nsa.nsa_attention(q_full, k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], gates_full,
+                                          compress_block=block, compress_stride=stride, compress_kind=kind,
+                                          w_k=weights and weights[0], w_v=weights and weights[1], select_block=32,
+                                          select_count=3, init_blocks=1, local_blocks=1, window=40,
+                                          return_parts=True)
+        assert (o[b].double() - ref["o"][0, :, -Nq:]).abs().max() < 2e-5, b
+        for h in range(Hkv):
+            for t in range(Nq):
+                ours = set(indices[b, h, t].tolist()) - {-1}
+                assert ours == set(ref["indices"][0, h, L - Nq + t].tolist()) - {-1}, (b, h, t)

@@ -133,6 +133,94 @@ class NSAModule:
         o = (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_swa.float()).to(q.dtype)
         return (o, indices) if return_indices else o
 
+    # ------------------------------------------------------------------ decoding
+
+    def compressed_cache(self, k_cache, v_cache, cache_seqlens, compress_weights=None):
+        """(k_cmp [B, Hkv, S_cmp, D], v_cmp [B, Hkv, S_cmp, Dv]): the compressed tokens of contiguous
+        caches [B, Hkv, S, *] (S_cmp = (S - l) // d + 1), for attention_with_kvcache to keep up to date;
+        tokens past a sequence's length hold windows of whatever the cache holds there (never read)."""
+        w_k, w_v = compress_weights if compress_weights is not None else (None, None)
+        return self.compress(k_cache, w_k).contiguous(), self.compress(v_cache, w_v).contiguous()
+
+    @torch.no_grad()
+    def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, gates, cmp_cache, k=None, v=None,
+                               compress_weights=None, return_indices=False, scale=None):
+        """Decoding: q [B, Hq, Nq, D] are the queries at each sequence's last Nq positions, against
+        contiguous caches k_cache [B, Hkv, S, D], v_cache [B, Hkv, S, Dv] holding cache_seqlens
+        (int32 [B]) tokens; k, v [B, Hkv, Nq, *], when given, are first written into the cache
+        there, in place. cmp_cache = (k_cmp, v_cmp) from compressed_cache(): the windows that end
+        at the Nq newest positions are compressed into it, in place, before attending. gates [B,
+        Hq, Nq, 3]. Each row is the NSA output of its position in its sequence: o [B, Hq, Nq, Dv]
+        (and the selected blocks [B, Hkv, Nq, n] with return_indices). No backward."""
+        from . import decode as dec
+
+        B, Hq, Nq, D = q.shape
+        if k_cache.dim() != 4 or k_cache.shape[0] != B or v_cache.shape[:3] != k_cache.shape[:3]:
+            raise ValueError(f"attention_with_kvcache: NSA decodes contiguous caches [B={B}, Hkv, S, *]; got "
+                             f"k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)} (paged caches: not yet)")
+        Hkv, S = k_cache.shape[1], k_cache.shape[2]
+        self.check(q, k_cache[:, :, :Nq], v_cache[:, :, :Nq], gates, compress_weights)
+        n_cmp = 0 if S < self.l else (S - self.l) // self.d + 1
+        if not isinstance(cmp_cache, (tuple, list)) or len(cmp_cache) != 2 \
+                or tuple(cmp_cache[0].shape) != (B, Hkv, n_cmp, D) or tuple(cmp_cache[1].shape) != (B, Hkv, n_cmp, self.head_dim_v) \
+                or cmp_cache[0].dtype != q.dtype or cmp_cache[1].dtype != q.dtype:
+            raise ValueError(f"attention_with_kvcache: cmp_cache must be (k_cmp [{B}, {Hkv}, {n_cmp}, {D}], v_cmp [{B}, "
+                             f"{Hkv}, {n_cmp}, {self.head_dim_v}]) in {q.dtype}, as compressed_cache() makes them")
+        dec.check(self.name, [q.dtype], (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens, None,
+                  k, v)
+        if k is not None:
+            dec.append(k_cache, v_cache, None, cache_seqlens, k, v)
+        lengths = (cache_seqlens + Nq if k is not None else cache_seqlens).long()
+        scale = self.scale if scale is None else float(scale)
+        pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
+        self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights)
+        o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
+        o_slc, _ = self.selected_forward(q, k_cache, v_cache, indices, scale, (lengths - Nq).to(torch.int32))
+        o_swa = self.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
+                                                              scale=scale)
+        g = gates.to(torch.float32)
+        o = (g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_swa.float()).to(q.dtype)
+        return (o, indices) if return_indices else o
+
+    def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights) -> None:
+        """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p)."""
+        end = pos - (self.l - 1)
+        ok = (end >= 0) & (end % self.d == 0) & (end // self.d < cmp_cache[0].shape[2])
+        j = torch.where(ok, end // self.d, 0)  # [B, Nq]
+        window = torch.where(ok, end, 0)[..., None] + torch.arange(self.l, device=pos.device)  # [B, Nq, l]
+        w = compress_weights if compress_weights is not None else (None, None)
+        for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
+            B, H, _, E = cache.shape
+            rows = torch.gather(cache, 2, window.reshape(B, 1, -1, 1).expand(B, H, -1, E))  # [B, H, Nq * l, E]
+            rows = rows.view(B, H, pos.shape[1], self.l, E)
+            if weight is None:
+                new = rows.float().mean(3).to(cache.dtype)
+            else:
+                new = torch.einsum("bhnf,hfe->bhne", rows.reshape(B, H, pos.shape[1], self.l * E), weight)
+            old = torch.gather(cmp, 2, j[:, None, :, None].expand(B, H, -1, cmp.shape[-1]))
+            cmp.scatter_(2, j[:, None, :, None].expand(B, H, -1, cmp.shape[-1]),
+                         torch.where(ok[:, None, :, None], new.to(cmp.dtype), old))
+
+    def _decode_compressed(self, q, cmp_cache, pos, scale: float, S: int):
+        """o_cmp (float32 [B, Hq, Nq, Dv]) and the selected blocks [B, Hkv, Nq, n] of the rows at
+        positions pos [B, Nq], from the compressed cache (torch: it is 1/d of the raw cache)."""
+        B, Hq, Nq, D = q.shape
+        k_cmp, v_cmp = cmp_cache
+        Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+        G = Hq // Hkv
+        s = (q.float().view(B, Hkv, G, Nq, D) @ k_cmp.float()[:, :, None].transpose(-1, -2)) * scale
+        visible = (torch.arange(n_cmp, device=q.device) * self.d + self.l - 1) <= pos[:, None, None, :, None]
+        s = s.masked_fill(~visible, float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(s - m)
+        z = e.sum(-1, keepdim=True)
+        p = e / torch.where(z > 0, z, torch.ones_like(z))  # [B, Hkv, G, Nq, n_cmp]; 0 where nothing is visible
+        o_cmp = (p @ v_cmp.float()[:, :, None]).reshape(B, Hq, Nq, -1)
+        n_blocks = -(-S // self.l_sel)
+        scores = p.sum(2) @ self._overlap(n_cmp, n_blocks, q.device)  # [B, Hkv, Nq, n_blocks]
+        return o_cmp, self._top_blocks(scores, pos[:, None, :])
+
     # ------------------------------------------------------------------ the stages
 
     def compress(self, x, weight=None):
@@ -169,7 +257,6 @@ class NSAModule:
         n = min(self.count, n_blocks)
         out = torch.empty(B, Hkv, N, n, dtype=torch.int32, device=q.device)
         overlap = self._overlap(n_cmp, n_blocks, q.device)
-        beta = torch.arange(n_blocks, device=q.device)
         step = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * max(n_cmp, n_blocks)))
         for t0 in range(0, N, step):
             t = torch.arange(t0, min(N, t0 + step), device=q.device)
@@ -181,15 +268,24 @@ class NSAModule:
                 scores = p.sum(2) @ overlap  # [B, Hkv, T, n_blocks]
             else:
                 scores = torch.zeros(B, Hkv, len(t), n_blocks, device=q.device)
-            own = (t // self.l_sel)[:, None]
-            forced = (beta < self.init) | ((beta > own - self.local) & (beta <= own))
-            rank = torch.where(forced, float("inf"), scores)
-            rank = torch.where(beta > own, float("-inf"), rank)
-            order = torch.sort(-rank, dim=-1, stable=True).indices[..., :n]
-            chosen = torch.where(torch.gather(rank, -1, order) > float("-inf"), order, n_blocks)
-            chosen = torch.sort(chosen, dim=-1).values
-            out[:, :, t0:t0 + len(t)] = torch.where(chosen == n_blocks, -1, chosen).to(torch.int32)
+            out[:, :, t0:t0 + len(t)] = self._top_blocks(scores, t)
         return out
+
+    def _top_blocks(self, scores, t):
+        """int32 [..., n]: per row (at position t, broadcast against scores' [..., rows, n_blocks]) the
+        forced blocks and the best-scored others up to count, none after its own block; ascending,
+        -1 padded; ties to the lower index (a stable sort)."""
+        n_blocks = scores.shape[-1]
+        n = min(self.count, n_blocks)
+        beta = torch.arange(n_blocks, device=scores.device)
+        own = (t // self.l_sel)[..., None]
+        forced = (beta < self.init) | ((beta > own - self.local) & (beta <= own))
+        rank = torch.where(forced, float("inf"), scores)
+        rank = torch.where(beta > own, float("-inf"), rank)
+        order = torch.sort(-rank, dim=-1, stable=True).indices[..., :n]
+        chosen = torch.where(torch.gather(rank, -1, order) > float("-inf"), order, n_blocks)
+        chosen = torch.sort(chosen, dim=-1).values
+        return torch.where(chosen == n_blocks, -1, chosen).to(torch.int32)
 
     def _launch_args(self, q, k):
         G = q.shape[1] // k.shape[1]
@@ -199,15 +295,18 @@ class NSAModule:
                     BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=self.l_sel,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
-    def selected_forward(self, q, k, v, indices, scale: float):
+    def selected_forward(self, q, k, v, indices, scale: float, first=None):
+        """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
+        first[b] + t of its sequence, whose keys k, v hold (a contiguous cache)."""
         B, Hq, N, _ = q.shape
         Hkv = k.shape[1]
         o = torch.empty(B, Hq, N, self.head_dim_v, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
         if o.numel():
-            self.fwd_kernel[(N, B * Hkv)](q, k, v, indices, o, lse, *q.stride(), *k.stride(), *v.stride(),
-                                          *indices.stride(), *o.stride(), *lse.stride(), Hkv, Hq // Hkv,
-                                          indices.shape[-1], scale * 1.4426950408889634, **self._launch_args(q, k))
+            self.fwd_kernel[(N, B * Hkv)](q, k, v, indices, o, lse, indices if first is None else first, *q.stride(),
+                                          *k.stride(), *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv,
+                                          Hq // Hkv, indices.shape[-1], scale * 1.4426950408889634,
+                                          DECODE=first is not None, **self._launch_args(q, k))
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
