@@ -435,11 +435,14 @@ def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, targ
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load(path, target=target)
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
-    if spec.nsa is not None:  # NSA modules: attention only (no varlen or decoding yet)
-        from .verify_nsa import CPU_NSA, GPU_NSA, check_nsa
+    if spec.nsa is not None:  # NSA modules: attention and decoding (no varlen yet)
+        from .verify_nsa import CPU_NSA, CPU_NSA_DECODE, GPU_NSA, GPU_NSA_DECODE, check_nsa, check_nsa_decode
 
-        if decode or varlen:
+        if varlen:
             return []
+        if decode:
+            cases = shapes or (GPU_NSA_DECODE if device.type == "cuda" else CPU_NSA_DECODE)
+            return [check_nsa_decode(spec, module, c, d, device, seed=i) for d in dtypes for i, c in enumerate(cases)]
         cases = shapes or (GPU_NSA if device.type == "cuda" else CPU_NSA)
         return [check_nsa(spec, module, c, d, device, seed=i, backward=backward) for d in dtypes
                 for i, c in enumerate(cases)]

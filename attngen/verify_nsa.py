@@ -108,3 +108,76 @@ def check_nsa(spec: Spec, module, case: NSACase, dtype: str, device, seed: int =
     if any(t.isnan().any() for t in [o] + grads):
         why.append("NaN in output or gradients")
     return Result(spec.name, dtype, case, tuple(errors), not why, "; ".join(why))
+
+
+@dataclass(frozen=True)
+class NSADecode:
+    """NSA decoding: n_q tokens appended to caches of these lengths (capacity keys each)."""
+    heads_q: int
+    heads_kv: int
+    n_q: int
+    lengths: tuple[int, ...]
+    capacity: int
+
+    def __str__(self) -> str:
+        return f"nsa decode H{self.heads_q}/{self.heads_kv} Nq {self.n_q}, {len(self.lengths)} seqs to {max(self.lengths)}"
+
+
+CPU_NSA_DECODE = (NSADecode(4, 2, 2, (0, 40, 150), 160),)
+GPU_NSA_DECODE = (NSADecode(16, 4, 1, (100, 2000, 4095), 4096), NSADecode(16, 1, 4, (1000, 3000), 3072 + 64))
+
+
+def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, seed: int = 0):
+    """attention_with_kvcache of an NSA module (appending, the compressed cache updated in place)
+    against the reference's rows at those positions of each whole sequence; the selection as sets
+    (ties within the dtype's rounding allowed)."""
+    from .verify import FACTOR, FLOOR, TORCH_DTYPES, Result
+
+    n, rt = spec.nsa, module.RUNTIME
+    g = torch.Generator(device=device).manual_seed(seed)
+    tdt = TORCH_DTYPES[dtype]
+    B, D, Dv, S, Nq = len(case.lengths), spec.head_dim, spec.head_dim_v, case.capacity, case.n_q
+    mk = lambda *shape: torch.randn(*shape, generator=g, device=device).to(tdt)  # noqa: E731
+    k_cache, v_cache = mk(B, case.heads_kv, S, D), mk(B, case.heads_kv, S, Dv)
+    weights = None
+    if n.compress_kind == "linear":
+        weights = tuple(mk(case.heads_kv, n.compress_block * e, e) * (n.compress_block * e) ** -0.5 for e in (D, Dv))
+    before = torch.tensor(case.lengths, dtype=torch.int32, device=device)
+    cmp_cache = rt.compressed_cache(k_cache, v_cache, before, weights)
+    q, k_new, v_new = mk(B, case.heads_q, Nq, D), mk(B, case.heads_kv, Nq, D), mk(B, case.heads_kv, Nq, Dv)
+    gates = torch.rand(B, case.heads_q, Nq, 3, generator=g, device=device).to(tdt)
+    o, indices = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=before, gates=gates,
+                                               cmp_cache=cmp_cache, k=k_new, v=v_new, compress_weights=weights,
+                                               return_indices=True)
+    kw = dict(compress_block=n.compress_block, compress_stride=n.compress_stride, compress_kind=n.compress_kind,
+              select_block=n.select_block, select_count=n.select_count, init_blocks=n.init_blocks,
+              local_blocks=n.local_blocks, window=n.window, return_parts=True)
+    errs, eager_errs, why, differ = [], [], [], 0
+    for b, L in enumerate(int(x) + Nq for x in case.lengths):
+        q_full = mk(1, case.heads_q, L, D)
+        q_full[:, :, -Nq:] = q[b]
+        gates_full = torch.rand(1, case.heads_q, L, 3, generator=g, device=device).to(tdt)
+        gates_full[:, :, -Nq:] = gates[b]
+        args = (q_full, k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L], gates_full)
+        w = {"w_k": weights[0], "w_v": weights[1]} if weights else {}
+        ref = reference_nsa.nsa_attention(*args, **w, **kw)
+        eager = reference_nsa.nsa_attention(*args, **w, dtype=tdt, **kw)["o"]
+        rows = slice(max(0, L - Nq), L)
+        got = o[b][:, Nq - (rows.stop - rows.start):]
+        errs.append(float((got.double() - ref["o"][0, :, rows]).abs().max()) if got.numel() else 0.0)
+        eager_errs.append(float((eager[0, :, rows].double() - ref["o"][0, :, rows]).abs().max()) if got.numel() else 0.0)
+        mine = indices[b:b + 1, :, Nq - (rows.stop - rows.start):]
+        ref_idx = ref["indices"][:, :, rows]
+        width = max(mine.shape[-1], ref_idx.shape[-1])
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=-1)  # noqa: E731
+        ok, d = selection_agrees(pad(mine), pad(ref_idx), ref["scores"][:, :, rows], SCORE_RTOL[dtype])
+        differ += d
+        if not ok:
+            why.append(f"sequence {b}: the selection differs beyond equal scores")
+    err, eager_err = max(errs), max(eager_errs)
+    floor = FLOOR[dtype] * max(1.0, float(o.abs().max()))
+    if not err <= FACTOR * eager_err + floor:
+        why.append(f"o error {err:.2e} > {FACTOR} x eager {eager_err:.2e} + {floor:.0e}")
+    if o.isnan().any():
+        why.append("NaN in output")
+    return Result(spec.name, dtype, case, (("o", err, eager_err),), not why, "; ".join(why))
