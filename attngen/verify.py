@@ -459,12 +459,18 @@ def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, targ
 
 
 def format_table(results: list[Result]) -> str:
-    """Markdown: each quantity's max error against float64, kernel / eager same-dtype."""
-    names = [n for n, _, _ in results[0].errors] if results else []
-    lines = ["| spec | dtype | shape | " + " | ".join(f"{n} err (eager)" for n in names) + " | result |",
-             "|---|---|---|" + "---|" * len(names) + "---|"]
+    """Markdown: each quantity's max error against float64, kernel / eager same-dtype; a new table
+    wherever the quantities change (NSA modules have gates' and weights' gradients)."""
+    lines, names = [], None
     for r in results:
+        if [n for n, _, _ in r.errors] != names:
+            names = [n for n, _, _ in r.errors]
+            lines += [""] * bool(lines) + [
+                "| spec | dtype | shape | " + " | ".join(f"{n} err (eager)" for n in names) + " | result |",
+                "|---|---|---|" + "---|" * len(names) + "---|"]
         verdict = "ok" if r.ok else f"FAIL: {r.why}"
         cells = " | ".join(f"{e:.1e} ({x:.1e})" for _, e, x in r.errors)
         lines.append(f"| {r.spec} | {r.dtype} | {r.shape} | {cells} | {verdict} |")
+    if not lines:
+        lines = ["| spec | dtype | shape | result |", "|---|---|---|---|"]
     return "\n".join(lines) + "\n"
