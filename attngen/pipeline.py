@@ -41,6 +41,9 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
     if stop == "spec":
         return Compiled(spec)
     if spec.nsa is not None:
+        if standalone:
+            raise ValueError(f"{spec.source}: an nsa: spec has no --standalone module yet (its branches compile "
+                             f"through attngen)")
         return _compile_nsa(spec, options, stop)
     stages, ranks = {}, {}
     fwd = lower(spec)

@@ -211,7 +211,7 @@ def decode(spec: Spec, q, k_cache, v_cache, lengths, *, dtype=torch.float64, doc
             own["documents"] = (documents[0][b:b + 1, first:], documents[1][b:b + 1, :L])
         if layout is not None:
             bq, bk = spec.sparsity.block
-            own["layout"] = layout[b:b + 1 if layout.shape[0] > 1 else 1, :, :-(-L // bq), :-(-L // bk)]
+            own["layout"] = (layout[b:b + 1] if layout.shape[0] > 1 else layout[:1])[:, :, :-(-L // bq), :-(-L // bk)]
         ob, lb = attention(spec, q[b:b + 1, :, first:], k_cache[b:b + 1, :, :L], v_cache[b:b + 1, :, :L],
                            dtype=dtype, rows=rows, **own, **kwargs)
         o[b, :, first:], lse[b, :, first:] = ob[0], lb[0]

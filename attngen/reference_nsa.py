@@ -228,6 +228,10 @@ def nsa_attention(q, k, v, gates, *, compress_block=32, compress_stride=16, comp
                               select_block=select_block, scale=scale)
     indices = select_blocks(scores, select_block=select_block, count=select_count,
                             init_blocks=init_blocks, local_blocks=local_blocks)
+    if given is not None and (tuple(given.shape[:3]) != (B, Hkv, N) or given.min() < -1
+                              or given.max() >= math.ceil(N / select_block)):
+        raise ValueError(f"nsa_attention: indices must be [{B}, {Hkv}, {N}, n] block numbers in [-1, "
+                         f"{math.ceil(N / select_block)}); got {list(given.shape)}")
     used = indices if given is None else given.to(device)
     visible_slc = _expand_heads(_selected_visible(used, N, select_block), Hq)
     k_full, v_full = _expand_heads(k, Hq), _expand_heads(v, Hq)

@@ -219,6 +219,11 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
             _fail(e)
     if not torch.cuda.is_available():
         _fail(RuntimeError("attngen bench needs a CUDA GPU"))
+    if plot:
+        try:
+            import matplotlib  # noqa: F401  (before the run, not after it)
+        except ImportError as e:
+            _fail(ImportError(f"--plot draws with matplotlib: pip install 'attngen[plot]' ({e})"))
     from attngen.bench import DEFAULT_SHAPES, BenchShape, bench_spec, parse_shapes, save, with_head_dim
     from attngen.tools.progress import progress
 

@@ -172,7 +172,9 @@ def test_bad_input_is_refused_with_the_argument_named():
         document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, documents=torch.zeros(2, 80))
     with pytest.raises(ValueError, match=r"documents q_ids must be \[batch=2, Nq=1\]"):
         document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths,
-                                        documents=(torch.zeros(2, 3).int(), torch.zeros(2, 80).int()))
+                                        documents=(torch.zeros(2, 3).int(), torch.zeros(2, 160).int()))
+    with pytest.raises(ValueError, match=r"documents kv_ids must be \[batch=2, at least the cache's 160 positions\]"):
+        document.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, documents=torch.zeros(2, 80).int())
     blocks = attngen.load(resolve_spec("block_sparse"))
     with pytest.raises(ValueError, match=r"pass layout= \(bool \[B or 1, Hq or 1, 2, 2\]: query and key blocks "
                                          r"of 128 and 128 over the cache's 160 positions"):

@@ -131,18 +131,18 @@ def test_inverted_lists_give_each_block_the_tokens_that_chose_it():
 @pytest.mark.interp
 @pytest.mark.parametrize("kind, block, stride", [("mean", 32, 16), ("linear", 32, 32)])
 def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, block, stride):
-    """Two tokens appended to caches of 3, 68 and 140 tokens (the compressed cache kept up to date in
-    place): each row equals the reference's row at that position of its whole sequence; a row
-    before position 0 gets zeros."""
+    """Three tokens appended to caches of 30, 63 and 140 tokens: windows end among them (the
+    compressed cache updated in place equals compressing the whole cache); each row equals the
+    reference's row at that position of its whole sequence, its selected blocks the reference's."""
     spec, module = _module(tmp_path, kind, block, stride)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(3)
-    B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 2, 32, 16
+    B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
     weights = None
     if kind == "linear":
         weights = (torch.randn(Hkv, block * D, D, generator=g) / 20, torch.randn(Hkv, block * Dv, Dv, generator=g) / 20)
-    before = torch.tensor([3, 68, 140], dtype=torch.int32)
+    before = torch.tensor([30, 63, 140], dtype=torch.int32)
     cmp_cache = rt.compressed_cache(k_cache, v_cache, before, weights)
     q = torch.randn(B, Hkv * G, Nq, D, generator=g)
     k_new, v_new = torch.randn(B, Hkv, Nq, D, generator=g), torch.randn(B, Hkv, Nq, Dv, generator=g)
@@ -150,8 +150,11 @@ def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, blo
     o, indices = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=before, gates=gates,
                                                cmp_cache=cmp_cache, k=k_new, v=v_new, compress_weights=weights,
                                                return_indices=True)
-    assert torch.equal(k_cache[1, :, 68:70], k_new[1])  # appended in place
-    for b, L in enumerate((5, 70, 142)):
+    assert torch.equal(k_cache[1, :, 63:66], k_new[1])  # appended in place
+    whole = rt.compressed_cache(k_cache, v_cache, before + Nq, weights)
+    for b, L in enumerate((33, 66, 143)):
+        n = (L - block) // stride + 1
+        assert all((c[b, :, :n] - w[b, :, :n]).abs().max() < 1e-5 for c, w in zip(cmp_cache, whole)), b
         q_full = torch.randn(1, Hkv * G, L, D, generator=g)
         q_full[:, :, -Nq:] = q[b]
         gates_full = torch.rand(1, Hkv * G, L, 3, generator=g)
@@ -166,3 +169,21 @@ def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, blo
             for t in range(Nq):
                 ours = set(indices[b, h, t].tolist()) - {-1}
                 assert ours == set(ref["indices"][0, h, L - Nq + t].tolist()) - {-1}, (b, h, t)
+    # without appending, a sequence shorter than Nq: its rows before position 0 give zeros
+    o = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([1, 66, 143], dtype=torch.int32),
+                                      gates=gates, cmp_cache=cmp_cache, compress_weights=weights)
+    assert (o[0, :, :2] == 0).all() and (o[0, :, 2] != 0).any()
+
+
+@pytest.mark.compiler
+def test_selection_check_wants_forced_blocks_exactly():
+    from attngen.verify_nsa import priority
+
+    nsa = parse_spec({"name": "n", "head_dim": 64, "nsa": {"select": {"block": 32, "count": 3, "init_blocks": 1,
+                                                                      "local_blocks": 1}}}).nsa
+    scores = torch.tensor([[[[0.1, 5.0, 4.0, 0.2]]]], dtype=torch.float64)  # row at position 100: own block 3
+    rank = priority(scores, torch.tensor([100]), nsa)
+    ref = torch.tensor([[[[0, 1, 3]]]], dtype=torch.int32)
+    assert selection_agrees(torch.tensor([[[[0, 2, 3]]]], dtype=torch.int32), ref, rank) == (False, 1)  # 4.0 < 5.0
+    assert selection_agrees(torch.tensor([[[[1, 2, 3]]]], dtype=torch.int32), ref, rank) == (False, 1)  # block 0 forced
+    assert selection_agrees(ref.clone(), ref, rank) == (True, 0)

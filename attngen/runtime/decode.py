@@ -92,6 +92,7 @@ def _combine_splits(O_PART, LSE_PART, O, LSE, n_splits, DV: tl.constexpr, DV_PAD
 
 
 _LOCKS: dict = {}
+_SUPERSEDED: list = []
 
 
 def _locks(device, n: int) -> torch.Tensor:
@@ -104,6 +105,7 @@ def _locks(device, n: int) -> torch.Tensor:
     if have is None or have.numel() < n:
         have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _SUPERSEDED.append(_LOCKS.get(key))  # a captured graph may still use the smaller one
             _LOCKS[key] = have
     return have
 

@@ -1,7 +1,7 @@
 """What gates a decode call's key tiles beyond the spec's element mask: document ids and block
 layouts (specs with `document: true` or a `sparsity:` section). The decode kernel
-(templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and skips the tiles that no
-packed row may see.
+(templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and leaves the keys no packed
+row may see out of its loads (it still walks every tile: BENCHMARKS.md, "Gated decoding").
 
 Positions are absolute, as for the mask: the cache's slot p holds the key at position p, and a
 sequence of length L decodes the last Nq rows of the square L x L problem. So
@@ -51,9 +51,9 @@ def _capturing() -> bool:
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
-def documents(documents, B: int, Nq: int, seqlens: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q_ids [B, Nq], kv_ids [B, S']) from kv ids [B, S'] (the queries take their positions' ids), a
-    (q_ids, kv_ids) pair or a Documents. Positions past S' have no key."""
+def documents(documents, B: int, Nq: int, capacity: int, seqlens: torch.Tensor, name: str):
+    """(q_ids [B, Nq], kv_ids [B, S']) from kv ids [B, S' >= capacity] (the queries take their
+    positions' ids), a (q_ids, kv_ids) pair or a Documents."""
     if documents is None:
         raise ValueError(f"spec {name!r} has a document mask: pass documents= (ids per cache position [batch, "
                          f"cache length], or a (q_ids [batch, Nq], kv_ids) pair)")
@@ -73,17 +73,19 @@ def documents(documents, B: int, Nq: int, seqlens: torch.Tensor, name: str) -> t
                             f"got {got}")
         if ids.device != seqlens.device:
             raise ValueError(f"attention_with_kvcache: documents {arg} is on {ids.device}, q on {seqlens.device}")
-    if kv_ids.shape[0] != B or kv_ids.shape[1] == 0:
-        raise ValueError(f"attention_with_kvcache: documents kv_ids must be [batch={B}, cache positions >= 1]; got "
-                         f"{list(kv_ids.shape)}")
+    if kv_ids.shape[0] != B or kv_ids.shape[1] < capacity:
+        raise ValueError(f"attention_with_kvcache: documents kv_ids must be [batch={B}, at least the cache's "
+                         f"{capacity} positions]; got {list(kv_ids.shape)}")
     kv_ids = _ids(kv_ids)
     if q_ids is None:  # the ids at the queries' positions, L - Nq .. L - 1 (clamped: rows before 0 see nothing)
         pos = seqlens.long()[:, None] - Nq + torch.arange(Nq, device=seqlens.device)
         q_ids = torch.gather(kv_ids, 1, pos.clamp(0, kv_ids.shape[1] - 1))
     elif tuple(q_ids.shape) != (B, Nq):
         raise ValueError(f"attention_with_kvcache: documents q_ids must be [batch={B}, Nq={Nq}]; got {list(q_ids.shape)}")
-    else:
-        q_ids = _ids(q_ids).to(kv_ids.dtype)
+    else:  # one integer type for both, the wider: equal ids stay equal, distinct ones distinct
+        q_ids = _ids(q_ids)
+        if q_ids.dtype != kv_ids.dtype:
+            q_ids, kv_ids = q_ids.to(torch.int64), kv_ids.to(torch.int64)
     return q_ids.contiguous(), kv_ids
 
 
@@ -114,14 +116,15 @@ def layout(rt, given, B: int, Hq: int, Nq: int, capacity: int, seqlens: torch.Te
 
 
 def _static(rt, capacity: int, device):
-    """The static terms at the capacity, bool [1, 1, n_qb, n_kb] (kept per capacity; not while a CUDA
-    graph is captured, whose pool would own it)."""
-    key = ("decode layout", capacity, str(device))
-    if key in rt._static:
-        return rt._static[key]
+    """The static terms at the capacity, bool [1, 1, n_qb, n_kb], kept per capacity and never
+    evicted (a captured CUDA graph may read it); not kept when made during a capture, whose pool
+    owns it."""
+    key = (capacity, str(device))
+    if key in rt._decode_layouts:
+        return rt._decode_layouts[key]
     made = rt.static_layout(capacity, capacity, 1, device)
     if not _capturing():
-        rt._static[key] = made
+        rt._decode_layouts[key] = made
     return made
 
 

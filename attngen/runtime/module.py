@@ -97,6 +97,7 @@ class KernelModule:
         self.direct = direct_launch(self.kernels["fwd"])
         self.plans: dict = {}  # call signature -> Plan; cleared when it reaches 1024
         self._static: dict = {}
+        self._decode_layouts: dict = {}  # capacity -> static layout terms for decoding (never evicted)
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_ops(self)
@@ -482,10 +483,10 @@ class KernelModule:
         splits = 0 if num_splits is None else max(1, int(num_splits))  # 0: the rule's choice
         B, Hq, Nq = q.shape[:3]
         q_ids = kv_ids = lay = row0 = None
+        capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[2]
         if self.document:
-            q_ids, kv_ids = decode_gate.documents(documents, B, Nq, seqlens, self.name)
+            q_ids, kv_ids = decode_gate.documents(documents, B, Nq, capacity, seqlens, self.name)
         if self.sparsity:
-            capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[2]
             lay, row0 = decode_gate.layout(self, layout, B, Hq, Nq, capacity, seqlens)
         elif layout is not None:
             raise TypeError(f"spec {self.name!r} has no sparsity section: layout= is not taken")

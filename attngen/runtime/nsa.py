@@ -96,22 +96,30 @@ class NSAModule:
                              f"got k {list(k.shape)}, v {list(v.shape)}")
         if Hkv == 0 or Hq % Hkv:
             raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+        if B * Hkv > 65535:
+            raise ValueError(f"batch x KV heads = {B * Hkv} is over 65535, the launch grid's limit on axis 1")
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (B, Hq, N, 3) \
                 or not gates.dtype.is_floating_point or gates.device != q.device:
             got = f"{gates.dtype} {list(gates.shape)} on {gates.device}" if isinstance(gates, torch.Tensor) else \
                 type(gates).__name__
             raise ValueError(f"gates must be a floating tensor [{B}, {Hq}, {N}, 3] (cmp, slc, swa) on {q.device}; "
                              f"got {got}")
+        self._check_weights(k, compress_weights)
+
+    def _check_weights(self, k, compress_weights) -> None:
+        """compress_weights = (w_k [Hkv, l * D, D], w_v [Hkv, l * Dv, Dv]) in k's dtype and device, for
+        linear compression only."""
+        Hkv, D = k.shape[1], self.head_dim
         if self.kind == "linear":
             if compress_weights is None or len(compress_weights) != 2:
                 raise ValueError(f"spec {self.name!r} compresses linearly: pass compress_weights=(w_k [{Hkv}, "
                                  f"{self.l * D}, {D}], w_v [{Hkv}, {self.l * self.head_dim_v}, {self.head_dim_v}])")
             for arg, w, e in (("w_k", compress_weights[0], D), ("w_v", compress_weights[1], self.head_dim_v)):
-                if not isinstance(w, torch.Tensor) or tuple(w.shape) != (Hkv, self.l * e, e) or w.dtype != q.dtype \
-                        or w.device != q.device:
+                if not isinstance(w, torch.Tensor) or tuple(w.shape) != (Hkv, self.l * e, e) or w.dtype != k.dtype \
+                        or w.device != k.device:
                     got = f"{w.dtype} {list(w.shape)} on {w.device}" if isinstance(w, torch.Tensor) else type(w).__name__
-                    raise ValueError(f"compress_weights: {arg} must be {q.dtype} [{Hkv}, {self.l * e}, {e}] on "
-                                     f"{q.device}; got {got}")
+                    raise ValueError(f"compress_weights: {arg} must be {k.dtype} [{Hkv}, {self.l * e}, {e}] on "
+                                     f"{k.device}; got {got}")
         elif compress_weights is not None:
             raise TypeError(f"spec {self.name!r} compresses by the mean: compress_weights= is not taken")
 
@@ -139,6 +147,11 @@ class NSAModule:
         """(k_cmp [B, Hkv, S_cmp, D], v_cmp [B, Hkv, S_cmp, Dv]): the compressed tokens of contiguous
         caches [B, Hkv, S, *] (S_cmp = (S - l) // d + 1), for attention_with_kvcache to keep up to date;
         tokens past a sequence's length hold windows of whatever the cache holds there (never read)."""
+        if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:3] != v_cache.shape[:3] \
+                or k_cache.device != v_cache.device:
+            raise ValueError(f"compressed_cache: k_cache and v_cache must be contiguous caches [B, Hkv, S, *] on one "
+                             f"device; got {list(k_cache.shape)}, {list(v_cache.shape)}")
+        self._check_weights(k_cache, compress_weights)
         w_k, w_v = compress_weights if compress_weights is not None else (None, None)
         return self.compress(k_cache, w_k).contiguous(), self.compress(v_cache, w_v).contiguous()
 
@@ -159,13 +172,17 @@ class NSAModule:
             raise ValueError(f"attention_with_kvcache: NSA decodes contiguous caches [B={B}, Hkv, S, *]; got "
                              f"k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)} (paged caches: not yet)")
         Hkv, S = k_cache.shape[1], k_cache.shape[2]
+        if S < Nq:
+            raise ValueError(f"attention_with_kvcache: the cache holds {S} positions, fewer than the {Nq} queries")
         self.check(q, k_cache[:, :, :Nq], v_cache[:, :, :Nq], gates, compress_weights)
         n_cmp = 0 if S < self.l else (S - self.l) // self.d + 1
         if not isinstance(cmp_cache, (tuple, list)) or len(cmp_cache) != 2 \
                 or tuple(cmp_cache[0].shape) != (B, Hkv, n_cmp, D) or tuple(cmp_cache[1].shape) != (B, Hkv, n_cmp, self.head_dim_v) \
-                or cmp_cache[0].dtype != q.dtype or cmp_cache[1].dtype != q.dtype:
+                or cmp_cache[0].dtype != q.dtype or cmp_cache[1].dtype != q.dtype \
+                or cmp_cache[0].device != q.device or cmp_cache[1].device != q.device:
             raise ValueError(f"attention_with_kvcache: cmp_cache must be (k_cmp [{B}, {Hkv}, {n_cmp}, {D}], v_cmp [{B}, "
-                             f"{Hkv}, {n_cmp}, {self.head_dim_v}]) in {q.dtype}, as compressed_cache() makes them")
+                             f"{Hkv}, {n_cmp}, {self.head_dim_v}]) in {q.dtype} on {q.device}, as compressed_cache() "
+                             f"makes them")
         dec.check(self.name, [q.dtype], (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens, None,
                   k, v)
         if k is not None:
@@ -183,23 +200,30 @@ class NSAModule:
         return (o, indices) if return_indices else o
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights) -> None:
-        """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p)."""
-        end = pos - (self.l - 1)
-        ok = (end >= 0) & (end % self.d == 0) & (end // self.d < cmp_cache[0].shape[2])
-        j = torch.where(ok, end // self.d, 0)  # [B, Nq]
-        window = torch.where(ok, end, 0)[..., None] + torch.arange(self.l, device=pos.device)  # [B, Nq, l]
+        """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
+        window end per sequence at a time (ends are d apart), so that no two rows of one sequence
+        write in the same scatter."""
+        B, Nq = pos.shape
+        n_cmp = cmp_cache[0].shape[2]
+        lo = torch.clamp(pos[:, 0], min=self.l - 1)  # the first position that may end a window
+        first_end = lo + (-(lo - (self.l - 1))) % self.d  # [B]
         w = compress_weights if compress_weights is not None else (None, None)
-        for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
-            B, H, _, E = cache.shape
-            rows = torch.gather(cache, 2, window.reshape(B, 1, -1, 1).expand(B, H, -1, E))  # [B, H, Nq * l, E]
-            rows = rows.view(B, H, pos.shape[1], self.l, E)
-            if weight is None:
-                new = rows.float().mean(3).to(cache.dtype)
-            else:
-                new = torch.einsum("bhnf,hfe->bhne", rows.reshape(B, H, pos.shape[1], self.l * E), weight)
-            old = torch.gather(cmp, 2, j[:, None, :, None].expand(B, H, -1, cmp.shape[-1]))
-            cmp.scatter_(2, j[:, None, :, None].expand(B, H, -1, cmp.shape[-1]),
-                         torch.where(ok[:, None, :, None], new.to(cmp.dtype), old))
+        for step in range(Nq // self.d + 1):
+            end = first_end + step * self.d  # [B] a window's last position
+            j = (end - (self.l - 1)) // self.d
+            ok = (end <= pos[:, -1]) & (j < n_cmp)
+            j = torch.where(ok, j, 0)
+            window = (j * self.d)[:, None] + torch.arange(self.l, device=pos.device)  # [B, l]
+            for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
+                H, E = cache.shape[1], cache.shape[3]
+                rows = torch.gather(cache, 2, window[:, None, :, None].expand(B, H, self.l, E))  # [B, H, l, E]
+                if weight is None:
+                    new = rows.mean(2)
+                else:
+                    new = torch.einsum("bhf,hfe->bhe", rows.reshape(B, H, self.l * E), weight)
+                at = j[:, None, None, None].expand(B, H, 1, cmp.shape[-1])
+                old = torch.gather(cmp, 2, at)
+                cmp.scatter_(2, at, torch.where(ok[:, None, None, None], new[:, :, None].to(cmp.dtype), old))
 
     def _decode_compressed(self, q, cmp_cache, pos, scale: float, S: int):
         """o_cmp (float32 [B, Hq, Nq, Dv]) and the selected blocks [B, Hkv, Nq, n] of the rows at

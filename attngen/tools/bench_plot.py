@@ -51,7 +51,7 @@ def plot(rows: list[dict], path, title: str = "") -> None:
         names = list(shapes)
         for i, peer in enumerate(peers):
             xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(names))]
-            ax.bar(xs, [shapes[s].get(peer, 0.0) for s in names], width, label=peer)
+            ax.bar(xs, [shapes[s].get(peer, float("nan")) for s in names], width, label=peer)  # no bar: not run
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(names)), [s.replace(" ", "\n") for s in names], fontsize=7)
         ax.set_title(spec, fontsize=9)
