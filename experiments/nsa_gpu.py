@@ -86,6 +86,7 @@ def main() -> None:
                 row["stage compress+cmp"] = _ms(lambda: br["cmp"].attention(q, rt.compress(k, weights and weights[0]),
                                                                             rt.compress(v, weights and weights[1])))
                 row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
+                row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
                 row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
                 row["stage window"] = _ms(lambda: br["swa"].attention(q, k, v))
             print(json.dumps(row), flush=True)

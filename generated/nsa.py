@@ -207,6 +207,59 @@ def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, STARTS, DO, LSE, DELTA, DK, DV,
              + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv, mask=v_ok)
 
 
+@triton.jit
+def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
+                stride_qb, stride_qh, stride_qn, stride_qd,
+                stride_cb, stride_ch, stride_cn, stride_cd,
+                stride_lb, stride_lh, stride_ln,
+                HKV, GROUP, qk_scale,
+                CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # The selection's block scores of BLOCK_T tokens of one KV head, OUT [B, HKV, N, n_blocks]
+    # (zeros on entry): the compressed branch's probabilities (from its LSE) summed over the GROUP
+    # query heads, folded into selection blocks by the windows' overlaps / CMP_STRIDE, BLOCK_C
+    # compressed tokens at a time; never written out. The program owns its tokens' rows of OUT (a
+    # block two steps share is added to in turn: deterministic).
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    i = tl.arange(0, BLOCK_T * BLOCK_G)
+    g = i % BLOCK_G
+    t = tl.program_id(0) * BLOCK_T + i // BLOCK_G
+    row_ok = (t < N) & (g < GROUP)
+    off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    lse2 = tl.load(LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_ln,
+                   mask=row_ok, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # a row that sees no compressed token: p = 0
+    KC += off_b.to(tl.int64) * stride_cb + off_hk.to(tl.int64) * stride_ch
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    out_rows = ((off_b * HKV + off_hk).to(tl.int64) * N + tok) * n_blocks
+    last_t = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, N) - 1
+    visible_end = tl.minimum(tl.maximum((last_t - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0), n_cmp)
+    for c0 in range(0, visible_end, BLOCK_C):
+        j = c0 + tl.arange(0, BLOCK_C)
+        kc = tl.load(KC + j[:, None].to(tl.int64) * stride_cn + offs_d[None, :] * stride_cd,
+                     mask=(j < n_cmp)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION) * qk_scale
+        visible = row_ok[:, None] & (j[None, :] < n_cmp) & (j[None, :] * CMP_STRIDE + CMP_BLOCK - 1 <= t[:, None])
+        p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
+        p_tok = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_C]), axis=1)  # [BLOCK_T, BLOCK_C]
+        b0 = c0 * CMP_STRIDE // SEL_BLOCK
+        beta = b0 + tl.arange(0, BLOCK_NB)
+        lo = tl.maximum(j[:, None] * CMP_STRIDE, beta[None, :] * SEL_BLOCK)
+        hi = tl.minimum(j[:, None] * CMP_STRIDE + CMP_BLOCK, (beta[None, :] + 1) * SEL_BLOCK)
+        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_STRIDE  # [BLOCK_C, BLOCK_NB] the overlaps
+        part = tl.dot(p_tok, w, input_precision="ieee")
+        at = OUT + out_rows[:, None] + beta[None, :]
+        ok = (tok < N)[:, None] & (beta < n_blocks)[None, :]
+        tl.debug_barrier()  # the previous step's stores to a shared block, before this load
+        tl.store(at, tl.load(at, mask=ok, other=0.0) + part, mask=ok)
+
+
 
 from attngen.runtime.nsa import NSAModule  # noqa: E402
 

@@ -187,3 +187,32 @@ def test_selection_check_wants_forced_blocks_exactly():
     assert selection_agrees(torch.tensor([[[[0, 2, 3]]]], dtype=torch.int32), ref, rank) == (False, 1)  # 4.0 < 5.0
     assert selection_agrees(torch.tensor([[[[1, 2, 3]]]], dtype=torch.int32), ref, rank) == (False, 1)  # block 0 forced
     assert selection_agrees(ref.clone(), ref, rank) == (True, 0)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("block, stride, G, N", [(32, 16, 3, 300), (64, 64, 1, 200), (32, 16, 16, 150)])
+def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N):
+    data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
+            "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"}, **SMALL}}
+    path = tmp_path / "fs.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rt = attngen.load(path).RUNTIME
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2 * G, N, 32, generator=g), torch.randn(2, 2, N, 32, generator=g)
+    k_cmp = rt.compress(k)
+    _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
+    blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale)
+    want = reference_nsa.selection_scores(q, k_cmp, block=block, stride=stride, select_block=32)
+    assert (scores.double() - want).abs().max() < 1e-5
+    assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
+
+
+@pytest.mark.interp
+def test_nsa_with_fused_scores_matches_reference(tmp_path):
+    spec, module = _module(tmp_path)
+    module.RUNTIME.fused_selection = True
+    try:
+        result = check_nsa(spec, module, NSACase(1, 4, 2, 100), "fp32", "cpu")
+    finally:
+        module.RUNTIME.fused_selection = False
+    assert result.ok, result.why

@@ -60,10 +60,11 @@ class NSAModule:
         self.window = n["window"]
         self.head_dim, self.head_dim_v = self.spec["head_dim"], self.spec.get("head_dim_v", self.spec["head_dim"])
         self.scale = self.head_dim ** -0.5
-        self.fwd_kernel = ns["_nsa_select_fwd"]
+        self.fwd_kernel, self.scores_kernel = ns["_nsa_select_fwd"], ns["_nsa_scores"]
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
         self._branches = None
         self._overlaps: dict = {}
+        self.fused_selection = False  # scores from the _nsa_scores kernel: not the default until measured
 
     def branches(self):
         """The compressed and window branches' fa2 modules, compiled (or read from the disk cache) on
@@ -134,7 +135,10 @@ class NSAModule:
         else:  # shorter than one window: no compressed token, o_cmp = 0
             o_cmp = q.new_zeros(*q.shape[:3], self.head_dim_v)
             lse_cmp = None
-        indices = self.select(q, k_cmp, lse_cmp, scale)
+        if self.fused_selection and lse_cmp is not None:
+            indices = self.select_fused(q, k_cmp, lse_cmp, scale)[0]
+        else:
+            indices = self.select(q, k_cmp, lse_cmp, scale)
         o_slc = _Selected.apply(self, q, k, v, indices, scale)
         o_swa = branches["swa"].attention(q, k, v, scale=scale)
         g = gates.to(torch.float32)
@@ -294,6 +298,28 @@ class NSAModule:
                 scores = torch.zeros(B, Hkv, len(t), n_blocks, device=q.device)
             out[:, :, t0:t0 + len(t)] = self._top_blocks(scores, t)
         return out
+
+    @torch.no_grad()
+    def select_fused(self, q, k_cmp, lse_cmp, scale: float) -> torch.Tensor:
+        """(blocks, scores): select()'s blocks, the scores (float32 [B, Hkv, N, n_blocks]) from the
+        `_nsa_scores` kernel, which writes no probabilities; used by attention when
+        fused_selection is set, not the default until measured (docs/decisions/nsa-plan.md)."""
+        B, Hq, N, D = q.shape
+        Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
+        G, n_blocks = Hq // Hkv, -(-N // self.l_sel)
+        scores = torch.zeros(B, Hkv, N, n_blocks, dtype=torch.float32, device=q.device)
+        if n_cmp and scores.numel():
+            block_g = triton.next_power_of_2(G)
+            block_t = max(1, 64 // block_g) if block_g <= 64 else 1
+            block_t = max(block_t, 16)  # the fold's dot needs 16 rows
+            block_c = 64
+            block_nb = max(16, triton.next_power_of_2((block_c * self.d + self.l) // self.l_sel + 2))
+            self.scores_kernel[(-(-N // block_t), B * Hkv)](
+                q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
+                scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
+                HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_G=block_g, BLOCK_T=block_t,
+                BLOCK_C=block_c, BLOCK_NB=block_nb, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        return self._top_blocks(scores, torch.arange(N, device=q.device)), scores
 
     def _top_blocks(self, scores, t):
         """int32 [..., n]: per row (at position t, broadcast against scores' [..., rows, n_blocks]) the
