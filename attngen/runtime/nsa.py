@@ -267,6 +267,8 @@ class NSAModule:
         """float32 [n_cmp, n_blocks]: |[j d, j d + l) n [b l', (b + 1) l')| / d."""
         key = (n_cmp, n_blocks, str(device))
         if key not in self._overlaps:
+            if len(self._overlaps) >= 64:  # one per sequence length: bounded under varying lengths
+                self._overlaps.clear()
             j = torch.arange(n_cmp, device=device)[:, None]
             b = torch.arange(n_blocks, device=device)[None, :]
             lo = torch.maximum(j * self.d, b * self.l_sel)
