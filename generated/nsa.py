@@ -32,6 +32,20 @@ BRANCHES = {'cmp': {'name': 'nsa_cmp',
 
 
 @triton.jit
+def _selected_block(K, V, blk, pos, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Key block blk's keys and values (K, V at this batch and KV head), those after position pos
+    # masked (zeros): (k, v, keys visible).
+    offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    keys = offs_n <= pos
+    k = tl.load(K + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+    return k, v, keys
+
+
+@triton.jit
 def _nsa_select_fwd(Q, K, V, IDX, O, LSE, FIRST,
                     stride_qb, stride_qh, stride_qn, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -66,12 +80,8 @@ def _nsa_select_fwd(Q, K, V, IDX, O, LSE, FIRST,
     for i in range(0, n_select):
         blk = tl.load(IDX + i * stride_ii)
         if blk >= 0:
-            offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-            keys = offs_n <= pos
-            k = tl.load(K + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k, v, keys = _selected_block(K, V, blk, pos, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
+                                         stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(keys[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -129,12 +139,8 @@ def _nsa_select_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
     for i in range(0, n_select):
         blk = tl.load(IDX + i * stride_ii)
         if blk >= 0:
-            offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
-            keys = offs_n <= t
-            k = tl.load(K + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-            v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
-                        mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            k, v, keys = _selected_block(K, V, blk, t, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
+                                         stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(keys[None, :] & row_ok[:, None], p, 0.0)
