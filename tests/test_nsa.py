@@ -208,11 +208,12 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
 
 
 @pytest.mark.interp
-def test_nsa_with_fused_scores_matches_reference(tmp_path):
+def test_nsa_with_torch_selection_matches_reference(tmp_path):
+    """fused_selection = False: the chunked torch scoring, kept beside the default kernel."""
     spec, module = _module(tmp_path)
-    module.RUNTIME.fused_selection = True
+    module.RUNTIME.fused_selection = False
     try:
         result = check_nsa(spec, module, NSACase(1, 4, 2, 100), "fp32", "cpu")
     finally:
-        module.RUNTIME.fused_selection = False
+        module.RUNTIME.fused_selection = True
     assert result.ok, result.why

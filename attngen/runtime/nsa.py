@@ -64,7 +64,7 @@ class NSAModule:
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
         self._branches = None
         self._overlaps: dict = {}
-        self.fused_selection = False  # scores from the _nsa_scores kernel: not the default until measured
+        self.fused_selection = True  # scores from _nsa_scores: 9-16x the chunked torch's speed (docs/decisions/nsa-plan.md)
 
     def branches(self):
         """The compressed and window branches' fa2 modules, compiled (or read from the disk cache) on
@@ -305,7 +305,7 @@ class NSAModule:
     def select_fused(self, q, k_cmp, lse_cmp, scale: float) -> torch.Tensor:
         """(blocks, scores): select()'s blocks, the scores (float32 [B, Hkv, N, n_blocks]) from the
         `_nsa_scores` kernel, which writes no probabilities; used by attention when
-        fused_selection is set, not the default until measured (docs/decisions/nsa-plan.md)."""
+        fused_selection is set (the default; docs/decisions/nsa-plan.md)."""
         B, Hq, N, D = q.shape
         Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
         G, n_blocks = Hq // Hkv, -(-N // self.l_sel)
