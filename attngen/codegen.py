@@ -35,6 +35,9 @@ FAMILY_KINDS = frozenset({OpKind.LOAD_Q, OpKind.LOAD_K, OpKind.LOAD_V, OpKind.LO
                           OpKind.STORE_LSE, OpKind.RECOMPUTE_P, OpKind.DV, OpKind.DP, OpKind.DS, OpKind.DK,
                           OpKind.DQ, OpKind.STORE_DK, OpKind.STORE_DV, OpKind.STORE_DQ})
 RANGE_NAMES = {"m_first": "first", "m_last": "last"}
+# The training kernels evaluate the mask at positions: a call may compute a window of a larger
+# problem (context parallelism: a shard's rows against another's keys; docs/distributed.md).
+POSITION_NAMES = {"m_first": "first_pos", "m_last": "last_pos", "Nq": "Nq_all", "Nk": "Nk_all"}
 RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_merge_splits", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile")
 
 
@@ -82,7 +85,8 @@ def _vjp_lines(kernel: Kernel, ds: str, p: str, indent: str) -> tuple[str, list[
     A parameter's gradient sums g(ds), linear in ds. The rows of ds sum to zero but for rounding (D comes
     from the forward's O, P from the LSE), and g would keep that residue times the row's mean score: so
     the kernel also sums g(p) and each row's sum of ds, and the store subtracts rowsum(ds) * g(p) (the
-    rows of p sum to 1), as if D had been computed from this P."""
+    rows of p sum to 1), as if D had been computed from this P; only where the call holds whole rows
+    (a window of the keys, context parallelism's ring step, keeps the residue)."""
     vjps = [(op, next(o for o in kernel.ops if o.kind.value == op.attr("of") and o.inputs[:1] == op.inputs[1:]))
             for op in kernel.ops if op.kind is OpKind.VJP and OpKind(op.attr("of")) in SCORE_MODS]
     last = max((i for i, (op, _) in enumerate(vjps) if op.attr("accumulates")), default=-1)
@@ -106,9 +110,9 @@ def _mask_line(kernel: Kernel) -> str:
     mask = kernel.op(OpKind.MASK)
     if mask is None or mask.attr("cond") is None:
         return ""
-    rows, cols = ("offs_m[None, :]", "offs_n[:, None]") if ROLES[kernel.attr("role")].transposed else (
-        "offs_m[:, None]", "offs_n[None, :]")
-    return f"\n        vis = vis & _visible({rows}, {cols}, Nq, Nk)"
+    rows, cols = ("pos_m[None, :]", "pos_n[:, None]") if ROLES[kernel.attr("role")].transposed else (
+        "pos_m[:, None]", "pos_n[None, :]")
+    return f"\n        vis = vis & _visible({rows}, {cols}, Nq_all, Nk_all)"
 
 
 # ---------------------------------------------------------------- loops
@@ -118,11 +122,18 @@ def _bound(plan, name: str, default: str) -> str:
     return default if bound is None else render(bound, "triton", RANGE_NAMES)
 
 
+def _local_bound(plan, name: str, walk_pos: str, default: str) -> str:
+    """A bound of the walked dimension, computed in positions and moved to the tensor's rows."""
+    bound = getattr(plan, name)
+    return default if bound is None else f"{render(bound, 'triton', POSITION_NAMES)} - {walk_pos}"
+
+
 def walk(kernel: Kernel, call, indent: str = "    ") -> str:
     """The loop over the inner tiles, as the mask plan and the schedule pass shaped it; `call(i,
     masked)` renders one tile's call (a macro of the family's template)."""
     plan, role = kernel.attr("mask_plan"), ROLES[kernel.attr("role")]
     extent, block = ("Nq", "BLOCK_M") if role.transposed else ("Nk", "BLOCK_N")
+    walk_pos = "q_pos" if role.transposed else "kv_pos"
     outer_block = "BLOCK_N" if role.transposed else "BLOCK_M"
 
     def c(i: str, masked: str, depth: int = 1) -> str:  # a tile's call inside a loop body `depth` deep
@@ -130,15 +141,17 @@ def walk(kernel: Kernel, call, indent: str = "    ") -> str:
         return pre + str(call(i, masked)).replace("\n", "\n" + pre)
 
     if plan.kind is not PlanKind.TILES:
-        lo, hi = _bound(plan, "kv_lo", "0"), _bound(plan, "kv_hi", f"({extent} - 1)")
+        lo, hi = _local_bound(plan, "kv_lo", walk_pos, "0"), _local_bound(plan, "kv_hi", walk_pos, f"({extent} - 1)")
         head = [f"lo = tl.minimum(tl.maximum({lo}, 0), {extent})",
                 f"end = tl.minimum(tl.maximum({hi} + 1, lo), {extent})"]
         if kernel.attr("loop").segments == ("masked",):
             lines = ["# [lo, hi]: what this block may see; one loop, every tile masked.", *head,
                      f"for start_i in range(lo // {block} * {block}, end, {block}):", c('start_i', 'True')]
         else:
-            full_lo, full_hi = _bound(plan, "full_lo", "0"), _bound(plan, "full_hi", f"({extent} - 1)")
-            lines = ["# [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis).",
+            full_lo = _local_bound(plan, "full_lo", walk_pos, "0")
+            full_hi = _local_bound(plan, "full_hi", walk_pos, f"({extent} - 1)")
+            lines = ["# [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis,",
+                     f"# at positions; minus {walk_pos}: rows of the walked tensor).",
                      "# Masked [start, full_start), unmasked [full_start, full_end), masked [full_end, end).", *head,
                      f"start = lo // {block} * {block}",
                      f"full_start = (tl.maximum({full_lo}, 0) + {block} - 1) // {block} * {block}",
@@ -265,9 +278,11 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                  "bwd_dq": grads["bwd_dq"][0],
                  "accs": "".join(f", {a}" for a in accs),
                  "init": "".join(f"\n    {a} = tl.zeros([BLOCK_M], dtype=tl.float32)" for a in accs),
-                 "store": "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
-                                  f"tl.program_id(0), tl.sum(dhp_{a} - ds_rows * dhp_{a}_p, 0))"
-                                  for i, a in enumerate(grad_params))},
+                 # the residue's correction needs whole rows: a window of the keys (a ring step) leaves it out
+        "store": ("\n    residue = (Nk == Nk_all).to(tl.float32)  # the call holds every key of its rows" if grad_params
+                  else "") + "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
+                                     f"tl.program_id(0), tl.sum(dhp_{a} - residue * ds_rows * dhp_{a}_p, 0))"
+                                     for i, a in enumerate(grad_params))},
         "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("loop").longest_first
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),

@@ -74,22 +74,23 @@ def _visible_host(q_idx, kv_idx, Nq, Nk):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, qk_scale, seed, bh, p_drop,
-              doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
+def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, bh,
+              p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr,
               DOCUMENT: tl.constexpr):
     # One key tile of online softmax. MASKED tiles apply the bounds check and the mask; the
-    # others were proven FULL by the mask analysis and run no mask code.
+    # others were proven FULL by the mask analysis and run no mask code. pos_m, pos_n: positions.
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    pos_n = offs_n + kv_pos
     k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
     v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
-    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
-                  Nq, Nk, qk_scale, FAST_TANH)
+    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), pos_m[:, None], pos_n[None, :],
+                  Nq_all, Nk_all, qk_scale, FAST_TANH)
     if MASKED:
         vis = offs_n[None, :] < Nk
-        vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
+        vis = vis & _visible(pos_m[:, None], pos_n[None, :], Nq_all, Nk_all)
         if DOCUMENT:
             vis = vis & _same_document(doc_q, DOC_KV, offs_n, Nk)
         s = tl.where(vis, s, float("-inf"))
@@ -99,26 +100,28 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, qk_sc
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer sees every probability: LSE ignores dropout
     if DROPOUT:
-        p = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), p / (1.0 - p_drop), 0.0)
+        p = tl.where(_keep(seed, bh, pos_m[:, None], pos_n[None, :], p_drop), p / (1.0 - p_drop), 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
+# the seed changes every training step, positions every ring step: no variants by their values
+@triton.jit(do_not_specialize=["seed", "q_pos", "kv_pos", "Nq_all", "Nk_all"])
 def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
               stride_qb, stride_qh, stride_qm, stride_qd,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_ob, stride_oh, stride_om, stride_od,
               H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
-              qk_scale, seed, p_drop,
+              qk_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr,
               PARTIAL_STAGES: tl.constexpr, VARLEN: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
-    # descriptors where TMA.
+    # descriptors where TMA. The mask sees query row i at position q_pos + i and key j at kv_pos + j
+    # of an Nq_all x Nk_all problem (0, 0, Nq, Nk unless the call is a window of a larger one).
     off_hz = tl.program_id(1)
     off_b = off_hz // H
     off_h = off_hz % H
@@ -133,12 +136,17 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     if VARLEN:  # packed sequences: off_b is a sequence; the grid covers the longest
         if first >= Nq:
             return
+        Nq_all = Nq
+        Nk_all = Nk
         Q += q_start.to(tl.int64) * stride_qm
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
         O += q_start.to(tl.int64) * stride_om
     last = tl.minimum(first + BLOCK_M, Nq) - 1
+    first_pos = first + q_pos
+    last_pos = last + q_pos
     offs_m = first + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + q_pos
     q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
     doc_q = offs_m  # the block's document ids where DOCUMENT
     if DOCUMENT:
@@ -147,30 +155,34 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    # [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis).
+    # [lo, hi]: what this block may see; [full_lo, full_hi]: what all of it sees (mask analysis,
+    # at positions; minus kv_pos: rows of the walked tensor).
     # Masked [start, full_start), unmasked [full_start, full_end), masked [full_end, end).
     lo = tl.minimum(tl.maximum(0, 0), Nk)
-    end = tl.minimum(tl.maximum(tl.maximum(127, (Nk - Nq + last)) + 1, lo), Nk)
+    end = tl.minimum(tl.maximum(tl.maximum(127, (Nk_all - Nq_all + last_pos)) - kv_pos + 1, lo), Nk)
     start = lo // BLOCK_N * BLOCK_N
     full_start = (tl.maximum(0, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
-    full_end = tl.maximum(tl.minimum(tl.maximum(127, (Nk - Nq + first)) + 1, Nk), 0) // BLOCK_N * BLOCK_N
+    full_end = tl.maximum(tl.minimum(tl.maximum(127, (Nk_all - Nq_all + first_pos)) - kv_pos + 1, Nk), 0) // BLOCK_N * BLOCK_N
     no_full = full_start >= full_end
     full_start = tl.where(no_full, start, tl.maximum(full_start, start))
     full_end = tl.where(no_full, start, tl.maximum(full_end, start))
     end = tl.maximum(end, full_end)
     for start_i in range(start, full_start, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q, DOC_KV,
+            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
+            doc_q, DOC_KV,
             stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N,
             True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q, DOC_KV,
+            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
+            doc_q, DOC_KV,
             stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N,
             False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q, DOC_KV,
+            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
+            doc_q, DOC_KV,
             stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N,
             True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
 
@@ -184,29 +196,30 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
 
 
 @triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, Nq, Nk, qk_scale, seed, bh,
-                   p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod,
+def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all,
+                   qk_scale, seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr,
                    WIDE: tl.constexpr, DOCUMENT: tl.constexpr):
     # One query tile for a resident key block, transposed (keys along rows): recompute P^T from the
-    # LSE, then dV += P^T dO and dK += dS^T Q.
+    # LSE, then dV += P^T dO and dK += dS^T Q. offs: rows of the tensors; pos: positions.
     offs_m = start_m + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + q_pos
     q = _tile(Q, q_b, q_h, start_m, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
     do = _tile(DO, q_b, q_h, start_m, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
-    sT = _score(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_m[None, :], offs_n[:, None],
-                    Nq, Nk, qk_scale, FAST_TANH)
+    sT = _score(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), pos_m[None, :], pos_n[:, None],
+                    Nq_all, Nk_all, qk_scale, FAST_TANH)
     if MASKED:
         vis = (offs_m[None, :] < Nq) & (offs_n[:, None] < Nk)
-        vis = vis & _visible(offs_m[None, :], offs_n[:, None], Nq, Nk)
+        vis = vis & _visible(pos_m[None, :], pos_n[:, None], Nq_all, Nk_all)
         if DOCUMENT:
             vis = vis & _same_document(doc_k, DOC_Q, offs_m, Nq)
         sT = tl.where(vis, sT, float("-inf"))
     pT = tl.math.exp2(sT - _lse2(LSE, offs_m, Nq)[None, :])
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _keep(seed, bh, offs_m[None, :], offs_n[:, None], p_drop)
+        keep = _keep(seed, bh, pos_m[None, :], pos_n[:, None], p_drop)
         dv = tl.dot(tl.where(keep, pT / (1.0 - p_drop), 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.where(keep, dpT / (1.0 - p_drop), 0.0)
     else:
@@ -217,7 +230,8 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, N
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
+# the seed changes every training step, positions every ring step: no variants by their values
+@triton.jit(do_not_specialize=["seed", "q_pos", "kv_pos", "Nq_all", "Nk_all"])
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
@@ -226,7 +240,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                    H, HKV, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
-                   qk_scale, sm_scale, seed, p_drop,
+                   qk_scale, sm_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -234,6 +248,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
                    VARLEN: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
+    # Positions as in the forward (q_pos, kv_pos, Nq_all, Nk_all).
     off_hkz = tl.program_id(1)
     off_b = off_hkz // HKV
     off_hk = off_hkz % HKV
@@ -248,8 +263,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         V += k_start.to(tl.int64) * stride_vn
         DK += k_start.to(tl.int64) * stride_dkn
         DV += k_start.to(tl.int64) * stride_dvn
+        Nq_all = Nq
+        Nk_all = Nk
     last = tl.minimum(first + BLOCK_N, Nk) - 1
+    first_pos = first + kv_pos
+    last_pos = last + kv_pos
     offs_n = first + tl.arange(0, BLOCK_N)
+    pos_n = offs_n + kv_pos
     Kh = K
     Vh = V
     if not TMA:
@@ -284,19 +304,22 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         run_end = tl.load(row + n_blocks + 2) * BLOCK_M
         for start_i in range(run_first, run_end, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(
-                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, qk_scale, seed, bh, p_drop, doc_k, DOC_Q,
+                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
+                seed, bh, p_drop, doc_k, DOC_Q,
                 stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M,
                 False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
         for i in range(0, n_full):
             start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(
-                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, qk_scale, seed, bh, p_drop, doc_k, DOC_Q,
+                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
+                seed, bh, p_drop, doc_k, DOC_Q,
                 stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M,
                 False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
         for i in range(0, n_partial):
             start_i = tl.load(row + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(
-                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, Nq, Nk, qk_scale, seed, bh, p_drop, doc_k, DOC_Q,
+                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
+                seed, bh, p_drop, doc_k, DOC_Q,
                 stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M,
                 True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     DK += off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
@@ -306,34 +329,36 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
 
 
 @triton.jit
-def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, offs_m, Nq, Nk, qk_scale, seed, bh,
-                 p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
+def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all,
+                 qk_scale, seed, bh, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr,
                  WIDE: tl.constexpr, DOCUMENT: tl.constexpr):
     # One key tile for a resident query block: recompute P, then dQ += dS K.
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    pos_n = offs_n + kv_pos
     k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
     v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
-    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m[:, None], offs_n[None, :],
-                  Nq, Nk, qk_scale, FAST_TANH)
+    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), pos_m[:, None], pos_n[None, :],
+                  Nq_all, Nk_all, qk_scale, FAST_TANH)
     if MASKED:
         vis = offs_n[None, :] < Nk
-        vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
+        vis = vis & _visible(pos_m[:, None], pos_n[None, :], Nq_all, Nk_all)
         if DOCUMENT:
             vis = vis & _same_document(doc_q, DOC_KV, offs_n, Nk)
         s = tl.where(vis, s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        dp = tl.where(_keep(seed, bh, offs_m[:, None], offs_n[None, :], p_drop), dp / (1.0 - p_drop), 0.0)
+        dp = tl.where(_keep(seed, bh, pos_m[:, None], pos_n[None, :], p_drop), dp / (1.0 - p_drop), 0.0)
     ds = p * (dp - Di[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit(do_not_specialize=["seed"])  # the seed changes every training step: no variants by its value
+# the seed changes every training step, positions every ring step: no variants by their values
+@triton.jit(do_not_specialize=["seed", "q_pos", "kv_pos", "Nq_all", "Nk_all"])
 def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
@@ -342,7 +367,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
                  stride_ob, stride_oh, stride_om, stride_od,
                  stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                  H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
-                 qk_scale, sm_scale, seed, p_drop,
+                 qk_scale, sm_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -371,8 +396,13 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
         DQ += q_start.to(tl.int64) * stride_dqm
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
+        Nq_all = Nq
+        Nk_all = Nk
     last = tl.minimum(first + BLOCK_M, Nq) - 1
+    first_pos = first + q_pos
+    last_pos = last + q_pos
     offs_m = first + tl.arange(0, BLOCK_M)
+    pos_m = offs_m + q_pos
     q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
     do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     lse_row = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start  # LSE's and delta's
@@ -388,10 +418,11 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     # [lo, hi]: what this block may see; one loop, every tile masked.
     lo = tl.minimum(tl.maximum(0, 0), Nk)
-    end = tl.minimum(tl.maximum(tl.maximum(127, (Nk - Nq + last)) + 1, lo), Nk)
+    end = tl.minimum(tl.maximum(tl.maximum(127, (Nk_all - Nq_all + last_pos)) - kv_pos + 1, lo), Nk)
     for start_i in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, offs_m, Nq, Nk, qk_scale, seed, off_hz, p_drop, doc_q,
+            dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
+            off_hz, p_drop, doc_q,
             DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD,
             BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
@@ -432,7 +463,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
                   offs_n[None, :], Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
         vis = keys[None, :] & (row_ok & (offs_m >= 0))[:, None]
-        vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
+        vis = vis & _visible(pos_m[:, None], pos_n[None, :], Nq_all, Nk_all)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet

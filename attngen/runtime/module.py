@@ -25,6 +25,7 @@ from .sparse import NO_SPARSE, Sparse, kept_seqlens, made_for
 from .tiles import Documents, as_documents, kept, layout_tiles, oriented_lists, tile_classes
 from .tl_lib import _keep_mask_kernel
 from .varlen import Seqlens
+from .window import Window
 
 LOG2E = 1.4426950408889634
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -117,15 +118,16 @@ class KernelModule:
         return self.tilings[role][dtype]
 
     def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device, heads: int = 1,
-                       with_layout: bool = True):
+                       with_layout: bool = True, window: Window | None = None):
         """The tile classes of the spec's static mask and (with_layout) static layout terms at this
-        shape, by keys and by rows (tiles.tile_classes): int8 [1, H', n_m, n_n] twice, H' = heads
-        with a random layout term, else 1 (cached)."""
+        shape (or window of a larger problem), by keys and by rows (tiles.tile_classes): int8
+        [1, H', n_m, n_n] twice, H' = heads with a random layout term, else 1 (cached)."""
         random = with_layout and bool(self.sparsity and self.sparsity.get("random"))
-        key = ("classes", Nq, Nk, block_m, block_n, str(device), heads if random else 1, with_layout)
+        key = ("classes", Nq, Nk, block_m, block_n, str(device), heads if random else 1, with_layout, window)
+        visible = self.visible if window is None else window.host_mask(self.visible)
 
         def make():
-            by_keys, by_rows = (c[None, None] for c in tile_classes(self.visible, Nq, Nk, block_m, block_n, device))
+            by_keys, by_rows = (c[None, None] for c in tile_classes(visible, Nq, Nk, block_m, block_n, device))
             layout = self.static_layout(Nq, Nk, heads, device) if with_layout else None
             if layout is None:
                 return by_keys, by_rows
@@ -142,16 +144,16 @@ class KernelModule:
         bq, bk = self.layout_block
         return static_layout(self.sparsity, -(-Nq // bq), -(-Nk // bk), heads, device)
 
-    def _tables(self, role: str, cfg: dict, q, k, sparse: Sparse):
+    def _tables(self, role: str, cfg: dict, q, k, sparse: Sparse, window: Window | None = None):
         """COUNT, INDEX, DOC_Q, DOC_KV for role's kernel: per call from its documents or block
-        mask, per shape for a static tile table, placeholders for closed-form loops."""
+        mask, per shape (and window) for a static tile table, placeholders for closed-form loops."""
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         encoding = self.tables.get(role)
         empty = placeholder(q.device)
         if encoding is None:
             return empty, empty, empty, empty
         Nq, Nk, transposed, nested = q.shape[2], k.shape[2], ROLES[role].transposed, encoding == "nested"
-        static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, q.shape[1])  # noqa: E731
+        static = lambda: self.static_classes(Nq, Nk, bm, bn, q.device, q.shape[1], window=window)  # noqa: E731
         if sparse.seqlens is not None:  # per sequence, at its own Nq and Nk
             docs, blocks, heads = sparse.documents, sparse.block_mask, q.shape[1]
 
@@ -179,9 +181,10 @@ class KernelModule:
                 key, base, -(-Nq // bm), -(-Nk // bn), bm, bn, self.layout_block, transposed, nested, keep=docs,
                 static=lambda: self.static_layout(Nq, Nk, q.shape[1], q.device))
         elif docs is not None:
-            count, index = docs.tables(self.key, static, bm, bn, transposed, nested, q.shape[1])
+            owner = self.key if window is None else (self.key, window)
+            count, index = docs.tables(owner, static, bm, bn, transposed, nested, q.shape[1])
         else:
-            key = ("lists", Nq, Nk, bm, bn, str(q.device), q.shape[1], transposed, encoding)
+            key = ("lists", Nq, Nk, bm, bn, str(q.device), q.shape[1], transposed, encoding, window)
             count, index = kept(self._static, key,
                                 lambda: oriented_lists(static()[1 if transposed else 0], transposed, nested))
         return count, index, *ids
@@ -233,22 +236,27 @@ class KernelModule:
             consts["STORE_LSE"] = flags[0]
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)
 
-    def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None):
+    def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None,
+                window: Window | None = None):
         q, k = tensors[0], tensors[1]
+        window = None if window == Window.whole(q.shape[2], k.shape[2]) else window
+        scalars = (*scalars, *(window or Window.whole(q.shape[2], k.shape[2])))
         cfg = cfg or self.config(role, DTYPES[q.dtype], *self._lengths(q, k, sparse))
         seqlens = sparse.seqlens
         per_call = self.per_call or seqlens is not None
         empty = placeholder(q.device)
         starts = (seqlens.cu_q, seqlens.cu_k) if seqlens is not None else (empty, empty)
         if per_call:  # the call's tables, ids and sequence starts are kernel arguments like the tensors
-            tensors = (*tensors, *self._tables(role, cfg, q, k, sparse), *starts)
+            tensors = (*tensors, *self._tables(role, cfg, q, k, sparse, window), *starts)
         key = signature(role, cfg, tensors, seed, flags) + ((seqlens.max_q, seqlens.max_k) if seqlens else ())
+        if window is not None and role in self.tables and not per_call:
+            key += window  # the static table is the window's
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= 1024:
                 self.plans.clear()
             # a static table depends only on what the signature holds: a plan constant
-            full = tensors if per_call else (*tensors, *self._tables(role, cfg, q, k, NO_SPARSE), *starts)
+            full = tensors if per_call else (*tensors, *self._tables(role, cfg, q, k, NO_SPARSE, window), *starts)
             plan = self.plans[key] = self._plan(role, cfg, full, flags, seqlens)
         plan(tensors, scalars)
 
@@ -259,8 +267,11 @@ class KernelModule:
         return (q.shape[2], k.shape[2]) if s is None else (s.max_q, s.max_k)
 
     def forward(self, q, k, v, hp, scale: float, seed: int, p_drop: float, out=None, store_lse: bool = True,
-                sparse: Sparse = NO_SPARSE):
-        """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log): no autograd, no checks."""
+                sparse: Sparse = NO_SPARSE, window: Window | None = None):
+        """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log): no autograd, no checks but
+        the window's (the call's part of a larger problem, or None: the whole)."""
+        if window is not None:
+            self._check_window(q, k, sparse, window)
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
         if out is None and sparse.seqlens is not None:  # packed: o [total_q, Hq, Dv] in memory
@@ -270,12 +281,16 @@ class KernelModule:
         if o.numel() == 0 or Nk == 0:
             return o.zero_(), lse.fill_(float("-inf"))
         flags = (store_lse, p_drop > 0)
-        self._launch("fwd", (q, k, v, o, lse, hp), (scale * LOG2E, seed, p_drop), seed, flags, sparse)
+        self._launch("fwd", (q, k, v, o, lse, hp), (scale * LOG2E, seed, p_drop), seed, flags, sparse, window=window)
         return o, lse
 
-    def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, sparse: Sparse = NO_SPARSE):
+    def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, sparse: Sparse = NO_SPARSE,
+                 window: Window | None = None):
         """dq, dk, dv and dhp: the head parameters' gradients [P, Hq] (zero rows for those without
-        one), or None when no parameter has one."""
+        one), or None when no parameter has one. With a window, o and lse are the whole problem's
+        rows (their softmax runs over every key, not only this call's)."""
+        if window is not None:
+            self._check_window(q, k, sparse, window)
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
         if q.numel() == 0 or Nk == 0:
@@ -293,13 +308,19 @@ class KernelModule:
             (self.n_grads, programs, triton.cdiv(lengths[0], cfg["BLOCK_M"])), dtype=torch.float32, device=q.device)
             if self.n_grads else placeholder(q.device, torch.float32))
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
-        self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg)
-        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, sparse)
+        self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg, window)
+        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, sparse, window=window)
         dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))
             dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
         return dq, dk, dv, dhp
+
+    def _check_window(self, q, k, sparse: Sparse, window: Window) -> None:
+        window.check(q.shape[2], k.shape[2])
+        if sparse.seqlens is not None or sparse.block_mask is not None or self.sparsity:
+            raise ValueError(f"spec {self.name!r}: a window of a larger problem (context parallelism) is not "
+                             f"supported with packed sequences or block-sparse layouts")
 
     # ------------------------------------------------------------------ the entry point
 
