@@ -157,7 +157,7 @@ class _Context:
         self.rt, self.group, self.world, self.rank = rt, group, world, rank
         self.seq_len, self.layout, self.strategy, self.ids = seq_len, layout, strategy, ids
         self.scale, self.seed, self.p_drop = scale, seed, p_drop
-        self._visible: dict = {}
+        self.device = None  # the tensors' (set by the forward)
 
     def pieces(self, rank: int) -> list[tuple[int, int, int]]:
         """(position, length, row in the shard) of a rank's non-empty pieces."""
@@ -182,12 +182,20 @@ class _Context:
                 yield w, slice(qr, qr + qn), slice(kr, kr + kn), sparse
 
     def any_visible(self, w: Window, qn: int, kn: int) -> bool:
-        """Whether the spec's mask lets any of the window's queries see any of its keys (cached)."""
-        key = (w, qn, kn)
-        if key not in self._visible:
+        """Whether the spec's mask lets any of the window's queries see any of its keys (kept per
+        module, window and device: a model's layers and steps reuse them)."""
+        key = (self.rt.key, w, qn, kn, str(self.device))
+        if key not in _VISIBLE:
+            if len(_VISIBLE) >= 4096:
+                _VISIBLE.clear()
             visible = self.rt.visible
-            self._visible[key] = visible is None or bool(cell_visibility(w.host_mask(visible), qn, kn, qn, kn)[0].any())
-        return self._visible[key]
+            # per 128 x 128 cell: the mask is evaluated a band of rows at a time (bounded memory)
+            _VISIBLE[key] = visible is None or bool(
+                cell_visibility(w.host_mask(visible), qn, kn, 128, 128, self.device)[0].any())
+        return _VISIBLE[key]
+
+
+_VISIBLE: dict = {}
 
 
 def _merge(o_acc, lse_acc, o, lse):
@@ -216,6 +224,7 @@ class _ContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(fctx, ctx: _Context, q, k, v, hp):
         rt = ctx.rt
+        ctx.device = q.device
         B, Hq, n, _ = q.shape
         o_acc = torch.zeros(B, Hq, n, rt.head_dim_v, dtype=torch.float32, device=q.device)
         lse_acc = torch.full((B, Hq, n), float("-inf"), dtype=torch.float32, device=q.device)
