@@ -38,7 +38,8 @@ RANGE_NAMES = {"m_first": "first", "m_last": "last"}
 # The training kernels evaluate the mask at positions: a call may compute a window of a larger
 # problem (context parallelism: a shard's rows against another's keys; docs/distributed.md).
 POSITION_NAMES = {"m_first": "first_pos", "m_last": "last_pos", "Nq": "Nq_all", "Nk": "Nk_all"}
-RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_merge_splits", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile")
+RUNTIME_HELPERS = ("_floordiv", "_keep", "_lse2", "_merge_splits", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile",
+                   "_wide")
 
 
 def _source_name(source: str) -> str:
@@ -106,13 +107,16 @@ def _vjp_lines(kernel: Kernel, ds: str, p: str, indent: str) -> tuple[str, list[
     return "".join(f"\n{indent}{line}" for line in lines), accs, params
 
 
-def _mask_line(kernel: Kernel) -> str:
+def _mask_line(kernel: Kernel, positions: bool = True) -> str:
+    """The tile's mask line: at positions (pos_m, pos_n of the Nq_all x Nk_all problem) in the
+    training kernels, at the rows themselves in decoding's (each sequence is its own problem)."""
     mask = kernel.op(OpKind.MASK)
     if mask is None or mask.attr("cond") is None:
         return ""
-    rows, cols = ("pos_m[None, :]", "pos_n[:, None]") if ROLES[kernel.attr("role")].transposed else (
-        "pos_m[:, None]", "pos_n[None, :]")
-    return f"\n        vis = vis & _visible({rows}, {cols}, Nq_all, Nk_all)"
+    m, n, lengths = ("pos_m", "pos_n", "Nq_all, Nk_all") if positions else ("offs_m", "offs_n", "Nq, Nk")
+    rows, cols = (f"{m}[None, :]", f"{n}[:, None]") if ROLES[kernel.attr("role")].transposed else (
+        f"{m}[:, None]", f"{n}[None, :]")
+    return f"\n        vis = vis & _visible({rows}, {cols}, {lengths})"
 
 
 # ---------------------------------------------------------------- loops
@@ -301,6 +305,7 @@ def _decode_context(fwd: Kernel, params) -> dict:
     # no tile is proven full without closed bounds, nor when ids or a layout decide per call
     full = closed and fwd.attr("loop").segments != ("masked",) and not (documents or layout)
     return {"documents": documents, "layout": layout, "gated": documents or layout,
+            "mask": _mask_line(fwd, positions=False),
             "lo": _bound(plan, "kv_lo", "0") if closed else "0",
             "hi": _bound(plan, "kv_hi", "(Nk - 1)") if closed else "(Nk - 1)",
             "full_lo": _bound(plan, "full_lo", "0") if full else "Nk",

@@ -9,6 +9,7 @@ Outputs are poisoned with NaN before each run, so an element the kernel never wr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,7 +208,11 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, backward: bool = False) -> Result:
+def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, backward: bool = False,
+          deterministic: bool | None = None) -> Result:
+    """The kernels against the float64 reference at one shape; deterministic picks the backward's
+    form (None: the module's default; the single pass's gradients are not bitwise repeatable, so
+    only its outputs must match a repeated call)."""
     g = torch.Generator(device=device).manual_seed(seed)
     tdt = TORCH_DTYPES[dtype]
     q, k, v = random_inputs(spec, shape, tdt, device, g)
@@ -239,7 +244,8 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
             if temperature is not None:
                 extra["temperature"] = temperature.detach().requires_grad_()
                 leaves.append(extra["temperature"])
-            o, lse = module.attention(*leaves[:3], return_lse=True, dropout_seed=dropout_seed, **kwargs, **extra)
+            o, lse = module.attention(*leaves[:3], return_lse=True, dropout_seed=dropout_seed,
+                                      deterministic=deterministic, **kwargs, **extra)
             o.backward(do)
             return o.detach(), lse, [t.grad for t in leaves]
         # poison the output so an element the kernel never wrote shows as NaN
@@ -257,10 +263,23 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     repeat_differs = False
     if direct:
         o2, lse2, got2 = run()
-        repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
+        n = 2 if _single_pass(module, deterministic) else None  # atomics: gradients in any order
+        repeat_differs = not all(_same_bits(a, b) for a, b in list(zip((o, lse, *got), (o2, lse2, *got2)))[:n])
     ref = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature, layout)
     eager = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature, layout)
-    return _judge(spec, dtype, shape, (o, lse, got), ref, eager, repeat_differs)
+    result = _judge(spec, dtype, shape, (o, lse, got), ref, eager, repeat_differs)
+    return _labelled(result, module, deterministic) if backward else result
+
+
+def _single_pass(module, deterministic: bool | None) -> bool:
+    rt = runtime.of(module)
+    return not (rt.deterministic if deterministic is None else deterministic) and not rt.n_grads
+
+
+def _labelled(result: Result, module, deterministic: bool | None) -> Result:
+    """The result with its backward's form in the spec column (verify --backward runs both)."""
+    form = "single pass" if _single_pass(module, deterministic) else "two kernels"
+    return dataclasses.replace(result, spec=f"{result.spec} ({form})")
 
 
 def _judge(spec: Spec, dtype: str, shape, kernel, ref, eager, repeat_differs: bool) -> Result:
@@ -299,7 +318,8 @@ def _judge(spec: Spec, dtype: str, shape, kernel, ref, eager, repeat_differs: bo
     return Result(spec.name, dtype, shape, tuple(errors), not why, "; ".join(why))
 
 
-def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int = 0, backward: bool = False) -> Result:
+def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int = 0, backward: bool = False,
+                 deterministic: bool | None = None) -> Result:
     """attention_varlen on packed sequences against the reference run on each sequence alone."""
     g = torch.Generator(device=device).manual_seed(seed)
     tdt = TORCH_DTYPES[dtype]
@@ -332,7 +352,7 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
         if temperature is not None:
             extra["temperature"] = temperature.detach().requires_grad_(backward)
         o, lse = runtime.of(module).attention_varlen(*leaves, cu_q, cu_k, max(case.lens_q), max(case.lens_k), return_lse=True,
-                                         dropout_seed=dropout_seed, **kwargs, **extra)
+                                         dropout_seed=dropout_seed, deterministic=deterministic, **kwargs, **extra)
         got = []
         if backward:
             o.backward(do)
@@ -346,7 +366,8 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
     repeat_differs = False
     if rt.direct:
         o2, lse2, got2 = run()
-        repeat_differs = not all(_same_bits(a, b) for a, b in zip((o, lse, *got), (o2, lse2, *got2)))
+        n = 2 if _single_pass(module, deterministic) else None  # atomics: gradients in any order
+        repeat_differs = not all(_same_bits(a, b) for a, b in list(zip((o, lse, *got), (o2, lse2, *got2)))[:n])
 
     def packed_reference(dtype_):
         ro = torch.zeros(tq, case.heads_q, spec.head_dim_v, dtype=torch.float64, device=device)
@@ -446,16 +467,19 @@ def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, targ
         cases = shapes or (GPU_NSA if device.type == "cuda" else CPU_NSA)
         return [check_nsa(spec, module, c, d, device, seed=i, backward=backward) for d in dtypes
                 for i, c in enumerate(cases)]
+    # --backward runs both backward forms (a spec with a learnable head parameter has only the two kernels)
+    forms = (True, False) if backward and not runtime.of(module).n_grads else (None,)
     if decode:
         cases = shapes or (GPU_DECODE if device.type == "cuda" else CPU_DECODE)
         return [check_decode(spec, module, c, d, device, seed=i) for d in dtypes for i, c in enumerate(cases)]
     if varlen:
         cases = shapes or (GPU_PACKED if device.type == "cuda" else CPU_PACKED)
-        return [check_varlen(spec, module, c, d, device, seed=i, backward=backward)
-                for d in dtypes for i, c in enumerate(cases)]
+        return [check_varlen(spec, module, c, d, device, seed=i, backward=backward, deterministic=det)
+                for det in forms for d in dtypes for i, c in enumerate(cases)]
     if shapes is None:
         shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    return [check(spec, module, s, d, device, seed=i, backward=backward) for d in dtypes for i, s in enumerate(shapes)]
+    return [check(spec, module, s, d, device, seed=i, backward=backward, deterministic=det)
+            for det in forms for d in dtypes for i, s in enumerate(shapes)]
 
 
 def format_table(results: list[Result]) -> str:

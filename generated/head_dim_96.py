@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile
+from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile, _wide
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'head_dim_96',
@@ -195,13 +195,15 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all,
-                   qk_scale, seed, bh, p_drop, doc_k, DOC_Q, stride_qm, stride_qd, stride_dom, stride_dod,
+                   qk_scale, sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQ_ACC, stride_qm, stride_qd, stride_dom, stride_dod,
+                   stride_aqm, stride_aqd,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr,
-                   WIDE: tl.constexpr, DOCUMENT: tl.constexpr):
+                   WIDE: tl.constexpr, DOCUMENT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # One query tile for a resident key block, transposed (keys along rows): recompute P^T from the
-    # LSE, then dV += P^T dO and dK += dS^T Q. offs: rows of the tensors; pos: positions.
+    # LSE, then dV += P^T dO and dK += dS^T Q; with ATOMIC_DQ also dQ += dS K, added into the fp32
+    # DQ_ACC (the single-pass backward). offs: rows of the tensors; pos: positions.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     pos_m = offs_m + q_pos
     q = _tile(Q, q_b, q_h, start_m, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
@@ -225,25 +227,31 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, p
     Di = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     dsT = pT * (dpT - Di[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        tl.atomic_add(DQ_ACC + _wide(offs_m, WIDE)[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq,
+                      mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 # the seed changes every training step, positions every ring step: no variants by their values
 @triton.jit(do_not_specialize=["seed", "q_pos", "kv_pos", "Nq_all", "Nk_all"])
-def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
+def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
                    stride_qb, stride_qh, stride_qm, stride_qd,
                    stride_kb, stride_kh, stride_kn, stride_kd,
                    stride_vb, stride_vh, stride_vn, stride_vd,
                    stride_dob, stride_doh, stride_dom, stride_dod,
                    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_aqb, stride_aqh, stride_aqm, stride_aqd,
                    H, HKV, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
                    qk_scale, sm_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
                    FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
-                   VARLEN: tl.constexpr):
+                   VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     # Positions as in the forward (q_pos, kv_pos, Nq_all, Nk_all).
@@ -261,6 +269,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         V += k_start.to(tl.int64) * stride_vn
         DK += k_start.to(tl.int64) * stride_dkn
         DV += k_start.to(tl.int64) * stride_dvn
+        DQ_ACC += q_start.to(tl.int64) * stride_aqm
         Nq_all = Nq
         Nk_all = Nk
     last = tl.minimum(first + BLOCK_N, Nk) - 1
@@ -289,6 +298,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         if not TMA:
             Qh = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
             DOh = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
+        DQh = DQ_ACC + off_b.to(tl.int64) * stride_aqb + off_h.to(tl.int64) * stride_aqh
         LSEh = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
         DELTAh = DELTA + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
         # [lo, hi]: what this block may see; one loop, every tile masked.
@@ -297,9 +307,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, HP, COUNT, INDEX, DOC_Q, DOC
         for start_i in range(lo // BLOCK_M * BLOCK_M, end, BLOCK_M):
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
-                seed, bh, p_drop, doc_k, DOC_Q,
-                stride_qm, stride_qd, stride_dom, stride_dod, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_M,
-                True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+                sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQh,
+                stride_qm, stride_qd, stride_dom, stride_dod, stride_aqm, stride_aqd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+                HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
     DK += off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
     DV += off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
     _store_tile(DK, offs_n, Nk, stride_dkn, stride_dkd, dk * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
@@ -441,7 +451,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
                   offs_n[None, :], Nq, Nk, qk_scale, FAST_TANH)
     if MASKED:
         vis = keys[None, :] & (row_ok & (offs_m >= 0))[:, None]
-        vis = vis & _visible(pos_m[:, None], pos_n[None, :], Nq_all, Nk_all)
+        vis = vis & _visible(offs_m[:, None], offs_n[None, :], Nq, Nk)
         s = tl.where(vis, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet

@@ -565,13 +565,14 @@ def test_opcheck_with_a_layout(copy):
     q, k, v = _qkv(1, 2, 1, 70, 100, 32, seed=8)
     hp = rt.head_param_rows(q, {})
     layout = _random_layout((1, 2, 2, 2), seed=8, p=0.7)
-    args = (q, k, v, hp, None, None, layout, None, None, 0, 0, rt.scale, 0, 0.0)
+    args = (q, k, v, hp, None, None, layout, None, None, 0, 0, rt.scale, 0, 0.0, True)
     torch.library.opcheck(rt.ops.forward, args)
     o, lse = rt.ops.forward(*args)
     want, _ = reference.attention(spec, q.double(), k.double(), v.double(), layout=layout)
     assert (o.double() - want).abs().max() < 1e-4
     do = torch.randn_like(o)
-    torch.library.opcheck(rt.ops.backward, (do, q, k, v, o, lse, hp, None, None, layout, None, None, 0, 0, rt.scale, 0, 0.0))
+    torch.library.opcheck(rt.ops.backward, (do, q, k, v, o, lse, hp, None, None, layout, None, None, 0, 0, rt.scale, 0, 0.0,
+                                            False))
 
 
 @pytest.mark.interp

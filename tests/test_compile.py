@@ -82,9 +82,11 @@ def test_opcheck(device):
     q, k, v = (torch.randn(1, 2, 24, 128, generator=g, device=device) for _ in range(3))
     hp = torch.rand(1, 2, generator=g, device=device) + 0.5
     seed = 0
-    torch.library.opcheck(rt.ops.forward, (q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0))
-    o, lse = rt.ops.forward(q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0)
-    torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0))
+    torch.library.opcheck(rt.ops.forward, (q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0, True))
+    o, lse = rt.ops.forward(q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0, True)
+    for deterministic in (True, False):  # the two-kernel backward and the single pass
+        torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, None, None, None, 0,
+                                                0, 0.1, seed, 0.0, deterministic))
 
 
 @pytest.mark.gpu
@@ -140,11 +142,11 @@ def test_opcheck_packed(device):
     (q, k, v), cu, longest = _packed(device)
     q4, k4, v4 = (t.detach().unsqueeze(0).transpose(1, 2) for t in (q, k, v))
     hp = rt.head_param_rows(q4, {})
-    args = (q4, k4, v4, hp, None, None, None, cu, cu, longest, longest, 0.1, 0, 0.0)
+    args = (q4, k4, v4, hp, None, None, None, cu, cu, longest, longest, 0.1, 0, 0.0, True)
     torch.library.opcheck(rt.ops.forward, args)
     o, lse = rt.ops.forward(*args)
     torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q4, k4, v4, o, lse, hp, None, None, None, cu, cu,
-                                            longest, longest, 0.1, 0, 0.0))
+                                            longest, longest, 0.1, 0, 0.0, False))
 
 
 @pytest.mark.gpu

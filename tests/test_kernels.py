@@ -304,3 +304,37 @@ def test_masks_whose_bounds_or_host_code_need_helpers(tmp_path, expr, device):
     results = [check(spec, module, s, "fp32", device, seed=i, backward=True)
                for i, s in enumerate([Shape(1, 2, 1, 100, 100), Shape(2, 1, 1, 70, 130)])]
     assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+SINGLE_PASS_SPECS = ["causal", "document", "causal_dropout", "softcap", "alibi", "dilated", "head_dim_96", "gqa"]
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("name", SINGLE_PASS_SPECS)
+def test_single_pass_backward_matches_reference(name, device):
+    """deterministic=False: one dK/dV kernel adding dQ with atomics (and the delta kernel before it),
+    against the float64 reference; ragged shapes, GQA, strided inputs, rows with no visible key."""
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    shapes = (CPU_SHAPES[0], CPU_SHAPES[1], CPU_SHAPES[4]) if device == "cpu" else GPU_SHAPES[4:6]
+    results = [check(spec, module, s, d, device, seed=i, backward=True, deterministic=False)
+               for d in _dtypes(device, spec)[:1] for i, s in enumerate(shapes)]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+    assert all(r.spec.endswith("(single pass)") for r in results)
+
+
+@pytest.mark.interp
+def test_single_pass_backward_of_packed_sequences(device):
+    from attngen.verify import CPU_PACKED, check_varlen
+
+    path = ROOT / "specs" / "document.yaml"
+    spec, module = load_spec(path), attngen.load(path)
+    results = [check_varlen(spec, module, c, "fp32", device, seed=i, backward=True, deterministic=False)
+               for i, c in enumerate(CPU_PACKED[:2])]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])
+
+
+@pytest.mark.compiler
+def test_a_learnable_head_parameter_keeps_the_two_kernel_backward():
+    rt = runtime.of(attngen.load(ROOT / "specs" / "temperature.yaml"))
+    assert rt.n_grads and rt.deterministic  # the dQ kernel sums dtemperature: no single pass for it

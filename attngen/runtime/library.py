@@ -27,11 +27,11 @@ def register_ops(rt) -> _Ops:
     # the seed is an int, not a tensor: a CPU tensor in the graph would be an input of its CUDA graphs
     # packed sequences (attention_varlen): cu_q, cu_k and the longest lengths; q, k, v [1, H, total, D] views
     fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, Tensor? layout, "
-                  "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, SymInt seed, float p_drop) "
-                  "-> (Tensor, Tensor)")
+                  "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, SymInt seed, float p_drop, "
+                  "bool deterministic) -> (Tensor, Tensor)")
     bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
                   "Tensor? kv_ids, Tensor? layout, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, "
-                  "SymInt seed, float p_drop) -> (Tensor, Tensor, Tensor, Tensor)")
+                  "SymInt seed, float p_drop, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)")
 
     def sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k):
         docs = None if q_ids is None else made_for("documents", q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))
@@ -39,22 +39,25 @@ def register_ops(rt) -> _Ops:
         seqlens = None if cu_q is None else kept_seqlens(cu_q, cu_k, max_q, max_k, q.shape[2], k.shape[2])
         return Sparse(docs, blocks, seqlens)
 
-    def fwd(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+    def fwd(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop, deterministic):
         return rt.forward(q, k, v, hp, scale, seed, p_drop, None, True,
                           sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k))
 
-    def fwd_fake(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+    def fwd_fake(q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop, deterministic):
         B, H, N = q.shape[:3]
         # packed: o lies as [total, H, Dv] in memory (rt.forward), seen as [1, H, total, Dv]
         o = q.new_empty((N, H, rt.head_dim_v)).transpose(0, 1)[None] if cu_q is not None else q.new_empty((B, H, N, rt.head_dim_v))
         return o, q.new_empty((B, H, N), dtype=torch.float32)
 
-    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+    def bwd(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop,
+            deterministic):
         dq, dk, dv, dhp = rt.backward(do, q, k, v, o, lse, hp, scale, seed, p_drop,
-                                      sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k))
+                                      sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k),
+                                      deterministic=deterministic)
         return dq, dk, dv, torch.zeros_like(hp) if dhp is None else dhp
 
-    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop):
+    def bwd_fake(do, q, k, v, o, lse, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop,
+                 deterministic):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(hp)
 
     forward_op = torch.library.custom_op(f"{name}_fwd", fwd, mutates_args=(), schema=fwd_schema)
@@ -63,19 +66,19 @@ def register_ops(rt) -> _Ops:
     backward_op.register_fake(bwd_fake)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop = inputs
+        q, k, v, hp, q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, scale, seed, p_drop, deterministic = inputs
         extra = (q_ids, kv_ids, layout, cu_q, cu_k)
         ctx.save_for_backward(q, k, v, *output, hp, *(t for t in extra if t is not None))
         ctx.scale, ctx.seed, ctx.p_drop, ctx.given = scale, seed, p_drop, tuple(t is not None for t in extra)
-        ctx.maxes = (max_q, max_k)
+        ctx.maxes, ctx.deterministic = (max_q, max_k), deterministic
 
     def backward(ctx, do, dlse):
         q, k, v, o, lse, hp, *given = ctx.saved_tensors
         given = iter(given)
         extra = [next(given) if g else None for g in ctx.given]
         dq, dk, dv, dhp = backward_op(do.contiguous(), q, k, v, o, lse, hp, *extra, *ctx.maxes, ctx.scale, ctx.seed,
-                                      ctx.p_drop)
-        return dq, dk, dv, dhp, *[None] * 10
+                                      ctx.p_drop, ctx.deterministic)
+        return dq, dk, dv, dhp, *[None] * 11
 
     forward_op.register_autograd(backward, setup_context=setup_context)
 

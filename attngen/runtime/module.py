@@ -23,7 +23,7 @@ from .library import register_ops
 from .roles import ROLES
 from .sparse import NO_SPARSE, Sparse, kept_seqlens, made_for
 from .tiles import Documents, as_documents, kept, layout_tiles, oriented_lists, tile_classes
-from .tl_lib import _keep_mask_kernel
+from .tl_lib import _bwd_delta, _keep_mask_kernel
 from .varlen import Seqlens
 from .window import Window
 
@@ -57,18 +57,20 @@ _DEFAULTS = {"alibi": default_alibi_slopes,
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rt, q, k, v, hp, scale, seed, p_drop, sparse):
+    def forward(ctx, rt, q, k, v, hp, scale, seed, p_drop, sparse, deterministic):
         o, lse = rt.forward(q, k, v, hp, scale, seed, p_drop, None, True, sparse)
         ctx.save_for_backward(q, k, v, o, lse, hp)
         ctx.rt, ctx.scale, ctx.seed, ctx.p_drop, ctx.sparse = rt, scale, seed, p_drop, sparse
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse, hp = ctx.saved_tensors
-        dq, dk, dv, dhp = ctx.rt.backward(do, q, k, v, o, lse, hp, ctx.scale, ctx.seed, ctx.p_drop, ctx.sparse)
-        return None, dq, dk, dv, dhp if ctx.needs_input_grad[4] else None, None, None, None, None
+        dq, dk, dv, dhp = ctx.rt.backward(do, q, k, v, o, lse, hp, ctx.scale, ctx.seed, ctx.p_drop, ctx.sparse,
+                                          deterministic=ctx.deterministic)
+        return None, dq, dk, dv, dhp if ctx.needs_input_grad[4] else None, None, None, None, None, None
 
 
 class KernelModule:
@@ -99,6 +101,9 @@ class KernelModule:
         self.plans: dict = {}  # call signature -> Plan; cleared when it reaches 1024
         self._static: dict = {}
         self._decode_layouts: dict = {}  # capacity -> static layout terms for decoding (never evicted)
+        # the backward's default form: the two-kernel one (deterministic) until the single pass is
+        # measured faster (docs/decisions/single-pass-backward.md); per call: deterministic=
+        self.deterministic = True
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_ops(self)
@@ -209,13 +214,14 @@ class KernelModule:
         if seqlens is not None:  # a program per block of the longest sequence, per (sequence, head)
             B, Nq, Nk = seqlens.batch, seqlens.max_q, seqlens.max_k
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        n = {"fwd": 6, "bwd_dq": 10, "bwd_dkdv": 9}[role]  # the tensors before the tables
+        n = {"fwd": 6, "bwd_dq": 10, "bwd_dkdv": 10}[role]  # the tensors before the tables
         # static tables are the same tensors for every call of this signature: plan constants
         tables = () if per_call else tensors[n:]
         count = tensors[n]  # [B', H', n_outer, 2]: its rows per batch and per head (0 where shared)
         rows = (0, 0) if count.dim() != 4 else (count.shape[1] * count.shape[2] * (count.shape[0] > 1),
                                                  count.shape[2] * (count.shape[1] > 1))
-        strided = tensors[:4] if role == "fwd" else tensors[:6]  # q, k, v and the [B, H, N, D] outputs / dO
+        # q, k, v and the [B, H, N, D] outputs / dO (and the dK/dV kernel's fp32 dQ buffer)
+        strided = {"fwd": tensors[:4], "bwd_dq": tensors[:6], "bwd_dkdv": tensors[:7]}[role]
         blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
         # packed sequences start at any row: no TMA (its boxes would cross into the next sequence)
         descs, tma = descriptors({**cfg, "TMA": cfg["TMA"] and seqlens is None}, tensors[:n], blocks,
@@ -234,6 +240,8 @@ class KernelModule:
         consts = dict(DROPOUT=flags[-1], VARLEN=seqlens is not None, **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
         if role == "fwd":
             consts["STORE_LSE"] = flags[0]
+        if role == "bwd_dkdv":
+            consts["ATOMIC_DQ"] = flags[0]
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)
 
     def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None,
@@ -285,10 +293,13 @@ class KernelModule:
         return o, lse
 
     def backward(self, do, q, k, v, o, lse, hp, scale: float, seed: int, p_drop: float, sparse: Sparse = NO_SPARSE,
-                 window: Window | None = None):
+                 window: Window | None = None, deterministic: bool | None = None):
         """dq, dk, dv and dhp: the head parameters' gradients [P, Hq] (zero rows for those without
         one), or None when no parameter has one. With a window, o and lse are the whole problem's
-        rows (their softmax runs over every key, not only this call's)."""
+        rows (their softmax runs over every key, not only this call's). deterministic (None: the
+        module's default): the two-kernel backward, else the single pass adding dQ with atomics
+        (a spec with a learnable head parameter always takes the two kernels: its dQ kernel sums
+        that gradient)."""
         if window is not None:
             self._check_window(q, k, sparse, window)
         B, Hq, Nq, _ = q.shape
@@ -298,7 +309,15 @@ class KernelModule:
         # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
-        flags, scalars = (p_drop > 0,), (scale * LOG2E, scale, seed, p_drop)
+        scalars = (scale * LOG2E, scale, seed, p_drop)
+        single = not (self.deterministic if deterministic is None else deterministic) and not self.n_grads
+        if single:  # one kernel: dK, dV per key block, dQ added into fp32 rows by atomics
+            self._delta(o, do, delta)
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            self._launch("bwd_dkdv", (q, k, v, do, dk, dv, dq_acc, lse, delta, hp), scalars, seed, (True, p_drop > 0),
+                         sparse, window=window)
+            return dq.copy_(dq_acc), dk, dv, None
+        flags = (p_drop > 0,)
         lengths = self._lengths(q, k, sparse)
         cfg = self.config("bwd_dq", DTYPES[q.dtype], *lengths)
         # per dQ program, its rows' share of each learnable head parameter's gradient; summed below
@@ -309,12 +328,23 @@ class KernelModule:
             if self.n_grads else placeholder(q.device, torch.float32))
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg, window)
-        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, lse, delta, hp), scalars, seed, flags, sparse, window=window)
+        # q stands in for the fp32 dQ buffer the kernel does not touch without ATOMIC_DQ
+        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, q, lse, delta, hp), scalars, seed, (False, *flags), sparse,
+                     window=window)
         dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))
             dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
         return dq, dk, dv, dhp
+
+    @staticmethod
+    def _delta(o, do, delta) -> None:
+        """delta [B, H, N] = rowsum(dO * O) in fp32 (packed sequences: B = 1, N = the total)."""
+        B, H, N, Dv = o.shape
+        pad = max(16, triton.next_power_of_2(Dv))
+        block = max(16, 8192 // pad)
+        _bwd_delta[(triton.cdiv(N, block), B * H)](o, do, delta, H, N, *o.stride(), *do.stride(), HEAD_DIM_V=Dv,
+                                                   HEAD_DIM_V_PAD=pad, BLOCK=block)
 
     def _check_window(self, q, k, sparse: Sparse, window: Window) -> None:
         window.check(q.shape[2], k.shape[2])
@@ -385,9 +415,11 @@ class KernelModule:
         return block_mask
 
     def attention(self, q, k, v, *, documents=None, layout=None, return_lse=False, alibi_slopes=None,
-                  temperature=None, scale=None, out=None, training=True, dropout_seed=None):
+                  temperature=None, scale=None, out=None, training=True, dropout_seed=None, deterministic=None):
         """o [B, Hq, Nq, Dv] from q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (and lse
-        [B, Hq, Nq], float32, natural log, with return_lse). The module's docstring has the spec."""
+        [B, Hq, Nq], float32, natural log, with return_lse). The module's docstring has the spec.
+        deterministic: the backward's form (None: the module's `deterministic` default): True, two
+        kernels, bitwise-repeatable gradients; False, one kernel adding dQ with atomics."""
         self.check(q, k, v)
         if self.document:
             documents = as_documents(documents, q.shape[0], q.shape[2], k.shape[2], q.device, self.name)
@@ -398,15 +430,17 @@ class KernelModule:
         scale = self.scale if scale is None else float(scale)
         p_drop = self.dropout_p if training else 0.0
         if torch.compiler.is_compiling():  # one opaque op per direction: no graph break
-            o, lse = self._compiled(q, k, v, hp, documents, sparse.block_mask, scale, p_drop, dropout_seed)
+            o, lse = self._compiled(q, k, v, hp, documents, sparse.block_mask, scale, p_drop, dropout_seed,
+                                    deterministic=deterministic)
             if out is not None:
                 out.copy_(o)
                 o = out
             return (o, lse) if return_lse else o
-        o, lse = self._eager(q, k, v, hp, scale, p_drop, dropout_seed, sparse, out, return_lse)
+        o, lse = self._eager(q, k, v, hp, scale, p_drop, dropout_seed, sparse, out, return_lse, deterministic)
         return (o, lse) if return_lse else o
 
-    def _eager(self, q, k, v, hp, scale: float, p_drop: float, dropout_seed, sparse: Sparse, out, store_lse: bool):
+    def _eager(self, q, k, v, hp, scale: float, p_drop: float, dropout_seed, sparse: Sparse, out, store_lse: bool,
+               deterministic=None):
         """o, lse of an eager call: through autograd when a gradient is needed, else the forward alone."""
         seed = 0
         if p_drop > 0:
@@ -414,12 +448,12 @@ class KernelModule:
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or hp.requires_grad):
             if out is not None:
                 raise ValueError("out= cannot be used when gradients are required")
-            return _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, sparse)
+            return _Attention.apply(self, q, k, v, hp, scale, seed, p_drop, sparse, deterministic)
         return self.forward(q, k, v, hp, scale, seed, p_drop, out, store_lse, sparse)
 
     def attention_varlen(self, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, *,
                          return_lse=False, documents=None, layout=None, alibi_slopes=None, temperature=None,
-                         scale=None, training=True, dropout_seed=None):
+                         scale=None, training=True, dropout_seed=None, deterministic=None):
         """Packed sequences without padding, FlashAttention's varlen layout: o [total_q, Hq, Dv] from
         q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv], where sequence i is rows
         cu_seqlens_q[i]:cu_seqlens_q[i + 1] of q and cu_seqlens_k[i]:cu_seqlens_k[i + 1] of k and v
@@ -462,10 +496,10 @@ class KernelModule:
         blocks = self.block_mask(layout, cu_seqlens_q.shape[0] - 1, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
         if compiling:
             o, lse = self._compiled(q4, k4, v4, hp, documents, blocks, scale, p_drop, dropout_seed,
-                                    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                                    (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), deterministic)
             return (o[0].transpose(0, 1), lse[0]) if return_lse else o[0].transpose(0, 1)
         o, lse = self._eager(q4, k4, v4, hp, scale, p_drop, dropout_seed, Sparse(documents, blocks, seqlens), None,
-                             return_lse)
+                             return_lse, deterministic)
         o = o[0].transpose(0, 1)  # [total_q, Hq, Dv], contiguous
         return (o, lse[0]) if return_lse else o
 
@@ -530,14 +564,17 @@ class KernelModule:
         return decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale, plan, Hkv,
                           self.head_dim_v, self.native, gate)
 
-    def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0)):
+    def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0),
+                  deterministic=None):
         """o, lse through the torch.library ops (what torch.compile traces instead of the host code)."""
         if p_drop > 0 and dropout_seed is None:
             raise ValueError(f"spec {self.name!r} has dropout: under torch.compile pass dropout_seed= (an int per "
                              f"step, drawn outside the compiled function), or training=False")
         ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
         blocks = None if block_mask is None else block_mask.layout
-        return self.ops.forward(q, k, v, hp, *ids, blocks, *packed, scale, dropout_seed if p_drop > 0 else 0, p_drop)
+        det = self.deterministic if deterministic is None else bool(deterministic)  # traced: a constant
+        return self.ops.forward(q, k, v, hp, *ids, blocks, *packed, scale, dropout_seed if p_drop > 0 else 0, p_drop,
+                                det)
 
     def dropout_keep_mask(self, batch, heads, seq_q, seq_k, dropout_seed, device=None):
         """For tests: the bool keep-mask [B, Hq, Nq, Nk] the kernels use for this seed (all True when

@@ -162,3 +162,20 @@ def _keep_mask_kernel(KEEP, H, Nq, Nk, seed, p_drop, BLOCK_M: tl.constexpr, BLOC
     keep = _keep(seed, off_hz, offs_m[:, None], offs_n[None, :], p_drop)
     tl.store(KEEP + off_hz.to(tl.int64) * Nq * Nk + offs_m[:, None] * Nk + offs_n[None, :], keep.to(tl.int8),
              mask=(offs_m[:, None] < Nq) & (offs_n[None, :] < Nk))
+
+
+@triton.jit
+def _bwd_delta(O, DO, DELTA, H, N, stride_ob, stride_oh, stride_on, stride_od, stride_db, stride_dh, stride_dn,
+               stride_dd, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # The softmax backward's row term D = rowsum(dO * O) in fp32, into DELTA [B, H, N] (contiguous),
+    # before the single-pass backward's one kernel (the two-kernel backward's dQ kernel writes it).
+    bh = tl.program_id(1)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, HEAD_DIM_V_PAD)
+    ok = (rows[:, None] < N) & (d[None, :] < HEAD_DIM_V)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows.to(tl.int64)[:, None] * stride_on + d[None, :] * stride_od,
+                mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_db + h * stride_dh + rows.to(tl.int64)[:, None] * stride_dn + d[None, :] * stride_dd,
+                 mask=ok, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rows < N)
