@@ -4,8 +4,9 @@ A first timing of NSA modules (specs/nsa.yaml, specs/nsa_linear.yaml) beside the
 generated kernel and torch SDPA (flash, cuDNN) in the same process, bf16, Hq 64, Hkv 4, at the
 lengths given: forward, and forward+backward, the selection included; then the NSA forward's
 stages alone (compression + compressed branch, selection, selected branch, window branch), to see
-where its time goes. Medians of triton.testing.do_bench (not CUDA graphs: the selection's chunk
-loop runs on the host).
+where its time goes; the selected branch also at other tokens per program than its automatic choice
+("stage selected (T=1)": one token per program, the G query heads alone as rows). Medians of
+triton.testing.do_bench (not CUDA graphs: the selection's chunk loop runs on the host).
 
     PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 8192,16384 --json $OUT/nsa.json
 """
@@ -23,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attngen
 from attngen.bench import environment
 from attngen.resources import resolve_spec
+from attngen.runtime.nsa import union_lists
 
 
 def _ms(fn) -> float:
@@ -88,6 +90,24 @@ def main() -> None:
                 row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
                 row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
                 row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
+                # tokens per program: the automatic choice (above) against one token (the old kernel's
+                # tiling) and a few others; the union lists' share and size at the automatic one
+                auto = rt.selected_tokens(64 // 4, N)  # G = Hq / Hkv
+                row["selected T (auto)"] = auto
+                _, count = union_lists(idx, auto, -(-N // rt.l_sel))
+                row["selected union blocks per tile (auto)"] = round(count.float().mean().item(), 2)
+                row["stage selected union lists (auto)"] = _ms(lambda: union_lists(idx, auto, -(-N // rt.l_sel)))
+                o_auto = rt.selected_forward(q, k, v, idx, rt.scale)[0]
+                try:
+                    for T in (1, 2, 8):
+                        if T != auto:
+                            rt.tokens_per_program = T
+                            row[f"stage selected (T={T})"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
+                    rt.tokens_per_program = 1
+                    o_one = rt.selected_forward(q, k, v, idx, rt.scale)[0]
+                finally:
+                    rt.tokens_per_program = None
+                row["selected auto vs T=1 max diff"] = (o_auto.float() - o_one.float()).abs().max().item()
                 row["stage window"] = _ms(lambda: br["swa"].attention(q, k, v))
             print(json.dumps(row), flush=True)
             rows.append(row)

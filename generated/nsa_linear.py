@@ -47,54 +47,74 @@ def _selected_block(K, V, blk, pos, offs_d, offs_dv, stride_kn, stride_kd, strid
 
 
 @triton.jit
-def _nsa_select_fwd(Q, K, V, IDX, O, LSE, FIRST,
+def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST,
                     stride_qb, stride_qh, stride_qn, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ib, stride_ih, stride_in, stride_ii,
+                    stride_ub, stride_uh, stride_ut, stride_ui,
                     stride_ob, stride_oh, stride_on, stride_od,
                     stride_lb, stride_lh, stride_ln,
-                    HKV, GROUP, n_select, qk_scale,
+                    N, HKV, GROUP, n_select, qk_scale,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-                    DECODE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # One query token t of one KV head: its GROUP query heads are the tile's rows, walking the
-    # token's selected key blocks (IDX [B, HKV, N, n], ascending, -1 padded) with causality inside.
-    # Decoding (DECODE): row t is at position FIRST[b] + t of its sequence, K and V its cache.
-    t = tl.program_id(0)
+                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
+                    SELECT_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DECODE: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    # BLOCK_T consecutive query tokens of one KV head: the rows are tokens x its GROUP query heads
+    # (enough rows for the MMA where a group alone has too few), walking the union of the tokens'
+    # selected key blocks (UNION [B, HKV, tiles, *], ascending, COUNT [B, HKV, tiles] of them); a
+    # row sees a key iff its token chose the key's block (IDX [B, HKV, N, n]) and the key is not
+    # after it. Decoding (DECODE): token t is at position FIRST[b] + t of its sequence, K and V
+    # its cache.
+    tile = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
-    pos = t + tl.load(FIRST + off_b) if DECODE else t
-    g = tl.arange(0, BLOCK_G)
-    row_ok = g < GROUP
+    first = tl.load(FIRST + off_b) if DECODE else 0
+    i = tl.arange(0, BLOCK_T * BLOCK_G)
+    g = i % BLOCK_G
+    t = tile * BLOCK_T + i // BLOCK_G
+    row_ok = (t < N) & (g < GROUP)
+    pos = t + first
     off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh + t.to(tl.int64) * stride_qn
-                + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    # the tile's tokens' own blocks, loaded once; -1 (never a block) past n_select and past N
+    tok = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    sel = tl.arange(0, SELECT_PAD)
+    own = tl.load(IDX + off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
+                  + tok[:, None].to(tl.int64) * stride_in + sel[None, :] * stride_ii,
+                  mask=(tok < N)[:, None] & (sel < n_select)[None, :], other=-1)
+    last = tl.minimum(tile * BLOCK_T + BLOCK_T, N) - 1 + first  # no row sees a key after this
     K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
     V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    IDX += off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih + t.to(tl.int64) * stride_in
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM_V_PAD], dtype=tl.float32)
-    for i in range(0, n_select):
-        blk = tl.load(IDX + i * stride_ii)
-        if blk >= 0:
-            k, v, keys = _selected_block(K, V, blk, pos, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
-                                         stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(keys[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-            m_i = m_new
-    l_use = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(O + off_b.to(tl.int64) * stride_ob + off_h[:, None].to(tl.int64) * stride_oh + t.to(tl.int64) * stride_on
-             + offs_dv[None, :] * stride_od, acc / l_use[:, None],
+    UNION += off_b.to(tl.int64) * stride_ub + off_hk.to(tl.int64) * stride_uh + tile.to(tl.int64) * stride_ut
+    count = tl.load(COUNT + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tile)
+    m_i = tl.full([BLOCK_T * BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_T * BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_T * BLOCK_G, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for u in range(0, count):
+        blk = tl.load(UNION + u * stride_ui)
+        k, v, _ = _selected_block(K, V, blk, last, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
+                                  stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S)
+        chose = tl.sum((own == blk).to(tl.int32), 1)  # [BLOCK_T] 1 where the token chose blk
+        chose = tl.reshape(tl.broadcast_to(chose[:, None], [BLOCK_T, BLOCK_G]), [BLOCK_T * BLOCK_G])
+        offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+        visible = ((chose > 0) & row_ok)[:, None] & (offs_n[None, :] <= pos[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    l_use = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw nothing: zeros, LSE -inf
+    tl.store(O + off_b.to(tl.int64) * stride_ob + off_h[:, None].to(tl.int64) * stride_oh
+             + t[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od, acc / l_use[:, None],
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_use)) * 0.6931471805599453)
     tl.store(LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_ln, lse,

@@ -133,7 +133,8 @@ def test_inverted_lists_give_each_block_the_tokens_that_chose_it():
 def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, block, stride):
     """Three tokens appended to caches of 30, 63 and 140 tokens: windows end among them (the
     compressed cache updated in place equals compressing the whole cache); each row equals the
-    reference's row at that position of its whole sequence, its selected blocks the reference's."""
+    reference's row at that position of its whole sequence, its selected blocks the reference's.
+    The selected branch takes the three tokens in one program (four, the last masked)."""
     spec, module = _module(tmp_path, kind, block, stride)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(3)
@@ -217,3 +218,105 @@ def test_nsa_with_torch_selection_matches_reference(tmp_path):
     finally:
         module.RUNTIME.fused_selection = True
     assert result.ok, result.why
+
+
+def _selected_reference(q, k, v, indices, block, scale):
+    """The selected branch in float64 from reference_nsa's pieces: (o, lse), LSE -inf where a row
+    sees nothing."""
+    Hq = q.shape[1]
+    visible = reference_nsa._expand_heads(reference_nsa._selected_visible(indices, q.shape[2], block), Hq)
+    k, v = (reference_nsa._expand_heads(x.double(), Hq) for x in (k, v))
+    o, _ = reference_nsa._attend(q.double(), k, v, visible, scale)
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~visible, float("-inf"))
+    return o, torch.logsumexp(s, -1)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("G, dtype, forced", [(1, "fp32", 4), (2, "fp32", None), (4, "fp32", 8), (16, "fp32", None),
+                                              (4, "fp16", None)])
+def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype, forced):
+    """The selected forward with several tokens per program (rows tokens x G, walking the union of
+    their blocks) against the float64 reference, and equal to one token per program within fp32
+    rounding; N = 99 is no multiple of the tile's tokens nor of a block, the selection random per
+    token (so a tile's tokens choose differently), one token choosing nothing (zeros, LSE -inf)."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    tdt = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    g = torch.Generator().manual_seed(G)
+    B, Hkv, N = 1, 2 if G < 16 else 1, 99
+    q = torch.randn(B, Hkv * G, N, 32, generator=g).to(tdt)
+    k, v = torch.randn(B, Hkv, N, 32, generator=g).to(tdt), torch.randn(B, Hkv, N, 16, generator=g).to(tdt)
+    indices = rt._top_blocks(torch.rand(B, Hkv, N, 4, generator=g), torch.arange(N))
+    indices[:, :, 70] = -1
+    want_o, want_lse = _selected_reference(q, k, v, indices, 32, rt.scale)
+    runs = {}
+    try:
+        for T in (None, 1) if forced is None else (None, forced, 1):
+            rt.tokens_per_program = T
+            runs[T] = rt.selected_forward(q, k, v, indices, rt.scale)
+    finally:
+        rt.tokens_per_program = None
+    assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
+    tol = 2e-5 if dtype == "fp32" else 2e-3
+    for T, (o, lse) in runs.items():
+        assert (o.double() - want_o).abs().max() < tol, T
+        assert (o[:, :, 70] == 0).all() and (lse[:, :, 70] == float("-inf")).all(), T
+        assert torch.allclose(lse.double(), want_lse, atol=tol, rtol=0), T
+    o1, lse1 = runs[1]
+    for T, (o, lse) in runs.items():
+        assert (o.float() - o1.float()).abs().max() <= (1e-6 if dtype == "fp32" else 1e-3), T
+        assert torch.allclose(lse, lse1, atol=1e-6, rtol=0), T
+
+
+@pytest.mark.compiler
+def test_union_lists_hold_each_tiles_blocks_once(tmp_path):
+    from attngen.runtime.nsa import union_lists
+
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, N, n, n_blocks = 2, 3, 37, 4, 9
+    raw = torch.randint(-1, n_blocks, (B, Hkv, N, n), generator=g).to(torch.int32)
+    for block_t in (2, 8, 64):
+        union, count = union_lists(raw, block_t, n_blocks)
+        tiles = -(-N // block_t)
+        assert union.shape == (B, Hkv, tiles, min(block_t * n, n_blocks)) and count.shape == (B, Hkv, tiles)
+        for b in range(B):
+            for h in range(Hkv):
+                for i in range(tiles):
+                    want = sorted(set(raw[b, h, i * block_t:(i + 1) * block_t].flatten().tolist()) - {-1})
+                    assert count[b, h, i] == len(want)
+                    assert union[b, h, i].tolist() == want + [-1] * (union.shape[-1] - len(want))
+    _, module = _module(tmp_path)
+    rt = module.RUNTIME
+    assert [rt.selected_tokens(G, 4096) for G in (1, 3, 16, 64, 128)] == [64, 16, 4, 1, 1]
+    assert rt.selected_tokens(16, 1) == 1 and rt.selected_tokens(2, 3) == 4  # decoding one token; three
+    assert rt.selected_tokens(16, 4096, tensor_cores=False) == 1  # fp32 on the GPU
+    rt.tokens_per_program = 3
+    with pytest.raises(ValueError, match="tokens_per_program must be None or a power of two"):
+        rt.selected_tokens(16, 4096)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["nsa", "nsa_linear"])
+@pytest.mark.parametrize("G", [1, 4, 16])
+def test_selected_forward_over_token_tiles_on_gpu(name, G):
+    """The shipped specs' selected forward in bf16 (d128; d192 padded to 256 over 8 warps), the
+    automatic tokens per program against one token per program and the float64 reference."""
+    from attngen.resources import resolve_spec
+
+    rt = attngen.load(resolve_spec(name)).RUNTIME
+    g = torch.Generator(device="cuda").manual_seed(G)
+    B, Hkv, N = 1, 2, 1500
+    mk = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+    q, k, v = mk(B, Hkv * G, N, rt.head_dim), mk(B, Hkv, N, rt.head_dim), mk(B, Hkv, N, rt.head_dim_v)
+    n_blocks = -(-N // rt.l_sel)
+    scores = torch.rand(B, Hkv, N, n_blocks, generator=g, device="cuda")
+    indices = rt._top_blocks(scores, torch.arange(N, device="cuda"))
+    o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
+    rt.tokens_per_program = 1
+    try:
+        o1, lse1 = rt.selected_forward(q, k, v, indices, rt.scale)
+    finally:
+        rt.tokens_per_program = None
+    want_o, want_lse = _selected_reference(q, k, v, indices, rt.l_sel, rt.scale)
+    assert (o.double() - want_o).abs().max() < 2e-2 and (o.float() - o1.float()).abs().max() < 2e-2
+    assert (lse.double() - want_lse).abs().max() < 1e-2 and (lse - lse1).abs().max() < 1e-2

@@ -4,8 +4,10 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
 1. compression of each KV head's keys and values (mean, or linear with weights given per call);
 2. the compressed branch: the derived fa2 module `BRANCHES["cmp"]`, with its LSE;
 3. the selection: block scores from the compressed branch's probabilities summed over the G query
-   heads of a KV head, then the top-n blocks with the forced ones (chunked torch, no gradient);
-4. the selected branch: the module's `_nsa_select_fwd` kernel, and for the backward
+   heads of a KV head (the `_nsa_scores` kernel, or chunked torch), then the top-n blocks with the
+   forced ones (torch; no gradient);
+4. the selected branch: the module's `_nsa_select_fwd` kernel (BLOCK_T tokens per program over
+   the union of their blocks), and for the backward
    `_nsa_select_bwd_dq` (query-major) and `_nsa_select_bwd_dkdv` (key-major, over inverted lists);
 5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
 6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
@@ -65,6 +67,9 @@ class NSAModule:
         self._branches = None
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from _nsa_scores: 9-16x the chunked torch's speed (docs/decisions/nsa-plan.md)
+        # tokens per program of the selected branch's forward: None picks them (selected_tokens());
+        # a power of two forces it (1: one token per program, the G query heads alone as rows)
+        self.tokens_per_program = None
 
     def branches(self):
         """The compressed and window branches' fa2 modules, compiled (or read from the disk cache) on
@@ -347,18 +352,51 @@ class NSAModule:
                     BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_S=self.l_sel,
                     DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
+    def selected_tokens(self, G: int, N: int, tensor_cores: bool = True) -> int:
+        """BLOCK_T, the selected forward's tokens per program: the knob tokens_per_program, else
+        enough tokens that tokens x G is about 64 rows (a group of 16 alone keeps the MMA at a
+        quarter of its rows: ~100 TF/s on the H100), at most N's power of two (decoding one token:
+        1); groups over 64 alone. Without tensor cores (fp32 on the GPU: an FMA dot) one token:
+        more rows only add registers (64 rows spill). The interpreter (CPU) takes the tensor-core
+        choice in every dtype, so that the fp32 tests check the tiling bf16 runs on the GPU."""
+        if self.tokens_per_program is not None:
+            t = self.tokens_per_program
+            if not isinstance(t, int) or t < 1 or t & (t - 1):
+                raise ValueError(f"tokens_per_program must be None or a power of two >= 1; got {t!r}")
+            return t
+        block_g = triton.next_power_of_2(G)
+        if not tensor_cores or block_g > 64:
+            return 1
+        return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
+
     def selected_forward(self, q, k, v, indices, scale: float, first=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
-        first[b] + t of its sequence, whose keys k, v hold (a contiguous cache)."""
+        first[b] + t of its sequence, whose keys k, v hold (a contiguous cache). BLOCK_T tokens per
+        program (selected_tokens()), over the union of their blocks (union_lists())."""
         B, Hq, N, _ = q.shape
         Hkv = k.shape[1]
+        G = Hq // Hkv
         o = torch.empty(B, Hq, N, self.head_dim_v, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
-        if o.numel():
-            self.fwd_kernel[(N, B * Hkv)](q, k, v, indices, o, lse, indices if first is None else first, *q.stride(),
-                                          *k.stride(), *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv,
-                                          Hq // Hkv, indices.shape[-1], scale * 1.4426950408889634,
-                                          DECODE=first is not None, **self._launch_args(q, k))
+        if not o.numel():
+            return o, lse
+        fp32_gpu = q.is_cuda and q.dtype == torch.float32
+        block_t = self.selected_tokens(G, N, tensor_cores=not fp32_gpu)
+        union, count = union_lists(indices, block_t, -(-k.shape[2] // self.l_sel))
+        args = self._launch_args(q, k)
+        # the tl.dot wants 16 rows: a few tokens of a small group pad the group
+        args["BLOCK_G"] = max(triton.next_power_of_2(G), -(-16 // block_t))
+        rows = block_t * args["BLOCK_G"]
+        # d 256 (192 padded) at 64+ rows: the accumulator and q over 8 warps, as fa2's d192 tiles
+        warps = 8 if rows * max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) >= 64 * 256 else 4
+        # fp32's buffers are twice as big: 3 stages of d192's blocks would take 217 KB of shared memory
+        stages = 2 if q.dtype == torch.float32 else 3
+        self.fwd_kernel[(union.shape[2], B * Hkv)](
+            q, k, v, indices, union, count, o, lse, indices if first is None else first, *q.stride(), *k.stride(),
+            *v.stride(), *indices.stride(), *union.stride(), *o.stride(), *lse.stride(), N, Hkv, G,
+            indices.shape[-1], scale * 1.4426950408889634, BLOCK_T=block_t,
+            SELECT_PAD=max(2, triton.next_power_of_2(indices.shape[-1])), DECODE=first is not None,
+            num_warps=warps, num_stages=stages, **args)
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
@@ -384,6 +422,29 @@ class NSAModule:
                                                   *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *dk.stride(),
                                                   *dv.stride(), N, Hkv, G, scale * 1.4426950408889634, scale, **args)
         return dq, dk, dv
+
+
+def union_lists(indices: torch.Tensor, block_t: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(union int32 [B, Hkv, tiles, U], count int32 [B, Hkv, tiles]): per tile of block_t
+    consecutive tokens (tiles = ceil(N / block_t)), the blocks any of its tokens chose, ascending
+    and distinct, the first count entries of union (-1 after; U = min(block_t * n, n_blocks)). On the
+    device, without a host read: a sort of the tile's choices, duplicates and -1 made a sentinel
+    that a second sort moves to the end. block_t 1: the indices themselves (ascending, -1 padded)."""
+    B, Hkv, N, n = indices.shape
+    if block_t == 1:
+        return indices, (indices >= 0).sum(-1, dtype=torch.int32)
+    tiles = -(-N // block_t)
+    idx = indices
+    if tiles * block_t != N:
+        idx = torch.nn.functional.pad(idx, (0, 0, 0, tiles * block_t - N), value=-1)
+    big = torch.iinfo(torch.int32).max
+    u = idx.reshape(B, Hkv, tiles, block_t * n)
+    u = torch.sort(torch.where(u < 0, big, u), dim=-1).values
+    repeat = torch.zeros_like(u, dtype=torch.bool)
+    repeat[..., 1:] = u[..., 1:] == u[..., :-1]
+    u = torch.sort(torch.where(repeat, big, u), dim=-1).values[..., :max(1, min(block_t * n, n_blocks))]
+    count = (u != big).sum(-1, dtype=torch.int32)
+    return torch.where(u == big, -1, u), count
 
 
 def inverted_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
