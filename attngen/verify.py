@@ -394,8 +394,9 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
         terms = squares.sqrt() if temperature is not None and backward and dtype_ == torch.float64 else None
         return ro.transpose(0, 1), rl, grads + ([dtemp] if temperature is not None and backward else []), terms
     # o as [Hq, total_q, Dv], row for row with lse [Hq, total_q]
-    return _judge(spec, dtype, case, (o.transpose(0, 1), lse, got), packed_reference(torch.float64),
-                  packed_reference(tdt), repeat_differs)
+    result = _judge(spec, dtype, case, (o.transpose(0, 1), lse, got), packed_reference(torch.float64),
+                    packed_reference(tdt), repeat_differs)
+    return _labelled(result, module, deterministic) if backward else result
 
 
 def paged(cache: torch.Tensor, page_size: int, table: torch.Tensor) -> torch.Tensor:

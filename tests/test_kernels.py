@@ -338,3 +338,30 @@ def test_single_pass_backward_of_packed_sequences(device):
 def test_a_learnable_head_parameter_keeps_the_two_kernel_backward():
     rt = runtime.of(attngen.load(ROOT / "specs" / "temperature.yaml"))
     assert rt.n_grads and rt.deterministic  # the dQ kernel sums dtemperature: no single pass for it
+
+
+@pytest.mark.interp
+def test_single_pass_that_does_not_fit_falls_back_to_two_kernels(device, monkeypatch):
+    """A tiling whose single-pass variant overflows shared memory (d192 on the H100) runs the two
+    kernels instead, and is remembered."""
+    from triton.runtime.errors import OutOfResources
+
+    module = attngen.load(ROOT / "specs" / "causal.yaml")
+    rt = runtime.of(module)
+    launch_ = rt._launch
+
+    def launch(role, tensors, scalars, seed, flags, *args, **kw):
+        if role == "bwd_dkdv" and flags[0]:
+            raise OutOfResources(263192, 232448, "shared memory")
+        return launch_(role, tensors, scalars, seed, flags, *args, **kw)
+
+    monkeypatch.setattr(rt, "_launch", launch)
+    monkeypatch.setattr(rt, "_no_single_pass", set())
+    spec = load_spec(ROOT / "specs" / "causal.yaml")
+    q, k, v = _inputs(spec, 1, 2, 1, 40, 70, device=device)
+    grads = []
+    for det in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        module.attention(*leaves, deterministic=det).sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads)) and len(rt._no_single_pass) == 1

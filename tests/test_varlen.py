@@ -172,7 +172,8 @@ def test_verify_varlen_checks_every_quantity(monkeypatch):
     from attngen.verify import verify_spec
 
     results = verify_spec(resolve_spec("causal_dropout"), dtypes=["fp32"], backward=True, varlen=True)
-    assert len(results) == 2 and all(r.ok for r in results), [r.why for r in results]
+    assert len(results) == 4 and all(r.ok for r in results), [r.why for r in results]  # 2 cases x 2 backward forms
+    assert [r.spec for r in results] == ["causal_dropout (two kernels)"] * 2 + ["causal_dropout (single pass)"] * 2
     assert [name for name, _, _ in results[0].errors] == ["o", "lse", "dq", "dk", "dv"]
     real = runtime.KernelModule.attention_varlen  # what verify calls, for whichever module object it loads
     monkeypatch.setattr(runtime.KernelModule, "attention_varlen",

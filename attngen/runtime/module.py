@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from . import decode, decode_gate
 from .block_mask import BlockMask
@@ -104,6 +105,7 @@ class KernelModule:
         # the backward's default form: the two-kernel one (deterministic) until the single pass is
         # measured faster (docs/decisions/single-pass-backward.md); per call: deterministic=
         self.deterministic = True
+        self._no_single_pass: set = set()  # dK/dV tilings whose single-pass variant does not fit
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_ops(self)
@@ -311,12 +313,17 @@ class KernelModule:
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
         scalars = (scale * LOG2E, scale, seed, p_drop)
         single = not (self.deterministic if deterministic is None else deterministic) and not self.n_grads
-        if single:  # one kernel: dK, dV per key block, dQ added into fp32 rows by atomics
+        kv_cfg = self.config("bwd_dkdv", DTYPES[q.dtype], *self._lengths(q, k, sparse))
+        if single and tuple(kv_cfg.items()) not in self._no_single_pass:
+            # one kernel: dK, dV per key block, dQ added into fp32 rows by atomics
             self._delta(o, do, delta)
             dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            self._launch("bwd_dkdv", (q, k, v, do, dk, dv, dq_acc, lse, delta, hp), scalars, seed, (True, p_drop > 0),
-                         sparse, window=window)
-            return dq.copy_(dq_acc), dk, dv, None
+            try:
+                self._launch("bwd_dkdv", (q, k, v, do, dk, dv, dq_acc, lse, delta, hp), scalars, seed,
+                             (True, p_drop > 0), sparse, kv_cfg, window)
+                return dq.copy_(dq_acc), dk, dv, None
+            except OutOfResources:  # the tiling's extra product overflows shared memory (d192 on the H100)
+                self._no_single_pass.add(tuple(kv_cfg.items()))  # so: the two kernels, for this tiling
         flags = (p_drop > 0,)
         lengths = self._lengths(q, k, sparse)
         cfg = self.config("bwd_dq", DTYPES[q.dtype], *lengths)
@@ -330,7 +337,7 @@ class KernelModule:
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg, window)
         # q stands in for the fp32 dQ buffer the kernel does not touch without ATOMIC_DQ
         self._launch("bwd_dkdv", (q, k, v, do, dk, dv, q, lse, delta, hp), scalars, seed, (False, *flags), sparse,
-                     window=window)
+                     kv_cfg, window)
         dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))
