@@ -119,7 +119,8 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
               HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr,
-              PARTIAL_STAGES: tl.constexpr, VARLEN: tl.constexpr):
+              PARTIAL_STAGES: tl.constexpr, VARLEN: tl.constexpr,
+              POSITIONS: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head). Q, K, V are tensors, or TMA
     # descriptors where TMA. The mask sees query row i at position q_pos + i and key j at kv_pos + j
     # of an Nq_all x Nk_all problem (0, 0, Nq, Nk unless the call is a window of a larger one).
@@ -137,12 +138,15 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     if VARLEN:  # packed sequences: off_b is a sequence; the grid covers the longest
         if first >= Nq:
             return
-        Nq_all = Nq
-        Nk_all = Nk
         Q += q_start.to(tl.int64) * stride_qm
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
         O += q_start.to(tl.int64) * stride_om
+    if not POSITIONS:  # the whole problem (no window): positions are the rows themselves
+        q_pos = 0
+        kv_pos = 0
+        Nq_all = Nq
+        Nk_all = Nk
     last = tl.minimum(first + BLOCK_M, Nq) - 1
     first_pos = first + q_pos
     last_pos = last + q_pos
@@ -254,7 +258,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
                    FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
-                   VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                   VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, POSITIONS: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
     # head in its GQA group in order, so dK and dV are summed in a fixed order (deterministic, no atomics).
     # Positions as in the forward (q_pos, kv_pos, Nq_all, Nk_all).
@@ -273,6 +277,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
         DK += k_start.to(tl.int64) * stride_dkn
         DV += k_start.to(tl.int64) * stride_dvn
         DQ_ACC += q_start.to(tl.int64) * stride_aqm
+    if not POSITIONS:  # the whole problem (no window): positions are the rows themselves
+        q_pos = 0
+        kv_pos = 0
         Nq_all = Nq
         Nk_all = Nk
     last = tl.minimum(first + BLOCK_N, Nk) - 1
@@ -363,7 +370,7 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
                  FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
-                 VARLEN: tl.constexpr):
+                 VARLEN: tl.constexpr, POSITIONS: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
     off_hz = tl.program_id(1)
     off_b = off_hz // H
@@ -387,6 +394,9 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
         DQ += q_start.to(tl.int64) * stride_dqm
         K += k_start.to(tl.int64) * stride_kn
         V += k_start.to(tl.int64) * stride_vn
+    if not POSITIONS:  # the whole problem (no window): positions are the rows themselves
+        q_pos = 0
+        kv_pos = 0
         Nq_all = Nq
         Nk_all = Nk
     last = tl.minimum(first + BLOCK_M, Nq) - 1

@@ -208,7 +208,7 @@ class KernelModule:
 
     # ------------------------------------------------------------------ plan and run
 
-    def _plan(self, role: str, cfg: dict, tensors, flags, seqlens: Seqlens | None) -> Plan:
+    def _plan(self, role: str, cfg: dict, tensors, flags, seqlens: Seqlens | None, positions: bool = False) -> Plan:
         q, k, v = tensors[:3]
         B, Hq, Nq, _ = q.shape
         Hkv, Nk = k.shape[1], k.shape[2]
@@ -239,7 +239,8 @@ class KernelModule:
         grid = (triton.cdiv(Nk, bn), B * Hkv, 1) if ROLES[role].transposed else (triton.cdiv(Nq, bm), B * Hq, 1)
         # packed sequences: the batch entry is a sequence, found through CU_Q and CU_K, not a stride
         middle = (*tables, *(s for t in strided for s in (0 if seqlens else t.stride(0), *t.stride()[1:])), *sizes)
-        consts = dict(DROPOUT=flags[-1], VARLEN=seqlens is not None, **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
+        consts = dict(DROPOUT=flags[-1], VARLEN=seqlens is not None, POSITIONS=positions,
+                      **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
         if role == "fwd":
             consts["STORE_LSE"] = flags[0]
         if role == "bwd_dkdv":
@@ -259,15 +260,15 @@ class KernelModule:
         if per_call:  # the call's tables, ids and sequence starts are kernel arguments like the tensors
             tensors = (*tensors, *self._tables(role, cfg, q, k, sparse, window), *starts)
         key = signature(role, cfg, tensors, seed, flags) + ((seqlens.max_q, seqlens.max_k) if seqlens else ())
-        if window is not None and role in self.tables and not per_call:
-            key += window  # the static table is the window's
+        if window is not None:  # compiled with POSITIONS (a whole-problem call compiles without: no cost)
+            key += (True, *window) if role in self.tables and not per_call else (True,)  # a static table is the window's
         plan = self.plans.get(key)
         if plan is None:
             if len(self.plans) >= 1024:
                 self.plans.clear()
             # a static table depends only on what the signature holds: a plan constant
             full = tensors if per_call else (*tensors, *self._tables(role, cfg, q, k, NO_SPARSE, window), *starts)
-            plan = self.plans[key] = self._plan(role, cfg, full, flags, seqlens)
+            plan = self.plans[key] = self._plan(role, cfg, full, flags, seqlens, window is not None)
         plan(tensors, scalars)
 
     @staticmethod
