@@ -283,8 +283,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                  "accs": "".join(f", {a}" for a in accs),
                  "init": "".join(f"\n    {a} = tl.zeros([BLOCK_M], dtype=tl.float32)" for a in accs),
                  # the residue's correction needs whole rows: a window of the keys (a ring step) leaves it out
-        "store": ("\n    residue = (Nk == Nk_all).to(tl.float32)  # the call holds every key of its rows" if grad_params
-                  else "") + "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
+        "store": ("\n    residue = 1.0\n    if POSITIONS:  # a window: only where it holds every key of its rows"
+                  "\n        residue = (Nk == Nk_all).to(tl.float32)" if grad_params else "") + "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
                                      f"tl.program_id(0), tl.sum(dhp_{a} - residue * ds_rows * dhp_{a}_p, 0))"
                                      for i, a in enumerate(grad_params))},
         "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("loop").longest_first

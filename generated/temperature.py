@@ -442,7 +442,9 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
             DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_temperature, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD,
             BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
-    residue = (Nk == Nk_all).to(tl.float32)  # the call holds every key of its rows
+    residue = 1.0
+    if POSITIONS:  # a window: only where it holds every key of its rows
+        residue = (Nk == Nk_all).to(tl.float32)
     tl.store(DHP + (0 * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), tl.sum(dhp_temperature - residue * ds_rows * dhp_temperature_p, 0))
 
 
