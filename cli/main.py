@@ -186,14 +186,28 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
         _fail(e)
 
 
+
+def _exhaustive_top(value: str) -> int | None:
+    """--exhaustive's value: a count of the best-ranked tilings (0: no search), or None for `all`."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        top = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--exhaustive takes a count or `all`; got {value!r}") from None
+    if top < 0:
+        raise typer.BadParameter(f"--exhaustive takes a count >= 0 or `all`; got {top}")
+    return top
+
 @app.command()
 def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
           shapes: Optional[str] = typer.Option(None, help="batch x heads x seq, comma separated, e.g. 4x16x4096,1x16x16384"),
           backward: bool = typer.Option(False, "--backward", help="time forward+backward instead of forward"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON"),
           markdown: Optional[Path] = typer.Option(None, help="write the markdown table"),
-          exhaustive: int = typer.Option(0, help="instead: time the N best-ranked tilings of each kernel "
-                                                 "(fwd, bwd_dkdv, bwd_dq) and compare the cost model's pick"),
+          exhaustive: str = typer.Option("0", help="instead: time the N best-ranked tilings of each kernel "
+                                                   "(fwd, bwd_dkdv, bwd_dq), or `all`: every legal one, and "
+                                                   "compare the cost model's pick"),
           head_dim: Optional[int] = typer.Option(None, help="bench a copy of each spec with this head dim "
                                                            "(named <spec>_d<N>)"),
           ab: Optional[str] = typer.Option(None, "--ab", metavar="OPTION",
@@ -208,12 +222,13 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
+    top = _exhaustive_top(exhaustive)
     if ab is not None:
         from attngen.tools.ab import check_option
 
         try:
             check_option(ab)
-            if exhaustive or markdown:
+            if top != 0 or markdown:
                 raise ValueError("--ab cannot go with --exhaustive or --markdown")
         except ValueError as e:
             _fail(e)
@@ -243,7 +258,7 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
         if json_out:
             json_out.write_text(json.dumps({"environment": environment(), "ab_rows": rows}, indent=1))
         return
-    if exhaustive:
+    if top != 0:
         import json
 
         from attngen.bench import environment
@@ -253,7 +268,7 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
         kernels = [(spec, shape, role) for spec in specs for shape in shape_list for role in ("fwd", "bwd_dkdv", "bwd_dq")]
         with progress(len(kernels), "bench --exhaustive") as advance:
             for spec, shape, role in kernels:
-                trials = search(spec, shape, role, median_ms, top=exhaustive)
+                trials = search(spec, shape, role, median_ms, top=top)
                 advance(label=f"{spec.stem} {role}")
                 rows += trial_rows(spec, shape, role, "bf16", trials)
                 results.append((spec.stem, shape, role, summary(trials)))

@@ -88,3 +88,32 @@ def test_search_runs_a_document_spec_on_the_benchmarks_documents(device):
     trials = search(path, BenchShape(2, 1, 70), "bwd_dkdv", lambda run: runs.append(run()) or 1.0,
                     dtype="fp16", device=device, top=2)
     assert [t.measured_ms for t in trials] == [1.0, 1.0] and len(runs) == 2
+
+
+@pytest.mark.compiler
+def test_exhaustive_all_means_every_legal_tiling(monkeypatch):
+    """`bench --exhaustive all` searches every legal candidate (top=None), not the model's top N; a
+    bad value is refused naming the option."""
+    from typer.testing import CliRunner
+
+    import cli.main as cli_main
+    from attngen.pipeline import compile_spec
+
+    path = ROOT / "specs" / "causal.yaml"
+    legal = len(compile_spec(path, stop="tiling").rankings["fwd"]["bf16"].ranked)
+    tops = []
+
+    def fake_search(spec, shape, role, timer, dtype="bf16", device="cuda", top=None):  # no GPU here
+        tops.append(top)
+        from attngen.exhaustive import Trial
+        ranked = compile_spec(spec, stop="tiling").rankings[role][dtype].ranked[:top]
+        return [Trial(i, p.config, p.time_s * 1e3, 1.0) for i, p in enumerate(ranked, start=1)]
+
+    monkeypatch.setattr("attngen.exhaustive.search", fake_search)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the search is faked: nothing runs
+    runner = CliRunner()
+    r = runner.invoke(cli_main.app, ["bench", str(path), "--shapes", "1x2x256", "--exhaustive", "all"])
+    assert r.exit_code == 0, r.output
+    assert tops == [None] * 3 and f"1 of {legal}" in r.output
+    r = runner.invoke(cli_main.app, ["bench", str(path), "--exhaustive", "most"])
+    assert r.exit_code != 0 and "--exhaustive takes a count or `all`" in r.output
