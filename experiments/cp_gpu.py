@@ -36,14 +36,15 @@ from attngen.bench import environment
 from attngen.resources import resolve_spec
 
 
-def timed(fn, reps: int) -> float:
-    """Median ms of fn over reps (after two warm-ups), each start after a barrier."""
+def timed(fn, reps: int, barrier: bool = True) -> float:
+    """Median ms of fn over reps (after warming up), each start after a barrier (all ranks)."""
     for _ in range(2):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -92,17 +93,7 @@ def check(mods, world, rank, out):
 
 
 def ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return timed(fn, reps, barrier=False)  # one process: no group
 
 
 def simulated_ring(rt, q, k, v, world: int, rank: int, documents=None):
