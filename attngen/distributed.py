@@ -308,7 +308,9 @@ class _ContextParallel(torch.autograd.Function):
                 # send these sums on with the block; after the last step they arrive at its owner
                 arriving = [torch.empty(x.shape[:2] + (_shard_rows(ctx, (src - 1) % ctx.world),) + x.shape[3:],
                                         dtype=torch.float32, device=q.device) for x in kv]
-                dkv = (_exchange(ctx.group, ctx.world, ctx.rank, partial, arriving), arriving)
+                # (the sums sent are kept referenced until the transfer is waited for: the allocator
+                # must not hand their memory to the next step while the transfer reads it)
+                dkv = (_exchange(ctx.group, ctx.world, ctx.rank, partial, arriving), arriving, partial)
                 if pending:
                     for req in pending[0]:
                         req.wait()
