@@ -324,16 +324,19 @@ class _ContextParallel(torch.autograd.Function):
 
 
 def _reduce_scatter(full: torch.Tensor, ctx: _Context) -> torch.Tensor:
-    """This rank's shard of the sum over ranks of a whole-sequence tensor (dim 2)."""
-    if dist.get_backend(ctx.group) == "nccl":
-        lengths = [_shard_rows(ctx, r) for r in range(ctx.world)]
-        longest = max(lengths)
-        parts = []
-        for r, n in enumerate(lengths):
-            s = shard(full, ctx.world, r, ctx.layout)
-            parts.append(torch.cat([s, s.new_zeros(*s.shape[:2], longest - n, s.shape[3])], 2) if n < longest else s)
-        out = torch.empty_like(parts[0])
+    """This rank's shard of the sum over ranks of a whole-sequence tensor (dim 2): the ranks'
+    shards padded to the longest, reduce-scattered (an all-reduce where the backend has no
+    reduce-scatter: gloo before torch 2.13 or so)."""
+    lengths = [_shard_rows(ctx, r) for r in range(ctx.world)]
+    longest = max(lengths)
+    parts = []
+    for r, n in enumerate(lengths):
+        s = shard(full, ctx.world, r, ctx.layout)
+        parts.append(torch.cat([s, s.new_zeros(*s.shape[:2], longest - n, s.shape[3])], 2) if n < longest else s)
+    out = torch.empty_like(parts[0])
+    try:
         dist.reduce_scatter(out, parts, group=ctx.group)
-        return out[:, :, :lengths[ctx.rank]]
-    dist.all_reduce(full, group=ctx.group)  # gloo has no reduce-scatter
-    return shard(full, ctx.world, ctx.rank, ctx.layout)
+    except (RuntimeError, NotImplementedError):
+        dist.all_reduce(full, group=ctx.group)
+        return shard(full, ctx.world, ctx.rank, ctx.layout)
+    return out[:, :, :lengths[ctx.rank]]
