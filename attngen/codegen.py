@@ -219,6 +219,18 @@ def _buckets(kernels: dict[str, Kernel]) -> tuple[tuple, dict]:
     return (buckets[0].nominal, *(seq for seq, _ in buckets[0].by_seq)), entries
 
 
+def _dhp_store(grad_params: list[str]) -> str:
+    """The dQ kernel's store of its programs' head-parameter gradients, less the rounding residue
+    (see _vjp_lines); a window of the keys (a ring step) holds partial rows: no correction there."""
+    if not grad_params:
+        return ""
+    lines = ["residue = 1.0", "if POSITIONS:  # a window: only where it holds every key of its rows",
+             "    residue = (Nk == Nk_all).to(tl.float32)"]
+    lines += [f"tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), "
+              f"tl.sum(dhp_{a} - residue * ds_rows * dhp_{a}_p, 0))" for i, a in enumerate(grad_params)]
+    return "".join(f"\n    {line}" for line in lines)
+
+
 def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = False) -> dict:
     fwd = kernels["fwd"]
     for k in kernels.values():
@@ -282,11 +294,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                  "bwd_dq": grads["bwd_dq"][0],
                  "accs": "".join(f", {a}" for a in accs),
                  "init": "".join(f"\n    {a} = tl.zeros([BLOCK_M], dtype=tl.float32)" for a in accs),
-                 # the residue's correction needs whole rows: a window of the keys (a ring step) leaves it out
-        "store": ("\n    residue = 1.0\n    if POSITIONS:  # a window: only where it holds every key of its rows"
-                  "\n        residue = (Nk == Nk_all).to(tl.float32)" if grad_params else "") + "".join(f"\n    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + "
-                                     f"tl.program_id(0), tl.sum(dhp_{a} - residue * ds_rows * dhp_{a}_p, 0))"
-                                     for i, a in enumerate(grad_params))},
+                 "store": _dhp_store(grad_params)},
         "program": {role: "tl.num_programs(0) - 1 - tl.program_id(0)" if kernels[role].attr("loop").longest_first
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),

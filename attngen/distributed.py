@@ -90,8 +90,11 @@ def context_parallel_attention(mod, q, k, v, *, seq_len: int | None = None, grou
     all-reduce). strategy: "ring" passes K/V blocks around the ring, overlapping each transfer
     with the current block's compute; "allgather" gathers K/V once and reduce-scatters their
     gradients. documents: this rank's shard of the document ids [B, n], for specs with a document
-    mask. The other keywords are the module's `attention` ones; a dropout seed not given is drawn
-    on the group's first rank and broadcast, so that every rank drops the same elements.
+    mask. The other keywords are the module's `attention` ones; the dropout seed is the group's
+    first rank's (given there, or drawn there), broadcast, so that every rank drops the same
+    elements. A learnable head parameter's gradient is this rank's share, as for any other
+    parameter: summed over the group by whatever reduces gradients over a mesh that includes the
+    context dimension (DDP/FSDP), or by the caller. The backward is the deterministic two-kernel one.
     Not supported: packed sequences, block-sparse layouts, torch.compile (the function is eager)."""
     rt = mod if isinstance(mod, KernelModule) else runtime_of(mod)
     if strategy not in STRATEGIES:
@@ -125,14 +128,17 @@ def context_parallel_attention(mod, q, k, v, *, seq_len: int | None = None, grou
     p_drop = rt.dropout_p if training else 0.0
     seed = 0
     if p_drop > 0:
-        seed = int(dropout_seed) if dropout_seed is not None else _shared_seed(group, q.device)
+        seed = _shared_seed(group, q.device, dropout_seed)
     ctx = _Context(rt, group, world, rank, seq_len, layout, strategy, ids, scale, seed, p_drop)
     o, lse = _ContextParallel.apply(ctx, q, k, v, hp)
     return (o, lse) if return_lse else o
 
 
-def _shared_seed(group, device) -> int:
-    seed = torch.randint(0, 2**31 - 1, (1,), device=device if dist.get_backend(group) == "nccl" else "cpu")
+def _shared_seed(group, device, given) -> int:
+    """The group's first rank's dropout seed (given, or drawn there), broadcast: every rank drops the
+    same elements even where the ranks were given, or drew, different seeds."""
+    seed = torch.randint(0, 2**31 - 1, (1,)) if given is None else torch.tensor([int(given)])
+    seed = seed.to(device if dist.get_backend(group) == "nccl" else "cpu")
     dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
     return int(seed.item())
 
@@ -175,7 +181,7 @@ class _Context:
         for qs, qn, qr in self.pieces(self.rank):
             for ks, kn, kr in kv_pieces:
                 w = Window(qs, ks, self.seq_len, self.seq_len)
-                if self.ids is None and not self.any_visible(w, qn, kn):
+                if not self.any_visible(w, qn, kn):  # document ids only ever hide more
                     continue
                 sparse = Sparse(Documents(self.ids[:, qs:qs + qn], self.ids[:, ks:ks + kn])) if self.ids is not None \
                     else Sparse()
@@ -268,7 +274,8 @@ class _ContextParallel(torch.autograd.Function):
 
         def pair_grads(w, rows, keys, sparse, k_, v_):
             grads = rt.backward(do[:, :, rows], q[:, :, rows], k_[:, :, keys], v_[:, :, keys], o[:, :, rows],
-                                lse[:, :, rows].contiguous(), hp, ctx.scale, ctx.seed, ctx.p_drop, sparse, window=w)
+                                lse[:, :, rows].contiguous(), hp, ctx.scale, ctx.seed, ctx.p_drop, sparse, window=w,
+                                deterministic=True)
             dq[:, :, rows] += grads[0].float()
             if dhp is not None:
                 dhp.add_(grads[3])
@@ -318,8 +325,6 @@ class _ContextParallel(torch.autograd.Function):
             for req in dkv[0]:
                 req.wait()
             dk, dv = dkv[1]
-        if dhp is not None:
-            dist.all_reduce(dhp, group=ctx.group)  # the head parameters are the whole problem's
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dhp
 
 
@@ -334,7 +339,10 @@ def _reduce_scatter(full: torch.Tensor, ctx: _Context) -> torch.Tensor:
         s = shard(full, ctx.world, r, ctx.layout)
         parts.append(torch.cat([s, s.new_zeros(*s.shape[:2], longest - n, s.shape[3])], 2) if n < longest else s)
     out = torch.empty_like(parts[0])
-    try:
+    if dist.get_backend(ctx.group) != "gloo":
+        dist.reduce_scatter(out, parts, group=ctx.group)
+        return out[:, :, :lengths[ctx.rank]]
+    try:  # gloo fails on every rank alike where it has no reduce-scatter: no rank is left waiting
         dist.reduce_scatter(out, parts, group=ctx.group)
     except (RuntimeError, NotImplementedError):
         dist.all_reduce(full, group=ctx.group)

@@ -263,22 +263,22 @@ def check(spec: Spec, module, shape: Shape, dtype: str, device, seed: int = 0, b
     repeat_differs = False
     if direct:
         o2, lse2, got2 = run()
-        n = 2 if _single_pass(module, deterministic) else None  # atomics: gradients in any order
+        n = 2 if _single_pass(module) else None  # atomics: gradients in any order
         repeat_differs = not all(_same_bits(a, b) for a, b in list(zip((o, lse, *got), (o2, lse2, *got2)))[:n])
     ref = _reference(spec, q, k, v, slopes, keep, torch.float64, do, documents, temperature, layout)
     eager = _reference(spec, q, k, v, slopes, keep, tdt, do, documents, temperature, layout)
     result = _judge(spec, dtype, shape, (o, lse, got), ref, eager, repeat_differs)
-    return _labelled(result, module, deterministic) if backward else result
+    return _labelled(result, module) if backward else result
 
 
-def _single_pass(module, deterministic: bool | None) -> bool:
-    rt = runtime.of(module)
-    return not (rt.deterministic if deterministic is None else deterministic) and not rt.n_grads
+def _single_pass(module) -> bool:
+    """Whether the latest backward ran the single pass (a tiling may fall back to the two kernels)."""
+    return runtime.of(module).last_backward == "single pass"
 
 
-def _labelled(result: Result, module, deterministic: bool | None) -> Result:
-    """The result with its backward's form in the spec column (verify --backward runs both)."""
-    form = "single pass" if _single_pass(module, deterministic) else "two kernels"
+def _labelled(result: Result, module) -> Result:
+    """The result with the backward form that ran in the spec column (verify --backward runs both)."""
+    form = "single pass" if _single_pass(module) else "two kernels"
     return dataclasses.replace(result, spec=f"{result.spec} ({form})")
 
 
@@ -366,7 +366,7 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
     repeat_differs = False
     if rt.direct:
         o2, lse2, got2 = run()
-        n = 2 if _single_pass(module, deterministic) else None  # atomics: gradients in any order
+        n = 2 if _single_pass(module) else None  # atomics: gradients in any order
         repeat_differs = not all(_same_bits(a, b) for a, b in list(zip((o, lse, *got), (o2, lse2, *got2)))[:n])
 
     def packed_reference(dtype_):
@@ -396,7 +396,7 @@ def check_varlen(spec: Spec, module, case: Packed, dtype: str, device, seed: int
     # o as [Hq, total_q, Dv], row for row with lse [Hq, total_q]
     result = _judge(spec, dtype, case, (o.transpose(0, 1), lse, got), packed_reference(torch.float64),
                     packed_reference(tdt), repeat_differs)
-    return _labelled(result, module, deterministic) if backward else result
+    return _labelled(result, module) if backward else result
 
 
 def paged(cache: torch.Tensor, page_size: int, table: torch.Tensor) -> torch.Tensor:

@@ -186,7 +186,6 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
         _fail(e)
 
 
-
 def _exhaustive_top(value: str) -> int | None:
     """--exhaustive's value: a count of the best-ranked tilings (0: no search), or None for `all`."""
     if value.strip().lower() == "all":
@@ -198,6 +197,7 @@ def _exhaustive_top(value: str) -> int | None:
     if top < 0:
         raise typer.BadParameter(f"--exhaustive takes a count >= 0 or `all`; got {top}")
     return top
+
 
 @app.command()
 def bench(specs: List[Path] = typer.Argument(..., help="spec files"),

@@ -70,7 +70,10 @@ def run(case: dict, mod, world: int, rank: int) -> dict | None:
                 gathered[i][r] = buf
         else:
             dist.send(t.contiguous(), dst=0)
-    dhp = kw["temperature"].grad if "temperature" in kw else None
+    dhp = None
+    if "temperature" in kw:  # each rank holds its share of a head parameter's gradient: summed here
+        dhp = kw["temperature"].grad.clone()
+        dist.all_reduce(dhp)
     if rank != 0:
         return None
     whole = [cp.unshard(parts, layout) for parts in gathered]

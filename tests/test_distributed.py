@@ -60,7 +60,8 @@ def test_two_ranks_match_one(tmp_path):
              _case("window ring contiguous", "window", layout="contiguous", N=120),
              _case("document ring", "document", N=130),
              _case("dropout ring", "dropout", N=100, dropout_seed=1234),
-             _case("temperature ring", "temperature", N=90, temperature=True)]
+             _case("temperature ring", "temperature", N=90, temperature=True),
+             _case("causal ring, fewer tokens than parts", "causal", N=3)]
     results = _run(tmp_path, 2, cases)
     assert set(results) == {c["name"] for c in cases}
     for name, r in results.items():

@@ -106,6 +106,7 @@ class KernelModule:
         # measured faster (docs/decisions/single-pass-backward.md); per call: deterministic=
         self.deterministic = True
         self._no_single_pass: set = set()  # dK/dV tilings whose single-pass variant does not fit
+        self.last_backward = None  # the form the latest backward ran: "two kernels" | "single pass"
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_ops(self)
@@ -322,6 +323,7 @@ class KernelModule:
             try:
                 self._launch("bwd_dkdv", (q, k, v, do, dk, dv, dq_acc, lse, delta, hp), scalars, seed,
                              (True, p_drop > 0), sparse, kv_cfg, window)
+                self.last_backward = "single pass"
                 return dq.copy_(dq_acc), dk, dv, None
             except OutOfResources:  # the tiling's extra product overflows shared memory (d192 on the H100)
                 self._no_single_pass.add(tuple(kv_cfg.items()))  # so: the two kernels, for this tiling
@@ -339,6 +341,7 @@ class KernelModule:
         # q stands in for the fp32 dQ buffer the kernel does not touch without ATOMIC_DQ
         self._launch("bwd_dkdv", (q, k, v, do, dk, dv, q, lse, delta, hp), scalars, seed, (False, *flags), sparse,
                      kv_cfg, window)
+        self.last_backward = "two kernels"
         dhp = None
         if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))

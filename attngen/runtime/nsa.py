@@ -354,11 +354,10 @@ class NSAModule:
 
     def selected_tokens(self, G: int, N: int, tensor_cores: bool = True) -> int:
         """BLOCK_T, the selected forward's tokens per program: the knob tokens_per_program, else
-        enough tokens that tokens x G is about 64 rows (a group of 16 alone keeps the MMA at a
-        quarter of its rows; at d128, G 16 on the H100: 1.79 against 2.18 ms at 8k tokens, 4.18
-        against 4.41 at 16k, even at 32k), at most N's power of two (decoding one token:
-        1); groups over 64 alone. Without tensor cores (fp32 on the GPU: an FMA dot) one token:
-        more rows only add registers (64 rows spill). The interpreter (CPU) takes the tensor-core
+        enough tokens that tokens x G is about 64 rows (a group of 16 alone fills a quarter of the
+        MMA), at most N's power of two (decoding one token: 1); one token for groups over 64, head
+        dims over 128, or no tensor cores (fp32 on the GPU: more rows only add registers). The
+        measurements: docs/decisions/nsa-plan.md. The interpreter (CPU) takes the tensor-core
         choice in every dtype, so that the fp32 tests check the tiling bf16 runs on the GPU."""
         if self.tokens_per_program is not None:
             t = self.tokens_per_program
@@ -366,8 +365,6 @@ class NSAModule:
                 raise ValueError(f"tokens_per_program must be None or a power of two >= 1; got {t!r}")
             return t
         block_g = triton.next_power_of_2(G)
-        # head dims over 128 (d192 padded to 256): one token; more were 1.3-1.6x slower on the H100
-        # at 16k-32k tokens (data/nsa_2026-12-06_h100_tokens.json)
         if not tensor_cores or block_g > 64 or max(self.head_dim, self.head_dim_v) > 128:
             return 1
         return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
