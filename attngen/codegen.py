@@ -220,14 +220,21 @@ def _buckets(kernels: dict[str, Kernel]) -> tuple[tuple, dict]:
 
 
 def _dhp_store(grad_params: list[str]) -> str:
-    """The dQ kernel's store of its programs' head-parameter gradients, less the rounding residue
-    (see _vjp_lines); a window of the keys (a ring step) holds partial rows: no correction there."""
+    """The dQ kernel's store of the head-parameter gradients: per program, less the rounding
+    residue (see _vjp_lines); in a window (a ring step holds part of each row's keys) per row the
+    three sums, g(ds), ds and g(p), which the caller adds over the windows before the correction."""
     if not grad_params:
         return ""
-    lines = ["residue = 1.0", "if POSITIONS:  # a window: only where it holds every key of its rows",
-             "    residue = (Nk == Nk_all).to(tl.float32)"]
-    lines += [f"tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), "
-              f"tl.sum(dhp_{a} - residue * ds_rows * dhp_{a}_p, 0))" for i, a in enumerate(grad_params)]
+    lines = ["if POSITIONS:  # DHP [P, 3, programs, rows]: the caller corrects whole rows (docs/distributed.md)",
+             "    rows = DHP + off_hz * (tl.num_programs(0) * BLOCK_M) + offs_m",
+             "    plane = tl.num_programs(1) * tl.num_programs(0) * BLOCK_M"]
+    for i, a in enumerate(grad_params):
+        lines += [f"    tl.store(rows + {3 * i} * plane, dhp_{a})",
+                  f"    tl.store(rows + {3 * i + 1} * plane, ds_rows)",
+                  f"    tl.store(rows + {3 * i + 2} * plane, dhp_{a}_p)"]
+    lines.append("else:")
+    lines += [f"    tl.store(DHP + ({i} * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), "
+              f"tl.sum(dhp_{a} - ds_rows * dhp_{a}_p, 0))" for i, a in enumerate(grad_params)]
     return "".join(f"\n    {line}" for line in lines)
 
 

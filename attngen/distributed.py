@@ -270,15 +270,17 @@ class _ContextParallel(torch.autograd.Function):
         q, k, v, hp, o, lse = fctx.saved_tensors
         do = do.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dhp = torch.zeros(hp.shape, dtype=torch.float32, device=q.device) if rt.n_grads else None
+        # a head parameter's gradient: per row, summed over the windows, corrected once rows are whole
+        dhp_rows = torch.zeros((hp.shape[0], 3, *q.shape[:3]), dtype=torch.float32, device=q.device) \
+            if rt.n_grads else None
 
         def pair_grads(w, rows, keys, sparse, k_, v_):
             grads = rt.backward(do[:, :, rows], q[:, :, rows], k_[:, :, keys], v_[:, :, keys], o[:, :, rows],
                                 lse[:, :, rows].contiguous(), hp, ctx.scale, ctx.seed, ctx.p_drop, sparse, window=w,
                                 deterministic=True)
             dq[:, :, rows] += grads[0].float()
-            if dhp is not None:
-                dhp.add_(grads[3])
+            if dhp_rows is not None:
+                dhp_rows[..., rows] += grads[3]
             return grads[1], grads[2]
 
         if ctx.strategy == "allgather":
@@ -325,6 +327,7 @@ class _ContextParallel(torch.autograd.Function):
             for req in dkv[0]:
                 req.wait()
             dk, dv = dkv[1]
+        dhp = None if dhp_rows is None else rt.finish_head_param_grads(dhp_rows)
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dhp
 
 

@@ -442,10 +442,14 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
             DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_temperature, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD,
             BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
-    residue = 1.0
-    if POSITIONS:  # a window: only where it holds every key of its rows
-        residue = (Nk == Nk_all).to(tl.float32)
-    tl.store(DHP + (0 * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), tl.sum(dhp_temperature - residue * ds_rows * dhp_temperature_p, 0))
+    if POSITIONS:  # DHP [P, 3, programs, rows]: the caller corrects whole rows (docs/distributed.md)
+        rows = DHP + off_hz * (tl.num_programs(0) * BLOCK_M) + offs_m
+        plane = tl.num_programs(1) * tl.num_programs(0) * BLOCK_M
+        tl.store(rows + 0 * plane, dhp_temperature)
+        tl.store(rows + 1 * plane, ds_rows)
+        tl.store(rows + 2 * plane, dhp_temperature_p)
+    else:
+        tl.store(DHP + (0 * tl.num_programs(1) + off_hz) * tl.num_programs(0) + tl.program_id(0), tl.sum(dhp_temperature - ds_rows * dhp_temperature_p, 0))
 
 
 @triton.jit

@@ -61,11 +61,16 @@ def test_two_ranks_match_one(tmp_path):
              _case("document ring", "document", N=130),
              _case("dropout ring", "dropout", N=100, dropout_seed=1234),
              _case("temperature ring", "temperature", N=90, temperature=True),
-             _case("causal ring, fewer tokens than parts", "causal", N=3)]
+             _case("causal ring, fewer tokens than parts", "causal", N=3),
+             # fp16, small scores: the temperature gradient's rounding residue is corrected per whole
+             # row across the ring's windows, as one call does (without it: 2.5e-3 off)
+             _case("temperature ring fp16", "temperature", N=256, temperature=True, dtype="fp16", q_scale=0.1,
+                   tol={"dtemperature": 2e-5, "o": 2e-3, "dq": 2e-3, "dk": 2e-3, "dv": 2e-3})]
     results = _run(tmp_path, 2, cases)
     assert set(results) == {c["name"] for c in cases}
+    tols = {c["name"]: c.get("tol", {}) for c in cases}
     for name, r in results.items():
-        assert max(r["errors"].values()) < 2e-5, (name, r["errors"])
+        assert all(e < tols[name].get(q, 2e-5) for q, e in r["errors"].items()), (name, r["errors"])
         assert r.get("deterministic", True), name
 
 

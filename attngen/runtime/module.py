@@ -300,7 +300,8 @@ class KernelModule:
                  window: Window | None = None, deterministic: bool | None = None):
         """dq, dk, dv and dhp: the head parameters' gradients [P, Hq] (zero rows for those without
         one), or None when no parameter has one. With a window, o and lse are the whole problem's
-        rows (their softmax runs over every key, not only this call's). deterministic (None: the
+        rows (their softmax runs over every key, not only this call's), and dhp is per row
+        [P, 3, B, Hq, Nq] (see _dhp_store; finish_head_param_grads). deterministic (None: the
         module's default): the two-kernel backward, else the single pass adding dQ with atomics
         (a spec with a learnable head parameter always takes the two kernels: its dQ kernel sums
         that gradient)."""
@@ -309,7 +310,9 @@ class KernelModule:
         B, Hq, Nq, _ = q.shape
         Nk = k.shape[2]
         if q.numel() == 0 or Nk == 0:
-            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(hp) if self.n_grads else None
+            dhp = None if not self.n_grads else torch.zeros_like(hp) if window is None else \
+                hp.new_zeros(hp.shape[0], 3, B, Hq, Nq)
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dhp
         # No zero fill: the kernels store every row of dQ, dK and dV (blocks that see nothing store zeros).
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
@@ -333,9 +336,11 @@ class KernelModule:
         # per dQ program, its rows' share of each learnable head parameter's gradient; summed below
         # (packed: zeros, for the programs past their sequence's end return before writing theirs)
         programs = (B if sparse.seqlens is None else sparse.seqlens.batch) * Hq
-        part = ((torch.empty if sparse.seqlens is None else torch.zeros)(
-            (self.n_grads, programs, triton.cdiv(lengths[0], cfg["BLOCK_M"])), dtype=torch.float32, device=q.device)
-            if self.n_grads else placeholder(q.device, torch.float32))
+        blocks = triton.cdiv(lengths[0], cfg["BLOCK_M"])
+        # (a window: per row the three sums the caller completes over the windows, _dhp_store)
+        shape = (self.n_grads, programs, blocks) if window is None else (self.n_grads, 3, programs, blocks * cfg["BLOCK_M"])
+        part = ((torch.empty if sparse.seqlens is None else torch.zeros)(shape, dtype=torch.float32, device=q.device)
+                if self.n_grads else placeholder(q.device, torch.float32))
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg, window)
         # q stands in for the fp32 dQ buffer the kernel does not touch without ATOMIC_DQ
@@ -343,7 +348,10 @@ class KernelModule:
                      kv_cfg, window)
         self.last_backward = "two kernels"
         dhp = None
-        if self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
+        if self.n_grads and window is not None:  # [P, 3, B, Hq, Nq]: g(ds), ds and g(p) per row, unfinished
+            rows = iter(part.view(self.n_grads, 3, B, Hq, -1)[..., :Nq])
+            dhp = torch.stack([next(rows) if p["grad"] else hp.new_zeros(3, B, Hq, Nq) for p in self.head_params])
+        elif self.n_grads:  # no indexing with a list here: its index tensor's copy to the GPU would block the host
             sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))
             dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
         return dq, dk, dv, dhp
@@ -356,6 +364,13 @@ class KernelModule:
         block = max(16, 8192 // pad)
         _bwd_delta[(triton.cdiv(N, block), B * H)](o, do, delta, H, N, *o.stride(), *do.stride(), HEAD_DIM_V=Dv,
                                                    HEAD_DIM_V_PAD=pad, BLOCK=block)
+
+    @staticmethod
+    def finish_head_param_grads(rows: torch.Tensor) -> torch.Tensor:
+        """[P, Hq] from windowed backwards' per-row sums [P, 3, B, Hq, N], added over the windows of
+        whole rows: sum(g(ds)) - sum(ds) x sum(g(p)), the residue's correction of _vjp_lines."""
+        a, ds, gp = rows.unbind(1)
+        return (a - ds * gp).sum(dim=(1, 3))
 
     def _check_window(self, q, k, sparse: Sparse, window: Window) -> None:
         window.check(q.shape[2], k.shape[2])
