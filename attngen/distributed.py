@@ -174,9 +174,9 @@ class _Context:
             row += n
         return out
 
-    def pairs(self, kv_rank: int, kv_len: int | None = None):
+    def pairs(self, kv_rank: int):
         """(window, query rows, key rows, Sparse) for each pair of this rank's query pieces and
-        kv_rank's key pieces that has a visible pair (kv_len: the keys are the whole sequence)."""
+        kv_rank's key pieces (-1: the whole sequence's keys, all-gathered) with a visible pair."""
         kv_pieces = [(0, self.seq_len, 0)] if kv_rank < 0 else self.pieces(kv_rank)
         for qs, qn, qr in self.pieces(self.rank):
             for ks, kn, kr in kv_pieces:
