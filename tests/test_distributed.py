@@ -118,3 +118,64 @@ def test_zigzag_is_pytorchs_head_tail_order():
         order = lb._HeadTailLoadBalancer(64, world, "cpu")._generate_indices().flatten()
         ours = torch.cat([cp.shard(torch.arange(64)[None, None, :, None], world, r)[0, 0, :, 0] for r in range(world)])
         assert torch.equal(order, ours)
+
+
+_GROUPS: dict = {}
+
+
+def _world_of_one(device) -> object:
+    """A process group of this process alone: gloo for CPU tensors, NCCL for CUDA ones."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if str(device).startswith("cuda") and "nccl" not in _GROUPS:
+        _GROUPS["nccl"] = dist.new_group(ranks=[0], backend="nccl")
+    return _GROUPS["nccl"] if str(device).startswith("cuda") else dist.group.WORLD
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_a_world_of_one_is_the_single_call(strategy, tmp_path, device):
+    """One rank, in this process: the zigzag layout still cuts the sequence into two pieces, so the
+    ring runs windows and merges them; the result is the plain call's."""
+    import attngen
+
+    group = _world_of_one(device)
+    _write_specs(tmp_path)
+    mod = attngen.load(tmp_path / "window.yaml")
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, h, 77, 32, generator=g).to(device) for h in (2, 1, 1, 2))
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = mod.attention(*full)
+    want.backward(do)
+    local = [x.clone().requires_grad_() for x in (q, k, v)]
+    o = cp.context_parallel_attention(mod, *local, strategy=strategy, group=group)
+    o.backward(do)
+    assert (o - want).abs().max() < 2e-5
+    assert all((a.grad - b.grad).abs().max() < 2e-5 for a, b in zip(local, full))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", cp.STRATEGIES)
+def test_a_world_of_one_on_the_gpu_in_bf16(strategy):
+    """The windowed kernels (POSITIONS) on the GPU through NCCL with one rank: bf16, causal and
+    document, against the plain call."""
+    import attngen
+    from attngen.resources import resolve_spec
+
+    group = _world_of_one("cuda")
+    for name in ("causal", "document"):
+        mod = attngen.load(resolve_spec(name))
+        g = torch.Generator(device="cuda").manual_seed(4)
+        q, k, v, do = (torch.randn(1, h, 3001, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+                       for h in (8, 2, 2, 8))
+        kw = {"documents": (torch.arange(3001, device="cuda") // 700)[None].to(torch.int32)} if name == "document" else {}
+        full = [x.clone().requires_grad_() for x in (q, k, v)]
+        want = mod.attention(*full, **kw)
+        want.backward(do)
+        local = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = cp.context_parallel_attention(mod, *local, strategy=strategy, group=group, **kw)
+        o.backward(do)
+        for a, b in zip((o, *(x.grad for x in local)), (want, *(x.grad for x in full))):
+            assert (a.float() - b.float()).abs().max() / b.float().abs().max() < 1e-2, name
