@@ -43,6 +43,11 @@ def chunks(seq_len: int, world: int, rank: int, layout: str = "zigzag") -> tuple
     return tuple((bound(i), bound(i + 1) - bound(i)) for i in mine)
 
 
+def shard_length(seq_len: int, world: int, rank: int, layout: str = "zigzag") -> int:
+    """How many tokens `rank` holds."""
+    return sum(n for _, n in chunks(seq_len, world, rank, layout))
+
+
 def shard(x: torch.Tensor, world: int, rank: int, layout: str = "zigzag", dim: int = 2) -> torch.Tensor:
     """This rank's shard of a whole-sequence tensor (along `dim`), contiguous."""
     return torch.cat([x.narrow(dim, s, n) for s, n in chunks(x.shape[dim], world, rank, layout)], dim).contiguous()
@@ -110,10 +115,9 @@ def context_parallel_attention(mod, q, k, v, *, seq_len: int | None = None, grou
         n = torch.tensor([q.shape[2]], device=q.device if dist.get_backend(group) == "nccl" else "cpu")
         dist.all_reduce(n, group=group)
         seq_len = int(n.item())
-    mine = chunks(seq_len, world, rank, layout)
-    if sum(n for _, n in mine) != q.shape[2]:
+    if shard_length(seq_len, world, rank, layout) != q.shape[2]:
         raise ValueError(f"rank {rank}: a {layout} shard of {seq_len} tokens over {world} ranks has "
-                         f"{sum(n for _, n in mine)} rows; q has {q.shape[2]}")
+                         f"{shard_length(seq_len, world, rank, layout)} rows; q has {q.shape[2]}")
     ids = None
     if rt.document:
         if documents is None:
@@ -146,7 +150,7 @@ def _shared_seed(group, device, given) -> int:
 def _all_shards(x: torch.Tensor, group, world: int, seq_len: int, layout: str, dim: int) -> torch.Tensor:
     """The whole-sequence tensor from every rank's shard of it (shards may differ in length by a
     few rows: padded to the longest for the gather)."""
-    lengths = [sum(n for _, n in chunks(seq_len, world, r, layout)) for r in range(world)]
+    lengths = [shard_length(seq_len, world, r, layout) for r in range(world)]
     longest = max(lengths)
     pad = list(x.shape)
     pad[dim] = longest - x.shape[dim]
@@ -223,7 +227,16 @@ def _exchange(group, world: int, rank: int, send, recv):
 
 
 def _shard_rows(ctx: _Context, rank: int) -> int:
-    return sum(n for _, n in chunks(ctx.seq_len, ctx.world, rank, ctx.layout))
+    return shard_length(ctx.seq_len, ctx.world, rank, ctx.layout)
+
+
+def ring_step_forward(ctx: _Context, q, k, v, hp, src: int, o_acc, lse_acc) -> None:
+    """One ring step: this rank's queries against rank `src`'s K/V shard (k, v), each visible window
+    one call, merged into the fp32 accumulators in place."""
+    for w, rows, keys, sparse in ctx.pairs(src):
+        o, lse = ctx.rt.forward(q[:, :, rows], k[:, :, keys], v[:, :, keys], hp, ctx.scale, ctx.seed, ctx.p_drop,
+                                sparse=sparse, window=w)
+        _merge(o_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
 
 
 class _ContextParallel(torch.autograd.Function):
@@ -249,10 +262,7 @@ class _ContextParallel(torch.autograd.Function):
                     nxt_rows = _shard_rows(ctx, (src - 1) % ctx.world)
                     nxt = tuple(x.new_empty(*x.shape[:2], nxt_rows, x.shape[3]) for x in kv)
                     pending = (_exchange(ctx.group, ctx.world, ctx.rank, kv, nxt), nxt)
-                for w, rows, keys, sparse in ctx.pairs(src):
-                    o, lse = rt.forward(q[:, :, rows], kv[0][:, :, keys], kv[1][:, :, keys], hp, ctx.scale, ctx.seed,
-                                        ctx.p_drop, sparse=sparse, window=w)
-                    _merge(o_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
+                ring_step_forward(ctx, q, *kv, hp, src, o_acc, lse_acc)
                 if pending:
                     for req in pending[0]:
                         req.wait()

@@ -80,7 +80,7 @@ def check(mods, world, rank, out):
             o = cp.context_parallel_attention(mod, *local, seq_len=N, strategy=strategy, **lkw)
             o.backward(cp.shard(do, world, rank))
             errs = {}
-            lens = [sum(n for _, n in cp.chunks(N, world, r)) for r in range(world)]
+            lens = [cp.shard_length(N, world, r) for r in range(world)]
             for label, mine, ref in zip(("o", "dq", "dk", "dv"), (o.detach(), *(x.grad for x in local)), want):
                 padded = torch.cat([mine, mine.new_zeros(*mine.shape[:2], max(lens) - mine.shape[2], mine.shape[3])], 2)
                 parts = [torch.empty_like(padded) for _ in range(world)]
@@ -110,12 +110,8 @@ def simulated_ring(rt, q, k, v, world: int, rank: int, documents=None):
     for step in range(world):
         src = (rank - step) % world
         ks, vs = cp.shard(k, world, src), cp.shard(v, world, src)
-        pairs = list(ctx.pairs(src))
-        for w, rows, keys, sparse in pairs:
-            o, lse = rt.forward(qs[:, :, rows], ks[:, :, keys], vs[:, :, keys], hp, rt.scale, 0, 0.0, sparse=sparse,
-                                window=w)
-            cp._merge(o_acc[:, :, rows], lse_acc[:, :, rows], o, lse)
-        steps.append((src, qs, ks, vs, hp, pairs))
+        cp.ring_step_forward(ctx, qs, ks, vs, hp, src, o_acc, lse_acc)  # what the ring runs, minus the transfers
+        steps.append((src, qs, ks, vs, hp, list(ctx.pairs(src))))
     return steps, o_acc.to(q.dtype), lse_acc
 
 

@@ -33,7 +33,7 @@ def main() -> None:
     for world in (2, 4, 8):
         for layout in cp.LAYOUTS[::-1]:
             mine = lambda r: cp.chunks(N, world, r, layout)  # noqa: E731
-            per_rank = [sum(pairs(p, (0, N)) for p in mine(r)) for r in range(world)]
+            per_rank = cp.work(lambda q, kv, Nq, Nk: kv <= q, N, world, layout)
             steps = [max(sum(pairs(p, s) for p in mine(r) for s in mine((r - step) % world)) for r in range(world))
                      for step in range(world)]
             share = even / world

@@ -172,21 +172,18 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     for start_i in range(start, full_start, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
-            doc_q, DOC_KV,
-            stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N,
-            True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
-            doc_q, DOC_KV,
-            stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N,
-            False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
-            doc_q, DOC_KV,
-            stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N,
-            True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
+            HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
 
     # Epilogue: rows that saw no key output zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
@@ -420,9 +417,8 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
     for start_i in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
         dq = _bwd_dq_tile(
             dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
-            off_hz, p_drop, doc_q,
-            DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD, HEAD_DIM_V_PAD,
-            BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            off_hz, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
+            HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
 
 

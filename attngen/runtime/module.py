@@ -251,8 +251,9 @@ class KernelModule:
     def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None,
                 window: Window | None = None):
         q, k = tensors[0], tensors[1]
-        window = None if window == Window.whole(q.shape[2], k.shape[2]) else window
-        scalars = (*scalars, *(window or Window.whole(q.shape[2], k.shape[2])))
+        if window is not None and window == Window.whole(q.shape[2], k.shape[2]):
+            window = None
+        scalars = (*scalars, *((0, 0, q.shape[2], k.shape[2]) if window is None else window))
         cfg = cfg or self.config(role, DTYPES[q.dtype], *self._lengths(q, k, sparse))
         seqlens = sparse.seqlens
         per_call = self.per_call or seqlens is not None
@@ -328,7 +329,7 @@ class KernelModule:
                              (True, p_drop > 0), sparse, kv_cfg, window)
                 self.last_backward = "single pass"
                 return dq.copy_(dq_acc), dk, dv, None
-            except OutOfResources:  # the tiling's extra product overflows shared memory (d192 on the H100)
+            except OutOfResources:  # the extra product overflows shared memory (docs/decisions/single-pass-backward.md)
                 self._no_single_pass.add(tuple(kv_cfg.items()))  # so: the two kernels, for this tiling
         flags = (p_drop > 0,)
         lengths = self._lengths(q, k, sparse)

@@ -66,7 +66,7 @@ class NSAModule:
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
         self._branches = None
         self._overlaps: dict = {}
-        self.fused_selection = True  # scores from _nsa_scores: 9-16x the chunked torch's speed (docs/decisions/nsa-plan.md)
+        self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
