@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import memory
 from .decode_gate import NO_GATE, Gate
 
 MAX_SPLITS = 128
@@ -167,6 +168,22 @@ def check(name: str, dtypes, head_dims, q, k_cache, v_cache, cache_seqlens, bloc
             if tuple(t.shape) != (B, Hkv, Nq, dim) or t.dtype != q.dtype or t.device != q.device:
                 raise ValueError(f"attention_with_kvcache: {arg} must be {q.dtype} [{B}, {Hkv}, {Nq}, {dim}] on "
                                  f"{q.device}; got {t.dtype} of shape {list(t.shape)} on {t.device}")
+        # the append writes each new row once, in place, into the caller's caches (never into a copy)
+        for arg, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if memory.internal_overlap(cache):
+                raise ValueError(f"attention_with_kvcache: appending k, v is not supported because {arg} has "
+                                 f"overlapping elements (strides {list(cache.stride())} for shape {list(cache.shape)}: "
+                                 f"a stride 0, e.g. an expanded dim): a cache written in place needs its own memory "
+                                 f"per element")
+        if not torch.compiler.is_compiling():  # (traced tensors have no addresses)
+            pairs = [("k_cache", k_cache, "v_cache", v_cache)] + [
+                (arg, t, c_arg, c) for arg, t in (("k", k), ("v", v)) for c_arg, c in (("k_cache", k_cache),
+                                                                                      ("v_cache", v_cache))]
+            for arg, t, other_arg, other in pairs:
+                if memory.shares_memory(t, other):
+                    raise ValueError(f"attention_with_kvcache: appending k, v is not supported because {arg} shares "
+                                     f"memory with {other_arg}: the append writes the caches in place, so the caches "
+                                     f"and the appended k, v must be separate tensors")
     if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
         return  # no host reads: the values are the caller's to keep in range
     if not B:

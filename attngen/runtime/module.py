@@ -16,7 +16,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from . import decode, decode_gate
+from . import decode, decode_gate, memory
 from .block_mask import BlockMask
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .layouts import static_layout
@@ -381,7 +381,7 @@ class KernelModule:
 
     # ------------------------------------------------------------------ the entry point
 
-    def check(self, q, k, v):
+    def check(self, q, k, v, out=None):
         if not (q.dim() == k.dim() == v.dim() == 4):
             raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got {q.dim()}-d, {k.dim()}-d, {v.dim()}-d")
         if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -401,6 +401,23 @@ class KernelModule:
             raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
         if B * Hq > 65535:
             raise ValueError(f"batch x query heads = {B * Hq} is over 65535, the launch grid's limit on axis 1")
+        if out is not None:  # written by the kernel in place: never through a copy, so never cast or moved
+            want = (B, Hq, q.shape[2], self.head_dim_v)
+            if not isinstance(out, torch.Tensor) or out.dtype != q.dtype:
+                got = out.dtype if isinstance(out, torch.Tensor) else type(out).__name__
+                raise TypeError(f"out must be a tensor of q's dtype ({q.dtype}); got {got}")
+            if tuple(out.shape) != want or out.device != q.device:
+                raise ValueError(f"out must be {list(want)} (batch, query heads, Nq, head_dim_v) on q's device "
+                                 f"({q.device}); got {list(out.shape)} on {out.device}")
+            if memory.internal_overlap(out):
+                raise ValueError(f"out is not supported because it has overlapping elements (strides "
+                                 f"{list(out.stride())}: a stride 0, e.g. an expanded dim): the kernel writes each "
+                                 f"element once, in place; any other strides are taken")
+            if not torch.compiler.is_compiling():  # (traced tensors have no addresses)
+                for arg, t in (("q", q), ("k", k), ("v", v)):
+                    if memory.shares_memory(out, t):
+                        raise ValueError(f"out is not supported because it shares memory with {arg}: the kernel "
+                                         f"reads q, k, v while it writes out; pass a separate tensor")
 
     def head_param_rows(self, q, given: dict) -> torch.Tensor:
         """HP [P, Hq] float32: the spec's per-head parameters, given or default, in declared order."""
@@ -447,7 +464,7 @@ class KernelModule:
         [B, Hq, Nq], float32, natural log, with return_lse). The module's docstring has the spec.
         deterministic: the backward's form (None: the module's `deterministic` default): True, two
         kernels, bitwise-repeatable gradients; False, one kernel adding dQ with atomics."""
-        self.check(q, k, v)
+        self.check(q, k, v, out)
         if self.document:
             documents = as_documents(documents, q.shape[0], q.shape[2], k.shape[2], q.device, self.name)
         elif documents is not None:
