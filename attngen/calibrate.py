@@ -23,15 +23,16 @@ from .cost_model import FITTED, TARGETS, Constants, Workload, predict, rank
 from .lower import lower, lower_backward
 from .passes import BUCKETS, PassOptions, bucket_workload, mask_plan, sfu_per_score
 from .resources import specs_dir
+from .runtime.roles import VARIANTS
 from .spec import load_spec
 from .tiling import TileConfig
 
 FREE = ("rows_exponent", "streamed_exponent", "one_stage", "two_stages", "overlap", "mask_ops", "alu_ops", "hiding",
-        "occupancy_gain", "occupancy_gain_cap", "tma_gain", "tma_gain_bwd")
+        "occupancy_gain", "occupancy_gain_cap", "tma_gain", "tma_gain_bwd", "atomic_cost")
 BOUNDS = {"rows_exponent": (0.0, 2.0), "streamed_exponent": (0.0, 2.0), "one_stage": (0.1, 1.0),
           "two_stages": (0.1, 1.0), "overlap": (0.0, 1.0), "mask_ops": (0.0, 64.0), "alu_ops": (0.0, 32.0),
           "hiding": (0.0, 2.0), "occupancy_gain": (0.0, 1.0), "occupancy_gain_cap": (1.0, 2.0),
-          "tma_gain": (0.5, 2.0), "tma_gain_bwd": (0.5, 2.0)}
+          "tma_gain": (0.5, 2.0), "tma_gain_bwd": (0.5, 2.0), "atomic_cost": (0.5, 16.0)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +42,8 @@ def _plan(spec_path: str, role: str):
     if not path.exists():  # measured elsewhere: a shipped spec, or a --head-dim copy of one (same mask plan)
         path = specs_dir() / (re.sub(r"_d\d+$", "", path.stem) + ".yaml")
     spec = load_spec(path)
-    kernel = {k.attr("role"): k for k in (lower(spec), *lower_backward(spec))}[role]
+    base = VARIANTS[role][1] if role in VARIANTS else role  # a variant (bwd_single) has its kernel's plan
+    kernel = {k.attr("role"): k for k in (lower(spec), *lower_backward(spec))}[base]
     return mask_plan(kernel, PassOptions()).attr("mask_plan"), sfu_per_score(kernel)
 
 

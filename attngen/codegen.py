@@ -21,6 +21,7 @@ from . import __version__
 from .ir import Kernel, OpKind
 from .mask_analysis import PlanKind
 from .ops import SCORE_MODS, check_renderable, head_params
+from .passes import backward_forms
 from .resources import specs_dir, templates_dir
 from .runtime.roles import ROLES
 from .spec import Spec
@@ -206,17 +207,23 @@ def _cfg(c) -> str:
             f"HEAD_DIM_PAD={c.head_dim_pad}, HEAD_DIM_V_PAD={c.head_dim_v_pad}, TMA={c.tma})")
 
 
+def _tiled(kernels: dict[str, Kernel]) -> list[tuple[str, object, object]]:
+    """(role, tiling, bucket tilings) of every role and of every variant role (bwd_single)."""
+    out = [(role, kernels[role].attr("tiling"), kernels[role].attr("bucket_tilings")) for role in ROLES]
+    variants = [v for role in ROLES if kernels[role].attr("variants") for v in kernels[role].attr("variants").items]
+    return out + [(v.role, v.tiling, v.bucket_tilings) for v in variants]
+
+
 def _buckets(kernels: dict[str, Kernel]) -> tuple[tuple, dict]:
     """The bucket lengths and {(role, dtype, seq): tiling} where a bucket's pick differs from the nominal."""
-    buckets = [kernels[role].attr("bucket_tilings") for role in ROLES]
-    if not any(buckets):
+    tiled = _tiled(kernels)
+    if not any(b for _, _, b in tiled):
         return (), {}
     entries = {}
-    for role, b in zip(ROLES, buckets):
-        nominal = kernels[role].attr("tiling")
+    for role, nominal, b in tiled:
         for seq, tilings in b.by_seq:
             entries |= {repr((role, d, seq)): _cfg(c) for d, c in tilings.by_dtype if c != nominal[d]}
-    return (buckets[0].nominal, *(seq for seq, _ in buckets[0].by_seq)), entries
+    return (tiled[0][2].nominal, *(seq for seq, _ in tiled[0][2].by_seq)), entries
 
 
 def _dhp_store(grad_params: list[str]) -> str:
@@ -279,7 +286,8 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
         "header": _header(spec, kernels),
         "imports": "\n".join(imports),
         "spec_dict": pprint.pformat(spec.to_dict(), sort_dicts=False, width=100).replace("\n", "\n      "),
-        "tilings": {role: {d: _cfg(c) for d, c in kernels[role].attr("tiling").by_dtype} for role in ROLES},
+        "tilings": {role: {d: _cfg(c) for d, c in tiling.by_dtype} for role, tiling, _ in _tiled(kernels)},
+        "backward_forms": pprint.pformat(backward_forms(kernels), sort_dicts=False, width=100),
         "bucket_seqs": bucket_seqs,
         "bucket_tilings": bucket_tilings,
         "head_dim": fwd.attr("head_dim"),

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import resources
 from .errors import AttngenError, TilingError
 from .mask_analysis import MaskPlan, TileCounts, tile_counts
-from .runtime.roles import ROLES
+from .runtime.roles import COSTED, width
 from .tiling import TileConfig, candidates, check_legal, registers_per_thread, shared_memory_bytes
 
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -107,6 +107,7 @@ class Constants:
     occupancy_gain_cap: float = 1.15
     tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads, forward
     tma_gain_bwd: float = 1.0  # ... and in the backward kernels (their tiles are MMA-heavier)
+    atomic_cost: float = 2.0  # L2 bytes moved per byte of a tile added atomically (read and write)
     scale: float = 1.0  # measured / predicted, overall
 
     @classmethod
@@ -130,7 +131,7 @@ CONSTANTS = load_fitted()
 def _mma_efficiency(cfg: TileConfig, role: str, k: Constants) -> float:
     """Small tiles issue more, smaller MMAs. The rows of the resident block (queries in fwd and
     bwd_dq, keys in bwd_dkdv) are the MMAs' M dimension and weigh more than the streamed one."""
-    r = ROLES[role]
+    r = COSTED[role]
     rows, streamed = r.outer(cfg.block_m, cfg.block_n), r.inner(cfg.block_m, cfg.block_n)
     eff = (min(rows, 128) / 128) ** k.rows_exponent * (min(streamed, 128) / 128) ** k.streamed_exponent
     return eff * {1: k.one_stage, 2: k.two_stages}.get(cfg.num_stages, 1.0)
@@ -155,13 +156,15 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
 
     bm, bn, d, dv = cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     sm_flops = target.mma_flops[work.dtype] / target.sms
-    r = ROLES[role]
+    r = COSTED[role]
     nd, ndv = r.products  # matrix products per tile, as multiples of BM*BN*(D, Dv)
     mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role, k))
     softmax = bm * bn * (work.score_sfu / target.sfu_per_sm_per_clock + k.alu_ops / target.fp32_per_sm_per_clock) / target.clock_hz
     masking = k.mask_ops * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
     streamed = r.inner(bm, bn)  # rows of the tiles the loop streams in
-    memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
+    # loads from L2, plus a reduced tile's fp32 read-modify-writes there (bwd_single's dQ atomics)
+    reduced = streamed * width(r.reduced, d, dv) * 4 * k.atomic_cost
+    memory = (streamed * (d + dv) * elem + reduced) / (target.l2_bytes_per_s / target.sms)
     parts = (mma, softmax, memory)
     full_tile = max(parts) + k.overlap / occupancy ** k.hiding * (sum(parts) - max(parts))
     if cfg.tma:
@@ -178,6 +181,9 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     waves = -(-programs // slots)
     boost = min(k.occupancy_gain_cap, 1 + k.occupancy_gain * (occupancy - 1))  # co-residents hide latency
     time = k.scale * waves * program * occupancy / boost
+    if r.reduced:  # the passes around it: zero the fp32 buffer, delta = rowsum(dO * O), convert into the dtype
+        rows = work.batch * work.heads * work.seq_q
+        time += rows * (width(r.reduced, d, dv) * (4 + 4 + elem) + 2 * dv * elem + 4) / target.hbm_bytes_per_s
     return Prediction(cfg, time, occupancy, counts)
 
 

@@ -76,7 +76,8 @@ def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, dev
         return lambda: rt.forward(q, k, v, hp, scale, 0, 0.0, None, False, docs)
     o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, docs)
     do = mk(shape.seq, spec.head_dim_v)
-    return lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs)
+    det = role != "bwd_single"  # the form whose kernel is being tiled, whatever the module would choose
+    return lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, docs, deterministic=det)
 
 
 def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[[Callable], float],
@@ -84,6 +85,8 @@ def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[
     """Times the `top` best-ranked legal candidates (all when None), in the cost model's order."""
     c = compile_spec(spec_path, options=PassOptions(), stop="tiling")
     module = load(spec_path)
+    if role not in c.rankings:  # bwd_single where the spec's backward has no single pass
+        return []
     ranked = c.rankings[role][dtype].ranked[:top]
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     run = workload(module, c.spec, shape, role, torch_dtype, device)

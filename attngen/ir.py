@@ -163,7 +163,7 @@ def verify(kernel: Kernel) -> Kernel:
         if len(found) != 1:
             raise IRError(f"{name}: expected exactly one {kind.value} op, found {len(found)}"
                           + (f": {', '.join(found)}" if found else ""))
-    for tiling in (*(kernel.attr("tiling") or ()), *(kernel.attr("bucket_tilings") or ())):
+    for tiling in (*(kernel.attr("tiling") or ()), *(kernel.attr("bucket_tilings") or ()), *(kernel.attr("variants") or ())):
         for dim in ("head_dim_pad", "head_dim_v_pad", "block_m", "block_n"):
             v = getattr(tiling, dim)
             if v <= 0 or v & (v - 1):

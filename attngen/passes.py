@@ -19,6 +19,12 @@
 
       attr bucket_tilings = {1024: bf16: BLOCK_M=64 ...; 16384: ...}
 
+  A kernel whose role has variants (bwd_dkdv: the single-pass backward, bwd_single) also gets
+  each variant's winners, ranked as that role, and the predicted time of every winner, from which
+  `backward_forms` chooses the backward's form per dtype and bucket:
+
+      attr variants = {bwd_single: bf16: BLOCK_M=64 ...; buckets {...}}
+
 * `schedule`: the order programs start in, and the shape of their loops. Where later blocks have
   more work than earlier ones (causal: the last query block sees every key), the longest programs
   go first, so the last wave is made of short ones (free; no measurable effect at 4k tokens:
@@ -47,14 +53,16 @@ The verifier runs after every pass.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from .cost_model import TARGETS, Ranking, Workload, rank
 from .errors import AttngenError, TilingError
 from .ir import Kernel, OpKind, verify
+from .ops import head_params
 from .mask_analysis import MaskPlan, PlanKind, analyze, longest_first
-from .runtime.roles import ROLES
+from .runtime.roles import ROLES, VARIANTS
 from .tiling import TileConfig
 
 
@@ -89,6 +97,8 @@ class Tilings:
 
     target: str
     by_dtype: tuple[tuple[str, TileConfig], ...]
+    ms: tuple[tuple[str, float], ...] = ()  # the cost model's predicted time per dtype, at the ranked shape
+    seq: int = 0  # the ranked shape's sequence length
 
     def __getitem__(self, dtype: str) -> TileConfig:
         return dict(self.by_dtype)[dtype]
@@ -128,14 +138,24 @@ def sfu_per_score(kernel: Kernel) -> int:
     return 1 + kernel.has(OpKind.SOFTCAP)
 
 
-def rankings(kernel: Kernel, options: PassOptions) -> dict[str, Ranking]:
-    """The cost model's ranking per dtype (an analysis; `tiling` keeps the winners)."""
+def rankings(kernel: Kernel, options: PassOptions, role: str | None = None) -> dict[str, Ranking]:
+    """The cost model's ranking per dtype (an analysis; `tiling` keeps the winners), of the kernel's
+    role or of one of its variants."""
     plan: MaskPlan = kernel.attr("mask_plan")
     target = TARGETS[options.target]
     sfu = sfu_per_score(kernel)
     return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
-                    replace(options.workload, dtype=d, score_sfu=sfu), kernel.attr("role"))
+                    replace(options.workload, dtype=d, score_sfu=sfu), role or kernel.attr("role"))
             for d in kernel.attr("dtypes").split(",")}
+
+
+def variants_of(kernel: Kernel) -> list[str]:
+    """The variant roles launched through this kernel (runtime/roles.py VARIANTS). None where a
+    per-head parameter is learnable: its gradient is summed by the dQ kernel, so such a spec's
+    backward is always the two kernels."""
+    if any(p.grad for p in head_params(kernel.ops)):
+        return []
+    return [v for v, (_, base) in VARIANTS.items() if base == kernel.attr("role")]
 
 
 def _best(kernel: Kernel, dtype: str, r: Ranking) -> TileConfig:
@@ -148,15 +168,81 @@ def _best(kernel: Kernel, dtype: str, r: Ranking) -> TileConfig:
     return r.best
 
 
+def _winners(kernel: Kernel, options: PassOptions, role: str | None = None) -> Tilings:
+    """The best tiling per dtype and its predicted time. A variant (role given) may have no legal
+    tiling for a dtype: it is then left out (the runtime runs the kernel's own role instead)."""
+    ranks = rankings(kernel, options, role)
+    if role is not None:
+        ranks = {d: r for d, r in ranks.items() if r.ranked}
+    return Tilings(options.target, tuple((d, _best(kernel, d, r)) for d, r in ranks.items()),
+                   tuple((d, r.ranked[0].time_s * 1e3) for d, r in ranks.items()), options.workload.seq_q)
+
+
+def _buckets(kernel: Kernel, options: PassOptions, role: str | None = None) -> BucketTilings:
+    return BucketTilings(options.workload.seq_q, tuple(
+        (seq, _winners(kernel, replace(options, workload=bucket_workload(options.workload, seq)), role))
+        for seq in BUCKETS))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant role's winners on a kernel (runtime/roles.py VARIANTS)."""
+
+    role: str
+    tiling: Tilings
+    bucket_tilings: BucketTilings | None
+
+    def describe(self) -> str:
+        buckets = f"; buckets {self.bucket_tilings.describe()}" if self.bucket_tilings else ""
+        return f"{self.role}: {self.tiling.describe()}{buckets}"
+
+
+@dataclass(frozen=True)
+class Variants:
+    """Every variant's winners (a kernel attr)."""
+
+    items: tuple[Variant, ...]
+
+    def describe(self) -> str:
+        return "{" + "; ".join(v.describe() for v in self.items) + "}"
+
+    def __iter__(self):  # every configuration, for the verifier
+        return iter(c for v in self.items for c in (*v.tiling, *(v.bucket_tilings or ())))
+
+
 def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
-    chosen = tuple((d, _best(kernel, d, r)) for d, r in rankings(kernel, options).items())
-    kernel = kernel.with_attrs(tiling=Tilings(options.target, chosen))
+    kernel = kernel.with_attrs(tiling=_winners(kernel, options))
     if options.shape_buckets:
-        by_seq = tuple((seq, Tilings(options.target, tuple(
-            (d, _best(kernel, d, r)) for d, r in rankings(kernel, replace(options, workload=bucket_workload(options.workload, seq))).items())))
-            for seq in BUCKETS)
-        kernel = kernel.with_attrs(bucket_tilings=BucketTilings(options.workload.seq_q, by_seq))
-    return kernel
+        kernel = kernel.with_attrs(bucket_tilings=_buckets(kernel, options))
+    variants = tuple(Variant(v, _winners(kernel, options, v), _buckets(kernel, options, v) if options.shape_buckets
+                             else None) for v in variants_of(kernel))
+    return kernel.with_attrs(variants=Variants(variants)) if variants else kernel
+
+
+TWO_KERNELS, SINGLE_PASS = "two kernels", "single pass"
+
+
+def backward_forms(kernels: dict[str, Kernel]) -> dict[str, tuple[tuple[int, str], ...]]:
+    """Per dtype, per ranked sequence length (the nominal one, then the buckets), the backward form
+    the cost model predicts faster: the two kernels (bwd_dq + bwd_dkdv) or the single pass
+    (bwd_single), each at its own winning tiling. A dtype the single pass has no tiling for keeps
+    the two kernels."""
+    dq, dkdv = kernels["bwd_dq"], kernels["bwd_dkdv"]
+    single = next((v for v in (dkdv.attr("variants") or Variants(())).items if v.role == "bwd_single"), None)
+
+    def ranked(tiling: Tilings, buckets: BucketTilings | None) -> list[Tilings]:  # nominal, then buckets
+        return [tiling, *(t for _, t in buckets.by_seq)] if buckets else [tiling]
+
+    twos = zip(ranked(dq.attr("tiling"), dq.attr("bucket_tilings")),
+               ranked(dkdv.attr("tiling"), dkdv.attr("bucket_tilings")))
+    ones = ranked(single.tiling, single.bucket_tilings) if single else itertools.repeat(None)
+    forms: dict[str, list] = {}
+    for (a, b), c in zip(twos, ones):
+        for d in dict(a.ms):
+            two = dict(a.ms)[d] + dict(b.ms)[d]
+            one = dict(c.ms).get(d) if c else None
+            forms.setdefault(d, []).append((a.seq, SINGLE_PASS if one is not None and one < two else TWO_KERNELS))
+    return {d: tuple(f) for d, f in forms.items()}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from .codegen import generate
 from .cost_model import Ranking, format_ranking
 from .ir import Kernel, print_ir
 from .lower import derive_backward, lower
-from .passes import PASSES, PassOptions, rankings, run_passes
+from .passes import PASSES, PassOptions, backward_forms, rankings, run_passes, variants_of
 from .spec import Spec, load_spec
 
 STAGES = ("spec", "ir", "tiling", "triton")
@@ -57,6 +57,8 @@ def compile_spec(spec: Spec | str | Path, *, options: PassOptions = PassOptions(
         if stop in ("tiling", "triton"):
             before_tiling = dict(steps)["mask_plan"]
             ranks[role] = rankings(before_tiling, options)
+            for variant in variants_of(before_tiling):  # ranked as their own role (bwd_single)
+                ranks[variant] = rankings(before_tiling, options, variant)
     c = Compiled(spec, stages, ranks)
     if stop == "triton":
         c = Compiled(spec, stages, ranks, generate(spec, {role: c.kernel(role) for role in stages}, standalone))
@@ -88,6 +90,11 @@ def emit(spec: Spec | str | Path, stage: str, options: PassOptions = PassOptions
         return "\n".join(f"// {role}, after {name}\n{print_ir(k)}" for role, steps in c.stages.items()
                          for name, k in steps)
     if stage == "tiling":
-        return "\n".join(f"// {role}, {dtype}\n{format_ranking(r, top=5)}" for role, by_dtype in c.rankings.items()
+        text = "\n".join(f"// {role}, {dtype}\n{format_ranking(r, top=5)}" for role, by_dtype in c.rankings.items()
                          for dtype, r in by_dtype.items())
+        if {"bwd_dq", "bwd_dkdv"} <= set(c.stages):
+            forms = backward_forms({role: c.kernel(role) for role in c.stages})
+            text += "\n// the backward's form (deterministic=None), per dtype at each ranked length\n" + "".join(
+                f"{d}: " + ", ".join(f"{seq}: {form}" for seq, form in by_seq) + "\n" for d, by_seq in forms.items())
+        return text
     return c.source

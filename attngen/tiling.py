@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from itertools import product
 
 from .errors import TilingError
-from .runtime.roles import ROLES, width
+from .runtime.roles import COSTED, width
 
 BLOCK_M = (32, 64, 128)
 BLOCK_N = (32, 64, 128)
@@ -63,16 +63,17 @@ def candidates(head_dim: int, head_dim_v: int, tma: bool = False) -> list[TileCo
 def shared_memory_bytes(cfg: TileConfig, elem_bytes: int, role: str = "fwd") -> int:
     """The tiles a program keeps resident, plus the streamed ones once per pipeline stage
     (runtime/roles.py: fwd and bwd_dq keep a query block and stream K, V; bwd_dkdv keeps K, V and
-    streams Q, dO)."""
-    r, d, dv = ROLES[role], cfg.head_dim_pad, cfg.head_dim_v_pad
+    streams Q, dO). A reduced tile (bwd_single's dQ) is staged in fp32 for TMA's bulk reduction."""
+    r, d, dv = COSTED[role], cfg.head_dim_pad, cfg.head_dim_v_pad
     outer, inner = r.outer(cfg.block_m, cfg.block_n), r.inner(cfg.block_m, cfg.block_n)
-    return elem_bytes * (outer * width(r.resident, d, dv) + cfg.num_stages * inner * width(r.streamed, d, dv))
+    staged = 4 * inner * width(r.reduced, d, dv) if cfg.tma else 0
+    return elem_bytes * (outer * width(r.resident, d, dv) + cfg.num_stages * inner * width(r.streamed, d, dv)) + staged
 
 
 def splits_n(cfg: TileConfig, role: str, wgmma: bool) -> bool:
     """64 resident rows on 8 warps under wgmma: the two warpgroups split the streamed dimension
     (as FlashAttention-3 does at d256), each holding whole rows of P / dS."""
-    return wgmma and ROLES[role].outer(cfg.block_m, cfg.block_n) == 64 and cfg.num_warps == 8
+    return wgmma and COSTED[role].outer(cfg.block_m, cfg.block_n) == 64 and cfg.num_warps == 8
 
 
 def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd", wgmma: bool = False) -> int:
@@ -80,10 +81,12 @@ def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd", wg
     wgmma, which reads them from shared memory), the resident operand fragments; wgmma with pointer
     loads also stages the streamed tiles through registers. With wgmma=False, the estimate the cost
     model's occupancy uses (docs/decisions/head-dims-256.md)."""
-    r, m, n, d, dv = ROLES[role], cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
+    r, m, n, d, dv = COSTED[role], cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad
     outer, inner, threads = r.outer(m, n), r.inner(m, n), 32 * cfg.num_warps
     spread = outer * width(r.accumulators, d, dv)
     scores = r.score_tiles * m * n + m * n * elem_bytes // 4
+    # a reduced tile's fp32 values; per-element atomics (no TMA) also hold an address per element
+    scores += inner * width(r.reduced, d, dv) * (1 if cfg.tma else 2)
     if not wgmma:
         scores += m * width(r.fragments, d, dv) * elem_bytes // 4
     elif not cfg.tma:
@@ -103,7 +106,7 @@ def check_legal(cfg: TileConfig, *, smem_per_block: int, elem_bytes: int, role: 
     regs = registers_per_thread(cfg, elem_bytes, role, wgmma)
     if regs > MAX_REGS_PER_THREAD:
         raise TilingError(f"needs about {regs} registers per thread, over {MAX_REGS_PER_THREAD}: it would spill")
-    r = ROLES[role]
+    r = COSTED[role]
     rows = r.outer(cfg.block_m, cfg.block_n)  # the dimension the warps split
     if rows < rows_per_warp * cfg.num_warps and not (splits_n(cfg, role, wgmma) and cfg.num_stages >= 2):
         raise TilingError(f"{r.outer_block}={rows} is too few rows for {cfg.num_warps} warps (needs at least "

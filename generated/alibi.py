@@ -37,6 +37,11 @@ TILINGS = {
         "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
         "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
     },
+    "bwd_single": {
+        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
+    },
 }
 BUCKET_SEQS = (4096, 1024, 16384)  # a call takes the tilings of the bucket nearest max(Nq, Nk) in log scale
 BUCKET_TILINGS = {  # (role, dtype, bucket) -> tiling, where the cost model picks otherwise than TILINGS
@@ -47,6 +52,10 @@ BUCKET_TILINGS = {  # (role, dtype, bucket) -> tiling, where the cost model pick
     ('bwd_dq', 'fp16', 16384): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
     ('bwd_dq', 'bf16', 16384): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
 }
+# the backward's form per dtype and ranked length, as the cost model predicts faster (deterministic=None)
+BACKWARD_FORMS = {'fp16': ((4096, 'single pass'), (1024, 'single pass'), (16384, 'single pass')),
+ 'bf16': ((4096, 'single pass'), (1024, 'single pass'), (16384, 'single pass')),
+ 'fp32': ((4096, 'single pass'), (1024, 'single pass'), (16384, 'single pass'))}
 HEAD_DIM, HEAD_DIM_V, SCALE, DROPOUT_P = 64, 64, 0.125, 0.0
 HEAD_PARAMS = ({'arg': 'alibi_slopes', 'default': 'alibi', 'grad': False},)  # per-head call-time parameters: the rows of HP
 TILE_TABLES = {}  # kernels that walk a tile table, and its encoding (the schedule pass)
@@ -234,9 +243,12 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, p
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
-        offs_d = tl.arange(0, HEAD_DIM_PAD)
-        tl.atomic_add(DQ_ACC + _wide(offs_m, WIDE)[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq,
-                      mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        if ATOMIC_DQ == 2:  # a TMA bulk reduction from shared memory (cp.reduce.async.bulk): no per-element addresses
+            DQ_ACC.atomic_add([q_b, q_h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
+        else:
+            offs_d = tl.arange(0, HEAD_DIM_PAD)
+            tl.atomic_add(DQ_ACC + _wide(offs_m, WIDE)[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq,
+                          mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -306,7 +318,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
         if not TMA:
             Qh = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
             DOh = DO + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-        DQh = DQ_ACC + off_b.to(tl.int64) * stride_aqb + off_h.to(tl.int64) * stride_aqh
+        DQh = DQ_ACC  # with ATOMIC_DQ 2, a TMA descriptor of the fp32 dQ buffer
+        if ATOMIC_DQ == 1:
+            DQh = DQ_ACC + off_b.to(tl.int64) * stride_aqb + off_h.to(tl.int64) * stride_aqh
         LSEh = LSE + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
         DELTAh = DELTA + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start
         hp_alibi = tl.load(HP + 0 * H + off_h).to(tl.float32) * 1.4426950408889634

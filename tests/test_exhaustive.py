@@ -114,6 +114,6 @@ def test_exhaustive_all_means_every_legal_tiling(monkeypatch):
     runner = CliRunner()
     r = runner.invoke(cli_main.app, ["bench", str(path), "--shapes", "1x2x256", "--exhaustive", "all"])
     assert r.exit_code == 0, r.output
-    assert tops == [None] * 3 and f"1 of {legal}" in r.output
+    assert tops == [None] * 4 and f"1 of {legal}" in r.output  # fwd, bwd_dkdv, bwd_dq and bwd_single
     r = runner.invoke(cli_main.app, ["bench", str(path), "--exhaustive", "most"])
     assert r.exit_code != 0 and "--exhaustive takes a count or `all`" in r.output

@@ -370,3 +370,38 @@ def test_single_pass_that_does_not_fit_falls_back_to_two_kernels(device, monkeyp
         module.attention(*leaves, deterministic=det).sum().backward()
         grads.append([t.grad for t in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads)) and len(rt._no_single_pass) == 1
+
+
+@pytest.mark.interp
+def test_the_backward_form_follows_the_cost_models_choice(device, monkeypatch):
+    """With the module's default None, deterministic=None takes the form BACKWARD_FORMS names for the
+    ranked length nearest the call's; True and False override it; the module's default (True as
+    shipped) applies to deterministic=None."""
+    module = attngen.load(ROOT / "specs" / "causal.yaml")
+    rt = runtime.of(module)
+    assert rt.deterministic is True
+    monkeypatch.setattr(rt, "deterministic", None)
+    monkeypatch.setattr(rt, "backward_forms", {"fp32": ((64, "single pass"), (1024, "two kernels")),
+                                               "fp16": ((64, "single pass"), (1024, "two kernels"))})
+    assert rt.single_pass("fp32", 40, 70) and not rt.single_pass("fp32", 700, 900)
+    assert not rt.single_pass("fp32", 40, 70, deterministic=True) and rt.single_pass("fp32", 700, 900, False)
+    assert not rt.single_pass("bf16", 40, 70)  # no forms for the dtype: the two kernels
+    spec = load_spec(ROOT / "specs" / "causal.yaml")
+    q, k, v = _inputs(spec, 1, 2, 1, 40, 70, device=device)
+    ran = []
+    for det_default, det in ((None, None), (None, True), (True, None), (True, False)):
+        monkeypatch.setattr(rt, "deterministic", det_default)
+        module.attention(*(t.clone().requires_grad_() for t in (q, k, v)), deterministic=det).sum().backward()
+        ran.append(rt.last_backward)
+    assert ran == ["single pass", "two kernels", "two kernels", "single pass"]
+
+
+@pytest.mark.compiler
+def test_show_tiling_names_the_backward_form():
+    from attngen.pipeline import emit
+
+    text = emit(ROOT / "specs" / "causal.yaml", "tiling")
+    assert "// bwd_single, bf16" in text
+    forms = text.split("// the backward's form (deterministic=None), per dtype at each ranked length\n")[1]
+    assert all(line.split(": ", 1)[0] in ("fp16", "bf16", "fp32") for line in forms.splitlines()[:3])
+    assert "single pass" in forms or "two kernels" in forms

@@ -28,10 +28,10 @@ def register_ops(rt) -> _Ops:
     # packed sequences (attention_varlen): cu_q, cu_k and the longest lengths; q, k, v [1, H, total, D] views
     fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, Tensor? layout, "
                   "Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, SymInt seed, float p_drop, "
-                  "bool deterministic) -> (Tensor, Tensor)")
+                  "bool? deterministic) -> (Tensor, Tensor)")
     bwd_schema = ("(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor hp, Tensor? q_ids, "
                   "Tensor? kv_ids, Tensor? layout, Tensor? cu_q, Tensor? cu_k, int max_q, int max_k, float scale, "
-                  "SymInt seed, float p_drop, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor)")
+                  "SymInt seed, float p_drop, bool? deterministic) -> (Tensor, Tensor, Tensor, Tensor)")
 
     def sparse(q_ids, kv_ids, layout, cu_q, cu_k, max_q, max_k, q, k):
         docs = None if q_ids is None else made_for("documents", q_ids, kv_ids, lambda: Documents(q_ids, kv_ids))

@@ -102,9 +102,11 @@ class KernelModule:
         self.plans: dict = {}  # call signature -> Plan; cleared when it reaches 1024
         self._static: dict = {}
         self._decode_layouts: dict = {}  # capacity -> static layout terms for decoding (never evicted)
-        # the backward's default form: the two-kernel one (deterministic) until the single pass is
-        # measured faster (docs/decisions/single-pass-backward.md); per call: deterministic=
-        self.deterministic = True
+        # the backward's default form: True, the two kernels (timed faster than the single pass as
+        # far as it was timed: docs/decisions/single-pass-backward.md); None, the cost model's choice
+        # per dtype and length (BACKWARD_FORMS); False, the single pass. Per call: deterministic=
+        self.deterministic: bool | None = True
+        self.backward_forms = ns.get("BACKWARD_FORMS", {})  # dtype -> ((ranked length, form), ...)
         self._no_single_pass: set = set()  # dK/dV tilings whose single-pass variant does not fit
         self.last_backward = None  # the form the latest backward ran: "two kernels" | "single pass"
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
@@ -124,6 +126,21 @@ class KernelModule:
             seq = min(self.bucket_seqs, key=lambda b: abs(math.log2(max(Nq, Nk, 1) / b)))
             return self.bucket_tilings.get((role, dtype, seq), self.tilings[role][dtype])
         return self.tilings[role][dtype]
+
+    def single_pass(self, dtype: str, Nq: int, Nk: int, deterministic: bool | None = None) -> bool:
+        """Whether a backward runs the single pass: deterministic=True never, False where it can,
+        None (and the module's default None) where the cost model chose it for the ranked length
+        nearest max(Nq, Nk). It cannot with a learnable head parameter (the dQ kernel sums its
+        gradient) or where the single pass has no tiling for the dtype."""
+        det = self.deterministic if deterministic is None else deterministic
+        if self.n_grads or dtype not in self.tilings.get("bwd_single", {}):
+            return False
+        if det is not None:
+            return not det
+        forms = self.backward_forms.get(dtype)
+        if not forms:
+            return False
+        return min(forms, key=lambda f: abs(math.log2(max(Nq, Nk, 1) / f[0])))[1] == "single pass"
 
     def static_classes(self, Nq: int, Nk: int, block_m: int, block_n: int, device, heads: int = 1,
                        with_layout: bool = True, window: Window | None = None):
@@ -226,6 +243,10 @@ class KernelModule:
         # q, k, v and the [B, H, N, D] outputs / dO (and the dK/dV kernel's fp32 dQ buffer)
         strided = {"fwd": tensors[:4], "bwd_dq": tensors[:6], "bwd_dkdv": tensors[:7]}[role]
         blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
+        # the single pass adds dQ tiles into its fp32 buffer by TMA reductions on a GPU (the interpreter has none)
+        reduce_tma = role == "bwd_dkdv" and flags[0] and q.device.type == "cuda"
+        if reduce_tma:
+            blocks[6] = bm
         # packed sequences start at any row: no TMA (its boxes would cross into the next sequence)
         descs, tma = descriptors({**cfg, "TMA": cfg["TMA"] and seqlens is None}, tensors[:n], blocks,
                                  (self.head_dim, self.head_dim_v))
@@ -244,8 +265,8 @@ class KernelModule:
                       **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
         if role == "fwd":
             consts["STORE_LSE"] = flags[0]
-        if role == "bwd_dkdv":
-            consts["ATOMIC_DQ"] = flags[0]
+        if role == "bwd_dkdv":  # 0: no dQ; 1: per-element atomics; 2: TMA reductions
+            consts["ATOMIC_DQ"] = 2 if reduce_tma and tma else int(flags[0])
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)
 
     def _launch(self, role: str, tensors, scalars, seed: int, flags, sparse: Sparse, cfg=None,
@@ -302,10 +323,9 @@ class KernelModule:
         """dq, dk, dv and dhp: the head parameters' gradients [P, Hq] (zero rows for those without
         one), or None when no parameter has one. With a window, o and lse are the whole problem's
         rows (their softmax runs over every key, not only this call's), and dhp is per row
-        [P, 3, B, Hq, Nq] (see _dhp_store; finish_head_param_grads). deterministic (None: the
-        module's default): the two-kernel backward, else the single pass adding dQ with atomics
-        (a spec with a learnable head parameter always takes the two kernels: its dQ kernel sums
-        that gradient)."""
+        [P, 3, B, Hq, Nq] (see _dhp_store; finish_head_param_grads). deterministic: True, the
+        two-kernel backward; False, the single pass adding dQ with atomics; None, the module's
+        default (see single_pass)."""
         if window is not None:
             self._check_window(q, k, sparse, window)
         B, Hq, Nq, _ = q.shape
@@ -318,22 +338,23 @@ class KernelModule:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
         scalars = (scale * LOG2E, scale, seed, p_drop)
-        single = not (self.deterministic if deterministic is None else deterministic) and not self.n_grads
-        kv_cfg = self.config("bwd_dkdv", DTYPES[q.dtype], *self._lengths(q, k, sparse))
-        if single and tuple(kv_cfg.items()) not in self._no_single_pass:
-            # one kernel: dK, dV per key block, dQ added into fp32 rows by atomics
-            self._delta(o, do, delta)
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            try:
-                self._launch("bwd_dkdv", (q, k, v, do, dk, dv, dq_acc, lse, delta, hp), scalars, seed,
-                             (True, p_drop > 0), sparse, kv_cfg, window)
-                self.last_backward = "single pass"
-                return dq.copy_(dq_acc), dk, dv, None
-            except OutOfResources:  # the extra product overflows shared memory (docs/decisions/single-pass-backward.md)
-                self._no_single_pass.add(tuple(kv_cfg.items()))  # so: the two kernels, for this tiling
-        flags = (p_drop > 0,)
         lengths = self._lengths(q, k, sparse)
+        if self.single_pass(DTYPES[q.dtype], *lengths, deterministic):
+            one_cfg = self.config("bwd_single", DTYPES[q.dtype], *lengths)
+            if tuple(one_cfg.items()) not in self._no_single_pass:
+                # one kernel: dK, dV per key block, dQ added into fp32 rows by atomics
+                self._delta(o, do, delta)
+                dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+                try:
+                    self._launch("bwd_dkdv", (q, k, v, do, dk, dv, dq_acc, lse, delta, hp), scalars, seed,
+                                 (True, p_drop > 0), sparse, one_cfg, window)
+                    self.last_backward = "single pass"
+                    return dq.copy_(dq_acc), dk, dv, None
+                except OutOfResources:  # more than the model's estimate (docs/decisions/single-pass-backward.md)
+                    self._no_single_pass.add(tuple(one_cfg.items()))  # so: the two kernels, for this tiling
+        flags = (p_drop > 0,)
         cfg = self.config("bwd_dq", DTYPES[q.dtype], *lengths)
+        kv_cfg = self.config("bwd_dkdv", DTYPES[q.dtype], *lengths)
         # per dQ program, its rows' share of each learnable head parameter's gradient; summed below
         # (packed: zeros, for the programs past their sequence's end return before writing theirs)
         programs = (B if sparse.seqlens is None else sparse.seqlens.batch) * Hq
@@ -462,8 +483,9 @@ class KernelModule:
                   temperature=None, scale=None, out=None, training=True, dropout_seed=None, deterministic=None):
         """o [B, Hq, Nq, Dv] from q [B, Hq, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] (and lse
         [B, Hq, Nq], float32, natural log, with return_lse). The module's docstring has the spec.
-        deterministic: the backward's form (None: the module's `deterministic` default): True, two
-        kernels, bitwise-repeatable gradients; False, one kernel adding dQ with atomics."""
+        deterministic: the backward's form: True, two kernels, bitwise-repeatable gradients; False,
+        one kernel adding dQ with atomics; None, the module's `deterministic` default (True; set it
+        to None for the form the cost model predicts faster per dtype and length, BACKWARD_FORMS)."""
         self.check(q, k, v, out)
         if self.document:
             documents = as_documents(documents, q.shape[0], q.shape[2], k.shape[2], q.device, self.name)
@@ -616,7 +638,7 @@ class KernelModule:
                              f"step, drawn outside the compiled function), or training=False")
         ids = (documents.q_ids, documents.kv_ids) if self.document else (None, None)
         blocks = None if block_mask is None else block_mask.layout
-        det = self.deterministic if deterministic is None else bool(deterministic)  # traced: a constant
+        det = self.deterministic if deterministic is None else bool(deterministic)  # traced: a constant (or None)
         return self.ops.forward(q, k, v, hp, *ids, blocks, *packed, scale, dropout_seed if p_drop > 0 else 0, p_drop,
                                 det)
 

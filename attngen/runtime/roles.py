@@ -20,6 +20,7 @@ class KernelRole:
     fragments: tuple[str, ...]  # resident operands the MMAs read from registers
     score_tiles: int  # BM x BN fp32 temporaries live at once (s/p; and dp/ds in the backward)
     backward: bool
+    reduced: tuple[str, ...] = ()  # fp32 tiles added into a global buffer each loop step (atomics)
 
     @property
     def transposed(self) -> bool:
@@ -55,3 +56,10 @@ BWD_DQ = KernelRole("bwd_dq", "_attn_bwd_dq", "queries", ("q", "do"), ("k", "v")
 BWD_DKDV = KernelRole("bwd_dkdv", "_attn_bwd_dkdv", "keys", ("k", "v"), ("q", "do"), (2, 2), "q_loop",
                       accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True)
 ROLES = {r.name: r for r in (FWD, BWD_DKDV, BWD_DQ)}  # the FlashAttention-2 family, in lowering order
+# The single-pass backward: bwd_dkdv's kernel compiled with ATOMIC_DQ, which also computes dS K per
+# query tile (a fifth product) and adds it into an fp32 dQ buffer. Launched through bwd_dkdv's
+# kernel, but tiled and costed as a role of its own (docs/decisions/single-pass-backward.md).
+BWD_SINGLE = KernelRole("bwd_single", "_attn_bwd_dkdv", "keys", ("k", "v"), ("q", "do"), (3, 2), "q_loop",
+                        accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True, reduced=("dq",))
+VARIANTS = {"bwd_single": (BWD_SINGLE, "bwd_dkdv")}  # variant -> (its role, the role whose kernel it runs)
+COSTED = {**ROLES, "bwd_single": BWD_SINGLE}  # every role the tiling pass and the cost model rank

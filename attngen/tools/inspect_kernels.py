@@ -30,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDG", "LDL", "STL", "MUFU.EX2", "MUFU.TANH", "BAR.SYNC", "SYNCS")
+OPS = ("HGMMA", "HMMA", "UTMALDG", "UTMAREDG", "REDG", "LDGSTS", "LDG", "LDL", "STL", "MUFU.EX2", "MUFU.TANH", "BAR.SYNC", "SYNCS")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
