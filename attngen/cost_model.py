@@ -107,7 +107,7 @@ class Constants:
     occupancy_gain_cap: float = 1.15
     tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads, forward
     tma_gain_bwd: float = 1.0  # ... and in the backward kernels (their tiles are MMA-heavier)
-    atomic_cost: float = 2.0  # L2 bytes moved per byte of a tile added atomically (read and write)
+    atomic_cost: float = 2.0  # L2 bytes moved per byte of a tile added atomically (fitted: docs/decisions/single-pass-backward.md)
     scale: float = 1.0  # measured / predicted, overall
 
     @classmethod
@@ -128,11 +128,14 @@ FITTED = resources.cost_constants_path()
 CONSTANTS = load_fitted()
 
 
-def _mma_efficiency(cfg: TileConfig, role: str, k: Constants) -> float:
+def _mma_efficiency(cfg: TileConfig, role: str, k: Constants, reduced: bool = False) -> float:
     """Small tiles issue more, smaller MMAs. The rows of the resident block (queries in fwd and
-    bwd_dq, keys in bwd_dkdv) are the MMAs' M dimension and weigh more than the streamed one."""
+    bwd_dq, keys in bwd_dkdv) are the MMAs' M dimension and weigh more than the streamed one; a
+    reduced tile's product (bwd_single's dS K) has the streamed rows as its M dimension."""
     r = COSTED[role]
     rows, streamed = r.outer(cfg.block_m, cfg.block_n), r.inner(cfg.block_m, cfg.block_n)
+    if reduced:
+        rows, streamed = streamed, rows
     eff = (min(rows, 128) / 128) ** k.rows_exponent * (min(streamed, 128) / 128) ** k.streamed_exponent
     return eff * {1: k.one_stage, 2: k.two_stages}.get(cfg.num_stages, 1.0)
 
@@ -158,15 +161,18 @@ def predict(cfg: TileConfig, plan: MaskPlan, target: Target, work: Workload, rol
     sm_flops = target.mma_flops[work.dtype] / target.sms
     r = COSTED[role]
     nd, ndv = r.products  # matrix products per tile, as multiples of BM*BN*(D, Dv)
-    mma = 2 * bm * bn * (nd * d + ndv * dv) / (sm_flops * _mma_efficiency(cfg, role, k))
+    red = width(r.reduced, d, dv)  # the reduced tile's product (one of the nd) at its own efficiency
+    mma = 2 * bm * bn * ((nd * d + ndv * dv - red) / _mma_efficiency(cfg, role, k)
+                         + red / _mma_efficiency(cfg, role, k, reduced=True)) / sm_flops
     softmax = bm * bn * (work.score_sfu / target.sfu_per_sm_per_clock + k.alu_ops / target.fp32_per_sm_per_clock) / target.clock_hz
     masking = k.mask_ops * bm * bn / (target.alu_per_sm_per_clock * target.clock_hz)
     streamed = r.inner(bm, bn)  # rows of the tiles the loop streams in
-    # loads from L2, plus a reduced tile's fp32 read-modify-writes there (bwd_single's dQ atomics)
-    reduced = streamed * width(r.reduced, d, dv) * 4 * k.atomic_cost
-    memory = (streamed * (d + dv) * elem + reduced) / (target.l2_bytes_per_s / target.sms)
+    memory = streamed * (d + dv) * elem / (target.l2_bytes_per_s / target.sms)
     parts = (mma, softmax, memory)
     full_tile = max(parts) + k.overlap / occupancy ** k.hiding * (sum(parts) - max(parts))
+    # a reduced tile's fp32 read-modify-writes at L2 (bwd_single's dQ), after the tile's products
+    # and before its staging buffer is reused: not overlapped
+    full_tile += streamed * width(r.reduced, d, dv) * 4 * k.atomic_cost / (target.l2_bytes_per_s / target.sms)
     if cfg.tma:
         full_tile /= k.tma_gain_bwd if r.backward else k.tma_gain
     n_outer = -(-(work.seq_k if r.transposed else work.seq_q) // r.outer(bm, bn))

@@ -85,8 +85,9 @@ def registers_per_thread(cfg: TileConfig, elem_bytes: int, role: str = "fwd", wg
     outer, inner, threads = r.outer(m, n), r.inner(m, n), 32 * cfg.num_warps
     spread = outer * width(r.accumulators, d, dv)
     scores = r.score_tiles * m * n + m * n * elem_bytes // 4
-    # a reduced tile's fp32 values; per-element atomics (no TMA) also hold an address per element
-    scores += inner * width(r.reduced, d, dv) * (1 if cfg.tma else 2)
+    # a reduced tile: through TMA its fp32 values take the dead dS registers and are staged in shared
+    # memory; per-element atomics also hold an address per element (64-bit) in registers
+    scores += 0 if cfg.tma else 2 * inner * width(r.reduced, d, dv)
     if not wgmma:
         scores += m * width(r.fragments, d, dv) * elem_bytes // 4
     elif not cfg.tma:

@@ -43,8 +43,8 @@ TILINGS = {
         "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
     },
     "bwd_single": {
-        "fp16": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
-        "bf16": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
         "fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
     },
 }
@@ -58,7 +58,8 @@ BUCKET_TILINGS = {  # (role, dtype, bucket) -> tiling, where the cost model pick
     ('bwd_dq', 'fp16', 16384): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
     ('bwd_dq', 'bf16', 16384): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
     ('bwd_dq', 'fp32', 16384): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
-    ('bwd_single', 'fp32', 16384): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=False),
+    ('bwd_single', 'fp16', 16384): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
+    ('bwd_single', 'bf16', 16384): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=64, HEAD_DIM_V_PAD=64, TMA=True),
 }
 # the backward's form per dtype and ranked length, as the cost model predicts faster (deterministic=None)
 BACKWARD_FORMS = {'fp16': ((4096, 'two kernels'), (1024, 'two kernels'), (16384, 'two kernels')),

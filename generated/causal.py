@@ -38,8 +38,8 @@ TILINGS = {
         "fp32": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False),
     },
     "bwd_single": {
-        "fp16": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
-        "bf16": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
         "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=False),
     },
 }
@@ -54,8 +54,8 @@ BUCKET_TILINGS = {  # (role, dtype, bucket) -> tiling, where the cost model pick
     ('bwd_dq', 'bf16', 1024): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=128, TMA=True),
 }
 # the backward's form per dtype and ranked length, as the cost model predicts faster (deterministic=None)
-BACKWARD_FORMS = {'fp16': ((4096, 'single pass'), (1024, 'single pass'), (16384, 'single pass')),
- 'bf16': ((4096, 'single pass'), (1024, 'single pass'), (16384, 'single pass')),
+BACKWARD_FORMS = {'fp16': ((4096, 'two kernels'), (1024, 'two kernels'), (16384, 'two kernels')),
+ 'bf16': ((4096, 'two kernels'), (1024, 'two kernels'), (16384, 'two kernels')),
  'fp32': ((4096, 'single pass'), (1024, 'single pass'), (16384, 'single pass'))}
 HEAD_DIM, HEAD_DIM_V, SCALE, DROPOUT_P = 128, 128, 0.08838834764831843, 0.0
 HEAD_PARAMS = ()  # per-head call-time parameters: the rows of HP

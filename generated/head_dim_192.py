@@ -39,6 +39,8 @@ TILINGS = {
         "fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=128, TMA=False),
     },
     "bwd_single": {
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=128, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=128, TMA=True),
         "fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=128, TMA=False),
     },
 }

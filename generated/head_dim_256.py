@@ -36,6 +36,8 @@ TILINGS = {
         "bf16": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=256, TMA=True),
     },
     "bwd_single": {
+        "fp16": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=256, TMA=True),
+        "bf16": dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=256, HEAD_DIM_V_PAD=256, TMA=True),
     },
 }
 BUCKET_SEQS = (4096, 1024, 16384)  # a call takes the tilings of the bucket nearest max(Nq, Nk) in log scale
