@@ -99,3 +99,64 @@ def register_ops(rt) -> _Ops:
     decode_op = torch.library.custom_op(f"{name}_decode", decode, mutates_args=(), schema=dec_schema)
     decode_op.register_fake(decode_fake)
     return _Ops(forward_op, backward_op, decode_op)
+
+
+class _NSAOps:
+    """An NSA module's torch.library ops for the parts that are not torch: the selection (no
+    gradient) and the selected branch (forward, and backward through register_autograd)."""
+
+    def __init__(self, select, selected):
+        self.select, self.selected = select, selected
+
+
+def register_nsa_ops(rt) -> _NSAOps:
+    base = rt.key
+    _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
+    name = f"attngen::{base}_{n}"
+
+    def select(q, k_cmp, lse_cmp, scale):  # k_cmp with no token: lse_cmp is empty and unread
+        if rt.fused_selection and k_cmp.shape[2]:
+            return rt.select_fused(q, k_cmp, lse_cmp, scale)[0]
+        return rt.select(q, k_cmp, lse_cmp if k_cmp.shape[2] else None, scale)
+
+    def select_fake(q, k_cmp, lse_cmp, scale):
+        B, _, N, _ = q.shape
+        return q.new_empty((B, k_cmp.shape[1], N, min(rt.count, -(-N // rt.l_sel))), dtype=torch.int32)
+
+    select_op = torch.library.custom_op(f"{name}_nsa_select", select, mutates_args=(),
+                                        schema="(Tensor q, Tensor k_cmp, Tensor lse_cmp, float scale) -> Tensor")
+    select_op.register_fake(select_fake)
+
+    def fwd(q, k, v, indices, scale):
+        return rt.selected_forward(q, k, v, indices, scale)
+
+    def fwd_fake(q, k, v, indices, scale):
+        B, H, N = q.shape[:3]
+        return q.new_empty((B, H, N, rt.head_dim_v)), q.new_empty((B, H, N), dtype=torch.float32)
+
+    def bwd(q, k, v, indices, o, lse, do, scale):
+        return rt.selected_backward(q, k, v, indices, o, lse, do, scale)
+
+    def bwd_fake(q, k, v, indices, o, lse, do, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    fwd_op = torch.library.custom_op(f"{name}_nsa_slc_fwd", fwd, mutates_args=(),
+                                     schema="(Tensor q, Tensor k, Tensor v, Tensor indices, float scale) -> (Tensor, Tensor)")
+    fwd_op.register_fake(fwd_fake)
+    bwd_op = torch.library.custom_op(f"{name}_nsa_slc_bwd", bwd, mutates_args=(),
+                                     schema="(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor o, Tensor lse, "
+                                            "Tensor do, float scale) -> (Tensor, Tensor, Tensor)")
+    bwd_op.register_fake(bwd_fake)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, indices, scale = inputs
+        ctx.save_for_backward(q, k, v, indices, *output)
+        ctx.scale = scale
+
+    def backward(ctx, do, dlse):
+        q, k, v, indices, o, lse = ctx.saved_tensors
+        dq, dk, dv = bwd_op(q, k, v, indices, o, lse, do.contiguous(), ctx.scale)
+        return dq, dk, dv, None, None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    return _NSAOps(select_op, fwd_op)

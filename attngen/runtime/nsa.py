@@ -17,9 +17,13 @@ The math is attngen/reference_nsa.py's, which the kernels are verified against.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import triton
 
+from .library import register_nsa_ops
 from .module import DTYPES
 
 _CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
@@ -64,20 +68,24 @@ class NSAModule:
         self.scale = self.head_dim ** -0.5
         self.fwd_kernel, self.scores_kernel = ns["_nsa_select_fwd"], ns["_nsa_scores"]
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
-        self._branches = None
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
+        source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
+        self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
+        self.ops = register_nsa_ops(self)  # what torch.compile traces instead of the selection and the selected branch
+        # the branches' modules (disk-cached): loaded here, so that a compiled call never traces the loader
+        self._branches = self._load_branches()
 
-    def branches(self):
-        """The compressed and window branches' fa2 modules, compiled (or read from the disk cache) on
-        first use."""
-        if self._branches is None:
-            from attngen.loader import load_derived
+    def _load_branches(self) -> dict:
+        from attngen.loader import load_derived
 
-            self._branches = {role: load_derived(spec) for role, spec in self.branch_specs.items()}
+        return {role: load_derived(spec) for role, spec in self.branch_specs.items()}
+
+    def branches(self) -> dict:
+        """The compressed and window branches' fa2 modules ("cmp", "swa")."""
         return self._branches
 
     # ------------------------------------------------------------------ the call
@@ -140,11 +148,16 @@ class NSAModule:
         else:  # shorter than one window: no compressed token, o_cmp = 0
             o_cmp = q.new_zeros(*q.shape[:3], self.head_dim_v)
             lse_cmp = None
-        if self.fused_selection and lse_cmp is not None:
-            indices = self.select_fused(q, k_cmp, lse_cmp, scale)[0]
+        if torch.compiler.is_compiling():  # the ops: opaque to the tracer (their host code reads shapes, launches)
+            indices = self.ops.select(q, k_cmp, lse_cmp if lse_cmp is not None else q.new_empty(0, dtype=torch.float32),
+                                      scale)
+            o_slc = self.ops.selected(q, k, v, indices, scale)[0]
         else:
-            indices = self.select(q, k_cmp, lse_cmp, scale)
-        o_slc = _Selected.apply(self, q, k, v, indices, scale)
+            if self.fused_selection and lse_cmp is not None:
+                indices = self.select_fused(q, k_cmp, lse_cmp, scale)[0]
+            else:
+                indices = self.select(q, k_cmp, lse_cmp, scale)
+            o_slc = _Selected.apply(self, q, k, v, indices, scale)
         o_swa = branches["swa"].attention(q, k, v, scale=scale)
         g = gates.to(torch.float32)
         o = (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_swa.float()).to(q.dtype)
