@@ -107,7 +107,7 @@ class Constants:
     occupancy_gain_cap: float = 1.15
     tma_gain: float = 1.0  # tile-time speed-up of TMA loads over pointer loads, forward
     tma_gain_bwd: float = 1.0  # ... and in the backward kernels (their tiles are MMA-heavier)
-    atomic_cost: float = 2.0  # L2 bytes moved per byte of a tile added atomically (fitted: docs/decisions/single-pass-backward.md)
+    atomic_cost: float = 2.0  # L2 bytes moved per byte of a tile added atomically (unfitted default; fit: docs/decisions/single-pass-backward.md)
     scale: float = 1.0  # measured / predicted, overall
 
     @classmethod

@@ -84,9 +84,19 @@ def test_opcheck(device):
     seed = 0
     torch.library.opcheck(rt.ops.forward, (q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0, True))
     o, lse = rt.ops.forward(q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0, True)
-    for deterministic in (True, False):  # the two-kernel backward and the single pass
-        torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, None, None, None, 0,
-                                                0, 0.1, seed, 0.0, deterministic))
+    # temperature's learnable parameter keeps the two kernels whatever deterministic says; causal's
+    # backward runs the two kernels (True), the single pass (False) and the cost model's choice (None)
+    torch.library.opcheck(rt.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, None, None, None, 0,
+                                            0, 0.1, seed, 0.0, False))
+    causal = runtime.of(attngen.load(ROOT / "specs" / "causal.yaml"))
+    hp = torch.empty(0, 2, device=device)
+    o, lse = causal.ops.forward(q, k, v, hp, None, None, None, None, None, 0, 0, 0.1, seed, 0.0, None)
+    ran = []
+    for deterministic in (True, False, None):
+        torch.library.opcheck(causal.ops.backward, (torch.randn_like(o), q, k, v, o, lse, hp, None, None, None, None,
+                                                    None, 0, 0, 0.1, seed, 0.0, deterministic))
+        ran.append(causal.last_backward)
+    assert ran == ["two kernels", "single pass", "two kernels"]  # None: the module's default (True)
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@ attngen module at all."""
 
 import ast
 import importlib.util
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -82,3 +83,20 @@ def test_standalone_module_imports_no_attngen_and_computes_causal_attention(tmp_
         o = module.attention_with_kvcache(q[:, :, -3:], k, v, cache_seqlens=torch.tensor([37], dtype=torch.int32,
                                                                                       device=device))
     assert (o - expected[:, :, -3:]).abs().max() < 1e-5
+    out = torch.empty_like(q).transpose(1, 2).contiguous().transpose(1, 2)  # out= (checked, then written in place)
+    assert module.attention(q, k, v, out=out) is out and (out - expected).abs().max() < 1e-5
+    k_cache, v_cache = (torch.zeros(1, 2, 40, 32, device=device) for _ in range(2))
+    with torch.no_grad():  # an append (its checks), then attending
+        o = module.attention_with_kvcache(q[:, :, -1:], k_cache, v_cache, cache_seqlens=torch.tensor(
+            [36], dtype=torch.int32, device=device), k=k[:, :, 36:], v=v[:, :, 36:])
+    assert torch.equal(k_cache[:, :, 36], k[:, :, 36]) and torch.isfinite(o).all()
+
+
+@pytest.mark.compiler
+def test_standalone_inlines_every_runtime_module_the_runtime_imports():
+    from attngen.standalone import RUNTIME, RUNTIME_MODULES
+
+    imported = {part.strip().partition(" as ")[0] for f in RUNTIME.glob("*.py")
+                for line in re.findall(r"^from \. import (.+)$", f.read_text(), re.M) for part in line.split(",")}
+    imported |= {m for f in RUNTIME.glob("*.py") for m in re.findall(r"^from \.(\w+) import", f.read_text(), re.M)}
+    assert imported <= set(RUNTIME_MODULES), imported - set(RUNTIME_MODULES)

@@ -169,7 +169,7 @@ def test_bad_out_is_refused_with_the_argument_named(spec_module, device):
          "out is not supported because it has overlapping elements"),  # rows overlapping by half
         (q, ValueError, "out is not supported because it shares memory with q"),
         (kv[..., 8:8 + D], ValueError, "out is not supported because it shares memory with k"),
-        (kv[..., D:], ValueError, "shares memory with k"),  # v's elements, and k's span
+        (kv[..., D:], ValueError, "shares memory with v"),  # v's elements (k, interleaved with it, holds none)
         (torch.zeros(B, H, N - 1, D, device=device), ValueError,
          r"out must be \[2, 2, 24, 32\] \(batch, query heads, Nq, head_dim_v\) on q's device"),
         (torch.zeros(B, H, N + 1, D, device=device), ValueError, r"out must be \[2, 2, 24, 32\]"),
@@ -342,3 +342,27 @@ def test_bad_appends_and_index_dtypes_are_refused_with_the_argument_named(spec_m
         with torch.no_grad(), pytest.raises(error, match=fragment):
             module.attention_with_kvcache(q, args.pop("k_cache"), args.pop("v_cache"), **args)
         assert all(torch.equal(a, b) for a, b in zip(caches, before))  # nothing written
+
+
+@pytest.mark.interp
+def test_interleaved_kv_pages_and_out_beside_q_are_taken(spec_module, device):
+    """k and v pages interleaved in one [pages, 2, page, H, D] buffer (FlashInfer's layout) hold no
+    common element: the append writes each in place; an out= sharing a buffer with q without
+    sharing elements is written in place too."""
+    _, module = spec_module
+    g = torch.Generator().manual_seed(9)
+    q, lengths, k_new, v_new = _cache_case(torch.float32, device, g)
+    table = torch.arange(6, dtype=torch.int32, device=device).reshape(B, 3)
+    kv = _randn(6, 2, 16, 2, D, dtype=torch.float32, device=device, g=g)  # pages, k|v, page, Hkv, D
+    k_pages, v_pages = kv[:, 0], kv[:, 1]
+    want_k, want_v = k_pages.clone(), v_pages.clone()
+    with torch.no_grad():
+        got = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table,
+                                            k=k_new, v=v_new)
+        want = module.attention_with_kvcache(q, want_k, want_v, cache_seqlens=lengths, block_table=table,
+                                             k=k_new, v=v_new)
+    assert torch.equal(got, want) and torch.equal(k_pages, want_k) and torch.equal(v_pages, want_v)
+    both = _randn(B, 2, 2 * q.shape[2], D, dtype=torch.float32, device=device, g=g)  # q's rows, then out's
+    q2, out = both[:, :, :q.shape[2]], both[:, :, q.shape[2]:]
+    k, v = (_randn(B, 2, 30, D, dtype=torch.float32, device=device, g=g) for _ in range(2))
+    assert module.attention(q2, k, v, out=out) is out and torch.equal(out, module.attention(q2, k, v))

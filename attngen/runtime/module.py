@@ -107,7 +107,7 @@ class KernelModule:
         # per dtype and length (BACKWARD_FORMS); False, the single pass. Per call: deterministic=
         self.deterministic: bool | None = True
         self.backward_forms = ns.get("BACKWARD_FORMS", {})  # dtype -> ((ranked length, form), ...)
-        self._no_single_pass: set = set()  # dK/dV tilings whose single-pass variant does not fit
+        self._no_single_pass: set = set()  # bwd_single tilings that did not fit (OutOfResources)
         self.last_backward = None  # the form the latest backward ran: "two kernels" | "single pass"
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
@@ -127,16 +127,20 @@ class KernelModule:
             return self.bucket_tilings.get((role, dtype, seq), self.tilings[role][dtype])
         return self.tilings[role][dtype]
 
-    def single_pass(self, dtype: str, Nq: int, Nk: int, deterministic: bool | None = None) -> bool:
+    def single_pass(self, dtype: str, Nq: int, Nk: int, deterministic: bool | None = None,
+                    packed: bool = False) -> bool:
         """Whether a backward runs the single pass: deterministic=True never, False where it can,
         None (and the module's default None) where the cost model chose it for the ranked length
-        nearest max(Nq, Nk). It cannot with a learnable head parameter (the dQ kernel sums its
-        gradient) or where the single pass has no tiling for the dtype."""
+        nearest max(Nq, Nk), not for packed sequences (pointer loads: its TMA tilings would spill).
+        It cannot with a learnable head parameter (the dQ kernel sums its gradient) or where the
+        single pass has no tiling for the dtype."""
         det = self.deterministic if deterministic is None else deterministic
         if self.n_grads or dtype not in self.tilings.get("bwd_single", {}):
             return False
         if det is not None:
             return not det
+        if packed:
+            return False
         forms = self.backward_forms.get(dtype)
         if not forms:
             return False
@@ -339,10 +343,10 @@ class KernelModule:
         delta = torch.empty((B, Hq, Nq), dtype=torch.float32, device=q.device)
         scalars = (scale * LOG2E, scale, seed, p_drop)
         lengths = self._lengths(q, k, sparse)
-        if self.single_pass(DTYPES[q.dtype], *lengths, deterministic):
+        if self.single_pass(DTYPES[q.dtype], *lengths, deterministic, packed=sparse.seqlens is not None):
             one_cfg = self.config("bwd_single", DTYPES[q.dtype], *lengths)
             if tuple(one_cfg.items()) not in self._no_single_pass:
-                # one kernel: dK, dV per key block, dQ added into fp32 rows by atomics
+                # one kernel: dK, dV per key block, dQ added into fp32 rows (TMA reductions, or atomics)
                 self._delta(o, do, delta)
                 dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
                 try:
