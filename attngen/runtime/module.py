@@ -34,6 +34,12 @@ _PLACEHOLDERS: dict = {}
 _SLOPES: dict = {}
 
 
+def tma_reductions(device) -> bool:
+    """Whether the single pass adds dQ by TMA reductions here: on a GPU (Triton's interpreter has no
+    descriptor reduction; offline inspection patches this to compile them)."""
+    return device.type == "cuda"
+
+
 def placeholder(device, dtype=torch.int32) -> torch.Tensor:
     """An empty tensor for an argument a kernel does not read (made once per device and dtype)."""
     return kept(_PLACEHOLDERS, (device, dtype), lambda: torch.empty(0, dtype=dtype, device=device))
@@ -248,7 +254,7 @@ class KernelModule:
         strided = {"fwd": tensors[:4], "bwd_dq": tensors[:6], "bwd_dkdv": tensors[:7]}[role]
         blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
         # the single pass adds dQ tiles into its fp32 buffer by TMA reductions on a GPU (the interpreter has none)
-        reduce_tma = role == "bwd_dkdv" and flags[0] and q.device.type == "cuda"
+        reduce_tma = role == "bwd_dkdv" and flags[0] and tma_reductions(q.device)
         if reduce_tma:
             blocks[6] = bm
         # packed sequences start at any row: no TMA (its boxes would cross into the next sequence)
