@@ -34,6 +34,30 @@ _PLACEHOLDERS: dict = {}
 _SLOPES: dict = {}
 
 
+def check_qkv(name: str, dtypes: tuple[str, ...], head_dim: int, head_dim_v: int, q, k, v) -> tuple[int, ...]:
+    """(B, Hq, Hkv, Nk) of q [B, Hq, Nq, head_dim], k [B, Hkv, Nk, head_dim], v [B, Hkv, Nk,
+    head_dim_v], one dtype of spec `name`'s `dtypes` on one device, Hq a multiple of Hkv; else an
+    error naming the argument and what is allowed (every family's entry points)."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got {q.dim()}-d, {k.dim()}-d, {v.dim()}-d")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype of {', '.join(DTYPES.values())}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if DTYPES[q.dtype] not in dtypes:
+        raise TypeError(f"spec {name!r} is built for {', '.join(dtypes)}, not {DTYPES[q.dtype]}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    B, Hq = q.shape[:2]
+    Bk, Hkv, Nk = k.shape[:3]
+    if q.shape[-1] != head_dim or k.shape[-1] != head_dim or v.shape[-1] != head_dim_v:
+        raise ValueError(f"spec {name!r} has head_dim {head_dim} and head_dim_v {head_dim_v}; "
+                         f"got q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+    if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Nk:
+        raise ValueError(f"k and v must be [{B}, Hkv, Nk, *] alike; got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    return B, Hq, Hkv, Nk
+
+
 def tma_reductions(device) -> bool:
     """Whether the single pass adds dQ by TMA reductions here: on a GPU (Triton's interpreter has no
     descriptor reduction; offline inspection patches this to compile them)."""
@@ -413,23 +437,7 @@ class KernelModule:
     # ------------------------------------------------------------------ the entry point
 
     def check(self, q, k, v, out=None):
-        if not (q.dim() == k.dim() == v.dim() == 4):
-            raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got {q.dim()}-d, {k.dim()}-d, {v.dim()}-d")
-        if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise TypeError(f"q, k, v must share one dtype of {', '.join(DTYPES.values())}; got {q.dtype}, {k.dtype}, {v.dtype}")
-        if DTYPES[q.dtype] not in self.tilings["fwd"]:
-            raise TypeError(f"spec {self.name!r} is built for {', '.join(self.tilings['fwd'])}, not {DTYPES[q.dtype]}")
-        if not (q.device == k.device == v.device):
-            raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-        B, Hq = q.shape[:2]
-        Bk, Hkv, Nk = k.shape[:3]
-        if q.shape[-1] != self.head_dim or k.shape[-1] != self.head_dim or v.shape[-1] != self.head_dim_v:
-            raise ValueError(f"spec {self.name!r} has head_dim {self.head_dim} and head_dim_v {self.head_dim_v}; "
-                             f"got q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
-        if Bk != B or v.shape[0] != B or v.shape[1] != Hkv or v.shape[2] != Nk:
-            raise ValueError(f"k and v must be [{B}, Hkv, Nk, *] alike; got k {tuple(k.shape)}, v {tuple(v.shape)}")
-        if Hkv == 0 or Hq % Hkv:
-            raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+        B, Hq, _, _ = check_qkv(self.name, tuple(self.tilings["fwd"]), self.head_dim, self.head_dim_v, q, k, v)
         if B * Hq > 65535:
             raise ValueError(f"batch x query heads = {B * Hq} is over 65535, the launch grid's limit on axis 1")
         if out is not None:  # written by the kernel in place: never through a copy, so never cast or moved

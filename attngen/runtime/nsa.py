@@ -24,7 +24,7 @@ import torch
 import triton
 
 from .library import register_nsa_ops
-from .module import DTYPES
+from .module import check_qkv
 
 _CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
 
@@ -91,25 +91,11 @@ class NSAModule:
     # ------------------------------------------------------------------ the call
 
     def check(self, q, k, v, gates, compress_weights) -> None:
-        if not (q.dim() == k.dim() == v.dim() == 4):
-            raise ValueError(f"q, k, v must be 4-d [batch, heads, seq, head_dim]; got {q.dim()}-d, {k.dim()}-d, "
-                             f"{v.dim()}-d")
-        if q.dtype not in DTYPES or DTYPES[q.dtype] not in self.spec["dtypes"] or k.dtype != q.dtype \
-                or v.dtype != q.dtype:
-            raise TypeError(f"q, k, v must share one dtype of spec {self.name!r}'s ({', '.join(self.spec['dtypes'])}); "
-                            f"got {q.dtype}, {k.dtype}, {v.dtype}")
-        if not (q.device == k.device == v.device):
-            raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
-        B, Hq, N, D = q.shape
-        Hkv = k.shape[1]
-        if D != self.head_dim or k.shape[-1] != self.head_dim or v.shape[-1] != self.head_dim_v:
-            raise ValueError(f"spec {self.name!r} has head_dim {self.head_dim} and head_dim_v {self.head_dim_v}; got "
-                             f"q {D}, k {k.shape[-1]}, v {v.shape[-1]}")
-        if tuple(k.shape[:3]) != (B, Hkv, N) or tuple(v.shape[:3]) != (B, Hkv, N):
+        B, Hq, Hkv, Nk = check_qkv(self.name, tuple(self.spec["dtypes"]), self.head_dim, self.head_dim_v, q, k, v)
+        N = q.shape[2]
+        if Nk != N:
             raise ValueError(f"k and v must be [{B}, Hkv, {N}, *] (NSA is self-attention: as many keys as queries); "
                              f"got k {list(k.shape)}, v {list(v.shape)}")
-        if Hkv == 0 or Hq % Hkv:
-            raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
         if B * Hkv > 65535:
             raise ValueError(f"batch x KV heads = {B * Hkv} is over 65535, the launch grid's limit on axis 1")
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (B, Hq, N, 3) \
