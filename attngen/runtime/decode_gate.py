@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tiles import Documents, _ids
+from .tiles import Documents, _ids, check_ids
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,7 @@ def documents(documents, B: int, Nq: int, capacity: int, seqlens: torch.Tensor, 
     for arg, ids in (("kv_ids", kv_ids), ("q_ids", q_ids)):
         if ids is None:
             continue
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point \
-                or ids.dtype.is_complex or ids.dtype == torch.bool:
-            got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise TypeError(f"attention_with_kvcache: documents {arg} must be an integer tensor [batch, positions]; "
-                            f"got {got}")
+        check_ids(f"attention_with_kvcache: documents {arg}", ids, "positions")
         if ids.device != seqlens.device:
             raise ValueError(f"attention_with_kvcache: documents {arg} is on {ids.device}, q on {seqlens.device}")
     if kv_ids.shape[0] != B or kv_ids.shape[1] < capacity:

@@ -152,6 +152,14 @@ def document_classes(static: torch.Tensor, q_ids: torch.Tensor, kv_ids: torch.Te
     return torch.where(meet & (static > EMPTY), 1 + (one & (static == FULL)).to(torch.int8), 0).to(torch.int8)
 
 
+def check_ids(what: str, ids, positions: str) -> None:
+    """Document ids are an integer tensor [batch, positions]; else a TypeError naming `what`."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point \
+            or ids.dtype.is_complex or ids.dtype == torch.bool:
+        got = f"{ids.dtype} of shape {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{what} must be an integer tensor [batch, {positions}]; got {got}")
+
+
 def _ids(t: torch.Tensor) -> torch.Tensor:
     """A copy of document ids as the kernels read them: int32 or int64 as given, narrower types as
     int32, uint32 as int64, uint64 reinterpreted as int64 (equal ids stay equal, distinct ones distinct)."""
@@ -176,10 +184,7 @@ class Documents:
     def __init__(self, q_ids: torch.Tensor, kv_ids: torch.Tensor | None = None):
         kv_ids = q_ids if kv_ids is None else kv_ids
         for name, ids in (("q_ids", q_ids), ("kv_ids", kv_ids)):
-            if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point \
-                    or ids.dtype.is_complex or ids.dtype == torch.bool:
-                got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-                raise TypeError(f"document {name} must be an integer tensor [batch, seq]; got {got}")
+            check_ids(f"document {name}", ids, "seq")
         if q_ids.shape[0] != kv_ids.shape[0] or q_ids.device != kv_ids.device:
             raise ValueError(f"document q_ids and kv_ids must have one batch size on one device; got "
                              f"{tuple(q_ids.shape)} on {q_ids.device}, {tuple(kv_ids.shape)} on {kv_ids.device}")
