@@ -355,3 +355,71 @@ def test_nsa_under_fullgraph_compile_matches_eager(tmp_path, kind, N):
     out_e, grads_e = run(step)
     assert torch.equal(out_c, out_e)
     assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_e))
+
+
+@pytest.mark.interp
+def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path):
+    """A decode step (appending three tokens, updating the compressed cache in place, attending)
+    under torch.compile(fullgraph=True) with aot_eager: the output, both caches and the compressed
+    cache equal eager's bit for bit (the selected branch is an op; the rest is torch and the window
+    branch's decode op)."""
+    _, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
+    k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    before = torch.tensor([30, 63, 140], dtype=torch.int32)
+    q, gates = torch.randn(B, Hkv * G, Nq, D, generator=g), torch.rand(B, Hkv * G, Nq, 3, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, Nq, D, generator=g), torch.randn(B, Hkv, Nq, Dv, generator=g)
+
+    def step(q, k_cache, v_cache, lengths, gates, k_cmp, v_cmp, k, v):
+        return module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, gates=gates,
+                                             cmp_cache=(k_cmp, v_cmp), k=k, v=v)
+
+    runs = []
+    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):  # a graph break raises
+        torch._dynamo.reset()
+        caches = [k_cache.clone(), v_cache.clone()]
+        caches += rt.compressed_cache(*caches, before)
+        runs.append((f(q, caches[0], caches[1], before, gates, caches[2], caches[3], k_new, v_new), *caches))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.gpu
+def test_nsa_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths():
+    """No host read on NSA's decoding path: capture one step (append, compressed-cache update,
+    attention), change the lengths, the new tokens and the cache, replay: the eager call's output."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from attngen.resources import resolve_spec
+
+    module = attngen.load(resolve_spec("nsa"))
+    rt = module.RUNTIME
+    g = torch.Generator(device="cuda").manual_seed(5)
+    B, Hkv, G, S, D = 3, 2, 16, 4096, rt.head_dim
+    mk = lambda *shape: torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    k_cache, v_cache = mk(B, Hkv, S, D), mk(B, Hkv, S, rt.head_dim_v)
+    lengths = torch.tensor([0, 700, 4000], dtype=torch.int32, device="cuda")
+    cmp_cache = rt.compressed_cache(k_cache, v_cache, lengths)
+    q, k_new, v_new = mk(B, Hkv * G, 1, D), mk(B, Hkv, 1, D), mk(B, Hkv, 1, rt.head_dim_v)
+    gates = torch.rand(B, Hkv * G, 1, 3, generator=g, device="cuda", dtype=torch.bfloat16)
+    step = lambda: module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, gates=gates,  # noqa: E731
+                                                 cmp_cache=cmp_cache, k=k_new, v=v_new)
+    with torch.no_grad():
+        step()  # compile outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        for new_lengths in ((5, 3000, 4094), (4095, 1, 17)):
+            lengths.copy_(torch.tensor(new_lengths, dtype=torch.int32))
+            for t in (q, k_new, v_new, k_cache):
+                t.normal_()
+            graph.replay()
+            got = out.clone()
+            want = step()  # eager: the same append and compressed-cache update (idempotent), and attention
+            assert torch.equal(got, want), new_lengths

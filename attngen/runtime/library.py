@@ -105,8 +105,8 @@ class _NSAOps:
     """An NSA module's torch.library ops for the parts that are not torch: the selection (no
     gradient) and the selected branch (forward, and backward through register_autograd)."""
 
-    def __init__(self, select, selected):
-        self.select, self.selected = select, selected
+    def __init__(self, select, selected, selected_decode):
+        self.select, self.selected, self.selected_decode = select, selected, selected_decode
 
 
 def register_nsa_ops(rt) -> _NSAOps:
@@ -159,4 +159,16 @@ def register_nsa_ops(rt) -> _NSAOps:
         return dq, dk, dv, None, None
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
-    return _NSAOps(select_op, fwd_op)
+
+    # decoding: q's row t at position first[b] + t of a contiguous cache (no backward)
+    def decode(q, k_cache, v_cache, indices, first, scale):
+        return rt.selected_forward(q, k_cache, v_cache, indices, scale, first)[0]
+
+    def decode_fake(q, k_cache, v_cache, indices, first, scale):
+        return q.new_empty((*q.shape[:3], rt.head_dim_v))
+
+    decode_op = torch.library.custom_op(f"{name}_nsa_slc_decode", decode, mutates_args=(),
+                                        schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+                                               "Tensor first, float scale) -> Tensor")
+    decode_op.register_fake(decode_fake)
+    return _NSAOps(select_op, fwd_op, decode_op)

@@ -200,7 +200,11 @@ class NSAModule:
         pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
         self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights)
         o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
-        o_slc, _ = self.selected_forward(q, k_cache, v_cache, indices, scale, (lengths - Nq).to(torch.int32))
+        first = (lengths - Nq).to(torch.int32)
+        if torch.compiler.is_compiling():  # an op: opaque to the tracer, as in attention
+            o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale)
+        else:
+            o_slc = self.selected_forward(q, k_cache, v_cache, indices, scale, first)[0]
         o_swa = self.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
                                                               scale=scale)
         g = gates.to(torch.float32)
