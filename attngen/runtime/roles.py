@@ -62,4 +62,4 @@ ROLES = {r.name: r for r in (FWD, BWD_DKDV, BWD_DQ)}  # the FlashAttention-2 fam
 BWD_SINGLE = KernelRole("bwd_single", "_attn_bwd_dkdv", "keys", ("k", "v"), ("q", "do"), (3, 2), "q_loop",
                         accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True, reduced=("dq",))
 VARIANTS = {"bwd_single": (BWD_SINGLE, "bwd_dkdv")}  # variant -> (its role, the role whose kernel it runs)
-COSTED = {**ROLES, "bwd_single": BWD_SINGLE}  # every role the tiling pass and the cost model rank
+COSTED = {**ROLES, **{name: role for name, (role, _) in VARIANTS.items()}}  # every role the tiling pass ranks
