@@ -29,6 +29,15 @@ from .module import check_qkv
 _CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
 
 
+def _mix(gates, o_cmp, o_slc, o_swa, dtype):
+    """g_cmp o_cmp + g_slc o_slc + g_swa o_swa in float32, into dtype: four passes over the rows
+    (a product, two in-place multiply-adds, the cast) where the sum of upcast products took about
+    eleven (BENCHMARKS.md, "NSA's gates")."""
+    g = gates.to(torch.float32)
+    o = o_cmp * g[..., 0:1]
+    return o.addcmul_(o_slc, g[..., 1:2]).addcmul_(o_swa, g[..., 2:3]).to(dtype)
+
+
 class _Selected(torch.autograd.Function):
     """The selected branch: o [B, Hq, N, Dv] of q over each token's selected blocks (indices)."""
 
@@ -145,8 +154,7 @@ class NSAModule:
                 indices = self.select(q, k_cmp, lse_cmp, scale)
             o_slc = _Selected.apply(self, q, k, v, indices, scale)
         o_swa = branches["swa"].attention(q, k, v, scale=scale)
-        g = gates.to(torch.float32)
-        o = (g[..., 0:1] * o_cmp.float() + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_swa.float()).to(q.dtype)
+        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
         return (o, indices) if return_indices else o
 
     # ------------------------------------------------------------------ decoding
@@ -207,8 +215,7 @@ class NSAModule:
             o_slc = self.selected_forward(q, k_cache, v_cache, indices, scale, first)[0]
         o_swa = self.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
                                                               scale=scale)
-        g = gates.to(torch.float32)
-        o = (g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc.float() + g[..., 2:3] * o_swa.float()).to(q.dtype)
+        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
         return (o, indices) if return_indices else o
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights) -> None:
