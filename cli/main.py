@@ -377,9 +377,12 @@ def autotune(specs: List[Path] = typer.Argument(..., help="spec files"),
             winners = tune(spec, parse_shapes(shapes), median_ms, torch.cuda.get_device_name(), top=top)
             advance()
             for key, entry in winners.items():
-                print(f"{spec.stem} {key.split('|', 2)[2]}: BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} "
-                      f"warps={entry['num_warps']} stages={entry['num_stages']} ({entry['measured_ms']:.3f} ms, "
-                      f"cost-model rank {entry['rank']})", flush=True)  # above the progress bar
+                what = f"the {entry['form']}" if "form" in entry else (
+                    f"BLOCK_M={entry['BLOCK_M']} BLOCK_N={entry['BLOCK_N']} warps={entry['num_warps']} "
+                    f"stages={entry['num_stages']}")
+                rank = f", cost-model rank {entry['rank']}" if "rank" in entry else ""
+                print(f"{spec.stem} {key.split('|', 2)[2]}: {what} ({entry['measured_ms']:.3f} ms{rank})",
+                      flush=True)  # above the progress bar
     typer.echo(f"cached in {CACHE_FILE}")
 
 

@@ -29,13 +29,22 @@ def test_tune_caches_winners_and_load_applies_them(tmp_path, device):
 
     cache = tmp_path / "autotune.json"
     winners = tune(path, [BenchShape(1, 2, 100)], timer, gpu="TestGPU", top=2, dtype="fp32", device=device, path=cache)
-    assert len(winners) == 3 and all(w["rank"] == 2 for w in winners.values())
+    tilings = {k: w for k, w in winners.items() if "|backward_form|" not in k}
+    assert len(tilings) == 4 and all(w["rank"] == 2 for w in tilings.values())  # fwd, bwd_dkdv, bwd_dq, bwd_single
+    assert [w["form"] for k, w in winners.items() if "|backward_form|" in k] == ["two kernels"]  # a tie: two kernels
     assert all("|TestGPU|" in k and k.endswith("|fp32|128|128") for k in winners)
 
     module.TUNED.clear()
     assert apply(module, "OtherGPU", cache) == 0 and not module.TUNED
-    assert apply(module, "TestGPU", cache) == 3
+    assert apply(module, "TestGPU", cache) == 5
     rt = runtime.of(module)
+    assert module.TUNED[("backward_form", "fp32", 128, 128)] == "two kernels"
+    rt.deterministic = None  # the measured form decides in its bucket, before BACKWARD_FORMS
+    try:
+        module.TUNED[("backward_form", "fp32", 128, 128)] = "single pass"
+        assert rt.single_pass("fp32", 100, 77) and rt.single_pass("fp32", 100, 77, deterministic=True) is False
+    finally:
+        rt.deterministic = True
     assert rt.tuned is module.TUNED
     tuned = module.TUNED[("fwd", "fp32", 128, 128)]
     assert rt.config("fwd", "fp32", 100, 77) == tuned  # Nq, Nk in the (128, 128) bucket

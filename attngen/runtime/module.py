@@ -29,6 +29,7 @@ from .varlen import Seqlens
 from .window import Window
 
 LOG2E = 1.4426950408889634
+TUNED_FORM = "backward_form"  # tuned entries (TUNED_FORM, dtype, Nq, Nk): the backward's form measured faster
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _PLACEHOLDERS: dict = {}
 _SLOPES: dict = {}
@@ -160,8 +161,9 @@ class KernelModule:
     def single_pass(self, dtype: str, Nq: int, Nk: int, deterministic: bool | None = None,
                     packed: bool = False) -> bool:
         """Whether a backward runs the single pass: deterministic=True never, False where it can,
-        None (and the module's default None) where the cost model chose it for the ranked length
-        nearest max(Nq, Nk), not for packed sequences (pointer loads: its TMA tilings would spill).
+        None (and the module's default None) where autotuning measured it faster in the call's shape
+        bucket, else where the cost model chose it for the ranked length nearest max(Nq, Nk), not
+        for packed sequences (pointer loads: its TMA tilings would spill).
         It cannot with a learnable head parameter (the dQ kernel sums its gradient) or where the
         single pass has no tiling for the dtype."""
         det = self.deterministic if deterministic is None else deterministic
@@ -171,6 +173,9 @@ class KernelModule:
             return not det
         if packed:
             return False
+        measured = self.tuned.get((TUNED_FORM, dtype, triton.next_power_of_2(Nq), triton.next_power_of_2(Nk)))
+        if measured is not None:  # autotuned: the form measured faster in this shape bucket
+            return measured == "single pass"
         forms = self.backward_forms.get(dtype)
         if not forms:
             return False
