@@ -445,7 +445,8 @@ def inspect_kernels(spec: Path = typer.Argument(..., help="spec file, or a shipp
                     offline: bool = typer.Option(False, "--offline", help="no GPU needed: compile each kernel for "
                                                  "sm90 with the installed Triton instead of running it"),
                     role: Optional[List[str]] = typer.Option(None, "--role", help="only these kernels: fwd, bwd_dkdv, "
-                                                             "bwd_dq (default: all)"),
+                                                             "bwd_dq (default: these three), bwd_single (the single-pass "
+                                                             "backward: bwd_dkdv's kernel with dQ added)"),
                     dtype: str = typer.Option("bf16", help="the dtype whose tiling is inspected"),
                     out: Optional[Path] = typer.Option(None, help="also write each kernel's SASS into this directory")):
     """Prints registers, spills, shared memory and the SASS instruction mix (HGMMA, TMA loads, local

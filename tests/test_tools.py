@@ -114,7 +114,7 @@ def test_inspect_offline_compiles_for_sm90_or_says_why_not(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-m", "cli.main", "inspect", str(spec), "--offline", "--role", "fwd",
-                           "--shape", "1x2x128", "--out", str(tmp_path / "sass")],
+                           "--role", "bwd_single", "--shape", "1x2x128", "--out", str(tmp_path / "sass")],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     if done.returncode != 0:  # no NVIDIA toolchain for this Triton: the message says so
         assert done.returncode == 2, done.stdout + done.stderr
@@ -128,6 +128,12 @@ def test_inspect_offline_compiles_for_sm90_or_says_why_not(tmp_path):
         assert " regs " in line and " smem " in line and " HGMMA " in line
     assert int(lines[1].split("UTMALDG ")[1].split()[0]) > 0  # the TMA variant loads through TMA
     assert len(list((tmp_path / "sass").glob("tiny_inspect_fwd_*.sass"))) == 2
+    single = [line for line in done.stdout.splitlines() if line.startswith("tiny_inspect bwd_single ")]
+    assert len(single) == 2 and not any("failed" in line for line in single), done.stdout + done.stderr
+    count = lambda line, op: int(line.split(f" {op} ")[1].split()[0])  # noqa: E731
+    # dQ added per element (pointer tiles), by one TMA bulk reduction per tile (TMA tiles)
+    assert count(single[0], "REDG") > 0 and count(single[0], "UTMAREDG") == 0, single[0]
+    assert count(single[1], "UTMAREDG") > 0 and count(single[1], "REDG") == 0, single[1]
 
 
 def _bench_file(path: Path, device: str, rows: list[dict]) -> Path:

@@ -148,17 +148,18 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
     from attngen.bench import parse_shapes
     from attngen.exhaustive import tiling_of, workload
     from attngen.pipeline import compile_spec
-    from attngen.runtime.roles import ROLES
+    from attngen.runtime import module as runtime_module
+    from attngen.runtime.roles import COSTED, ROLES, VARIANTS
     from attngen.spec import load_spec
 
     if offline:
         check_offline()
     elif not torch.cuda.is_available():
         raise InspectError("attngen inspect needs a CUDA GPU; --offline compiles for sm90 without one")
-    roles = list(roles or ROLES)
-    unknown = [r for r in roles if r not in ROLES]
+    roles = list(roles or ROLES)  # bwd_single (the single pass) when asked for
+    unknown = [r for r in roles if r not in COSTED]
     if unknown:
-        raise InspectError(f"unknown role {unknown[0]!r}; roles: {', '.join(ROLES)}")
+        raise InspectError(f"unknown role {unknown[0]!r}; roles: {', '.join(COSTED)}")
     if dtype not in DTYPES:
         raise InspectError(f"unknown dtype {dtype!r}; dtypes: {', '.join(DTYPES)}")
     spec = load_spec(spec_path)
@@ -172,8 +173,17 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
     rt = runtime.of(module)
     lines = []
     for role in roles:
-        fn = rt.kernels[role]
-        base = compiled.kernel(role).attr("tiling")[dtype]
+        kernel_role = VARIANTS[role][1] if role in VARIANTS else role  # the single pass runs bwd_dkdv's kernel
+        fn = rt.kernels[kernel_role]
+        if role in VARIANTS:
+            found = [v for v in (compiled.kernel(kernel_role).attr("variants").items
+                                 if compiled.kernel(kernel_role).attr("variants") else ()) if v.role == role]
+            if not found or dtype not in dict(found[0].tiling.by_dtype):
+                raise InspectError(f"spec {spec.name!r} has no {role} tiling in {dtype} (a learnable head parameter "
+                                   f"keeps the two kernels; or no tiling fits)")
+            base = found[0].tiling[dtype]
+        else:
+            base = compiled.kernel(role).attr("tiling")[dtype]
         for cfg in (replace(base, tma=False), replace(base, tma=True)):
             if hasattr(fn, "device_caches"):
                 fn.device_caches.clear()  # so that only this variant is in the cache
@@ -182,7 +192,11 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
             if offline:  # every kernel compiles instead of running; only this role's is kept
                 for other, kernel in rt.kernels.items():
                     saved[other] = kernel.__dict__.get("run")
-                    kernel.run = offline_run(kernel, sink if other == role else [])
+                    kernel.run = offline_run(kernel, sink if other == kernel_role else [])
+            reductions = runtime_module.tma_reductions
+            if offline:  # CPU tensors stand in for the GPU's: compile the single pass's TMA reductions too,
+                runtime_module.tma_reductions = lambda device: True
+                rt._delta = lambda *args: None  # and not its delta kernel (not a module kernel: it would launch)
             try:
                 with tiling_of(module, role, dtype, cfg):
                     workload(module, spec, bench_shape, role, torch_dtype, device)()
@@ -194,6 +208,8 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
                 log(line)
                 continue
             finally:
+                runtime_module.tma_reductions = reductions
+                rt.__dict__.pop("_delta", None)
                 for other, run in saved.items():  # the module's kernels launch normally again
                     kernel = rt.kernels[other]
                     if run is None:
