@@ -35,6 +35,7 @@ from attngen.calibrate import predicted_ms
 from attngen.cost_model import CONSTANTS
 from attngen.pipeline import compile_spec
 from attngen.tiling import TileConfig
+from backward_gpu import _ms  # (this folder: run as a script)
 
 TILE_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "HEAD_DIM_PAD", "HEAD_DIM_V_PAD", "TMA")
 
@@ -47,12 +48,6 @@ def _module(name: str, d: int):
     path = pathlib.Path(tempfile.gettempdir()) / f"single_pass_{name}_d{d}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path, attngen.load(path)
-
-
-def _ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, rep=60, return_mode="median")
 
 
 def main() -> None:

@@ -46,3 +46,21 @@ def update_golden(request):
 @pytest.fixture(scope="session")
 def device():
     return "cuda" if HAS_GPU else "cpu"
+
+
+@pytest.fixture
+def capture():
+    """capture(step) -> (graph, out): step run once (compiling its kernels) and once on a side
+    stream, then captured in a CUDA graph whose replays rewrite out."""
+    def run(step):
+        step()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        return graph, out
+    return run

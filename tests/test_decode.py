@@ -291,7 +291,7 @@ def test_opcheck_decode():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["sliding_window", "document", "block_sparse", "longformer"])
-def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cache(name):
+def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cache(name, capture):
     """No host read on the way: capture one step (appending and attending), then change
     cache_seqlens, the new token and the cache in place and replay: the eager call's output."""
     if not torch.cuda.is_available():
@@ -305,15 +305,7 @@ def test_a_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths_and_cac
     step = lambda: module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, k=k_new,  # noqa: E731
                                                  v=v_new, **kw)
     with torch.no_grad():
-        step()  # compile outside the capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture(step)
         for new_lengths in ((5, 2, 3000, 4094), (4095, 0, 1, 17)):
             lengths.copy_(torch.tensor(new_lengths, dtype=torch.int32))
             for t in (q, k_new, v_new, k_cache):

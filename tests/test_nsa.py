@@ -386,7 +386,7 @@ def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path):
 
 
 @pytest.mark.gpu
-def test_nsa_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths():
+def test_nsa_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths(capture):
     """No host read on NSA's decoding path: capture one step (append, compressed-cache update,
     attention), change the lengths, the new tokens and the cache, replay: the eager call's output."""
     if not torch.cuda.is_available():
@@ -406,15 +406,7 @@ def test_nsa_decode_step_captured_in_a_cuda_graph_replays_with_new_lengths():
     step = lambda: module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, gates=gates,  # noqa: E731
                                                  cmp_cache=cmp_cache, k=k_new, v=v_new)
     with torch.no_grad():
-        step()  # compile outside the capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture(step)
         for new_lengths in ((5, 3000, 4094), (4095, 1, 17)):
             lengths.copy_(torch.tensor(new_lengths, dtype=torch.int32))
             for t in (q, k_new, v_new, k_cache):

@@ -20,10 +20,14 @@ class _Ops:
         self.forward, self.backward, self.decode = forward, backward, decode
 
 
+def _op_prefix(rt) -> str:
+    """attngen::<module key>_<n>: a module loaded again (same key) registers ops of new names."""
+    _OP_NAMES[rt.key] = n = _OP_NAMES.get(rt.key, -1) + 1
+    return f"attngen::{rt.key}_{n}"
+
+
 def register_ops(rt) -> _Ops:
-    base = rt.key
-    _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
-    name = f"attngen::{base}_{n}"
+    name = _op_prefix(rt)
     # the seed is an int, not a tensor: a CPU tensor in the graph would be an input of its CUDA graphs
     # packed sequences (attention_varlen): cu_q, cu_k and the longest lengths; q, k, v [1, H, total, D] views
     fwd_schema = ("(Tensor q, Tensor k, Tensor v, Tensor hp, Tensor? q_ids, Tensor? kv_ids, Tensor? layout, "
@@ -110,9 +114,7 @@ class _NSAOps:
 
 
 def register_nsa_ops(rt) -> _NSAOps:
-    base = rt.key
-    _OP_NAMES[base] = n = _OP_NAMES.get(base, -1) + 1
-    name = f"attngen::{base}_{n}"
+    name = _op_prefix(rt)
 
     def select(q, k_cmp, lse_cmp, scale):  # k_cmp with no token: lse_cmp is empty and unread
         if rt.fused_selection and k_cmp.shape[2]:
