@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile, _wide
+from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile, _wide
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'head_dim_192',
@@ -440,7 +440,19 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
 
 
 @triton.jit
-def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
+def _tile_pages(PAGES, off_b, start_n, end, stride_pb, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # Pages smaller than a key tile: the tile's page number per key, loaded a step ahead of its K/V
+    # loads, whose addresses it feeds (loaded in the same step, it cost the loop a pipeline stage:
+    # docs/decisions/decode-plan.md). Otherwise nothing (_decode_tile finds its page itself).
+    if PAGE_SIZE == 0 or PAGE_SIZE % BLOCK_N == 0:
+        return 0
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        return tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
+
+
+@triton.jit
+def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -459,8 +471,8 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m,
     else:
         if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one page number per step
             page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + start_n // PAGE_SIZE).to(tl.int64)
-        else:  # pages smaller than the tile: a page number per key
-            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // PAGE_SIZE, mask=keys, other=0).to(tl.int64)
+        else:  # pages smaller than the tile: a page number per key (_tile_pages, a step ahead)
+            page = pages.to(tl.int64)
         k_rows = page * stride_kb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kn
         v_rows = page * stride_vb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_vn
     k_ok = offs_d[None, :] < HEAD_DIM
@@ -499,7 +511,8 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
                  LAYOUT_ROW0: tl.constexpr, FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 FAST_TANH: tl.constexpr):
+                 FAST_TANH: tl.constexpr, PDL: tl.constexpr):
+    _launch_dependents(PDL)  # the split merge's programs may start now and wait for this kernel's end
     split = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -530,21 +543,28 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    pages = _tile_pages(PAGES, off_b, start, end, stride_pb, BLOCK_N, PAGE_SIZE)
     for start_n in range(start, full_start, BLOCK_N):
+        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE)
         acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
             HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, 0, DOT_PRECISION, FAST_TANH)
+        pages = pages_next
     for start_n in range(full_start, full_end, BLOCK_N):
+        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE)
         acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
             HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, False, 0, DOT_PRECISION, FAST_TANH)
+        pages = pages_next
     for start_n in range(full_end, end, BLOCK_N):
+        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE)
         acc, l_i, m_i = _decode_tile(
-            acc, l_i, m_i, q, K, V, PAGES, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
+            acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
             HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, 0, DOT_PRECISION, FAST_TANH)
+        pages = pages_next
     # Rows that saw no key (in this split) store zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)

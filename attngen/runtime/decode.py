@@ -18,6 +18,7 @@ import triton.language as tl
 
 from . import memory
 from .decode_gate import NO_GATE, Gate
+from .tl_lib import _wait_prior
 
 MAX_SPLITS = 128
 
@@ -33,9 +34,13 @@ class DecodePlan:
     # splits merged by the last split of each tile, else by a second kernel (the default: fused measured
     # slower, docs/decisions/decode-plan.md)
     fused: bool = False
+    # the merge kernel launched as a programmatic dependent of the splits' (sm90+ GPUs): its launch
+    # overlaps theirs (docs/decisions/decode-plan.md)
+    pdl: bool = True
 
     def describe(self) -> str:
-        merge = (", merged by the last" if self.fused else ", merged by a second kernel") if self.splits > 1 else ""
+        merge = (", merged by the last" if self.fused else ", merged by a second kernel" + (" (PDL)" if self.pdl else "")) \
+            if self.splits > 1 else ""
         return (f"{self.block_m} rows x {self.block_n} keys per step, {self.warps} warps, {self.stages} stages, "
                 f"{self.splits} split(s) of {self.split_len} keys{merge}")
 
@@ -56,7 +61,8 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
-                warps: int | None = None, key_block: int | None = None, fused: bool = False) -> DecodePlan:
+                warps: int | None = None, key_block: int | None = None, fused: bool = False,
+                pdl: bool = True) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
     within one block of `key_block` keys (a block layout's), when given."""
@@ -70,15 +76,16 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
     splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks))
     split_len = -(-key_blocks // splits) * block_n
     return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len, stages, warps,
-                      bool(fused))
+                      bool(fused), bool(pdl))
 
 
 @triton.jit
 def _combine_splits(O_PART, LSE_PART, O, LSE, n_splits, DV: tl.constexpr, DV_PAD: tl.constexpr,
-                    SPLITS_PAD: tl.constexpr):
+                    SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
     # One (batch, head, query) row: the splits' normalized rows weighted by exp(lse - max).
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_PAD)
+    _wait_prior(PDL)  # the splits' partial rows
     lse = tl.load(LSE_PART + row * n_splits + s, mask=s < n_splits, other=float("-inf"))
     m = tl.max(lse, 0)
     m_use = tl.where(m == float("-inf"), 0.0, m)
@@ -109,6 +116,24 @@ def _locks(device, n: int) -> torch.Tensor:
             _SUPERSEDED.append(_LOCKS.get(key))  # a captured graph may still use the smaller one
             _LOCKS[key] = have
     return have
+
+
+_PDL: dict = {}
+
+
+def pdl_supported(device) -> bool:
+    """Programmatic dependent launch: an sm90+ NVIDIA GPU and a Triton whose launcher takes launch_pdl."""
+    if device.type != "cuda" or torch.version.hip:
+        return False
+    key = torch.cuda.get_device_capability(device)
+    if key not in _PDL:
+        try:
+            from triton.backends.nvidia.compiler import CUDAOptions
+
+            _PDL[key] = key[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
+        except Exception:
+            _PDL[key] = False
+    return _PDL[key]
 
 
 def sms(device) -> int:
@@ -235,6 +260,7 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     os_ = o_part.stride() if split else (*o.stride()[:3], 0, o.stride(3))
     ls_ = lse_part.stride() if split else (*lse.stride(), 0)
     fused = split and plan.fused
+    pdl = split and not fused and plan.pdl and pdl_supported(q.device)
     group, rows = Hq // Hkv, Hq // Hkv * Nq
     grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
     locks = _locks(q.device, grid[1] * grid[2]) if fused else seqlens
@@ -251,11 +277,12 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
                  scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
                  HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
                  BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE_SIZE=k_cache.shape[1] if paged else 0,
-                 LAYOUT_BQ=gate.block[0], LAYOUT_BK=gate.block[1], LAYOUT_ROW0=gate.row0 is not None, FUSED_MERGE=fused,
+                 LAYOUT_BQ=gate.block[0], LAYOUT_BK=gate.block[1], LAYOUT_ROW0=gate.row0 is not None, FUSED_MERGE=fused, PDL=pdl,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=plan.warps, num_stages=plan.stages)
     if split and not fused:
         _combine_splits[(B * Hq * Nq,)](o_part, lse_part, o, lse, plan.splits, DV=head_dim_v,
                                         DV_PAD=max(16, triton.next_power_of_2(head_dim_v)),
-                                        SPLITS_PAD=max(2, triton.next_power_of_2(plan.splits)), num_warps=4)
+                                        SPLITS_PAD=max(2, triton.next_power_of_2(plan.splits)), PDL=pdl, num_warps=4,
+                                        **({"launch_pdl": True} if pdl else {}))
     return o, lse

@@ -6,6 +6,7 @@ mask, the loop bounds), so one copy serves every module.
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -118,6 +119,21 @@ def _same_document(doc_res, DOC_WALK, offs_walk, n_walk):
     # the walked indices (read from DOC_WALK, this batch's ids)?
     doc_walk = tl.load(DOC_WALK + offs_walk, mask=offs_walk < n_walk, other=-1)
     return doc_res[:, None] == doc_walk[None, :]
+
+
+@triton.jit
+def _launch_dependents(PDL: tl.constexpr):
+    # Programmatic dependent launch (sm90+): lets the next kernel in the stream start its programs,
+    # which wait (_wait_prior) for this kernel's end and its writes.
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _wait_prior(PDL: tl.constexpr):
+    # A kernel launched with launch_pdl: wait for the previous kernel in the stream and its writes.
+    if PDL:
+        gdc_wait()
 
 
 @triton.jit
