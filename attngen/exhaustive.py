@@ -88,8 +88,11 @@ def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, dev
 
 
 def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[[Callable], float],
-           dtype: str = "bf16", device: str = "cuda", top: int | None = None) -> list[Trial]:
-    """Times the `top` best-ranked legal candidates (all when None), in the cost model's order."""
+           dtype: str = "bf16", device: str = "cuda", top: int | None = None,
+           part: tuple[int, int] | None = None) -> list[Trial]:
+    """Times the `top` best-ranked legal candidates (all when None), in the cost model's order.
+    part=(i, n): only runs candidates i, i + n, ... once each, untimed (a warm-up worker: Triton's
+    compile cache is shared between processes); returns no trials."""
     c = compile_spec(spec_path, options=PassOptions(), stop="tiling")
     module = load(spec_path)
     if role not in c.rankings:  # bwd_single where the spec's backward has no single pass
@@ -99,6 +102,11 @@ def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[
     run = workload(module, c.spec, shape, role, torch_dtype, device)
     trials = []
     for i, p in enumerate(ranked, start=1):
+        if part:
+            if (i - 1) % part[1] == part[0]:
+                with tiling_of(module, role, dtype, p.config), contextlib.suppress(Exception):
+                    run()
+            continue
         with tiling_of(module, role, dtype, p.config):
             try:
                 ms, error = timer(run), ""
@@ -106,6 +114,19 @@ def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[
                 ms, error = None, f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
         trials.append(Trial(i, p.config, p.time_s * 1e3, ms, error))
     return trials
+
+
+def warm(args: list[str], workers: int) -> None:
+    """Compiles every candidate of an `attngen bench --exhaustive` run (its command-line `args`) in
+    `workers` processes at once, each running a share of them once, untimed; the timed run then finds
+    them in Triton's cache."""
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "bench", *args, "--part", f"{i}/{workers}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(workers)]
+    for proc in procs:
+        proc.wait()
 
 
 def trial_rows(spec_path: str | Path, shape: BenchShape, role: str, dtype: str, trials: list[Trial]) -> list[dict]:

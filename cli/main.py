@@ -218,7 +218,10 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
           baseline: Optional[Path] = typer.Option(None, help="a directory of modules an earlier attngen generated "
                                                   "(<spec name>.py), timed as the peer `before` (a redesign's A/B)"),
           plot: Optional[Path] = typer.Option(None, help="also draw the ratios against the peers to this PNG "
-                                                         "(matplotlib: the `plot` extra)")):
+                                                         "(matplotlib: the `plot` extra)"),
+          warm: int = typer.Option(0, help="with --exhaustive: first compile the candidates in this many "
+                                           "processes at once (untimed), then time them one by one"),
+          part: Optional[str] = typer.Option(None, hidden=True, help="i/n: a --warm worker's share")):
     """Times the generated kernels beside SDPA (flash, cuDNN, efficient) and FlexAttention on a GPU."""
     import torch
 
@@ -262,10 +265,22 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
         import json
 
         from attngen.bench import environment
-        from attngen.exhaustive import format_markdown, median_ms, search, summary, trial_rows
+        from attngen.exhaustive import format_markdown, median_ms, search, summary, trial_rows, warm as warm_up
 
+        roles = ("fwd", "bwd_dkdv", "bwd_dq", "bwd_single")
+        if part:  # a --warm worker: its share of every kernel's candidates, at the first shape
+            i, n = (int(x) for x in part.split("/"))
+            for spec in specs:
+                for role in roles:
+                    search(spec, shape_list[0], role, median_ms, top=top, part=(i, n))
+            return
+        if warm > 0:
+            args = [str(s) for s in specs] + ["--shapes", f"{shape_list[0].batch}x{shape_list[0].heads}x{shape_list[0].seq}",
+                                              "--exhaustive", exhaustive]
+            typer.echo(f"bench --exhaustive: compiling the candidates in {warm} processes")
+            warm_up(args, warm)
         results, rows = [], []
-        kernels = [(spec, shape, role) for spec in specs for shape in shape_list for role in ("fwd", "bwd_dkdv", "bwd_dq", "bwd_single")]
+        kernels = [(spec, shape, role) for spec in specs for shape in shape_list for role in roles]
         with progress(len(kernels), "bench --exhaustive") as advance:
             for spec, shape, role in kernels:
                 trials = search(spec, shape, role, median_ms, top=top)

@@ -39,6 +39,33 @@ def test_search_runs_each_candidate_with_its_tiling(device):
     assert "| 0.50 | 3 of 4 |" in table
 
 
+@pytest.mark.interp
+def test_a_warm_up_worker_runs_its_share_of_the_candidates_untimed(device, monkeypatch):
+    """`bench --exhaustive --warm N`: worker i of n runs candidates i, i + n, ... once each (to fill
+    Triton's compile cache), times none, and leaves the module as it was."""
+    from attngen import exhaustive
+
+    path = ROOT / "specs" / "causal.yaml"
+    module = attngen.load(path)
+    before = {role: dict(by_dtype) for role, by_dtype in module.TILINGS.items()}
+    ran = []
+    real = exhaustive.workload
+
+    def recording(*args, **kwargs):
+        run = real(*args, **kwargs)
+        return lambda: ran.append(dict(module.TILINGS["bwd_dq"]["fp16"])) or run()
+    monkeypatch.setattr(exhaustive, "workload", recording)
+
+    def timer(run):
+        raise AssertionError("a warm-up worker times nothing")
+
+    trials = search(path, BenchShape(1, 2, 40), "bwd_dq", timer, dtype="fp16", device=device, top=5, part=(1, 2))
+    assert trials == []
+    ranked = exhaustive.compile_spec(path, stop="tiling").rankings["bwd_dq"]["fp16"].ranked[:5]
+    assert ran == [exhaustive.as_launch(ranked[1].config), exhaustive.as_launch(ranked[3].config)]
+    assert module.TILINGS == before
+
+
 @pytest.mark.compiler
 def test_shape_buckets_pick_per_sequence_length_and_yield_to_candidates():
     """With PassOptions.shape_buckets the module carries the cost model's picks per
