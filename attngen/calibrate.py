@@ -25,7 +25,7 @@ from .passes import BUCKETS, PassOptions, bucket_workload, mask_plan, sfu_per_sc
 from .resources import specs_dir
 from .runtime.roles import VARIANTS
 from .spec import load_spec
-from .tiling import TileConfig
+from .tiling import TileConfig, chunks
 
 FREE = ("rows_exponent", "streamed_exponent", "one_stage", "two_stages", "overlap", "mask_ops", "alu_ops", "hiding",
         "occupancy_gain", "occupancy_gain_cap", "tma_gain", "tma_gain_bwd", "atomic_cost")
@@ -119,7 +119,8 @@ def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = Tr
         seq = row["shape"][2]
         nearest = min((work.seq_q, *BUCKETS), key=lambda b: abs(math.log2(seq / b)))
         work = bucket_workload(work, nearest)
-    return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k).best
+    return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k,
+                chunked=chunks(cfg.head_dim_pad) > 1).best  # a row measured with the head dim in chunks
 
 
 def pick_table(rows: list[dict], k: Constants, buckets: bool = True) -> list[dict]:

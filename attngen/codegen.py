@@ -24,6 +24,7 @@ from .ops import SCORE_MODS, check_renderable, head_params
 from .passes import backward_forms
 from .resources import specs_dir, templates_dir
 from .runtime.roles import ROLES
+from .tiling import chunks
 from .spec import Spec
 from .symbolic import render
 
@@ -39,7 +40,7 @@ RANGE_NAMES = {"m_first": "first", "m_last": "last"}
 # The training kernels evaluate the mask at positions: a call may compute a window of a larger
 # problem (context parallelism: a shard's rows against another's keys; docs/distributed.md).
 POSITION_NAMES = {"m_first": "first_pos", "m_last": "last_pos", "Nq": "Nq_all", "Nk": "Nk_all"}
-RUNTIME_HELPERS = ("_floordiv", "_keep", "_launch_dependents", "_lse2", "_merge_splits", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile",
+RUNTIME_HELPERS = ("_floordiv", "_keep", "_launch_dependents", "_lse2", "_merge_splits", "_mod", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile", "_tile_at",
                    "_wide")
 
 
@@ -314,8 +315,18 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),
         "decode": _decode_context(fwd, params),
+        "qk_chunks": _qk_chunks(fwd),
         "binding": binding,
     }
+
+
+def _qk_chunks(fwd: Kernel) -> int:
+    """The column chunks the forward loads q and k in: one unless its tilings pad the head dim to a
+    few power-of-two chunks (tiling.pad_chunked); every tiling of one module pads alike."""
+    pads = {c.head_dim_pad for c in (*fwd.attr("tiling"), *(fwd.attr("bucket_tilings") or ()))}
+    if len(pads) != 1:
+        raise ValueError(f"the forward's tilings pad the head dim differently: {sorted(pads)}")
+    return chunks(pads.pop())
 
 
 def _decode_context(fwd: Kernel, params) -> dict:

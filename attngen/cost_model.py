@@ -208,9 +208,11 @@ class Ranking:
 
 
 def rank(head_dim: int, head_dim_v: int, plan: MaskPlan, target: Target, work: Workload,
-         role: str = "fwd", k: Constants | None = None) -> Ranking:
+         role: str = "fwd", k: Constants | None = None, chunked: bool = False) -> Ranking:
+    """`chunked`: a role that can load the head dim in column chunks (roles' chunked_d) pads it by
+    tiling.pad_chunked (PassOptions.chunked_head_dims)."""
     tma = target.tma and work.dtype in ("fp16", "bf16")
-    configs = candidates(head_dim, head_dim_v, tma)
+    configs = candidates(head_dim, head_dim_v, tma, chunked=chunked and COSTED[role].chunked_d)
     if plan.sparsity is not None:  # a tile lies inside one layout block (runtime/block_mask.py)
         bq, bk = plan.sparsity.block
         configs = [c for c in configs if c.block_m <= bq and c.block_n <= bk]

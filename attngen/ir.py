@@ -31,6 +31,7 @@ import networkx as nx
 
 from .errors import IRError
 from .runtime.roles import ROLES
+from .tiling import MAX_CHUNKS, chunks
 
 
 class OpKind(enum.Enum):
@@ -166,6 +167,11 @@ def verify(kernel: Kernel) -> Kernel:
     for tiling in (*(kernel.attr("tiling") or ()), *(kernel.attr("bucket_tilings") or ()), *(kernel.attr("variants") or ())):
         for dim in ("head_dim_pad", "head_dim_v_pad", "block_m", "block_n"):
             v = getattr(tiling, dim)
+            if dim == "head_dim_pad" and ROLES[role].chunked_d and v > 0:
+                if chunks(v) > MAX_CHUNKS:  # loaded in equal power-of-two chunks (tiling.pad_chunked)
+                    raise IRError(f"{name}: tiling.{dim} = {v} is neither a power of two nor at most "
+                                  f"{MAX_CHUNKS} equal power-of-two chunks")
+                continue
             if v <= 0 or v & (v - 1):
                 raise IRError(f"{name}: tiling.{dim} = {v} is not a positive power of two")
         if tiling.head_dim_pad < kernel.attr("head_dim") or tiling.head_dim_v_pad < kernel.attr("head_dim_v"):

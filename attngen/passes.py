@@ -75,6 +75,9 @@ class PassOptions:
     shape_buckets: bool = True  # also pick tilings per sequence-length bucket (BUCKETS); False: one tiling
     nested_runs: bool | None = None  # tile tables: None: the schedule pass decides; True: runs in nested loops; False: first run flat
     shallow_partial: bool | None = None  # document plans: None: the schedule pass decides; True / False: force it (for A/B)
+    # the forward loads q and k in power-of-two column chunks where the head dim pads to a few of them
+    # (192 = 3 x 64) rather than to the next power of two (tiling.pad_chunked); docs/decisions/head-dim-chunks.md
+    chunked_head_dims: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -145,7 +148,8 @@ def rankings(kernel: Kernel, options: PassOptions, role: str | None = None) -> d
     target = TARGETS[options.target]
     sfu = sfu_per_score(kernel)
     return {d: rank(kernel.attr("head_dim"), kernel.attr("head_dim_v"), plan, target,
-                    replace(options.workload, dtype=d, score_sfu=sfu), role or kernel.attr("role"))
+                    replace(options.workload, dtype=d, score_sfu=sfu), role or kernel.attr("role"),
+                    chunked=options.chunked_head_dims)
             for d in kernel.attr("dtypes").split(",")}
 
 

@@ -2,7 +2,9 @@
 
 A `TileConfig` fixes BLOCK_M (query rows per program), BLOCK_N (keys per loop step), the warps
 per program, the software-pipelining depth and the head dims padded to powers of two (tl.arange
-and tl.dot need powers of two; 80 and 96 pad to 128, 192 to 256; padded lanes load zeros), and
+and tl.dot need powers of two; 80 and 96 pad to 128, 192 to 256; padded lanes load zeros), or for
+a head dim that only contracts (the forward's QK^T), to a few equal power-of-two chunks (96 = 3 x
+32, 192 = 3 x 64: tiling.pad_chunked), and
 on Hopper (sm90) whether the tiles come through the tensor memory accelerator (`tma`) from
 host-built descriptors (out-of-bounds rows and padded columns arrive as zeros, no masks).
 Not a candidate: Triton's warp specialization (`tl.range(warp_specialize=True)`): no SASS change on
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from itertools import product
 
 from .errors import TilingError
-from .runtime.roles import COSTED, width
+from .runtime.roles import COSTED, chunk_width, width
 
 BLOCK_M = (32, 64, 128)
 BLOCK_N = (32, 64, 128)
@@ -53,9 +55,25 @@ def pad_head_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def candidates(head_dim: int, head_dim_v: int, tma: bool = False) -> list[TileConfig]:
-    """Every combination; with `tma` (a Hopper target, 16-bit dtypes) each with and without TMA loads."""
-    dp, dvp = pad_head_dim(head_dim), pad_head_dim(head_dim_v)
+MAX_CHUNKS = 4
+
+
+def pad_chunked(d: int) -> int:
+    """A head dim that only contracts (QK^T), padded for loading in equal power-of-two column chunks
+    of at least 32: the smallest of the next power of two and chunk x ceil(d / chunk) over at most
+    MAX_CHUNKS chunks (96 = 3 x 32, 192 = 3 x 64, 80 -> 96, 160 -> 192)."""
+    pads = [pad_head_dim(d)] + [c * -(-d // c) for c in (32, 64, 128) if -(-d // c) <= MAX_CHUNKS]
+    return min(pads)
+
+
+def chunks(pad: int) -> int:
+    return pad // chunk_width(pad)
+
+
+def candidates(head_dim: int, head_dim_v: int, tma: bool = False, chunked: bool = False) -> list[TileConfig]:
+    """Every combination; with `tma` (a Hopper target, 16-bit dtypes) each with and without TMA loads;
+    `chunked`: the kernel loads head_dim in chunks (roles' chunked_d), so it pads by pad_chunked."""
+    dp, dvp = (pad_chunked if chunked else pad_head_dim)(head_dim), pad_head_dim(head_dim_v)
     return [TileConfig(m, n, w, s, dp, dvp, t)
             for m, n, w, s, t in product(BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, (False, True) if tma else (False,))]
 

@@ -119,7 +119,8 @@ def main():
     sparse = runtime.Sparse(docs)
     o, lse = rt.forward(q, k, v, hp, scale, 0, 0.0, None, True, sparse)
     dq_cfg = rt.config("bwd_dq", "bf16", n, n)
-    dq_blocks = {0: dq_cfg["BLOCK_M"], 3: dq_cfg["BLOCK_M"], 1: dq_cfg["BLOCK_N"], 2: dq_cfg["BLOCK_N"]}
+    bm, bn, dp, dvp = dq_cfg["BLOCK_M"], dq_cfg["BLOCK_N"], dq_cfg["HEAD_DIM_PAD"], dq_cfg["HEAD_DIM_V_PAD"]
+    dq_blocks = {0: (bm, dp), 3: (bm, dvp), 1: (bn, dp), 2: (bn, dvp)}
 
     def step():
         module.attention(qg, kg, vg, training=False, **kw).backward(do)
@@ -144,7 +145,7 @@ def main():
         "rt.backward, main thread": lambda: rt.backward(do, q, k, v, o, lse, hp, scale, 0, 0.0, sparse),
         "torch.empty x3": lambda: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)),
         "current stream": lambda: torch.cuda.current_stream().cuda_stream,
-        "descriptors (bwd_dq: 4)": lambda: descriptors(dq_cfg, (q, k, v, do), dq_blocks, (d, dv)),
+        "descriptors (bwd_dq: 4)": lambda: descriptors(dq_cfg, (q, k, v, do), dq_blocks),
     }
     kernels = dict(rt.kernels)
     spies = {role: Spy(fn) for role, fn in kernels.items()}

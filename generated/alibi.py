@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile, _wide
+from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _wide
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'alibi',
@@ -87,7 +87,8 @@ def _visible_host(q_idx, kv_idx, Nq, Nk):
 def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, bh,
               p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_alibi,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DROPOUT: tl.constexpr,
+              HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              DROPOUT: tl.constexpr,
               DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr,
               DOCUMENT: tl.constexpr):
     # One key tile of online softmax. MASKED tiles apply the bounds check and the mask; the
@@ -125,8 +126,8 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
               H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
               qk_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, STORE_LSE: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
               TMA: tl.constexpr, FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr,
               PARTIAL_STAGES: tl.constexpr, VARLEN: tl.constexpr,
               POSITIONS: tl.constexpr):
@@ -186,17 +187,17 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
             doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_alibi, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
             doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_alibi, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
             acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
             doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, hp_alibi, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
 
     # Epilogue: rows that saw no key output zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)

@@ -2,6 +2,8 @@
 kernel in fp16 and bf16 (issue 16); past 128 the sm90 ranking uses the wgmma register estimate
 (docs/decisions/head-dims-256.md), and fp32 gets a clear error rather than a spilling kernel."""
 
+import inspect
+
 import pytest
 
 from attngen.cost_model import TARGETS, Workload, rank
@@ -40,3 +42,51 @@ def test_a_spec_with_no_legal_tiling_names_the_kernel_and_the_fix(tmp_path):
     path.write_text("name: wide\nhead_dim: 256\nmask:\n  causal: true\n")
     with pytest.raises(TilingError, match=r"bwd_dq kernel at head_dim 256 in fp32.*dtypes: \[fp16, bf16\]"):
         compile_spec(path, options=PassOptions(target="sm90"), stop="triton")
+
+
+@pytest.mark.compiler
+def test_a_contracting_head_dim_pads_to_a_few_equal_power_of_two_chunks():
+    from attngen.tiling import MAX_CHUNKS, chunk_width, chunks, pad_chunked
+
+    assert [pad_chunked(d) for d in (64, 72, 80, 96, 128, 160, 192, 200, 256)] == [64, 96, 96, 96, 128, 192, 192, 256, 256]
+    for d in range(16, 257, 8):
+        pad = pad_chunked(d)
+        assert d <= pad <= max(16, 1 << (d - 1).bit_length())  # never more than the power of two
+        assert chunk_width(pad) >= 16 and chunks(pad) <= MAX_CHUNKS and pad % chunk_width(pad) == 0
+
+
+@pytest.mark.compiler
+def test_only_the_forward_pads_by_chunks_and_only_with_the_option():
+    from attngen.passes import PassOptions
+    from attngen.pipeline import compile_spec
+    from attngen.resources import resolve_spec
+
+    off = compile_spec(resolve_spec("head_dim_192"), options=PassOptions(), stop="tiling")
+    on = compile_spec(resolve_spec("head_dim_192"), options=PassOptions(chunked_head_dims=True), stop="tiling")
+    assert {c.head_dim_pad for c in off.kernel("fwd").attr("tiling")} == {256}
+    assert {c.head_dim_pad for c in on.kernel("fwd").attr("tiling")} == {192}
+    for role in ("bwd_dq", "bwd_dkdv"):
+        assert {c.head_dim_pad for c in on.kernel(role).attr("tiling")} == {256}
+    # less work: the model's time for the forward drops with a third less of QK^T
+    assert on.rankings["fwd"]["bf16"].ranked[0].time_s < off.rankings["fwd"]["bf16"].ranked[0].time_s
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("name", ["head_dim_192", "head_dim_96"])
+def test_the_chunked_forward_matches_the_reference(name, device):
+    """q and k loaded in three column chunks (192 = 3 x 64, 96 = 3 x 32), QK^T summed over them:
+    the forward, its LSE and the gradients (the backward pads as before) against float64, in every
+    dtype the device tests (fp16 through TMA descriptors in chunk-wide boxes), on ragged Nq != Nk
+    shapes with fully masked rows (bottom-right causal, more queries than keys)."""
+    import attngen
+    from attngen.resources import resolve_spec
+    from attngen.spec import load_spec
+    from attngen.verify import CPU_SHAPES, check, format_table
+
+    path = resolve_spec(name)
+    spec, module = load_spec(path), attngen.load(path, chunked_head_dims=True)
+    assert "q2 = _tile_at(Q" in inspect.getsource(module)  # the chunked code, not the padded one
+    dtypes = [d for d in (("fp32", "fp16", "bf16") if device == "cuda" else ("fp32", "fp16")) if d in spec.dtypes]
+    results = [check(spec, module, s, d, device, seed=i, backward=d == "fp32")
+               for d in dtypes for i, s in enumerate((CPU_SHAPES[1], CPU_SHAPES[4]))]
+    assert all(r.ok for r in results), format_table([r for r in results if not r.ok])

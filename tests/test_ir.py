@@ -13,10 +13,10 @@ import pytest
 
 from attngen.errors import IRError
 from attngen.ir import REQUIRED, Kernel, Op, OpKind, Region, graph, print_ir, verify
-from attngen.lower import lower
+from attngen.lower import lower, lower_backward
 from attngen.passes import PassOptions, Tilings, run_passes
 from attngen.spec import load_spec
-from attngen.tiling import TileConfig
+from attngen.tiling import MAX_CHUNKS, TileConfig, chunk_width, chunks
 
 pytestmark = pytest.mark.compiler
 
@@ -203,10 +203,22 @@ def test_valid_tiling_verifies(softcap_passed: Kernel):
 
 
 @pytest.mark.parametrize("dim, value", [("block_m", 96), ("block_m", 48), ("block_m", 3),
-                                        ("block_n", 80), ("head_dim_pad", 192), ("head_dim_v_pad", 160)])
+                                        ("block_n", 80), ("head_dim_pad", 0), ("head_dim_v_pad", 160),
+                                        ("head_dim_v_pad", 192)])
 def test_tiling_dims_must_be_powers_of_two(softcap_passed: Kernel, dim: str, value: int):
     kernel = softcap_passed.with_attrs(tiling=tilings(**{dim: value}))
     ir_error(kernel, f"tiling.{dim} = {value} is not a positive power of two")
+
+
+def test_the_forward_head_dim_may_pad_to_a_few_equal_chunks(softcap_passed: Kernel):
+    """The forward loads q and k in power-of-two column chunks (tiling.pad_chunked): 192 = 3 x 64 is
+    a legal padding there; 160 = 5 x 32 is too many chunks; a backward kernel pads to powers of two."""
+    assert verify(softcap_passed.with_attrs(tiling=tilings(head_dim_pad=192))) is not None
+    ir_error(softcap_passed.with_attrs(tiling=tilings(head_dim_pad=160)),
+             "tiling.head_dim_pad = 160 is neither a power of two nor at most 4 equal power-of-two chunks")
+    for backward in lower_backward(load_spec(SPECS_DIR / "softcap.yaml")):
+        ir_error(backward.with_attrs(tiling=tilings(head_dim_pad=192)),
+                 "tiling.head_dim_pad = 192 is not a positive power of two")
 
 
 def test_padded_head_dim_smaller_than_head_dim(softcap_passed: Kernel):
@@ -271,8 +283,9 @@ def test_print_ir_after_passes_shows_plan_and_tiling(name: str):
     assert keys == sorted(keys)
     # the chosen tiles satisfy the verifier's invariants
     for cfg in passed.attr("tiling"):
-        for dim in (cfg.block_m, cfg.block_n, cfg.head_dim_pad, cfg.head_dim_v_pad):
+        for dim in (cfg.block_m, cfg.block_n, cfg.head_dim_v_pad, chunk_width(cfg.head_dim_pad)):
             assert dim > 0 and dim & (dim - 1) == 0
+        assert chunks(cfg.head_dim_pad) <= MAX_CHUNKS  # the forward loads D in chunks (tiling.pad_chunked)
         assert cfg.head_dim_pad >= passed.attr("head_dim") and cfg.head_dim_v_pad >= passed.attr("head_dim_v")
 
 

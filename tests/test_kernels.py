@@ -280,11 +280,11 @@ def test_tma_falls_back_to_pointers_for_misaligned_views(device):
     big = lambda n: torch.randn(1, 2, n, spec.head_dim + 1, generator=g).to(device, torch.float16)  # noqa: E731
     q, k, v = big(40)[..., 1:], big(70)[..., 1:], big(70)[..., 1:]  # base offset by one element
     cfg = dict(runtime.of(module).config("fwd", "fp16", 40, 70), TMA=True)
-    blocks = {0: cfg["BLOCK_M"], 1: cfg["BLOCK_N"], 2: cfg["BLOCK_N"]}  # q, k, v (as the forward's plan)
-    head_dims = (spec.head_dim, spec.head_dim_v)
-    assert launch.descriptors(cfg, (q, k, v), blocks, head_dims)[1] is False
+    d, dv = cfg["HEAD_DIM_PAD"], cfg["HEAD_DIM_V_PAD"]
+    blocks = {0: (cfg["BLOCK_M"], d), 1: (cfg["BLOCK_N"], d), 2: (cfg["BLOCK_N"], dv)}  # q, k, v (the forward's boxes)
+    assert launch.descriptors(cfg, (q, k, v), blocks)[1] is False
     qa, ka, va = (t.contiguous() for t in (q, k, v))
-    assert launch.descriptors(cfg, (qa, ka, va), blocks, head_dims)[1] is True
+    assert launch.descriptors(cfg, (qa, ka, va), blocks)[1] is True
     ref, _ = reference.attention(spec, q.double(), k.double(), v.double())
     assert (module.attention(q, k, v).double() - ref).abs().max() < 1e-2
 

@@ -36,11 +36,11 @@ def tma_capable(device: torch.device) -> bool:
     return _TMA_CAPABLE[device]
 
 
-def descriptors(cfg: dict, tensors, blocks: dict[int, int], head_dims: tuple[int, int]):
+def descriptors(cfg: dict, tensors, blocks: dict[int, tuple[int, int]]):
     """Per tensor argument, a TMA descriptor template where the kernel reads it through TMA, else
     None; and whether it does. `blocks` maps the positions of the tensors the kernel may read
-    through TMA to their block rows. TMA is used when the tiling asks for it and every such tensor
-    allows it (last dim contiguous, other strides and the base 16-byte aligned)."""
+    through TMA to their boxes (rows, columns). TMA is used when the tiling asks for it and every such
+    tensor allows it (last dim contiguous, other strides and the base 16-byte aligned)."""
     chosen = [tensors[i] for i in blocks]
     tma = (cfg.get("TMA", False) and tma_capable(chosen[0].device)
            and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
@@ -48,10 +48,8 @@ def descriptors(cfg: dict, tensors, blocks: dict[int, int], head_dims: tuple[int
     if not tma:
         return [None] * len(tensors), False
     out = [None] * len(tensors)
-    for i, rows in blocks.items():
-        t = tensors[i]
-        pad = cfg["HEAD_DIM_PAD"] if t.shape[-1] == head_dims[0] else cfg["HEAD_DIM_V_PAD"]
-        desc = TensorDescriptor.from_tensor(t, [1, 1, rows, pad])
+    for i, (rows, cols) in blocks.items():
+        desc = TensorDescriptor.from_tensor(tensors[i], [1, 1, rows, cols])
         desc.base = None  # a template (rebased): a plan must not keep its first call's tensors alive
         out[i] = desc
     return out, True

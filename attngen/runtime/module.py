@@ -21,7 +21,7 @@ from .block_mask import BlockMask
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .layouts import static_layout
 from .library import register_ops
-from .roles import ROLES
+from .roles import ROLES, chunk_width
 from .sparse import NO_SPARSE, Sparse, kept_seqlens, made_for
 from .tiles import Documents, as_documents, kept, layout_tiles, oriented_lists, tile_classes
 from .tl_lib import _bwd_delta, _keep_mask_kernel
@@ -281,14 +281,17 @@ class KernelModule:
                                                  count.shape[2] * (count.shape[1] > 1))
         # q, k, v and the [B, H, N, D] outputs / dO (and the dK/dV kernel's fp32 dQ buffer)
         strided = {"fwd": tensors[:4], "bwd_dq": tensors[:6], "bwd_dkdv": tensors[:7]}[role]
-        blocks = {0: bm, 1: bn, 2: bn} if role == "fwd" else {0: bm, 3: bm, 1: bn, 2: bn}
+        # TMA boxes (rows, columns): q, k (and dO) are read a column chunk at a time (the whole padded
+        # dim unless the role loads D in chunks: tiling.chunk_width), v (and o) whole
+        d, dv = chunk_width(cfg["HEAD_DIM_PAD"]), cfg["HEAD_DIM_V_PAD"]
+        blocks = {0: (bm, d), 1: (bn, d), 2: (bn, dv)} if role == "fwd" else \
+            {0: (bm, d), 3: (bm, dv), 1: (bn, d), 2: (bn, dv)}
         # the single pass adds dQ tiles into its fp32 buffer by TMA reductions on a GPU (the interpreter has none)
         reduce_tma = role == "bwd_dkdv" and flags[0] and tma_reductions(q.device)
         if reduce_tma:
-            blocks[6] = bm
+            blocks[6] = (bm, d)
         # packed sequences start at any row: no TMA (its boxes would cross into the next sequence)
-        descs, tma = descriptors({**cfg, "TMA": cfg["TMA"] and seqlens is None}, tensors[:n], blocks,
-                                 (self.head_dim, self.head_dim_v))
+        descs, tma = descriptors({**cfg, "TMA": cfg["TMA"] and seqlens is None}, tensors[:n], blocks)
         if per_call:
             descs += [None] * (len(tensors) - n)
         # LSE and delta rows [B, H, Nq] (packed: [H, total_q]); document ids [B, N] (packed: [1, total])
@@ -304,6 +307,7 @@ class KernelModule:
                       **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
         if role == "fwd":
             consts["STORE_LSE"] = flags[0]
+            consts["HEAD_DIM_CHUNK"] = chunk_width(cfg["HEAD_DIM_PAD"])
         if role == "bwd_dkdv":  # 0: no dQ; 1: per-element atomics; 2: TMA reductions
             consts["ATOMIC_DQ"] = 2 if reduce_tma and tma else int(flags[0])
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)

@@ -21,6 +21,9 @@ class KernelRole:
     score_tiles: int  # BM x BN fp32 temporaries live at once (s/p; and dp/ds in the backward)
     backward: bool
     reduced: tuple[str, ...] = ()  # fp32 tiles added into a global buffer each loop step (atomics)
+    # D only contracts (QK^T): q and k load in power-of-two column chunks, so D pads to a multiple of
+    # a chunk (192 = 3 x 64) instead of the next power of two (tiling.pad_chunked)
+    chunked_d: bool = False
 
     @property
     def transposed(self) -> bool:
@@ -43,6 +46,12 @@ class KernelRole:
 WIDTH = {"q": "d", "k": "d", "dq": "d", "dk": "d", "v": "dv", "do": "dv", "o": "dv", "dv": "dv"}  # head dim of each
 
 
+def chunk_width(pad: int) -> int:
+    """The column chunk a padded head dim is loaded in: its lowest set bit (the whole dim when a
+    power of two; 64 for 192 = 3 x 64)."""
+    return pad & -pad
+
+
 def width(names: tuple[str, ...], d: int, dv: int) -> int:
     """The summed head dims (padded or not, as given) of these operands."""
     return sum(d if WIDTH[n] == "d" else dv for n in names)
@@ -50,7 +59,7 @@ def width(names: tuple[str, ...], d: int, dv: int) -> int:
 
 # Products: fwd QK^T and PV; bwd_dq QK^T, dO V^T and dS K; bwd_dkdv QK^T, P^T dO, dO V^T and dS^T Q.
 FWD = KernelRole("fwd", "_attn_fwd", "queries", ("q",), ("k", "v"), (1, 1), "kv_loop",
-                 accumulators=("o",), fragments=("q",), score_tiles=1, backward=False)
+                 accumulators=("o",), fragments=("q",), score_tiles=1, backward=False, chunked_d=True)
 BWD_DQ = KernelRole("bwd_dq", "_attn_bwd_dq", "queries", ("q", "do"), ("k", "v"), (2, 1), "kv_loop",
                     accumulators=("dq",), fragments=("q", "do"), score_tiles=2, backward=True)
 BWD_DKDV = KernelRole("bwd_dkdv", "_attn_bwd_dkdv", "keys", ("k", "v"), ("q", "do"), (2, 2), "q_loop",

@@ -63,13 +63,21 @@ def _tile(X, b, h, first, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: 
     # Rows [first, first + ROWS) x COLS_PAD columns of one (batch b, head h): from a TMA descriptor
     # (out-of-bounds rows and padded columns arrive as zeros), or from a pointer already offset to
     # (b, h), where padded columns always load as zero and rows are bounds-checked where MASK_ROWS.
+    return _tile_at(X, b, h, first, 0, n_rows, stride_r, stride_c, ROWS, COLS, COLS_PAD, MASK_ROWS, TMA, WIDE)
+
+
+@triton.jit
+def _tile_at(X, b, h, first, col, n_rows, stride_r, stride_c, ROWS: tl.constexpr, COLS: tl.constexpr,
+             COLS_PAD: tl.constexpr, MASK_ROWS: tl.constexpr, TMA: tl.constexpr, WIDE: tl.constexpr):
+    # _tile's columns [col, col + COLS_PAD), of which the first COLS (or all, when COLS >= COLS_PAD)
+    # hold data: one chunk of a head dim loaded in chunks (a TMA descriptor's box is COLS_PAD wide).
     # (One return at the end: Triton compiles the statements after a return in a constexpr branch.)
     if TMA:
-        x = X.load([b, h, first, 0]).reshape(ROWS, COLS_PAD)
+        x = X.load([b, h, first, col]).reshape(ROWS, COLS_PAD)
     else:
         offs_r = first + tl.arange(0, ROWS)
         offs_c = tl.arange(0, COLS_PAD)
-        ptrs = X + _wide(offs_r, WIDE)[:, None] * stride_r + _wide(offs_c, WIDE)[None, :] * stride_c
+        ptrs = X + _wide(offs_r, WIDE)[:, None] * stride_r + _wide(col + offs_c, WIDE)[None, :] * stride_c
         if COLS < COLS_PAD:
             if MASK_ROWS:
                 x = tl.load(ptrs, mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < COLS), other=0.0)
