@@ -123,10 +123,17 @@ def warm(args: list[str], workers: int) -> None:
     import subprocess
     import sys
 
-    procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "bench", *args, "--part", f"{i}/{workers}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(workers)]
-    for proc in procs:
-        proc.wait()
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [Path(tmp) / f"worker{i}.log" for i in range(workers)]
+        procs = [subprocess.Popen([sys.executable, "-m", "cli.main", "bench", *args, "--part", f"{i}/{workers}"],
+                                  stdout=subprocess.DEVNULL, stderr=log.open("w")) for i, log in enumerate(logs)]
+        for i, (proc, log) in enumerate(zip(procs, logs)):
+            if proc.wait():  # the timed run still compiles what the worker did not: slower, not wrong
+                err = log.read_text().strip().splitlines()
+                print(f"bench --exhaustive --warm: worker {i} of {workers} failed ({proc.returncode}): "
+                      f"{err[-1] if err else 'no message'}", file=sys.stderr)
 
 
 def trial_rows(spec_path: str | Path, shape: BenchShape, role: str, dtype: str, trials: list[Trial]) -> list[dict]:

@@ -31,7 +31,7 @@ import networkx as nx
 
 from .errors import IRError
 from .runtime.roles import ROLES
-from .tiling import MAX_CHUNKS, chunks
+from .tiling import MAX_CHUNKS, chunk_width, chunks, pad_head_dim
 
 
 class OpKind(enum.Enum):
@@ -167,10 +167,12 @@ def verify(kernel: Kernel) -> Kernel:
     for tiling in (*(kernel.attr("tiling") or ()), *(kernel.attr("bucket_tilings") or ()), *(kernel.attr("variants") or ())):
         for dim in ("head_dim_pad", "head_dim_v_pad", "block_m", "block_n"):
             v = getattr(tiling, dim)
-            if dim == "head_dim_pad" and ROLES[role].chunked_d and v > 0:
-                if chunks(v) > MAX_CHUNKS:  # loaded in equal power-of-two chunks (tiling.pad_chunked)
+            if dim == "head_dim_pad" and ROLES[role].chunked_d and v > 0 and v & (v - 1):
+                # loaded in equal power-of-two chunks of at least 32 columns (tiling.pad_chunked)
+                if chunks(v) > MAX_CHUNKS or chunk_width(v) < 32 or v > pad_head_dim(kernel.attr("head_dim")):
                     raise IRError(f"{name}: tiling.{dim} = {v} is neither a power of two nor at most "
-                                  f"{MAX_CHUNKS} equal power-of-two chunks")
+                                  f"{MAX_CHUNKS} equal power-of-two chunks of at least 32 columns, below the "
+                                  f"head dim's next power of two")
                 continue
             if v <= 0 or v & (v - 1):
                 raise IRError(f"{name}: tiling.{dim} = {v} is not a positive power of two")

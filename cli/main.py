@@ -226,6 +226,8 @@ def bench(specs: List[Path] = typer.Argument(..., help="spec files"),
     import torch
 
     top = _exhaustive_top(exhaustive)
+    if warm and top == 0:
+        _fail(ValueError("--warm compiles --exhaustive's candidates first: give --exhaustive N or all"))
     if ab is not None:
         from attngen.tools.ab import check_option
 

@@ -1,4 +1,4 @@
-"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; results: data/head_dim_chunks_<date>_<gpu>.json).
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; written 2026-12-06 and not yet run there, no GPU being lent; results: data/head_dim_chunks_<date>_<gpu>.json).
 
 The forward with the head dim loaded in power-of-two column chunks (192 = 3 x 64, 96 = 3 x 32:
 PassOptions.chunked_head_dims) against the same spec's module padding it to the next power of two

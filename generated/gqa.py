@@ -442,12 +442,15 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
 
 
 @triton.jit
-def _tile_pages(PAGES, off_b, start_n, end, stride_pb, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
-    # Pages smaller than a key tile: the tile's page number per key, loaded a step ahead of its K/V
-    # loads, whose addresses it feeds (loaded in the same step, it cost the loop a pipeline stage:
-    # docs/decisions/decode-plan.md). Otherwise nothing (_decode_tile finds its page itself).
-    if PAGE_SIZE == 0 or PAGE_SIZE % BLOCK_N == 0:
+def _tile_pages(PAGES, off_b, start_n, end, stride_pb, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                PAGES_AHEAD: tl.constexpr):
+    # PAGES_AHEAD: the tile's page numbers (per key for pages smaller than a tile, else one), loaded a
+    # step ahead of the K/V loads whose addresses they feed (loaded in the same step, they cost the
+    # loop a pipeline stage: docs/decisions/decode-plan.md). Otherwise nothing (_decode_tile loads them).
+    if PAGE_SIZE == 0 or not PAGES_AHEAD:
         return 0
+    elif PAGE_SIZE % BLOCK_N == 0:
+        return tl.load(PAGES + off_b.to(tl.int64) * stride_pb + start_n // PAGE_SIZE, mask=start_n < end, other=0)
     else:
         offs_n = start_n + tl.arange(0, BLOCK_N)
         return tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // PAGE_SIZE, mask=offs_n < end, other=0)
@@ -458,7 +461,8 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, 
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                 MASKED: tl.constexpr, gate, DOT_PRECISION: tl.constexpr, FAST_TANH: tl.constexpr):
+                 PAGES_AHEAD: tl.constexpr, MASKED: tl.constexpr, gate, DOT_PRECISION: tl.constexpr,
+                 FAST_TANH: tl.constexpr):
     # One key tile of online softmax for the packed rows. K and V are [B, HKV, S, D] (PAGE_SIZE 0;
     # stride_kb: a sequence) or [pages, PAGE_SIZE, HKV, D] (stride_kb: a page; PAGES [B, pages per
     # sequence] holds each sequence's page numbers). Unmasked tiles lie in [lo, end) and every row
@@ -471,10 +475,12 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, 
         k_rows = off_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_kn
         v_rows = off_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vn
     else:
-        if PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one page number per step
-            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + start_n // PAGE_SIZE).to(tl.int64)
-        else:  # pages smaller than the tile: a page number per key (_tile_pages, a step ahead)
+        if PAGES_AHEAD:  # loaded a step ahead (_tile_pages)
             page = pages.to(tl.int64)
+        elif PAGE_SIZE % BLOCK_N == 0:  # the tile lies in one page: one page number per step
+            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + start_n // PAGE_SIZE).to(tl.int64)
+        else:  # pages smaller than the tile: a page number per key
+            page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // PAGE_SIZE, mask=keys, other=0).to(tl.int64)
         k_rows = page * stride_kb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kn
         v_rows = page * stride_vb + (offs_n % PAGE_SIZE).to(tl.int64) * stride_vn
     k_ok = offs_d[None, :] < HEAD_DIM
@@ -511,7 +517,7 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
                  H, HKV, GROUP, n_q, split_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAGE_SIZE: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
+                 PAGE_SIZE: tl.constexpr, PAGES_AHEAD: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
                  LAYOUT_ROW0: tl.constexpr, FUSED_MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  FAST_TANH: tl.constexpr, PDL: tl.constexpr):
     _launch_dependents(PDL)  # the split merge's programs may start now and wait for this kernel's end
@@ -545,27 +551,27 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
-    pages = _tile_pages(PAGES, off_b, start, end, stride_pb, BLOCK_N, PAGE_SIZE)
+    pages = _tile_pages(PAGES, off_b, start, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
     for start_n in range(start, full_start, BLOCK_N):
-        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE)
+        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, 0, DOT_PRECISION, FAST_TANH)
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, PAGES_AHEAD, True, 0, DOT_PRECISION, FAST_TANH)
         pages = pages_next
     for start_n in range(full_start, full_end, BLOCK_N):
-        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE)
+        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, False, 0, DOT_PRECISION, FAST_TANH)
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, PAGES_AHEAD, False, 0, DOT_PRECISION, FAST_TANH)
         pages = pages_next
     for start_n in range(full_end, end, BLOCK_N):
-        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE)
+        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
         acc, l_i, m_i = _decode_tile(
             acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale, stride_kb, stride_kn,
             stride_kd, stride_vb, stride_vn, stride_vd, stride_pb, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, True, 0, DOT_PRECISION, FAST_TANH)
+            HEAD_DIM_V_PAD, BLOCK_N, PAGE_SIZE, PAGES_AHEAD, True, 0, DOT_PRECISION, FAST_TANH)
         pages = pages_next
     # Rows that saw no key (in this split) store zeros and LSE = -inf.
     l_use = tl.where(l_i == 0.0, 1.0, l_i)

@@ -11,7 +11,7 @@ import torch
 import attngen
 from attngen import reference, runtime
 from attngen.resources import resolve_spec
-from attngen.runtime import decode
+from attngen.runtime import decode, decode_gate
 from attngen.spec import load_spec
 from attngen.verify import paged as as_pages
 
@@ -329,6 +329,35 @@ def test_strided_lengths_and_block_table_give_the_contiguous_bits():
         want = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=lengths, block_table=table)
         got = module.attention_with_kvcache(q, k_pages, v_pages, cache_seqlens=wide_lengths, block_table=wide_table)
     assert torch.equal(got, want)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document"])
+@pytest.mark.parametrize("page_size", [16, 48, 64])
+def test_page_numbers_loaded_a_step_ahead_give_the_same_bits(name, page_size):
+    """plan.pages_ahead (off by default until timed): page numbers (one per key for pages smaller
+    than a key tile, one per step for larger ones) loaded one step before the K/V loads they
+    address, carried across the masked, full and masked loops (one loop for a gated spec); the same
+    bits as loading them in the step, with splits whose bounds fall inside a tile and sequences of
+    0, 1 and a window's length."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Nq=2, lengths=(150, 1, 0, 97))
+    rt = runtime.of(module)
+    hp = rt.head_param_rows(q, {})
+    table = _shuffle(4, k_cache.shape[2], page_size, g)
+    k_pages, v_pages = as_pages(k_cache, page_size, table), as_pages(v_cache, page_size, table)
+    gate = decode_gate.NO_GATE
+    if spec.mask.document:  # documents of 40 positions: a gated spec's one loop
+        ids = (torch.arange(k_cache.shape[2]) // 40).to(torch.int32).expand(4, -1).contiguous()
+        gate = decode_gate.Gate(*decode_gate.documents(ids, 4, 2, k_cache.shape[2], lengths, spec.name), None, None,
+                                (16, 16))
+    for splits in (1, 3):
+        outs = []
+        for ahead in (False, True):
+            plan = decode.decode_plan(4, 2, 4, k_cache.shape[2], spec.head_dim, decode.sms(q.device), splits=splits,
+                                      pages_ahead=ahead)
+            outs.append(decode.run(rt.decode_kernel, q, k_pages, v_pages, hp, lengths, table, rt.scale, plan, 2,
+                                   spec.head_dim_v, rt.native, gate))
+        assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), (splits, page_size)
 
 
 @pytest.mark.interp

@@ -213,9 +213,12 @@ def test_tiling_dims_must_be_powers_of_two(softcap_passed: Kernel, dim: str, val
 def test_the_forward_head_dim_may_pad_to_a_few_equal_chunks(softcap_passed: Kernel):
     """The forward loads q and k in power-of-two column chunks (tiling.pad_chunked): 192 = 3 x 64 is
     a legal padding there; 160 = 5 x 32 is too many chunks; a backward kernel pads to powers of two."""
-    assert verify(softcap_passed.with_attrs(tiling=tilings(head_dim_pad=192))) is not None
-    ir_error(softcap_passed.with_attrs(tiling=tilings(head_dim_pad=160)),
-             "tiling.head_dim_pad = 160 is neither a power of two nor at most 4 equal power-of-two chunks")
+    d192 = softcap_passed.with_attrs(head_dim=192, bucket_tilings=None)
+    padded = lambda pad: Tilings("sm90", (("bf16", TileConfig(64, 64, 4, 2, pad, 128)),))  # noqa: E731
+    assert verify(d192.with_attrs(tiling=padded(192))) is not None
+    for bad in (320, 208, 384):  # 5 chunks; chunks of 16; past the next power of two
+        ir_error(d192.with_attrs(tiling=padded(bad)),
+                 f"tiling.head_dim_pad = {bad} is neither a power of two nor at most 4 equal power-of-two chunks")
     for backward in lower_backward(load_spec(SPECS_DIR / "softcap.yaml")):
         ir_error(backward.with_attrs(tiling=tilings(head_dim_pad=192)),
                  "tiling.head_dim_pad = 192 is not a positive power of two")

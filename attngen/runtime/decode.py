@@ -34,9 +34,11 @@ class DecodePlan:
     # splits merged by the last split of each tile, else by a second kernel (the default: fused measured
     # slower, docs/decisions/decode-plan.md)
     fused: bool = False
-    # the merge kernel launched as a programmatic dependent of the splits' (sm90+ GPUs): its launch
-    # overlaps theirs (docs/decisions/decode-plan.md)
-    pdl: bool = True
+    # the merge kernel launched as a programmatic dependent of the splits' (sm90+ GPUs), its launch
+    # overlapping theirs; paged caches: page numbers loaded a step ahead of the K/V loads they
+    # address. Both off until timed (docs/decisions/decode-plan.md).
+    pdl: bool = False
+    pages_ahead: bool = False
 
     def describe(self) -> str:
         merge = (", merged by the last" if self.fused else ", merged by a second kernel" + (" (PDL)" if self.pdl else "")) \
@@ -62,7 +64,7 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
                 warps: int | None = None, key_block: int | None = None, fused: bool = False,
-                pdl: bool = True) -> DecodePlan:
+                pdl: bool = False, pages_ahead: bool = False) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
     within one block of `key_block` keys (a block layout's), when given."""
@@ -76,7 +78,7 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
     splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks))
     split_len = -(-key_blocks // splits) * block_n
     return DecodePlan(block_m, block_n, -(-max_keys // split_len) if max_keys else 1, split_len, stages, warps,
-                      bool(fused), bool(pdl))
+                      bool(fused), bool(pdl), bool(pages_ahead))
 
 
 @triton.jit
@@ -260,7 +262,7 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     os_ = o_part.stride() if split else (*o.stride()[:3], 0, o.stride(3))
     ls_ = lse_part.stride() if split else (*lse.stride(), 0)
     fused = split and plan.fused
-    pdl = split and not fused and plan.pdl and pdl_supported(q.device)
+    pdl = split and not fused and plan.pdl and native and pdl_supported(q.device)  # (not the interpreter)
     group, rows = Hq // Hkv, Hq // Hkv * Nq
     grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
     locks = _locks(q.device, grid[1] * grid[2]) if fused else seqlens
@@ -277,6 +279,7 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
                  scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
                  HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
                  BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+                 PAGES_AHEAD=paged and plan.pages_ahead,
                  LAYOUT_BQ=gate.block[0], LAYOUT_BK=gate.block[1], LAYOUT_ROW0=gate.row0 is not None, FUSED_MERGE=fused, PDL=pdl,
                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                  FAST_TANH=native and q.is_cuda and q.dtype != torch.float32, num_warps=plan.warps, num_stages=plan.stages)
