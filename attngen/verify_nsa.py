@@ -125,20 +125,24 @@ def check_nsa(spec: Spec, module, case: NSACase, dtype: str, device, seed: int =
 
 @dataclass(frozen=True)
 class NSADecode:
-    """NSA decoding: n_q tokens appended to caches of these lengths (capacity keys each)."""
+    """NSA decoding: n_q tokens appended to caches of these lengths (capacity keys each), paged in
+    shuffled pages of `page` tokens when page > 0."""
     heads_q: int
     heads_kv: int
     n_q: int
     lengths: tuple[int, ...]
     capacity: int
+    page: int = 0
 
     def __str__(self) -> str:
-        return f"nsa decode H{self.heads_q}/{self.heads_kv} Nq {self.n_q}, {len(self.lengths)} seqs to {max(self.lengths)}"
+        return (f"nsa decode H{self.heads_q}/{self.heads_kv} Nq {self.n_q}, {len(self.lengths)} seqs to "
+                f"{max(self.lengths)}" + (f", pages of {self.page}" if self.page else ""))
 
 
-CPU_NSA_DECODE = (NSADecode(4, 2, 3, (0, 30, 149), 160),)  # 30: a window ends among the new rows
+CPU_NSA_DECODE = (NSADecode(4, 2, 3, (0, 30, 149), 160), NSADecode(4, 2, 2, (47, 140), 160, page=16))  # 30: a window ends among the new rows
 # windows end at the new rows of 4095 and 3005 (positions 4095 and 3007)
-GPU_NSA_DECODE = (NSADecode(16, 4, 1, (100, 2000, 4095), 4096), NSADecode(16, 1, 4, (1000, 3005), 3072 + 64))
+GPU_NSA_DECODE = (NSADecode(16, 4, 1, (100, 2000, 4095), 4096), NSADecode(16, 1, 4, (1000, 3005), 3072 + 64),
+                  NSADecode(16, 4, 1, (100, 2000, 4095), 4096, page=16))
 
 
 def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, seed: int = 0):
@@ -157,12 +161,24 @@ def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, se
     if n.compress_kind == "linear":
         weights = tuple(mk(case.heads_kv, n.compress_block * e, e) * (n.compress_block * e) ** -0.5 for e in (D, Dv))
     before = torch.tensor(case.lengths, dtype=torch.int32, device=device)
-    cmp_cache = rt.compressed_cache(k_cache, v_cache, before, weights)
+    table, caches = None, (k_cache, v_cache)
+    if case.page:  # the same rows in shuffled pages [pages, page, Hkv, *]
+        from .verify import paged
+
+        per_seq = -(-S // case.page)
+        table = torch.randperm(B * per_seq, generator=g, device=device).to(torch.int32).reshape(B, per_seq)
+        caches = tuple(paged(c, case.page, table) for c in caches)
+    cmp_cache = rt.compressed_cache(*caches, before, weights, block_table=table)
     q, k_new, v_new = mk(B, case.heads_q, Nq, D), mk(B, case.heads_kv, Nq, D), mk(B, case.heads_kv, Nq, Dv)
     gates = torch.rand(B, case.heads_q, Nq, 3, generator=g, device=device).to(tdt)
-    o, indices = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=before, gates=gates,
-                                               cmp_cache=cmp_cache, k=k_new, v=v_new, compress_weights=weights,
-                                               return_indices=True)
+    o, indices = module.attention_with_kvcache(q, *caches, cache_seqlens=before, gates=gates, cmp_cache=cmp_cache,
+                                               k=k_new, v=v_new, compress_weights=weights, return_indices=True,
+                                               block_table=table)
+    if case.page:  # the reference reads the appended rows back in sequence order
+        from .runtime.nsa import _rows
+
+        positions = torch.arange(S, device=device).expand(B, S)
+        k_cache, v_cache = (_rows(c, table, positions) for c in caches)
     kw = dict(compress_block=n.compress_block, compress_stride=n.compress_stride, compress_kind=n.compress_kind,
               select_block=n.select_block, select_count=n.select_count, init_blocks=n.init_blocks,
               local_blocks=n.local_blocks, window=n.window, return_parts=True)

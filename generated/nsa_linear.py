@@ -33,39 +33,49 @@ BRANCHES = {'cmp': {'name': 'nsa_linear_cmp',
 
 
 @triton.jit
-def _selected_block(K, V, blk, pos, offs_d, offs_dv, stride_kn, stride_kd, stride_vn, stride_vd,
-                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Key block blk's keys and values (K, V at this batch and KV head), those after position pos
-    # masked (zeros): (k, v, keys visible).
+def _selected_block(K, V, PAGES, blk, pos, offs_d, offs_dv, stride_kp, stride_kn, stride_kd, stride_vp, stride_vn,
+                    stride_vd, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_S: tl.constexpr,
+                    PAGE_SIZE: tl.constexpr):
+    # Key block blk's keys and values (K, V at this KV head, and batch unless paged), those after
+    # position pos masked (zeros): (k, v, keys visible). PAGE_SIZE > 0: a paged cache [pages,
+    # PAGE_SIZE, HKV, *] (stride_kp, stride_vp: a page), PAGES this sequence's page numbers.
     offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     keys = offs_n <= pos
-    k = tl.load(K + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+    if PAGE_SIZE == 0:
+        k_rows = offs_n.to(tl.int64) * stride_kn
+        v_rows = offs_n.to(tl.int64) * stride_vn
+    else:
+        page = tl.load(PAGES + offs_n // PAGE_SIZE, mask=keys, other=0).to(tl.int64)
+        k_rows = page * stride_kp + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kn
+        v_rows = page * stride_vp + (offs_n % PAGE_SIZE).to(tl.int64) * stride_vn
+    k = tl.load(K + k_rows[:, None] + offs_d[None, :] * stride_kd,
                 mask=keys[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    v = tl.load(V + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+    v = tl.load(V + v_rows[:, None] + offs_dv[None, :] * stride_vd,
                 mask=keys[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     return k, v, keys
 
 
 @triton.jit
-def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST,
+def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST, PAGES,
                     stride_qb, stride_qh, stride_qn, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ib, stride_ih, stride_in, stride_ii,
                     stride_ub, stride_uh, stride_ut, stride_ui,
                     stride_ob, stride_oh, stride_on, stride_od,
-                    stride_lb, stride_lh, stride_ln,
+                    stride_lb, stride_lh, stride_ln, stride_pb,
                     N, HKV, GROUP, n_select, qk_scale,
                     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
                     SELECT_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DECODE: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # BLOCK_T consecutive query tokens of one KV head: the rows are tokens x its GROUP query heads
     # (enough rows for the MMA where a group alone has too few), walking the union of the tokens'
     # selected key blocks (UNION [B, HKV, tiles, *], ascending, COUNT [B, HKV, tiles] of them); a
     # row sees a key iff its token chose the key's block (IDX [B, HKV, N, n]) and the key is not
     # after it. Decoding (DECODE): token t is at position FIRST[b] + t of its sequence, K and V
-    # its cache.
+    # its cache, paged where PAGE_SIZE > 0 (stride_kb, stride_vb: a page; PAGES [B, pages] the block
+    # table).
     tile = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -88,8 +98,13 @@ def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST,
                   + tok[:, None].to(tl.int64) * stride_in + sel[None, :] * stride_ii,
                   mask=(tok < N)[:, None] & (sel < n_select)[None, :], other=-1)
     last = tl.minimum(tile * BLOCK_T + BLOCK_T, N) - 1 + first  # no row sees a key after this
-    K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-    V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    K += off_hk.to(tl.int64) * stride_kh
+    V += off_hk.to(tl.int64) * stride_vh
+    if PAGE_SIZE == 0:
+        K += off_b.to(tl.int64) * stride_kb
+        V += off_b.to(tl.int64) * stride_vb
+    else:
+        PAGES += off_b.to(tl.int64) * stride_pb
     UNION += off_b.to(tl.int64) * stride_ub + off_hk.to(tl.int64) * stride_uh + tile.to(tl.int64) * stride_ut
     count = tl.load(COUNT + tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tile)
     m_i = tl.full([BLOCK_T * BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -97,8 +112,8 @@ def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST,
     acc = tl.zeros([BLOCK_T * BLOCK_G, HEAD_DIM_V_PAD], dtype=tl.float32)
     for u in range(0, count):
         blk = tl.load(UNION + u * stride_ui)
-        k, v, _ = _selected_block(K, V, blk, last, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
-                                  stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S)
+        k, v, _ = _selected_block(K, V, PAGES, blk, last, offs_d, offs_dv, stride_kb, stride_kn, stride_kd, stride_vb,
+                                  stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S, PAGE_SIZE)
         chose = tl.sum((own == blk).to(tl.int32), 1)  # [BLOCK_T] 1 where the token chose blk
         chose = tl.reshape(tl.broadcast_to(chose[:, None], [BLOCK_T, BLOCK_G]), [BLOCK_T * BLOCK_G])
         offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -160,8 +175,8 @@ def _nsa_select_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
     for i in range(0, n_select):
         blk = tl.load(IDX + i * stride_ii)
         if blk >= 0:
-            k, v, keys = _selected_block(K, V, blk, t, offs_d, offs_dv, stride_kn, stride_kd, stride_vn,
-                                         stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S)
+            k, v, keys = _selected_block(K, V, K, blk, t, offs_d, offs_dv, 0, stride_kn, stride_kd, 0, stride_vn,
+                                         stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S, 0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
             p = tl.where(keys[None, :] & row_ok[:, None], p, 0.0)

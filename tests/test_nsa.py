@@ -176,6 +176,43 @@ def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, blo
     assert (o[0, :, :2] == 0).all() and (o[0, :, 2] != 0).any()
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("kind, page_size", [("mean", 16), ("linear", 48)])
+def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, page_size):
+    """Paged caches [pages, page_size, Hkv, *] with shuffled pages and a block table (pages of 16:
+    smaller than a selected block of 32; 48: straddling them): the compressed cache made from them,
+    the append, its compressed update, the selected blocks and the output equal the contiguous
+    run's bit for bit; a block table entry past the pool is refused."""
+    from attngen.verify import paged as as_pages
+
+    spec, module = _module(tmp_path, kind, 32, 16 if kind == "mean" else 32)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 144, 2, 32, 16
+    k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    weights = None
+    if kind == "linear":
+        weights = (torch.randn(Hkv, 32 * D, D, generator=g) / 20, torch.randn(Hkv, 32 * Dv, Dv, generator=g) / 20)
+    table = torch.randperm(B * (S // page_size), generator=g).reshape(B, S // page_size).to(torch.int32)
+    k_pages, v_pages = as_pages(k_cache, page_size, table), as_pages(v_cache, page_size, table)
+    before = torch.tensor([0, 47, 140], dtype=torch.int32)
+    cmp = rt.compressed_cache(k_cache, v_cache, before, weights)
+    cmp_paged = rt.compressed_cache(k_pages, v_pages, before, weights, block_table=table)
+    assert all(torch.equal(a, b) for a, b in zip(cmp, cmp_paged))
+    q = torch.randn(B, Hkv * G, Nq, D, generator=g)
+    k_new, v_new = torch.randn(B, Hkv, Nq, D, generator=g), torch.randn(B, Hkv, Nq, Dv, generator=g)
+    gates = torch.rand(B, Hkv * G, Nq, 3, generator=g)
+    kw = dict(cache_seqlens=before, gates=gates, k=k_new, v=v_new, compress_weights=weights, return_indices=True)
+    o, indices = module.attention_with_kvcache(q, k_cache, v_cache, cmp_cache=cmp, **kw)
+    o_p, indices_p = module.attention_with_kvcache(q, k_pages, v_pages, cmp_cache=cmp_paged, block_table=table, **kw)
+    assert torch.equal(o, o_p) and torch.equal(indices, indices_p)
+    assert torch.equal(k_pages, as_pages(k_cache, page_size, table))  # the same rows appended
+    assert all(torch.equal(a, b) for a, b in zip(cmp, cmp_paged))  # the same compressed tokens written
+    with pytest.raises(ValueError, match="block_table entries"):
+        module.attention_with_kvcache(q, k_pages, v_pages, cmp_cache=cmp_paged, block_table=table + 1000,
+                                      cache_seqlens=before, gates=gates, compress_weights=weights)
+
+
 @pytest.mark.compiler
 def test_selection_check_wants_forced_blocks_exactly():
     from attngen.verify_nsa import priority

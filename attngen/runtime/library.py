@@ -162,15 +162,15 @@ def register_nsa_ops(rt) -> _NSAOps:
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
 
-    # decoding: q's row t at position first[b] + t of a contiguous cache (no backward)
-    def decode(q, k_cache, v_cache, indices, first, scale):
-        return rt.selected_forward(q, k_cache, v_cache, indices, scale, first)[0]
+    # decoding: q's row t at position first[b] + t of a cache, paged with a block table (no backward)
+    def decode(q, k_cache, v_cache, indices, first, scale, block_table):
+        return rt.selected_forward(q, k_cache, v_cache, indices, scale, first, block_table)[0]
 
-    def decode_fake(q, k_cache, v_cache, indices, first, scale):
+    def decode_fake(q, k_cache, v_cache, indices, first, scale, block_table):
         return q.new_empty((*q.shape[:3], rt.head_dim_v))
 
     decode_op = torch.library.custom_op(f"{name}_nsa_slc_decode", decode, mutates_args=(),
                                         schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
-                                               "Tensor first, float scale) -> Tensor")
+                                               "Tensor first, float scale, Tensor? block_table) -> Tensor")
     decode_op.register_fake(decode_fake)
     return _NSAOps(select_op, fwd_op, decode_op)

@@ -55,6 +55,17 @@ class _Selected(torch.autograd.Function):
         return None, dq, dk, dv, None, None
 
 
+def _rows(cache, block_table, positions) -> torch.Tensor:
+    """[B, H, L, E]: a cache's rows at positions [B, L]: contiguous [B, H, S, E], or paged [pages,
+    page_size, H, E] through block_table [B, pages per sequence]."""
+    if block_table is None:
+        B, H, _, E = cache.shape
+        return torch.gather(cache, 2, positions[:, None, :, None].expand(B, H, positions.shape[1], E))
+    page_size = cache.shape[1]
+    pages = torch.gather(block_table.long(), 1, positions // page_size)
+    return cache[pages, positions % page_size].transpose(1, 2).contiguous()  # (reductions then sum as contiguous ones)
+
+
 class NSAModule:
     """attention(q, k, v, *, gates, compress_weights=None, return_indices=False, scale=None):
     q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] (self-attention: queries and keys share
@@ -159,38 +170,53 @@ class NSAModule:
 
     # ------------------------------------------------------------------ decoding
 
-    def compressed_cache(self, k_cache, v_cache, cache_seqlens, compress_weights=None):
+    def compressed_cache(self, k_cache, v_cache, cache_seqlens, compress_weights=None, block_table=None):
         """(k_cmp [B, Hkv, S_cmp, D], v_cmp [B, Hkv, S_cmp, Dv]): the compressed tokens of contiguous
-        caches [B, Hkv, S, *] (S_cmp = (S - l) // d + 1), for attention_with_kvcache to keep up to date;
-        tokens past a sequence's length hold windows of whatever the cache holds there (never read)."""
+        caches [B, Hkv, S, *], or of paged ones [pages, page_size, Hkv, *] with block_table int32 [B,
+        pages per sequence] (S = its pages x page_size); S_cmp = (S - l) // d + 1. For
+        attention_with_kvcache to keep up to date; tokens past a sequence's length hold windows of
+        whatever the cache holds there (never read)."""
         if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:3] != v_cache.shape[:3] \
                 or k_cache.device != v_cache.device:
-            raise ValueError(f"compressed_cache: k_cache and v_cache must be contiguous caches [B, Hkv, S, *] on one "
-                             f"device; got {list(k_cache.shape)}, {list(v_cache.shape)}")
+            raise ValueError(f"compressed_cache: k_cache and v_cache must be caches [B, Hkv, S, *] (or paged [pages, "
+                             f"page_size, Hkv, *] with block_table) on one device; got {list(k_cache.shape)}, "
+                             f"{list(v_cache.shape)}")
+        if block_table is not None:  # the sequences' rows in order: [B, Hkv, S, *]
+            B, S = block_table.shape[0], block_table.shape[1] * k_cache.shape[1]
+            positions = torch.arange(S, device=k_cache.device).expand(B, S)
+            k_cache, v_cache = (_rows(c, block_table, positions) for c in (k_cache, v_cache))
         self._check_weights(k_cache, compress_weights)
         w_k, w_v = compress_weights if compress_weights is not None else (None, None)
         return self.compress(k_cache, w_k).contiguous(), self.compress(v_cache, w_v).contiguous()
 
     @torch.no_grad()
     def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, gates, cmp_cache, k=None, v=None,
-                               compress_weights=None, return_indices=False, scale=None):
+                               compress_weights=None, return_indices=False, scale=None, block_table=None):
         """Decoding: q [B, Hq, Nq, D] are the queries at each sequence's last Nq positions, against
-        contiguous caches k_cache [B, Hkv, S, D], v_cache [B, Hkv, S, Dv] holding cache_seqlens
-        (int32 [B]) tokens; k, v [B, Hkv, Nq, *], when given, are first written into the cache
-        there, in place. cmp_cache = (k_cmp, v_cmp) from compressed_cache(): the windows that end
+        contiguous caches k_cache [B, Hkv, S, D], v_cache [B, Hkv, S, Dv], or paged ones [pages,
+        page_size, Hkv, *] with block_table int32 [B, pages per sequence] (page_size a multiple of
+        16; S = pages per sequence x page_size), holding cache_seqlens (int32 [B]) tokens; k, v [B,
+        Hkv, Nq, *], when given, are first written into the cache there, in place. cmp_cache = (k_cmp, v_cmp) from compressed_cache(): the windows that end
         at the Nq newest positions are compressed into it, in place, before attending. gates [B,
         Hq, Nq, 3]. Each row is the NSA output of its position in its sequence: o [B, Hq, Nq, Dv]
         (and the selected blocks [B, Hkv, Nq, n] with return_indices). No backward."""
         from . import decode as dec
 
         B, Hq, Nq, D = q.shape
-        if k_cache.dim() != 4 or k_cache.shape[0] != B or v_cache.shape[:3] != k_cache.shape[:3]:
-            raise ValueError(f"attention_with_kvcache: NSA decodes contiguous caches [B={B}, Hkv, S, *]; got "
-                             f"k_cache {list(k_cache.shape)}, v_cache {list(v_cache.shape)} (paged caches: not yet)")
-        Hkv, S = k_cache.shape[1], k_cache.shape[2]
+        paged = block_table is not None
+        if k_cache.dim() != 4 or v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3] \
+                or (not paged and k_cache.shape[0] != B) or (paged and (block_table.dim() != 2 or block_table.shape[0] != B)):
+            raise ValueError(f"attention_with_kvcache: NSA decodes caches [B={B}, Hkv, S, *], or paged [pages, "
+                             f"page_size, Hkv, *] with block_table [B={B}, pages per sequence]; got k_cache "
+                             f"{list(k_cache.shape)}, v_cache {list(v_cache.shape)}"
+                             + (f", block_table {list(block_table.shape)}" if paged else ""))
+        Hkv, S = (k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]) if paged else k_cache.shape[1:3]
         if S < Nq:
             raise ValueError(f"attention_with_kvcache: the cache holds {S} positions, fewer than the {Nq} queries")
-        self.check(q, k_cache[:, :, :Nq], v_cache[:, :, :Nq], gates, compress_weights)
+        # (a paged cache's rows, as [B, Hkv, Nq, *] views, for the checks of dtypes, heads and dims)
+        rows = (lambda c: c[0, :1].transpose(0, 1)[None].expand(B, Hkv, Nq, c.shape[3])) if paged else \
+            (lambda c: c[:, :, :Nq])
+        self.check(q, rows(k_cache), rows(v_cache), gates, compress_weights)
         n_cmp = 0 if S < self.l else (S - self.l) // self.d + 1
         if not isinstance(cmp_cache, (tuple, list)) or len(cmp_cache) != 2 \
                 or tuple(cmp_cache[0].shape) != (B, Hkv, n_cmp, D) or tuple(cmp_cache[1].shape) != (B, Hkv, n_cmp, self.head_dim_v) \
@@ -199,26 +225,26 @@ class NSAModule:
             raise ValueError(f"attention_with_kvcache: cmp_cache must be (k_cmp [{B}, {Hkv}, {n_cmp}, {D}], v_cmp [{B}, "
                              f"{Hkv}, {n_cmp}, {self.head_dim_v}]) in {q.dtype} on {q.device}, as compressed_cache() "
                              f"makes them")
-        dec.check(self.name, [q.dtype], (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens, None,
-                  k, v)
+        dec.check(self.name, [q.dtype], (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens,
+                  block_table, k, v)
         if k is not None:
-            dec.append(k_cache, v_cache, None, cache_seqlens, k, v)
+            dec.append(k_cache, v_cache, block_table, cache_seqlens, k, v)
         lengths = (cache_seqlens + Nq if k is not None else cache_seqlens).long()
         scale = self.scale if scale is None else float(scale)
         pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
-        self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights)
+        self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
         o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
         first = (lengths - Nq).to(torch.int32)
         if torch.compiler.is_compiling():  # an op: opaque to the tracer, as in attention
-            o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale)
+            o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale, block_table)
         else:
-            o_slc = self.selected_forward(q, k_cache, v_cache, indices, scale, first)[0]
+            o_slc = self.selected_forward(q, k_cache, v_cache, indices, scale, first, block_table)[0]
         o_swa = self.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
-                                                              scale=scale)
+                                                              block_table=block_table, scale=scale)
         o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
         return (o, indices) if return_indices else o
 
-    def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights) -> None:
+    def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
         """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
         window end per sequence at a time (ends are d apart), so that no two rows of one sequence
         write in the same scatter."""
@@ -234,8 +260,8 @@ class NSAModule:
             j = torch.where(ok, j, 0)
             window = (j * self.d)[:, None] + torch.arange(self.l, device=pos.device)  # [B, l]
             for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
-                H, E = cache.shape[1], cache.shape[3]
-                rows = torch.gather(cache, 2, window[:, None, :, None].expand(B, H, self.l, E))  # [B, H, l, E]
+                rows = _rows(cache, block_table, window)  # [B, H, l, E]
+                H, E = rows.shape[1], rows.shape[3]
                 if weight is None:
                     new = rows.mean(2)
                 else:
@@ -354,8 +380,8 @@ class NSAModule:
         chosen = torch.sort(chosen, dim=-1).values
         return torch.where(chosen == n_blocks, -1, chosen).to(torch.int32)
 
-    def _launch_args(self, q, k):
-        G = q.shape[1] // k.shape[1]
+    def _launch_args(self, q, hkv: int):
+        G = q.shape[1] // hkv
         return dict(HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v,
                     HEAD_DIM_PAD=max(16, triton.next_power_of_2(self.head_dim)),
                     HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(self.head_dim_v)),
@@ -379,12 +405,14 @@ class NSAModule:
             return 1
         return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
 
-    def selected_forward(self, q, k, v, indices, scale: float, first=None):
+    def selected_forward(self, q, k, v, indices, scale: float, first=None, block_table=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
-        first[b] + t of its sequence, whose keys k, v hold (a contiguous cache). BLOCK_T tokens per
+        first[b] + t of its sequence, whose keys k, v hold: a contiguous cache [B, Hkv, S, *], or
+        with block_table [B, pages] a paged one [pages, page_size, Hkv, *]. BLOCK_T tokens per
         program (selected_tokens()), over the union of their blocks (union_lists())."""
         B, Hq, N, _ = q.shape
-        Hkv = k.shape[1]
+        paged = block_table is not None
+        Hkv, capacity = (k.shape[2], block_table.shape[1] * k.shape[1]) if paged else (k.shape[1], k.shape[2])
         G = Hq // Hkv
         o = torch.empty(B, Hq, N, self.head_dim_v, dtype=q.dtype, device=q.device)
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
@@ -392,8 +420,8 @@ class NSAModule:
             return o, lse
         fp32_gpu = q.is_cuda and q.dtype == torch.float32
         block_t = self.selected_tokens(G, N, tensor_cores=not fp32_gpu)
-        union, count = union_lists(indices, block_t, -(-k.shape[2] // self.l_sel))
-        args = self._launch_args(q, k)
+        union, count = union_lists(indices, block_t, -(-capacity // self.l_sel))
+        args = self._launch_args(q, Hkv)
         # the tl.dot wants 16 rows: a few tokens of a small group pad the group
         args["BLOCK_G"] = max(triton.next_power_of_2(G), -(-16 // block_t))
         rows = block_t * args["BLOCK_G"]
@@ -401,12 +429,15 @@ class NSAModule:
         warps = 8 if rows * max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) >= 64 * 256 else 4
         # fp32's buffers are twice as big: 3 stages of d192's blocks would take 217 KB of shared memory
         stages = 2 if q.dtype == torch.float32 else 3
+        # paged: strides as (a page, the cache's head, a slot, a feature), as fa2's decode reads them
+        ks, vs = ((t.stride(0), t.stride(2), t.stride(1), t.stride(3)) if paged else t.stride() for t in (k, v))
+        pages = block_table if paged else indices
         self.fwd_kernel[(union.shape[2], B * Hkv)](
-            q, k, v, indices, union, count, o, lse, indices if first is None else first, *q.stride(), *k.stride(),
-            *v.stride(), *indices.stride(), *union.stride(), *o.stride(), *lse.stride(), N, Hkv, G,
+            q, k, v, indices, union, count, o, lse, indices if first is None else first, pages, *q.stride(), *ks,
+            *vs, *indices.stride(), *union.stride(), *o.stride(), *lse.stride(), pages.stride(0), N, Hkv, G,
             indices.shape[-1], scale * 1.4426950408889634, BLOCK_T=block_t,
             SELECT_PAD=max(2, triton.next_power_of_2(indices.shape[-1])), DECODE=first is not None,
-            num_warps=warps, num_stages=stages, **args)
+            PAGE_SIZE=k.shape[1] if paged else 0, num_warps=warps, num_stages=stages, **args)
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
@@ -420,7 +451,7 @@ class NSAModule:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if not q.numel():
             return dq, dk, dv
-        args = self._launch_args(q, k)
+        args = self._launch_args(q, Hkv)
         self.bwd_dq_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
                                          *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, indices.shape[-1],
                                          scale * 1.4426950408889634, scale, **args)
