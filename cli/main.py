@@ -112,7 +112,9 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
            varlen: bool = typer.Option(False, "--varlen", help="instead: attention_varlen on packed sequences, "
                                        "against the reference run on each sequence"),
            decode: bool = typer.Option(False, "--decode", help="instead: attention_with_kvcache on contiguous and "
-                                       "paged caches, against the float64 reference of decoding")):
+                                       "paged caches, against the float64 reference of decoding"),
+           option: Optional[List[str]] = typer.Option(None, "--option", help="compile with this lowering option on "
+                                                      "(a PassOptions flag, e.g. chunked_head_dims); repeatable")):
     """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
     device = _interpret_without_gpu()
     from contextlib import closing
@@ -123,13 +125,22 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
 
     if decode and (varlen or backward):
         _fail(ValueError("--decode cannot go with --varlen or --backward (decoding has no backward)"))
+    options = tuple(option or ())
+    if options:
+        from attngen.tools.ab import check_option
+
+        try:
+            for name in options:
+                check_option(name)
+        except ValueError as e:
+            _fail(ValueError(str(e).replace("--ab", "--option")))
     dtypes = dtype or None
     if device.startswith("cpu") and not dtype:
         dtypes = ["fp32", "fp16"]
     typer.echo(f"device: {device}")
     results = []
     paths = [resolve_spec(spec) for spec in specs]
-    with closing(verify_all(paths, dtypes, backward, jobs, varlen, decode)) as per_spec, \
+    with closing(verify_all(paths, dtypes, backward, jobs, varlen, decode, options)) as per_spec, \
             progress(len(paths), "verify") as advance:
         for i, (path, (rows, error)) in enumerate(zip(paths, per_spec)):
             advance(label=paths[i + 1].stem if i + 1 < len(paths) else None)

@@ -87,3 +87,13 @@ def test_head_dim_copies_and_script_cases():
     assert parse_case("causal:64:4x16x4096") == (copy, BenchShape(4, 16, 4096))
     assert parse_case("causal:128") == (causal.resolve(), None)
     assert parse_case("specs/dense.yaml") == (Path("specs/dense.yaml"), None)
+
+
+@pytest.mark.compiler
+def test_verify_and_bench_name_the_allowed_options():
+    """verify --option compiles with a lowering option on (tests/test_head_dims.py runs one); an
+    unknown one exits 2 naming those allowed, before anything runs; bench --warm needs --exhaustive."""
+    bad = runner.invoke(app, ["verify", "causal", "--option", "nonsense"])
+    assert bad.exit_code == 2 and "chunked_head_dims" in bad.output and "nonsense" in bad.output
+    warm = runner.invoke(app, ["bench", "causal", "--warm", "2"])
+    assert warm.exit_code == 2 and "--exhaustive" in warm.output
