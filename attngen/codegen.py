@@ -315,17 +315,17 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
                     else "tl.program_id(0)" for role in ROLES},
         "walk": lambda role, call, indent="    ": walk(kernels[role], call, indent),
         "decode": _decode_context(fwd, params),
-        "qk_chunks": _qk_chunks(fwd),
+        "qk_chunks": _qk_chunks(kernels),
         "binding": binding,
     }
 
 
-def _qk_chunks(fwd: Kernel) -> int:
-    """The column chunks the forward loads q and k in: one unless its tilings pad the head dim to a
-    few power-of-two chunks (tiling.pad_chunked); every tiling of one module pads alike."""
-    pads = {c.head_dim_pad for c in (*fwd.attr("tiling"), *(fwd.attr("bucket_tilings") or ()))}
+def _qk_chunks(kernels: dict[str, Kernel]) -> int:
+    """The column chunks the kernels load q and k (and dQ, dK) in: one unless the tilings pad the
+    head dim to a few power-of-two chunks (tiling.pad_chunked); every tiling of a module pads alike."""
+    pads = {c.head_dim_pad for _, tiling, buckets in _tiled(kernels) for c in (*tiling, *(buckets or ()))}
     if len(pads) != 1:
-        raise ValueError(f"the forward's tilings pad the head dim differently: {sorted(pads)}")
+        raise ValueError(f"the kernels' tilings pad the head dim differently: {sorted(pads)}")
     return chunks(pads.pop())
 
 

@@ -476,14 +476,20 @@ def inspect_kernels(spec: Path = typer.Argument(..., help="spec file, or a shipp
                                                              "bwd_dq (default: these three), bwd_single (the single-pass "
                                                              "backward: bwd_dkdv's kernel with dQ added)"),
                     dtype: str = typer.Option("bf16", help="the dtype whose tiling is inspected"),
-                    out: Optional[Path] = typer.Option(None, help="also write each kernel's SASS into this directory")):
+                    out: Optional[Path] = typer.Option(None, help="also write each kernel's SASS into this directory"),
+                    option: Optional[List[str]] = typer.Option(None, "--option", help="compile with this lowering "
+                                                               "option on (a PassOptions flag); repeatable")):
     """Prints registers, spills, shared memory and the SASS instruction mix (HGMMA, TMA loads, local
     memory, barriers) of each kernel at the cost model's tiling, with pointer and with TMA loads."""
     from attngen.errors import AttngenError
+    from attngen.tools.ab import check_option
     from attngen.tools.inspect_kernels import InspectError, inspect_spec
 
     try:
-        inspect_spec(resolve_spec(spec), shape, offline=offline, out=out, roles=role, dtype=dtype, log=typer.echo)
+        for name in option or ():
+            check_option(name)
+        inspect_spec(resolve_spec(spec), shape, offline=offline, out=out, roles=role, dtype=dtype,
+                     options=tuple(option or ()), log=typer.echo)
     except (AttngenError, InspectError, ValueError) as e:
         _fail(e)
 

@@ -207,7 +207,8 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, p
                    qk_scale, sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQ_ACC, stride_qm, stride_qd, stride_dom, stride_dod,
                    stride_aqm, stride_aqd,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                   HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   MASKED: tl.constexpr,
                    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr,
                    WIDE: tl.constexpr, DOCUMENT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     # One query tile for a resident key block, transposed (keys along rows): recompute P^T from the
@@ -259,8 +260,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
                    H, HKV, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
                    qk_scale, sm_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                   HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
                    FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
                    VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, POSITIONS: tl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head). It walks the query tiles of every query
@@ -331,21 +332,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
                 dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
                 sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQh,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_aqm, stride_aqd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-                HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
+                HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_M, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
         for i in range(0, n_full):
             start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
                 sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQh,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_aqm, stride_aqd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-                HEAD_DIM_V_PAD, BLOCK_M, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
+                HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_M, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
         for i in range(0, n_partial):
             start_i = tl.load(row + i) * BLOCK_M
             dk, dv = _bwd_dkdv_tile(
                 dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
                 sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQh,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_aqm, stride_aqd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
-                HEAD_DIM_V_PAD, BLOCK_M, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
+                HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_M, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
     DK += off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
     DV += off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
     _store_tile(DK, offs_n, Nk, stride_dkn, stride_dkd, dk * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
@@ -356,9 +357,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
 def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all,
                  qk_scale, seed, bh, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FAST_TANH: tl.constexpr,
-                 WIDE: tl.constexpr, DOCUMENT: tl.constexpr):
+                 HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                 FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr):
     # One key tile for a resident query block: recompute P, then dQ += dS K.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     pos_n = offs_n + kv_pos
@@ -392,8 +393,8 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
                  H, GROUP, Nq, Nk, n_blocks, TABLE_B, TABLE_H, stride_lb, stride_lh, stride_iq, stride_ik,
                  qk_scale, sm_scale, seed, p_drop, q_pos, kv_pos, Nq_all, Nk_all,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+                 HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
                  FAST_TANH: tl.constexpr, WIDE: tl.constexpr, DOCUMENT: tl.constexpr, PARTIAL_STAGES: tl.constexpr,
                  VARLEN: tl.constexpr, POSITIONS: tl.constexpr):
     # One program: BLOCK_M query rows of one (batch, query head); walks keys like the forward.
@@ -455,19 +456,19 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
         dq = _bwd_dq_tile(
             dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
             off_hz, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-            HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            HEAD_DIM_PAD, HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for i in range(0, n_full):
         start_i = tl.load(row + n_blocks + 3 + i) * BLOCK_N
         dq = _bwd_dq_tile(
             dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
             off_hz, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-            HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            HEAD_DIM_PAD, HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for i in range(0, n_partial):
         start_i = tl.load(row + i) * BLOCK_N
         dq = _bwd_dq_tile(
             dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
             off_hz, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
-            HEAD_DIM_PAD, HEAD_DIM_V_PAD, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
+            HEAD_DIM_PAD, HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
 
 

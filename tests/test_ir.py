@@ -210,18 +210,17 @@ def test_tiling_dims_must_be_powers_of_two(softcap_passed: Kernel, dim: str, val
     ir_error(kernel, f"tiling.{dim} = {value} is not a positive power of two")
 
 
-def test_the_forward_head_dim_may_pad_to_a_few_equal_chunks(softcap_passed: Kernel):
-    """The forward loads q and k in power-of-two column chunks (tiling.pad_chunked): 192 = 3 x 64 is
-    a legal padding there; 160 = 5 x 32 is too many chunks; a backward kernel pads to powers of two."""
-    d192 = softcap_passed.with_attrs(head_dim=192, bucket_tilings=None)
+def test_a_head_dim_may_pad_to_a_few_equal_chunks(softcap_passed: Kernel):
+    """The kernels load q and k (and dQ, dK) in power-of-two column chunks (tiling.pad_chunked):
+    192 = 3 x 64 is a legal padding for every role; 320 is too many chunks, 208 too narrow ones, 384
+    past the head dim's next power of two."""
     padded = lambda pad: Tilings("sm90", (("bf16", TileConfig(64, 64, 4, 2, pad, 128)),))  # noqa: E731
-    assert verify(d192.with_attrs(tiling=padded(192))) is not None
-    for bad in (320, 208, 384):  # 5 chunks; chunks of 16; past the next power of two
-        ir_error(d192.with_attrs(tiling=padded(bad)),
-                 f"tiling.head_dim_pad = {bad} is neither a power of two nor at most 4 equal power-of-two chunks")
-    for backward in lower_backward(load_spec(SPECS_DIR / "softcap.yaml")):
-        ir_error(backward.with_attrs(tiling=tilings(head_dim_pad=192)),
-                 "tiling.head_dim_pad = 192 is not a positive power of two")
+    for kernel in (softcap_passed, *lower_backward(load_spec(SPECS_DIR / "softcap.yaml"))):
+        d192 = kernel.with_attrs(head_dim=192, bucket_tilings=None)
+        assert verify(d192.with_attrs(tiling=padded(192))) is not None
+        for bad in (320, 208, 384):
+            ir_error(d192.with_attrs(tiling=padded(bad)), f"tiling.head_dim_pad = {bad} is neither a power of two "
+                                                          f"nor at most 4 equal power-of-two chunks")
 
 
 def test_padded_head_dim_smaller_than_head_dim(softcap_passed: Kernel):

@@ -255,7 +255,8 @@ class KernelModule:
 
     def _constexprs(self, role: str, cfg: dict, tma: bool, wide: bool, q) -> dict:
         return dict(HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=cfg["HEAD_DIM_PAD"],
-                    HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                    HEAD_DIM_V_PAD=cfg["HEAD_DIM_V_PAD"], HEAD_DIM_CHUNK=chunk_width(cfg["HEAD_DIM_PAD"]),
+                    BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                     TMA=tma, WIDE=wide, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                     # the tanh instruction on NVIDIA GPUs for 16-bit inputs; exact tanh for fp32, the interpreter, ROCm
                     FAST_TANH=self.native and q.is_cuda and q.dtype != torch.float32,
@@ -307,7 +308,6 @@ class KernelModule:
                       **self._constexprs(role, cfg, tma, wide_offsets(*strided), q))
         if role == "fwd":
             consts["STORE_LSE"] = flags[0]
-            consts["HEAD_DIM_CHUNK"] = chunk_width(cfg["HEAD_DIM_PAD"])
         if role == "bwd_dkdv":  # 0: no dQ; 1: per-element atomics; 2: TMA reductions
             consts["ATOMIC_DQ"] = 2 if reduce_tma and tma else int(flags[0])
         return Plan(self.kernels[role], grid, descs, middle, consts, self.direct)

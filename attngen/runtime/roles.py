@@ -21,8 +21,8 @@ class KernelRole:
     score_tiles: int  # BM x BN fp32 temporaries live at once (s/p; and dp/ds in the backward)
     backward: bool
     reduced: tuple[str, ...] = ()  # fp32 tiles added into a global buffer each loop step (atomics)
-    # D only contracts (QK^T): q and k load in power-of-two column chunks, so D pads to a multiple of
-    # a chunk (192 = 3 x 64) instead of the next power of two (tiling.pad_chunked)
+    # q and k (and dQ, dK) load, accumulate and store in power-of-two column chunks, so D may pad to a
+    # multiple of a chunk (192 = 3 x 64) instead of the next power of two (tiling.pad_chunked)
     chunked_d: bool = False
 
     @property
@@ -61,14 +61,15 @@ def width(names: tuple[str, ...], d: int, dv: int) -> int:
 FWD = KernelRole("fwd", "_attn_fwd", "queries", ("q",), ("k", "v"), (1, 1), "kv_loop",
                  accumulators=("o",), fragments=("q",), score_tiles=1, backward=False, chunked_d=True)
 BWD_DQ = KernelRole("bwd_dq", "_attn_bwd_dq", "queries", ("q", "do"), ("k", "v"), (2, 1), "kv_loop",
-                    accumulators=("dq",), fragments=("q", "do"), score_tiles=2, backward=True)
+                    accumulators=("dq",), fragments=("q", "do"), score_tiles=2, backward=True, chunked_d=True)
 BWD_DKDV = KernelRole("bwd_dkdv", "_attn_bwd_dkdv", "keys", ("k", "v"), ("q", "do"), (2, 2), "q_loop",
-                      accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True)
+                      accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True, chunked_d=True)
 ROLES = {r.name: r for r in (FWD, BWD_DKDV, BWD_DQ)}  # the FlashAttention-2 family, in lowering order
 # The single-pass backward: bwd_dkdv's kernel compiled with ATOMIC_DQ, which also computes dS K per
 # query tile (a fifth product) and adds it into an fp32 dQ buffer. Launched through bwd_dkdv's
 # kernel, but tiled and costed as a role of its own (docs/decisions/single-pass-backward.md).
 BWD_SINGLE = KernelRole("bwd_single", "_attn_bwd_dkdv", "keys", ("k", "v"), ("q", "do"), (3, 2), "q_loop",
-                        accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True, reduced=("dq",))
+                        accumulators=("dk", "dv"), fragments=(), score_tiles=2, backward=True, reduced=("dq",),
+                        chunked_d=True)
 VARIANTS = {"bwd_single": (BWD_SINGLE, "bwd_dkdv")}  # variant -> (its role, the role whose kernel it runs)
 COSTED = {**ROLES, **{name: role for name, (role, _) in VARIANTS.items()}}  # every role the tiling pass ranks

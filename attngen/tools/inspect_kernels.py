@@ -136,11 +136,12 @@ def check_offline() -> None:
 
 
 def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bool = False, out: Path | None = None,
-                 roles: Iterable[str] | None = None, dtype: str = "bf16",
+                 roles: Iterable[str] | None = None, dtype: str = "bf16", options: Iterable[str] = (),
                  log: Callable[[str], None] = print) -> list[str]:
     """Prints (through log) and returns one line per kernel role and load path (pointers, TMA): the
     kernel at the cost model's tiling for `dtype`, launched (or, offline, compiled) at `shape`
-    (BxHxN). With `out`, also writes each kernel's SASS there."""
+    (BxHxN), the module compiled with the PassOptions flags in `options` on. With `out`, also
+    writes each kernel's SASS there."""
     import torch
 
     import attngen
@@ -168,8 +169,11 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     device = "cpu" if offline else "cuda"
     bench_shape = parse_shapes(shape)[0]
-    compiled = compile_spec(spec_path, stop="tiling")
-    module = attngen.load(spec_path)
+    from attngen.passes import PassOptions
+
+    flags = {name: True for name in options}
+    compiled = compile_spec(spec_path, options=PassOptions(**flags), stop="tiling")
+    module = attngen.load(spec_path, **flags)
     rt = runtime.of(module)
     lines = []
     for role in roles:
