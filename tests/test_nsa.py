@@ -211,6 +211,9 @@ def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, pa
     with pytest.raises(ValueError, match="block_table entries"):
         module.attention_with_kvcache(q, k_pages, v_pages, cmp_cache=cmp_paged, block_table=table + 1000,
                                       cache_seqlens=before, gates=gates, compress_weights=weights)
+    with pytest.raises(ValueError, match="hold no page"):
+        module.attention_with_kvcache(q, k_pages[:0], v_pages[:0], cmp_cache=cmp_paged, block_table=table,
+                                      cache_seqlens=before, gates=gates, compress_weights=weights)
 
 
 @pytest.mark.compiler

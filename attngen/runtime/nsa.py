@@ -196,10 +196,11 @@ class NSAModule:
         contiguous caches k_cache [B, Hkv, S, D], v_cache [B, Hkv, S, Dv], or paged ones [pages,
         page_size, Hkv, *] with block_table int32 [B, pages per sequence] (page_size a multiple of
         16; S = pages per sequence x page_size), holding cache_seqlens (int32 [B]) tokens; k, v [B,
-        Hkv, Nq, *], when given, are first written into the cache there, in place. cmp_cache = (k_cmp, v_cmp) from compressed_cache(): the windows that end
-        at the Nq newest positions are compressed into it, in place, before attending. gates [B,
-        Hq, Nq, 3]. Each row is the NSA output of its position in its sequence: o [B, Hq, Nq, Dv]
-        (and the selected blocks [B, Hkv, Nq, n] with return_indices). No backward."""
+        Hkv, Nq, *], when given, are first written into the cache there, in place. cmp_cache =
+        (k_cmp, v_cmp) from compressed_cache(): the windows that end at the Nq newest positions
+        are compressed into it, in place, before attending. gates [B, Hq, Nq, 3]. Each row is the
+        NSA output of its position in its sequence: o [B, Hq, Nq, Dv] (and the selected blocks [B,
+        Hkv, Nq, n] with return_indices). No backward."""
         from . import decode as dec
 
         B, Hq, Nq, D = q.shape
@@ -211,6 +212,8 @@ class NSAModule:
                              f"{list(k_cache.shape)}, v_cache {list(v_cache.shape)}"
                              + (f", block_table {list(block_table.shape)}" if paged else ""))
         Hkv, S = (k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]) if paged else k_cache.shape[1:3]
+        if paged and not k_cache.shape[0]:
+            raise ValueError("attention_with_kvcache: the paged caches hold no page (k_cache.shape[0] == 0)")
         if S < Nq:
             raise ValueError(f"attention_with_kvcache: the cache holds {S} positions, fewer than the {Nq} queries")
         # (a paged cache's rows, as [B, Hkv, Nq, *] views, for the checks of dtypes, heads and dims)
