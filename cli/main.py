@@ -126,14 +126,13 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
     if decode and (varlen or backward):
         _fail(ValueError("--decode cannot go with --varlen or --backward (decoding has no backward)"))
     options = tuple(option or ())
-    if options:
-        from attngen.tools.ab import check_option
+    from attngen.tools.ab import check_option
 
-        try:
-            for name in options:
-                check_option(name)
-        except ValueError as e:
-            _fail(ValueError(str(e).replace("--ab", "--option")))
+    try:
+        for name in options:
+            check_option(name, "--option")
+    except ValueError as e:
+        _fail(e)
     dtypes = dtype or None
     if device.startswith("cpu") and not dtype:
         dtypes = ["fp32", "fp16"]
@@ -487,7 +486,7 @@ def inspect_kernels(spec: Path = typer.Argument(..., help="spec file, or a shipp
 
     try:
         for name in option or ():
-            check_option(name)
+            check_option(name, "--option")
         inspect_spec(resolve_spec(spec), shape, offline=offline, out=out, roles=role, dtype=dtype,
                      options=tuple(option or ()), log=typer.echo)
     except (AttngenError, InspectError, ValueError) as e:

@@ -398,29 +398,36 @@ def test_nsa_under_fullgraph_compile_matches_eager(tmp_path, kind, N):
 
 
 @pytest.mark.interp
-def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path):
+@pytest.mark.parametrize("paged", [False, True])
+def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged):
     """A decode step (appending three tokens, updating the compressed cache in place, attending)
     under torch.compile(fullgraph=True) with aot_eager: the output, both caches and the compressed
     cache equal eager's bit for bit (the selected branch is an op; the rest is torch and the window
-    branch's decode op)."""
+    branch's decode op); also with paged caches (pages of 16, shuffled) and their block table."""
+    from attngen.verify import paged as as_pages
+
     _, module = _module(tmp_path)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    table = None
+    if paged:
+        table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
+        k_cache, v_cache = as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)
     before = torch.tensor([30, 63, 140], dtype=torch.int32)
     q, gates = torch.randn(B, Hkv * G, Nq, D, generator=g), torch.rand(B, Hkv * G, Nq, 3, generator=g)
     k_new, v_new = torch.randn(B, Hkv, Nq, D, generator=g), torch.randn(B, Hkv, Nq, Dv, generator=g)
 
     def step(q, k_cache, v_cache, lengths, gates, k_cmp, v_cmp, k, v):
         return module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, gates=gates,
-                                             cmp_cache=(k_cmp, v_cmp), k=k, v=v)
+                                             cmp_cache=(k_cmp, v_cmp), k=k, v=v, block_table=table)
 
     runs = []
     for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):  # a graph break raises
         torch._dynamo.reset()
         caches = [k_cache.clone(), v_cache.clone()]
-        caches += rt.compressed_cache(*caches, before)
+        caches += rt.compressed_cache(*caches, before, block_table=table)
         runs.append((f(q, caches[0], caches[1], before, gates, caches[2], caches[3], k_new, v_new), *caches))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 

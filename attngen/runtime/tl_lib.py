@@ -155,6 +155,30 @@ def _wait_prior(PDL: tl.constexpr):
 
 
 @triton.jit
+def _page_numbers(PAGES, off_b, start_n, lo, end, stride_pb, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    # The page numbers of the key tile at start_n: one when the tile lies in one page, else one per
+    # key (keys outside [lo, end) read none).
+    if PAGE_SIZE % BLOCK_N == 0:
+        return tl.load(PAGES + off_b.to(tl.int64) * stride_pb + start_n // PAGE_SIZE, mask=start_n < end, other=0)
+    else:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        return tl.load(PAGES + off_b.to(tl.int64) * stride_pb + offs_n // PAGE_SIZE,
+                       mask=(offs_n >= lo) & (offs_n < end), other=0)
+
+
+@triton.jit
+def _tile_pages(PAGES, off_b, start_n, lo, end, stride_pb, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                PAGES_AHEAD: tl.constexpr):
+    # PAGES_AHEAD: the tile's page numbers, loaded a step ahead of the K/V loads whose addresses they
+    # feed (loaded in the same step, they cost the loop a pipeline stage: docs/decisions/decode-plan.md).
+    # Otherwise nothing (the decode tile loads them in its step).
+    if PAGE_SIZE == 0 or not PAGES_AHEAD:
+        return 0
+    else:
+        return _page_numbers(PAGES, off_b, start_n, lo, end, stride_pb, BLOCK_N, PAGE_SIZE)
+
+
+@triton.jit
 def _merge_splits(O_PART, LSE_PART, O, LSE, LOCK, n_splits, rows_o, rows_lse, out_o, out_lse, row_ok,
                   stride_os, stride_ls, stride_od, stride_fd, HEAD_DIM_V: tl.constexpr,
                   HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr):

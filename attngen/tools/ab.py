@@ -25,9 +25,10 @@ def options() -> list[str]:
             if hints[f.name] is bool or bool in typing.get_args(hints[f.name])]
 
 
-def check_option(option: str) -> None:
+def check_option(option: str, flag: str = "--ab") -> None:
+    """Raises naming the command-line `flag` and the allowed options unless `option` is one."""
     if option not in options():
-        raise ValueError(f"--ab: expected one of {', '.join(options())}, got {option!r}")
+        raise ValueError(f"{flag}: expected one of {', '.join(options())}, got {option!r}")
 
 
 def option_ab(cases: Iterable[str], option: str, shapes, log: Callable[[str], None] = print) -> list[dict]:
