@@ -127,15 +127,15 @@ def pdl_supported(device) -> bool:
     """Programmatic dependent launch: an sm90+ NVIDIA GPU and a Triton whose launcher takes launch_pdl."""
     if device.type != "cuda" or torch.version.hip:
         return False
-    key = torch.cuda.get_device_capability(device)
-    if key not in _PDL:
+    if device not in _PDL:  # (once per device: this is on every decode call's path)
         try:
             from triton.backends.nvidia.compiler import CUDAOptions
 
-            _PDL[key] = key[0] >= 9 and "launch_pdl" in CUDAOptions.__dataclass_fields__
+            _PDL[device] = (torch.cuda.get_device_capability(device)[0] >= 9
+                            and "launch_pdl" in CUDAOptions.__dataclass_fields__)
         except Exception:
-            _PDL[key] = False
-    return _PDL[key]
+            _PDL[device] = False
+    return _PDL[device]
 
 
 def sms(device) -> int:
