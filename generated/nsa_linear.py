@@ -137,6 +137,65 @@ def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST, PAGES,
 
 
 @triton.jit
+def _nsa_select_fwd_keys(Q, K, V, ENTRIES, BLOCKS, O_PART, LSE_PART,
+                         stride_qb, stride_qh, stride_qn, stride_qd,
+                         stride_kb, stride_kh, stride_kn, stride_kd,
+                         stride_vb, stride_vh, stride_vn, stride_vd,
+                         N, HKV, GROUP, n_select, n_blocks, qk_scale,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                         HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Key-major (small groups): BLOCK_E consecutive entries of one (batch, KV head)'s choices sorted
+    # by block (ENTRIES: t * n_select + slot, BLOCKS: the block, n_blocks where the slot chose none,
+    # last), x the GROUP query heads as rows; each of the few blocks among them is loaded once and
+    # attended by its rows only. A row's result over its one block goes to its slot of O_PART [B,
+    # HQ, N, n_select, HEAD_DIM_V] (normalized, fp32) and LSE_PART (-inf: no block or no visible
+    # key), which _combine_splits merges; every slot is written, so the merge reads no garbage.
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    i = tl.arange(0, BLOCK_E * BLOCK_G)
+    g = i % BLOCK_G
+    j = tl.program_id(0) * BLOCK_E + i // BLOCK_G
+    entries = N * n_select
+    row_ok = (j < entries) & (g < GROUP)
+    base = tl.program_id(1).to(tl.int64) * entries
+    entry = tl.load(ENTRIES + base + j, mask=j < entries, other=0)
+    blk = tl.load(BLOCKS + base + j, mask=row_ok, other=n_blocks)
+    t = entry // n_select
+    off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K += off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+    V += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    acc = tl.zeros([BLOCK_E * BLOCK_G, HEAD_DIM_V_PAD], dtype=tl.float32)
+    lse = tl.full([BLOCK_E * BLOCK_G], float("-inf"), dtype=tl.float32)
+    cur = tl.min(blk, 0)
+    while cur < n_blocks:
+        k, v, _ = _selected_block(K, V, K, cur, N - 1, offs_d, offs_dv, 0, stride_kn, stride_kd, 0, stride_vn,
+                                  stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S, 0)
+        offs_n = cur * BLOCK_S + tl.arange(0, BLOCK_S)
+        mine = blk == cur
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mine[:, None] & (offs_n[None, :] <= t[:, None]), s, float("-inf"))
+        m = tl.max(s, 1)
+        m_use = tl.where(m == float("-inf"), 0.0, m)
+        p = tl.math.exp2(s - m_use[:, None])
+        l = tl.sum(p, 1)
+        l_use = tl.where(l == 0.0, 1.0, l)
+        o = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION) / l_use[:, None]
+        acc = tl.where(mine[:, None], o, acc)
+        lse = tl.where(mine & (l > 0.0), (m_use + tl.math.log2(l_use)) * 0.6931471805599453, lse)
+        cur = tl.min(tl.where(blk > cur, blk, n_blocks), 0)
+    row = ((off_b * HKV * GROUP + off_h).to(tl.int64) * N + t) * n_select + entry % n_select
+    tl.store(O_PART + row[:, None] * HEAD_DIM_V + offs_dv[None, :], acc,
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(LSE_PART + row, lse, mask=row_ok)
+
+
+@triton.jit
 def _nsa_select_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
                        stride_qb, stride_qh, stride_qn, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
@@ -187,66 +246,100 @@ def _nsa_select_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, STARTS, DO, LSE, DELTA, DK, DV,
+def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, ITEMS, DO, LSE, DELTA, DK_PART, DV_PART,
                          stride_qb, stride_qh, stride_qn, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_lb, stride_lh, stride_ln,
-                         stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                         stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                         N, HKV, GROUP, qk_scale, sm_scale,
+                         N, HKV, GROUP, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # dK, dV of one key block of one KV head: the rows are BLOCK_T of the tokens that chose the
-    # block (TOKENS[STARTS[r] : STARTS[r + 1]], r = this (batch, KV head, block)) x its GROUP query
-    # heads, walked in chunks; every key is written once, by the program of its block.
+    # Partial dK, dV (unscaled, fp32) of one work item: a segment of the tokens that chose one key
+    # block (ITEMS [B * HKV, items, 3]: the block, the segment's first entry in TOKENS, its length; 0
+    # past the last item), walked BLOCK_T tokens x the GROUP query heads at a time. Segments keep
+    # every program short where one block is everyone's (the first: every token chooses it);
+    # _nsa_select_bwd_dkdv_sum adds a block's segments in order (deterministic, no atomics).
+    item = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
+    count = tl.load(ITEMS + item * 3 + 2)
+    if count > 0:
+        blk = tl.load(ITEMS + item * 3)
+        first = tl.load(ITEMS + item * 3 + 1)
+        off_b = tl.program_id(1) // HKV
+        off_hk = tl.program_id(1) % HKV
+        offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+        k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
+                    + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=(offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+                    + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=(offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        i = tl.arange(0, BLOCK_T * BLOCK_G)
+        g = i % BLOCK_G
+        dk = tl.zeros([BLOCK_S, HEAD_DIM_PAD], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_S, HEAD_DIM_V_PAD], dtype=tl.float32)
+        for c in range(0, count, BLOCK_T):
+            j = c + i // BLOCK_G
+            row_ok = (j < count) & (g < GROUP)
+            t = tl.load(TOKENS + first + j, mask=j < count, other=0)
+            off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
+            q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                        + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            do = tl.load(DO + off_b.to(tl.int64) * stride_ob + off_h[:, None].to(tl.int64) * stride_oh
+                         + t[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+            lse_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_ln
+            lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+            delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(row_ok[:, None] & (offs_n[None, :] <= t[:, None]), p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+        rows = tl.arange(0, BLOCK_S)[:, None]
+        tl.store(DK_PART + item * (BLOCK_S * HEAD_DIM_PAD) + rows * HEAD_DIM_PAD + offs_d[None, :], dk)
+        tl.store(DV_PART + item * (BLOCK_S * HEAD_DIM_V_PAD) + rows * HEAD_DIM_V_PAD + offs_dv[None, :], dv)
+
+
+@triton.jit
+def _nsa_select_bwd_dkdv_sum(DK_PART, DV_PART, SPANS, DK, DV,
+                             stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                             stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                             N, HKV, n_items, sm_scale,
+                             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                             HEAD_DIM_V_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    # dK, dV of one key block of one (batch, KV head): its segments' partial sums, in order (SPANS
+    # [B * HKV, blocks, 2]: the first item, how many); zeros where no token chose the block.
     blk = tl.program_id(0)
-    off_b = tl.program_id(1) // HKV
-    off_hk = tl.program_id(1) % HKV
-    r = (tl.program_id(1) * tl.num_programs(0) + blk).to(tl.int64)
-    first = tl.load(STARTS + r)
-    count = tl.load(STARTS + r + 1) - first
-    offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
+    r = tl.program_id(1)
+    off_b = r // HKV
+    off_hk = r % HKV
+    span = (r * tl.num_programs(0) + blk).to(tl.int64) * 2
+    first = r.to(tl.int64) * n_items + tl.load(SPANS + span)
+    count = tl.load(SPANS + span + 1)
+    rows = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k_ok = (offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    v_ok = (offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    k = tl.load(K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
-                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)
-    v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-                + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd, mask=v_ok, other=0.0)
-    i = tl.arange(0, BLOCK_T * BLOCK_G)
-    g = i % BLOCK_G
     dk = tl.zeros([BLOCK_S, HEAD_DIM_PAD], dtype=tl.float32)
     dv = tl.zeros([BLOCK_S, HEAD_DIM_V_PAD], dtype=tl.float32)
-    for c in range(0, count, BLOCK_T):
-        j = c + i // BLOCK_G
-        row_ok = (j < count) & (g < GROUP)
-        t = tl.load(TOKENS + first + j, mask=j < count, other=0)
-        off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
-        q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
-                    + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        do = tl.load(DO + off_b.to(tl.int64) * stride_ob + off_h[:, None].to(tl.int64) * stride_oh
-                     + t[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od,
-                     mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        lse_off = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + t.to(tl.int64) * stride_ln
-        lse2 = tl.load(LSE + lse_off, mask=row_ok, other=float("inf")) * 1.4426950408889634
-        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-        delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(row_ok[:, None] & (offs_n[None, :] <= t[:, None]), p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+    for j in range(0, count):
+        dk += tl.load(DK_PART + (first + j) * (BLOCK_S * HEAD_DIM_PAD) + rows[:, None] * HEAD_DIM_PAD + offs_d[None, :])
+        dv += tl.load(DV_PART + (first + j) * (BLOCK_S * HEAD_DIM_V_PAD) + rows[:, None] * HEAD_DIM_V_PAD
+                      + offs_dv[None, :])
+    offs_n = blk * BLOCK_S + rows
     tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk * sm_scale, mask=k_ok)
+             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk * sm_scale,
+             mask=(offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv, mask=v_ok)
+             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv,
+             mask=(offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
 
 
 @triton.jit

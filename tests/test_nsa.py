@@ -276,8 +276,8 @@ def _selected_reference(q, k, v, indices, block, scale):
                                               (4, "fp16", None)])
 def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype, forced):
     """The selected forward with several tokens per program (rows tokens x G, walking the union of
-    their blocks) against the float64 reference, and equal to one token per program within fp32
-    rounding; N = 99 is no multiple of the tile's tokens nor of a block, the selection random per
+    their blocks), and key-major (each choice its block's partial row, merged by LSE), against the
+    float64 reference, and equal to one token per program within fp32 rounding; N = 99 is no multiple of the tile's tokens nor of a block, the selection random per
     token (so a tile's tokens choose differently), one token choosing nothing (zeros, LSE -inf)."""
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
@@ -291,12 +291,18 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
     want_o, want_lse = _selected_reference(q, k, v, indices, 32, rt.scale)
     runs = {}
     try:
+        runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale) if G <= 4 else None
+        rt.loop_order = "query"
         for T in (None, 1) if forced is None else (None, forced, 1):
             rt.tokens_per_program = T
             runs[T] = rt.selected_forward(q, k, v, indices, rt.scale)
+        if G > 4:
+            rt.loop_order = "key"
+            runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale)
     finally:
-        rt.tokens_per_program = None
+        rt.tokens_per_program = rt.loop_order = None
     assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
+    assert rt.selected_order(G) == ("key" if G <= 4 else "query")
     tol = 2e-5 if dtype == "fp32" else 2e-3
     for T, (o, lse) in runs.items():
         assert (o.double() - want_o).abs().max() < tol, T
@@ -306,6 +312,67 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
     for T, (o, lse) in runs.items():
         assert (o.float() - o1.float()).abs().max() <= (1e-6 if dtype == "fp32" else 1e-3), T
         assert torch.allclose(lse, lse1, atol=1e-6, rtol=0), T
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("G, steps", [(1, 1), (3, 2), (16, 1), (2, None)])
+def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
+    """The selected branch's gradients against float64 autograd, dK and dV from segments of a
+    block's tokens (steps per work item: 1 cuts the first block, which every token chose, into many
+    items) added in order: the same bits as one long segment; N = 99 ragged, one token choosing
+    nothing."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(10 + G)
+    B, Hkv, N = 2 if G < 16 else 1, 2 if G < 16 else 1, 99
+    q = torch.randn(B, Hkv * G, N, 32, generator=g)
+    k, v = torch.randn(B, Hkv, N, 32, generator=g), torch.randn(B, Hkv, N, 16, generator=g)
+    indices = rt._top_blocks(torch.rand(B, Hkv, N, 4, generator=g), torch.arange(N))
+    indices[:, :, 70] = -1
+    do = torch.randn(B, Hkv * G, N, 16, generator=g)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    want_o, _ = _selected_reference(qd, kd, vd, indices, 32, rt.scale)
+    want = torch.autograd.grad(want_o, (qd, kd, vd), do.double())
+    o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
+    runs = {}
+    try:
+        for s in (steps, 10_000):
+            rt.backward_steps = s
+            runs[s] = rt.selected_backward(q, k, v, indices, o, lse, do, rt.scale)
+    finally:
+        rt.backward_steps = None
+    for name, got, ref in zip("qkv", runs[steps], want):
+        assert (got.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item()), name
+    assert torch.equal(runs[steps][0], runs[10_000][0])
+    if steps is not None:  # other segments, other sums: fp32 rounding only
+        for a, b in zip(runs[steps][1:], runs[10_000][1:]):
+            assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.compiler
+def test_work_items_cut_each_block_into_segments_in_order():
+    from attngen.runtime.nsa import inverted_lists, work_items
+
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, N, n, n_blocks, segment = 2, 2, 50, 3, 6, 4
+    idx = torch.stack([torch.randperm(n_blocks, generator=g)[:n] for _ in range(B * Hkv * N)]).view(B, Hkv, N, n)
+    idx = torch.where(torch.rand(idx.shape, generator=g) < 0.2, -1, idx)
+    idx[0, 1] = torch.stack([torch.randperm(n_blocks - 1, generator=g)[:n] + 1 for _ in range(N)])
+    idx[0, 1, :, 0] = 0  # a block every token chose
+    idx = torch.sort(idx, -1).values.to(torch.int32)
+    tokens, starts = inverted_lists(idx, n_blocks)
+    items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * n)
+    for r in range(B * Hkv):
+        live = items[r][items[r, :, 2] > 0]
+        assert (items[r, len(live):, 2] == 0).all()  # the live items first, then the grid's slack
+        for b in range(n_blocks):
+            first, count = spans[r, b].tolist()
+            lo, hi = starts[r * n_blocks + b].item(), starts[r * n_blocks + b + 1].item()
+            assert count == -(-(hi - lo) // segment)
+            got = [t for blk, f, c in items[r, first:first + count].tolist()
+                   for t in tokens[f:f + c].tolist() if blk == b]
+            assert got == tokens[lo:hi].tolist() and all(c <= segment for c in items[r, first:first + count, 2])
+    assert spans[1, 0, 1] == -(-N // segment)
 
 
 @pytest.mark.compiler

@@ -7,8 +7,9 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
    heads of a KV head (the `_nsa_scores` kernel, or chunked torch), then the top-n blocks with the
    forced ones (torch; no gradient);
 4. the selected branch: the module's `_nsa_select_fwd` kernel (BLOCK_T tokens per program over
-   the union of their blocks), and for the backward
-   `_nsa_select_bwd_dq` (query-major) and `_nsa_select_bwd_dkdv` (key-major, over inverted lists);
+   the union of their blocks), or for small groups `_nsa_select_fwd_keys` (key-major, each choice
+   a partial row merged by LSE); for the backward `_nsa_select_bwd_dq` (query-major) and
+   `_nsa_select_bwd_dkdv` (key-major, over inverted lists cut into segments) with its sum;
 5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
 6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import triton
 
+from .decode import _combine_splits
 from .library import register_nsa_ops
 from .module import check_qkv
 
@@ -88,11 +90,17 @@ class NSAModule:
         self.scale = self.head_dim ** -0.5
         self.fwd_kernel, self.scores_kernel = ns["_nsa_select_fwd"], ns["_nsa_scores"]
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
+        self.bwd_dkdv_sum_kernel = ns["_nsa_select_bwd_dkdv_sum"]
+        self.fwd_keys_kernel = ns["_nsa_select_fwd_keys"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
+        # the selected forward's loop order: None picks it (selected_order()), "query" or "key"
+        self.loop_order = None
+        # the backward's dK/dV work item: at most this many steps of a block's tokens (None: 64)
+        self.backward_steps = None
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_nsa_ops(self)  # what torch.compile traces instead of the selection and the selected branch
@@ -408,6 +416,17 @@ class NSAModule:
             return 1
         return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
 
+    def selected_order(self, G: int) -> str:
+        """The selected forward's loop order: the knob loop_order, else key-major for groups of 4 and
+        fewer (FSA, arXiv 2508.18224: a small group's rows fill a tile only with many tokens, whose
+        union of blocks grows with them; key-major attends each chosen block once per choice) and
+        query-major above. Training only: decoding has few tokens and stays query-major."""
+        if self.loop_order is not None:
+            if self.loop_order not in ("query", "key"):
+                raise ValueError(f"loop_order must be None, 'query' or 'key'; got {self.loop_order!r}")
+            return self.loop_order
+        return "key" if G <= 4 else "query"
+
     def selected_forward(self, q, k, v, indices, scale: float, first=None, block_table=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
         first[b] + t of its sequence, whose keys k, v hold: a contiguous cache [B, Hkv, S, *], or
@@ -421,6 +440,8 @@ class NSAModule:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
         if not o.numel():
             return o, lse
+        if first is None and not paged and self.selected_order(G) == "key":
+            return self._selected_forward_keys(q, k, v, indices, scale, o, lse)
         fp32_gpu = q.is_cuda and q.dtype == torch.float32
         block_t = self.selected_tokens(G, N, tensor_cores=not fp32_gpu)
         union, count = union_lists(indices, block_t, -(-capacity // self.l_sel))
@@ -443,9 +464,31 @@ class NSAModule:
             PAGE_SIZE=k.shape[1] if paged else 0, num_warps=warps, num_stages=stages, **args)
         return o, lse
 
+    def _selected_forward_keys(self, q, k, v, indices, scale: float, o, lse):
+        """The key-major forward: every (token, choice) attends its block alone, in programs of
+        consecutive choices sorted by block (entry_lists()); the choices' partial rows are merged
+        by their LSE (the split-KV merge of decoding)."""
+        B, Hq, N, _ = q.shape
+        Hkv, n = k.shape[1], indices.shape[-1]
+        n_blocks = -(-N // self.l_sel)
+        entries, blocks = entry_lists(indices, n_blocks)
+        args = self._launch_args(q, Hkv)
+        block_e = max(1, 64 // args["BLOCK_G"])  # 64 rows: choices x the group's heads
+        o_part = torch.empty(B, Hq, N, n, self.head_dim_v, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(B, Hq, N, n, dtype=torch.float32, device=q.device)
+        self.fwd_keys_kernel[(-(-N * n // block_e), B * Hkv)](
+            q, k, v, entries, blocks, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), N, Hkv, Hq // Hkv, n,
+            n_blocks, scale * 1.4426950408889634, BLOCK_E=block_e, num_warps=4,
+            num_stages=1, **args)
+        _combine_splits[(B * Hq * N,)](o_part, lse_part, o, lse, n, DV=self.head_dim_v,
+                                       DV_PAD=args["HEAD_DIM_V_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(n)),
+                                       PDL=False, num_warps=4)
+        return o, lse
+
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
-        """dq, dk, dv: dQ query-major; dK and dV key-major over the inverted lists, each key written by
-        one program (deterministic, no atomics)."""
+        """dq, dk, dv: dQ query-major; dK and dV key-major over the inverted lists, in work items of at
+        most backward_steps steps of a block's tokens whose partial sums a second kernel adds in
+        order (deterministic, no atomics)."""
         B, Hq, N, _ = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -462,9 +505,22 @@ class NSAModule:
         tokens, starts = inverted_lists(indices, n_blocks)
         rows = max(64, triton.next_power_of_2(G))  # tokens x query heads per step
         args.update(BLOCK_G=triton.next_power_of_2(G), BLOCK_T=rows // triton.next_power_of_2(G))
-        self.bwd_dkdv_kernel[(n_blocks, B * Hkv)](q, k, v, tokens, starts, do, lse, delta, dk, dv, *q.stride(),
-                                                  *k.stride(), *v.stride(), *o.stride(), *lse.stride(), *dk.stride(),
-                                                  *dv.stride(), N, Hkv, G, scale * 1.4426950408889634, scale, **args)
+        segment = args["BLOCK_T"] * (self.backward_steps or 64)
+        items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * indices.shape[-1])
+        n_items = items.shape[1]
+        dk_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
+        dv_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_V_PAD"], dtype=torch.float32,
+                              device=q.device)
+        # dK and dV's accumulators: 8 warps above head dim 128 (4 spill at d192 padded to 256, offline sm90)
+        warps = 8 if max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
+        self.bwd_dkdv_kernel[(n_items, B * Hkv)](q, k, v, tokens, items, do, lse, delta, dk_part, dv_part, *q.stride(),
+                                                 *k.stride(), *v.stride(), *o.stride(), *lse.stride(), N, Hkv, G,
+                                                 scale * 1.4426950408889634, num_warps=warps, **args)
+        self.bwd_dkdv_sum_kernel[(n_blocks, B * Hkv)](dk_part, dv_part, spans, dk, dv, *dk.stride(), *dv.stride(), N,
+                                                      Hkv, n_items, scale, HEAD_DIM=self.head_dim,
+                                                      HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
+                                                      HEAD_DIM_V_PAD=args["HEAD_DIM_V_PAD"], BLOCK_S=self.l_sel,
+                                                      num_warps=warps)
         return dq, dk, dv
 
 
@@ -509,3 +565,34 @@ def inverted_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, 
     starts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
     starts[1:] = torch.cumsum(counts[:last], 0)
     return tokens, starts
+
+
+def work_items(starts: torch.Tensor, rows: int, n_blocks: int, segment: int, entries: int):
+    """(items int64 [rows, n_items, 3], spans int64 [rows, n_blocks, 2]): the inverted lists
+    (inverted_lists' starts) cut into segments of at most `segment` tokens, so that the block every
+    token chooses (the first) is many short programs rather than one long one. Item p of row r: (its
+    block, its first entry in tokens, its length; 0 past the row's last item); span (r, b): block b's
+    first item and how many, consecutive. n_items = n_blocks + entries // segment bounds the items
+    of any row (entries: tokens x choices), so the grid needs no host read."""
+    counts = (starts[1:] - starts[:-1]).view(rows, n_blocks)
+    per = -(-counts // segment)  # a block's segments; none where no token chose it
+    ends = per.cumsum(-1)
+    n_items = n_blocks + entries // segment
+    p = torch.arange(n_items, device=starts.device).expand(rows, n_items).contiguous()
+    block = torch.searchsorted(ends, p, right=True)
+    b = block.clamp(max=n_blocks - 1)
+    seg = (p - (ends.gather(1, b) - per.gather(1, b))) * segment
+    first = starts[:-1].view(rows, n_blocks).gather(1, b) + seg
+    length = torch.where(block < n_blocks, (counts.gather(1, b) - seg).clamp(0, segment), 0)
+    return torch.stack([b, first, length], -1).to(torch.int32), torch.stack([ends - per, per], -1).to(torch.int32)
+
+
+def entry_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entries int32 [B * Hkv, N * n], blocks int32 [B * Hkv, N * n]): each (batch, KV head)'s
+    choices sorted by block, then token: entry t * n + slot chose block blocks[...]; the slots that
+    chose none (-1) last, their block n_blocks. On the device, without a host read."""
+    B, Hkv, N, n = indices.shape
+    idx = indices.reshape(B * Hkv, N * n).long()
+    t = torch.arange(N, device=idx.device).repeat_interleave(n)
+    key, order = torch.sort(torch.where(idx >= 0, idx, n_blocks) * N + t, dim=-1, stable=True)
+    return order.to(torch.int32), (key // N).to(torch.int32)

@@ -1,0 +1,111 @@
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; written 2026-12-07 and not yet run there; results: data/nsa_selected_<date>_<gpu>.json).
+
+The selected branch's loop orders and the backward's work items, A/B in one process, bf16, random
+inputs, the selection the module's own: per (spec, Hq/Hkv, N) the selected forward query-major
+(its automatic tokens per program) and key-major, the selected backward in segments (the default)
+and with one item per key block (the old kernel's schedule), each max difference against the other;
+then the whole NSA forward and forward+backward with the defaults, and our dense causal forward at
+the same heads (issue 17's small-group goal: NSA's forward 3x faster at 64k, Hq 16, G 1, 2, 4).
+Medians of triton.testing.do_bench.
+
+    PYTHONPATH=. python3 experiments/nsa_selected_gpu.py --cases nsa:64/4:8192,nsa:16/16:32768 --json $OUT/nsa_selected.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import triton.testing
+
+import attngen
+from attngen.bench import environment
+from attngen.resources import resolve_spec
+
+CASES = ("nsa:64/4:8192,nsa:64/4:32768,nsa:16/16:32768,nsa:16/8:32768,nsa:16/4:32768,nsa:16/16:65536,"
+         "nsa_linear:64/4:16384")
+
+
+def _ms(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, rep=100, return_mode="median")
+
+
+def _diff(a, b) -> float:
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=CASES, help="spec:Hq/Hkv:N,...")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    causal = attngen.load(resolve_spec("causal"))
+    rows = []
+    for case in args.cases.split(","):
+        name, heads, n = case.split(":")
+        Hq, Hkv = (int(x) for x in heads.split("/"))
+        N = int(n)
+        mod = attngen.load(resolve_spec(name))
+        rt = mod.RUNTIME
+        D, Dv = rt.head_dim, rt.head_dim_v
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mk = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+        q, k, v = mk(1, Hq, N, D), mk(1, Hkv, N, D), mk(1, Hkv, N, Dv)
+        gates = torch.rand(1, Hq, N, 3, generator=g, device="cuda").to(torch.bfloat16)
+        weights = None
+        if rt.kind == "linear":
+            weights = tuple(mk(Hkv, rt.l * e, e) * (rt.l * e) ** -0.5 for e in (D, Dv))
+        row = {"spec": name, "Hq": Hq, "Hkv": Hkv, "N": N, "D": D, "Dv": Dv, "auto order": rt.selected_order(Hq // Hkv)}
+        with torch.no_grad():
+            kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
+            _, lse_c = rt.branches()["cmp"].attention(q, kc, vc, return_lse=True)
+            idx = rt.select(q, kc, lse_c, rt.scale)
+            sel = lambda: rt.selected_forward(q, k, v, idx, rt.scale)  # noqa: E731
+            outs = {}
+            try:
+                for order in ("query", "key"):
+                    rt.loop_order = order
+                    outs[order] = sel()
+                    row[f"selected fwd {order}"] = _ms(sel)
+            finally:
+                rt.loop_order = None
+            row["selected fwd key vs query max diff"] = _diff(outs["key"][:1], outs["query"][:1])
+            o, lse = outs["query"]
+            do = mk(1, Hq, N, Dv)
+            bwd = lambda: rt.selected_backward(q, k, v, idx, o, lse, do, rt.scale)  # noqa: E731
+            grads = {}
+            try:
+                for label, steps in (("segments", None), ("one item per block", 1 << 30)):
+                    rt.backward_steps = steps
+                    grads[label] = bwd()
+                    row[f"selected bwd {label}"] = _ms(bwd)
+            finally:
+                rt.backward_steps = None
+            row["selected bwd dk/dv segments vs one item max diff"] = _diff(grads["segments"][1:],
+                                                                           grads["one item per block"][1:])
+        ins = [x.requires_grad_() for x in (q, k, v, gates)]
+        nsa = lambda: mod.attention(q, k, v, gates=gates, compress_weights=weights)  # noqa: E731
+        with torch.no_grad():
+            row["nsa fwd"] = _ms(nsa)
+        def fwd_bwd():
+            for x in ins:
+                x.grad = None
+            nsa().float().sum().backward()
+        row["nsa fwd+bwd"] = _ms(fwd_bwd)
+        if D == Dv == 128:
+            with torch.no_grad():
+                row["causal (ours) fwd"] = _ms(lambda: causal.attention(q, k, v))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        q = k = v = gates = ins = outs = grads = o = lse = do = None
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
