@@ -246,21 +246,24 @@ def _nsa_select_bwd_dq(Q, K, V, IDX, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, ITEMS, DO, LSE, DELTA, DK_PART, DV_PART,
+def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PART, DQ_PART,
                          stride_qb, stride_qh, stride_qn, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_lb, stride_lh, stride_ln,
-                         N, HKV, GROUP, qk_scale,
+                         N, HKV, GROUP, n_select, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # Partial dK, dV (unscaled, fp32) of one work item: a segment of the tokens that chose one key
-    # block (ITEMS [B * HKV, items, 3]: the block, the segment's first entry in TOKENS, its length; 0
-    # past the last item), walked BLOCK_T tokens x the GROUP query heads at a time. Segments keep
-    # every program short where one block is everyone's (the first: every token chooses it);
-    # _nsa_select_bwd_dkdv_sum adds a block's segments in order (deterministic, no atomics).
+                         BLOCK_S: tl.constexpr, DQ_PARTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Partial dK, dV (unscaled, fp32) of one work item: a segment of the choices of one key block
+    # (ITEMS [B * HKV, items, 3]: the block, the segment's first entry in ENTRIES, its length; 0 past
+    # the last item; an entry is t * n_select + slot), walked BLOCK_T tokens x the GROUP query heads
+    # at a time. Segments keep every program short where one block is everyone's (the first: every
+    # token chooses it); _nsa_select_bwd_dkdv_sum adds a block's segments in order (deterministic, no
+    # atomics). DQ_PARTS (key-major dQ, small groups): each row's dQ over this block goes to its
+    # choice's slot of DQ_PART [B, HQ, N, n_select, HEAD_DIM] (unscaled), which
+    # _nsa_select_bwd_dq_sum adds.
     item = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
     count = tl.load(ITEMS + item * 3 + 2)
     if count > 0:
@@ -284,7 +287,8 @@ def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, ITEMS, DO, LSE, DELTA, DK_PART, DV_PAR
         for c in range(0, count, BLOCK_T):
             j = c + i // BLOCK_G
             row_ok = (j < count) & (g < GROUP)
-            t = tl.load(TOKENS + first + j, mask=j < count, other=0)
+            entry = tl.load(ENTRIES + first + j, mask=j < count, other=0)
+            t = entry // n_select
             off_h = off_hk * GROUP + tl.where(row_ok, g, 0)
             q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
                         + t[:, None].to(tl.int64) * stride_qn + offs_d[None, :] * stride_qd,
@@ -303,6 +307,11 @@ def _nsa_select_bwd_dkdv(Q, K, V, TOKENS, ITEMS, DO, LSE, DELTA, DK_PART, DV_PAR
             ds = p * (dp - delta[:, None])
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
+            if DQ_PARTS:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+                row = ((off_b * HKV * GROUP + off_h).to(tl.int64) * N + t) * n_select + entry % n_select
+                tl.store(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                         mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
         rows = tl.arange(0, BLOCK_S)[:, None]
         tl.store(DK_PART + item * (BLOCK_S * HEAD_DIM_PAD) + rows * HEAD_DIM_PAD + offs_d[None, :], dk)
         tl.store(DV_PART + item * (BLOCK_S * HEAD_DIM_V_PAD) + rows * HEAD_DIM_V_PAD + offs_dv[None, :], dv)
@@ -340,6 +349,28 @@ def _nsa_select_bwd_dkdv_sum(DK_PART, DV_PART, SPANS, DK, DV,
     tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
              + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv,
              mask=(offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def _nsa_select_bwd_dq_sum(DQ_PART, IDX, DQ,
+                           stride_ib, stride_ih, stride_in, stride_ii,
+                           stride_qb, stride_qh, stride_qn, stride_qd,
+                           N, HKV, GROUP, n_select, sm_scale,
+                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SELECT_PAD: tl.constexpr):
+    # dQ of one (token, query head) of key-major dQ: the rows its choices left in DQ_PART, the
+    # slots that chose no block (-1 in IDX) skipped (never written).
+    t = tl.program_id(0)
+    off_b = tl.program_id(1) // (HKV * GROUP)
+    off_h = tl.program_id(1) % (HKV * GROUP)
+    sel = tl.arange(0, SELECT_PAD)
+    blk = tl.load(IDX + off_b.to(tl.int64) * stride_ib + (off_h // GROUP).to(tl.int64) * stride_ih
+                  + t.to(tl.int64) * stride_in + sel * stride_ii, mask=sel < n_select, other=-1)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row = (tl.program_id(1).to(tl.int64) * N + t) * n_select + sel
+    part = tl.load(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :],
+                   mask=(blk >= 0)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    tl.store(DQ + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + t.to(tl.int64) * stride_qn
+             + offs_d * stride_qd, tl.sum(part, 0) * sm_scale, mask=offs_d < HEAD_DIM)
 
 
 @triton.jit

@@ -110,7 +110,7 @@ def test_shipped_nsa_specs_verify(name):
 
 
 @pytest.mark.compiler
-def test_inverted_lists_give_each_block_the_tokens_that_chose_it():
+def test_inverted_lists_give_each_block_the_choices_that_chose_it():
     from attngen.runtime.nsa import inverted_lists
 
     g = torch.Generator().manual_seed(0)
@@ -119,13 +119,13 @@ def test_inverted_lists_give_each_block_the_tokens_that_chose_it():
     indices = torch.where(indices >= 0, indices, -1)
     indices = torch.stack([torch.stack([torch.stack([torch.tensor(sorted(set(r.tolist()) - {-1}) + [-1] * (n - len(set(r.tolist()) - {-1})))
                                                      for r in indices[b, h]]) for h in range(Hkv)]) for b in range(B)])
-    tokens, starts = inverted_lists(indices.to(torch.int32), n_blocks)
+    entries, starts = inverted_lists(indices.to(torch.int32), n_blocks)
     for b in range(B):
         for h in range(Hkv):
             for blk in range(n_blocks):
                 i = (b * Hkv + h) * n_blocks + blk
-                want = [t for t in range(N) if blk in indices[b, h, t].tolist()]
-                assert tokens[starts[i]:starts[i + 1]].tolist() == want
+                want = [t * n + indices[b, h, t].tolist().index(blk) for t in range(N) if blk in indices[b, h, t].tolist()]
+                assert entries[starts[i]:starts[i + 1]].tolist() == want
 
 
 @pytest.mark.interp
@@ -319,8 +319,8 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
 def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     """The selected branch's gradients against float64 autograd, dK and dV from segments of a
     block's tokens (steps per work item: 1 cuts the first block, which every token chose, into many
-    items) added in order: the same bits as one long segment; N = 99 ragged, one token choosing
-    nothing."""
+    items) added in order, dQ query-major and key-major (a row per choice, added); N = 99 ragged,
+    one token choosing nothing."""
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(10 + G)
@@ -336,17 +336,23 @@ def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
     runs = {}
     try:
-        for s in (steps, 10_000):
-            rt.backward_steps = s
-            runs[s] = rt.selected_backward(q, k, v, indices, o, lse, do, rt.scale)
+        for order in ("query", "key"):
+            rt.loop_order = order
+            for s in (steps, 10_000):
+                rt.backward_steps = s
+                runs[order, s] = rt.selected_backward(q, k, v, indices, o, lse, do, rt.scale)
     finally:
-        rt.backward_steps = None
-    for name, got, ref in zip("qkv", runs[steps], want):
-        assert (got.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item()), name
-    assert torch.equal(runs[steps][0], runs[10_000][0])
-    if steps is not None:  # other segments, other sums: fp32 rounding only
-        for a, b in zip(runs[steps][1:], runs[10_000][1:]):
+        rt.backward_steps = rt.loop_order = None
+    for run in runs.values():
+        for name, got, ref in zip("qkv", run, want):
+            assert (got.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item()), name
+    for order in ("query", "key"):
+        assert torch.equal(runs[order, steps][0], runs[order, 10_000][0])  # dQ: one sum per row either way
+        for a, b in zip(runs["query", steps][1:], runs[order, steps][1:]):  # the same sums (other warps on a GPU)
             assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+        if steps is not None:  # other segments, other sums: fp32 rounding only
+            for a, b in zip(runs[order, steps][1:], runs[order, 10_000][1:]):
+                assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.compiler
@@ -360,7 +366,7 @@ def test_work_items_cut_each_block_into_segments_in_order():
     idx[0, 1] = torch.stack([torch.randperm(n_blocks - 1, generator=g)[:n] + 1 for _ in range(N)])
     idx[0, 1, :, 0] = 0  # a block every token chose
     idx = torch.sort(idx, -1).values.to(torch.int32)
-    tokens, starts = inverted_lists(idx, n_blocks)
+    tokens, starts = inverted_lists(idx, n_blocks)  # entries t * n + slot: the order is the tokens'
     items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * n)
     for r in range(B * Hkv):
         live = items[r][items[r, :, 2] > 0]

@@ -90,7 +90,7 @@ class NSAModule:
         self.scale = self.head_dim ** -0.5
         self.fwd_kernel, self.scores_kernel = ns["_nsa_select_fwd"], ns["_nsa_scores"]
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
-        self.bwd_dkdv_sum_kernel = ns["_nsa_select_bwd_dkdv_sum"]
+        self.bwd_dkdv_sum_kernel, self.bwd_dq_sum_kernel = ns["_nsa_select_bwd_dkdv_sum"], ns["_nsa_select_bwd_dq_sum"]
         self.fwd_keys_kernel = ns["_nsa_select_fwd_keys"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
@@ -486,9 +486,11 @@ class NSAModule:
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
-        """dq, dk, dv: dQ query-major; dK and dV key-major over the inverted lists, in work items of at
-        most backward_steps steps of a block's tokens whose partial sums a second kernel adds in
-        order (deterministic, no atomics)."""
+        """dq, dk, dv: dK and dV key-major over the inverted lists, in work items of at most
+        backward_steps steps of a block's tokens whose partial sums a second kernel adds in order
+        (deterministic, no atomics); dQ query-major, or where the forward is key-major
+        (selected_order()) from the same work items, a partial row per choice that a last kernel
+        adds."""
         B, Hq, N, _ = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -498,29 +500,39 @@ class NSAModule:
         if not q.numel():
             return dq, dk, dv
         args = self._launch_args(q, Hkv)
-        self.bwd_dq_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(),
-                                         *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, indices.shape[-1],
-                                         scale * 1.4426950408889634, scale, **args)
+        n = indices.shape[-1]
+        key_major = self.selected_order(G) == "key"
+        if not key_major:
+            self.bwd_dq_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, *q.stride(), *k.stride(),
+                                             *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, n,
+                                             scale * 1.4426950408889634, scale, **args)
         n_blocks = -(-N // self.l_sel)
-        tokens, starts = inverted_lists(indices, n_blocks)
+        entries, starts = inverted_lists(indices, n_blocks)
         rows = max(64, triton.next_power_of_2(G))  # tokens x query heads per step
         args.update(BLOCK_G=triton.next_power_of_2(G), BLOCK_T=rows // triton.next_power_of_2(G))
         segment = args["BLOCK_T"] * (self.backward_steps or 64)
-        items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * indices.shape[-1])
+        items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * n)
         n_items = items.shape[1]
         dk_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
         dv_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_V_PAD"], dtype=torch.float32,
                               device=q.device)
-        # dK and dV's accumulators: 8 warps above head dim 128 (4 spill at d192 padded to 256, offline sm90)
-        warps = 8 if max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
-        self.bwd_dkdv_kernel[(n_items, B * Hkv)](q, k, v, tokens, items, do, lse, delta, dk_part, dv_part, *q.stride(),
-                                                 *k.stride(), *v.stride(), *o.stride(), *lse.stride(), N, Hkv, G,
-                                                 scale * 1.4426950408889634, num_warps=warps, **args)
+        # key-major dQ: a float32 row per (token, head, choice)
+        dq_part = torch.empty(B, Hq, N, n, self.head_dim, dtype=torch.float32, device=q.device) if key_major else dk_part
+        # dK and dV's accumulators (and dQ's rows): 8 warps above head dim 128 or with dQ (4 spill, offline sm90)
+        warps = 8 if key_major or max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
+        self.bwd_dkdv_kernel[(n_items, B * Hkv)](q, k, v, entries, items, do, lse, delta, dk_part, dv_part, dq_part,
+                                                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), N,
+                                                 Hkv, G, n, scale * 1.4426950408889634, DQ_PARTS=key_major,
+                                                 num_warps=warps, **args)
         self.bwd_dkdv_sum_kernel[(n_blocks, B * Hkv)](dk_part, dv_part, spans, dk, dv, *dk.stride(), *dv.stride(), N,
                                                       Hkv, n_items, scale, HEAD_DIM=self.head_dim,
                                                       HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
                                                       HEAD_DIM_V_PAD=args["HEAD_DIM_V_PAD"], BLOCK_S=self.l_sel,
                                                       num_warps=warps)
+        if key_major:
+            self.bwd_dq_sum_kernel[(N, B * Hq)](dq_part, indices, dq, *indices.stride(), *dq.stride(), N, Hkv, G, n,
+                                                scale, HEAD_DIM=self.head_dim, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
+                                                SELECT_PAD=max(2, triton.next_power_of_2(n)))
         return dq, dk, dv
 
 
@@ -548,23 +560,24 @@ def union_lists(indices: torch.Tensor, block_t: int, n_blocks: int) -> tuple[tor
 
 
 def inverted_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens int32, starts int64 [B * Hkv * n_blocks + 1]): the tokens that chose key block b of
-    (batch, KV head) r, ascending, are tokens[starts[i] : starts[i + 1]], i = r * n_blocks + b. On the
-    device, without a host read (a sort of the fixed-size list of choices)."""
+    """(entries int32, starts int64 [B * Hkv * n_blocks + 1]): the choices of key block b of (batch,
+    KV head) r, by ascending token, are entries[starts[i] : starts[i + 1]], i = r * n_blocks + b,
+    each t * n + slot (token t chose it in its slot-th place). On the device, without a host read (a
+    sort of the fixed-size list of choices)."""
     B, Hkv, N, n = indices.shape
     idx = indices.long()
     valid = idx >= 0
     row = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1)
     block = row * n_blocks + idx.clamp(min=0)  # [B, Hkv, N, n]
-    t = torch.arange(N, device=idx.device).view(1, 1, N, 1)
+    entry = torch.arange(N * n, device=idx.device).view(1, 1, N, n)
     last = B * Hkv * n_blocks  # chosen nothing: after every real list
-    key = torch.where(valid, block, last) * N + t
-    tokens = (torch.sort(key.flatten()).values % N).to(torch.int32)
+    key = torch.where(valid, block, last) * (N * n) + entry
+    entries = (torch.sort(key.flatten()).values % (N * n)).to(torch.int32)
     counts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
     counts.scatter_add_(0, torch.where(valid, block, last).flatten(), torch.ones_like(key.flatten()))
     starts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
     starts[1:] = torch.cumsum(counts[:last], 0)
-    return tokens, starts
+    return entries, starts
 
 
 def work_items(starts: torch.Tensor, rows: int, n_blocks: int, segment: int, entries: int):
