@@ -192,6 +192,12 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
                                TARGETS[target].sms)
             typer.echo(f"// decode, B={batch} Hq={hq} Hkv={hkv} Nq={n_q} context={context} on {target} "
                        f"({TARGETS[target].sms} SMs)\n{plan.describe()}")
+            spec_ = load_spec(resolve_spec(spec))
+            if spec_.nsa is not None:
+                from attngen.runtime.nsa import describe_selected
+
+                typer.echo(f"// nsa selected branch, Hq={hq} Hkv={hkv} N={context} (training)\n"
+                           f"{describe_selected(hq // hkv, int(context), max(spec_.head_dim, spec_.head_dim_v))}")
     except AttngenError as e:
         _fail(e)
 

@@ -403,29 +403,24 @@ class NSAModule:
         """BLOCK_T, the selected forward's tokens per program: the knob tokens_per_program, else
         enough tokens that tokens x G is about 64 rows (a group of 16 alone fills a quarter of the
         MMA), at most N's power of two (decoding one token: 1); one token for groups over 64, head
-        dims over 128, or no tensor cores (fp32 on the GPU: more rows only add registers). The
-        measurements: docs/decisions/nsa-plan.md. The interpreter (CPU) takes the tensor-core
-        choice in every dtype, so that the fp32 tests check the tiling bf16 runs on the GPU."""
+        dims over 128, or no tensor cores (fp32 on the GPU: more rows only add registers):
+        tokens_per_program(). The interpreter (CPU) takes the tensor-core choice in every dtype, so
+        that the fp32 tests check the tiling bf16 runs on the GPU."""
         if self.tokens_per_program is not None:
             t = self.tokens_per_program
             if not isinstance(t, int) or t < 1 or t & (t - 1):
                 raise ValueError(f"tokens_per_program must be None or a power of two >= 1; got {t!r}")
             return t
-        block_g = triton.next_power_of_2(G)
-        if not tensor_cores or block_g > 64 or max(self.head_dim, self.head_dim_v) > 128:
-            return 1
-        return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
+        return tokens_per_program(G, N, max(self.head_dim, self.head_dim_v), tensor_cores)
 
     def selected_order(self, G: int) -> str:
-        """The selected forward's loop order: the knob loop_order, else key-major for groups of 4 and
-        fewer (FSA, arXiv 2508.18224: a small group's rows fill a tile only with many tokens, whose
-        union of blocks grows with them; key-major attends each chosen block once per choice) and
-        query-major above. Training only: decoding has few tokens and stays query-major."""
+        """The selected branch's loop order (forward, and the backward's dQ): the knob loop_order,
+        else loop_order(G). Training only: decoding has few tokens and stays query-major."""
         if self.loop_order is not None:
             if self.loop_order not in ("query", "key"):
                 raise ValueError(f"loop_order must be None, 'query' or 'key'; got {self.loop_order!r}")
             return self.loop_order
-        return "key" if G <= 4 else "query"
+        return loop_order(G)
 
     def selected_forward(self, q, k, v, indices, scale: float, first=None, block_table=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
@@ -534,6 +529,34 @@ class NSAModule:
                                                 scale, HEAD_DIM=self.head_dim, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
                                                 SELECT_PAD=max(2, triton.next_power_of_2(n)))
         return dq, dk, dv
+
+
+def loop_order(G: int) -> str:
+    """The selected branch's loop order for groups of G query heads: key-major for 4 and fewer (FSA,
+    arXiv 2508.18224: a small group's rows fill a tile only with many tokens, whose union of blocks
+    grows with them, where key-major attends each chosen block once per choice), else query-major.
+    Not yet timed against each other on a GPU: experiments/nsa_selected_gpu.py."""
+    return "key" if G <= 4 else "query"
+
+
+def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:
+    """The query-major forward's tokens per program: tokens x G about 64 rows, at most N's power of
+    two; one token for groups over 64, head dims (the larger of q's and v's) over 128, or without
+    tensor cores. The measurements: docs/decisions/nsa-plan.md."""
+    block_g = triton.next_power_of_2(G)
+    if not tensor_cores or block_g > 64 or head_dim > 128:
+        return 1
+    return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
+
+
+def describe_selected(G: int, N: int, head_dim: int) -> str:
+    """`attngen show --emit tiling`'s line for the selected branch at a group size and length."""
+    if loop_order(G) == "key":
+        return ("forward key-major (64 rows of choices x heads, merged by LSE); backward dK/dV key-major in "
+                "work items, dQ key-major (a row per choice, added)")
+    t = tokens_per_program(G, N, head_dim)
+    return (f"forward query-major, {t} token{'s' if t > 1 else ''} x {G} heads per program over the union of their "
+            "blocks; backward dK/dV key-major in work items, dQ query-major (one token per program)")
 
 
 def union_lists(indices: torch.Tensor, block_t: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
