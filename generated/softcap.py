@@ -496,7 +496,7 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
                  stride_lb, stride_lh, stride_lm, stride_ls, stride_fb, stride_fh, stride_fm, stride_fd,
                  stride_gb, stride_gh, stride_gm, stride_pb,
                  stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids,
-                 H, HKV, GROUP, n_q, split_len, qk_scale,
+                 H, HKV, GROUP, n_q, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAGE_SIZE: tl.constexpr, PAGES_AHEAD: tl.constexpr, LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr,
@@ -515,9 +515,15 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     first = Nk - n_q
     last = Nk - 1
     offs_m = first + t  # absolute positions; a row before the sequence's start sees nothing
-    # [lo, end): the keys this split may see; [full_start, full_end): tiles all rows see in full.
-    lo = tl.maximum(tl.minimum(tl.maximum((Nk - Nq + first - 512), 0), Nk), split * split_len)
-    end = tl.minimum(tl.minimum(tl.maximum((Nk - Nq + last) + 1, lo), Nk), split * split_len + split_len)
+    # [lo, end): the keys this split may see, its share of the tiles that hold the sequence's visible
+    # keys (not of the cache's capacity: a window or a short sequence keeps every split busy);
+    # [full_start, full_end): tiles all rows see in full.
+    seq_lo = tl.minimum(tl.maximum((Nk - Nq + first - 512), 0), Nk)
+    seq_hi = tl.minimum(tl.maximum((Nk - Nq + last) + 1, seq_lo), Nk)
+    base = seq_lo // BLOCK_N * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_hi - base, BLOCK_N), tl.num_programs(0)) * BLOCK_N
+    lo = tl.maximum(seq_lo, base + split * split_len)
+    end = tl.minimum(seq_hi, base + split * split_len + split_len)
     start = lo // BLOCK_N * BLOCK_N
     full_start = (tl.maximum((Nk - Nq + last - 512), lo) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     full_end = tl.minimum((Nk - Nq + first) + 1, end) // BLOCK_N * BLOCK_N

@@ -54,6 +54,19 @@ def test_decode_matches_reference_split_and_not(name, Nq):
 
 
 @pytest.mark.interp
+def test_splits_share_a_window_shorter_than_the_context():
+    """The splits cut each sequence's visible keys (here the window's 257 of up to 650), not the cache:
+    any count of them, a split with one tile or none, agrees with the reference; mixed lengths."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=4, Hkv=1, G=2, Nq=2, S=700,
+                                                          lengths=(0, 1, 650, 300))
+    with torch.no_grad():
+        for splits in (1, 2, 5, 9, None):
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
+
+
+@pytest.mark.interp
 @pytest.mark.parametrize("page_size", [16, 48, 64])
 def test_paged_cache_gives_the_contiguous_bits(page_size):
     spec, module, q, k_cache, v_cache, lengths, g = _case("causal", Nq=2, lengths=(150, 7, 33))

@@ -28,7 +28,9 @@ class DecodePlan:
     block_m: int  # packed rows per program: (query heads of a KV head) x queries
     block_n: int  # keys per loop step
     splits: int  # programs over one sequence's keys
-    split_len: int  # keys per split, a multiple of block_n
+    # keys per split at the cache's capacity, a multiple of block_n (the kernel splits each sequence's
+    # visible keys as evenly: fewer per split where a window or the sequence's length bounds them)
+    split_len: int
     stages: int = 3  # software pipelining depth of the key loop
     warps: int = 4
     # splits merged by the last split of each tile, else by a second kernel (the default: fused measured
@@ -41,10 +43,10 @@ class DecodePlan:
     pages_ahead: bool = False
 
     def describe(self) -> str:
-        merge = (", merged by the last" if self.fused else ", merged by a second kernel" + (" (PDL)" if self.pdl else "")) \
-            if self.splits > 1 else ""
+        merge = (", merged by the last" if self.fused else ", merged by a second kernel"
+                 + (" (PDL where the GPU has it: sm90+)" if self.pdl else "")) if self.splits > 1 else ""
         return (f"{self.block_m} rows x {self.block_n} keys per step, {self.warps} warps, {self.stages} stages, "
-                f"{self.splits} split(s) of {self.split_len} keys{merge}")
+                f"{self.splits} split(s) of a sequence's visible keys (at most {self.split_len} each){merge}")
 
 
 def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
@@ -275,7 +277,7 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     pages = block_table if paged else seqlens
     kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens, *gate.tensors(seqlens),
                  *q.stride(), *ks, *vs, *os_, *ls_, *o.stride(), *lse.stride(), pages.stride(0), *gate.strides(),
-                 Hq, Hkv, group, Nq, plan.split_len,
+                 Hq, Hkv, group, Nq,
                  scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,
                  HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(head_dim_v)),
                  BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE_SIZE=k_cache.shape[1] if paged else 0,
