@@ -315,7 +315,7 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("G, steps", [(1, 1), (3, 2), (16, 1), (2, None)])
+@pytest.mark.parametrize("G, steps", [(1, 1), (3, 2), (16, None)])
 def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     """The selected branch's gradients against float64 autograd, dK and dV from segments of a
     block's tokens (steps per work item: 1 cuts the first block, which every token chose, into many
@@ -324,7 +324,7 @@ def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(10 + G)
-    B, Hkv, N = 2 if G < 16 else 1, 2 if G < 16 else 1, 99
+    B, Hkv, N = 1, 2 if G < 16 else 1, 99
     q = torch.randn(B, Hkv * G, N, 32, generator=g)
     k, v = torch.randn(B, Hkv, N, 32, generator=g), torch.randn(B, Hkv, N, 16, generator=g)
     indices = rt._top_blocks(torch.rand(B, Hkv, N, 4, generator=g), torch.arange(N))
