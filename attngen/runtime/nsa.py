@@ -468,13 +468,15 @@ class NSAModule:
         n_blocks = -(-N // self.l_sel)
         entries, blocks = entry_lists(indices, n_blocks)
         args = self._launch_args(q, Hkv)
+        args["BLOCK_G"] = triton.next_power_of_2(Hq // Hkv)  # the group unpadded: the choices fill the rows
         block_e = max(1, 64 // args["BLOCK_G"])  # 64 rows: choices x the group's heads
+        # d 256 (192 padded): the accumulator and q over 8 warps, as the query-major forward's
+        warps = 8 if max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
         o_part = torch.empty(B, Hq, N, n, self.head_dim_v, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(B, Hq, N, n, dtype=torch.float32, device=q.device)
         self.fwd_keys_kernel[(-(-N * n // block_e), B * Hkv)](
             q, k, v, entries, blocks, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), N, Hkv, Hq // Hkv, n,
-            n_blocks, scale * 1.4426950408889634, BLOCK_E=block_e, num_warps=4,
-            num_stages=1, **args)
+            n_blocks, scale * 1.4426950408889634, BLOCK_E=block_e, num_warps=warps, num_stages=1, **args)
         _combine_splits[(B * Hq * N,)](o_part, lse_part, o, lse, n, DV=self.head_dim_v,
                                        DV_PAD=args["HEAD_DIM_V_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(n)),
                                        PDL=False, num_warps=4)
