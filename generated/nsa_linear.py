@@ -357,16 +357,17 @@ def _nsa_select_bwd_dq_sum(DQ_PART, IDX, DQ,
                            stride_qb, stride_qh, stride_qn, stride_qd,
                            N, HKV, GROUP, n_select, sm_scale,
                            HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SELECT_PAD: tl.constexpr):
-    # dQ of one (token, query head) of key-major dQ: the rows its choices left in DQ_PART, the
-    # slots that chose no block (-1 in IDX) skipped (never written).
-    t = tl.program_id(0)
-    off_b = tl.program_id(1) // (HKV * GROUP)
-    off_h = tl.program_id(1) % (HKV * GROUP)
+    # dQ of one (batch, query head, token) of key-major dQ (one axis: B HQ N programs): the rows its
+    # choices left in DQ_PART, the slots that chose no block (-1 in IDX) skipped (never written).
+    t = tl.program_id(0) % N
+    bh = tl.program_id(0) // N
+    off_b = bh // (HKV * GROUP)
+    off_h = bh % (HKV * GROUP)
     sel = tl.arange(0, SELECT_PAD)
     blk = tl.load(IDX + off_b.to(tl.int64) * stride_ib + (off_h // GROUP).to(tl.int64) * stride_ih
                   + t.to(tl.int64) * stride_in + sel * stride_ii, mask=sel < n_select, other=-1)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row = (tl.program_id(1).to(tl.int64) * N + t) * n_select + sel
+    row = tl.program_id(0).to(tl.int64) * n_select + sel
     part = tl.load(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :],
                    mask=(blk >= 0)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     tl.store(DQ + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + t.to(tl.int64) * stride_qn

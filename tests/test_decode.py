@@ -54,16 +54,32 @@ def test_decode_matches_reference_split_and_not(name, Nq):
 
 
 @pytest.mark.interp
-def test_splits_share_a_window_shorter_than_the_context():
+def test_splits_share_a_window_shorter_than_the_context(monkeypatch):
     """The splits cut each sequence's visible keys (here the window's 257 of up to 650), not the cache:
-    any count of them, a split with one tile or none, agrees with the reference; mixed lengths."""
+    any count of them, a split with one tile or none, agrees with the reference; mixed lengths. With 5
+    splits, every split of the 650-token sequence sees keys (its window spans 5 tiles of 64), where
+    slices of the capacity gave all of the window to the last one or two."""
     spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=4, Hkv=1, G=2, Nq=2, S=700,
                                                           lengths=(0, 1, 650, 300))
+    parts = []
+
+    class Merge:  # the split merge, its partial LSEs kept
+        def __getitem__(self, grid):
+            def launch(o_part, lse_part, *args, **kw):
+                parts.append(lse_part.clone())
+                return combine[grid](o_part, lse_part, *args, **kw)
+            return launch
+
+    combine = decode._combine_splits
+    monkeypatch.setattr(decode, "_combine_splits", Merge())
     with torch.no_grad():
         for splits in (1, 2, 5, 9, None):
+            parts.clear()
             o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
                                                    num_splits=splits)
             _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
+            if splits == 5:
+                assert parts[0].shape[-1] == 5 and torch.isfinite(parts[0][2]).all()  # [B, Hq, Nq, splits]
 
 
 @pytest.mark.interp
@@ -140,7 +156,9 @@ def test_decode_plan_splits_cover_the_cache_once():
     for capacity in (1, 64, 1000, 32768):
         plan = decode.decode_plan(1, 8, 4, capacity, 128, 132)
         assert plan.split_len % plan.block_n == 0
-        assert (plan.splits - 1) * plan.split_len < capacity <= plan.splits * plan.split_len
+        assert 1 <= plan.splits <= max(1, -(-capacity // plan.block_n)) <= plan.splits * plan.split_len // plan.block_n
+    # a count asked for is the count launched (at most one tile each)
+    assert [decode.decode_plan(1, 1, 4, 700, 128, 132, s).splits for s in (1, 5, 9, 11, 12, 40)] == [1, 5, 9, 11, 11, 11]
 
 
 def _errors():

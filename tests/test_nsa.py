@@ -87,6 +87,17 @@ def test_bad_calls_name_the_argument(tmp_path):
                                                                           torch.zeros(1, 512, 16)))
     with pytest.raises(ValueError, match="as many keys as queries"):
         module.attention(q, k[:, :, :30], v[:, :, :30], gates=gates)
+    rt = module.RUNTIME
+    for knob, value, message in (("backward_steps", 0, "backward_steps must be None or an int >= 1"),
+                                 ("loop_order", "keys", "loop_order must be None, 'query' or 'key'")):
+        setattr(rt, knob, value)
+        try:
+            with pytest.raises(ValueError, match=message):
+                idx = torch.zeros(1, 1, 40, 3, dtype=torch.int32)
+                o, lse = torch.zeros(1, 2, 40, 16), torch.zeros(1, 2, 40)
+                rt.selected_backward(q, k, v, idx, o, lse, o, rt.scale)
+        finally:
+            setattr(rt, knob, None)
 
 
 @pytest.mark.compiler
@@ -291,18 +302,15 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
     want_o, want_lse = _selected_reference(q, k, v, indices, 32, rt.scale)
     runs = {}
     try:
-        runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale) if G <= 4 else None
-        rt.loop_order = "query"
         for T in (None, 1) if forced is None else (None, forced, 1):
             rt.tokens_per_program = T
             runs[T] = rt.selected_forward(q, k, v, indices, rt.scale)
-        if G > 4:
-            rt.loop_order = "key"
-            runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale)
+        rt.loop_order = "key"
+        runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale)
     finally:
         rt.tokens_per_program = rt.loop_order = None
     assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
-    assert rt.selected_order(G) == ("key" if G <= 4 else "query")
+    assert rt.selected_order(G) == "query"  # key-major: opt-in
     tol = 2e-5 if dtype == "fp32" else 2e-3
     for T, (o, lse) in runs.items():
         assert (o.double() - want_o).abs().max() < tol, T

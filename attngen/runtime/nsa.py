@@ -97,9 +97,9 @@ class NSAModule:
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
-        # the selected forward's loop order: None picks it (selected_order()), "query" or "key"
+        # the selected branch's loop order: None picks it (loop_order()), "query" or "key"
         self.loop_order = None
-        # the backward's dK/dV work item: at most this many steps of a block's tokens (None: 64)
+        # the backward's dK/dV work item: at most this many steps of a block's tokens (None: 64; an int >= 1)
         self.backward_steps = None
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
@@ -126,6 +126,9 @@ class NSAModule:
                              f"got k {list(k.shape)}, v {list(v.shape)}")
         if B * Hkv > 65535:
             raise ValueError(f"batch x KV heads = {B * Hkv} is over 65535, the launch grid's limit on axis 1")
+        if B * Hkv * N * self.count >= 2 ** 31:  # the backward's int32 offsets into its lists of choices
+            raise ValueError(f"batch x KV heads x N x select.count = {B} x {Hkv} x {N} x {self.count} is at least "
+                             "2**31, more choices than the selected branch's backward indexes")
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (B, Hq, N, 3) \
                 or not gates.dtype.is_floating_point or gates.device != q.device:
             got = f"{gates.dtype} {list(gates.shape)} on {gates.device}" if isinstance(gates, torch.Tensor) else \
@@ -488,6 +491,9 @@ class NSAModule:
         (deterministic, no atomics); dQ query-major, or where the forward is key-major
         (selected_order()) from the same work items, a partial row per choice that a last kernel
         adds."""
+        steps = 64 if self.backward_steps is None else self.backward_steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"backward_steps must be None or an int >= 1; got {self.backward_steps!r}")
         B, Hq, N, _ = q.shape
         Hkv = k.shape[1]
         G = Hq // Hkv
@@ -507,7 +513,7 @@ class NSAModule:
         entries, starts = inverted_lists(indices, n_blocks)
         rows = max(64, triton.next_power_of_2(G))  # tokens x query heads per step
         args.update(BLOCK_G=triton.next_power_of_2(G), BLOCK_T=rows // triton.next_power_of_2(G))
-        segment = args["BLOCK_T"] * (self.backward_steps or 64)
+        segment = args["BLOCK_T"] * steps
         items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * n)
         n_items = items.shape[1]
         dk_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
@@ -527,18 +533,21 @@ class NSAModule:
                                                       HEAD_DIM_V_PAD=args["HEAD_DIM_V_PAD"], BLOCK_S=self.l_sel,
                                                       num_warps=warps)
         if key_major:
-            self.bwd_dq_sum_kernel[(N, B * Hq)](dq_part, indices, dq, *indices.stride(), *dq.stride(), N, Hkv, G, n,
+            self.bwd_dq_sum_kernel[(B * Hq * N,)](dq_part, indices, dq, *indices.stride(), *dq.stride(), N, Hkv, G, n,
                                                 scale, HEAD_DIM=self.head_dim, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
                                                 SELECT_PAD=max(2, triton.next_power_of_2(n)))
         return dq, dk, dv
 
 
 def loop_order(G: int) -> str:
-    """The selected branch's loop order for groups of G query heads: key-major for 4 and fewer (FSA,
-    arXiv 2508.18224: a small group's rows fill a tile only with many tokens, whose union of blocks
-    grows with them, where key-major attends each chosen block once per choice), else query-major.
-    Not yet timed against each other on a GPU: experiments/nsa_selected_gpu.py."""
-    return "key" if G <= 4 else "query"
+    """The selected branch's default loop order for groups of G query heads: query-major for now.
+    Key-major (`NSAModule.loop_order = "key"`) attends each chosen block once per choice where a
+    small group's rows fill a query-major tile only with many tokens, whose union of blocks grows
+    with them (FSA, arXiv 2508.18224), but holds float32 partial rows of every choice (B Hq N n Dv,
+    and as many for dQ: 34 GB each at 128k, Hq 32, d128) and has not been timed against query-major
+    on a GPU (experiments/nsa_selected_gpu.py): opt-in until it has, and until its partial rows are
+    bounded (docs/decisions/nsa-plan.md)."""
+    return "query"
 
 
 def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:
@@ -553,12 +562,10 @@ def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True)
 
 def describe_selected(G: int, N: int, head_dim: int) -> str:
     """`attngen show --emit tiling`'s line for the selected branch at a group size and length."""
-    if loop_order(G) == "key":
-        return ("forward key-major (64 rows of choices x heads, merged by LSE); backward dK/dV key-major in "
-                "work items, dQ key-major (a row per choice, added)")
     t = tokens_per_program(G, N, head_dim)
     return (f"forward query-major, {t} token{'s' if t > 1 else ''} x {G} heads per program over the union of their "
-            "blocks; backward dK/dV key-major in work items, dQ query-major (one token per program)")
+            "blocks; backward dK/dV key-major in work items, dQ query-major (one token per program); "
+            "key-major forward and dQ opt-in (loop_order='key')")
 
 
 def union_lists(indices: torch.Tensor, block_t: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
