@@ -141,7 +141,7 @@ def _nsa_select_fwd_keys(Q, K, V, ENTRIES, BLOCKS, O_PART, LSE_PART,
                          stride_qb, stride_qh, stride_qn, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
-                         N, HKV, GROUP, n_select, n_blocks, qk_scale,
+                         N, T0, N_KEYS, HKV, GROUP, n_select, n_blocks, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_S: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -150,7 +150,9 @@ def _nsa_select_fwd_keys(Q, K, V, ENTRIES, BLOCKS, O_PART, LSE_PART,
     # last), x the GROUP query heads as rows; each of the few blocks among them is loaded once and
     # attended by its rows only. A row's result over its one block goes to its slot of O_PART [B,
     # HQ, N, n_select, HEAD_DIM_V] (normalized, fp32) and LSE_PART (-inf: no block or no visible
-    # key), which _combine_splits merges; every slot is written, so the merge reads no garbage.
+    # key), which _combine_splits merges; every slot is written, so the merge reads no garbage. A call
+    # takes N tokens from position T0 (Q and the entries from there; the keys: N_KEYS from 0), so
+    # that the partial rows of a long sequence are made a chunk of tokens at a time.
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
     i = tl.arange(0, BLOCK_E * BLOCK_G)
@@ -174,12 +176,12 @@ def _nsa_select_fwd_keys(Q, K, V, ENTRIES, BLOCKS, O_PART, LSE_PART,
     lse = tl.full([BLOCK_E * BLOCK_G], float("-inf"), dtype=tl.float32)
     cur = tl.min(blk, 0)
     while cur < n_blocks:
-        k, v, _ = _selected_block(K, V, K, cur, N - 1, offs_d, offs_dv, 0, stride_kn, stride_kd, 0, stride_vn,
+        k, v, _ = _selected_block(K, V, K, cur, N_KEYS - 1, offs_d, offs_dv, 0, stride_kn, stride_kd, 0, stride_vn,
                                   stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S, 0)
         offs_n = cur * BLOCK_S + tl.arange(0, BLOCK_S)
         mine = blk == cur
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(mine[:, None] & (offs_n[None, :] <= t[:, None]), s, float("-inf"))
+        s = tl.where(mine[:, None] & (offs_n[None, :] <= T0 + t[:, None]), s, float("-inf"))
         m = tl.max(s, 1)
         m_use = tl.where(m == float("-inf"), 0.0, m)
         p = tl.math.exp2(s - m_use[:, None])
@@ -252,7 +254,7 @@ def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PA
                          stride_vb, stride_vh, stride_vn, stride_vd,
                          stride_ob, stride_oh, stride_on, stride_od,
                          stride_lb, stride_lh, stride_ln,
-                         N, HKV, GROUP, n_select, qk_scale,
+                         N, N_TOK, T0, HKV, GROUP, n_select, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_S: tl.constexpr, DQ_PARTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -262,8 +264,9 @@ def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PA
     # at a time. Segments keep every program short where one block is everyone's (the first: every
     # token chooses it); _nsa_select_bwd_dkdv_sum adds a block's segments in order (deterministic, no
     # atomics). DQ_PARTS (key-major dQ, small groups): each row's dQ over this block goes to its
-    # choice's slot of DQ_PART [B, HQ, N, n_select, HEAD_DIM] (unscaled), which
-    # _nsa_select_bwd_dq_sum adds.
+    # choice's slot of DQ_PART [B, HQ, N_TOK, n_select, HEAD_DIM] (unscaled), which
+    # _nsa_select_bwd_dq_sum adds. The entries' tokens count from position T0 (Q, DO, LSE, DELTA from
+    # there: a chunk of N_TOK tokens); the keys are the N from 0.
     item = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
     count = tl.load(ITEMS + item * 3 + 2)
     if count > 0:
@@ -280,6 +283,7 @@ def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PA
         v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
                     + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        keys_at = offs_n - T0  # the keys' positions counted from the chunk's first token, as t is
         i = tl.arange(0, BLOCK_T * BLOCK_G)
         g = i % BLOCK_G
         dk = tl.zeros([BLOCK_S, HEAD_DIM_PAD], dtype=tl.float32)
@@ -302,14 +306,14 @@ def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PA
             delta = tl.load(DELTA + lse_off, mask=row_ok, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
             p = tl.math.exp2(s - lse2[:, None])
-            p = tl.where(row_ok[:, None] & (offs_n[None, :] <= t[:, None]), p, 0.0)
+            p = tl.where(row_ok[:, None] & (keys_at[None, :] <= t[:, None]), p, 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
             dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
             if DQ_PARTS:
                 dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-                row = ((off_b * HKV * GROUP + off_h).to(tl.int64) * N + t) * n_select + entry % n_select
+                row = ((off_b * HKV * GROUP + off_h).to(tl.int64) * N_TOK + t) * n_select + entry % n_select
                 tl.store(DQ_PART + row[:, None] * HEAD_DIM + offs_d[None, :], dq,
                          mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
         rows = tl.arange(0, BLOCK_S)[:, None]
@@ -323,9 +327,10 @@ def _nsa_select_bwd_dkdv_sum(DK_PART, DV_PART, SPANS, DK, DV,
                              stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                              N, HKV, n_items, sm_scale,
                              HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                             HEAD_DIM_V_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+                             HEAD_DIM_V_PAD: tl.constexpr, BLOCK_S: tl.constexpr, ACCUMULATE: tl.constexpr):
     # dK, dV of one key block of one (batch, KV head): its segments' partial sums, in order (SPANS
     # [B * HKV, blocks, 2]: the first item, how many); zeros where no token chose the block.
+    # ACCUMULATE (tokens in chunks): added to what DK and DV (float32) hold.
     blk = tl.program_id(0)
     r = tl.program_id(1)
     off_b = r // HKV
@@ -343,12 +348,18 @@ def _nsa_select_bwd_dkdv_sum(DK_PART, DV_PART, SPANS, DK, DV,
         dv += tl.load(DV_PART + (first + j) * (BLOCK_S * HEAD_DIM_V_PAD) + rows[:, None] * HEAD_DIM_V_PAD
                       + offs_dv[None, :])
     offs_n = blk * BLOCK_S + rows
-    tl.store(DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd, dk * sm_scale,
-             mask=(offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd, dv,
-             mask=(offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    dk_at = DK + off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh \
+        + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_at = DV + off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh \
+        + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd
+    dk_ok = (offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    dv_ok = (offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    dk = dk * sm_scale
+    if ACCUMULATE:
+        dk += tl.load(dk_at, mask=dk_ok, other=0.0)
+        dv += tl.load(dv_at, mask=dv_ok, other=0.0)
+    tl.store(dk_at, dk, mask=dk_ok)
+    tl.store(dv_at, dv, mask=dv_ok)
 
 
 @triton.jit

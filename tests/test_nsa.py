@@ -307,8 +307,11 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
             runs[T] = rt.selected_forward(q, k, v, indices, rt.scale)
         rt.loop_order = "key"
         runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale)
+        rt.partial_bytes = 1  # the partial rows a selection block of tokens at a time (4 chunks)
+        runs["key, chunks"] = rt.selected_forward(q, k, v, indices, rt.scale)
     finally:
         rt.tokens_per_program = rt.loop_order = None
+        rt.partial_bytes = 1 << 30
     assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
     assert rt.selected_order(G) == "query"  # key-major: opt-in
     tol = 2e-5 if dtype == "fp32" else 2e-3
@@ -344,23 +347,26 @@ def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
     runs = {}
     try:
-        for order in ("query", "key"):
-            rt.loop_order = order
-            for s in (steps, 10_000):
+        for order, chunk_bytes in (("query", 1 << 30), ("key", 1 << 30), ("key, chunks", 1)):
+            rt.loop_order, rt.partial_bytes = order.split(",")[0], chunk_bytes  # 1: 32 tokens a chunk
+            for s in (steps, 10_000) if chunk_bytes > 1 else (steps,):
                 rt.backward_steps = s
                 runs[order, s] = rt.selected_backward(q, k, v, indices, o, lse, do, rt.scale)
     finally:
         rt.backward_steps = rt.loop_order = None
+        rt.partial_bytes = 1 << 30
     for run in runs.values():
         for name, got, ref in zip("qkv", run, want):
             assert (got.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item()), name
+    assert torch.equal(runs["key, chunks", steps][0], runs["key", steps][0])  # a token's dQ rows: in one chunk
     for order in ("query", "key"):
         assert torch.equal(runs[order, steps][0], runs[order, 10_000][0])  # dQ: one sum per row either way
-        for a, b in zip(runs["query", steps][1:], runs[order, steps][1:]):  # the same sums (other warps on a GPU)
-            assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
         if steps is not None:  # other segments, other sums: fp32 rounding only
             for a, b in zip(runs[order, steps][1:], runs[order, 10_000][1:]):
                 assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+    for order in ("key", "key, chunks"):  # the same sums, in other orders (and other warps on a GPU)
+        for a, b in zip(runs["query", steps][1:], runs[order, steps][1:]):
+            assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
 
 
 @pytest.mark.compiler

@@ -99,6 +99,9 @@ class NSAModule:
         self.tokens_per_program = None
         # the selected branch's loop order: None picks it (loop_order()), "query" or "key"
         self.loop_order = None
+        # key-major's float32 partial rows (B Hq tokens n width) are made at most this many bytes at a
+        # time, the tokens in chunks
+        self.partial_bytes = 1 << 30
         # the backward's dK/dV work item: at most this many steps of a block's tokens (None: 64; an int >= 1)
         self.backward_steps = None
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
@@ -462,27 +465,44 @@ class NSAModule:
             PAGE_SIZE=k.shape[1] if paged else 0, num_warps=warps, num_stages=stages, **args)
         return o, lse
 
+    def _token_chunks(self, B: int, Hq: int, N: int, n: int, width: int) -> list[tuple[int, int]]:
+        """Key-major's chunks of tokens, (t0, t1): partial rows of at most partial_bytes each (at
+        least one selection block of tokens); a static count (shapes only: no host read)."""
+        per_token = B * Hq * n * width * 4
+        size = max(self.l_sel, self.partial_bytes // max(per_token, 1) // self.l_sel * self.l_sel)
+        return [(t0, min(N, t0 + size)) for t0 in range(0, N, size)]
+
     def _selected_forward_keys(self, q, k, v, indices, scale: float, o, lse):
         """The key-major forward: every (token, choice) attends its block alone, in programs of
         consecutive choices sorted by block (entry_lists()); the choices' partial rows are merged
-        by their LSE (the split-KV merge of decoding)."""
+        by their LSE (the split-KV merge of decoding). Tokens in chunks (_token_chunks())."""
         B, Hq, N, _ = q.shape
         Hkv, n = k.shape[1], indices.shape[-1]
         n_blocks = -(-N // self.l_sel)
-        entries, blocks = entry_lists(indices, n_blocks)
         args = self._launch_args(q, Hkv)
         args["BLOCK_G"] = triton.next_power_of_2(Hq // Hkv)  # the group unpadded: the choices fill the rows
         block_e = max(1, 64 // args["BLOCK_G"])  # 64 rows: choices x the group's heads
         # d 256 (192 padded): the accumulator and q over 8 warps, as the query-major forward's
         warps = 8 if max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
-        o_part = torch.empty(B, Hq, N, n, self.head_dim_v, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(B, Hq, N, n, dtype=torch.float32, device=q.device)
-        self.fwd_keys_kernel[(-(-N * n // block_e), B * Hkv)](
-            q, k, v, entries, blocks, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), N, Hkv, Hq // Hkv, n,
-            n_blocks, scale * 1.4426950408889634, BLOCK_E=block_e, num_warps=warps, num_stages=1, **args)
-        _combine_splits[(B * Hq * N,)](o_part, lse_part, o, lse, n, DV=self.head_dim_v,
-                                       DV_PAD=args["HEAD_DIM_V_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(n)),
-                                       PDL=False, num_warps=4)
+        chunks = self._token_chunks(B, Hq, N, n, self.head_dim_v)
+        for t0, t1 in chunks:
+            C = t1 - t0
+            entries, blocks = entry_lists(indices[:, :, t0:t1], n_blocks)
+            o_part = torch.empty(B, Hq, C, n, self.head_dim_v, dtype=torch.float32, device=q.device)
+            lse_part = torch.empty(B, Hq, C, n, dtype=torch.float32, device=q.device)
+            self.fwd_keys_kernel[(-(-C * n // block_e), B * Hkv)](
+                q[:, :, t0:t1], k, v, entries, blocks, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), C, t0,
+                N, Hkv, Hq // Hkv, n, n_blocks, scale * 1.4426950408889634, BLOCK_E=block_e, num_warps=warps,
+                num_stages=1, **args)
+            # the merge writes rows in (batch, head, token) order: the chunk's own, then into o and lse
+            o_c, lse_c = (o, lse) if len(chunks) == 1 else (torch.empty(B, Hq, C, self.head_dim_v, dtype=o.dtype,
+                                                                       device=q.device),
+                                                           torch.empty(B, Hq, C, dtype=lse.dtype, device=q.device))
+            _combine_splits[(B * Hq * C,)](o_part, lse_part, o_c, lse_c, n, DV=self.head_dim_v,
+                                           DV_PAD=args["HEAD_DIM_V_PAD"], SPLITS_PAD=max(2, triton.next_power_of_2(n)),
+                                           PDL=False, num_warps=4)
+            if len(chunks) > 1:
+                o[:, :, t0:t1], lse[:, :, t0:t1] = o_c, lse_c
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
@@ -490,7 +510,7 @@ class NSAModule:
         backward_steps steps of a block's tokens whose partial sums a second kernel adds in order
         (deterministic, no atomics); dQ query-major, or where the forward is key-major
         (selected_order()) from the same work items, a partial row per choice that a last kernel
-        adds."""
+        adds, the tokens in chunks (_token_chunks(); dK and dV then add up in float32 over them)."""
         steps = 64 if self.backward_steps is None else self.backward_steps
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"backward_steps must be None or an int >= 1; got {self.backward_steps!r}")
@@ -510,32 +530,44 @@ class NSAModule:
                                              *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, n,
                                              scale * 1.4426950408889634, scale, **args)
         n_blocks = -(-N // self.l_sel)
-        entries, starts = inverted_lists(indices, n_blocks)
         rows = max(64, triton.next_power_of_2(G))  # tokens x query heads per step
         args.update(BLOCK_G=triton.next_power_of_2(G), BLOCK_T=rows // triton.next_power_of_2(G))
         segment = args["BLOCK_T"] * steps
-        items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * n)
-        n_items = items.shape[1]
-        dk_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_PAD"], dtype=torch.float32, device=q.device)
-        dv_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_V_PAD"], dtype=torch.float32,
-                              device=q.device)
-        # key-major dQ: a float32 row per (token, head, choice)
-        dq_part = torch.empty(B, Hq, N, n, self.head_dim, dtype=torch.float32, device=q.device) if key_major else dk_part
         # dK and dV's accumulators (and dQ's rows): 8 warps above head dim 128 or with dQ (4 spill, offline sm90)
         warps = 8 if key_major or max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
-        self.bwd_dkdv_kernel[(n_items, B * Hkv)](q, k, v, entries, items, do, lse, delta, dk_part, dv_part, dq_part,
-                                                 *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), N,
-                                                 Hkv, G, n, scale * 1.4426950408889634, DQ_PARTS=key_major,
-                                                 num_warps=warps, **args)
-        self.bwd_dkdv_sum_kernel[(n_blocks, B * Hkv)](dk_part, dv_part, spans, dk, dv, *dk.stride(), *dv.stride(), N,
-                                                      Hkv, n_items, scale, HEAD_DIM=self.head_dim,
-                                                      HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
-                                                      HEAD_DIM_V_PAD=args["HEAD_DIM_V_PAD"], BLOCK_S=self.l_sel,
-                                                      num_warps=warps)
-        if key_major:
-            self.bwd_dq_sum_kernel[(B * Hq * N,)](dq_part, indices, dq, *indices.stride(), *dq.stride(), N, Hkv, G, n,
-                                                scale, HEAD_DIM=self.head_dim, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
-                                                SELECT_PAD=max(2, triton.next_power_of_2(n)))
+        chunks = self._token_chunks(B, Hq, N, n, self.head_dim) if key_major else [(0, N)]
+        acc = len(chunks) > 1  # dK, dV added up over the chunks in float32
+        dk_to, dv_to = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (dk, dv)) if acc \
+            else (dk, dv)
+        for t0, t1 in chunks:
+            C = t1 - t0
+            idx = indices[:, :, t0:t1]
+            entries, starts = inverted_lists(idx, n_blocks)
+            items, spans = work_items(starts, B * Hkv, n_blocks, segment, C * n)
+            n_items = items.shape[1]
+            dk_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_PAD"], dtype=torch.float32,
+                                  device=q.device)
+            dv_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_V_PAD"], dtype=torch.float32,
+                                  device=q.device)
+            # key-major dQ: a float32 row per (token, head, choice)
+            dq_part = torch.empty(B, Hq, C, n, self.head_dim, dtype=torch.float32, device=q.device) if key_major \
+                else dk_part
+            self.bwd_dkdv_kernel[(n_items, B * Hkv)](
+                q[:, :, t0:t1], k, v, entries, items, do[:, :, t0:t1], lse[:, :, t0:t1], delta[:, :, t0:t1], dk_part,
+                dv_part, dq_part, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), N, C, t0, Hkv, G,
+                n, scale * 1.4426950408889634, DQ_PARTS=key_major, num_warps=warps, **args)
+            self.bwd_dkdv_sum_kernel[(n_blocks, B * Hkv)](
+                dk_part, dv_part, spans, dk_to, dv_to, *dk_to.stride(), *dv_to.stride(), N, Hkv, n_items, scale,
+                HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
+                HEAD_DIM_V_PAD=args["HEAD_DIM_V_PAD"], BLOCK_S=self.l_sel, ACCUMULATE=acc, num_warps=warps)
+            if key_major:
+                dq_c = dq[:, :, t0:t1]
+                self.bwd_dq_sum_kernel[(B * Hq * C,)](dq_part, idx, dq_c, *idx.stride(), *dq_c.stride(), C, Hkv, G, n,
+                                                      scale, HEAD_DIM=self.head_dim, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
+                                                      SELECT_PAD=max(2, triton.next_power_of_2(n)))
+        if acc:
+            dk.copy_(dk_to)
+            dv.copy_(dv_to)
         return dq, dk, dv
 
 
@@ -543,10 +575,10 @@ def loop_order(G: int) -> str:
     """The selected branch's default loop order for groups of G query heads: query-major for now.
     Key-major (`NSAModule.loop_order = "key"`) attends each chosen block once per choice where a
     small group's rows fill a query-major tile only with many tokens, whose union of blocks grows
-    with them (FSA, arXiv 2508.18224), but holds float32 partial rows of every choice (B Hq N n Dv,
-    and as many for dQ: 34 GB each at 128k, Hq 32, d128) and has not been timed against query-major
-    on a GPU (experiments/nsa_selected_gpu.py): opt-in until it has, and until its partial rows are
-    bounded (docs/decisions/nsa-plan.md)."""
+    with them (FSA, arXiv 2508.18224), at the cost of writing and reading float32 partial rows of
+    every choice (B Hq N n Dv, and as many for dQ; made a chunk of tokens at a time, at most
+    NSAModule.partial_bytes each). Opt-in until timed against query-major on a GPU
+    (experiments/nsa_selected_gpu.py; docs/decisions/nsa-plan.md)."""
     return "query"
 
 
