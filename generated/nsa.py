@@ -256,7 +256,8 @@ def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PA
                          N, N_TOK, T0, HKV, GROUP, n_select, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_S: tl.constexpr, DQ_PARTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_S: tl.constexpr, DQ_PARTS: tl.constexpr, CHUNKED: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
     # Partial dK, dV (unscaled, fp32) of one work item: a segment of the choices of one key block
     # (ITEMS [B * HKV, items, 3]: the block, the segment's first entry in ENTRIES, its length; 0 past
     # the last item; an entry is t * n_select + slot), walked BLOCK_T tokens x the GROUP query heads
@@ -282,7 +283,9 @@ def _nsa_select_bwd_dkdv(Q, K, V, ENTRIES, ITEMS, DO, LSE, DELTA, DK_PART, DV_PA
         v = tl.load(V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
                     + offs_n[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=(offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        keys_at = offs_n - T0  # the keys' positions counted from the chunk's first token, as t is
+        # the keys' positions counted from the chunk's first token, as t is (CHUNKED: T0 > 0; without,
+        # the default's registers fit: offline sm90, 2 spills otherwise)
+        keys_at = offs_n - T0 if CHUNKED else offs_n
         i = tl.arange(0, BLOCK_T * BLOCK_G)
         g = i % BLOCK_G
         dk = tl.zeros([BLOCK_S, HEAD_DIM_PAD], dtype=tl.float32)

@@ -555,7 +555,7 @@ class NSAModule:
             self.bwd_dkdv_kernel[(n_items, B * Hkv)](
                 q[:, :, t0:t1], k, v, entries, items, do[:, :, t0:t1], lse[:, :, t0:t1], delta[:, :, t0:t1], dk_part,
                 dv_part, dq_part, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *lse.stride(), N, C, t0, Hkv, G,
-                n, scale * 1.4426950408889634, DQ_PARTS=key_major, num_warps=warps, **args)
+                n, scale * 1.4426950408889634, DQ_PARTS=key_major, CHUNKED=t0 > 0, num_warps=warps, **args)
             self.bwd_dkdv_sum_kernel[(n_blocks, B * Hkv)](
                 dk_part, dv_part, spans, dk_to, dv_to, *dk_to.stride(), *dv_to.stride(), N, Hkv, n_items, scale,
                 HEAD_DIM=self.head_dim, HEAD_DIM_V=self.head_dim_v, HEAD_DIM_PAD=args["HEAD_DIM_PAD"],
