@@ -356,12 +356,13 @@ def _nsa_select_bwd_dkdv_sum(DK_PART, DV_PART, SPANS, DK, DV,
         + offs_n[:, None].to(tl.int64) * stride_dvn + offs_dv[None, :] * stride_dvd
     dk_ok = (offs_n < N)[:, None] & (offs_d[None, :] < HEAD_DIM)
     dv_ok = (offs_n < N)[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
-    dk = dk * sm_scale
     if ACCUMULATE:
-        dk += tl.load(dk_at, mask=dk_ok, other=0.0)
-        dv += tl.load(dv_at, mask=dv_ok, other=0.0)
-    tl.store(dk_at, dk, mask=dk_ok)
-    tl.store(dv_at, dv, mask=dv_ok)
+        if count > 0:  # a block no token of this chunk chose keeps its sums (no read, no write)
+            tl.store(dk_at, dk * sm_scale + tl.load(dk_at, mask=dk_ok, other=0.0), mask=dk_ok)
+            tl.store(dv_at, dv + tl.load(dv_at, mask=dv_ok, other=0.0), mask=dv_ok)
+    else:
+        tl.store(dk_at, dk * sm_scale, mask=dk_ok)
+        tl.store(dv_at, dv, mask=dv_ok)
 
 
 @triton.jit

@@ -77,7 +77,7 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
     warps = warps or (8 if block_m >= 128 else 4)
     key_blocks = max(1, -(-max_keys // block_n))
     tiles = batch * heads_kv * -(-rows // block_m)
-    splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks))
+    splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks, MAX_SPLITS))
     # the kernel shares each sequence's visible tiles among the splits; split_len is a split's at capacity
     split_len = -(-key_blocks // splits) * block_n
     return DecodePlan(block_m, block_n, splits, split_len, stages, warps, bool(fused), bool(pdl), bool(pages_ahead))

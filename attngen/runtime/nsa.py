@@ -129,9 +129,6 @@ class NSAModule:
                              f"got k {list(k.shape)}, v {list(v.shape)}")
         if B * Hkv > 65535:
             raise ValueError(f"batch x KV heads = {B * Hkv} is over 65535, the launch grid's limit on axis 1")
-        if B * Hkv * N * self.count >= 2 ** 31:  # the backward's int32 offsets into its lists of choices
-            raise ValueError(f"batch x KV heads x N x select.count = {B} x {Hkv} x {N} x {self.count} is at least "
-                             "2**31, more choices than the selected branch's backward indexes")
         if not isinstance(gates, torch.Tensor) or tuple(gates.shape) != (B, Hq, N, 3) \
                 or not gates.dtype.is_floating_point or gates.device != q.device:
             got = f"{gates.dtype} {list(gates.shape)} on {gates.device}" if isinstance(gates, torch.Tensor) else \
@@ -468,6 +465,8 @@ class NSAModule:
     def _token_chunks(self, B: int, Hq: int, N: int, n: int, width: int) -> list[tuple[int, int]]:
         """Key-major's chunks of tokens, (t0, t1): partial rows of at most partial_bytes each (at
         least one selection block of tokens); a static count (shapes only: no host read)."""
+        if not isinstance(self.partial_bytes, int) or self.partial_bytes < 1:
+            raise ValueError(f"partial_bytes must be an int >= 1; got {self.partial_bytes!r}")
         per_token = B * Hq * n * width * 4
         size = max(self.l_sel, self.partial_bytes // max(per_token, 1) // self.l_sel * self.l_sel)
         return [(t0, min(N, t0 + size)) for t0 in range(0, N, size)]
@@ -518,6 +517,7 @@ class NSAModule:
         Hkv = k.shape[1]
         G = Hq // Hkv
         do = do.contiguous() if do.stride() != o.stride() else do  # the kernels read dO with o's strides
+        lse = lse.contiguous()  # the kernels read delta (made contiguous) with lse's strides
         delta = (do.float() * o.float()).sum(-1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         if not q.numel():
@@ -536,6 +536,10 @@ class NSAModule:
         # dK and dV's accumulators (and dQ's rows): 8 warps above head dim 128 or with dQ (4 spill, offline sm90)
         warps = 8 if key_major or max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
         chunks = self._token_chunks(B, Hq, N, n, self.head_dim) if key_major else [(0, N)]
+        most = max(t1 - t0 for t0, t1 in chunks)
+        if B * Hkv * most * n >= 2 ** 31:  # the work items' int32 offsets into a chunk's lists of choices
+            raise ValueError(f"NSA's selected backward indexes fewer than 2**31 choices at a time; got batch x KV heads "
+                             f"x tokens x choices = {B} x {Hkv} x {most} x {n}")
         acc = len(chunks) > 1  # dK, dV added up over the chunks in float32
         dk_to, dv_to = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (dk, dv)) if acc \
             else (dk, dv)
