@@ -347,7 +347,8 @@ def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
     runs = {}
     try:
-        for order, chunk_bytes in (("query", 1 << 30), ("key", 1 << 30), ("key, chunks", 1)):
+        # key-major is for small groups: at 16 the query-major schedules alone (suite time)
+        for order, chunk_bytes in (("query", 1 << 30), ("key", 1 << 30), ("key, chunks", 1))[:3 if G < 16 else 1]:
             rt.loop_order, rt.partial_bytes = order.split(",")[0], chunk_bytes  # 1: 32 tokens a chunk
             for s in (steps, 10_000) if chunk_bytes > 1 else (steps,):
                 rt.backward_steps = s
@@ -358,13 +359,14 @@ def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
     for run in runs.values():
         for name, got, ref in zip("qkv", run, want):
             assert (got.double() - ref).abs().max() < 1e-4 * max(1.0, ref.abs().max().item()), name
-    assert torch.equal(runs["key, chunks", steps][0], runs["key", steps][0])  # a token's dQ rows: in one chunk
-    for order in ("query", "key"):
+    if G < 16:
+        assert torch.equal(runs["key, chunks", steps][0], runs["key", steps][0])  # a token's dQ rows: in one chunk
+    for order in ("query", "key")[:2 if G < 16 else 1]:
         assert torch.equal(runs[order, steps][0], runs[order, 10_000][0])  # dQ: one sum per row either way
         if steps is not None:  # other segments, other sums: fp32 rounding only
             for a, b in zip(runs[order, steps][1:], runs[order, 10_000][1:]):
                 assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
-    for order in ("key", "key, chunks"):  # the same sums, in other orders (and other warps on a GPU)
+    for order in ("key", "key, chunks")[:2 if G < 16 else 0]:  # the same sums, in other orders (other warps on a GPU)
         for a, b in zip(runs["query", steps][1:], runs[order, steps][1:]):
             assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
 
