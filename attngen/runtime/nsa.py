@@ -538,8 +538,8 @@ class NSAModule:
         chunks = self._token_chunks(B, Hq, N, n, self.head_dim) if key_major else [(0, N)]
         most = max(t1 - t0 for t0, t1 in chunks)
         if B * Hkv * most * n >= 2 ** 31:  # the work items' int32 offsets into a chunk's lists of choices
-            raise ValueError(f"NSA's selected backward indexes fewer than 2**31 choices at a time; got batch x KV heads "
-                             f"x tokens x choices = {B} x {Hkv} x {most} x {n}")
+            raise ValueError(f"NSA's selected backward indexes fewer than 2**31 choices at a time; got batch x KV "
+                             f"heads x tokens x choices = {B} x {Hkv} x {most} x {n}")
         acc = len(chunks) > 1  # dK, dV added up over the chunks in float32
         dk_to, dv_to = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (dk, dv)) if acc \
             else (dk, dv)
