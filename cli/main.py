@@ -125,12 +125,8 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
 
     if decode and (varlen or backward):
         _fail(ValueError("--decode cannot go with --varlen or --backward (decoding has no backward)"))
-    options = tuple(option or ())
-    from attngen.tools.ab import check_option
-
     try:
-        for name in options:
-            check_option(name, "--option")
+        options = _lowering_options(option)
     except ValueError as e:
         _fail(e)
     dtypes = dtype or None
@@ -188,11 +184,10 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
 
             batch, heads, n_q, context = decode.split("x")
             hq, hkv = (int(h) for h in heads.split("/"))
-            plan = decode_plan(int(batch), hkv, hq // hkv * int(n_q), int(context), load_spec(resolve_spec(spec)).head_dim,
-                               TARGETS[target].sms)
+            spec_ = load_spec(resolve_spec(spec))
+            plan = decode_plan(int(batch), hkv, hq // hkv * int(n_q), int(context), spec_.head_dim, TARGETS[target].sms)
             typer.echo(f"// decode, B={batch} Hq={hq} Hkv={hkv} Nq={n_q} context={context} on {target} "
                        f"({TARGETS[target].sms} SMs)\n{plan.describe()}")
-            spec_ = load_spec(resolve_spec(spec))
             if spec_.nsa is not None:
                 from attngen.runtime.nsa import describe_selected
 
@@ -200,6 +195,15 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
                            f"{describe_selected(hq // hkv, int(context), max(spec_.head_dim, spec_.head_dim_v))}")
     except AttngenError as e:
         _fail(e)
+
+
+def _lowering_options(names: Optional[List[str]]) -> tuple[str, ...]:
+    """--option's PassOptions flags, each checked (a ValueError names the flag and what is allowed)."""
+    from attngen.tools.ab import check_option
+
+    for name in names or ():
+        check_option(name, "--option")
+    return tuple(names or ())
 
 
 def _exhaustive_top(value: str) -> int | None:
@@ -487,14 +491,11 @@ def inspect_kernels(spec: Path = typer.Argument(..., help="spec file, or a shipp
     """Prints registers, spills, shared memory and the SASS instruction mix (HGMMA, TMA loads, local
     memory, barriers) of each kernel at the cost model's tiling, with pointer and with TMA loads."""
     from attngen.errors import AttngenError
-    from attngen.tools.ab import check_option
     from attngen.tools.inspect_kernels import InspectError, inspect_spec
 
     try:
-        for name in option or ():
-            check_option(name, "--option")
         inspect_spec(resolve_spec(spec), shape, offline=offline, out=out, roles=role, dtype=dtype,
-                     options=tuple(option or ()), log=typer.echo)
+                     options=_lowering_options(option), log=typer.echo)
     except (AttngenError, InspectError, ValueError) as e:
         _fail(e)
 

@@ -649,10 +649,10 @@ def inverted_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, 
 
 
 def work_items(starts: torch.Tensor, rows: int, n_blocks: int, segment: int, entries: int):
-    """(items int64 [rows, n_items, 3], spans int64 [rows, n_blocks, 2]): the inverted lists
+    """(items int32 [rows, n_items, 3], spans int32 [rows, n_blocks, 2]): the inverted lists
     (inverted_lists' starts) cut into segments of at most `segment` tokens, so that the block every
     token chooses (the first) is many short programs rather than one long one. Item p of row r: (its
-    block, its first entry in tokens, its length; 0 past the row's last item); span (r, b): block b's
+    block, its first place in the entries, its length; 0 past the row's last item); span (r, b): block b's
     first item and how many, consecutive. n_items = n_blocks + entries // segment bounds the items
     of any row (entries: tokens x choices), so the grid needs no host read."""
     counts = (starts[1:] - starts[:-1]).view(rows, n_blocks)
