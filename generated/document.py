@@ -540,7 +540,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, 
 
 
 @triton.jit
-def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
+def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0, SPAN,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
@@ -572,6 +572,9 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     # [full_start, full_end): tiles all rows see in full.
     seq_lo = tl.minimum(tl.maximum(0, 0), Nk)
     seq_hi = tl.minimum(tl.maximum((Nk - 1) + 1, seq_lo), Nk)
+    # and within the queries' documents: SPAN [B, 2] (runtime/decode_gate.py, document_span)
+    seq_lo = tl.minimum(tl.maximum(seq_lo, tl.load(SPAN + off_b * 2)), Nk)
+    seq_hi = tl.maximum(tl.minimum(seq_hi, tl.load(SPAN + off_b * 2 + 1)), seq_lo)
     base = seq_lo // BLOCK_N * BLOCK_N
     split_len = tl.cdiv(tl.cdiv(seq_hi - base, BLOCK_N), tl.num_programs(0)) * BLOCK_N
     lo = tl.maximum(seq_lo, base + split * split_len)

@@ -485,7 +485,7 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, 
 
 
 @triton.jit
-def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0,
+def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0, SPAN,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,

@@ -53,6 +53,21 @@ def test_decode_matches_reference_split_and_not(name, Nq):
             _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, **kw)
 
 
+def _partial_lses(monkeypatch) -> list:
+    """The split merge's partial LSEs [B, Hq, Nq, splits], one per call, kept as it runs."""
+    parts, combine = [], decode._combine_splits
+
+    class Merge:
+        def __getitem__(self, grid):
+            def launch(o_part, lse_part, *args, **kw):
+                parts.append(lse_part.clone())
+                return combine[grid](o_part, lse_part, *args, **kw)
+            return launch
+
+    monkeypatch.setattr(decode, "_combine_splits", Merge())
+    return parts
+
+
 @pytest.mark.interp
 def test_splits_share_a_window_shorter_than_the_context(monkeypatch):
     """The splits cut each sequence's visible keys (here the window's 257 of up to 650), not the cache:
@@ -61,17 +76,7 @@ def test_splits_share_a_window_shorter_than_the_context(monkeypatch):
     slices of the capacity gave all of the window to the last one or two."""
     spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=4, Hkv=1, G=2, Nq=2, S=700,
                                                           lengths=(0, 1, 650, 300))
-    parts = []
-
-    class Merge:  # the split merge, its partial LSEs kept
-        def __getitem__(self, grid):
-            def launch(o_part, lse_part, *args, **kw):
-                parts.append(lse_part.clone())
-                return combine[grid](o_part, lse_part, *args, **kw)
-            return launch
-
-    combine = decode._combine_splits
-    monkeypatch.setattr(decode, "_combine_splits", Merge())
+    parts = _partial_lses(monkeypatch)
     with torch.no_grad():
         for splits in (1, 2, 5, 9, None):
             parts.clear()
@@ -262,6 +267,31 @@ def test_document_decoding_takes_query_ids_and_skips_other_documents():
                                                documents=(q_ids, kv_ids))
     _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, documents=(q_ids, kv_ids))
     assert torch.isinf(lse[0, :, 1]).all() and torch.isfinite(lse[0, :, 0]).all()
+
+
+@pytest.mark.interp
+def test_splits_share_the_queries_document(monkeypatch):
+    """Document ids bound the keys a decode walks (decode_gate.document_span): with 5 splits, each
+    of them sees keys of the 270 positions (5 tiles) of the 600-token sequence's last document, where
+    splits of the whole sequence gave them all to the last three; a query whose document also has keys
+    early in the cache (sequence 1, ids not sorted) and an empty sequence agree with the reference."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("document", B=3, Hkv=1, G=2, Nq=2, S=640,
+                                                          lengths=(600, 200, 0))
+    ids = (torch.arange(640) >= 330).long().repeat(3, 1)  # two documents: [0, 330) and [330, ...)
+    ids[1, :30] = 1  # sequence 1: its queries' document also holds positions 0 .. 29
+    ids[1, 30:] = 0
+    ids[1, 180:] = 1
+    pos = (lengths.long()[:, None] - 2 + torch.arange(2)).clamp(0, 639)
+    span = decode_gate.document_span(ids.gather(1, pos), ids, lengths)
+    assert span[:2].tolist() == [[330, 600], [0, 200]] and span[2, 0] > span[2, 1]
+    parts = _partial_lses(monkeypatch)
+    with torch.no_grad():
+        for splits in (1, 5):
+            parts.clear()
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits, documents=ids)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, documents=(ids.gather(1, pos), ids))
+    assert parts[0].shape[-1] == 5 and torch.isfinite(parts[0][0]).all()
 
 
 @pytest.mark.compiler

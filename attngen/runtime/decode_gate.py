@@ -1,7 +1,9 @@
 """What gates a decode call's key tiles beyond the spec's element mask: document ids and block
 layouts (specs with `document: true` or a `sparsity:` section). The decode kernel
 (templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and leaves the keys no packed
-row may see out of its loads (it still walks every tile: BENCHMARKS.md, "Gated decoding").
+row may see out of its loads (it walks every tile between its bounds: BENCHMARKS.md, "Gated
+decoding"). Document ids also bound the keys: `document_span` gives each sequence the first and one
+past the last position of its queries' documents, and the splits share the tiles between.
 
 Positions are absolute, as for the mask: the cache's slot p holds the key at position p, and a
 sequence of length L decodes the last Nq rows of the square L x L problem. So
@@ -32,9 +34,10 @@ class Gate:
     row0: torch.Tensor | None = None  # int32 [B]: the layout's first row per sequence (None: row 0)
     block: tuple[int, int] = (16, 16)  # the layout's block (bq, bk)
 
-    def tensors(self, placeholder: torch.Tensor):
-        """The kernel's QIDS, KVIDS, LAYOUT, ROW0 pointers (`placeholder` where absent: never read)."""
-        return tuple(placeholder if t is None else t for t in (self.q_ids, self.kv_ids, self.layout, self.row0))
+    def tensors(self, placeholder: torch.Tensor, seqlens: torch.Tensor):
+        """The kernel's QIDS, KVIDS, LAYOUT, ROW0, SPAN pointers (`placeholder` where absent: never read)."""
+        span = None if self.kv_ids is None else document_span(self.q_ids, self.kv_ids, seqlens)
+        return tuple(placeholder if t is None else t for t in (self.q_ids, self.kv_ids, self.layout, self.row0, span))
 
     def strides(self) -> tuple[int, ...]:
         """stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids."""
@@ -45,6 +48,20 @@ class Gate:
 
 
 NO_GATE = Gate()
+
+
+def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+    """int32 [B, 2]: the first and one past the last of each sequence's positions p < L whose id is
+    one of its queries' (lo > hi where none is): no visible key lies outside, so the decode kernel
+    walks only the tiles between. On the device, no host read (CUDA graphs)."""
+    S = kv_ids.shape[1]
+    ids = q_ids.sort(1).values  # [B, Nq]: is kv_ids[b, p] among them? by a binary search
+    at = torch.searchsorted(ids, kv_ids).clamp_(max=ids.shape[1] - 1)
+    pos = torch.arange(S, device=kv_ids.device)
+    hit = (ids.gather(1, at) == kv_ids) & (pos[None, :] < seqlens[:, None])
+    lo = torch.where(hit, pos, S).amin(1)
+    hi = torch.where(hit, pos + 1, 0).amax(1)
+    return torch.stack((lo, hi), 1).to(torch.int32)
 
 
 def _capturing() -> bool:
