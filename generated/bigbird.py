@@ -488,6 +488,11 @@ def _decode_gate(QIDS, KVIDS, LAYOUT, off_b, off_h, offs_m, t, start_n, lo, end,
     gate = gate & (bits != 0)[:, None]
     return gate
 @triton.jit
+def _listed_tile(row_blocks, j, LAYOUT_BK: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The first key of the j-th tile of a row of visible_blocks (after its count; a block holds
+    # LAYOUT_BK // BLOCK_N tiles). j may be one past the last tile: the padding, past every key.
+    return tl.load(row_blocks + 1 + j // (LAYOUT_BK // BLOCK_N)) * LAYOUT_BK + j % (LAYOUT_BK // BLOCK_N) * BLOCK_N
+@triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -539,13 +544,14 @@ def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, 
 
 @triton.jit
 def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS, QIDS, KVIDS, LAYOUT, ROW0, SPAN,
+                 BLOCKS,
                  stride_qb, stride_qh, stride_qm, stride_qd,
                  stride_kb, stride_kh, stride_kn, stride_kd,
                  stride_vb, stride_vh, stride_vn, stride_vd,
                  stride_ob, stride_oh, stride_om, stride_os, stride_od,
                  stride_lb, stride_lh, stride_lm, stride_ls, stride_fb, stride_fh, stride_fm, stride_fd,
                  stride_gb, stride_gh, stride_gm, stride_pb,
-                 stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids,
+                 stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids, stride_zb,
                  H, HKV, GROUP, n_q, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -570,11 +576,16 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     # [full_start, full_end): tiles all rows see in full.
     seq_lo = tl.minimum(tl.maximum(0, 0), Nk)
     seq_hi = tl.minimum(tl.maximum((Nk - 1) + 1, seq_lo), Nk)
-    base = seq_lo // BLOCK_N * BLOCK_N
-    split_len = tl.cdiv(tl.cdiv(seq_hi - base, BLOCK_N), tl.num_programs(0)) * BLOCK_N
-    lo = tl.maximum(seq_lo, base + split * split_len)
-    end = tl.minimum(seq_hi, base + split * split_len + split_len)
-    start = lo // BLOCK_N * BLOCK_N
+    # A layout walks the tiles of its visible key blocks, listed per (sequence, KV head) in BLOCKS
+    # (runtime/decode_gate.py, visible_blocks: the count, then the blocks); the splits share them.
+    row_blocks = BLOCKS + tl.program_id(1).to(tl.int64) * stride_zb
+    n_tiles = tl.load(row_blocks) * (LAYOUT_BK // BLOCK_N)
+    split_len = tl.cdiv(n_tiles, tl.num_programs(0))
+    j_lo = tl.minimum(split * split_len, n_tiles)
+    j_hi = tl.minimum(j_lo + split_len, n_tiles)
+    lo = seq_lo
+    end = seq_hi
+    start = _listed_tile(row_blocks, j_lo, LAYOUT_BK, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
                 + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
@@ -586,8 +597,9 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
     pages = _tile_pages(PAGES, off_b, start, lo, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
-    for start_n in range(start, end, BLOCK_N):
-        pages_next = _tile_pages(PAGES, off_b, start_n + BLOCK_N, lo, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
+    for j in range(j_lo, j_hi):
+        start_n = _listed_tile(row_blocks, j, LAYOUT_BK, BLOCK_N)
+        pages_next = _tile_pages(PAGES, off_b, _listed_tile(row_blocks, j + 1, LAYOUT_BK, BLOCK_N), lo, end, stride_pb, BLOCK_N, PAGE_SIZE, PAGES_AHEAD)
         gate = _decode_gate(QIDS, KVIDS, LAYOUT, off_b, off_h, offs_m, t, start_n, lo, end, row_ok, n_ids, stride_ib,
                             stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, row0, BLOCK_N, LAYOUT_BQ, LAYOUT_BK)
         acc, l_i, m_i = _decode_tile(

@@ -295,6 +295,50 @@ def test_splits_share_the_queries_document(monkeypatch):
 
 
 @pytest.mark.compiler
+@pytest.mark.parametrize("per_head", [True, False])
+def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
+    """decode_gate.visible_blocks against a loop over the packed rows: per (sequence, KV head), the
+    layout's key blocks below the length that one of the group's heads sees at one of the last Nq
+    positions, ascending, then padding; a layout per head or one for all, rows from row 0 or from
+    each sequence's row0 (the random term's rows near the queries); lengths 0, 2 < Nq, and long."""
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Nq, bq, bk, S = 3, 4, 2, 3, 64, 128, 700
+    lengths = torch.tensor([0, 2, 650], dtype=torch.int32)
+    n_kb = -(-S // bk)
+    if per_head:
+        layout, row0 = torch.rand(B, Hq, -(-S // bq), n_kb, generator=g) < 0.3, None
+    else:
+        layout, row0 = torch.rand(1, 1, 2, n_kb, generator=g) < 0.5, torch.tensor([0, 0, 647 // bq], dtype=torch.int32)
+    got = decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv, Nq)
+    assert got.shape == (B * Hkv, 2 + n_kb) and got.dtype == torch.int32
+    for b, L in enumerate(lengths.tolist()):
+        for hk in range(Hkv):
+            want = sorted({kb for h in range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv) for t in range(max(0, L - Nq), L)
+                           for kb in range(n_kb) if kb * bk < L
+                           and layout[min(b, layout.shape[0] - 1), min(h, layout.shape[1] - 1),
+                                      t // bq - (0 if row0 is None else int(row0[b])), kb]})
+            row = got[b * Hkv + hk].tolist()
+            assert row[0] == len(want) and row[1:1 + len(want)] == want and set(row[1 + len(want):]) == {n_kb}
+
+
+@pytest.mark.interp
+def test_splits_share_the_visible_blocks(monkeypatch):
+    """A block layout's decode walks only its visible key blocks (blocks 0, 1 and 9 of 10), which the
+    splits share: with 3, each sees keys, where slices of the sequence gave the middle one nothing."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("block_sparse", B=1, Hkv=1, G=2, S=1280, lengths=(1250,))
+    layout = torch.zeros(1, 2, 10, 10, dtype=torch.bool)
+    layout[:, :, 9, [0, 1, 9]] = True  # row 9: position 1249's
+    parts = _partial_lses(monkeypatch)
+    with torch.no_grad():
+        for splits in (1, 3):
+            parts.clear()
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits, layout=layout)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, layout=layout)
+    assert parts[0].shape[-1] == 3 and torch.isfinite(parts[0]).all()
+
+
+@pytest.mark.compiler
 def test_random_blocks_refuse_capture(monkeypatch):
     """bigbird's random blocks are drawn per sequence length on the host: not under torch.compile
     or CUDA graph capture, with the reason given."""

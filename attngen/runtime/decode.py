@@ -275,7 +275,7 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     else:
         ks, vs = k_cache.stride(), v_cache.stride()
     pages = block_table if paged else seqlens
-    kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens, *gate.tensors(seqlens, seqlens),
+    kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens, *gate.tensors(seqlens, seqlens, Hkv, Nq),
                  *q.stride(), *ks, *vs, *os_, *ls_, *o.stride(), *lse.stride(), pages.stride(0), *gate.strides(),
                  Hq, Hkv, group, Nq,
                  scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,

@@ -1,9 +1,9 @@
 """What gates a decode call's key tiles beyond the spec's element mask: document ids and block
 layouts (specs with `document: true` or a `sparsity:` section). The decode kernel
 (templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and leaves the keys no packed
-row may see out of its loads (it walks every tile between its bounds: BENCHMARKS.md, "Gated
-decoding"). Document ids also bound the keys: `document_span` gives each sequence the first and one
-past the last position of its queries' documents, and the splits share the tiles between.
+row may see out of its loads. It walks only what some row may see: a layout's visible key blocks
+(`visible_blocks`, a list per sequence and KV head), within the span of the queries' documents
+(`document_span`); the splits share those tiles (BENCHMARKS.md, "Gated decoding").
 
 Positions are absolute, as for the mask: the cache's slot p holds the key at position p, and a
 sequence of length L decodes the last Nq rows of the square L x L problem. So
@@ -34,17 +34,22 @@ class Gate:
     row0: torch.Tensor | None = None  # int32 [B]: the layout's first row per sequence (None: row 0)
     block: tuple[int, int] = (16, 16)  # the layout's block (bq, bk)
 
-    def tensors(self, placeholder: torch.Tensor, seqlens: torch.Tensor):
-        """The kernel's QIDS, KVIDS, LAYOUT, ROW0, SPAN pointers (`placeholder` where absent: never read)."""
+    def tensors(self, placeholder: torch.Tensor, seqlens: torch.Tensor, Hkv: int, Nq: int):
+        """The kernel's QIDS, KVIDS, LAYOUT, ROW0, SPAN, BLOCKS pointers (`placeholder` where absent:
+        never read)."""
         span = None if self.kv_ids is None else document_span(self.q_ids, self.kv_ids, seqlens)
-        return tuple(placeholder if t is None else t for t in (self.q_ids, self.kv_ids, self.layout, self.row0, span))
+        blocks = None if self.layout is None else visible_blocks(self.layout, self.row0, self.block, seqlens, Hkv, Nq)
+        return tuple(placeholder if t is None else t
+                     for t in (self.q_ids, self.kv_ids, self.layout, self.row0, span, blocks))
 
     def strides(self) -> tuple[int, ...]:
-        """stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids."""
+        """stride_ib, stride_jb, stride_yb, stride_yh, stride_yr, stride_yc, n_ids, stride_zb (a
+        row of visible_blocks')."""
         ids = (self.q_ids.stride(0), self.kv_ids.stride(0)) if self.q_ids is not None else (0, 0)
         lay = self.layout
         lay = tuple(0 if lay.shape[i] == 1 else lay.stride(i) for i in range(4)) if lay is not None else (0,) * 4
-        return (*ids, *lay, 0 if self.kv_ids is None else self.kv_ids.shape[1])
+        return (*ids, *lay, 0 if self.kv_ids is None else self.kv_ids.shape[1],
+                0 if self.layout is None else self.layout.shape[-1] + 2)
 
 
 NO_GATE = Gate()
@@ -62,6 +67,30 @@ def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tens
     lo = torch.where(hit, pos, S).amin(1)
     hi = torch.where(hit, pos + 1, 0).amax(1)
     return torch.stack((lo, hi), 1).to(torch.int32)
+
+
+def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple[int, int], seqlens: torch.Tensor,
+                   Hkv: int, Nq: int) -> torch.Tensor:
+    """int32 [B * Hkv, 2 + key blocks]: per (sequence, KV head), how many of the layout's key blocks
+    below the sequence's length some packed row sees (a query head of the group, at one of the
+    last Nq positions), then those blocks ascending, then padding (the key-block count: past every
+    key). The decode kernel walks only these blocks' tiles and its gate keeps each row to its own
+    bits. On the device, no host read (CUDA graphs)."""
+    bq, bk = block
+    B = seqlens.shape[0]
+    _, Hl, R, n_kb = layout.shape
+    lay = layout.expand(B, Hl, R, n_kb)
+    pos = (seqlens.long()[:, None] - Nq + torch.arange(Nq, device=seqlens.device)).clamp(min=0)  # [B, Nq]
+    rows = pos // bq - (0 if row0 is None else row0.long()[:, None])
+    idx = rows.clamp(0, R - 1)[:, None, :, None].expand(B, Hl, Nq, n_kb)
+    seen = (torch.gather(lay, 2, idx) != 0).any(2)  # [B, Hl, n_kb]: some query of the head sees the block
+    seen = seen.expand(B, Hkv, n_kb) if Hl == 1 else seen.view(B, Hkv, Hl // Hkv, n_kb).any(2)
+    kb = torch.arange(n_kb, device=seqlens.device)
+    seen = seen & (kb * bk < seqlens.long()[:, None, None])
+    out = torch.full((B * Hkv, 2 + n_kb), n_kb, dtype=torch.int32, device=seqlens.device)
+    out[:, 0] = seen.sum(-1).view(-1)
+    out[:, 1:-1] = torch.sort(torch.where(seen, kb, n_kb), -1).values.view(B * Hkv, n_kb)
+    return out
 
 
 def _capturing() -> bool:
