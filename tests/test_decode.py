@@ -53,8 +53,10 @@ def test_decode_matches_reference_split_and_not(name, Nq):
             _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, **kw)
 
 
-def _partial_lses(monkeypatch) -> list:
-    """The split merge's partial LSEs [B, Hq, Nq, splits], one per call, kept as it runs."""
+def _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, counts, ref=None, **kw) -> dict:
+    """Decodes with each count of splits, checks each run against the reference (`ref`: its extra
+    arguments) and returns, per count, the split merge's partial LSEs [B, Hq, Nq, splits] (None
+    when one split ran no merge)."""
     parts, combine = [], decode._combine_splits
 
     class Merge:
@@ -65,7 +67,15 @@ def _partial_lses(monkeypatch) -> list:
             return launch
 
     monkeypatch.setattr(decode, "_combine_splits", Merge())
-    return parts
+    runs = {}
+    with torch.no_grad():
+        for splits in counts:
+            parts.clear()
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits, **kw)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, **(ref or {}))
+            runs[splits] = parts[0] if parts else None
+    return runs
 
 
 @pytest.mark.interp
@@ -76,15 +86,8 @@ def test_splits_share_a_window_shorter_than_the_context(monkeypatch):
     slices of the capacity gave all of the window to the last one or two."""
     spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=4, Hkv=1, G=2, Nq=2, S=700,
                                                           lengths=(0, 1, 650, 300))
-    parts = _partial_lses(monkeypatch)
-    with torch.no_grad():
-        for splits in (1, 2, 5, 9, None):
-            parts.clear()
-            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
-                                                   num_splits=splits)
-            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
-            if splits == 5:
-                assert parts[0].shape[-1] == 5 and torch.isfinite(parts[0][2]).all()  # [B, Hq, Nq, splits]
+    runs = _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, (1, 2, 5, 9, None))
+    assert runs[5].shape[-1] == 5 and torch.isfinite(runs[5][2]).all()  # [B, Hq, Nq, splits]
 
 
 @pytest.mark.interp
@@ -284,14 +287,9 @@ def test_splits_share_the_queries_document(monkeypatch):
     pos = (lengths.long()[:, None] - 2 + torch.arange(2)).clamp(0, 639)
     span = decode_gate.document_span(ids.gather(1, pos), ids, lengths)
     assert span[:2].tolist() == [[330, 600], [0, 200]] and span[2, 0] > span[2, 1]
-    parts = _partial_lses(monkeypatch)
-    with torch.no_grad():
-        for splits in (1, 5):
-            parts.clear()
-            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
-                                                   num_splits=splits, documents=ids)
-            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, documents=(ids.gather(1, pos), ids))
-    assert parts[0].shape[-1] == 5 and torch.isfinite(parts[0][0]).all()
+    runs = _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, (1, 5),
+                       {"documents": (ids.gather(1, pos), ids)}, documents=ids)
+    assert runs[5].shape[-1] == 5 and torch.isfinite(runs[5][0]).all()
 
 
 @pytest.mark.compiler
@@ -328,14 +326,9 @@ def test_splits_share_the_visible_blocks(monkeypatch):
     spec, module, q, k_cache, v_cache, lengths, g = _case("block_sparse", B=1, Hkv=1, G=2, S=1280, lengths=(1250,))
     layout = torch.zeros(1, 2, 10, 10, dtype=torch.bool)
     layout[:, :, 9, [0, 1, 9]] = True  # row 9: position 1249's
-    parts = _partial_lses(monkeypatch)
-    with torch.no_grad():
-        for splits in (1, 3):
-            parts.clear()
-            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
-                                                   num_splits=splits, layout=layout)
-            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, layout=layout)
-    assert parts[0].shape[-1] == 3 and torch.isfinite(parts[0]).all()
+    runs = _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, (1, 3), {"layout": layout},
+                       layout=layout)
+    assert runs[3].shape[-1] == 3 and torch.isfinite(runs[3]).all()
 
 
 @pytest.mark.compiler
