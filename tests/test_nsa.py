@@ -121,8 +121,8 @@ def test_shipped_nsa_specs_verify(name):
 
 
 @pytest.mark.compiler
-def test_inverted_lists_give_each_block_the_choices_that_chose_it():
-    from attngen.runtime.nsa import inverted_lists
+def test_entry_lists_give_each_block_the_choices_that_chose_it():
+    from attngen.runtime.nsa import entry_lists
 
     g = torch.Generator().manual_seed(0)
     B, Hkv, N, n, n_blocks = 2, 3, 40, 4, 7
@@ -130,13 +130,15 @@ def test_inverted_lists_give_each_block_the_choices_that_chose_it():
     indices = torch.where(indices >= 0, indices, -1)
     indices = torch.stack([torch.stack([torch.stack([torch.tensor(sorted(set(r.tolist()) - {-1}) + [-1] * (n - len(set(r.tolist()) - {-1})))
                                                      for r in indices[b, h]]) for h in range(Hkv)]) for b in range(B)])
-    entries, starts = inverted_lists(indices.to(torch.int32), n_blocks)
+    entries, blocks, starts = entry_lists(indices.to(torch.int32), n_blocks)
+    flat = entries.flatten()
     for b in range(B):
         for h in range(Hkv):
-            for blk in range(n_blocks):
-                i = (b * Hkv + h) * n_blocks + blk
-                want = [t * n + indices[b, h, t].tolist().index(blk) for t in range(N) if blk in indices[b, h, t].tolist()]
-                assert entries[starts[i]:starts[i + 1]].tolist() == want
+            r = b * Hkv + h
+            for blk in range(n_blocks + 1):  # n_blocks: the slots that chose none, last
+                want = [t * n + s for t in range(N) for s in range(n) if indices[b, h, t, s] == (-1 if blk == n_blocks else blk)]
+                lo, hi = starts[r, blk].item(), (starts[r, blk + 1].item() if blk < n_blocks else (r + 1) * N * n)
+                assert flat[lo:hi].tolist() == want and (blocks[r, lo - r * N * n:hi - r * N * n] == blk).all()
 
 
 @pytest.mark.interp
@@ -373,7 +375,7 @@ def test_selected_backward_in_segments_matches_reference(tmp_path, G, steps):
 
 @pytest.mark.compiler
 def test_work_items_cut_each_block_into_segments_in_order():
-    from attngen.runtime.nsa import inverted_lists, work_items
+    from attngen.runtime.nsa import entry_lists, work_items
 
     g = torch.Generator().manual_seed(3)
     B, Hkv, N, n, n_blocks, segment = 2, 2, 50, 3, 6, 4
@@ -382,14 +384,15 @@ def test_work_items_cut_each_block_into_segments_in_order():
     idx[0, 1] = torch.stack([torch.randperm(n_blocks - 1, generator=g)[:n] + 1 for _ in range(N)])
     idx[0, 1, :, 0] = 0  # a block every token chose
     idx = torch.sort(idx, -1).values.to(torch.int32)
-    tokens, starts = inverted_lists(idx, n_blocks)  # entries t * n + slot: the order is the tokens'
-    items, spans = work_items(starts, B * Hkv, n_blocks, segment, N * n)
+    tokens, _, starts = entry_lists(idx, n_blocks)  # entries t * n + slot: the order is the tokens'
+    tokens = tokens.flatten()
+    items, spans = work_items(starts, segment, N * n)
     for r in range(B * Hkv):
         live = items[r][items[r, :, 2] > 0]
         assert (items[r, len(live):, 2] == 0).all()  # the live items first, then the grid's slack
         for b in range(n_blocks):
             first, count = spans[r, b].tolist()
-            lo, hi = starts[r * n_blocks + b].item(), starts[r * n_blocks + b + 1].item()
+            lo, hi = starts[r, b].item(), starts[r, b + 1].item()
             assert count == -(-(hi - lo) // segment)
             got = [t for blk, f, c in items[r, first:first + count].tolist()
                    for t in tokens[f:f + c].tolist() if blk == b]

@@ -9,7 +9,7 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
 4. the selected branch: the module's `_nsa_select_fwd` kernel (BLOCK_T tokens per program over
    the union of their blocks), or for small groups `_nsa_select_fwd_keys` (key-major, each choice
    a partial row merged by LSE); for the backward `_nsa_select_bwd_dq` (query-major) and
-   `_nsa_select_bwd_dkdv` (key-major, over inverted lists cut into segments) with its sum;
+   `_nsa_select_bwd_dkdv` (key-major, over each key block's choices cut into segments) with its sum;
 5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
 6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
 
@@ -486,7 +486,7 @@ class NSAModule:
         chunks = self._token_chunks(B, Hq, N, n, self.head_dim_v)
         for t0, t1 in chunks:
             C = t1 - t0
-            entries, blocks = entry_lists(indices[:, :, t0:t1], n_blocks)
+            entries, blocks, _ = entry_lists(indices[:, :, t0:t1], n_blocks)
             o_part = torch.empty(B, Hq, C, n, self.head_dim_v, dtype=torch.float32, device=q.device)
             lse_part = torch.empty(B, Hq, C, n, dtype=torch.float32, device=q.device)
             self.fwd_keys_kernel[(-(-C * n // block_e), B * Hkv)](
@@ -505,7 +505,7 @@ class NSAModule:
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
-        """dq, dk, dv: dK and dV key-major over the inverted lists, in work items of at most
+        """dq, dk, dv: dK and dV key-major over the lists of each block's choices (entry_lists()), in work items of at most
         backward_steps steps of a block's tokens whose partial sums a second kernel adds in order
         (deterministic, no atomics); dQ query-major, or where the forward is key-major
         (selected_order()) from the same work items, a partial row per choice that a last kernel
@@ -546,8 +546,8 @@ class NSAModule:
         for t0, t1 in chunks:
             C = t1 - t0
             idx = indices[:, :, t0:t1]
-            entries, starts = inverted_lists(idx, n_blocks)
-            items, spans = work_items(starts, B * Hkv, n_blocks, segment, C * n)
+            entries, _, starts = entry_lists(idx, n_blocks)
+            items, spans = work_items(starts, segment, C * n)
             n_items = items.shape[1]
             dk_part = torch.empty(B * Hkv * n_items, self.l_sel, args["HEAD_DIM_PAD"], dtype=torch.float32,
                                   device=q.device)
@@ -627,35 +627,16 @@ def union_lists(indices: torch.Tensor, block_t: int, n_blocks: int) -> tuple[tor
     return torch.where(u == big, -1, u), count
 
 
-def inverted_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entries int32, starts int64 [B * Hkv * n_blocks + 1]): the choices of key block b of (batch,
-    KV head) r, by ascending token, are entries[starts[i] : starts[i + 1]], i = r * n_blocks + b,
-    each t * n + slot (token t chose it in its slot-th place). On the device, without a host read (a
-    sort of the fixed-size list of choices)."""
-    B, Hkv, N, n = indices.shape
-    idx = indices.long()
-    valid = idx >= 0
-    row = torch.arange(B * Hkv, device=idx.device).view(B, Hkv, 1, 1)
-    block = row * n_blocks + idx.clamp(min=0)  # [B, Hkv, N, n]
-    entry = torch.arange(N * n, device=idx.device).view(1, 1, N, n)
-    last = B * Hkv * n_blocks  # chosen nothing: after every real list
-    key = torch.where(valid, block, last) * (N * n) + entry
-    entries = (torch.sort(key.flatten()).values % (N * n)).to(torch.int32)
-    counts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
-    counts.scatter_add_(0, torch.where(valid, block, last).flatten(), torch.ones_like(key.flatten()))
-    starts = torch.zeros(last + 1, dtype=torch.int64, device=idx.device)
-    starts[1:] = torch.cumsum(counts[:last], 0)
-    return entries, starts
-
-
-def work_items(starts: torch.Tensor, rows: int, n_blocks: int, segment: int, entries: int):
-    """(items int32 [rows, n_items, 3], spans int32 [rows, n_blocks, 2]): the inverted lists
-    (inverted_lists' starts) cut into segments of at most `segment` tokens, so that the block every
-    token chooses (the first) is many short programs rather than one long one. Item p of row r: (its
-    block, its first place in the entries, its length; 0 past the row's last item); span (r, b): block b's
-    first item and how many, consecutive. n_items = n_blocks + entries // segment bounds the items
-    of any row (entries: tokens x choices), so the grid needs no host read."""
-    counts = (starts[1:] - starts[:-1]).view(rows, n_blocks)
+def work_items(starts: torch.Tensor, segment: int, entries: int):
+    """(items int32 [rows, n_items, 3], spans int32 [rows, n_blocks, 2]): the lists of choices per
+    key block (entry_lists' starts [rows, n_blocks + 1]) cut into segments of at most `segment`
+    tokens, so that the block every token chooses (the first) is many short programs rather than
+    one long one. Item p of row r: (its block, its first place in the flattened entries, its length;
+    0 past the row's last item); span (r, b): block b's first item and how many, consecutive.
+    n_items = n_blocks + entries // segment bounds the items of any row (entries: tokens x choices),
+    so the grid needs no host read."""
+    rows, n_blocks = starts.shape[0], starts.shape[1] - 1
+    counts = starts[:, 1:] - starts[:, :-1]
     per = -(-counts // segment)  # a block's segments; none where no token chose it
     ends = per.cumsum(-1)
     n_items = n_blocks + entries // segment
@@ -663,17 +644,27 @@ def work_items(starts: torch.Tensor, rows: int, n_blocks: int, segment: int, ent
     block = torch.searchsorted(ends, p, right=True)
     b = block.clamp(max=n_blocks - 1)
     seg = (p - (ends.gather(1, b) - per.gather(1, b))) * segment
-    first = starts[:-1].view(rows, n_blocks).gather(1, b) + seg
+    first = starts[:, :-1].gather(1, b) + seg
     length = torch.where(block < n_blocks, (counts.gather(1, b) - seg).clamp(0, segment), 0)
     return torch.stack([b, first, length], -1).to(torch.int32), torch.stack([ends - per, per], -1).to(torch.int32)
 
 
-def entry_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entries int32 [B * Hkv, N * n], blocks int32 [B * Hkv, N * n]): each (batch, KV head)'s
-    choices sorted by block, then token: entry t * n + slot chose block blocks[...]; the slots that
-    chose none (-1) last, their block n_blocks. On the device, without a host read."""
+def entry_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entries int32 [rows, N n], blocks int32 [rows, N n], starts int64 [rows, n_blocks + 1]),
+    rows = B * Hkv: each (batch, KV head)'s choices sorted by block, then token. Entry t * n + slot
+    chose block blocks[...]; the slots that chose none (-1) come last, their block n_blocks. Block
+    b's choices of row r are the flattened entries[starts[r, b] : starts[r, b + 1]] (starts count
+    from the first row's first entry). Both loop orders walk them: key-major's forward in programs
+    of consecutive entries, the backward in work items per block (work_items()). On the device,
+    without a host read: one sort of (block, entry) keys per row."""
     B, Hkv, N, n = indices.shape
-    idx = indices.reshape(B * Hkv, N * n).long()
-    t = torch.arange(N, device=idx.device).repeat_interleave(n)
-    key, order = torch.sort(torch.where(idx >= 0, idx, n_blocks) * N + t, dim=-1, stable=True)
-    return order.to(torch.int32), (key // N).to(torch.int32)
+    rows, E = B * Hkv, N * n
+    idx = indices.reshape(rows, E).long()
+    key = torch.where(idx >= 0, idx, n_blocks) * E + torch.arange(E, device=idx.device)
+    key = torch.sort(key, dim=-1).values
+    blocks = key // E
+    bounds = torch.arange(n_blocks + 1, device=idx.device).expand(rows, n_blocks + 1).contiguous()
+    starts = torch.searchsorted(blocks, bounds) + torch.arange(rows, device=idx.device)[:, None] * E
+    return (key % E).to(torch.int32), blocks.to(torch.int32), starts
+
+
