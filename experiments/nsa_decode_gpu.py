@@ -1,0 +1,90 @@
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; written 2026-12-07 and not yet run there; results: data/nsa_decode_<date>_<gpu>.json).
+
+Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1: the compressed
+cache's update, the compressed branch and the selection in torch, the selected branch's kernel,
+the window branch's decode kernel, the gates' mix) against torch SDPA's backends over the whole
+dense cache (enable_gqa; one query sees every key, so no mask) and our dense causal decode (d128),
+in one process. bf16, Hq 64, Hkv 4, every sequence full; each step replayed as a CUDA graph
+(median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
+
+    PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attngen
+from attngen.bench import environment
+from attngen.bench_decode import _time
+from attngen.resources import resolve_spec
+
+CASES = "nsa:1x65536,nsa:8x65536,nsa:1x16384,nsa_linear:1x65536"
+HQ, HKV = 64, 4
+
+
+def _sdpa(q, k, v, scale):
+    out = {}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        out[name] = run
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default=CASES, help="spec:BxCONTEXT,...")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    causal = attngen.load(resolve_spec("causal"))
+    rows = []
+    for case in args.cases.split(","):
+        name, shape = case.split(":")
+        B, ctx = (int(x) for x in shape.split("x"))
+        nsa = attngen.load(resolve_spec(name)).RUNTIME
+        g = torch.Generator(device="cuda").manual_seed(0)
+        mk = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
+        q = mk(B, HQ, 1, nsa.head_dim)
+        k, v = mk(B, HKV, ctx, nsa.head_dim), mk(B, HKV, ctx, nsa.head_dim_v)
+        gates = torch.rand(B, HQ, 1, 3, generator=g, device="cuda").to(torch.bfloat16)
+        lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        weights = None
+        if nsa.kind == "linear":
+            weights = tuple(mk(HKV, nsa.l * e, e) * (1.0 / nsa.l) for e in (nsa.head_dim, nsa.head_dim_v))
+        row = {"spec": name, "case": f"{B}x{ctx}"}
+        with torch.no_grad():
+            cmp = nsa.compressed_cache(k, v, lengths, compress_weights=weights)
+            step = lambda: nsa.attention_with_kvcache(q, k, v, cache_seqlens=lengths, gates=gates,  # noqa: E731
+                                                      cmp_cache=cmp, compress_weights=weights)
+            out = step()
+            assert torch.isfinite(out.float()).all(), case
+            row["nsa"] = _time(step) * 1e3
+            calls = _sdpa(q, k, v, nsa.scale)
+            if nsa.head_dim == 128:
+                calls["ours_causal"] = lambda: causal.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
+                                                                            scale=nsa.scale)
+            for peer, fn in calls.items():
+                try:
+                    row[peer] = _time(fn) * 1e3
+                except RuntimeError as e:  # a backend that does not take the shape
+                    row[peer] = None
+                    row[f"{peer}_why"] = str(e).splitlines()[0][:160]
+        sdpa = [row[p] for p in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient") if row.get(p)]
+        row["best_sdpa_over_nsa"] = min(sdpa) / row["nsa"] if sdpa else None
+        print(row, flush=True)
+        rows.append(row)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
