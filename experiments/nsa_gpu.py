@@ -43,7 +43,7 @@ def _fwd_bwd(fn, inputs):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seqs", default="8192,16384")
+    ap.add_argument("--seqs", default="8192,16384,32768,65536")
     ap.add_argument("--specs", default="nsa,nsa_linear")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -89,6 +89,16 @@ def main() -> None:
                                                                             rt.compress(v, weights and weights[1])))
                 row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
                 row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                # the top blocks by the _nsa_top_blocks kernel instead of torch's sort (opt-in until timed)
+                by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
+                rt.top_blocks_kernel = True
+                try:
+                    row["stage select (fused scores, top-blocks kernel)"] = _ms(
+                        lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                    row["top-blocks kernel gives the sort's blocks"] = bool(
+                        torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], by_sort))
+                finally:
+                    rt.top_blocks_kernel = False
                 row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
                 # tokens per program: the automatic choice (above) against one token (the old kernel's
                 # tiling) and a few others; the union lists' share and size at the automatic one

@@ -441,6 +441,35 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
         tl.store(at, tl.load(at, mask=ok, other=0.0) + part, mask=ok)
 
 
+@triton.jit
+def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
+                    LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                    NB_PAD: tl.constexpr):
+    # The selection of BLOCK_R rows (a token and KV head each) from their block scores, SCORES [R,
+    # n_blocks] float32, at positions POS [R]: the forced blocks (the first INIT, the LOCAL ending at
+    # the row's own block), then the best-scored others up to COUNT, none after its own block;
+    # ascending, -1 padded (OUT [R, COUNT] int32). COUNT rounds of a max over the row held in
+    # registers, ties to the lower index (as a stable sort's), instead of sorting every score.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    own = tl.load(POS + r, mask=r_ok, other=0) // SEL_BLOCK
+    beta = tl.arange(0, NB_PAD)
+    s = tl.load(SCORES + r[:, None].to(tl.int64) * n_blocks + beta[None, :],
+                mask=r_ok[:, None] & (beta[None, :] < n_blocks), other=0.0)
+    forced = (beta[None, :] < INIT) | ((beta[None, :] > own[:, None] - LOCAL) & (beta[None, :] <= own[:, None]))
+    rank = tl.where(forced, float("inf"), s)
+    rank = tl.where((beta[None, :] > own[:, None]) | (beta[None, :] >= n_blocks), float("-inf"), rank)
+    slots = tl.arange(0, COUNT_PAD)
+    chosen = tl.full([BLOCK_R, COUNT_PAD], NB_PAD, tl.int32)  # NB_PAD: none (sorts last)
+    for i in tl.static_range(COUNT):
+        best, at = tl.max(rank, 1, return_indices=True, return_indices_tie_break_left=True)
+        chosen = tl.where((slots[None, :] == i) & (best > float("-inf"))[:, None], at[:, None], chosen)
+        rank = tl.where(beta[None, :] == at[:, None], float("-inf"), rank)
+    chosen = tl.sort(chosen, 1)
+    tl.store(OUT + r[:, None].to(tl.int64) * COUNT + slots[None, :], tl.where(chosen == NB_PAD, -1, chosen),
+             mask=r_ok[:, None] & (slots[None, :] < COUNT))
+
+
 
 from attngen.runtime.nsa import NSAModule  # noqa: E402
 

@@ -37,18 +37,49 @@ def test_nsa_matches_reference_with_gradients(tmp_path, kind, block, stride, G, 
 
 
 @pytest.mark.interp
-def test_nsa_selection_is_the_references_exactly(tmp_path):
+@pytest.mark.parametrize("kernel", [False, True])
+def test_nsa_selection_is_the_references_exactly(tmp_path, kernel):
+    """The selection (the top blocks by torch's sort, or by the _nsa_top_blocks kernel)."""
     spec, module = _module(tmp_path)
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 4, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g), \
         torch.randn(1, 2, 200, 16, generator=g)
     gates = torch.rand(1, 4, 200, 3, generator=g)
-    with torch.no_grad():
-        _, indices = module.attention(q, k, v, gates=gates, return_indices=True)
+    module.RUNTIME.top_blocks_kernel = kernel
+    try:
+        with torch.no_grad():
+            _, indices = module.attention(q, k, v, gates=gates, return_indices=True)
+    finally:
+        module.RUNTIME.top_blocks_kernel = False
     ref = reference_nsa.nsa_attention(q, k, v, gates, compress_block=32, compress_stride=16, select_block=32,
                                       select_count=3, init_blocks=1, local_blocks=1, window=40, return_parts=True)
     assert torch.equal(indices, ref["indices"])
     assert indices.shape == (1, 2, 200, 3) and (indices[:, :, :32] == -1).sum() > 0  # early rows: fewer blocks
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("n_blocks, count", [(7, 3), (40, 16), (3, 16)])
+def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
+    """_nsa_top_blocks (rounds of a max per row) against the torch path's stable sort, bit for bit:
+    scores with many ties (a few distinct values), zeros, rows whose own block is early (fewer
+    eligible blocks than count), fewer blocks than count, positions broadcast as decoding gives them."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    rt.count = count
+    g = torch.Generator().manual_seed(n_blocks)
+    scores = torch.randint(0, 4, (2, 3, 50, n_blocks), generator=g).float() / 4
+    scores[0, 0, :5] = 0.0
+    cases = [(scores, torch.randint(0, n_blocks * rt.l_sel, (50,), generator=g)),  # training: t [N]
+             (scores[:, :, :4], torch.randint(0, n_blocks * rt.l_sel, (2, 1, 4), generator=g))]  # decoding: [B, 1, Nq]
+    try:
+        for s, t in cases:
+            rt.top_blocks_kernel = False
+            want = rt._top_blocks(s, t)
+            rt.top_blocks_kernel = True
+            assert torch.equal(rt._top_blocks(s, t), want)
+    finally:
+        rt.top_blocks_kernel = False
+        rt.count = spec.nsa.select_count
 
 
 @pytest.mark.compiler

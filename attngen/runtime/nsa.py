@@ -91,9 +91,12 @@ class NSAModule:
         self.fwd_kernel, self.scores_kernel = ns["_nsa_select_fwd"], ns["_nsa_scores"]
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
         self.bwd_dkdv_sum_kernel, self.bwd_dq_sum_kernel = ns["_nsa_select_bwd_dkdv_sum"], ns["_nsa_select_bwd_dq_sum"]
-        self.fwd_keys_kernel = ns["_nsa_select_fwd_keys"]
+        self.fwd_keys_kernel, self.top_kernel = ns["_nsa_select_fwd_keys"], ns["_nsa_top_blocks"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
+        # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
+        # sort of every score: opt-in until timed (experiments/nsa_gpu.py; docs/decisions/nsa-plan.md)
+        self.top_blocks_kernel = False
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -384,6 +387,18 @@ class NSAModule:
         -1 padded; ties to the lower index (a stable sort)."""
         n_blocks = scores.shape[-1]
         n = min(self.count, n_blocks)
+        nb_pad = triton.next_power_of_2(max(n_blocks, 1))
+        if self.top_blocks_kernel and nb_pad <= _TOP_BLOCKS_MAX and scores.numel():
+            rows = scores.shape[:-1]
+            scores = scores.float().reshape(-1, n_blocks).contiguous()
+            pos = torch.as_tensor(t, device=scores.device).expand(rows).reshape(-1).to(torch.int32).contiguous()
+            out = torch.empty(scores.shape[0], n, dtype=torch.int32, device=scores.device)
+            block_r = max(1, 4096 // nb_pad)  # 32 scores a thread at 4 warps; 16 warps for the widest rows
+            self.top_kernel[(-(-scores.shape[0] // block_r),)](
+                scores, pos, out, scores.shape[0], n_blocks, SEL_BLOCK=self.l_sel, INIT=self.init, LOCAL=self.local,
+                COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r, NB_PAD=nb_pad,
+                num_warps=max(4, min(16, nb_pad // 1024)))
+            return out.view(*rows, n)
         beta = torch.arange(n_blocks, device=scores.device)
         own = (t // self.l_sel)[..., None]
         forced = (beta < self.init) | ((beta > own - self.local) & (beta <= own))
@@ -573,6 +588,9 @@ class NSAModule:
             dk.copy_(dk_to)
             dv.copy_(dv_to)
         return dq, dk, dv
+
+
+_TOP_BLOCKS_MAX = 16384  # the widest row of scores _nsa_top_blocks holds (1M tokens at blocks of 64)
 
 
 def loop_order(G: int) -> str:
