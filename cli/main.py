@@ -182,12 +182,13 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
             from attngen.runtime.decode import decode_plan
             from attngen.spec import load_spec
 
-            batch, heads, n_q, context = decode.split("x")
-            hq, hkv = (int(h) for h in heads.split("/"))
+            batch, hq, hkv, n_q, context = _decode_shape(decode)
             spec_ = load_spec(resolve_spec(spec))
-            plan = decode_plan(int(batch), hkv, hq // hkv * int(n_q), int(context), spec_.head_dim, TARGETS[target].sms)
+            layout = spec_.sparsity is not None
+            plan = decode_plan(batch, hkv, hq // hkv * n_q, context, spec_.head_dim, TARGETS[target].sms,
+                               key_block=spec_.sparsity.block[1] if layout else None)
             typer.echo(f"// decode, B={batch} Hq={hq} Hkv={hkv} Nq={n_q} context={context} on {target} "
-                       f"({TARGETS[target].sms} SMs)\n{plan.describe()}")
+                       f"({TARGETS[target].sms} SMs)\n{plan.describe(layout, spec_.mask.document)}")
             if spec_.nsa is not None:
                 from attngen.runtime.nsa import describe_selected
 
@@ -195,6 +196,20 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
                            f"{describe_selected(hq // hkv, int(context), max(spec_.head_dim, spec_.head_dim_v))}")
     except AttngenError as e:
         _fail(e)
+
+
+def _decode_shape(text: str) -> tuple[int, int, int, int, int]:
+    """--decode's BxHQ/HKVxNQxCONTEXT as (B, Hq, Hkv, Nq, context), or a ValueError saying the form."""
+    try:
+        batch, heads, n_q, context = text.split("x")
+        hq, hkv = (int(h) for h in heads.split("/"))
+        shape = int(batch), hq, hkv, int(n_q), int(context)
+    except ValueError:
+        shape = None
+    if shape is None or min(shape) < 1 or shape[1] % shape[2]:
+        raise typer.BadParameter(f"expected BxHQ/HKVxNQxCONTEXT, positive, HQ a multiple of HKV (e.g. "
+                                 f"1x32/8x1x131072); got {text!r}", param_hint="--decode")
+    return shape
 
 
 def _lowering_options(names: Optional[List[str]]) -> tuple[str, ...]:

@@ -43,6 +43,17 @@ def test_show_tiling_of_an_nsa_spec_names_its_selected_loop_orders():
 
 
 @pytest.mark.compiler
+def test_show_tiling_says_what_a_gated_decode_walks_and_refuses_a_bad_shape():
+    layout = runner.invoke(app, ["show", "block_sparse", "--emit", "tiling", "--decode", "1x32/8x1x131072"])
+    documents = runner.invoke(app, ["show", "document", "--emit", "tiling", "--decode", "1x32/8x1x131072"])
+    assert layout.exit_code == 0 and "of the tiles of the layout's visible key blocks" in layout.output
+    assert documents.exit_code == 0 and "within the span of the queries' documents" in documents.output
+    for bad in ("1x131072", "1x32/5x1x100", "1x32/8x0x100", "ax32/8x1x100"):
+        result = runner.invoke(app, ["show", "causal", "--emit", "tiling", "--decode", bad])
+        assert result.exit_code == 2 and "expected BxHQ/HKVxNQxCONTEXT" in result.output, bad
+
+
+@pytest.mark.compiler
 def test_generate_writes_once(tmp_path):
     spec = str(ROOT / "specs" / "causal.yaml")
     first = runner.invoke(app, ["generate", spec, "-o", str(tmp_path)])

@@ -42,11 +42,15 @@ class DecodePlan:
     pdl: bool = False
     pages_ahead: bool = False
 
-    def describe(self) -> str:
+    def describe(self, layout: bool = False, documents: bool = False) -> str:
+        """One line; `layout` / `documents`: the spec gates keys by a block layout / document ids."""
         merge = (", merged by the last" if self.fused else ", merged by a second kernel"
                  + (" (PDL where the GPU has it: sm90+)" if self.pdl else "")) if self.splits > 1 else ""
+        keys = "the tiles of the layout's visible key blocks (listed per sequence and KV head)" if layout \
+            else "a sequence's visible keys"
+        keys += " within the span of the queries' documents" if documents else ""
         return (f"{self.block_m} rows x {self.block_n} keys per step, {self.warps} warps, {self.stages} stages, "
-                f"{self.splits} split(s) of a sequence's visible keys (at most {self.split_len} each){merge}")
+                f"{self.splits} split(s) of {keys} (at most {self.split_len} keys each){merge}")
 
 
 def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
