@@ -244,8 +244,9 @@ def _gate_args(spec, B, Hq, Nq, S, lengths, g):
 @pytest.mark.parametrize("name", GATED)
 def test_gated_decoding_matches_reference_split_paged_and_not(name):
     """Several layout blocks and documents per sequence (the caches hold 320 positions); lengths 0
-    and 2 (fewer keys than the 3 queries); split and unsplit; paged runs give the contiguous bits."""
-    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Nq=3, S=320, lengths=(0, 2, 150, 320))
+    and 2 (fewer keys than the 3 queries), 130 (queries in two layout rows); split and unsplit; paged
+    runs give the contiguous bits."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Nq=3, S=320, lengths=(0, 2, 130, 320))
     kw, ref = _gate_args(spec, 4, q.shape[1], 3, 320, lengths, g)
     table = _shuffle(4, 320, 16, g)
     with torch.no_grad():
@@ -298,25 +299,31 @@ def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
     """decode_gate.visible_blocks against a loop over the packed rows: per (sequence, KV head), the
     layout's key blocks below the length that one of the group's heads sees at one of the last Nq
     positions, ascending, then padding; a layout per head or one for all, rows from row 0 or from
-    each sequence's row0 (the random term's rows near the queries); lengths 0, 2 < Nq, and long."""
+    each sequence's row0 (the random term's rows near the queries); lengths 0, 2 < Nq, and one whose
+    queries straddle two rows (639 .. 641); a document span cuts the list."""
     g = torch.Generator().manual_seed(3)
     B, Hq, Hkv, Nq, bq, bk, S = 3, 4, 2, 3, 64, 128, 700
-    lengths = torch.tensor([0, 2, 650], dtype=torch.int32)
+    lengths = torch.tensor([0, 2, 642], dtype=torch.int32)
     n_kb = -(-S // bk)
     if per_head:
         layout, row0 = torch.rand(B, Hq, -(-S // bq), n_kb, generator=g) < 0.3, None
     else:
-        layout, row0 = torch.rand(1, 1, 2, n_kb, generator=g) < 0.5, torch.tensor([0, 0, 647 // bq], dtype=torch.int32)
-    got = decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv, Nq)
-    assert got.shape == (B * Hkv, 2 + n_kb) and got.dtype == torch.int32
-    for b, L in enumerate(lengths.tolist()):
-        for hk in range(Hkv):
-            want = sorted({kb for h in range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv) for t in range(max(0, L - Nq), L)
-                           for kb in range(n_kb) if kb * bk < L
-                           and layout[min(b, layout.shape[0] - 1), min(h, layout.shape[1] - 1),
-                                      t // bq - (0 if row0 is None else int(row0[b])), kb]})
-            row = got[b * Hkv + hk].tolist()
-            assert row[0] == len(want) and row[1:1 + len(want)] == want and set(row[1 + len(want):]) == {n_kb}
+        layout, row0 = torch.rand(1, 1, 2, n_kb, generator=g) < 0.5, torch.tensor([0, 0, 639 // bq], dtype=torch.int32)
+    span = torch.tensor([[0, 0], [0, 2], [130, 520]], dtype=torch.int32)  # blocks 1 .. 4 of the third
+    for cut in (None, span):
+        got = decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv, Nq, cut)
+        assert got.shape == (B * Hkv, 2 + n_kb) and got.dtype == torch.int32
+        for b, L in enumerate(lengths.tolist()):
+            lo, hi = (0, L) if cut is None else cut[b].tolist()
+            for hk in range(Hkv):
+                want = sorted({kb for h in range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv) for t in range(max(0, L - Nq), L)
+                               for kb in range(n_kb) if kb * bk < min(L, hi) and (kb + 1) * bk > lo
+                               and layout[min(b, layout.shape[0] - 1), min(h, layout.shape[1] - 1),
+                                          t // bq - (0 if row0 is None else int(row0[b])), kb]})
+                row = got[b * Hkv + hk].tolist()
+                assert row[0] == len(want) and row[1:1 + len(want)] == want and set(row[1 + len(want):]) == {n_kb}
+    assert got[4:].tolist() != decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv,
+                                                          Nq)[4:].tolist()  # the span cut something
 
 
 @pytest.mark.interp
@@ -329,6 +336,24 @@ def test_splits_share_the_visible_blocks(monkeypatch):
     runs = _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, (1, 3), {"layout": layout},
                        layout=layout)
     assert runs[3].shape[-1] == 3 and torch.isfinite(runs[3]).all()
+
+
+@pytest.mark.compiler
+def test_a_gated_kernel_refuses_to_run_without_its_gate():
+    """The runtime's decode (what the op and bench-decode call) of a spec with a layout or document
+    ids needs them (its kernel would read a placeholder as its block list); a key tile larger than
+    the layout's key block is refused."""
+    spec, module, q, k_cache, v_cache, lengths, g = _case("bigbird", lengths=(5, 90, 0))
+    rt = runtime.of(module)
+    hp = rt.head_param_rows(q, {})
+    for name in ("bigbird", "document"):
+        with pytest.raises(ValueError, match="decodes with its document ids / block layout"):
+            runtime.of(attngen.load(resolve_spec(name))).decode(q, k_cache, v_cache, lengths, None, hp, rt.scale)
+    plan = decode.decode_plan(3, 2, 2, 160, spec.head_dim, 132, block_n=128)
+    gate = decode_gate.Gate(layout=torch.ones(1, 1, 3, 3, dtype=torch.uint8), block=(64, 64))
+    with pytest.raises(ValueError, match=r"key block \(64\) must hold whole key tiles; got block_n 128"):
+        decode.run(rt.decode_kernel, q, k_cache, v_cache, hp, lengths, None, rt.scale, plan, 2, spec.head_dim_v,
+                   rt.native, gate)
 
 
 @pytest.mark.compiler
@@ -430,15 +455,18 @@ def test_strided_lengths_and_block_table_give_the_contiguous_bits():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "document"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "block_sparse"])
 @pytest.mark.parametrize("page_size", [16, 48, 64])
 def test_page_numbers_loaded_a_step_ahead_give_the_same_bits(name, page_size):
     """plan.pages_ahead (off by default until timed): page numbers (one per key for pages smaller
     than a key tile, one per step for larger ones) loaded one step before the K/V loads they
     address, carried across the masked, full and masked loops (one loop for a gated spec); the same
     bits as loading them in the step, with splits whose bounds fall inside a tile and sequences of
-    0, 1 and a window's length."""
-    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Nq=2, lengths=(150, 1, 0, 97))
+    0, 1 and a window's length; a layout's list of blocks with a gap (the next tile is not the
+    adjacent one)."""
+    sparse = name == "block_sparse"
+    spec, module, q, k_cache, v_cache, lengths, g = _case(name, B=4, Nq=2, S=400 if sparse else 160,
+                                                          lengths=(330, 1, 0, 270) if sparse else (150, 1, 0, 97))
     rt = runtime.of(module)
     hp = rt.head_param_rows(q, {})
     table = _shuffle(4, k_cache.shape[2], page_size, g)
@@ -448,11 +476,15 @@ def test_page_numbers_loaded_a_step_ahead_give_the_same_bits(name, page_size):
         ids = (torch.arange(k_cache.shape[2]) // 40).to(torch.int32).expand(4, -1).contiguous()
         gate = decode_gate.Gate(*decode_gate.documents(ids, 4, 2, k_cache.shape[2], lengths, spec.name), None, None,
                                 (16, 16))
+    if sparse:  # blocks 0 and 2 of 4 (of 128 keys: tiles 0, 1, 4, 5 of 64)
+        layout = torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
+        layout[..., [0, 2]] = 1
+        gate = decode_gate.Gate(layout=layout, block=(128, 128))
     for splits in (1, 3):
         outs = []
         for ahead in (False, True):
             plan = decode.decode_plan(4, 2, 4, k_cache.shape[2], spec.head_dim, decode.sms(q.device), splits=splits,
-                                      pages_ahead=ahead)
+                                      pages_ahead=ahead, key_block=128 if sparse else None)
             outs.append(decode.run(rt.decode_kernel, q, k_pages, v_pages, hp, lengths, table, rt.scale, plan, 2,
                                    spec.head_dim_v, rt.native, gate))
         assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1]), (splits, page_size)

@@ -256,6 +256,9 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log) from the decode kernel (and the
     combine kernel when the keys are split); `gate`: the call's document ids and block layout."""
     B, Hq, Nq, D = q.shape
+    if gate.layout is not None and (plan.block_n > gate.block[1] or gate.block[1] % plan.block_n):
+        raise ValueError(f"a block layout's key block ({gate.block[1]}) must hold whole key tiles; got block_n "
+                         f"{plan.block_n}")
     seqlens = seqlens.contiguous()  # the kernel reads both with unit stride (no copy when already so)
     block_table = None if block_table is None else block_table.contiguous()
     o = torch.empty(B, Hq, Nq, head_dim_v, dtype=q.dtype, device=q.device)
@@ -273,13 +276,15 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     grid = (plan.splits, B * Hkv, -(-rows // plan.block_m))
     locks = _locks(q.device, grid[1] * grid[2]) if fused else seqlens
     paged = block_table is not None
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
     if paged:  # [pages, page_size, Hkv, D]: a page, the cache's head, a slot
         ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
         vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))
     else:
         ks, vs = k_cache.stride(), v_cache.stride()
     pages = block_table if paged else seqlens
-    kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens, *gate.tensors(seqlens, seqlens, Hkv, Nq),
+    kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens,
+                 *gate.tensors(seqlens, seqlens, Hkv, Nq, capacity),
                  *q.stride(), *ks, *vs, *os_, *ls_, *o.stride(), *lse.stride(), pages.stride(0), *gate.strides(),
                  Hq, Hkv, group, Nq,
                  scale * 1.4426950408889634, HEAD_DIM=D, HEAD_DIM_V=head_dim_v,

@@ -3,7 +3,8 @@ layouts (specs with `document: true` or a `sparsity:` section). The decode kerne
 (templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and leaves the keys no packed
 row may see out of its loads. It walks only what some row may see: a layout's visible key blocks
 (`visible_blocks`, a list per sequence and KV head), within the span of the queries' documents
-(`document_span`); the splits share those tiles (BENCHMARKS.md, "Gated decoding").
+(`document_span`); the splits share those tiles (BENCHMARKS.md, "Gated decoding"). A layout's list
+is not cut by the mask's own bounds (a window's start): tiles below it are walked, fully masked.
 
 Positions are absolute, as for the mask: the cache's slot p holds the key at position p, and a
 sequence of length L decodes the last Nq rows of the square L x L problem. So
@@ -34,11 +35,12 @@ class Gate:
     row0: torch.Tensor | None = None  # int32 [B]: the layout's first row per sequence (None: row 0)
     block: tuple[int, int] = (16, 16)  # the layout's block (bq, bk)
 
-    def tensors(self, placeholder: torch.Tensor, seqlens: torch.Tensor, Hkv: int, Nq: int):
+    def tensors(self, placeholder: torch.Tensor, seqlens: torch.Tensor, Hkv: int, Nq: int, capacity: int):
         """The kernel's QIDS, KVIDS, LAYOUT, ROW0, SPAN, BLOCKS pointers (`placeholder` where absent:
         never read)."""
-        span = None if self.kv_ids is None else document_span(self.q_ids, self.kv_ids, seqlens)
-        blocks = None if self.layout is None else visible_blocks(self.layout, self.row0, self.block, seqlens, Hkv, Nq)
+        span = None if self.kv_ids is None else document_span(self.q_ids, self.kv_ids[:, :capacity], seqlens)
+        blocks = None if self.layout is None else \
+            visible_blocks(self.layout, self.row0, self.block, seqlens, Hkv, Nq, span)
         return tuple(placeholder if t is None else t
                      for t in (self.q_ids, self.kv_ids, self.layout, self.row0, span, blocks))
 
@@ -70,24 +72,32 @@ def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tens
 
 
 def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple[int, int], seqlens: torch.Tensor,
-                   Hkv: int, Nq: int) -> torch.Tensor:
+                   Hkv: int, Nq: int, span: torch.Tensor | None = None) -> torch.Tensor:
     """int32 [B * Hkv, 2 + key blocks]: per (sequence, KV head), how many of the layout's key blocks
-    below the sequence's length some packed row sees (a query head of the group, at one of the
-    last Nq positions), then those blocks ascending, then padding (the key-block count: past every
-    key). The decode kernel walks only these blocks' tiles and its gate keeps each row to its own
-    bits. On the device, no host read (CUDA graphs)."""
+    below the sequence's length (and meeting `span`, document_span's, when given) some packed row
+    sees (a query head of the group, at one of the last Nq positions), then those blocks ascending,
+    then padding (the key-block count: past every key). The decode kernel walks only these blocks'
+    tiles and its gate keeps each row to its own bits. On the device, no host read (CUDA graphs)."""
     bq, bk = block
     B = seqlens.shape[0]
     _, Hl, R, n_kb = layout.shape
-    lay = layout.expand(B, Hl, R, n_kb)
-    pos = (seqlens.long()[:, None] - Nq + torch.arange(Nq, device=seqlens.device)).clamp(min=0)  # [B, Nq]
-    rows = pos // bq - (0 if row0 is None else row0.long()[:, None])
-    idx = rows.clamp(0, R - 1)[:, None, :, None].expand(B, Hl, Nq, n_kb)
-    seen = (torch.gather(lay, 2, idx) != 0).any(2)  # [B, Hl, n_kb]: some query of the head sees the block
+    dev = seqlens.device
+    lengths = seqlens.long()
+    # the Nq queries' layout rows: a run of at most (Nq - 1) // bq + 2 from the first query's
+    base = 0 if row0 is None else row0.long()
+    first, last = (lengths - Nq).clamp(min=0) // bq - base, (lengths - 1).clamp(min=0) // bq - base
+    rows = first[:, None] + torch.arange((Nq - 1) // bq + 2, device=dev)  # [B, runs]
+    live = rows <= last[:, None]
+    idx = rows.clamp(0, R - 1)[:, None, :, None].expand(B, Hl, rows.shape[1], n_kb)
+    seen = (torch.gather(layout.expand(B, Hl, R, n_kb), 2, idx) != 0) & live[:, None, :, None]
+    seen = seen.any(2)  # [B, Hl, n_kb]: some query of the head sees the block
     seen = seen.expand(B, Hkv, n_kb) if Hl == 1 else seen.view(B, Hkv, Hl // Hkv, n_kb).any(2)
-    kb = torch.arange(n_kb, device=seqlens.device)
-    seen = seen & (kb * bk < seqlens.long()[:, None, None])
-    out = torch.full((B * Hkv, 2 + n_kb), n_kb, dtype=torch.int32, device=seqlens.device)
+    kb = torch.arange(n_kb, device=dev)
+    keep = kb * bk < lengths[:, None]
+    if span is not None:  # blocks that meet [lo, hi), the queries' documents
+        keep = keep & ((kb + 1) * bk > span[:, :1]) & (kb * bk < span[:, 1:])
+    seen = seen & keep[:, None, :]
+    out = torch.full((B * Hkv, 2 + n_kb), n_kb, dtype=torch.int32, device=dev)
     out[:, 0] = seen.sum(-1).view(-1)
     out[:, 1:-1] = torch.sort(torch.where(seen, kb, n_kb), -1).values.view(B * Hkv, n_kb)
     return out

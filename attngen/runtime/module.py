@@ -648,7 +648,11 @@ class KernelModule:
 
     def decode(self, q, k_cache, v_cache, seqlens, block_table, hp, scale: float, splits: int = 0,
                gate: decode_gate.Gate = decode_gate.NO_GATE):
-        """o, lse of decoding (no checks; seqlens counts each sequence's keys, the appended ones included)."""
+        """o, lse of decoding (no checks but the gate's; seqlens counts each sequence's keys, the
+        appended ones included)."""
+        if (self.document and gate.kv_ids is None) or (self.sparsity and gate.layout is None):
+            raise ValueError(f"spec {self.name!r} decodes with its document ids / block layout: pass a "
+                             f"decode_gate.Gate holding them (attention_with_kvcache makes it)")
         paged = block_table is not None
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
         capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
