@@ -4,8 +4,9 @@ Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1
 cache's update, the compressed branch and the selection in torch, the selected branch's kernel,
 the window branch's decode kernel, the gates' mix) against torch SDPA's backends over the whole
 dense cache (enable_gqa; one query sees every key, so no mask) and our dense causal decode (d128),
-in one process. bf16, Hq 64, Hkv 4, every sequence full; each step replayed as a CUDA graph
-(median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
+in one process; the NSA step also under torch.compile(fullgraph=True), whose Inductor fuses the
+torch ops between the kernels. bf16, Hq 64, Hkv 4, every sequence full; each step replayed as a
+CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
 
     PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json
 """
@@ -67,6 +68,18 @@ def main() -> None:
             out = step()
             assert torch.isfinite(out.float()).all(), case
             row["nsa"] = _time(step) * 1e3
+            # the same step under torch.compile (Inductor fuses the torch ops between the kernels)
+            mod = attngen.load(resolve_spec(name))
+            compiled = torch.compile(lambda q, k, v, lengths, gates, kc, vc: mod.attention_with_kvcache(
+                q, k, v, cache_seqlens=lengths, gates=gates, cmp_cache=(kc, vc), compress_weights=weights),
+                fullgraph=True)
+            try:
+                got = compiled(q, k, v, lengths, gates, *cmp)
+                row["nsa compiled vs eager max diff"] = (got.float() - out.float()).abs().max().item()
+                row["nsa compiled"] = _time(lambda: compiled(q, k, v, lengths, gates, *cmp)) * 1e3
+            except Exception as e:  # noqa: BLE001 (a compile failure is a result to report)
+                row["nsa compiled"] = None
+                row["nsa compiled_why"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             calls = _sdpa(q, k, v, nsa.scale)
             if nsa.head_dim == 128:
                 calls["ours_causal"] = lambda: causal.attention_with_kvcache(q, k, v, cache_seqlens=lengths,
