@@ -442,32 +442,174 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
 
 
 @triton.jit
-def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
-                    LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                    NB_PAD: tl.constexpr):
-    # The selection of BLOCK_R rows (a token and KV head each) from their block scores, SCORES [R,
-    # n_blocks] float32, at positions POS [R]: the forced blocks (the first INIT, the LOCAL ending at
-    # the row's own block), then the best-scored others up to COUNT, none after its own block;
-    # ascending, -1 padded (OUT [R, COUNT] int32). COUNT rounds of a max over the row held in
-    # registers, ties to the lower index (as a stable sort's), instead of sorting every score.
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < R
-    own = tl.load(POS + r, mask=r_ok, other=0) // SEL_BLOCK
+def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr,
+                 COUNT_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+    # [R, COUNT_PAD] int32: from block scores s [R, NB_PAD] (columns past n_blocks ignored) of rows
+    # whose own block is own [R], the forced blocks (the first INIT, the LOCAL ending at the own),
+    # then the best-scored others up to COUNT, none after the own; ascending, -1 padded. COUNT rounds
+    # of a max with its index (ties to the lower index, as a stable sort's), then a sort of the few.
     beta = tl.arange(0, NB_PAD)
-    s = tl.load(SCORES + r[:, None].to(tl.int64) * n_blocks + beta[None, :],
-                mask=r_ok[:, None] & (beta[None, :] < n_blocks), other=0.0)
     forced = (beta[None, :] < INIT) | ((beta[None, :] > own[:, None] - LOCAL) & (beta[None, :] <= own[:, None]))
     rank = tl.where(forced, float("inf"), s)
     rank = tl.where((beta[None, :] > own[:, None]) | (beta[None, :] >= n_blocks), float("-inf"), rank)
     slots = tl.arange(0, COUNT_PAD)
-    chosen = tl.full([BLOCK_R, COUNT_PAD], NB_PAD, tl.int32)  # NB_PAD: none (sorts last)
+    chosen = tl.full([s.shape[0], COUNT_PAD], NB_PAD, tl.int32)  # NB_PAD: none (sorts last)
     for i in tl.static_range(COUNT):
         best, at = tl.max(rank, 1, return_indices=True, return_indices_tie_break_left=True)
         chosen = tl.where((slots[None, :] == i) & (best > float("-inf"))[:, None], at[:, None], chosen)
         rank = tl.where(beta[None, :] == at[:, None], float("-inf"), rank)
     chosen = tl.sort(chosen, 1)
-    tl.store(OUT + r[:, None].to(tl.int64) * COUNT + slots[None, :], tl.where(chosen == NB_PAD, -1, chosen),
+    return tl.where(chosen == NB_PAD, -1, chosen)
+
+
+@triton.jit
+def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
+                    LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                    NB_PAD: tl.constexpr):
+    # The selection (_top_of_rows) of BLOCK_R rows (a token and KV head each) from their block
+    # scores, SCORES [R, n_blocks] float32, at positions POS [R], into OUT [R, COUNT] int32: a row
+    # held in registers instead of a sort of every score.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    pos = tl.load(POS + r, mask=r_ok, other=0)
+    own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
+    beta = tl.arange(0, NB_PAD)
+    s = tl.load(SCORES + r[:, None].to(tl.int64) * n_blocks + beta[None, :],
+                mask=r_ok[:, None] & (beta[None, :] < n_blocks), other=0.0)
+    chosen = _top_of_rows(s, own, n_blocks, INIT, LOCAL, COUNT, COUNT_PAD, NB_PAD)
+    slots = tl.arange(0, COUNT_PAD)
+    tl.store(OUT + r[:, None].to(tl.int64) * COUNT + slots[None, :], chosen,
              mask=r_ok[:, None] & (slots[None, :] < COUNT))
+
+
+
+@triton.jit
+def _nsa_decode_cmp(Q, KC, VC, SEQLENS, O_PART, M_PART, L_PART, SB_PART,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_cb, stride_ch, stride_cn, stride_cd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    n_cmp, n_q, split_len, HKV, GROUP, qk_scale,
+                    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                    NB_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Program (split, batch x KV head, row tile): the compressed tokens [split * split_len, + split_len)
+    # of the sequence (those the last query sees) for BLOCK_M packed rows (query head in the group,
+    # query). Row (head, t) sits at position L - n_q + t and sees the compressed tokens j whose window
+    # ends by it: j < nv = (pos - CMP_BLOCK + 1) // CMP_STRIDE + 1. Stores per row and split: the
+    # output normalized by its sum (O_PART [.., splits, Dv]), the max in log2 units (M_PART), the sum
+    # (L_PART), and SB_PART [.., splits, NB_SPLIT]: sum_j 2^(s_j - m) |[j d, j d + l) n block| / d
+    # over the NB_SPLIT blocks from the split's first, b0 = split * split_len * d // l'.
+    split = tl.program_id(0)
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * n_q
+    t = rows % n_q
+    off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+    L = tl.load(SEQLENS + off_b)
+    pos = L - n_q + t
+    nv = tl.where(pos >= CMP_BLOCK - 1, (pos - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
+    nv = tl.where(row_ok, tl.minimum(nv, n_cmp), 0)
+    last = L - 1
+    nv_last = tl.where(last >= CMP_BLOCK - 1, (last - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
+    c_lo = split * split_len
+    c_hi = tl.minimum(c_lo + split_len, tl.minimum(nv_last, n_cmp))
+    b0 = c_lo * CMP_STRIDE // SEL_BLOCK
+    beta = b0 + tl.arange(0, NB_SPLIT)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    KC += off_b.to(tl.int64) * stride_cb + off_hk.to(tl.int64) * stride_ch
+    VC += off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    sb = tl.zeros([BLOCK_M, NB_SPLIT], dtype=tl.float32)
+    for c in range(c_lo, c_hi, BLOCK_C):
+        j = c + tl.arange(0, BLOCK_C)
+        kc = tl.load(KC + j[:, None].to(tl.int64) * stride_cn + offs_d[None, :] * stride_cd,
+                     mask=(j < c_hi)[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        vc = tl.load(VC + j[:, None].to(tl.int64) * stride_vn + offs_dv[None, :] * stride_vd,
+                     mask=(j < c_hi)[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        s = tl.dot(q, tl.trans(kc), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(j[None, :] < nv[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(vc.dtype), vc, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        lo = tl.maximum(j[:, None] * CMP_STRIDE, beta[None, :] * SEL_BLOCK)
+        hi = tl.minimum(j[:, None] * CMP_STRIDE + CMP_BLOCK, (beta[None, :] + 1) * SEL_BLOCK)
+        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_STRIDE  # [BLOCK_C, NB_SPLIT] the windows' overlaps
+        sb = tl.dot(p, w, sb * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+    part = ((off_b * HKV * GROUP + off_h).to(tl.int64) * n_q + t) * tl.num_programs(0) + split  # [rows, splits]
+    l_use = tl.where(l_i == 0.0, 1.0, l_i)
+    tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], acc / l_use[:, None],
+             mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+    tl.store(SB_PART + part[:, None] * NB_SPLIT + tl.arange(0, NB_SPLIT)[None, :], sb, mask=row_ok[:, None])
+
+
+@triton.jit
+def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, IDX, n_splits, n_q, split_len,
+                       n_blocks, HKV, GROUP, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                       INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr,
+                       HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
+                       SPLITS_PAD: tl.constexpr, NB_SPLIT: tl.constexpr, NB_PAD: tl.constexpr):
+    # Program (batch x KV head, query t): per query head of the group, its splits merged by their
+    # LSE into o_cmp (O_CMP [B, HQ, n_q, Dv] float32); each split's block sums scaled by 2^(m - lse)
+    # (the probabilities' own normalization, per head) and added over the group into the query's row
+    # of SCORES [B, HKV, n_q, n_blocks] (zeroed here; splits that meet at a block add to it in turn);
+    # then that row's top blocks (_top_of_rows) into IDX [B, HKV, n_q, COUNT].
+    off_b = tl.program_id(0) // HKV
+    off_hk = tl.program_id(0) % HKV
+    t = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    s_idx = tl.arange(0, SPLITS_PAD)
+    rows = ((off_b * HKV * GROUP + off_hk * GROUP + g).to(tl.int64) * n_q + t) * n_splits  # [G]: split 0's
+    ml_ok = g_ok[:, None] & (s_idx[None, :] < n_splits)
+    m = tl.load(M_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=float("-inf"))
+    l = tl.load(L_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=0.0)
+    m_max = tl.max(m, 1)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    total = tl.sum(l * tl.math.exp2(m - m_max[:, None]), 1)  # [G]
+    lse2 = m_max + tl.math.log2(tl.where(total == 0.0, 1.0, total))
+    score_row = SCORES + ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * n_blocks
+    beta = tl.arange(0, NB_PAD)
+    tl.store(score_row + beta, tl.zeros([NB_PAD], dtype=tl.float32), mask=beta < n_blocks)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    k = tl.arange(0, NB_SPLIT)
+    o = tl.zeros([BLOCK_G, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for s in range(0, n_splits):
+        m_s = tl.load(M_PART + rows + s, mask=g_ok, other=float("-inf"))
+        l_s = tl.load(L_PART + rows + s, mask=g_ok, other=0.0)
+        c = tl.where(l_s > 0.0, tl.math.exp2(m_s - lse2), 0.0)  # [G]: this split's share of each head's 2^lse
+        o_s = tl.load(O_PART + (rows + s)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+                      mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
+        o += (c * l_s)[:, None] * o_s
+        sb = tl.load(SB_PART + (rows + s)[:, None] * NB_SPLIT + k[None, :], mask=g_ok[:, None], other=0.0)
+        add = tl.sum(c[:, None] * sb, 0)  # [NB_SPLIT]: the group's normalized block sums
+        at = s * split_len * CMP_STRIDE // SEL_BLOCK + k
+        tl.debug_barrier()  # the previous split's stores to a block both meet, before this load
+        tl.store(score_row + at, tl.load(score_row + at, mask=at < n_blocks, other=0.0) + add, mask=at < n_blocks)
+    out = ((off_b * HKV * GROUP + off_hk * GROUP + g).to(tl.int64) * n_q + t) * HEAD_DIM_V
+    tl.store(O_CMP + out[:, None] + offs_dv[None, :], o, mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.debug_barrier()
+    scores = tl.load(score_row + beta, mask=beta < n_blocks, other=0.0)
+    pos = tl.load(SEQLENS + off_b) - n_q + t
+    own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
+    chosen = _top_of_rows(scores[None, :], tl.full([1], 0, tl.int32) + own, n_blocks, INIT, LOCAL, COUNT, COUNT_PAD,
+                          NB_PAD)
+    slots = tl.arange(0, COUNT_PAD)
+    idx = ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * COUNT
+    tl.store(IDX + idx + slots[None, :], chosen, mask=slots[None, :] < COUNT)
 
 
 

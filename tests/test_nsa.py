@@ -82,6 +82,35 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
         rt.count = spec.nsa.select_count
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("G, Nq, block_c", [(2, 1, 16), (3, 3, 16), (16, 1, 32), (1, 2, 64)])
+def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c):
+    """NSA decoding's compressed branch and selection in two kernels (opt-in fused_decode) against the
+    torch path: o_cmp within fp32 rounding, and the same blocks but where scores tie (as the selection
+    check allows); lengths 0, below one window (nothing compressed is visible), ragged, and the whole
+    cache; splits of 16 compressed tokens meeting inside a selection block."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(G * 10 + Nq)
+    B, Hkv, S = 4, 2 if G < 16 else 1, 300
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+    lengths = torch.tensor([0, 20, 187, 300])
+    cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
+    q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
+    pos = lengths[:, None] - Nq + torch.arange(Nq)
+    want_o, want_idx = rt._decode_compressed(q, cmp, pos, rt.scale, S)
+    got_o, got_idx = rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c)
+    assert (got_o - want_o).abs().max() < 1e-5
+    n_cmp, n_blocks = cmp[0].shape[2], -(-S // rt.l_sel)
+    s = (q.double().view(B, Hkv, G, Nq, 32) @ cmp[0].double()[:, :, None].transpose(-1, -2)) * rt.scale
+    visible = (torch.arange(n_cmp) * rt.d + rt.l - 1) <= pos[:, None, None, :, None]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    scores = (p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()).float()
+    ok, _ = selection_agrees(got_idx, want_idx, scores)
+    assert ok and got_idx.shape == want_idx.shape
+    assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
+
+
 @pytest.mark.compiler
 def test_selection_check_allows_only_equal_scores():
     scores = torch.tensor([[[[5.0, 2.0, 2.0, 1.0]]]])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .decode import _combine_splits
+from .decode import _combine_splits, sms
 from .library import register_nsa_ops
 from .module import check_qkv
 
@@ -92,11 +92,15 @@ class NSAModule:
         self.bwd_dq_kernel, self.bwd_dkdv_kernel = ns["_nsa_select_bwd_dq"], ns["_nsa_select_bwd_dkdv"]
         self.bwd_dkdv_sum_kernel, self.bwd_dq_sum_kernel = ns["_nsa_select_bwd_dkdv_sum"], ns["_nsa_select_bwd_dq_sum"]
         self.fwd_keys_kernel, self.top_kernel = ns["_nsa_select_fwd_keys"], ns["_nsa_top_blocks"]
+        self.decode_cmp_kernel, self.decode_select_kernel = ns["_nsa_decode_cmp"], ns["_nsa_decode_select"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
         # sort of every score: opt-in until timed (experiments/nsa_gpu.py; docs/decisions/nsa-plan.md)
         self.top_blocks_kernel = False
+        # decoding's compressed branch and selection in two kernels (_decode_compressed_fused) instead
+        # of about 35 torch ops: opt-in until timed (experiments/nsa_decode_gpu.py)
+        self.fused_decode = False
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -250,7 +254,12 @@ class NSAModule:
         scale = self.scale if scale is None else float(scale)
         pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
         self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
-        o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
+        n_blocks = -(-S // self.l_sel)
+        if self.fused_decode and cmp_cache[0].shape[2] and triton.next_power_of_2(n_blocks) <= _TOP_BLOCKS_MAX \
+                and not torch.compiler.is_compiling():  # (kernels launched from the host: not traced)
+            o_cmp, indices = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
+        else:
+            o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
         first = (lengths - Nq).to(torch.int32)
         if torch.compiler.is_compiling():  # an op: opaque to the tracer, as in attention
             o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale, block_table)
@@ -306,6 +315,50 @@ class NSAModule:
         n_blocks = -(-S // self.l_sel)
         scores = p.sum(2) @ self._overlap(n_cmp, n_blocks, q.device)  # [B, Hkv, Nq, n_blocks]
         return o_cmp, self._top_blocks(scores, pos[:, None, :])
+
+    def _decode_compressed_fused(self, q, cmp_cache, lengths, scale: float, S: int, block_c: int = 64):
+        """_decode_compressed's o_cmp and blocks from two kernels (templates/nsa/decode.jinja): the
+        compressed cache in splits for the packed rows of each KV head (the online softmax and the
+        split's unnormalized block sums), then per query the splits merged and the top blocks
+        taken in registers. The splits are a static count (shapes only: no host read); block_c
+        compressed tokens a step."""
+        B, Hq, Nq, D = q.shape
+        k_cmp, v_cmp = cmp_cache
+        Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
+        G = Hq // Hkv
+        n_blocks = -(-S // self.l_sel)
+        n = min(self.count, n_blocks)
+        rows = G * Nq
+        block_m = max(16, min(64, triton.next_power_of_2(rows)))
+        row_tiles = -(-rows // block_m)
+        # about two programs an SM, each at least a tile of compressed tokens
+        splits = max(1, min(-(-n_cmp // block_c), -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
+        split_len = -(-(-(-n_cmp // splits)) // block_c) * block_c
+        splits = -(-n_cmp // split_len)
+        # the blocks a split's windows can touch: from its first token's block to its last's end
+        nb_split = max(16, triton.next_power_of_2(((split_len - 1) * self.d + self.l + self.l_sel - 2) // self.l_sel + 1))
+        f32 = dict(dtype=torch.float32, device=q.device)
+        o_part = torch.empty(B, Hq, Nq, splits, Dv, **f32)
+        m_part, l_part = torch.empty(B, Hq, Nq, splits, **f32), torch.empty(B, Hq, Nq, splits, **f32)
+        sb_part = torch.empty(B, Hq, Nq, splits, nb_split, **f32)
+        seqlens = lengths.to(torch.int32).contiguous()
+        pads = dict(HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(Dv)))
+        self.decode_cmp_kernel[(splits, B * Hkv, row_tiles)](
+            q, k_cmp, v_cmp, seqlens, o_part, m_part, l_part, sb_part, *q.stride(), *k_cmp.stride(), *v_cmp.stride(),
+            n_cmp, Nq, split_len, Hkv, G, scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d,
+            SEL_BLOCK=self.l_sel, HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_C=block_c, NB_SPLIT=nb_split,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, **pads)
+        scores = torch.empty(B, Hkv, Nq, n_blocks, **f32)
+        o_cmp = torch.empty(B, Hq, Nq, Dv, **f32)
+        indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
+        nb_pad = triton.next_power_of_2(n_blocks)
+        self.decode_select_kernel[(B * Hkv, Nq)](
+            o_part, m_part, l_part, sb_part, seqlens, scores, o_cmp, indices, splits, Nq, split_len, n_blocks, Hkv, G,
+            CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel, INIT=self.init, LOCAL=self.local, COUNT=n,
+            COUNT_PAD=max(2, triton.next_power_of_2(n)), HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=pads["HEAD_DIM_V_PAD"],
+            BLOCK_G=max(2, triton.next_power_of_2(G)), SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+            NB_SPLIT=nb_split, NB_PAD=nb_pad, num_warps=max(4, min(16, nb_pad // 1024)))
+        return o_cmp, indices
 
     # ------------------------------------------------------------------ the stages
 
