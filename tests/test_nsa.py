@@ -83,12 +83,14 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("G, Nq, block_c", [(2, 1, 16), (3, 3, 16), (16, 1, 32), (1, 2, 64)])
-def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c):
+@pytest.mark.parametrize("G, Nq, block_c, splits", [(2, 1, 16, None), (3, 3, 16, 1), (16, 1, 32, None),
+                                                     (1, 2, 16, 3), (2, 1, 64, None)])
+def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c, splits):
     """NSA decoding's compressed branch and selection in two kernels (opt-in fused_decode) against the
-    torch path: o_cmp within fp32 rounding, and the same blocks but where scores tie (as the selection
-    check allows); lengths 0, below one window (nothing compressed is visible), ragged, and the whole
-    cache; splits of 16 compressed tokens meeting inside a selection block."""
+    torch path and float64 scores: o_cmp within fp32 rounding, the block scores, and the same blocks
+    but where scores tie (as the selection check allows); lengths 0, below one window (nothing
+    compressed is visible), ragged, and the whole cache; splits of one or several steps of 16
+    compressed tokens, meeting inside a selection block; 6 of 10 blocks chosen."""
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(G * 10 + Nq)
@@ -98,15 +100,21 @@ def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c)
     cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
     q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
     pos = lengths[:, None] - Nq + torch.arange(Nq)
-    want_o, want_idx = rt._decode_compressed(q, cmp, pos, rt.scale, S)
-    got_o, got_idx = rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c)
+    rt.count = 6
+    try:
+        want_o, want_idx = rt._decode_compressed(q, cmp, pos, rt.scale, S)
+        got_o, got_idx, got_scores = rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c,
+                                                                 splits=splits)
+    finally:
+        rt.count = spec.nsa.select_count
     assert (got_o - want_o).abs().max() < 1e-5
     n_cmp, n_blocks = cmp[0].shape[2], -(-S // rt.l_sel)
     s = (q.double().view(B, Hkv, G, Nq, 32) @ cmp[0].double()[:, :, None].transpose(-1, -2)) * rt.scale
     visible = (torch.arange(n_cmp) * rt.d + rt.l - 1) <= pos[:, None, None, :, None]
     p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
-    scores = (p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()).float()
-    ok, _ = selection_agrees(got_idx, want_idx, scores)
+    scores = p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()
+    assert (got_scores.double() - scores).abs().max() < 1e-5
+    ok, _ = selection_agrees(got_idx, want_idx, scores.float())
     assert ok and got_idx.shape == want_idx.shape
     assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
 

@@ -257,7 +257,7 @@ class NSAModule:
         n_blocks = -(-S // self.l_sel)
         if self.fused_decode and cmp_cache[0].shape[2] and triton.next_power_of_2(n_blocks) <= _TOP_BLOCKS_MAX \
                 and not torch.compiler.is_compiling():  # (kernels launched from the host: not traced)
-            o_cmp, indices = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
+            o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
         else:
             o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
         first = (lengths - Nq).to(torch.int32)
@@ -316,12 +316,14 @@ class NSAModule:
         scores = p.sum(2) @ self._overlap(n_cmp, n_blocks, q.device)  # [B, Hkv, Nq, n_blocks]
         return o_cmp, self._top_blocks(scores, pos[:, None, :])
 
-    def _decode_compressed_fused(self, q, cmp_cache, lengths, scale: float, S: int, block_c: int = 64):
-        """_decode_compressed's o_cmp and blocks from two kernels (templates/nsa/decode.jinja): the
-        compressed cache in splits for the packed rows of each KV head (the online softmax and the
-        split's unnormalized block sums), then per query the splits merged and the top blocks
-        taken in registers. The splits are a static count (shapes only: no host read); block_c
-        compressed tokens a step."""
+    def _decode_compressed_fused(self, q, cmp_cache, lengths, scale: float, S: int, block_c: int = 64,
+                                 splits: int | None = None):
+        """_decode_compressed's o_cmp and blocks, and the block scores (float32 [B, Hkv, Nq,
+        n_blocks]), from two kernels (templates/nsa/decode.jinja): the compressed cache in splits
+        for the packed rows of each KV head (the online softmax and the split's unnormalized block
+        sums), then per query the splits merged and the top blocks taken in registers. The splits
+        are a static count (shapes only: no host read) unless given; block_c compressed tokens a
+        step."""
         B, Hq, Nq, D = q.shape
         k_cmp, v_cmp = cmp_cache
         Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
@@ -332,7 +334,7 @@ class NSAModule:
         block_m = max(16, min(64, triton.next_power_of_2(rows)))
         row_tiles = -(-rows // block_m)
         # about two programs an SM, each at least a tile of compressed tokens
-        splits = max(1, min(-(-n_cmp // block_c), -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
+        splits = splits or max(1, min(-(-n_cmp // block_c), -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
         split_len = -(-(-(-n_cmp // splits)) // block_c) * block_c
         splits = -(-n_cmp // split_len)
         # the blocks a split's windows can touch: from its first token's block to its last's end
@@ -358,7 +360,7 @@ class NSAModule:
             COUNT_PAD=max(2, triton.next_power_of_2(n)), HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=pads["HEAD_DIM_V_PAD"],
             BLOCK_G=max(2, triton.next_power_of_2(G)), SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
             NB_SPLIT=nb_split, NB_PAD=nb_pad, num_warps=max(4, min(16, nb_pad // 1024)))
-        return o_cmp, indices
+        return o_cmp, indices, scores
 
     # ------------------------------------------------------------------ the stages
 
