@@ -210,14 +210,24 @@ def test_entry_lists_give_each_block_the_choices_that_chose_it():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("kind, block, stride", [("mean", 32, 16), ("linear", 32, 32)])
-def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, block, stride):
+@pytest.mark.parametrize("kind, block, stride, fused", [("mean", 32, 16, False), ("linear", 32, 32, False),
+                                                      ("linear", 32, 32, True)])
+def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, block, stride, fused):
     """Three tokens appended to caches of 30, 63 and 140 tokens: windows end among them (the
     compressed cache updated in place equals compressing the whole cache); each row equals the
     reference's row at that position of its whole sequence, its selected blocks the reference's.
-    The selected branch takes the three tokens in one program (four, the last masked)."""
+    The selected branch takes the three tokens in one program (four, the last masked). `fused`:
+    the compressed branch and the selection by the two decode kernels (fused_decode)."""
     spec, module = _module(tmp_path, kind, block, stride)
     rt = module.RUNTIME
+    rt.fused_decode = fused
+    try:
+        _decoding_checks(module, rt, kind, block, stride)
+    finally:
+        rt.fused_decode = False
+
+
+def _decoding_checks(module, rt, kind, block, stride):
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)

@@ -316,14 +316,14 @@ class NSAModule:
         scores = p.sum(2) @ self._overlap(n_cmp, n_blocks, q.device)  # [B, Hkv, Nq, n_blocks]
         return o_cmp, self._top_blocks(scores, pos[:, None, :])
 
-    def _decode_compressed_fused(self, q, cmp_cache, lengths, scale: float, S: int, block_c: int = 64,
+    def _decode_compressed_fused(self, q, cmp_cache, lengths, scale: float, S: int, block_c: int | None = None,
                                  splits: int | None = None):
         """_decode_compressed's o_cmp and blocks, and the block scores (float32 [B, Hkv, Nq,
         n_blocks]), from two kernels (templates/nsa/decode.jinja): the compressed cache in splits
         for the packed rows of each KV head (the online softmax and the split's unnormalized block
         sums), then per query the splits merged and the top blocks taken in registers. The splits
         are a static count (shapes only: no host read) unless given; block_c compressed tokens a
-        step."""
+        step (64, 32 above head dim 128)."""
         B, Hq, Nq, D = q.shape
         k_cmp, v_cmp = cmp_cache
         Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
@@ -333,12 +333,19 @@ class NSAModule:
         rows = G * Nq
         block_m = max(16, min(64, triton.next_power_of_2(rows)))
         row_tiles = -(-rows // block_m)
-        # about two programs an SM, each at least a tile of compressed tokens
-        splits = splits or max(1, min(-(-n_cmp // block_c), -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
+        wide = max(D, Dv) > 128  # d192 (padded to 256): a smaller step over 8 warps (offline sm90: spills else)
+        block_c = block_c or (32 if wide else 64)
+
+        # about two programs an SM, each at least a step of compressed tokens, and at most 64 blocks'
+        # sums a row (the blocks a split's windows touch, from its first token's block to its last's
+        # end: ((length - 1) d + l + l' - 2) // l' + 1; 192 tokens at d 16, l' 64): they stay in registers
+        most = max(block_c, ((62 * self.l_sel - self.l + 2) // self.d + 1) // block_c * block_c)
+        fill = -(-2 * sms(q.device) // (B * Hkv * row_tiles))
+        splits = splits or max(-(-n_cmp // most), min(-(-n_cmp // block_c), fill))
         split_len = -(-(-(-n_cmp // splits)) // block_c) * block_c
         splits = -(-n_cmp // split_len)
-        # the blocks a split's windows can touch: from its first token's block to its last's end
-        nb_split = max(16, triton.next_power_of_2(((split_len - 1) * self.d + self.l + self.l_sel - 2) // self.l_sel + 1))
+        nb_split = ((split_len - 1) * self.d + self.l + self.l_sel - 2) // self.l_sel + 1
+        nb_split = max(16, triton.next_power_of_2(nb_split))
         f32 = dict(dtype=torch.float32, device=q.device)
         o_part = torch.empty(B, Hq, Nq, splits, Dv, **f32)
         m_part, l_part = torch.empty(B, Hq, Nq, splits, **f32), torch.empty(B, Hq, Nq, splits, **f32)
@@ -349,7 +356,7 @@ class NSAModule:
             q, k_cmp, v_cmp, seqlens, o_part, m_part, l_part, sb_part, *q.stride(), *k_cmp.stride(), *v_cmp.stride(),
             n_cmp, Nq, split_len, Hkv, G, scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d,
             SEL_BLOCK=self.l_sel, HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_C=block_c, NB_SPLIT=nb_split,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4, **pads)
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if wide else 4, **pads)
         scores = torch.empty(B, Hkv, Nq, n_blocks, **f32)
         o_cmp = torch.empty(B, Hq, Nq, Dv, **f32)
         indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
