@@ -568,16 +568,18 @@ def test_nsa_under_fullgraph_compile_matches_eager(tmp_path, kind, N):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("paged", [False, True])
-def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged):
+@pytest.mark.parametrize("paged, fused", [(False, False), (True, False), (False, True)])
+def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged, fused):
     """A decode step (appending three tokens, updating the compressed cache in place, attending)
     under torch.compile(fullgraph=True) with aot_eager: the output, both caches and the compressed
     cache equal eager's bit for bit (the selected branch is an op; the rest is torch and the window
-    branch's decode op); also with paged caches (pages of 16, shuffled) and their block table."""
+    branch's decode op); also with paged caches (pages of 16, shuffled) and their block table, and
+    with fused_decode (the compressed branch and the selection one op)."""
     from attngen.verify import paged as as_pages
 
     _, module = _module(tmp_path)
     rt = module.RUNTIME
+    rt.fused_decode = fused
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
@@ -594,11 +596,14 @@ def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged):
                                              cmp_cache=(k_cmp, v_cmp), k=k, v=v, block_table=table)
 
     runs = []
-    for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):  # a graph break raises
-        torch._dynamo.reset()
-        caches = [k_cache.clone(), v_cache.clone()]
-        caches += rt.compressed_cache(*caches, before, block_table=table)
-        runs.append((f(q, caches[0], caches[1], before, gates, caches[2], caches[3], k_new, v_new), *caches))
+    try:
+        for f in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):  # a graph break raises
+            torch._dynamo.reset()
+            caches = [k_cache.clone(), v_cache.clone()]
+            caches += rt.compressed_cache(*caches, before, block_table=table)
+            runs.append((f(q, caches[0], caches[1], before, gates, caches[2], caches[3], k_new, v_new), *caches))
+    finally:
+        rt.fused_decode = False
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 

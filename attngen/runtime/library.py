@@ -109,8 +109,9 @@ class _NSAOps:
     """An NSA module's torch.library ops for the parts that are not torch: the selection (no
     gradient) and the selected branch (forward, and backward through register_autograd)."""
 
-    def __init__(self, select, selected, selected_decode):
+    def __init__(self, select, selected, selected_decode, compressed_decode):
         self.select, self.selected, self.selected_decode = select, selected, selected_decode
+        self.compressed_decode = compressed_decode
 
 
 def register_nsa_ops(rt) -> _NSAOps:
@@ -173,4 +174,19 @@ def register_nsa_ops(rt) -> _NSAOps:
                                         schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
                                                "Tensor first, float scale, Tensor? block_table) -> Tensor")
     decode_op.register_fake(decode_fake)
-    return _NSAOps(select_op, fwd_op, decode_op)
+
+    # decoding's compressed branch and selection by the two fused kernels (fused_decode): o_cmp, blocks
+    def cmp_decode(q, k_cmp, v_cmp, lengths, scale, S):
+        return rt._decode_compressed_fused(q, (k_cmp, v_cmp), lengths, scale, S)[:2]
+
+    def cmp_decode_fake(q, k_cmp, v_cmp, lengths, scale, S):
+        B, Hq, Nq, _ = q.shape
+        n = min(rt.count, -(-S // rt.l_sel))
+        return (q.new_empty((B, Hq, Nq, v_cmp.shape[3]), dtype=torch.float32),
+                q.new_empty((B, k_cmp.shape[1], Nq, n), dtype=torch.int32))
+
+    cmp_op = torch.library.custom_op(f"{name}_nsa_cmp_decode", cmp_decode, mutates_args=(),
+                                     schema="(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor lengths, float scale, "
+                                            "int S) -> (Tensor, Tensor)")
+    cmp_op.register_fake(cmp_decode_fake)
+    return _NSAOps(select_op, fwd_op, decode_op, cmp_op)

@@ -255,9 +255,11 @@ class NSAModule:
         pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
         self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
         n_blocks = -(-S // self.l_sel)
-        if self.fused_decode and cmp_cache[0].shape[2] and triton.next_power_of_2(n_blocks) <= _TOP_BLOCKS_MAX \
-                and not torch.compiler.is_compiling():  # (kernels launched from the host: not traced)
-            o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
+        if self.fused_decode and cmp_cache[0].shape[2] and triton.next_power_of_2(n_blocks) <= _TOP_BLOCKS_MAX:
+            if torch.compiler.is_compiling():  # an op: opaque to the tracer
+                o_cmp, indices = self.ops.compressed_decode(q, *cmp_cache, lengths, scale, S)
+            else:
+                o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
         else:
             o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
         first = (lengths - Nq).to(torch.int32)
