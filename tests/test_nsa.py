@@ -119,6 +119,20 @@ def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c,
     assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
 
 
+@pytest.mark.interp
+def test_opcheck_of_the_fused_decode_op(tmp_path):
+    """torch.library.opcheck of ops.compressed_decode (fused_decode under torch.compile): schema,
+    fake tensors and dispatch."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 1, 100, 32, generator=g), torch.randn(2, 1, 100, 16, generator=g)
+    lengths = torch.tensor([40, 100])
+    k_cmp, v_cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
+    torch.library.opcheck(rt.ops.compressed_decode, (torch.randn(2, 2, 1, 32, generator=g), k_cmp, v_cmp, lengths,
+                                                     rt.scale, 100))
+
+
 @pytest.mark.compiler
 def test_selection_check_allows_only_equal_scores():
     scores = torch.tensor([[[[5.0, 2.0, 2.0, 1.0]]]])
