@@ -613,6 +613,58 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
     tl.store(IDX + idx + slots[None, :], chosen, mask=slots[None, :] < COUNT)
 
 
+@triton.jit
+def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, stride_cn, stride_cd, stride_pb,
+                         stride_mb, stride_mh, stride_mn, stride_md, stride_wh, stride_wf, stride_we, n_q, n_cmp, HKV,
+                         CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
+                         EO: tl.constexpr, EO_PAD: tl.constexpr, BLOCK_L: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                         LINEAR: tl.constexpr, STEPS: tl.constexpr):
+    # Program (batch x KV head): the compressed tokens whose windows end at the sequence's last n_q
+    # positions (ends are CMP_STRIDE apart: at most STEPS of them), each the mean of its CMP_BLOCK
+    # rows of CACHE, or with LINEAR their rows flattened times W [HKV, CMP_BLOCK * E, EO]; written
+    # into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E] (PAGE_SIZE 0) or paged [pages,
+    # PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides as a page, a head, a slot).
+    off_b = tl.program_id(0) // HKV
+    off_h = tl.program_id(0) % HKV
+    last = tl.load(SEQLENS + off_b) - 1
+    lo = tl.maximum(last + 1 - n_q, CMP_BLOCK - 1)  # the first position that may end a window
+    first_end = lo + (CMP_STRIDE - (lo - (CMP_BLOCK - 1)) % CMP_STRIDE) % CMP_STRIDE
+    r = tl.arange(0, BLOCK_L)
+    e = tl.arange(0, E_PAD)
+    eo = tl.arange(0, EO_PAD)
+    CACHE += off_h.to(tl.int64) * stride_ch
+    out = CMP + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
+    for step in tl.static_range(STEPS):
+        end = first_end + step * CMP_STRIDE
+        j = (end - (CMP_BLOCK - 1)) // CMP_STRIDE
+        if (end <= last) & (j < n_cmp):
+            if LINEAR:
+                new = tl.zeros([EO_PAD], dtype=tl.float32)
+                for i in range(0, CMP_BLOCK):  # row i of the window against W's rows i E .. i E + E - 1
+                    p = j * CMP_STRIDE + i
+                    if PAGE_SIZE == 0:
+                        row = off_b.to(tl.int64) * stride_cb + p.to(tl.int64) * stride_cn
+                    else:
+                        page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + p // PAGE_SIZE)
+                        row = page.to(tl.int64) * stride_cb + (p % PAGE_SIZE).to(tl.int64) * stride_cn
+                    x = tl.load(CACHE + row + e * stride_cd, mask=e < E, other=0.0).to(tl.float32)
+                    w = tl.load(W + off_h.to(tl.int64) * stride_wh + (i * E + e)[:, None].to(tl.int64) * stride_wf
+                                + eo[None, :] * stride_we, mask=(e[:, None] < E) & (eo[None, :] < EO), other=0.0)
+                    new += tl.sum(x[:, None] * w.to(tl.float32), 0)
+            else:
+                p = j * CMP_STRIDE + r
+                ok = r < CMP_BLOCK
+                if PAGE_SIZE == 0:
+                    rows = off_b.to(tl.int64) * stride_cb + p.to(tl.int64) * stride_cn
+                else:
+                    page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + p // PAGE_SIZE, mask=ok, other=0)
+                    rows = page.to(tl.int64) * stride_cb + (p % PAGE_SIZE).to(tl.int64) * stride_cn
+                x = tl.load(CACHE + rows[:, None] + eo[None, :] * stride_cd, mask=ok[:, None] & (eo[None, :] < EO),
+                            other=0.0)
+                new = tl.sum(x.to(tl.float32), 0) / CMP_BLOCK
+            tl.store(out + j.to(tl.int64) * stride_mn + eo * stride_md, new.to(CMP.dtype.element_ty), mask=eo < EO)
+
+
 
 from attngen.runtime.nsa import NSAModule  # noqa: E402
 

@@ -282,16 +282,26 @@ def _decoding_checks(module, rt, kind, block, stride):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("kind, page_size", [("mean", 16), ("linear", 48)])
-def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, page_size):
+@pytest.mark.parametrize("kind, page_size, fused", [("mean", 16, False), ("linear", 48, False), ("mean", 48, True),
+                                                    ("linear", 16, True)])
+def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, page_size, fused):
     """Paged caches [pages, page_size, Hkv, *] with shuffled pages and a block table (pages of 16:
     smaller than a selected block of 32; 48: straddling them): the compressed cache made from them,
     the append, its compressed update, the selected blocks and the output equal the contiguous
-    run's bit for bit; a block table entry past the pool is refused."""
-    from attngen.verify import paged as as_pages
-
+    run's bit for bit; a block table entry past the pool is refused. `fused`: the decode kernels
+    (fused_decode), whose compressed update also equals the torch path's within fp32 rounding."""
     spec, module = _module(tmp_path, kind, 32, 16 if kind == "mean" else 32)
     rt = module.RUNTIME
+    rt.fused_decode = fused
+    try:
+        _paged_checks(module, rt, kind, page_size, fused)
+    finally:
+        rt.fused_decode = False
+
+
+def _paged_checks(module, rt, kind, page_size, fused):
+    from attngen.verify import paged as as_pages
+
     g = torch.Generator().manual_seed(5)
     B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 144, 2, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
@@ -300,9 +310,10 @@ def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, pa
         weights = (torch.randn(Hkv, 32 * D, D, generator=g) / 20, torch.randn(Hkv, 32 * Dv, Dv, generator=g) / 20)
     table = torch.randperm(B * (S // page_size), generator=g).reshape(B, S // page_size).to(torch.int32)
     k_pages, v_pages = as_pages(k_cache, page_size, table), as_pages(v_cache, page_size, table)
-    before = torch.tensor([0, 47, 140], dtype=torch.int32)
+    before = torch.tensor([0, 47, 126], dtype=torch.int32)  # windows end at 47 (d 16) and 127 (d 16, 32)
     cmp = rt.compressed_cache(k_cache, v_cache, before, weights)
     cmp_paged = rt.compressed_cache(k_pages, v_pages, before, weights, block_table=table)
+    cmp_torch, cmp_before = [c.clone() for c in cmp], cmp[0].clone()
     assert all(torch.equal(a, b) for a, b in zip(cmp, cmp_paged))
     q = torch.randn(B, Hkv * G, Nq, D, generator=g)
     k_new, v_new = torch.randn(B, Hkv, Nq, D, generator=g), torch.randn(B, Hkv, Nq, Dv, generator=g)
@@ -313,6 +324,10 @@ def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, pa
     assert torch.equal(o, o_p) and torch.equal(indices, indices_p)
     assert torch.equal(k_pages, as_pages(k_cache, page_size, table))  # the same rows appended
     assert all(torch.equal(a, b) for a, b in zip(cmp, cmp_paged))  # the same compressed tokens written
+    if fused:  # the kernel's update against the torch path's
+        rt._update_compressed(k_cache, v_cache, cmp_torch, before.long()[:, None] + torch.arange(Nq), weights)
+        assert all((a - b).abs().max() < 1e-6 * b.abs().max().clamp(min=1) for a, b in zip(cmp, cmp_torch))
+        assert not torch.equal(cmp_torch[0], cmp_before)  # a window ended among the appended rows
     with pytest.raises(ValueError, match="block_table entries"):
         module.attention_with_kvcache(q, k_pages, v_pages, cmp_cache=cmp_paged, block_table=table + 1000,
                                       cache_seqlens=before, gates=gates, compress_weights=weights)

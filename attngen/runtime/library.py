@@ -109,9 +109,9 @@ class _NSAOps:
     """An NSA module's torch.library ops for the parts that are not torch: the selection (no
     gradient) and the selected branch (forward, and backward through register_autograd)."""
 
-    def __init__(self, select, selected, selected_decode, compressed_decode):
+    def __init__(self, select, selected, selected_decode, compressed_decode, compress_update):
         self.select, self.selected, self.selected_decode = select, selected, selected_decode
-        self.compressed_decode = compressed_decode
+        self.compressed_decode, self.compress_update = compressed_decode, compress_update
 
 
 def register_nsa_ops(rt) -> _NSAOps:
@@ -189,4 +189,15 @@ def register_nsa_ops(rt) -> _NSAOps:
                                      schema="(Tensor q, Tensor k_cmp, Tensor v_cmp, Tensor lengths, float scale, "
                                             "int S) -> (Tensor, Tensor)")
     cmp_op.register_fake(cmp_decode_fake)
-    return _NSAOps(select_op, fwd_op, decode_op, cmp_op)
+
+    # decoding's update of the compressed cache, in place, by its kernel (fused_decode)
+    def update(k_cache, v_cache, k_cmp, v_cmp, lengths, Nq, block_table, w_k, w_v):
+        weights = None if w_k is None else (w_k, w_v)
+        rt._update_compressed_kernel(k_cache, v_cache, (k_cmp, v_cmp), lengths, Nq, weights, block_table)
+
+    update_op = torch.library.custom_op(f"{name}_nsa_cmp_update", update, mutates_args=("k_cmp", "v_cmp"),
+                                        schema="(Tensor k_cache, Tensor v_cache, Tensor(a!) k_cmp, Tensor(b!) v_cmp, "
+                                               "Tensor lengths, int Nq, Tensor? block_table, Tensor? w_k, "
+                                               "Tensor? w_v) -> ()")
+    update_op.register_fake(lambda *args: None)
+    return _NSAOps(select_op, fwd_op, decode_op, cmp_op, update_op)

@@ -93,13 +93,15 @@ class NSAModule:
         self.bwd_dkdv_sum_kernel, self.bwd_dq_sum_kernel = ns["_nsa_select_bwd_dkdv_sum"], ns["_nsa_select_bwd_dq_sum"]
         self.fwd_keys_kernel, self.top_kernel = ns["_nsa_select_fwd_keys"], ns["_nsa_top_blocks"]
         self.decode_cmp_kernel, self.decode_select_kernel = ns["_nsa_decode_cmp"], ns["_nsa_decode_select"]
+        self.compress_update_kernel = ns["_nsa_compress_update"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
         # sort of every score: opt-in until timed (experiments/nsa_gpu.py; docs/decisions/nsa-plan.md)
         self.top_blocks_kernel = False
-        # decoding's compressed branch and selection in two kernels (_decode_compressed_fused) instead
-        # of about 35 torch ops: opt-in until timed (experiments/nsa_decode_gpu.py)
+        # decoding's compressed cache update, compressed branch and selection in kernels
+        # (_update_compressed_kernel, _decode_compressed_fused) instead of about 55 torch ops:
+        # opt-in until timed (experiments/nsa_decode_gpu.py)
         self.fused_decode = False
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
@@ -253,7 +255,13 @@ class NSAModule:
         lengths = (cache_seqlens + Nq if k is not None else cache_seqlens).long()
         scale = self.scale if scale is None else float(scale)
         pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
-        self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
+        if self.fused_decode and not torch.compiler.is_compiling():
+            self._update_compressed_kernel(k_cache, v_cache, cmp_cache, lengths, Nq, compress_weights, block_table)
+        elif self.fused_decode:  # an op that writes the compressed cache in place: opaque to the tracer
+            self.ops.compress_update(k_cache, v_cache, *cmp_cache, lengths, Nq, block_table,
+                                     *(compress_weights or (None, None)))
+        else:
+            self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
         n_blocks = -(-S // self.l_sel)
         if self.fused_decode and cmp_cache[0].shape[2] and triton.next_power_of_2(n_blocks) <= _TOP_BLOCKS_MAX:
             if torch.compiler.is_compiling():  # an op: opaque to the tracer
@@ -271,6 +279,26 @@ class NSAModule:
                                                               block_table=block_table, scale=scale)
         o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
         return (o, indices) if return_indices else o
+
+    def _update_compressed_kernel(self, k_cache, v_cache, cmp_cache, lengths, Nq: int, compress_weights,
+                                  block_table=None) -> None:
+        """_update_compressed by the _nsa_compress_update kernel, once for the keys and once for the
+        values (fused_decode): each program a (sequence, KV head)'s windows that end at its last Nq
+        positions (lengths: the sequences' lengths, the appended rows included)."""
+        paged = block_table is not None
+        seqlens = lengths.to(torch.int32).contiguous()
+        w = compress_weights if compress_weights is not None else (None, None)
+        for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
+            B, Hkv, n_cmp, EO = cmp.shape
+            E = cache.shape[3]
+            cs = (cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3)) if paged else cache.stride()
+            ws = weight.stride() if weight is not None else (0, 0, 0)
+            self.compress_update_kernel[(B * Hkv,)](
+                cache, block_table if paged else seqlens, cmp, weight if weight is not None else cmp, seqlens, *cs,
+                block_table.stride(0) if paged else 0, *cmp.stride(), *ws, Nq, n_cmp, Hkv, CMP_BLOCK=self.l,
+                CMP_STRIDE=self.d, E=E, E_PAD=max(16, triton.next_power_of_2(E)), EO=EO,
+                EO_PAD=max(16, triton.next_power_of_2(EO)), BLOCK_L=triton.next_power_of_2(self.l),
+                PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None, STEPS=Nq // self.d + 1)
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
         """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
