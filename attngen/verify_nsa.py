@@ -126,23 +126,29 @@ def check_nsa(spec: Spec, module, case: NSACase, dtype: str, device, seed: int =
 @dataclass(frozen=True)
 class NSADecode:
     """NSA decoding: n_q tokens appended to caches of these lengths (capacity keys each), paged in
-    shuffled pages of `page` tokens when page > 0."""
+    shuffled pages of `page` tokens when page > 0; `fused`: with NSAModule.fused_decode (the
+    compressed cache's update, the compressed branch and the selection in kernels)."""
     heads_q: int
     heads_kv: int
     n_q: int
     lengths: tuple[int, ...]
     capacity: int
     page: int = 0
+    fused: bool = False
 
     def __str__(self) -> str:
         return (f"nsa decode H{self.heads_q}/{self.heads_kv} Nq {self.n_q}, {len(self.lengths)} seqs to "
-                f"{max(self.lengths)}" + (f", pages of {self.page}" if self.page else ""))
+                f"{max(self.lengths)}" + (f", pages of {self.page}" if self.page else "")
+                + (", fused_decode" if self.fused else ""))
 
 
-CPU_NSA_DECODE = (NSADecode(4, 2, 3, (0, 30, 149), 160), NSADecode(4, 2, 2, (47, 140), 160, page=16))  # 30: a window ends among the new rows
+CPU_NSA_DECODE = (NSADecode(4, 2, 3, (0, 30, 149), 160), NSADecode(4, 2, 2, (47, 140), 160, page=16),  # 30: a window ends among the new rows
+                  NSADecode(4, 2, 2, (47, 140), 160, page=16, fused=True))
 # windows end at the new rows of 4095 and 3005 (positions 4095 and 3007)
 GPU_NSA_DECODE = (NSADecode(16, 4, 1, (100, 2000, 4095), 4096), NSADecode(16, 1, 4, (1000, 3005), 3072 + 64),
-                  NSADecode(16, 4, 1, (100, 2000, 4095), 4096, page=16))
+                  NSADecode(16, 4, 1, (100, 2000, 4095), 4096, page=16),
+                  NSADecode(16, 4, 1, (100, 2000, 4095), 4096, fused=True),
+                  NSADecode(16, 1, 4, (1000, 3005), 3072 + 64, page=16, fused=True))
 
 
 def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, seed: int = 0):
@@ -171,9 +177,13 @@ def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, se
     cmp_cache = rt.compressed_cache(*caches, before, weights, block_table=table)
     q, k_new, v_new = mk(B, case.heads_q, Nq, D), mk(B, case.heads_kv, Nq, D), mk(B, case.heads_kv, Nq, Dv)
     gates = torch.rand(B, case.heads_q, Nq, 3, generator=g, device=device).to(tdt)
-    o, indices = module.attention_with_kvcache(q, *caches, cache_seqlens=before, gates=gates, cmp_cache=cmp_cache,
-                                               k=k_new, v=v_new, compress_weights=weights, return_indices=True,
-                                               block_table=table)
+    rt.fused_decode = case.fused
+    try:
+        o, indices = module.attention_with_kvcache(q, *caches, cache_seqlens=before, gates=gates, cmp_cache=cmp_cache,
+                                                   k=k_new, v=v_new, compress_weights=weights, return_indices=True,
+                                                   block_table=table)
+    finally:
+        rt.fused_decode = False
     if case.page:  # the reference reads the appended rows back in sequence order
         from .runtime.nsa import _rows
 
