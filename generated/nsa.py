@@ -561,7 +561,7 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
                        n_blocks, HKV, GROUP, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
                        INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr,
                        HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
-                       SPLITS_PAD: tl.constexpr, NB_SPLIT: tl.constexpr, NB_PAD: tl.constexpr):
+                       SPLIT_CHUNK: tl.constexpr, NB_SPLIT: tl.constexpr, NB_PAD: tl.constexpr):
     # Program (batch x KV head, query t): per query head of the group, its splits merged by their
     # LSE into o_cmp (O_CMP [B, HQ, n_q, Dv] float32); each split's block sums scaled by 2^(m - lse)
     # (the probabilities' own normalization, per head) and added over the group into the query's row
@@ -572,15 +572,21 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
     t = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
     g_ok = g < GROUP
-    s_idx = tl.arange(0, SPLITS_PAD)
     rows = ((off_b * HKV * GROUP + off_hk * GROUP + g).to(tl.int64) * n_q + t) * n_splits  # [G]: split 0's
-    ml_ok = g_ok[:, None] & (s_idx[None, :] < n_splits)
-    m = tl.load(M_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=float("-inf"))
-    l = tl.load(L_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=0.0)
-    m_max = tl.max(m, 1)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    total = tl.sum(l * tl.math.exp2(m - m_max[:, None]), 1)  # [G]
-    lse2 = m_max + tl.math.log2(tl.where(total == 0.0, 1.0, total))
+    # each head's LSE over its splits, SPLIT_CHUNK at a time (a running max and sum)
+    m_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    m_use = tl.zeros([BLOCK_G], dtype=tl.float32)
+    total = tl.zeros([BLOCK_G], dtype=tl.float32)
+    for s0 in range(0, n_splits, SPLIT_CHUNK):
+        s_idx = s0 + tl.arange(0, SPLIT_CHUNK)
+        ml_ok = g_ok[:, None] & (s_idx[None, :] < n_splits)
+        m = tl.load(M_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=float("-inf"))
+        l = tl.load(L_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=0.0)
+        m_new = tl.maximum(m_max, tl.max(m, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        total = total * tl.math.exp2(m_max - m_use) + tl.sum(l * tl.math.exp2(m - m_use[:, None]), 1)
+        m_max = m_new
+    lse2 = m_use + tl.math.log2(tl.where(total == 0.0, 1.0, total))
     score_row = SCORES + ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * n_blocks
     beta = tl.arange(0, NB_PAD)
     tl.store(score_row + beta, tl.zeros([NB_PAD], dtype=tl.float32), mask=beta < n_blocks)

@@ -83,20 +83,25 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("G, Nq, block_c, splits", [(2, 1, 16, None), (3, 3, 16, 1), (16, 1, 32, None),
-                                                     (1, 2, 16, 3), (2, 1, 64, None)])
-def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c, splits):
+@pytest.mark.parametrize("G, Nq, block_c, splits, block, stride, S", [
+    (2, 1, 16, None, 32, 16, 300), (3, 3, 16, 1, 32, 16, 300), (16, 1, 32, None, 32, 16, 300),
+    (1, 2, 16, 3, 32, 16, 300), (2, 1, 64, None, 32, 16, 300),
+    (2, 3, 16, 3, 5, 3, 600),  # splits of 80 tokens of stride 3: they start inside a selection block
+    (2, 1, 64, 2, 32, 16, 2100)])  # a split's windows touch 66 blocks: its sums need their full width
+def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c, splits, block, stride, S):
     """NSA decoding's compressed branch and selection in two kernels (opt-in fused_decode) against the
     torch path and float64 scores: o_cmp within fp32 rounding, the block scores, and the same blocks
     but where scores tie (as the selection check allows); lengths 0, below one window (nothing
-    compressed is visible), ragged, and the whole cache; splits of one or several steps of 16
-    compressed tokens, meeting inside a selection block; 6 of 10 blocks chosen."""
-    spec, module = _module(tmp_path)
+    compressed is visible), 192 (with Nq 3, a window ends at the last row: rows see different
+    counts), and the whole cache; splits of one or several steps, meeting inside a selection block;
+    6 blocks chosen. (The ties' order, lower index first, is the GPU's to check: the interpreter's
+    max ignores its tie-break flag.)"""
+    spec, module = _module(tmp_path, block=block, stride=stride)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(G * 10 + Nq)
-    B, Hkv, S = 4, 2 if G < 16 else 1, 300
+    B, Hkv = 4, 2 if G < 16 else 1
     k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
-    lengths = torch.tensor([0, 20, 187, 300])
+    lengths = torch.tensor([0, 20, 192, S])
     cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
     q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
     pos = lengths[:, None] - Nq + torch.arange(Nq)

@@ -364,12 +364,13 @@ class NSAModule:
         block_m = max(16, min(64, triton.next_power_of_2(rows)))
         row_tiles = -(-rows // block_m)
         wide = max(D, Dv) > 128  # d192 (padded to 256): a smaller step over 8 warps (offline sm90: spills else)
-        block_c = block_c or (32 if wide else 64)
-
         # about two programs an SM, each at least a step of compressed tokens, and at most 64 blocks'
         # sums a row (the blocks a split's windows touch, from its first token's block to its last's
-        # end: ((length - 1) d + l + l' - 2) // l' + 1; 192 tokens at d 16, l' 64): they stay in registers
-        most = max(block_c, ((62 * self.l_sel - self.l + 2) // self.d + 1) // block_c * block_c)
+        # end: ((length - 1) d + l + l' - 2) // l' + 1; 192 tokens at d 16, l' 64): they stay in
+        # registers; a smaller step where a step's tokens would touch more (l' at most d or so)
+        bound = (62 * self.l_sel - self.l + 2) // self.d + 1
+        block_c = block_c or max(16, min(32 if wide else 64, 1 << max(0, bound.bit_length() - 1)))
+        most = max(block_c, bound // block_c * block_c)
         fill = -(-2 * sms(q.device) // (B * Hkv * row_tiles))
         splits = splits or max(-(-n_cmp // most), min(-(-n_cmp // block_c), fill))
         split_len = -(-(-(-n_cmp // splits)) // block_c) * block_c
@@ -395,7 +396,7 @@ class NSAModule:
             o_part, m_part, l_part, sb_part, seqlens, scores, o_cmp, indices, splits, Nq, split_len, n_blocks, Hkv, G,
             CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel, INIT=self.init, LOCAL=self.local, COUNT=n,
             COUNT_PAD=max(2, triton.next_power_of_2(n)), HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=pads["HEAD_DIM_V_PAD"],
-            BLOCK_G=max(2, triton.next_power_of_2(G)), SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
+            BLOCK_G=max(2, triton.next_power_of_2(G)), SPLIT_CHUNK=max(2, min(32, triton.next_power_of_2(splits))),
             NB_SPLIT=nb_split, NB_PAD=nb_pad, num_warps=max(4, min(16, nb_pad // 1024)))
         return o_cmp, indices, scores
 
