@@ -613,9 +613,9 @@ class NSAModule:
         return o, lse
 
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
-        """dq, dk, dv: dK and dV key-major over the lists of each block's choices (entry_lists()), in work items of at most
-        backward_steps steps of a block's tokens whose partial sums a second kernel adds in order
-        (deterministic, no atomics); dQ query-major, or where the forward is key-major
+        """dq, dk, dv: dK and dV key-major over the lists of each block's choices (entry_lists()), in
+        work items of at most backward_steps steps of a block's tokens whose partial sums a second
+        kernel adds in order (deterministic, no atomics); dQ query-major, or where the forward is key-major
         (selected_order()) from the same work items, a partial row per choice that a last kernel
         adds, the tokens in chunks (_token_chunks(); dK and dV then add up in float32 over them)."""
         steps = 64 if self.backward_steps is None else self.backward_steps
