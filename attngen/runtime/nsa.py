@@ -65,7 +65,9 @@ def _rows(cache, block_table, positions) -> torch.Tensor:
         return torch.gather(cache, 2, positions[:, None, :, None].expand(B, H, positions.shape[1], E))
     page_size = cache.shape[1]
     pages = torch.gather(block_table.long(), 1, positions // page_size)
-    return cache[pages, positions % page_size].transpose(1, 2).contiguous()  # (reductions then sum as contiguous ones)
+    # contiguous: the mean and the einsum then read the rows in the contiguous cache's layout and
+    # order, so a paged run gives the contiguous run's bits
+    return cache[pages, positions % page_size].transpose(1, 2).contiguous()
 
 
 class NSAModule:
