@@ -671,6 +671,128 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
             tl.store(out + j.to(tl.int64) * stride_mn + eo * stride_md, new.to(CMP.dtype.element_ty), mask=eo < EO)
 
 
+@triton.jit
+def _online_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.constexpr):
+    # One tile of online softmax (log2 units) for the rows' visible keys.
+    s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION), l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _nsa_decode_attend(Q, K, V, IDX, PAGES, SEQLENS, O_PART, M_PART, L_PART,
+                       stride_qb, stride_qh, stride_qm, stride_qd,
+                       stride_kb, stride_kh, stride_kn, stride_kd,
+                       stride_vb, stride_vh, stride_vn, stride_vd,
+                       stride_ib, stride_ih, stride_in, stride_ii, stride_pb,
+                       n_q, n_select, per_split, HKV, GROUP, qk_scale,
+                       WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+                       HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Program (split, batch x KV head, row tile): the selected and window branches of the packed rows
+    # (query head in the group, query) as one list of work items of BLOCK_S keys per (sequence, KV
+    # head): first the n_q x n_select chosen blocks (query tq's slot s is item tq * n_select + s;
+    # -1 chose none), then the BLOCK_S-aligned tiles that hold any of its queries' windows. This split
+    # takes items [split * per_split, + per_split). Two online softmaxes per row, the selected
+    # branch's (a row sees a chosen block of its own query, keys up to its position) and the
+    # window's (keys pos - WINDOW < j <= pos); their normalized partial rows, maxes (log2 units) and
+    # sums go to O_PART [.., splits, 2, Dv], M_PART and L_PART [.., splits, 2] for _nsa_decode_merge.
+    # K and V are caches [B, HKV, S, *], or paged [pages, PAGE_SIZE, HKV, *] through PAGES.
+    split = tl.program_id(0)
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * n_q
+    t = rows % n_q
+    off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+    L = tl.load(SEQLENS + off_b)
+    pos = L - n_q + t
+    n_chosen = n_q * n_select
+    win_lo = tl.maximum(L - n_q - WINDOW + 1, 0) // BLOCK_S  # the first query's window's first tile
+    n_items = n_chosen + tl.maximum((L - 1) // BLOCK_S + 1 - win_lo, 0)
+    i0 = split * per_split
+    i1 = tl.minimum(i0 + per_split, n_items)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+    q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
+                + t[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    K += off_hk.to(tl.int64) * stride_kh
+    V += off_hk.to(tl.int64) * stride_vh
+    if PAGE_SIZE == 0:
+        K += off_b.to(tl.int64) * stride_kb
+        V += off_b.to(tl.int64) * stride_vb
+    else:
+        PAGES += off_b.to(tl.int64) * stride_pb
+    IDX += off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
+    offs_s = tl.arange(0, BLOCK_S)
+    m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for i in range(i0, tl.minimum(i1, n_chosen)):  # the selected branch's items
+        tq = i // n_select
+        blk = tl.load(IDX + tq.to(tl.int64) * stride_in + (i % n_select) * stride_ii)
+        if blk >= 0:
+            k, v, _ = _selected_block(K, V, PAGES, blk, L - n_q + tq, offs_d, offs_dv, stride_kb, stride_kn,
+                                      stride_kd, stride_vb, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S,
+                                      PAGE_SIZE)
+            keys = blk * BLOCK_S + offs_s
+            visible = (row_ok & (t == tq))[:, None] & (keys[None, :] <= pos[:, None])
+            acc_s, l_s, m_s = _online_tile(acc_s, l_s, m_s, q, k, v, visible, qk_scale, DOT_PRECISION)
+    m_w = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_w = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for i in range(tl.maximum(i0, n_chosen), i1):  # the window branch's items
+        tile = win_lo + i - n_chosen
+        k, v, _ = _selected_block(K, V, PAGES, tile, L - 1, offs_d, offs_dv, stride_kb, stride_kn, stride_kd,
+                                  stride_vb, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S, PAGE_SIZE)
+        keys = tile * BLOCK_S + offs_s
+        visible = row_ok[:, None] & (keys[None, :] <= pos[:, None]) & (keys[None, :] > pos[:, None] - WINDOW)
+        acc_w, l_w, m_w = _online_tile(acc_w, l_w, m_w, q, k, v, visible, qk_scale, DOT_PRECISION)
+    part = (((off_b * HKV * GROUP + off_h).to(tl.int64) * n_q + t) * tl.num_programs(0) + split) * 2  # [rows]
+    ok = row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V)
+    tl.store(O_PART + part[:, None] * HEAD_DIM_V + offs_dv[None, :], acc_s / tl.where(l_s == 0.0, 1.0, l_s)[:, None],
+             mask=ok)
+    tl.store(O_PART + (part + 1)[:, None] * HEAD_DIM_V + offs_dv[None, :],
+             acc_w / tl.where(l_w == 0.0, 1.0, l_w)[:, None], mask=ok)
+    tl.store(M_PART + part, m_s, mask=row_ok)
+    tl.store(M_PART + part + 1, m_w, mask=row_ok)
+    tl.store(L_PART + part, l_s, mask=row_ok)
+    tl.store(L_PART + part + 1, l_w, mask=row_ok)
+
+
+@triton.jit
+def _nsa_decode_merge(O_PART, M_PART, L_PART, O_CMP, GATES, O, n_splits, stride_gb, stride_gh, stride_gm, stride_gc,
+                      HQ, n_q, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    # Program (batch, query head, query): the selected and window branches' splits merged by their
+    # LSE (a branch that saw no key gives zeros), and the gates' mix with o_cmp (O_CMP float32):
+    # O [B, HQ, n_q, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa, in O's dtype.
+    row = tl.program_id(0).to(tl.int64)  # (b, h, t) flattened
+    off_b = row // (HQ * n_q)
+    off_h = row // n_q % HQ
+    t = row % n_q
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, HEAD_DIM_V_PAD)
+    gates = GATES + off_b * stride_gb + off_h * stride_gh + t * stride_gm
+    o = tl.load(O_CMP + row * HEAD_DIM_V + d, mask=d < HEAD_DIM_V, other=0.0) * tl.load(gates).to(tl.float32)
+    for branch in tl.static_range(2):
+        at = (row * n_splits + s) * 2 + branch
+        m = tl.load(M_PART + at, mask=s < n_splits, other=float("-inf"))
+        l = tl.load(L_PART + at, mask=s < n_splits, other=0.0)
+        m_max = tl.max(m, 0)
+        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.where(l > 0.0, l * tl.math.exp2(m - m_use), 0.0)
+        total = tl.sum(w, 0)
+        part = tl.load(O_PART + at[:, None] * HEAD_DIM_V + d[None, :], mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM_V),
+                       other=0.0)
+        branch_o = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+        o += branch_o * tl.load(gates + (branch + 1) * stride_gc).to(tl.float32)
+    tl.store(O + row * HEAD_DIM_V + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM_V)
+
+
 
 from attngen.runtime.nsa import NSAModule  # noqa: E402
 

@@ -125,6 +125,41 @@ def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c,
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("G, Nq, splits, paged", [(2, 1, 1, False), (3, 3, 5, False), (1, 2, None, True),
+                                                  (16, 1, 4, True)])
+def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged):
+    """The selected and window branches with the gates' mix in two kernels (fused_decode's
+    _decode_attend_fused) against the selected kernel, the window branch's decode and the torch mix:
+    one split for every item, splits whose items straddle the two branches, one item each; lengths
+    0, 1 (fewer keys than queries), inside the first block, and full; contiguous and paged caches."""
+    from attngen.runtime.nsa import _mix
+    from attngen.verify import paged as as_pages
+
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(G + Nq)
+    B, Hkv, S = 4, 2 if G < 16 else 1, 192
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+    lengths = torch.tensor([0, 1, 20, S])
+    q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
+    gates = torch.rand(B, Hkv * G, Nq, 3, generator=g)
+    table = None
+    if paged:
+        table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
+        k_cache, v_cache = as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)
+    cmp = rt.compressed_cache(k_cache, v_cache, lengths.int(), block_table=table)
+    pos = lengths[:, None] - Nq + torch.arange(Nq)
+    o_cmp, indices = rt._decode_compressed(q, cmp, pos, rt.scale, S)
+    o_slc = rt.selected_forward(q, k_cache, v_cache, indices, rt.scale, (lengths - Nq).int(), table)[0]
+    o_swa = rt.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
+                                                        block_table=table, scale=rt.scale)
+    want = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
+    got = rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp, gates, splits=splits)
+    assert (got - want).abs().max() < 1e-5
+    assert (got[0] == 0).all()  # no key: every branch gives zeros
+
+
+@pytest.mark.interp
 def test_opcheck_of_the_fused_decode_op(tmp_path):
     """torch.library.opcheck of ops.compressed_decode (fused_decode under torch.compile): schema,
     fake tensors and dispatch."""

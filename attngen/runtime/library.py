@@ -109,9 +109,10 @@ class _NSAOps:
     """An NSA module's torch.library ops for the parts that are not torch: the selection (no
     gradient) and the selected branch (forward, and backward through register_autograd)."""
 
-    def __init__(self, select, selected, selected_decode, compressed_decode, compress_update):
+    def __init__(self, select, selected, selected_decode, compressed_decode, compress_update, attend_decode):
         self.select, self.selected, self.selected_decode = select, selected, selected_decode
-        self.compressed_decode, self.compress_update = compressed_decode, compress_update
+        self.compressed_decode, self.compress_update, self.attend_decode = compressed_decode, compress_update, \
+            attend_decode
 
 
 def register_nsa_ops(rt) -> _NSAOps:
@@ -200,4 +201,17 @@ def register_nsa_ops(rt) -> _NSAOps:
                                                "Tensor lengths, int Nq, Tensor? block_table, Tensor? w_k, "
                                                "Tensor? w_v) -> ()")
     update_op.register_fake(lambda *args: None)
-    return _NSAOps(select_op, fwd_op, decode_op, cmp_op, update_op)
+
+    # decoding's selected and window branches with the gates' mix (fused_decode): o
+    def attend(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates):
+        return rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates)
+
+    def attend_fake(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates):
+        return q.new_empty((*q.shape[:3], rt.head_dim_v))
+
+    attend_op = torch.library.custom_op(f"{name}_nsa_attend_decode", attend, mutates_args=(),
+                                        schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor indices, "
+                                               "Tensor lengths, float scale, Tensor? block_table, Tensor o_cmp, "
+                                               "Tensor gates) -> Tensor")
+    attend_op.register_fake(attend_fake)
+    return _NSAOps(select_op, fwd_op, decode_op, cmp_op, update_op, attend_op)

@@ -96,14 +96,16 @@ class NSAModule:
         self.fwd_keys_kernel, self.top_kernel = ns["_nsa_select_fwd_keys"], ns["_nsa_top_blocks"]
         self.decode_cmp_kernel, self.decode_select_kernel = ns["_nsa_decode_cmp"], ns["_nsa_decode_select"]
         self.compress_update_kernel = ns["_nsa_compress_update"]
+        self.decode_attend_kernel, self.decode_merge_kernel = ns["_nsa_decode_attend"], ns["_nsa_decode_merge"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
         # sort of every score: opt-in until timed (experiments/nsa_gpu.py; docs/decisions/nsa-plan.md)
         self.top_blocks_kernel = False
-        # decoding's compressed cache update, compressed branch and selection in kernels
-        # (_update_compressed_kernel, _decode_compressed_fused) instead of about 55 torch ops:
-        # opt-in until timed (experiments/nsa_decode_gpu.py)
+        # decoding in kernels: the compressed cache's update, the compressed branch and the selection,
+        # the selected and window branches with the gates' mix (_update_compressed_kernel,
+        # _decode_compressed_fused, _decode_attend_fused) instead of about 90 torch ops and 4
+        # kernels: opt-in until timed (experiments/nsa_decode_gpu.py)
         self.fused_decode = False
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
@@ -272,6 +274,12 @@ class NSAModule:
                 o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
         else:
             o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
+        if self.fused_decode and torch.compiler.is_compiling():
+            o = self.ops.attend_decode(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates)
+            return (o, indices) if return_indices else o
+        if self.fused_decode:
+            o = self._decode_attend_fused(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates)
+            return (o, indices) if return_indices else o
         first = (lengths - Nq).to(torch.int32)
         if torch.compiler.is_compiling():  # an op: opaque to the tracer, as in attention
             o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale, block_table)
@@ -401,6 +409,45 @@ class NSAModule:
             BLOCK_G=max(2, triton.next_power_of_2(G)), SPLIT_CHUNK=max(2, min(32, triton.next_power_of_2(splits))),
             NB_SPLIT=nb_split, NB_PAD=nb_pad, num_warps=max(4, min(16, nb_pad // 1024)))
         return o_cmp, indices, scores
+
+    def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
+                             splits: int | None = None):
+        """o [B, Hq, Nq, Dv] of decoding from o_cmp and the blocks: the selected and window branches
+        as one list of work items per (sequence, KV head) shared among splits (_nsa_decode_attend),
+        then the splits merged per branch and mixed by the gates (_nsa_decode_merge). The splits
+        are a static count (shapes only) unless given."""
+        B, Hq, Nq, D = q.shape
+        paged = block_table is not None
+        Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
+        Dv, G, n = self.head_dim_v, Hq // Hkv, indices.shape[-1]
+        o = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
+        if not o.numel():
+            return o
+        rows = G * Nq
+        block_m = max(16, min(64, triton.next_power_of_2(rows)))
+        row_tiles = -(-rows // block_m)
+        # the most items of a sequence: its queries' choices, then its window's tiles
+        items = Nq * n + (self.window + Nq - 1) // self.l_sel + 2
+        splits = splits or max(1, min(items, -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
+        per_split = -(-items // splits)
+        splits = -(-items // per_split)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        o_part = torch.empty(B, Hq, Nq, splits, 2, Dv, **f32)
+        m_part, l_part = torch.empty(B, Hq, Nq, splits, 2, **f32), torch.empty(B, Hq, Nq, splits, 2, **f32)
+        seqlens = lengths.to(torch.int32).contiguous()
+        ks, vs = ((t.stride(0), t.stride(2), t.stride(1), t.stride(3)) if paged else t.stride() for t in (k_cache, v_cache))
+        pads = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+        self.decode_attend_kernel[(splits, B * Hkv, row_tiles)](
+            q, k_cache, v_cache, indices, block_table if paged else seqlens, seqlens, o_part, m_part, l_part, *q.stride(),
+            *ks, *vs, *indices.stride(), block_table.stride(0) if paged else 0, Nq, n, per_split, Hkv, G,
+            scale * 1.4426950408889634, WINDOW=self.window, HEAD_DIM=D, HEAD_DIM_V=Dv, HEAD_DIM_PAD=pads[0],
+            HEAD_DIM_V_PAD=pads[1], BLOCK_M=block_m, BLOCK_S=self.l_sel, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=8 if max(pads) > 128 else 4)
+        self.decode_merge_kernel[(B * Hq * Nq,)](
+            o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
+            HEAD_DIM_V_PAD=pads[1], SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+        return o
 
     # ------------------------------------------------------------------ the stages
 
