@@ -256,30 +256,16 @@ class NSAModule:
                   block_table, k, v)
         if k is not None:
             dec.append(k_cache, v_cache, block_table, cache_seqlens, k, v)
-        lengths = (cache_seqlens + Nq if k is not None else cache_seqlens).long()
+        lengths = cache_seqlens + Nq if k is not None else cache_seqlens
         scale = self.scale if scale is None else float(scale)
-        pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
-        if self.fused_decode and not torch.compiler.is_compiling():
-            self._update_compressed_kernel(k_cache, v_cache, cmp_cache, lengths, Nq, compress_weights, block_table)
-        elif self.fused_decode:  # an op that writes the compressed cache in place: opaque to the tracer
-            self.ops.compress_update(k_cache, v_cache, *cmp_cache, lengths, Nq, block_table,
-                                     *(compress_weights or (None, None)))
-        else:
-            self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
-        n_blocks = -(-S // self.l_sel)
-        if self.fused_decode and cmp_cache[0].shape[2] and triton.next_power_of_2(n_blocks) <= _TOP_BLOCKS_MAX:
-            if torch.compiler.is_compiling():  # an op: opaque to the tracer
-                o_cmp, indices = self.ops.compressed_decode(q, *cmp_cache, lengths, scale, S)
-            else:
-                o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
-        else:
-            o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
-        if self.fused_decode and torch.compiler.is_compiling():
-            o = self.ops.attend_decode(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates)
-            return (o, indices) if return_indices else o
         if self.fused_decode:
-            o = self._decode_attend_fused(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates)
+            o, indices = self._decode_fused(q, k_cache, v_cache, cmp_cache, lengths.to(torch.int32), scale, S, gates,
+                                            compress_weights, block_table)
             return (o, indices) if return_indices else o
+        lengths = lengths.long()
+        pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
+        self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
+        o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
         first = (lengths - Nq).to(torch.int32)
         if torch.compiler.is_compiling():  # an op: opaque to the tracer, as in attention
             o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale, block_table)
@@ -289,6 +275,32 @@ class NSAModule:
                                                               block_table=block_table, scale=scale)
         o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
         return (o, indices) if return_indices else o
+
+    def _decode_fused(self, q, k_cache, v_cache, cmp_cache, lengths, scale: float, S: int, gates, compress_weights,
+                      block_table):
+        """(o, blocks) of a decode step in kernels (fused_decode): the compressed cache's update, the
+        compressed branch with the selection, the selected and window branches with the gates' mix;
+        under torch.compile each an op. The selection's torch path where no compressed token exists
+        yet or a row of scores is too wide for the registers."""
+        Nq = q.shape[2]
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # an op that writes the compressed cache in place: opaque to the tracer
+            self.ops.compress_update(k_cache, v_cache, *cmp_cache, lengths, Nq, block_table,
+                                     *(compress_weights or (None, None)))
+        else:
+            self._update_compressed_kernel(k_cache, v_cache, cmp_cache, lengths, Nq, compress_weights, block_table)
+        if not cmp_cache[0].shape[2] or triton.next_power_of_2(-(-S // self.l_sel)) > _TOP_BLOCKS_MAX:
+            pos = lengths.long()[:, None] - Nq + torch.arange(Nq, device=q.device)
+            o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
+        elif compiling:
+            o_cmp, indices = self.ops.compressed_decode(q, *cmp_cache, lengths, scale, S)
+        else:
+            o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
+        if compiling:
+            return self.ops.attend_decode(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates), \
+                indices
+        return self._decode_attend_fused(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates), \
+            indices
 
     def _update_compressed_kernel(self, k_cache, v_cache, cmp_cache, lengths, Nq: int, compress_weights,
                                   block_table=None) -> None:
