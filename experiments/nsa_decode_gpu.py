@@ -4,10 +4,9 @@ Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1
 cache's update, the compressed branch and the selection in torch, the selected branch's kernel,
 the window branch's decode kernel, the gates' mix) against torch SDPA's backends over the whole
 dense cache (enable_gqa; one query sees every key, so no mask) and our dense causal decode (d128),
-in one process; the NSA step also with `fused_decode` (the compressed branch and the selection in
-two kernels, opt-in) and under torch.compile(fullgraph=True), whose Inductor fuses the torch ops
-between the kernels. bf16, Hq 64, Hkv 4, every sequence full; each step replayed as a
-CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
+in one process; the NSA step also with `fused_decode` (the step in six kernels, opt-in) and under
+torch.compile(fullgraph=True), whose Inductor fuses the torch ops between the kernels. bf16, Hq 64,
+Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
 
     PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json
 """
@@ -69,7 +68,7 @@ def main() -> None:
             out = step()
             assert torch.isfinite(out.float()).all(), case
             row["nsa"] = _time(step) * 1e3
-            nsa.fused_decode = True  # the compressed branch and the selection in two kernels (opt-in)
+            nsa.fused_decode = True  # the step in six kernels (opt-in)
             try:
                 fused = step()
                 row["nsa fused_decode vs torch max diff"] = (fused.float() - out.float()).abs().max().item()
