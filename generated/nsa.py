@@ -623,9 +623,9 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
                          stride_mb, stride_mh, stride_mn, stride_md, stride_wh, stride_wf, stride_we, n_q, n_cmp, HKV,
                          CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
                          EO: tl.constexpr, EO_PAD: tl.constexpr, BLOCK_L: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                         LINEAR: tl.constexpr, STEPS: tl.constexpr):
+                         LINEAR: tl.constexpr):
     # Program (batch x KV head): the compressed tokens whose windows end at the sequence's last n_q
-    # positions (ends are CMP_STRIDE apart: at most STEPS of them), each the mean of its CMP_BLOCK
+    # positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE + 1), each the mean of its CMP_BLOCK
     # rows of CACHE, or with LINEAR their rows flattened times W [HKV, CMP_BLOCK * E, EO]; written
     # into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E] (PAGE_SIZE 0) or paged [pages,
     # PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides as a page, a head, a slot).
@@ -639,7 +639,7 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
     eo = tl.arange(0, EO_PAD)
     CACHE += off_h.to(tl.int64) * stride_ch
     out = CMP + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
-    for step in tl.static_range(STEPS):
+    for step in range(0, n_q // CMP_STRIDE + 1):
         end = first_end + step * CMP_STRIDE
         j = (end - (CMP_BLOCK - 1)) // CMP_STRIDE
         if (end <= last) & (j < n_cmp):
@@ -765,30 +765,37 @@ def _nsa_decode_attend(Q, K, V, IDX, PAGES, SEQLENS, O_PART, M_PART, L_PART,
 
 @triton.jit
 def _nsa_decode_merge(O_PART, M_PART, L_PART, O_CMP, GATES, O, n_splits, stride_gb, stride_gh, stride_gm, stride_gc,
-                      HQ, n_q, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+                      HQ, n_q, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     # Program (batch, query head, query): the selected and window branches' splits merged by their
-    # LSE (a branch that saw no key gives zeros), and the gates' mix with o_cmp (O_CMP float32):
-    # O [B, HQ, n_q, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa, in O's dtype.
+    # LSE, SPLIT_CHUNK at a time (a branch that saw no key gives zeros), and the gates' mix with
+    # o_cmp (O_CMP float32): O [B, HQ, n_q, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa, in O's dtype.
     row = tl.program_id(0).to(tl.int64)  # (b, h, t) flattened
     off_b = row // (HQ * n_q)
     off_h = row // n_q % HQ
     t = row % n_q
-    s = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, HEAD_DIM_V_PAD)
     gates = GATES + off_b * stride_gb + off_h * stride_gh + t * stride_gm
     o = tl.load(O_CMP + row * HEAD_DIM_V + d, mask=d < HEAD_DIM_V, other=0.0) * tl.load(gates).to(tl.float32)
     for branch in tl.static_range(2):
-        at = (row * n_splits + s) * 2 + branch
-        m = tl.load(M_PART + at, mask=s < n_splits, other=float("-inf"))
-        l = tl.load(L_PART + at, mask=s < n_splits, other=0.0)
-        m_max = tl.max(m, 0)
+        m_max = float("-inf")
+        for s0 in range(0, n_splits, SPLIT_CHUNK):
+            s = s0 + tl.arange(0, SPLIT_CHUNK)
+            m = tl.load(M_PART + (row * n_splits + s) * 2 + branch, mask=s < n_splits, other=float("-inf"))
+            m_max = tl.maximum(m_max, tl.max(m, 0))
         m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.where(l > 0.0, l * tl.math.exp2(m - m_use), 0.0)
-        total = tl.sum(w, 0)
-        part = tl.load(O_PART + at[:, None] * HEAD_DIM_V + d[None, :], mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM_V),
-                       other=0.0)
-        branch_o = tl.sum(part * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
-        o += branch_o * tl.load(gates + (branch + 1) * stride_gc).to(tl.float32)
+        total = 0.0
+        acc = tl.zeros([HEAD_DIM_V_PAD], dtype=tl.float32)
+        for s0 in range(0, n_splits, SPLIT_CHUNK):
+            s = s0 + tl.arange(0, SPLIT_CHUNK)
+            at = (row * n_splits + s) * 2 + branch
+            m = tl.load(M_PART + at, mask=s < n_splits, other=float("-inf"))
+            l = tl.load(L_PART + at, mask=s < n_splits, other=0.0)
+            w = tl.where(l > 0.0, l * tl.math.exp2(m - m_use), 0.0)
+            total += tl.sum(w, 0)
+            part = tl.load(O_PART + at[:, None] * HEAD_DIM_V + d[None, :],
+                           mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM_V), other=0.0)
+            acc += tl.sum(part * w[:, None], 0)
+        o += acc / tl.where(total == 0.0, 1.0, total) * tl.load(gates + (branch + 1) * stride_gc).to(tl.float32)
     tl.store(O + row * HEAD_DIM_V + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM_V)
 
 

@@ -131,18 +131,20 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     """The selected and window branches with the gates' mix in two kernels (fused_decode's
     _decode_attend_fused) against the selected kernel, the window branch's decode and the torch mix:
     one split for every item, splits whose items straddle the two branches, one item each; lengths
-    0, 1 (fewer keys than queries), inside the first block, and full; contiguous and paged caches."""
+    0, 1 (fewer keys than queries), inside the first block, 71 and 72 (the first query's window
+    starts a tile before the last's; the window over the most tiles), and full; contiguous and paged
+    caches; gates as a transposed view."""
     from attngen.runtime.nsa import _mix
     from attngen.verify import paged as as_pages
 
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(G + Nq)
-    B, Hkv, S = 4, 2 if G < 16 else 1, 192
+    B, Hkv, S = 6, 2 if G < 16 else 1, 192
     k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
-    lengths = torch.tensor([0, 1, 20, S])
+    lengths = torch.tensor([0, 1, 20, 71, 72, S])
     q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
-    gates = torch.rand(B, Hkv * G, Nq, 3, generator=g)
+    gates = torch.rand(B, Nq, Hkv * G, 3, generator=g).transpose(1, 2)
     table = None
     if paged:
         table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
@@ -157,6 +159,61 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     got = rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp, gates, splits=splits)
     assert (got - want).abs().max() < 1e-5
     assert (got[0] == 0).all()  # no key: every branch gives zeros
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("kind, block, stride, paged", [("mean", 5, 3, False), ("linear", 24, 7, True),
+                                                        ("mean", 24, 7, True), ("linear", 5, 3, False)])
+def test_compressed_cache_update_kernel_matches_torch(tmp_path, kind, block, stride, paged):
+    """fused_decode's _nsa_compress_update against the torch path's update: windows of 5 and 24 rows
+    (no power of two) every 3 and 7, so that 7 appended positions end two windows (one); lengths
+    below one window, 0, and a window ending at the last row; contiguous and paged (pages of 16)."""
+    from attngen.verify import paged as as_pages
+
+    spec, module = _module(tmp_path, kind, block, stride)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(block + stride)
+    B, Hkv, S, Nq = 4, 2, 96, 7
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+    weights = None
+    if kind == "linear":
+        weights = (torch.randn(Hkv, block * 32, 32, generator=g) / 20, torch.randn(Hkv, block * 16, 16, generator=g) / 20)
+    lengths = torch.tensor([3, 0, 40, 96])
+    table = None
+    if paged:
+        table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
+        k_cache, v_cache = as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)
+    base = rt.compressed_cache(k_cache, v_cache, (lengths - Nq).clamp(min=0).int(), weights, block_table=table)
+    got, want = [c.clone().zero_() for c in base], [c.clone().zero_() for c in base]
+    rt._update_compressed_kernel(k_cache, v_cache, got, lengths.int(), Nq, weights, table)
+    rt._update_compressed(k_cache, v_cache, want, lengths[:, None] - Nq + torch.arange(Nq), weights, table)
+    assert all((a - b).abs().max() <= 1e-6 * b.abs().max().clamp(min=1) for a, b in zip(got, want))
+    n_cmp = want[0].shape[2]
+    ends = [j for j in range(n_cmp) if 96 - Nq <= j * stride + block - 1 <= 95]  # of the full sequence
+    assert (want[0][3] != 0).any(dim=-1).sum() == Hkv * len(ends) and len(ends) == (2 if stride == 3 else 1)
+
+
+@pytest.mark.interp
+def test_a_cache_shorter_than_one_window_decodes(tmp_path):
+    """A cache of 24 positions under windows of 32: no compressed token exists, the compressed branch
+    gives zeros and the forced blocks are chosen, in both paths (the torch path raised before)."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 1, 24, 32, generator=g), torch.randn(2, 1, 24, 16, generator=g)
+    lengths = torch.tensor([3, 24], dtype=torch.int32)
+    cmp = rt.compressed_cache(k_cache, v_cache, lengths)
+    q, gates = torch.randn(2, 2, 1, 32, generator=g), torch.rand(2, 2, 1, 3, generator=g)
+    runs = []
+    for fused in (False, True):
+        rt.fused_decode = fused
+        try:
+            runs.append(module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, gates=gates,
+                                                      cmp_cache=cmp, return_indices=True))
+        finally:
+            rt.fused_decode = False
+    assert cmp[0].shape[2] == 0 and torch.equal(runs[0][1], runs[1][1]) and (runs[0][0] - runs[1][0]).abs().max() < 1e-5
+    assert runs[0][1][:, :, 0, 0].tolist() == [[0], [0]] and torch.isfinite(runs[0][0]).all()
 
 
 @pytest.mark.interp

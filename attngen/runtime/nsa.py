@@ -289,7 +289,7 @@ class NSAModule:
                                      *(compress_weights or (None, None)))
         else:
             self._update_compressed_kernel(k_cache, v_cache, cmp_cache, lengths, Nq, compress_weights, block_table)
-        if not cmp_cache[0].shape[2] or triton.next_power_of_2(-(-S // self.l_sel)) > _TOP_BLOCKS_MAX:
+        if not cmp_cache[0].shape[2] or triton.next_power_of_2(-(-S // self.l_sel)) > _TOP_BLOCKS_MAX:  # (torch)
             pos = lengths.long()[:, None] - Nq + torch.arange(Nq, device=q.device)
             o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
         elif compiling:
@@ -320,7 +320,7 @@ class NSAModule:
                 block_table.stride(0) if paged else 0, *cmp.stride(), *ws, Nq, n_cmp, Hkv, CMP_BLOCK=self.l,
                 CMP_STRIDE=self.d, E=E, E_PAD=max(16, triton.next_power_of_2(E)), EO=EO,
                 EO_PAD=max(16, triton.next_power_of_2(EO)), BLOCK_L=triton.next_power_of_2(self.l),
-                PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None, STEPS=Nq // self.d + 1)
+                PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None)
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
         """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
@@ -328,6 +328,8 @@ class NSAModule:
         write in the same scatter."""
         B, Nq = pos.shape
         n_cmp = cmp_cache[0].shape[2]
+        if not n_cmp:  # a cache shorter than one window: no window ends in it
+            return
         lo = torch.clamp(pos[:, 0], min=self.l - 1)  # the first position that may end a window
         first_end = lo + (-(lo - (self.l - 1))) % self.d  # [B]
         w = compress_weights if compress_weights is not None else (None, None)
@@ -350,11 +352,15 @@ class NSAModule:
 
     def _decode_compressed(self, q, cmp_cache, pos, scale: float, S: int):
         """o_cmp (float32 [B, Hq, Nq, Dv]) and the selected blocks [B, Hkv, Nq, n] of the rows at
-        positions pos [B, Nq], from the compressed cache (torch: it is 1/d of the raw cache)."""
+        positions pos [B, Nq], from the compressed cache (torch: it is 1/d of the raw cache). A
+        cache shorter than one window has no compressed token: o_cmp 0, the forced blocks alone."""
         B, Hq, Nq, D = q.shape
         k_cmp, v_cmp = cmp_cache
         Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
         G = Hq // Hkv
+        if not n_cmp:
+            scores = torch.zeros(B, Hkv, Nq, -(-S // self.l_sel), device=q.device)
+            return q.new_zeros((B, Hq, Nq, v_cmp.shape[3]), dtype=torch.float32), self._top_blocks(scores, pos[:, None, :])
         s = (q.float().view(B, Hkv, G, Nq, D) @ k_cmp.float()[:, :, None].transpose(-1, -2)) * scale
         visible = (torch.arange(n_cmp, device=q.device) * self.d + self.l - 1) <= pos[:, None, None, :, None]
         s = s.masked_fill(~visible, float("-inf"))
@@ -458,7 +464,7 @@ class NSAModule:
             num_warps=8 if max(pads) > 128 else 4)
         self.decode_merge_kernel[(B * Hq * Nq,)](
             o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
-            HEAD_DIM_V_PAD=pads[1], SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=max(2, min(16, triton.next_power_of_2(splits))))
         return o
 
     # ------------------------------------------------------------------ the stages
