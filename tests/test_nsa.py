@@ -133,7 +133,7 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     one split for every item, splits whose items straddle the two branches, one item each; lengths
     0, 1 (fewer keys than queries), inside the first block, 71 and 72 (the first query's window
     starts a tile before the last's; the window over the most tiles), and full; contiguous and paged
-    caches; gates as a transposed view."""
+    caches; gates as a permuted view (its gate stride not 1)."""
     from attngen.runtime.nsa import _mix
     from attngen.verify import paged as as_pages
 
@@ -144,7 +144,7 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
     lengths = torch.tensor([0, 1, 20, 71, 72, S])
     q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
-    gates = torch.rand(B, Nq, Hkv * G, 3, generator=g).transpose(1, 2)
+    gates = torch.rand(B, 3, Hkv * G, Nq, generator=g).permute(0, 2, 3, 1)  # no unit stride but the batch's
     table = None
     if paged:
         table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
