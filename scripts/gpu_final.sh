@@ -12,6 +12,9 @@
 #   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
+#   DEADLINE=540 scripts/gpu_final.sh first   # the first call after sessions without a GPU
+#                                             # (docs/verification.md): the unverified features' tests,
+#                                             # NSA's bf16 verification, the opt-in options' A/B timings
 # Each benchmark group is MODE:HEAD_DIM over $SPECS at 1k, 4k and 16k tokens (16 heads at d128,
 # 32 at d64), one JSON per spec so that a run cut short keeps the rest; nothing new starts after
 # $DEADLINE seconds. $OUT gets the verification tables and the merged benchmark tables.
@@ -33,6 +36,17 @@ if [ -n "$WARM" ]; then  # the compile caches (Triton's, Inductor's) are shared 
 fi
 VSPECS=${VSPECS:-specs/*.yaml}
 for group in "$@"; do
+  if [ "$group" = first ]; then
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/env.txt
+    python3 -c "import torch,triton,numpy;print(torch.__version__,triton.__version__,numpy.__version__)" | tee -a $OUT/env.txt
+    git log --oneline -1 | tee -a $OUT/env.txt
+    timeout 200 python3 -m pytest -q -x tests/test_head_dims.py tests/test_decode.py tests/test_nsa.py -k "chunked or segments or token_tiles or window_shorter or queries_document or visible_blocks or step_ahead or paged_cache or fused_decode or top_blocks or last_rows or update_kernel or shorter_than" 2>&1 | tail -15 | tee $OUT/pytest_first.txt
+    timeout 120 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --decode --dtype bf16 --markdown $OUT/verify_nsa_bf16.md 2>&1 | grep -v -i warn | tail -30 | tee $OUT/verify_nsa.txt
+    timeout 120 python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -8 | tee $OUT/nsa_decode.txt
+    timeout 90 python3 experiments/gated_decode_gpu.py --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -20 | tee $OUT/gated.txt
+    timeout $((DEADLINE - SECONDS)) python3 experiments/nsa_selected_gpu.py --json $OUT/nsa_selected.json 2>&1 | grep -v -i warn | tail -40 | tee $OUT/nsa_selected.txt
+    continue
+  fi
   if [ "$group" = bench-decode ]; then  # causal, the issue's cases (attngen/bench_decode.py), CUDA-graph replays
     timeout 500 python3 -m cli.main bench-decode specs/causal.yaml --variants "${VARIANTS:-}" --cases "${CASES:-}" \
       --flex "${FLEX:-}" --json $OUT/bench_decode${FLEX:+_flex}.json 2>&1 | grep -v -i warn | tee -a $OUT/bench_decode.log
