@@ -55,6 +55,17 @@ def _selected_block(K, V, PAGES, blk, pos, offs_d, offs_dv, stride_kp, stride_kn
 
 
 @triton.jit
+def _online_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.constexpr):
+    # One tile of online softmax (log2 units) for the rows' visible keys.
+    s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION), l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
 def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST, PAGES,
                     stride_qb, stride_qh, stride_qn, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -117,15 +128,7 @@ def _nsa_select_fwd(Q, K, V, IDX, UNION, COUNT, O, LSE, FIRST, PAGES,
         chose = tl.reshape(tl.broadcast_to(chose[:, None], [BLOCK_T, BLOCK_G]), [BLOCK_T * BLOCK_G])
         offs_n = blk * BLOCK_S + tl.arange(0, BLOCK_S)
         visible = ((chose > 0) & row_ok)[:, None] & (offs_n[None, :] <= pos[:, None])
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _online_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_PRECISION)
     l_use = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw nothing: zeros, LSE -inf
     tl.store(O + off_b.to(tl.int64) * stride_ob + off_h[:, None].to(tl.int64) * stride_oh
              + t[:, None].to(tl.int64) * stride_on + offs_dv[None, :] * stride_od, acc / l_use[:, None],
@@ -668,17 +671,6 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
                             other=0.0)
                 new = tl.sum(x.to(tl.float32), 0) / CMP_BLOCK
             tl.store(out + j.to(tl.int64) * stride_mn + eo * stride_md, new.to(CMP.dtype.element_ty), mask=eo < EO)
-
-
-@triton.jit
-def _online_tile(acc, l_i, m_i, q, k, v, visible, qk_scale, DOT_PRECISION: tl.constexpr):
-    # One tile of online softmax (log2 units) for the rows' visible keys.
-    s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    return tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION), l_i * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit

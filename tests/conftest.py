@@ -1,7 +1,7 @@
 import os
 
 # Under pytest-xdist (the README's `-n 2`) each worker keeps to one thread: two workers on two cores
-# run the interpreter's kernels 1.6x faster than one process with two threads (docs/architecture.md).
+# run the interpreter's kernels faster than one process with two threads (docs/architecture.md).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")

@@ -251,6 +251,12 @@ def append(k_cache, v_cache, block_table, cache_seqlens, k, v) -> None:
         v_cache[pages, pos % page_size] = v.transpose(1, 2)
 
 
+def cache_strides(cache: torch.Tensor, paged: bool) -> tuple[int, ...]:
+    """A cache's strides as the kernels take them: (a sequence, a head, a slot, a feature) of [B,
+    Hkv, S, D], or of paged [pages, page_size, Hkv, D] (a page, the cache's head, a slot, a feature)."""
+    return (cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3)) if paged else cache.stride()
+
+
 def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, plan: DecodePlan, Hkv: int,
         head_dim_v: int, native: bool, gate: Gate = NO_GATE) -> tuple[torch.Tensor, torch.Tensor]:
     """o [B, Hq, Nq, Dv] and lse [B, Hq, Nq] (float32, natural log) from the decode kernel (and the
@@ -277,11 +283,7 @@ def run(kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale: float, pla
     locks = _locks(q.device, grid[1] * grid[2]) if fused else seqlens
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
-    if paged:  # [pages, page_size, Hkv, D]: a page, the cache's head, a slot
-        ks = (k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), k_cache.stride(3))
-        vs = (v_cache.stride(0), v_cache.stride(2), v_cache.stride(1), v_cache.stride(3))
-    else:
-        ks, vs = k_cache.stride(), v_cache.stride()
+    ks, vs = cache_strides(k_cache, paged), cache_strides(v_cache, paged)
     pages = block_table if paged else seqlens
     kernel[grid](q, k_cache, v_cache, o_part, lse_part, o, lse, locks, hp, pages, seqlens,
                  *gate.tensors(seqlens, seqlens, Hkv, Nq, capacity),

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import triton
 
-from .decode import _combine_splits, sms
+from .decode import _combine_splits, cache_strides, sms
 from .library import register_nsa_ops
 from .module import check_qkv
 
@@ -313,7 +313,7 @@ class NSAModule:
         for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
             B, Hkv, n_cmp, EO = cmp.shape
             E = cache.shape[3]
-            cs = (cache.stride(0), cache.stride(2), cache.stride(1), cache.stride(3)) if paged else cache.stride()
+            cs = cache_strides(cache, paged)
             ws = weight.stride() if weight is not None else (0, 0, 0)
             self.compress_update_kernel[(B * Hkv,)](
                 cache, block_table if paged else seqlens, cmp, weight if weight is not None else cmp, seqlens, *cs,
@@ -453,7 +453,7 @@ class NSAModule:
         o_part = torch.empty(B, Hq, Nq, splits, 2, Dv, **f32)
         m_part, l_part = torch.empty(B, Hq, Nq, splits, 2, **f32), torch.empty(B, Hq, Nq, splits, 2, **f32)
         seqlens = lengths.to(torch.int32).contiguous()
-        ks, vs = ((t.stride(0), t.stride(2), t.stride(1), t.stride(3)) if paged else t.stride() for t in (k_cache, v_cache))
+        ks, vs = cache_strides(k_cache, paged), cache_strides(v_cache, paged)
         pads = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
         self.decode_attend_kernel[(splits, B * Hkv, row_tiles)](
             q, k_cache, v_cache, indices, block_table if paged else seqlens, seqlens, o_part, m_part, l_part, *q.stride(),
@@ -626,8 +626,7 @@ class NSAModule:
         warps = 8 if rows * max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) >= 64 * 256 else 4
         # fp32's buffers are twice as big: 3 stages of d192's blocks would take 217 KB of shared memory
         stages = 2 if q.dtype == torch.float32 else 3
-        # paged: strides as (a page, the cache's head, a slot, a feature), as fa2's decode reads them
-        ks, vs = ((t.stride(0), t.stride(2), t.stride(1), t.stride(3)) if paged else t.stride() for t in (k, v))
+        ks, vs = cache_strides(k, paged), cache_strides(v, paged)
         pages = block_table if paged else indices
         self.fwd_kernel[(union.shape[2], B * Hkv)](
             q, k, v, indices, union, count, o, lse, indices if first is None else first, pages, *q.stride(), *ks,
