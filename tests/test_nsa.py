@@ -217,6 +217,35 @@ def test_a_cache_shorter_than_one_window_decodes(tmp_path):
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("paged", [False, True])
+def test_an_empty_batch_decodes_to_empty_outputs(tmp_path, fused, paged):
+    """B = 0, with tokens to append: empty outputs of the right shapes, nothing written (both
+    paths raised before: a reshape of 0 elements, a division by B)."""
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(0)
+    if paged:
+        k_cache, v_cache = torch.randn(3, 16, 2, 32, generator=g), torch.randn(3, 16, 2, 16, generator=g)
+        table = torch.zeros(0, 3, dtype=torch.int32)
+    else:
+        k_cache, v_cache, table = torch.randn(0, 2, 48, 32, generator=g), torch.randn(0, 2, 48, 16, generator=g), None
+    before = (k_cache.clone(), v_cache.clone())
+    lengths = torch.zeros(0, dtype=torch.int32)
+    cmp = rt.compressed_cache(k_cache, v_cache, lengths, block_table=table)
+    rt.fused_decode = fused
+    try:
+        o, indices = module.attention_with_kvcache(
+            torch.randn(0, 4, 2, 32), k_cache, v_cache, cache_seqlens=lengths, gates=torch.rand(0, 4, 2, 3),
+            cmp_cache=cmp, k=torch.randn(0, 2, 2, 32), v=torch.randn(0, 2, 2, 16), block_table=table,
+            return_indices=True)
+    finally:
+        rt.fused_decode = False
+    assert o.shape == (0, 4, 2, 16) and indices.shape == (0, 2, 2, 2) and indices.dtype == torch.int32
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+@pytest.mark.interp
 def test_opcheck_of_the_fused_decode_op(tmp_path):
     """torch.library.opcheck of ops.compressed_decode (fused_decode under torch.compile): schema,
     fake tensors and dispatch."""

@@ -258,6 +258,10 @@ class NSAModule:
             dec.append(k_cache, v_cache, block_table, cache_seqlens, k, v)
         lengths = cache_seqlens + Nq if k is not None else cache_seqlens
         scale = self.scale if scale is None else float(scale)
+        if not B:  # no sequence: nothing to update, select or attend
+            o = q.new_zeros((0, Hq, Nq, self.head_dim_v))
+            indices = torch.zeros(0, Hkv, Nq, min(self.count, -(-S // self.l_sel)), dtype=torch.int32, device=q.device)
+            return (o, indices) if return_indices else o
         if self.fused_decode:
             o, indices = self._decode_fused(q, k_cache, v_cache, cmp_cache, lengths.to(torch.int32), scale, S, gates,
                                             compress_weights, block_table)
