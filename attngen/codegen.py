@@ -19,7 +19,7 @@ import jinja2
 
 from . import __version__
 from .ir import Kernel, OpKind
-from .mask_analysis import PlanKind
+from .mask_analysis import PlanKind, element_plan
 from .ops import SCORE_MODS, check_renderable, head_params
 from .passes import backward_forms
 from .resources import specs_dir, templates_dir
@@ -330,18 +330,20 @@ def _qk_chunks(kernels: dict[str, Kernel]) -> int:
 
 
 def _decode_context(fwd: Kernel, params) -> dict:
-    """The decode kernel's pieces: the forward's closed-form key bounds (in first, last, Nq, Nk),
-    the per-head parameters loaded per packed row (rows span the query heads of a KV head), and
-    whether tiles are gated by document ids or a block layout (then every tile is masked)."""
+    """The decode kernel's pieces: the forward's closed-form key bounds (in first, last, Nq, Nk;
+    a gated plan's from its element mask, which ids and a layout only cut), the per-head parameters
+    loaded per packed row (rows span the query heads of a KV head), and whether tiles are gated by
+    document ids or a block layout (then every tile is masked)."""
     plan = fwd.attr("mask_plan")
-    closed = plan.kind is not PlanKind.TILES
     documents, layout = plan.document, plan.sparsity is not None
+    bounds = element_plan(plan)
+    closed = bounds.kind is not PlanKind.TILES
     # no tile is proven full without closed bounds, nor when ids or a layout decide per call
     full = closed and fwd.attr("loop").segments != ("masked",) and not (documents or layout)
     return {"documents": documents, "layout": layout, "gated": documents or layout,
             "mask": _mask_line(fwd, positions=False),
-            "lo": _bound(plan, "kv_lo", "0") if closed else "0",
-            "hi": _bound(plan, "kv_hi", "(Nk - 1)") if closed else "(Nk - 1)",
+            "lo": _bound(bounds, "kv_lo", "0") if closed else "0",
+            "hi": _bound(bounds, "kv_hi", "(Nk - 1)") if closed else "(Nk - 1)",
             "full_lo": _bound(plan, "full_lo", "0") if full else "Nk",
             "full_hi": _bound(plan, "full_hi", "(Nk - 1)") if full else "-1",
             "hp_loads": "".join(f"\n    hp_{p.name} = (tl.load(HP + {i} * H + off_h).to(tl.float32){p.load})[:, None]"

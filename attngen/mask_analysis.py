@@ -432,13 +432,19 @@ def tiles_per_block(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int
     return _counted(_classes(plan, Nq, Nk, block_m, block_n), plan.transposed, outer, inner, inner_block)
 
 
+def element_plan(plan: MaskPlan) -> MaskPlan:
+    """The plan of a document or layout plan's element mask alone (the plan itself otherwise): its
+    closed-form bounds still bound the keys, since ids and a layout only remove some."""
+    return analyze(plan.cond, plan.transposed) if plan.document or plan.sparsity else plan
+
+
 def _static_part(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> tuple[MaskPlan, torch.Tensor | None]:
     """Document and layout plans at compile time: the plan of their element mask alone (one
     document), and with static layout terms the mask's tile classes inside that layout (else None)."""
     if not (plan.document or plan.sparsity):
         return plan, None
     layout = _static_layout_tiles(plan.sparsity, Nq, Nk, block_m, block_n)
-    plan = analyze(plan.cond, plan.transposed)
+    plan = element_plan(plan)
     return plan, None if layout is None else torch.where(layout, _classes(plan, Nq, Nk, block_m, block_n), 0)
 
 

@@ -572,7 +572,7 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     # keys (not of the cache's capacity: a window or a short sequence keeps every split busy);
     # [full_start, full_end): tiles all rows see in full.
     seq_lo = tl.minimum(tl.maximum(0, 0), Nk)
-    seq_hi = tl.minimum(tl.maximum((Nk - 1) + 1, seq_lo), Nk)
+    seq_hi = tl.minimum(tl.maximum((Nk - Nq + last) + 1, seq_lo), Nk)
     # and within the queries' documents: SPAN [B, 2] (runtime/decode_gate.py, document_span)
     seq_lo = tl.minimum(tl.maximum(seq_lo, tl.load(SPAN + off_b * 2)), Nk)
     seq_hi = tl.maximum(tl.minimum(seq_hi, tl.load(SPAN + off_b * 2 + 1)), seq_lo)

@@ -495,6 +495,20 @@ def _listed_tile(row_blocks, j, LAYOUT_BK: tl.constexpr, BLOCK_N: tl.constexpr):
     # The first key of the j-th tile of a row of visible_blocks (after its count; a block holds
     # LAYOUT_BK // BLOCK_N tiles). j may be one past the last tile: the padding, past every key.
     return tl.load(row_blocks + 1 + j // (LAYOUT_BK // BLOCK_N)) * LAYOUT_BK + j % (LAYOUT_BK // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _listed_at(row_blocks, n, block):
+    # The index of the first of a visible_blocks row's n blocks (ascending) that is at least `block`
+    # (n where none is), by binary search.
+    lo = n * 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(row_blocks + 1 + mid) < block
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,
@@ -579,14 +593,18 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
     # keys (not of the cache's capacity: a window or a short sequence keeps every split busy);
     # [full_start, full_end): tiles all rows see in full.
     seq_lo = tl.minimum(tl.maximum(0, 0), Nk)
-    seq_hi = tl.minimum(tl.maximum((Nk - 1) + 1, seq_lo), Nk)
+    seq_hi = tl.minimum(tl.maximum(last + 1, seq_lo), Nk)
     # A layout walks the tiles of its visible key blocks, listed per (sequence, KV head) in BLOCKS
-    # (runtime/decode_gate.py, visible_blocks: the count, then the blocks); the splits share them.
+    # (runtime/decode_gate.py, visible_blocks: the count, then the blocks ascending), those that meet
+    # [seq_lo, seq_hi): the mask's bounds, the length and the documents cut the list; the splits
+    # share what is left.
     row_blocks = BLOCKS + tl.program_id(1).to(tl.int64) * stride_zb
-    n_tiles = tl.load(row_blocks) * (LAYOUT_BK // BLOCK_N)
-    split_len = tl.cdiv(n_tiles, tl.num_programs(0))
-    j_lo = tl.minimum(split * split_len, n_tiles)
-    j_hi = tl.minimum(j_lo + split_len, n_tiles)
+    n_listed = tl.load(row_blocks)
+    first_tile = _listed_at(row_blocks, n_listed, seq_lo // LAYOUT_BK) * (LAYOUT_BK // BLOCK_N)
+    end_tile = _listed_at(row_blocks, n_listed, tl.cdiv(seq_hi, LAYOUT_BK)) * (LAYOUT_BK // BLOCK_N)
+    split_len = tl.cdiv(end_tile - first_tile, tl.num_programs(0))
+    j_lo = tl.minimum(first_tile + split * split_len, end_tile)
+    j_hi = tl.minimum(j_lo + split_len, end_tile)
     lo = seq_lo
     end = seq_hi
     start = _listed_tile(row_blocks, j_lo, LAYOUT_BK, BLOCK_N)

@@ -297,10 +297,10 @@ def test_splits_share_the_queries_document(monkeypatch):
 @pytest.mark.parametrize("per_head", [True, False])
 def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
     """decode_gate.visible_blocks against a loop over the packed rows: per (sequence, KV head), the
-    layout's key blocks below the length that one of the group's heads sees at one of the last Nq
-    positions, ascending, then padding; a layout per head or one for all, rows from row 0 or from
-    each sequence's row0 (the random term's rows near the queries); lengths 0, 2 < Nq, and one whose
-    queries straddle two rows (639 .. 641); a document span cuts the list."""
+    layout's key blocks that one of the group's heads sees at one of the last Nq positions,
+    ascending, then padding; a layout per head or one for all, rows from row 0 or from each
+    sequence's row0 (the random term's rows near the queries); lengths 0, 2 < Nq, and one whose
+    queries straddle two rows (639 .. 641). (The kernel cuts the list by its keys' bounds.)"""
     g = torch.Generator().manual_seed(3)
     B, Hq, Hkv, Nq, bq, bk, S = 3, 4, 2, 3, 64, 128, 700
     lengths = torch.tensor([0, 2, 642], dtype=torch.int32)
@@ -309,21 +309,41 @@ def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
         layout, row0 = torch.rand(B, Hq, -(-S // bq), n_kb, generator=g) < 0.3, None
     else:
         layout, row0 = torch.rand(1, 1, 2, n_kb, generator=g) < 0.5, torch.tensor([0, 0, 639 // bq], dtype=torch.int32)
-    span = torch.tensor([[0, 0], [0, 2], [130, 520]], dtype=torch.int32)  # blocks 1 .. 4 of the third
-    for cut in (None, span):
-        got = decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv, Nq, cut)
-        assert got.shape == (B * Hkv, 2 + n_kb) and got.dtype == torch.int32
-        for b, L in enumerate(lengths.tolist()):
-            lo, hi = (0, L) if cut is None else cut[b].tolist()
-            for hk in range(Hkv):
-                want = sorted({kb for h in range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv) for t in range(max(0, L - Nq), L)
-                               for kb in range(n_kb) if kb * bk < min(L, hi) and (kb + 1) * bk > lo
-                               and layout[min(b, layout.shape[0] - 1), min(h, layout.shape[1] - 1),
-                                          t // bq - (0 if row0 is None else int(row0[b])), kb]})
-                row = got[b * Hkv + hk].tolist()
-                assert row[0] == len(want) and row[1:1 + len(want)] == want and set(row[1 + len(want):]) == {n_kb}
-    assert got[4:].tolist() != decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv,
-                                                          Nq)[4:].tolist()  # the span cut something
+    got = decode_gate.visible_blocks(layout.view(torch.uint8), row0, (bq, bk), lengths, Hkv, Nq)
+    assert got.shape == (B * Hkv, 2 + n_kb) and got.dtype == torch.int32
+    for b, L in enumerate(lengths.tolist()):
+        for hk in range(Hkv):
+            want = sorted({kb for h in range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv) for t in range(max(0, L - Nq), max(L, 1))
+                           for kb in range(n_kb)
+                           if layout[min(b, layout.shape[0] - 1), min(h, layout.shape[1] - 1),
+                                     t // bq - (0 if row0 is None else int(row0[b])), kb]})
+            row = got[b * Hkv + hk].tolist()
+            assert row[0] == len(want) and row[1:1 + len(want)] == want and set(row[1 + len(want):]) == {n_kb}
+
+
+@pytest.mark.interp
+def test_the_mask_bounds_cut_the_visible_blocks(monkeypatch, tmp_path):
+    """A window under a runtime layout (every block visible): the kernel walks only the listed
+    blocks that meet the window, so with 3 splits each sees keys of the last 300 positions of 1250
+    (blocks 14 .. 19 of 64 keys), where the whole list gave them all to the last split; a document
+    span cuts it further (sequence 1 of 600: its queries' document [450, 600) is blocks 7 .. 9 of
+    the window's 4 .. 9); mixed lengths with 0."""
+    path = tmp_path / "window_layout.yaml"
+    path.write_text("name: window_layout\nhead_dim: 32\nmask:\n  window: {left: 299, right: 0, align: bottom_right}\n"
+                    "  document: true\nsparsity:\n  block: [64, 64]\n  layout: runtime\n")
+    spec, module = load_spec(path), attngen.load(path)
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, G, S = 3, 1, 2, 1280
+    q = torch.randn(B, Hkv * G, 1, 32, generator=g)
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 32, generator=g)
+    lengths = torch.tensor([1250, 600, 0], dtype=torch.int32)
+    layout = torch.ones(1, 1, S // 64, S // 64, dtype=torch.bool)
+    ids = torch.zeros(B, S, dtype=torch.long)
+    ids[1, 450:600] = 1
+    runs = _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, (1, 3),
+                       {"layout": layout, "documents": (ids.gather(1, (lengths.long()[:, None] - 1).clamp(min=0)), ids)},
+                       layout=layout, documents=ids)
+    assert runs[3].shape[-1] == 3 and torch.isfinite(runs[3][:2]).all()
 
 
 @pytest.mark.interp

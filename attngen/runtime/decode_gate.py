@@ -2,9 +2,10 @@
 layouts (specs with `document: true` or a `sparsity:` section). The decode kernel
 (templates/fa2/decode.jinja, `_decode_gate`) reads them per key tile and leaves the keys no packed
 row may see out of its loads. It walks only what some row may see: a layout's visible key blocks
-(`visible_blocks`, a list per sequence and KV head), within the span of the queries' documents
-(`document_span`); the splits share those tiles (BENCHMARKS.md, "Gated decoding"). A layout's list
-is not cut by the mask's own bounds (a window's start): tiles below it are walked, fully masked.
+(`visible_blocks`, a list per sequence and KV head), within the mask's closed-form bounds (a
+window's start, the length) and the span of the queries' documents (`document_span`), which the
+kernel applies to the list by binary search; the splits share those tiles (BENCHMARKS.md, "Gated
+decoding").
 
 Positions are absolute, as for the mask: the cache's slot p holds the key at position p, and a
 sequence of length L decodes the last Nq rows of the square L x L problem. So
@@ -39,8 +40,7 @@ class Gate:
         """The kernel's QIDS, KVIDS, LAYOUT, ROW0, SPAN, BLOCKS pointers (`placeholder` where absent:
         never read)."""
         span = None if self.kv_ids is None else document_span(self.q_ids, self.kv_ids[:, :capacity], seqlens)
-        blocks = None if self.layout is None else \
-            visible_blocks(self.layout, self.row0, self.block, seqlens, Hkv, Nq, span)
+        blocks = None if self.layout is None else visible_blocks(self.layout, self.row0, self.block, seqlens, Hkv, Nq)
         return tuple(placeholder if t is None else t
                      for t in (self.q_ids, self.kv_ids, self.layout, self.row0, span, blocks))
 
@@ -72,13 +72,13 @@ def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tens
 
 
 def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple[int, int], seqlens: torch.Tensor,
-                   Hkv: int, Nq: int, span: torch.Tensor | None = None) -> torch.Tensor:
+                   Hkv: int, Nq: int) -> torch.Tensor:
     """int32 [B * Hkv, 2 + key blocks]: per (sequence, KV head), how many of the layout's key blocks
-    below the sequence's length (and meeting `span`, document_span's, when given) some packed row
-    sees (a query head of the group, at one of the last Nq positions), then those blocks ascending,
-    then padding (the key-block count: past every key). The decode kernel walks only these blocks'
-    tiles and its gate keeps each row to its own bits. On the device, no host read (CUDA graphs)."""
-    bq, bk = block
+    some packed row sees (a query head of the group, at one of the last Nq positions), then those
+    blocks ascending, then padding (the key-block count: past every key). The decode kernel walks
+    the tiles of those that meet its keys' bounds (the length, the mask's, the documents'), and its
+    gate keeps each row to its own bits. On the device, no host read (CUDA graphs)."""
+    bq = block[0]
     B = seqlens.shape[0]
     _, Hl, R, n_kb = layout.shape
     dev = seqlens.device
@@ -93,10 +93,6 @@ def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple
     seen = seen.any(2)  # [B, Hl, n_kb]: some query of the head sees the block
     seen = seen.expand(B, Hkv, n_kb) if Hl == 1 else seen.view(B, Hkv, Hl // Hkv, n_kb).any(2)
     kb = torch.arange(n_kb, device=dev)
-    keep = kb * bk < lengths[:, None]
-    if span is not None:  # blocks that meet [lo, hi), the queries' documents
-        keep = keep & ((kb + 1) * bk > span[:, :1]) & (kb * bk < span[:, 1:])
-    seen = seen & keep[:, None, :]
     out = torch.full((B * Hkv, 2 + n_kb), n_kb, dtype=torch.int32, device=dev)
     out[:, 0] = seen.sum(-1).view(-1)
     out[:, 1:-1] = torch.sort(torch.where(seen, kb, n_kb), -1).values.view(B * Hkv, n_kb)
