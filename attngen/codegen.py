@@ -19,7 +19,7 @@ import jinja2
 
 from . import __version__
 from .ir import Kernel, OpKind
-from .mask_analysis import PlanKind, element_plan
+from .mask_analysis import PlanKind, decode_key_width, element_plan
 from .ops import SCORE_MODS, check_renderable, head_params
 from .passes import backward_forms
 from .resources import specs_dir, templates_dir
@@ -299,6 +299,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
         "tile_tables": repr({r: kernels[r].attr("loop").encoding for r in tile_roles}),
         "shallow": repr(tuple(r for r in tile_roles if kernels[r].attr("loop").shallow_partial)),
         "document": repr(bool(fwd.attr("mask_plan").document)),
+        "decode_width": repr(decode_key_width(fwd.attr("mask_plan"))),
         "functions": functions,
         "score": {"lhs": lambda s: ", ".join((s, *saved))},
         "hp_params": "".join(f", hp_{p.name}" for p in params),

@@ -438,6 +438,26 @@ def element_plan(plan: MaskPlan) -> MaskPlan:
     return analyze(plan.cond, plan.transposed) if plan.document or plan.sparsity else plan
 
 
+def decode_key_width(plan: MaskPlan) -> tuple[int, int] | None:
+    """(a, b): the last n rows of any square problem (a decode call's: Nq = Nk, rows Nk - n .. Nk -
+    1) see keys within a span of at most a + b n, from the element mask's closed-form bounds (a
+    window: its width + n); None where the span grows with the length (no lower bound, or one that
+    is not linear in n alone)."""
+    plan = element_plan(plan)
+    if plan.kind is not PlanKind.RANGE or plan.transposed or plan.kv_lo is None:
+        return None
+    n = sympy.Symbol("n", integer=True, positive=True)
+    hi = NK - 1 if plan.kv_hi is None else plan.kv_hi
+    span = sympy.expand((hi - plan.kv_lo + 1).subs({M_FIRST: NK - n, M_LAST: NK - 1}).subs(NQ, NK))
+    if span.free_symbols - {n} or not span.is_polynomial(n):
+        return None
+    poly = sympy.Poly(span, n)
+    if poly.degree() > 1 or not all(c.is_Integer for c in poly.all_coeffs()):
+        return None
+    b, a = ([0] + [int(c) for c in poly.all_coeffs()])[-2:]
+    return (a, b) if b >= 0 else None
+
+
 def _static_part(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> tuple[MaskPlan, torch.Tensor | None]:
     """Document and layout plans at compile time: the plan of their element mask alone (one
     document), and with static layout terms the mask's tile classes inside that layout (else None)."""

@@ -179,14 +179,18 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
         typer.echo(emit_stage(resolve_spec(spec), emit, PassOptions(target=target)), nl=False)
         if emit == "tiling":
             from attngen.cost_model import TARGETS
-            from attngen.runtime.decode import decode_plan
-            from attngen.spec import load_spec
+            from attngen.mask_analysis import decode_key_width
+            from attngen.pipeline import compile_spec
+            from attngen.runtime.decode import decode_plan, decode_span
 
             batch, hq, hkv, n_q, context = _decode_shape(decode)
-            spec_ = load_spec(resolve_spec(spec))
+            compiled = compile_spec(resolve_spec(spec), stop="ir")
+            spec_ = compiled.spec
             layout = spec_.sparsity is not None
+            width = None if spec_.nsa is not None else decode_key_width(compiled.kernel("fwd").attr("mask_plan"))
             plan = decode_plan(batch, hkv, hq // hkv * n_q, context, spec_.head_dim, TARGETS[target].sms,
-                               key_block=spec_.sparsity.block[1] if layout else None)
+                               key_block=spec_.sparsity.block[1] if layout else None,
+                               span=decode_span(width, n_q))
             typer.echo(f"// decode, B={batch} Hq={hq} Hkv={hkv} Nq={n_q} context={context} on {target} "
                        f"({TARGETS[target].sms} SMs)\n{plan.describe(layout, spec_.mask.document)}")
             if spec_.nsa is not None:

@@ -526,3 +526,17 @@ def test_split_merge_fused_into_the_last_split_matches_the_merge_kernel():
         assert (o - outs[0][0]).abs().max() < 1e-6
         assert torch.equal(torch.isinf(lse), torch.isinf(outs[0][1]))
         assert (lse - outs[0][1]).nan_to_num(0.0, 0.0, 0.0).abs().max() < 1e-6
+
+
+@pytest.mark.compiler
+def test_a_window_bounds_the_split_count():
+    """A window's keys (sliding_window's 256 + Nq) bound the splits: at B1 with Hkv 8 on 132 SMs, 15
+    splits of a 32k cache where 257 keys meet at most 5 tiles of 64 (6 of a layout's 128-key blocks
+    of 2 tiles); the module carries the width and its decode plans with it."""
+    rt = runtime.of(attngen.load(resolve_spec("sliding_window")))
+    assert rt.decode_width == (256, 1) and runtime.of(attngen.load(resolve_spec("causal"))).decode_width is None
+    span = decode.decode_span(rt.decode_width, 1)
+    assert decode.decode_plan(1, 8, 4, 32768, 128, 132).splits == 15
+    assert decode.decode_plan(1, 8, 4, 32768, 128, 132, span=span).splits == 5
+    assert decode.decode_plan(1, 8, 4, 32768, 128, 132, span=span, key_block=128).splits == 6
+    assert decode.decode_plan(1, 8, 4, 200, 128, 132, span=span).splits == 4  # the capacity bounds it first

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from attngen.mask import mask_condition
-from attngen.mask_analysis import (PlanKind, TileClass, analyze, block_key_range, classify_tile,
+from attngen.mask_analysis import (PlanKind, TileClass, analyze, block_key_range, classify_tile, decode_key_width,
                                    dense_tile_classes, tile_counts)
 from attngen.mask_expr import KV_IDX, NK, NQ, Q_IDX, evaluate_mask_expr, parse_mask_expr
 from attngen.spec import Causal, MaskSpec, Window
@@ -541,3 +541,42 @@ def test_cells_within_the_key_envelope_equal_the_dense_evaluation(text, Nq, Nk, 
     dense = cell_visibility(visible, Nq, Nk, gm, gn)
     cut = cell_visibility(visible, Nq, Nk, gm, gn, envelope=envelope)
     assert torch.equal(dense[0], cut[0]) and torch.equal(dense[1], cut[1])
+
+
+# ------------------------------------------------------------ decode key width
+
+def assert_decode_width(plan, vis_of, text: str) -> None:
+    """decode_key_width's (a, b): the last n rows of any square Nk x Nk problem see keys within a span
+    of at most a + b n (checked on the dense mask at several lengths)."""
+    width = decode_key_width(plan)
+    if width is None:
+        return
+    a, b = width
+    for Nk in (1, 7, 64, 150):
+        vis = vis_of(Nk)
+        for n in range(1, min(Nk, 5) + 1):
+            cols = vis[Nk - n:].any(0).nonzero().flatten()
+            if len(cols):
+                assert int(cols[-1] - cols[0]) + 1 <= a + b * n, f"{text}: Nk={Nk} n={n} width={width}"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=SLOW)
+@given(mask=mask_specs())
+def test_decode_key_width_bounds_random_specs(mask):
+    assert_decode_width(plan_for(mask_condition(mask)), lambda Nk: spec_visible(mask, Nk, Nk), repr(mask))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=SLOW)
+@given(text=range_friendly_exprs())
+def test_decode_key_width_bounds_random_expressions(text):
+    assert_decode_width(plan_for(parse_mask_expr(text, {})), lambda Nk: expr_visible(text, {}, Nk, Nk), text)
+
+
+@pytest.mark.parametrize("mask, want", [
+    (MaskSpec(window=Window(left=256, right=0, align="bottom_right")), (256, 1)),
+    (MaskSpec(causal=Causal(align="top_left"), window=Window(left=10, right=None, align="top_left")), (10, 1)),
+    (MaskSpec(causal=Causal(align="bottom_right")), None),  # grows with the length
+    (MaskSpec(window=Window(left=None, right=5, align="bottom_right")), None),
+])
+def test_decode_key_width_of_known_masks(mask, want):
+    assert decode_key_width(plan_for(mask_condition(mask))) == want

@@ -28,8 +28,8 @@ class DecodePlan:
     block_m: int  # packed rows per program: (query heads of a KV head) x queries
     block_n: int  # keys per loop step
     splits: int  # programs over one sequence's keys
-    # keys per split at the cache's capacity, a multiple of block_n (the kernel splits each sequence's
-    # visible keys as evenly: fewer per split where a window or the sequence's length bounds them)
+    # keys per split at the plan's bound (the capacity, or a window's span), a multiple of block_n (the
+    # kernel splits each sequence's visible keys as evenly: fewer where its length bounds them)
     split_len: int
     stages: int = 3  # software pipelining depth of the key loop
     warps: int = 4
@@ -53,6 +53,12 @@ class DecodePlan:
                 f"{self.splits} split(s) of {keys} (at most {self.split_len} keys each){merge}")
 
 
+def decode_span(width: tuple[int, int] | None, n_q: int) -> int | None:
+    """The most keys n_q decoding rows of one sequence may see, a + b n_q from the mask's
+    (mask_analysis.decode_key_width, the module's DECODE_WIDTH); None where the length bounds them."""
+    return None if width is None else max(1, width[0] + width[1] * n_q)
+
+
 def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLITS) -> int:
     """FlashAttention-3's rule: no split while the tiles fill 80% of the SMs; else the fewest
     splits whose wave efficiency is at least 0.85 of the best, at most max_splits and key_blocks."""
@@ -70,16 +76,20 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
                 warps: int | None = None, key_block: int | None = None, fused: bool = False,
-                pdl: bool = False, pages_ahead: bool = False) -> DecodePlan:
+                pdl: bool = False, pages_ahead: bool = False, span: int | None = None) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
-    within one block of `key_block` keys (a block layout's), when given."""
+    within one block of `key_block` keys (a block layout's), when given; `span`: the most keys a
+    sequence's rows may see, from the mask (decode_span), when it bounds them (a window)."""
     # 128 rows on 8 warps once there are that many (chunked prefill; docs/decisions/decode-plan.md);
     # fewer pad to 16-64
     block_m = block_m or (128 if rows >= 128 else max(16, min(64, triton.next_power_of_2(max(rows, 1)))))
     block_n = min(block_n or (64 if head_dim <= 128 else 32), key_block or 1 << 30)
     warps = warps or (8 if block_m >= 128 else 4)
     key_blocks = max(1, -(-max_keys // block_n))
+    if span is not None:  # the tiles (or the layout's blocks of tiles) a span of that many keys meets
+        align = key_block or block_n
+        key_blocks = min(key_blocks, (-(-max(span - 1, 0) // align) + 1) * (align // block_n))
     tiles = batch * heads_kv * -(-rows // block_m)
     splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks, MAX_SPLITS))
     # the kernel shares each sequence's visible tiles among the splits; split_len is a split's at capacity

@@ -121,6 +121,7 @@ class KernelModule:
         self.tables = ns["TILE_TABLES"]  # role -> "nested" | "first" for kernels that walk a tile table
         self.shallow = ns["SHALLOW_PARTIAL"]  # roles whose partial-tile loop pipelines one stage less
         self.document = ns["DOCUMENT"]
+        self.decode_width = ns.get("DECODE_WIDTH")  # (a, b): n decoding rows see at most a + b n keys
         self.sparsity = self.spec.get("sparsity")  # the spec's block layout terms, or None
         self.layout_block = tuple(self.sparsity["block"]) if self.sparsity else None
         self.runtime_layout = bool(self.sparsity) and self.sparsity.get("layout") == "runtime"
@@ -657,7 +658,8 @@ class KernelModule:
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
         capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
         plan = decode.decode_plan(q.shape[0], Hkv, q.shape[1] // Hkv * q.shape[2], capacity, self.head_dim,
-                                  decode.sms(q.device), splits or None, key_block=self.layout_block and self.layout_block[1])
+                                  decode.sms(q.device), splits or None, key_block=self.layout_block and self.layout_block[1],
+                                  span=decode.decode_span(self.decode_width, q.shape[2]))
         return decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale, plan, Hkv,
                           self.head_dim_v, self.native, gate)
 
