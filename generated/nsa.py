@@ -674,24 +674,26 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
 
 
 @triton.jit
-def _nsa_decode_attend(Q, K, V, IDX, PAGES, SEQLENS, O_PART, M_PART, L_PART,
+def _nsa_decode_attend(Q, K, V, IDX, UNION, PAGES, SEQLENS, O_PART, M_PART, L_PART,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
                        stride_vb, stride_vh, stride_vn, stride_vd,
-                       stride_ib, stride_ih, stride_in, stride_ii, stride_pb,
-                       n_q, n_select, per_split, HKV, GROUP, qk_scale,
+                       stride_ib, stride_ih, stride_in, stride_ii, stride_ub, stride_uh, stride_ui, stride_pb,
+                       n_q, n_select, n_union, HKV, GROUP, qk_scale,
                        WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
                        HEAD_DIM_PAD: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_S: tl.constexpr, PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_S: tl.constexpr, SELECT_PAD: tl.constexpr, UNION_PAD: tl.constexpr,
+                       PAGE_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Program (split, batch x KV head, row tile): the selected and window branches of the packed rows
     # (query head in the group, query) as one list of work items of BLOCK_S keys per (sequence, KV
-    # head): first the n_q x n_select chosen blocks (query tq's slot s is item tq * n_select + s;
-    # -1 chose none), then the BLOCK_S-aligned tiles that hold any of its queries' windows. This split
-    # takes items [split * per_split, + per_split). Two online softmaxes per row, the selected
-    # branch's (a row sees a chosen block of its own query, keys up to its position) and the
-    # window's (keys pos - WINDOW < j <= pos); their normalized partial rows, maxes (log2 units) and
-    # sums go to O_PART [.., splits, 2, Dv], M_PART and L_PART [.., splits, 2] for _nsa_decode_merge.
-    # K and V are caches [B, HKV, S, *], or paged [pages, PAGE_SIZE, HKV, *] through PAGES.
+    # head): first the blocks any of its n_q queries chose (UNION [B, HKV, n_union], ascending, -1
+    # after them: each read once, however many queries chose it), then the BLOCK_S-aligned tiles that
+    # hold any of its queries' windows. The splits share the items evenly. Two online softmaxes per
+    # row, the selected branch's (a row sees a block its own query chose, IDX [B, HKV, n_q, n_select],
+    # keys up to its position) and the window's (keys pos - WINDOW < j <= pos); their normalized
+    # partial rows, maxes (log2 units) and sums go to O_PART [.., splits, 2, Dv], M_PART and L_PART
+    # [.., splits, 2] for _nsa_decode_merge. K and V are caches [B, HKV, S, *], or paged [pages,
+    # PAGE_SIZE, HKV, *] through PAGES.
     split = tl.program_id(0)
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
@@ -701,11 +703,19 @@ def _nsa_decode_attend(Q, K, V, IDX, PAGES, SEQLENS, O_PART, M_PART, L_PART,
     off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
     L = tl.load(SEQLENS + off_b)
     pos = L - n_q + t
-    n_chosen = n_q * n_select
+    IDX += off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
+    UNION += off_b.to(tl.int64) * stride_ub + off_hk.to(tl.int64) * stride_uh
+    offs_u = tl.arange(0, UNION_PAD)
+    n_chosen = tl.sum((tl.load(UNION + offs_u * stride_ui, mask=offs_u < n_union, other=-1) >= 0).to(tl.int32), 0)
     win_lo = tl.maximum(L - n_q - WINDOW + 1, 0) // BLOCK_S  # the first query's window's first tile
     n_items = n_chosen + tl.maximum((L - 1) // BLOCK_S + 1 - win_lo, 0)
+    per_split = tl.cdiv(n_items, tl.num_programs(0))
     i0 = split * per_split
     i1 = tl.minimum(i0 + per_split, n_items)
+    # the rows' own queries' blocks, loaded once; -1 (never a block) past n_select
+    sel = tl.arange(0, SELECT_PAD)
+    own = tl.load(IDX + t[:, None].to(tl.int64) * stride_in + sel[None, :] * stride_ii,
+                  mask=row_ok[:, None] & (sel < n_select)[None, :], other=-1)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
     q = tl.load(Q + off_b.to(tl.int64) * stride_qb + off_h[:, None].to(tl.int64) * stride_qh
@@ -718,21 +728,18 @@ def _nsa_decode_attend(Q, K, V, IDX, PAGES, SEQLENS, O_PART, M_PART, L_PART,
         V += off_b.to(tl.int64) * stride_vb
     else:
         PAGES += off_b.to(tl.int64) * stride_pb
-    IDX += off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih
     offs_s = tl.arange(0, BLOCK_S)
     m_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_s = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_s = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)
     for i in range(i0, tl.minimum(i1, n_chosen)):  # the selected branch's items
-        tq = i // n_select
-        blk = tl.load(IDX + tq.to(tl.int64) * stride_in + (i % n_select) * stride_ii)
-        if blk >= 0:
-            k, v, _ = _selected_block(K, V, PAGES, blk, L - n_q + tq, offs_d, offs_dv, stride_kb, stride_kn,
-                                      stride_kd, stride_vb, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S,
-                                      PAGE_SIZE)
-            keys = blk * BLOCK_S + offs_s
-            visible = (row_ok & (t == tq))[:, None] & (keys[None, :] <= pos[:, None])
-            acc_s, l_s, m_s = _online_tile(acc_s, l_s, m_s, q, k, v, visible, qk_scale, DOT_PRECISION)
+        blk = tl.load(UNION + i * stride_ui)
+        k, v, _ = _selected_block(K, V, PAGES, blk, L - 1, offs_d, offs_dv, stride_kb, stride_kn, stride_kd,
+                                  stride_vb, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, BLOCK_S, PAGE_SIZE)
+        chose = tl.sum((own == blk).to(tl.int32), 1) > 0  # [BLOCK_M] the row's query chose blk
+        keys = blk * BLOCK_S + offs_s
+        visible = (row_ok & chose)[:, None] & (keys[None, :] <= pos[:, None])
+        acc_s, l_s, m_s = _online_tile(acc_s, l_s, m_s, q, k, v, visible, qk_scale, DOT_PRECISION)
     m_w = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_w = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_M, HEAD_DIM_V_PAD], dtype=tl.float32)

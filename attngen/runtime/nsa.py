@@ -435,9 +435,10 @@ class NSAModule:
     def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
                              splits: int | None = None):
         """o [B, Hq, Nq, Dv] of decoding from o_cmp and the blocks: the selected and window branches
-        as one list of work items per (sequence, KV head) shared among splits (_nsa_decode_attend),
-        then the splits merged per branch and mixed by the gates (_nsa_decode_merge). The splits
-        are a static count (shapes only) unless given."""
+        as one list of work items per (sequence, KV head) shared among splits (_nsa_decode_attend:
+        the union of its queries' blocks, each read once, then its window's tiles), then the splits
+        merged per branch and mixed by the gates (_nsa_decode_merge). The splits are a static count
+        (shapes only) unless given."""
         B, Hq, Nq, D = q.shape
         paged = block_table is not None
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
@@ -448,11 +449,12 @@ class NSAModule:
         rows = G * Nq
         block_m = max(16, min(64, triton.next_power_of_2(rows)))
         row_tiles = -(-rows // block_m)
-        # the most items of a sequence: its queries' choices, then its window's tiles
-        items = Nq * n + (self.window + Nq - 1) // self.l_sel + 2
-        splits = splits or max(1, min(items, -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
-        per_split = -(-items // splits)
-        splits = -(-items // per_split)
+        # the union of the queries' blocks (Nq = 1: its own list), ascending, -1 after
+        S = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
+        union = indices[:, :, 0] if Nq == 1 else union_lists(indices, Nq, -(-S // self.l_sel))[0][:, :, 0]
+        # the most items of a sequence: the union, then its window's tiles
+        items = union.shape[-1] + (self.window + Nq - 1) // self.l_sel + 2
+        splits = max(1, min(items, splits or -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
         f32 = dict(dtype=torch.float32, device=q.device)
         o_part = torch.empty(B, Hq, Nq, splits, 2, Dv, **f32)
         m_part, l_part = torch.empty(B, Hq, Nq, splits, 2, **f32), torch.empty(B, Hq, Nq, splits, 2, **f32)
@@ -460,10 +462,12 @@ class NSAModule:
         ks, vs = cache_strides(k_cache, paged), cache_strides(v_cache, paged)
         pads = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
         self.decode_attend_kernel[(splits, B * Hkv, row_tiles)](
-            q, k_cache, v_cache, indices, block_table if paged else seqlens, seqlens, o_part, m_part, l_part, *q.stride(),
-            *ks, *vs, *indices.stride(), block_table.stride(0) if paged else 0, Nq, n, per_split, Hkv, G,
-            scale * 1.4426950408889634, WINDOW=self.window, HEAD_DIM=D, HEAD_DIM_V=Dv, HEAD_DIM_PAD=pads[0],
-            HEAD_DIM_V_PAD=pads[1], BLOCK_M=block_m, BLOCK_S=self.l_sel, PAGE_SIZE=k_cache.shape[1] if paged else 0,
+            q, k_cache, v_cache, indices, union, block_table if paged else seqlens, seqlens, o_part, m_part, l_part,
+            *q.stride(), *ks, *vs, *indices.stride(), *union.stride(), block_table.stride(0) if paged else 0, Nq, n,
+            union.shape[-1], Hkv, G, scale * 1.4426950408889634, WINDOW=self.window, HEAD_DIM=D, HEAD_DIM_V=Dv,
+            HEAD_DIM_PAD=pads[0], HEAD_DIM_V_PAD=pads[1], BLOCK_M=block_m, BLOCK_S=self.l_sel,
+            SELECT_PAD=max(2, triton.next_power_of_2(n)), UNION_PAD=max(2, triton.next_power_of_2(union.shape[-1])),
+            PAGE_SIZE=k_cache.shape[1] if paged else 0,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             num_warps=8 if max(pads) > 128 else 4)
         self.decode_merge_kernel[(B * Hq * Nq,)](
