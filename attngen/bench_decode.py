@@ -115,7 +115,7 @@ def bench(path, cases=DEFAULT, heads_q: int = 32, heads_kv: int = 8, flex_at=(),
             rows.append(row)
             continue
         lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-        plan = dec.decode_plan(B, heads_kv, heads_q // heads_kv * n_q, ctx, spec.head_dim, dec.sms(q.device))
+        plan = rt.decode_plan(B, heads_q, heads_kv, n_q, ctx, dec.sms(q.device))
         row["plan"] = plan.describe()
         fns = {"attngen": lambda: module.attention_with_kvcache(q, k, v, cache_seqlens=lengths)}
         if case.page:
@@ -126,7 +126,7 @@ def bench(path, cases=DEFAULT, heads_q: int = 32, heads_kv: int = 8, flex_at=(),
                 q, kp, vp, cache_seqlens=lengths, block_table=table)
         hp = rt.head_param_rows(q, {})
         for name, fields in variants:
-            p = dec.decode_plan(B, heads_kv, heads_q // heads_kv * n_q, ctx, spec.head_dim, dec.sms(q.device), **fields)
+            p = rt.decode_plan(B, heads_q, heads_kv, n_q, ctx, dec.sms(q.device), **fields)
             kv = (kp, vp, table) if case.page else (k, v, None)  # variants run on the paged cache when there is one
             fns[name] = lambda p=p, kv=kv: dec.run(rt.decode_kernel, q, kv[0], kv[1], hp, lengths, kv[2], rt.scale, p,
                                                    heads_kv, spec.head_dim_v, rt.native)[0]

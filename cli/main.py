@@ -178,21 +178,21 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
     try:
         typer.echo(emit_stage(resolve_spec(spec), emit, PassOptions(target=target)), nl=False)
         if emit == "tiling":
+            import attngen
+            from attngen import runtime
             from attngen.cost_model import TARGETS
-            from attngen.mask_analysis import decode_key_width
-            from attngen.pipeline import compile_spec
-            from attngen.runtime.decode import decode_plan, decode_span
+            from attngen.spec import load_spec
 
             batch, hq, hkv, n_q, context = _decode_shape(decode)
-            compiled = compile_spec(resolve_spec(spec), stop="ir")
-            spec_ = compiled.spec
+            path = resolve_spec(spec)
+            spec_, module = load_spec(path), attngen.load(path)
+            # an NSA spec's window branch's decode (the path without fused_decode)
+            rt = runtime.of(module.RUNTIME.branches()["swa"] if spec_.nsa is not None else module)
             layout = spec_.sparsity is not None
-            width = None if spec_.nsa is not None else decode_key_width(compiled.kernel("fwd").attr("mask_plan"))
-            plan = decode_plan(batch, hkv, hq // hkv * n_q, context, spec_.head_dim, TARGETS[target].sms,
-                               key_block=spec_.sparsity.block[1] if layout else None,
-                               span=decode_span(width, n_q))
-            typer.echo(f"// decode, B={batch} Hq={hq} Hkv={hkv} Nq={n_q} context={context} on {target} "
-                       f"({TARGETS[target].sms} SMs)\n{plan.describe(layout, spec_.mask.document)}")
+            plan = rt.decode_plan(batch, hq, hkv, n_q, context, TARGETS[target].sms)
+            typer.echo(f"// decode{' (the window branch)' if spec_.nsa is not None else ''}, B={batch} Hq={hq} "
+                       f"Hkv={hkv} Nq={n_q} context={context} on {target} ({TARGETS[target].sms} SMs)\n"
+                       f"{plan.describe(layout, spec_.mask.document)}")
             if spec_.nsa is not None:
                 from attngen.runtime.nsa import describe_selected
 

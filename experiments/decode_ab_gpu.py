@@ -75,9 +75,9 @@ def main() -> None:
                 fns[f"{name}_paged"] = lambda mod=mod: mod.attention_with_kvcache(q, kc, vc, cache_seqlens=lengths,
                                                                                  block_table=table)
         hp = rt.head_param_rows(q, {})
-        plan = dec.decode_plan(B, hkv, hq // hkv, ctx, d, dec.sms(q.device))
+        plan = rt.decode_plan(B, hq, hkv, 1, ctx, dec.sms(q.device))
         for name, fields in variants:
-            p = dec.decode_plan(B, hkv, hq // hkv, ctx, d, dec.sms(q.device), **fields)
+            p = rt.decode_plan(B, hq, hkv, 1, ctx, dec.sms(q.device), **fields)
             fns[name] = lambda p=p: dec.run(rt.decode_kernel, q, kc, vc, hp, lengths, table, rt.scale, p, hkv, d,
                                             rt.native)[0]
         out, ref = {}, None

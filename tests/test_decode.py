@@ -528,15 +528,68 @@ def test_split_merge_fused_into_the_last_split_matches_the_merge_kernel():
         assert (lse - outs[0][1]).nan_to_num(0.0, 0.0, 0.0).abs().max() < 1e-6
 
 
-@pytest.mark.compiler
-def test_a_window_bounds_the_split_count():
+@pytest.mark.interp
+def test_a_window_bounds_the_split_count(monkeypatch):
     """A window's keys (sliding_window's 256 + Nq) bound the splits: at B1 with Hkv 8 on 132 SMs, 15
     splits of a 32k cache where 257 keys meet at most 5 tiles of 64 (6 of a layout's 128-key blocks
-    of 2 tiles); the module carries the width and its decode plans with it."""
+    of 2 tiles; 64 keys meet 2 tiles); the module carries the width, and its decode calls plan with
+    it (5 splits launched by attention_with_kvcache at 132 SMs)."""
     rt = runtime.of(attngen.load(resolve_spec("sliding_window")))
     assert rt.decode_width == (256, 1) and runtime.of(attngen.load(resolve_spec("causal"))).decode_width is None
     span = decode.decode_span(rt.decode_width, 1)
     assert decode.decode_plan(1, 8, 4, 32768, 128, 132).splits == 15
     assert decode.decode_plan(1, 8, 4, 32768, 128, 132, span=span).splits == 5
     assert decode.decode_plan(1, 8, 4, 32768, 128, 132, span=span, key_block=128).splits == 6
+    assert decode.decode_plan(1, 8, 4, 32768, 128, 132, span=64).splits == 2
     assert decode.decode_plan(1, 8, 4, 200, 128, 132, span=span).splits == 4  # the capacity bounds it first
+    plans, run = [], decode.run
+    monkeypatch.setattr(decode, "sms", lambda device: 132)
+    monkeypatch.setattr(decode, "run", lambda *a, **kw: plans.append(a[8]) or run(*a, **kw))
+    spec, module, q, k_cache, v_cache, lengths, g = _case("sliding_window", B=1, Hkv=8, G=1, S=32768, lengths=(300,))
+    with torch.no_grad():
+        o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True)
+    assert [p.splits for p in plans] == [5]
+    _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
+
+
+GAPPED = {  # a window (and documents) over a runtime layout with gaps: the cut searches a sparse list
+    "window_layout_128": "mask:\n  window: {left: 150, right: 0, align: bottom_right}\nsparsity:\n  block: [128, 128]\n",
+    "window_documents_64": "mask:\n  window: {left: 70, right: 0, align: bottom_right}\n  document: true\n"
+                           "sparsity:\n  block: [64, 64]\n",
+}
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("name", list(GAPPED))
+@pytest.mark.parametrize("Nq", [1, 3])
+def test_the_mask_bounds_cut_a_gapped_block_list(tmp_path, name, Nq):
+    """The kernel's binary searches over a list with gaps (a random layout at 0.4): each sequence's
+    listed blocks that meet its window (and documents) against the float64 reference, lengths 0 to
+    the capacity (block edges, rows before the start), 1, 3 and the default splits, and paged
+    caches giving the contiguous bits. (Indexing the list by block number passes the all-ones
+    layout's test but fails this one.)"""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\nhead_dim: 32\n{GAPPED[name]}  layout: runtime\n")
+    spec, module = load_spec(path), attngen.load(path)
+    g = torch.Generator().manual_seed(1)
+    S, Hkv, G = 640, 1, 2
+    lengths = torch.tensor([0, 1, 2, 64, 128, 129, 255, 257, 500, 639, 640], dtype=torch.int32)
+    B = len(lengths)
+    q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 32, generator=g)
+    bq, bk = spec.sparsity.block
+    kw = {"layout": torch.rand(B, Hkv * G, -(-S // bq), -(-S // bk), generator=g) < 0.4}
+    ref = dict(kw)
+    if spec.mask.document:
+        ids = (torch.arange(S)[None] + torch.randint(0, 50, (B, 1), generator=g)) // 90
+        pos = (lengths.long()[:, None] - Nq + torch.arange(Nq)).clamp(0, S - 1)
+        kw["documents"], ref["documents"] = ids, (ids.gather(1, pos), ids)
+    table = _shuffle(B, S, 16, g)
+    with torch.no_grad():
+        for splits in (1, 3, None):
+            o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True,
+                                                   num_splits=splits, **kw)
+            _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5, **ref)
+            paged = module.attention_with_kvcache(q, as_pages(k_cache, 16, table), as_pages(v_cache, 16, table),
+                                                  cache_seqlens=lengths, block_table=table, num_splits=splits, **kw)
+            assert torch.equal(paged, o)

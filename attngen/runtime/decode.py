@@ -92,7 +92,7 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
         key_blocks = min(key_blocks, (-(-max(span - 1, 0) // align) + 1) * (align // block_n))
     tiles = batch * heads_kv * -(-rows // block_m)
     splits = num_splits(tiles, key_blocks, sms) if splits is None else max(1, min(int(splits), key_blocks, MAX_SPLITS))
-    # the kernel shares each sequence's visible tiles among the splits; split_len is a split's at capacity
+    # the kernel shares each sequence's visible tiles among the splits; split_len is a split's at the bound
     split_len = -(-key_blocks // splits) * block_n
     return DecodePlan(block_m, block_n, splits, split_len, stages, warps, bool(fused), bool(pdl), bool(pages_ahead))
 

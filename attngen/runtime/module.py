@@ -657,11 +657,19 @@ class KernelModule:
         paged = block_table is not None
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
         capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
-        plan = decode.decode_plan(q.shape[0], Hkv, q.shape[1] // Hkv * q.shape[2], capacity, self.head_dim,
-                                  decode.sms(q.device), splits or None, key_block=self.layout_block and self.layout_block[1],
-                                  span=decode.decode_span(self.decode_width, q.shape[2]))
+        plan = self.decode_plan(q.shape[0], q.shape[1], Hkv, q.shape[2], capacity, decode.sms(q.device),
+                                splits=splits or None)
         return decode.run(self.decode_kernel, q, k_cache, v_cache, hp, seqlens, block_table, scale, plan, Hkv,
                           self.head_dim_v, self.native, gate)
+
+    def decode_plan(self, batch: int, heads_q: int, heads_kv: int, n_q: int, capacity: int, sms: int,
+                    **fields) -> decode.DecodePlan:
+        """The plan of a decode call against caches of `capacity` positions on `sms` SMs: the layout's
+        key block holds whole tiles, and a mask's span (a window) bounds the splits; `fields`
+        override decode_plan's choices (splits, block_n, stages: bench variants)."""
+        return decode.decode_plan(batch, heads_kv, heads_q // heads_kv * n_q, capacity, self.head_dim, sms,
+                                  key_block=self.layout_block and self.layout_block[1],
+                                  span=decode.decode_span(self.decode_width, n_q), **fields)
 
     def _compiled(self, q, k, v, hp, documents, block_mask, scale, p_drop, dropout_seed, packed=(None, None, 0, 0),
                   deterministic=None):
