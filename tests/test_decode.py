@@ -313,8 +313,8 @@ def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
     assert got.shape == (B * Hkv, 2 + n_kb) and got.dtype == torch.int32
     for b, L in enumerate(lengths.tolist()):
         for hk in range(Hkv):
-            want = sorted({kb for h in range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv) for t in range(max(0, L - Nq), max(L, 1))
-                           for kb in range(n_kb)
+            heads, rows = range(hk * Hq // Hkv, (hk + 1) * Hq // Hkv), range(max(0, L - Nq), max(L, 1))
+            want = sorted({kb for h in heads for t in rows for kb in range(n_kb)
                            if layout[min(b, layout.shape[0] - 1), min(h, layout.shape[1] - 1),
                                      t // bq - (0 if row0 is None else int(row0[b])), kb]})
             row = got[b * Hkv + hk].tolist()
@@ -341,7 +341,7 @@ def test_the_mask_bounds_cut_the_visible_blocks(monkeypatch, tmp_path):
     ids = torch.zeros(B, S, dtype=torch.long)
     ids[1, 450:600] = 1
     runs = _split_runs(monkeypatch, spec, module, q, k_cache, v_cache, lengths, (1, 3),
-                       {"layout": layout, "documents": (ids.gather(1, (lengths.long()[:, None] - 1).clamp(min=0)), ids)},
+                       {"layout": layout, "documents": (ids.gather(1, (lengths.long()[:, None] - 1).clamp(0)), ids)},
                        layout=layout, documents=ids)
     assert runs[3].shape[-1] == 3 and torch.isfinite(runs[3][:2]).all()
 
@@ -553,7 +553,8 @@ def test_a_window_bounds_the_split_count(monkeypatch):
 
 
 GAPPED = {  # a window (and documents) over a runtime layout with gaps: the cut searches a sparse list
-    "window_layout_128": "mask:\n  window: {left: 150, right: 0, align: bottom_right}\nsparsity:\n  block: [128, 128]\n",
+    "window_layout_128": "mask:\n  window: {left: 150, right: 0, align: bottom_right}\n"
+                         "sparsity:\n  block: [128, 128]\n",
     "window_documents_64": "mask:\n  window: {left: 70, right: 0, align: bottom_right}\n  document: true\n"
                            "sparsity:\n  block: [64, 64]\n",
 }

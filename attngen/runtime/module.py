@@ -663,7 +663,7 @@ class KernelModule:
                           self.head_dim_v, self.native, gate)
 
     def decode_plan(self, batch: int, heads_q: int, heads_kv: int, n_q: int, capacity: int, sms: int,
-                    **fields) -> decode.DecodePlan:
+                    **fields):
         """The plan of a decode call against caches of `capacity` positions on `sms` SMs: the layout's
         key block holds whole tiles, and a mask's span (a window) bounds the splits; `fields`
         override decode_plan's choices (splits, block_n, stages: bench variants)."""
