@@ -40,7 +40,7 @@ for group in "$@"; do
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/env.txt
     python3 -c "import torch,triton,numpy;print(torch.__version__,triton.__version__,numpy.__version__)" | tee -a $OUT/env.txt
     git log --oneline -1 | tee -a $OUT/env.txt
-    timeout 200 python3 -m pytest -q -x tests/test_head_dims.py tests/test_decode.py tests/test_nsa.py -k "chunked or segments or token_tiles or window_shorter or queries_document or visible_blocks or step_ahead or paged_cache or fused_decode or top_blocks or last_rows or update_kernel or shorter_than or mask_bounds or empty_batch" 2>&1 | tail -15 | tee $OUT/pytest_first.txt
+    timeout 200 python3 -m pytest -q -x tests/test_head_dims.py tests/test_decode.py tests/test_nsa.py -k "chunked or segments or token_tiles or window_shorter or queries_document or visible_blocks or step_ahead or paged_cache or fused_decode or top_blocks or last_rows or update_kernel or shorter_than or mask_bounds or empty_batch or split_count" 2>&1 | tail -15 | tee $OUT/pytest_first.txt
     timeout 120 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --decode --dtype bf16 --markdown $OUT/verify_nsa_bf16.md 2>&1 | grep -v -i warn | tail -30 | tee $OUT/verify_nsa.txt
     timeout 120 python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -8 | tee $OUT/nsa_decode.txt
     timeout 90 python3 experiments/gated_decode_gpu.py --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -20 | tee $OUT/gated.txt
