@@ -675,6 +675,29 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
 
 
 @triton.jit
+def _nsa_decode_union(IDX, UNION, stride_ib, stride_ih, stride_in, stride_ii, n_q, n_select, HKV,
+                      CHOICES_PAD: tl.constexpr):
+    # Program (batch x KV head): the union of its n_q queries' chosen blocks (IDX [B, HKV, n_q,
+    # n_select], -1 for none) into its row of UNION [B * HKV, CHOICES_PAD]: ascending and distinct,
+    # -1 after. The choices are sorted; a repeat of its predecessor (read back from UNION after a
+    # barrier) or a -1 becomes a sentinel that a second sort moves to the end.
+    row = tl.program_id(0)
+    c = tl.arange(0, CHOICES_PAD)
+    choice = tl.load(IDX + (row // HKV).to(tl.int64) * stride_ib + (row % HKV).to(tl.int64) * stride_ih
+                     + (c // n_select).to(tl.int64) * stride_in + (c % n_select) * stride_ii,
+                     mask=c < n_q * n_select, other=-1)
+    none = 2147483647
+    choice = tl.sort(tl.where(choice < 0, none, choice))
+    out = UNION + row.to(tl.int64) * CHOICES_PAD
+    tl.store(out + c, choice)
+    tl.debug_barrier()
+    before = tl.load(out + c - 1, mask=c > 0, other=-1)
+    tl.debug_barrier()  # every thread has read its predecessor before the row is overwritten
+    choice = tl.sort(tl.where(choice == before, none, choice))
+    tl.store(out + c, tl.where(choice == none, -1, choice))
+
+
+@triton.jit
 def _nsa_decode_attend(Q, K, V, IDX, UNION, PAGES, SEQLENS, O_PART, M_PART, L_PART,
                        stride_qb, stride_qh, stride_qm, stride_qd,
                        stride_kb, stride_kh, stride_kn, stride_kd,
@@ -688,7 +711,8 @@ def _nsa_decode_attend(Q, K, V, IDX, UNION, PAGES, SEQLENS, O_PART, M_PART, L_PA
     # Program (split, batch x KV head, row tile): the selected and window branches of the packed rows
     # (query head in the group, query) as one list of work items of BLOCK_S keys per (sequence, KV
     # head): first the blocks any of its n_q queries chose (UNION [B, HKV, n_union], ascending, -1
-    # after them: each read once, however many queries chose it), then the BLOCK_S-aligned tiles that
+    # after them, _nsa_decode_union's: each read once, however many queries chose it; with n_q = 1 the
+    # query's own list, which the selection makes so), then the BLOCK_S-aligned tiles that
     # hold any of its queries' windows. The splits share the items evenly. Two online softmaxes per
     # row, the selected branch's (a row sees a block its own query chose, IDX [B, HKV, n_q, n_select],
     # keys up to its position) and the window's (keys pos - WINDOW < j <= pos); their normalized

@@ -161,6 +161,63 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     assert (got[0] == 0).all()  # no key: every branch gives zeros
 
 
+def _branches_reference(q, k, v, indices, lengths, scale, window, l_sel, o_cmp, gates):
+    """float64 [B, Hq, Nq, Dv]: the decode's selected and window branches, straight from the math
+    (query t at position L - Nq + t sees its chosen blocks' keys up to it, and the window's keys
+    pos - w < j <= pos), mixed with o_cmp by the gates; contiguous caches [B, Hkv, S, *]."""
+    B, Hq, Nq, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    n_blocks, keys = -(-S // l_sel), torch.arange(S)
+    pos = lengths[:, None, None, None].long() - Nq + torch.arange(Nq)[:, None]  # [B, 1, Nq, 1]
+    idx = torch.where(indices >= 0, indices.long(), n_blocks)
+    chose = torch.zeros(B, Hkv, Nq, n_blocks + 1, dtype=torch.bool).scatter_(-1, idx, True)[..., keys // l_sel]
+    causal = keys <= pos
+    s = (q.double().view(B, Hkv, Hq // Hkv, Nq, D) @ k.double()[:, :, None].transpose(-1, -2)) * scale
+    out = o_cmp.double() * gates.double()[..., :1]
+    for i, mask in enumerate((chose & causal, causal & (keys > pos - window)), 1):
+        p = torch.softmax(s.masked_fill(~mask[:, :, None], float("-inf")), -1).nan_to_num(0.0)
+        out = out + (p @ v.double()[:, :, None]).reshape(B, Hq, Nq, -1) * gates.double()[..., i:i + 1]
+    return out
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("Nq, G, n, splits, paged", [(2, 1, 3, None, False), (4, 3, 2, 5, True), (5, 8, 3, 2, False),
+                                                     (16, 8, 3, 7, True), (11, 2, 1, 1, False), (1, 4, 3, 3, True)])
+def test_fused_decode_attend_reads_the_union_of_random_choices(tmp_path, Nq, G, n, splits, paged):
+    """_decode_attend_fused against the branches' float64 math with random choices (distinct and
+    ascending per query, -1 after; disjoint between queries, some none, some past the query's own
+    block): the union of the queries' blocks (_nsa_decode_union), each row seeing only its query's;
+    Nq up to 16 (two row tiles at G 8), lengths 0, below Nq, random and full, contiguous and paged,
+    1 to 7 splits; opcheck of its op at Nq > 1."""
+    from attngen.verify import paged as as_pages
+
+    spec, module = _module(tmp_path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(Nq * 10 + G)
+    B, Hkv, S = 4, 2 if G < 8 else 1, 160
+    n_blocks = -(-S // rt.l_sel)
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+    lengths = torch.tensor([0, Nq - 1, int(torch.randint(Nq, S, (1,), generator=g)), S], dtype=torch.int32)
+    q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
+    gates, o_cmp = torch.rand(B, Hkv * G, Nq, 3, generator=g), torch.randn(B, Hkv * G, Nq, 16, generator=g)
+    indices = torch.full((B, Hkv, Nq, n), -1, dtype=torch.int32)
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(Nq):
+                chosen = torch.randperm(n_blocks, generator=g)[:int(torch.randint(0, n + 1, (1,), generator=g))]
+                indices[b, h, t, :len(chosen)] = chosen.sort().values.int()
+    want = _branches_reference(q, k_cache, v_cache, indices, lengths, rt.scale, rt.window, rt.l_sel, o_cmp, gates)
+    table = None
+    if paged:
+        table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
+        k_cache, v_cache = as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)
+    got = rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp, gates, splits=splits)
+    assert (got.double() - want).abs().max() < 1e-5
+    if Nq == 2:
+        torch.library.opcheck(rt.ops.attend_decode, (q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp,
+                                                     gates))
+
+
 @pytest.mark.interp
 @pytest.mark.parametrize("kind, block, stride, paged", [("mean", 5, 3, False), ("linear", 24, 7, True),
                                                         ("mean", 24, 7, True), ("linear", 5, 3, False)])

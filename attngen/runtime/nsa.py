@@ -97,6 +97,7 @@ class NSAModule:
         self.decode_cmp_kernel, self.decode_select_kernel = ns["_nsa_decode_cmp"], ns["_nsa_decode_select"]
         self.compress_update_kernel = ns["_nsa_compress_update"]
         self.decode_attend_kernel, self.decode_merge_kernel = ns["_nsa_decode_attend"], ns["_nsa_decode_merge"]
+        self.decode_union_kernel = ns["_nsa_decode_union"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
@@ -434,11 +435,12 @@ class NSAModule:
 
     def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
                              splits: int | None = None):
-        """o [B, Hq, Nq, Dv] of decoding from o_cmp and the blocks: the selected and window branches
+        """o [B, Hq, Nq, Dv] of decoding from o_cmp and the blocks (indices [B, Hkv, Nq, n], each
+        query's ascending, -1 after, as the selection makes them): the selected and window branches
         as one list of work items per (sequence, KV head) shared among splits (_nsa_decode_attend:
-        the union of its queries' blocks, each read once, then its window's tiles), then the splits
-        merged per branch and mixed by the gates (_nsa_decode_merge). The splits are a static count
-        (shapes only) unless given."""
+        the union of its queries' blocks, _nsa_decode_union's, each read once, then its window's
+        tiles), then the splits merged per branch and mixed by the gates (_nsa_decode_merge). The
+        splits are a static count (shapes only) unless given."""
         B, Hq, Nq, D = q.shape
         paged = block_table is not None
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
@@ -450,10 +452,15 @@ class NSAModule:
         block_m = max(16, min(64, triton.next_power_of_2(rows)))
         row_tiles = -(-rows // block_m)
         # the union of the queries' blocks (Nq = 1: its own list), ascending, -1 after
+        if Nq == 1:
+            union = indices[:, :, 0]
+        else:
+            union = torch.empty(B, Hkv, triton.next_power_of_2(Nq * n), dtype=torch.int32, device=q.device)
+            self.decode_union_kernel[(B * Hkv,)](indices, union, *indices.stride(), Nq, n, Hkv,
+                                                 CHOICES_PAD=union.shape[-1])
+        # the most items of a sequence: the distinct blocks, then its window's tiles
         S = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
-        union = indices[:, :, 0] if Nq == 1 else union_lists(indices, Nq, -(-S // self.l_sel))[0][:, :, 0]
-        # the most items of a sequence: the union, then its window's tiles
-        items = union.shape[-1] + (self.window + Nq - 1) // self.l_sel + 2
+        items = min(Nq * n, -(-S // self.l_sel)) + (self.window + Nq - 1) // self.l_sel + 2
         splits = max(1, min(items, splits or -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
         f32 = dict(dtype=torch.float32, device=q.device)
         o_part = torch.empty(B, Hq, Nq, splits, 2, Dv, **f32)
