@@ -7,6 +7,8 @@ dense cache (enable_gqa; one query sees every key, so no mask) and our dense cau
 in one process; the NSA step also with `fused_decode` (the step in six kernels, opt-in) and under
 torch.compile(fullgraph=True), whose Inductor fuses the torch ops between the kernels. bf16, Hq 64,
 Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
+A case BxCONTEXTx4 decodes 4 queries a step (speculative decoding: the fused step's selected items
+are the union of their blocks); SDPA's peers there attend every key from each (no mask).
 
     PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json
 """
@@ -25,7 +27,7 @@ from attngen.bench import environment
 from attngen.bench_decode import _time
 from attngen.resources import resolve_spec
 
-CASES = "nsa:1x65536,nsa:8x65536,nsa:1x16384,nsa_linear:1x65536"
+CASES = "nsa:1x65536,nsa:8x65536,nsa:1x16384,nsa_linear:1x65536,nsa:8x65536x4"
 HQ, HKV = 64, 4
 
 
@@ -42,25 +44,25 @@ def _sdpa(q, k, v, scale):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default=CASES, help="spec:BxCONTEXT,...")
+    ap.add_argument("--cases", default=CASES, help="spec:BxCONTEXT[xNQ],... (NQ > 1: speculative decoding's queries)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     causal = attngen.load(resolve_spec("causal"))
     rows = []
     for case in args.cases.split(","):
         name, shape = case.split(":")
-        B, ctx = (int(x) for x in shape.split("x"))
+        B, ctx, n_q = (*(int(x) for x in shape.split("x")), 1)[:3]
         nsa = attngen.load(resolve_spec(name)).RUNTIME
         g = torch.Generator(device="cuda").manual_seed(0)
         mk = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)  # noqa: E731
-        q = mk(B, HQ, 1, nsa.head_dim)
+        q = mk(B, HQ, n_q, nsa.head_dim)
         k, v = mk(B, HKV, ctx, nsa.head_dim), mk(B, HKV, ctx, nsa.head_dim_v)
-        gates = torch.rand(B, HQ, 1, 3, generator=g, device="cuda").to(torch.bfloat16)
+        gates = torch.rand(B, HQ, n_q, 3, generator=g, device="cuda").to(torch.bfloat16)
         lengths = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
         weights = None
         if nsa.kind == "linear":
             weights = tuple(mk(HKV, nsa.l * e, e) * (1.0 / nsa.l) for e in (nsa.head_dim, nsa.head_dim_v))
-        row = {"spec": name, "case": f"{B}x{ctx}"}
+        row = {"spec": name, "case": shape}
         with torch.no_grad():
             cmp = nsa.compressed_cache(k, v, lengths, compress_weights=weights)
             step = lambda: nsa.attention_with_kvcache(q, k, v, cache_seqlens=lengths, gates=gates,  # noqa: E731
