@@ -624,22 +624,24 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
 @triton.jit
 def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, stride_cn, stride_cd, stride_pb,
                          stride_mb, stride_mh, stride_mn, stride_md, stride_wh, stride_wf, stride_we, n_q, n_cmp, HKV,
-                         CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr, E_PAD: tl.constexpr,
-                         EO: tl.constexpr, EO_PAD: tl.constexpr, BLOCK_L: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                         LINEAR: tl.constexpr):
-    # Program (batch x KV head): the compressed tokens whose windows end at the sequence's last n_q
-    # positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE + 1), each the mean of its CMP_BLOCK
-    # rows of CACHE, or with LINEAR their rows flattened times W [HKV, CMP_BLOCK * E, EO]; written
-    # into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E] (PAGE_SIZE 0) or paged [pages,
-    # PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides as a page, a head, a slot).
+                         CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr,
+                         EO: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
+                         PAGE_SIZE: tl.constexpr, LINEAR: tl.constexpr):
+    # Program (batch x KV head, BLOCK_EO output columns): the compressed tokens whose windows end at
+    # the sequence's last n_q positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE + 1),
+    # each the mean of its CMP_BLOCK rows of CACHE, or with LINEAR their rows flattened times W [HKV,
+    # CMP_BLOCK * E, EO], BLOCK_F of the flattened window at a time (a [BLOCK_F, BLOCK_EO] tile of W;
+    # a whole [E, EO] tile per window row on B x HKV programs took a d192 step 10x the mean's,
+    # docs/decisions/nsa-plan.md); written into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E]
+    # (PAGE_SIZE 0) or paged [pages, PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides
+    # as a page, a head, a slot).
     off_b = tl.program_id(0) // HKV
     off_h = tl.program_id(0) % HKV
     last = tl.load(SEQLENS + off_b) - 1
     lo = tl.maximum(last + 1 - n_q, CMP_BLOCK - 1)  # the first position that may end a window
     first_end = lo + (CMP_STRIDE - (lo - (CMP_BLOCK - 1)) % CMP_STRIDE) % CMP_STRIDE
     r = tl.arange(0, BLOCK_L)
-    e = tl.arange(0, E_PAD)
-    eo = tl.arange(0, EO_PAD)
+    eo = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     CACHE += off_h.to(tl.int64) * stride_ch
     out = CMP + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
     for step in range(0, n_q // CMP_STRIDE + 1):
@@ -647,17 +649,19 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
         j = (end - (CMP_BLOCK - 1)) // CMP_STRIDE
         if (end <= last) & (j < n_cmp):
             if LINEAR:
-                new = tl.zeros([EO_PAD], dtype=tl.float32)
-                for i in range(0, CMP_BLOCK):  # row i of the window against W's rows i E .. i E + E - 1
-                    p = j * CMP_STRIDE + i
+                new = tl.zeros([BLOCK_EO], dtype=tl.float32)
+                for f0 in range(0, CMP_BLOCK * E, BLOCK_F):  # the flattened window against W's rows f
+                    f = f0 + tl.arange(0, BLOCK_F)
+                    ok = f < CMP_BLOCK * E
+                    p = j * CMP_STRIDE + f // E
                     if PAGE_SIZE == 0:
-                        row = off_b.to(tl.int64) * stride_cb + p.to(tl.int64) * stride_cn
+                        rows = off_b.to(tl.int64) * stride_cb + p.to(tl.int64) * stride_cn
                     else:
-                        page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + p // PAGE_SIZE)
-                        row = page.to(tl.int64) * stride_cb + (p % PAGE_SIZE).to(tl.int64) * stride_cn
-                    x = tl.load(CACHE + row + e * stride_cd, mask=e < E, other=0.0).to(tl.float32)
-                    w = tl.load(W + off_h.to(tl.int64) * stride_wh + (i * E + e)[:, None].to(tl.int64) * stride_wf
-                                + eo[None, :] * stride_we, mask=(e[:, None] < E) & (eo[None, :] < EO), other=0.0)
+                        page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + p // PAGE_SIZE, mask=ok, other=0)
+                        rows = page.to(tl.int64) * stride_cb + (p % PAGE_SIZE).to(tl.int64) * stride_cn
+                    x = tl.load(CACHE + rows + (f % E) * stride_cd, mask=ok, other=0.0).to(tl.float32)
+                    w = tl.load(W + off_h.to(tl.int64) * stride_wh + f[:, None].to(tl.int64) * stride_wf
+                                + eo[None, :] * stride_we, mask=ok[:, None] & (eo[None, :] < EO), other=0.0)
                     new += tl.sum(x[:, None] * w.to(tl.float32), 0)
             else:
                 p = j * CMP_STRIDE + r

@@ -219,22 +219,25 @@ def test_fused_decode_attend_reads_the_union_of_random_choices(tmp_path, Nq, G, 
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("kind, block, stride, paged", [("mean", 5, 3, False), ("linear", 24, 7, True),
-                                                        ("mean", 24, 7, True), ("linear", 5, 3, False)])
-def test_compressed_cache_update_kernel_matches_torch(tmp_path, kind, block, stride, paged):
+@pytest.mark.parametrize("kind, block, stride, paged, D, Dv", [
+    ("mean", 5, 3, False, 32, 16), ("linear", 24, 7, True, 32, 16), ("mean", 24, 7, True, 32, 16),
+    ("linear", 5, 3, False, 32, 16), ("linear", 5, 3, True, 48, 72)])
+def test_compressed_cache_update_kernel_matches_torch(tmp_path, kind, block, stride, paged, D, Dv):
     """fused_decode's _nsa_compress_update against the torch path's update: windows of 5 and 24 rows
     (no power of two) every 3 and 7, so that 7 appended positions end two windows (one); lengths
-    below one window, 0, and a window ending at the last row; contiguous and paged (pages of 16)."""
+    below one window, 0, and a window ending at the last row; contiguous and paged (pages of 16);
+    linear with head dims 48 and 72 (W's 72 columns over three programs, its 240 rows in chunks of
+    128)."""
     from attngen.verify import paged as as_pages
 
-    spec, module = _module(tmp_path, kind, block, stride)
+    spec, module = _module(tmp_path, kind, block, stride, D, Dv)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(block + stride)
     B, Hkv, S, Nq = 4, 2, 96, 7
-    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+    k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
     weights = None
     if kind == "linear":
-        weights = (torch.randn(Hkv, block * 32, 32, generator=g) / 20, torch.randn(Hkv, block * 16, 16, generator=g) / 20)
+        weights = (torch.randn(Hkv, block * D, D, generator=g) / 20, torch.randn(Hkv, block * Dv, Dv, generator=g) / 20)
     lengths = torch.tensor([3, 0, 40, 96])
     table = None
     if paged:

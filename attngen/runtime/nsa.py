@@ -320,12 +320,13 @@ class NSAModule:
             E = cache.shape[3]
             cs = cache_strides(cache, paged)
             ws = weight.stride() if weight is not None else (0, 0, 0)
-            self.compress_update_kernel[(B * Hkv,)](
+            # linear: W's columns over programs, 32 each, and its rows 128 at a time (registers)
+            block_eo = 32 if weight is not None else max(16, triton.next_power_of_2(EO))
+            self.compress_update_kernel[(B * Hkv, -(-EO // block_eo))](
                 cache, block_table if paged else seqlens, cmp, weight if weight is not None else cmp, seqlens, *cs,
                 block_table.stride(0) if paged else 0, *cmp.stride(), *ws, Nq, n_cmp, Hkv, CMP_BLOCK=self.l,
-                CMP_STRIDE=self.d, E=E, E_PAD=max(16, triton.next_power_of_2(E)), EO=EO,
-                EO_PAD=max(16, triton.next_power_of_2(EO)), BLOCK_L=triton.next_power_of_2(self.l),
-                PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None)
+                CMP_STRIDE=self.d, E=E, EO=EO, BLOCK_EO=block_eo, BLOCK_L=triton.next_power_of_2(self.l),
+                BLOCK_F=128, PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None)
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
         """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
