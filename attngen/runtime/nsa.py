@@ -111,7 +111,7 @@ class NSAModule:
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
-        # the selected branch's loop order: None picks it (loop_order()), "query" or "key"
+        # the selected branch's loop order: None picks it (loop_order(); dQ query-major), "query" or "key"
         self.loop_order = None
         # key-major's float32 partial rows (B Hq tokens n width) are made at most this many bytes at a
         # time, the tokens in chunks
@@ -607,14 +607,15 @@ class NSAModule:
             return t
         return tokens_per_program(G, N, max(self.head_dim, self.head_dim_v), tensor_cores)
 
-    def selected_order(self, G: int) -> str:
-        """The selected branch's loop order (forward, and the backward's dQ): the knob loop_order,
-        else loop_order(G). Training only: decoding has few tokens and stays query-major."""
+    def selected_order(self, G: int, dq: bool = False) -> str:
+        """The selected branch's loop order, the forward's (dq: the backward's dQ): the knob
+        loop_order for both, else loop_order(G) for the forward and query-major for dQ (key-major
+        dQ is untimed). Training only: decoding has few tokens and stays query-major."""
         if self.loop_order is not None:
             if self.loop_order not in ("query", "key"):
                 raise ValueError(f"loop_order must be None, 'query' or 'key'; got {self.loop_order!r}")
             return self.loop_order
-        return loop_order(G)
+        return "query" if dq else loop_order(G)
 
     def selected_forward(self, q, k, v, indices, scale: float, first=None, block_table=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
@@ -698,7 +699,7 @@ class NSAModule:
         """dq, dk, dv: dK and dV key-major over the lists of each block's choices (entry_lists()), in
         work items of at most backward_steps steps of a block's tokens whose partial sums a second
         kernel adds in order (deterministic, no atomics); dQ query-major, or where the forward is key-major
-        (selected_order()) from the same work items, a partial row per choice that a last kernel
+        (selected_order(dq=True)) from the same work items, a partial row per choice that a last kernel
         adds, the tokens in chunks (_token_chunks(); dK and dV then add up in float32 over them)."""
         steps = 64 if self.backward_steps is None else self.backward_steps
         if not isinstance(steps, int) or steps < 1:
@@ -714,7 +715,7 @@ class NSAModule:
             return dq, dk, dv
         args = self._launch_args(q, Hkv)
         n = indices.shape[-1]
-        key_major = self.selected_order(G) == "key"
+        key_major = self.selected_order(G, dq=True) == "key"
         if not key_major:
             self.bwd_dq_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, *q.stride(), *k.stride(),
                                              *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, n,
@@ -769,14 +770,14 @@ _TOP_BLOCKS_MAX = 16384  # the widest row of scores _nsa_top_blocks holds (1M to
 
 
 def loop_order(G: int) -> str:
-    """The selected branch's default loop order for groups of G query heads: query-major for now.
-    Key-major (`NSAModule.loop_order = "key"`) attends each chosen block once per choice where a
-    small group's rows fill a query-major tile only with many tokens, whose union of blocks grows
-    with them (FSA, arXiv 2508.18224), at the cost of writing and reading float32 partial rows of
-    every choice (B Hq N n Dv, and as many for dQ; made a chunk of tokens at a time, at most
-    NSAModule.partial_bytes each). Opt-in until timed against query-major on a GPU
-    (experiments/nsa_selected_gpu.py; docs/decisions/nsa-plan.md)."""
-    return "query"
+    """The selected forward's default loop order for groups of G query heads: key-major below 4,
+    query-major from 4, as timed (H100, bf16, d128, 32k tokens; docs/decisions/nsa-plan.md).
+    Key-major attends each chosen block once per choice where a small group's rows fill a
+    query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
+    2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n
+    Dv; made a chunk of tokens at a time, at most NSAModule.partial_bytes each): 1.7x faster at G 1
+    (2.6x at 64k), 1.5x at G 2, a tie at G 4, 2.7x slower at G 16."""
+    return "key" if G < 4 else "query"
 
 
 def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:
@@ -792,9 +793,11 @@ def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True)
 def describe_selected(G: int, N: int, head_dim: int) -> str:
     """`attngen show --emit tiling`'s line for the selected branch at a group size and length."""
     t = tokens_per_program(G, N, head_dim)
-    return (f"forward query-major, {t} token{'s' if t > 1 else ''} x {G} heads per program over the union of their "
-            "blocks; backward dK/dV key-major in work items, dQ query-major (one token per program); "
-            "key-major forward and dQ opt-in (loop_order='key')")
+    fwd = "forward key-major, each block once for its choices, 64 (choice, head) rows per program" \
+        if loop_order(G) == "key" else \
+        f"forward query-major, {t} token{'s' if t > 1 else ''} x {G} heads per program over the union of their blocks"
+    return (f"{fwd}; backward dK/dV key-major in work items, dQ query-major (one token per program); "
+            "loop_order='query' or 'key' sets the forward's and dQ's")
 
 
 def union_lists(indices: torch.Tensor, block_t: int, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
