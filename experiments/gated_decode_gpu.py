@@ -5,7 +5,9 @@ attention_with_kvcache of the causal spec beside the document and block_sparse s
 Hq 32, Hkv 8, one query per sequence), each step replayed as a CUDA graph (median), with
 - documents: one document over the whole cache (every tile is read, each also gated), and
   documents of 2048 positions (only the last document's tiles are read);
-- layouts: every block visible, and the diagonal plus 1 block in 8 (top-left, as static_layout).
+- layouts: every block visible, and the diagonal plus 1 block in 8 (top-left, as static_layout);
+and, with --kernels, each call's GPU time per kernel (torch.profiler, outside a graph): where a
+gate that skips nothing loses to causal (the span's and the list's ops, or the decode kernel).
 
     PYTHONPATH=. python3 experiments/gated_decode_gpu.py --json $OUT/gated_decode.json
 """
@@ -28,6 +30,7 @@ CASES = ((1, 131072), (8, 32768), (32, 8192))
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", action="store_true", help="also each call's GPU us per kernel")
     args = ap.parse_args()
     mods = {n: attngen.load(resolve_spec(n)) for n in ("causal", "document", "block_sparse")}
     rows = []
@@ -61,6 +64,11 @@ def main() -> None:
                     assert (out.float() - ref.float()).abs().max().item() < 2e-2, name
                 ms = triton.testing.do_bench_cudagraph(fn, rep=200)
             row[name] = ms * 1e3
+            if args.kernels:
+                from attngen.tools.profile_step import kernel_times
+
+                with torch.no_grad():
+                    row[f"{name} kernels"] = {k: t * 1e3 for k, t in kernel_times(fn).items()}
         print(row, flush=True)
         rows.append(row)
     if args.json:

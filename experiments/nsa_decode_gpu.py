@@ -10,7 +10,7 @@ Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The
 A case BxCONTEXTx4 decodes 4 queries a step (speculative decoding: the fused step's selected items
 are the union of their blocks); SDPA's peers there attend every key from each (no mask).
 
-    PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json
+    PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json [--kernels]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default=CASES, help="spec:BxCONTEXT[xNQ],... (NQ > 1: speculative decoding's queries)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels", action="store_true", help="also the fused step's GPU us per kernel")
     args = ap.parse_args()
     causal = attngen.load(resolve_spec("causal"))
     rows = []
@@ -75,6 +76,10 @@ def main() -> None:
                 fused = step()
                 row["nsa fused_decode vs torch max diff"] = (fused.float() - out.float()).abs().max().item()
                 row["nsa fused_decode"] = _time(step) * 1e3
+                if args.kernels:  # torch.profiler, outside a graph: where the fused step's time goes
+                    from attngen.tools.profile_step import kernel_times
+
+                    row["nsa fused_decode kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
             finally:
                 nsa.fused_decode = False
             # the same step under torch.compile (Inductor fuses the torch ops between the kernels)

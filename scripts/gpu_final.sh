@@ -44,7 +44,8 @@ for group in "$@"; do
     timeout 150 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py tests/test_compile.py tests/test_head_dims.py 2>&1 | tail -15 | tee $OUT/pytest_gpu.txt
     timeout 100 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --decode --dtype bf16 --markdown $OUT/verify_nsa_decode.md 2>&1 | grep -v -i warn | tail -3 | tee $OUT/verify_nsa.txt
     timeout 150 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --dtype bf16 --markdown $OUT/verify_nsa_bwd.md 2>&1 | grep -v -i warn | tail -3 | tee -a $OUT/verify_nsa.txt
-    timeout 100 python3 experiments/nsa_decode_gpu.py --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee $OUT/nsa_decode.txt
+    timeout 100 python3 experiments/nsa_decode_gpu.py --kernels --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee $OUT/nsa_decode.txt
+    timeout 100 python3 experiments/gated_decode_gpu.py --kernels --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -3 | tee $OUT/gated.txt
     timeout $((DEADLINE - SECONDS)) python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --json $OUT/nsa_64k.json 2>&1 | grep -v -i warn | tail -6 | tee $OUT/nsa_64k.txt
     continue
   fi
