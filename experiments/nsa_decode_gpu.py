@@ -1,4 +1,4 @@
-"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; written 2026-12-07 and not yet run there; results: data/nsa_decode_<date>_<gpu>.json).
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; ran on an H100 on 2026-12-07; results: data/nsa_decode_<date>_<gpu>.json).
 
 Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1: the compressed
 cache's update, the compressed branch and the selection in torch, the selected branch's kernel,

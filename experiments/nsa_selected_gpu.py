@@ -1,4 +1,4 @@
-"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; written 2026-12-07 and not yet run there; results: data/nsa_selected_<date>_<gpu>.json).
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; ran on an H100 on 2026-12-07; results: data/nsa_selected_<date>_<gpu>.json).
 
 The selected branch's loop orders and the backward's work items, A/B in one process, bf16, random
 inputs, the selection the module's own: per (spec, Hq/Hkv, N) the selected forward query-major

@@ -632,8 +632,8 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
     # the sequence's last n_q positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE + 1),
     # each the mean of its CMP_BLOCK rows of CACHE, or with LINEAR their rows flattened times W [HKV,
     # CMP_BLOCK * E, EO], BLOCK_F of the flattened window at a time (a [BLOCK_F, BLOCK_EO] tile of W;
-    # a whole [E, EO] tile per window row on B x HKV programs took a d192 step 10x the mean's,
-    # docs/decisions/nsa-plan.md); written into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E]
+    # with a whole [E, EO] tile per window row on B x HKV programs, the likely cause of a d192 step
+    # 10x the mean's, BENCHMARKS.md); written into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E]
     # (PAGE_SIZE 0) or paged [pages, PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides
     # as a page, a head, a slot).
     off_b = tl.program_id(0) // HKV

@@ -40,13 +40,15 @@ for group in "$@"; do
     nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/env.txt
     python3 -c "import torch,triton,numpy;print(torch.__version__,triton.__version__,numpy.__version__)" | tee -a $OUT/env.txt
     git log --oneline -1 | tee -a $OUT/env.txt
-    # the GPU tier of the newest features' tests (the interp tier runs on CPU tensors: CI's, not here)
-    timeout 150 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py tests/test_compile.py tests/test_head_dims.py 2>&1 | tail -15 | tee $OUT/pytest_gpu.txt
+    # the GPU tier of NSA's and decoding's tests (the interp tier runs on CPU tensors: CI's, not
+    # here; the newest kernels are exercised on the GPU by verify's rows below)
+    timeout 120 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py 2>&1 | tail -15 | tee $OUT/pytest_gpu.txt
     timeout 100 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --decode --dtype bf16 --markdown $OUT/verify_nsa_decode.md 2>&1 | grep -v -i warn | tail -3 | tee $OUT/verify_nsa.txt
     timeout 150 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --dtype bf16 --markdown $OUT/verify_nsa_bwd.md 2>&1 | grep -v -i warn | tail -3 | tee -a $OUT/verify_nsa.txt
     timeout 100 python3 experiments/nsa_decode_gpu.py --kernels --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee $OUT/nsa_decode.txt
     timeout 100 python3 experiments/gated_decode_gpu.py --kernels --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -3 | tee $OUT/gated.txt
-    timeout $((DEADLINE - SECONDS)) python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --json $OUT/nsa_64k.json 2>&1 | grep -v -i warn | tail -6 | tee $OUT/nsa_64k.txt
+    left=$((DEADLINE - SECONDS))  # (timeout 0 would mean no limit)
+    [ "$left" -gt 30 ] && timeout "$left" python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --json $OUT/nsa_64k.json 2>&1 | grep -v -i warn | tail -6 | tee $OUT/nsa_64k.txt
     continue
   fi
   if [ "$group" = bench-decode ]; then  # causal, the issue's cases (attngen/bench_decode.py), CUDA-graph replays

@@ -728,8 +728,9 @@ def test_union_lists_hold_each_tiles_blocks_once(tmp_path):
 @pytest.mark.parametrize("name", ["nsa", "nsa_linear"])
 @pytest.mark.parametrize("G", [1, 4, 16])
 def test_selected_forward_over_token_tiles_on_gpu(name, G):
-    """The shipped specs' selected forward in bf16 (d128; d192 padded to 256 over 8 warps), the
-    automatic tokens per program against one token per program and the float64 reference."""
+    """The shipped specs' selected forward in bf16 (d128; d192 padded to 256 over 8 warps): query-major
+    with the automatic tokens per program and with one token per program, and key-major (the
+    default below G 4), each against the float64 reference."""
     from attngen.resources import resolve_spec
 
     rt = attngen.load(resolve_spec(name)).RUNTIME
@@ -740,15 +741,18 @@ def test_selected_forward_over_token_tiles_on_gpu(name, G):
     n_blocks = -(-N // rt.l_sel)
     scores = torch.rand(B, Hkv, N, n_blocks, generator=g, device="cuda")
     indices = rt._top_blocks(scores, torch.arange(N, device="cuda"))
-    o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
-    rt.tokens_per_program = 1
     try:
+        rt.loop_order = "query"
+        o, lse = rt.selected_forward(q, k, v, indices, rt.scale)
+        rt.tokens_per_program = 1
         o1, lse1 = rt.selected_forward(q, k, v, indices, rt.scale)
+        rt.loop_order, rt.tokens_per_program = "key", None
+        ok, lsek = rt.selected_forward(q, k, v, indices, rt.scale)
     finally:
-        rt.tokens_per_program = None
+        rt.tokens_per_program = rt.loop_order = None
     want_o, want_lse = _selected_reference(q, k, v, indices, rt.l_sel, rt.scale)
-    assert (o.double() - want_o).abs().max() < 2e-2 and (o.float() - o1.float()).abs().max() < 2e-2
-    assert (lse.double() - want_lse).abs().max() < 1e-2 and (lse - lse1).abs().max() < 1e-2
+    for got_o, got_lse in ((o, lse), (o1, lse1), (ok, lsek)):
+        assert (got_o.double() - want_o).abs().max() < 2e-2 and (got_lse.double() - want_lse).abs().max() < 1e-2
 
 
 @pytest.mark.interp

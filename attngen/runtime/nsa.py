@@ -111,7 +111,8 @@ class NSAModule:
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
-        # the selected branch's loop order: None picks it (loop_order(); dQ query-major), "query" or "key"
+        # the selected branch's loop order: None picks it (loop_order(); dQ query-major), "query" or "key";
+        # key-major's float32 partial rows take up to partial_bytes (1 GiB) a chunk of tokens
         self.loop_order = None
         # key-major's float32 partial rows (B Hq tokens n width) are made at most this many bytes at a
         # time, the tokens in chunks
@@ -698,7 +699,7 @@ class NSAModule:
     def selected_backward(self, q, k, v, indices, o, lse, do, scale: float):
         """dq, dk, dv: dK and dV key-major over the lists of each block's choices (entry_lists()), in
         work items of at most backward_steps steps of a block's tokens whose partial sums a second
-        kernel adds in order (deterministic, no atomics); dQ query-major, or where the forward is key-major
+        kernel adds in order (deterministic, no atomics); dQ query-major, or with loop_order = "key"
         (selected_order(dq=True)) from the same work items, a partial row per choice that a last kernel
         adds, the tokens in chunks (_token_chunks(); dK and dV then add up in float32 over them)."""
         steps = 64 if self.backward_steps is None else self.backward_steps
