@@ -293,7 +293,7 @@ def test_splits_share_the_queries_document(monkeypatch):
     assert runs[5].shape[-1] == 5 and torch.isfinite(runs[5][0]).all()
 
 
-@pytest.mark.compiler
+@pytest.mark.interp
 @pytest.mark.parametrize("per_head", [True, False])
 def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
     """decode_gate.visible_blocks against a loop over the packed rows: per (sequence, KV head), the
@@ -319,6 +319,24 @@ def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
                                      t // bq - (0 if row0 is None else int(row0[b])), kb]})
             row = got[b * Hkv + hk].tolist()
             assert row[0] == len(want) and row[1:1 + len(want)] == want and set(row[1 + len(want):]) == {n_kb}
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("Nq, dtype", [(1, torch.int32), (3, torch.int64), (20, torch.int32)])
+def test_document_span_against_a_loop(Nq, dtype):
+    """decode_gate.document_span (one kernel) against a loop over the positions: ids unsorted and
+    repeated, a query id absent from the cache, lengths 0, 1, one inside a chunk of the kernel and
+    the capacity, Nq 1 to 20 (query ids padded to 32)."""
+    g = torch.Generator().manual_seed(Nq)
+    B, S = 5, 5000
+    kv_ids = torch.randint(0, 6, (B, S + 7), generator=g).to(dtype)  # wider than the capacity
+    q_ids = torch.randint(0, 7, (B, Nq), generator=g).to(dtype)  # 6: in no position
+    q_ids[4] = 6
+    lengths = torch.tensor([0, 1, 1234, S, S], dtype=torch.int32)
+    got = decode_gate.document_span(q_ids, kv_ids[:, :S], lengths)
+    for b, L in enumerate(lengths.tolist()):
+        hits = [p for p in range(L) if int(kv_ids[b, p]) in set(q_ids[b].tolist())]
+        assert got[b].tolist() == ([hits[0], hits[-1] + 1] if hits else [S, 0]), b
 
 
 @pytest.mark.interp

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from .tiles import Documents, _ids, check_ids
 
@@ -60,15 +62,36 @@ NO_GATE = Gate()
 def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
     """int32 [B, 2]: the first and one past the last of each sequence's positions p < L whose id is
     one of its queries' (lo > hi where none is): no visible key lies outside, so the decode kernel
-    walks only the tiles between. On the device, no host read (CUDA graphs)."""
-    S = kv_ids.shape[1]
-    ids = q_ids.sort(1).values  # [B, Nq]: is kv_ids[b, p] among them? by a binary search
-    at = torch.searchsorted(ids, kv_ids).clamp_(max=ids.shape[1] - 1)
-    pos = torch.arange(S, device=kv_ids.device)
-    hit = (ids.gather(1, at) == kv_ids) & (pos[None, :] < seqlens[:, None])
-    lo = torch.where(hit, pos, S).amin(1)
-    hi = torch.where(hit, pos + 1, 0).amax(1)
-    return torch.stack((lo, hi), 1).to(torch.int32)
+    walks only the tiles between. One kernel launch (a program per sequence; about 15 torch ops
+    cost a CUDA-graph step tens of us, BENCHMARKS.md "Gated decoding"), no host read."""
+    B, S = kv_ids.shape
+    out = torch.empty(B, 2, dtype=torch.int32, device=kv_ids.device)
+    if B:
+        n_q = q_ids.shape[1]
+        nq_pad = max(2, triton.next_power_of_2(n_q))
+        _document_span[(B,)](q_ids, kv_ids, seqlens, out, q_ids.stride(0), q_ids.stride(1), kv_ids.stride(0),
+                             kv_ids.stride(1), n_q, S, NQ_PAD=nq_pad, BLOCK=max(16, 4096 // nq_pad))
+    return out
+
+
+@triton.jit
+def _document_span(QIDS, KVIDS, SEQLENS, OUT, stride_qb, stride_qj, stride_kb, stride_kp, n_q, S,
+                   NQ_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (sequence): document_span's row, BLOCK positions at a time against its n_q query ids.
+    b = tl.program_id(0)
+    L = tl.minimum(tl.load(SEQLENS + b), S)
+    j = tl.arange(0, NQ_PAD)
+    qid = tl.load(QIDS + b.to(tl.int64) * stride_qb + j * stride_qj, mask=j < n_q, other=0)
+    lo = S + 0 * L
+    hi = 0 * L
+    for p0 in range(0, L, BLOCK):
+        p = p0 + tl.arange(0, BLOCK)
+        ids = tl.load(KVIDS + b.to(tl.int64) * stride_kb + p.to(tl.int64) * stride_kp, mask=p < L, other=0)
+        hit = (tl.sum(((ids[:, None] == qid[None, :]) & (j < n_q)[None, :]).to(tl.int32), 1) > 0) & (p < L)
+        lo = tl.minimum(lo, tl.min(tl.where(hit, p, S), 0))
+        hi = tl.maximum(hi, tl.max(tl.where(hit, p + 1, 0), 0))
+    tl.store(OUT + b * 2, lo)
+    tl.store(OUT + b * 2 + 1, hi)
 
 
 def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple[int, int], seqlens: torch.Tensor,
@@ -77,26 +100,51 @@ def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple
     some packed row sees (a query head of the group, at one of the last Nq positions), then those
     blocks ascending, then padding (the key-block count: past every key). The decode kernel walks
     the tiles of those that meet its keys' bounds (the length, the mask's, the documents'), and its
-    gate keeps each row to its own bits. On the device, no host read (CUDA graphs)."""
-    bq = block[0]
+    gate keeps each row to its own bits. One kernel launch (a program per sequence and KV head: the
+    layout's rows at the queries' positions, at most (Nq - 1) // bq + 2, OR-ed over the group's
+    heads and compacted; about 25 torch ops cost a CUDA-graph step tens of us), no host read."""
     B = seqlens.shape[0]
-    _, Hl, R, n_kb = layout.shape
-    dev = seqlens.device
-    lengths = seqlens.long()
-    # the Nq queries' layout rows: a run of at most (Nq - 1) // bq + 2 from the first query's
-    base = 0 if row0 is None else row0.long()
-    first, last = (lengths - Nq).clamp(min=0) // bq - base, (lengths - 1).clamp(min=0) // bq - base
-    rows = first[:, None] + torch.arange((Nq - 1) // bq + 2, device=dev)  # [B, runs]
-    live = rows <= last[:, None]
-    idx = rows.clamp(0, R - 1)[:, None, :, None].expand(B, Hl, rows.shape[1], n_kb)
-    seen = (torch.gather(layout.expand(B, Hl, R, n_kb), 2, idx) != 0) & live[:, None, :, None]
-    seen = seen.any(2)  # [B, Hl, n_kb]: some query of the head sees the block
-    seen = seen.expand(B, Hkv, n_kb) if Hl == 1 else seen.view(B, Hkv, Hl // Hkv, n_kb).any(2)
-    kb = torch.arange(n_kb, device=dev)
-    out = torch.full((B * Hkv, 2 + n_kb), n_kb, dtype=torch.int32, device=dev)
-    out[:, 0] = seen.sum(-1).view(-1)
-    out[:, 1:-1] = torch.sort(torch.where(seen, kb, n_kb), -1).values.view(B * Hkv, n_kb)
+    Bl, Hl, R, n_kb = layout.shape
+    out = torch.empty(B * Hkv, 2 + n_kb, dtype=torch.int32, device=seqlens.device)
+    if B * Hkv:
+        strides = [0 if layout.shape[i] == 1 else layout.stride(i) for i in range(4)]
+        _visible_blocks[(B * Hkv,)](layout, seqlens if row0 is None else row0, seqlens, out, *strides, R, n_kb, Nq,
+                                    1 if Hl == 1 else Hl // Hkv, Hkv, BQ=block[0], RUNS=(Nq - 1) // block[0] + 2,
+                                    HAS_ROW0=row0 is not None, BLOCK_K=min(1024, max(16, triton.next_power_of_2(n_kb))))
     return out
+
+
+@triton.jit
+def _visible_blocks(LAYOUT, ROW0, SEQLENS, OUT, stride_lb, stride_lh, stride_lr, stride_lc, n_rows, n_kb, n_q,
+                    heads, HKV, BQ: tl.constexpr, RUNS: tl.constexpr, HAS_ROW0: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program (sequence x KV head): visible_blocks' row, BLOCK_K key blocks at a time: the bits of
+    # the layout rows of its queries' positions (first .. last, from row0) and of the group's
+    # `heads` layout heads OR-ed, the seen blocks stored at their running count, then the padding.
+    b = tl.program_id(0) // HKV
+    hk = tl.program_id(0) % HKV
+    L = tl.load(SEQLENS + b)
+    base = tl.load(ROW0 + b) if HAS_ROW0 else 0
+    first = tl.maximum(L - n_q, 0) // BQ - base
+    last = tl.maximum(L - 1, 0) // BQ - base
+    out = OUT + tl.program_id(0).to(tl.int64) * (n_kb + 2)
+    lay = LAYOUT + b.to(tl.int64) * stride_lb + (hk * heads).to(tl.int64) * stride_lh
+    count = 0 * L
+    for c0 in range(0, n_kb, BLOCK_K):
+        kb = c0 + tl.arange(0, BLOCK_K)
+        seen = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for run in tl.static_range(RUNS):
+            row = first + run
+            at = lay + tl.minimum(tl.maximum(row, 0), n_rows - 1).to(tl.int64) * stride_lr + kb * stride_lc
+            live = (kb < n_kb) & (kb * 0 + row <= last)  # (row <= last as a vector: the interpreter's mask)
+            for h in range(0, heads):  # the group's layout heads (one where the layout has one)
+                bits = tl.load(at + h * stride_lh, mask=live, other=0)
+                seen = seen | (bits != 0).to(tl.int32)
+        tl.store(out + 1 + count + tl.cumsum(seen, 0) - 1, kb, mask=seen != 0)
+        count += tl.sum(seen, 0)
+    tl.store(out, count)
+    for c0 in range(0, n_kb + 1, BLOCK_K):  # the padding: past every key
+        i = c0 + tl.arange(0, BLOCK_K)
+        tl.store(out + 1 + i, n_kb + 0 * i, mask=(i >= count) & (i <= n_kb))
 
 
 def _capturing() -> bool:
