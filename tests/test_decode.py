@@ -322,15 +322,17 @@ def test_visible_blocks_lists_what_some_packed_row_sees(per_head):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("Nq, dtype", [(1, torch.int32), (3, torch.int64), (20, torch.int32)])
+@pytest.mark.parametrize("Nq, dtype", [(1, torch.int32), (3, torch.int64), (20, torch.int32), (150, torch.int64)])
 def test_document_span_against_a_loop(Nq, dtype):
     """decode_gate.document_span (one kernel) against a loop over the positions: ids unsorted and
     repeated, a query id absent from the cache, lengths 0, 1, one inside a chunk of the kernel and
-    the capacity, Nq 1 to 20 (query ids padded to 32)."""
+    the capacity, Nq 1 to 150 (query ids compared 64 at a time: 3 chunks)."""
     g = torch.Generator().manual_seed(Nq)
     B, S = 5, 5000
     kv_ids = torch.randint(0, 6, (B, S + 7), generator=g).to(dtype)  # wider than the capacity
     q_ids = torch.randint(0, 7, (B, Nq), generator=g).to(dtype)  # 6: in no position
+    q_ids[3] = 6
+    q_ids[3, -1] = 2  # sequence 3's one present id in the last chunk
     q_ids[4] = 6
     lengths = torch.tensor([0, 1, 1234, S, S], dtype=torch.int32)
     got = decode_gate.document_span(q_ids, kv_ids[:, :S], lengths)

@@ -68,26 +68,30 @@ def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tens
     out = torch.empty(B, 2, dtype=torch.int32, device=kv_ids.device)
     if B:
         n_q = q_ids.shape[1]
-        nq_pad = max(2, triton.next_power_of_2(n_q))
-        _document_span[(B,)](q_ids, kv_ids, seqlens, out, q_ids.stride(0), q_ids.stride(1), kv_ids.stride(0),
-                             kv_ids.stride(1), n_q, S, NQ_PAD=nq_pad, BLOCK=max(16, 4096 // nq_pad))
+        chunk = max(2, min(64, triton.next_power_of_2(n_q)))  # query ids compared at a time
+        _document_span[(B,)](q_ids, kv_ids, seqlens.contiguous(), out, q_ids.stride(0), q_ids.stride(1),
+                             kv_ids.stride(0), kv_ids.stride(1), n_q, S, NQ_CHUNK=chunk, BLOCK=4096 // chunk)
     return out
 
 
 @triton.jit
 def _document_span(QIDS, KVIDS, SEQLENS, OUT, stride_qb, stride_qj, stride_kb, stride_kp, n_q, S,
-                   NQ_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    # Program (sequence): document_span's row, BLOCK positions at a time against its n_q query ids.
+                   NQ_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (sequence): document_span's row, BLOCK positions at a time against its n_q query ids,
+    # NQ_CHUNK of them at a time.
     b = tl.program_id(0)
     L = tl.minimum(tl.load(SEQLENS + b), S)
-    j = tl.arange(0, NQ_PAD)
-    qid = tl.load(QIDS + b.to(tl.int64) * stride_qb + j * stride_qj, mask=j < n_q, other=0)
     lo = S + 0 * L
     hi = 0 * L
     for p0 in range(0, L, BLOCK):
         p = p0 + tl.arange(0, BLOCK)
         ids = tl.load(KVIDS + b.to(tl.int64) * stride_kb + p.to(tl.int64) * stride_kp, mask=p < L, other=0)
-        hit = (tl.sum(((ids[:, None] == qid[None, :]) & (j < n_q)[None, :]).to(tl.int32), 1) > 0) & (p < L)
+        found = tl.zeros([BLOCK], dtype=tl.int32)
+        for j0 in range(0, n_q, NQ_CHUNK):
+            j = j0 + tl.arange(0, NQ_CHUNK)
+            qid = tl.load(QIDS + b.to(tl.int64) * stride_qb + j.to(tl.int64) * stride_qj, mask=j < n_q, other=0)
+            found = found | tl.max(((ids[:, None] == qid[None, :]) & (j < n_q)[None, :]).to(tl.int32), 1)
+        hit = (found != 0) & (p < L)
         lo = tl.minimum(lo, tl.min(tl.where(hit, p, S), 0))
         hi = tl.maximum(hi, tl.max(tl.where(hit, p + 1, 0), 0))
     tl.store(OUT + b * 2, lo)
@@ -108,15 +112,16 @@ def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple
     out = torch.empty(B * Hkv, 2 + n_kb, dtype=torch.int32, device=seqlens.device)
     if B * Hkv:
         strides = [0 if layout.shape[i] == 1 else layout.stride(i) for i in range(4)]
-        _visible_blocks[(B * Hkv,)](layout, seqlens if row0 is None else row0, seqlens, out, *strides, R, n_kb, Nq,
-                                    1 if Hl == 1 else Hl // Hkv, Hkv, BQ=block[0], RUNS=(Nq - 1) // block[0] + 2,
-                                    HAS_ROW0=row0 is not None, BLOCK_K=min(1024, max(16, triton.next_power_of_2(n_kb))))
+        seqlens = seqlens.contiguous()
+        _visible_blocks[(B * Hkv,)](layout, seqlens if row0 is None else row0.contiguous(), seqlens, out, *strides, R,
+                                    n_kb, Nq, 1 if Hl == 1 else Hl // Hkv, Hkv, BQ=block[0], HAS_ROW0=row0 is not None,
+                                    BLOCK_K=min(1024, max(16, triton.next_power_of_2(n_kb))))
     return out
 
 
 @triton.jit
 def _visible_blocks(LAYOUT, ROW0, SEQLENS, OUT, stride_lb, stride_lh, stride_lr, stride_lc, n_rows, n_kb, n_q,
-                    heads, HKV, BQ: tl.constexpr, RUNS: tl.constexpr, HAS_ROW0: tl.constexpr, BLOCK_K: tl.constexpr):
+                    heads, HKV, BQ: tl.constexpr, HAS_ROW0: tl.constexpr, BLOCK_K: tl.constexpr):
     # Program (sequence x KV head): visible_blocks' row, BLOCK_K key blocks at a time: the bits of
     # the layout rows of its queries' positions (first .. last, from row0) and of the group's
     # `heads` layout heads OR-ed, the seen blocks stored at their running count, then the padding.
@@ -132,13 +137,12 @@ def _visible_blocks(LAYOUT, ROW0, SEQLENS, OUT, stride_lb, stride_lh, stride_lr,
     for c0 in range(0, n_kb, BLOCK_K):
         kb = c0 + tl.arange(0, BLOCK_K)
         seen = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for run in tl.static_range(RUNS):
-            row = first + run
-            at = lay + tl.minimum(tl.maximum(row, 0), n_rows - 1).to(tl.int64) * stride_lr + kb * stride_lc
-            live = (kb < n_kb) & (kb * 0 + row <= last)  # (row <= last as a vector: the interpreter's mask)
+        for row in range(first, last + 1):  # a row before the layout's first reads its first
+            at = lay + tl.minimum(tl.maximum(row, 0), n_rows - 1).to(tl.int64) * stride_lr + kb.to(tl.int64) * stride_lc
             for h in range(0, heads):  # the group's layout heads (one where the layout has one)
-                bits = tl.load(at + h * stride_lh, mask=live, other=0)
+                bits = tl.load(at, mask=kb < n_kb, other=0)
                 seen = seen | (bits != 0).to(tl.int32)
+                at += stride_lh  # (a pointer step: 64-bit, where h * stride_lh could wrap)
         tl.store(out + 1 + count + tl.cumsum(seen, 0) - 1, kb, mask=seen != 0)
         count += tl.sum(seen, 0)
     tl.store(out, count)
