@@ -108,7 +108,7 @@ def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple
     layout's rows at the queries' positions, at most (Nq - 1) // bq + 2, OR-ed over the group's
     heads and compacted; about 25 torch ops cost a CUDA-graph step tens of us), no host read."""
     B = seqlens.shape[0]
-    Bl, Hl, R, n_kb = layout.shape
+    _, Hl, R, n_kb = layout.shape
     out = torch.empty(B * Hkv, 2 + n_kb, dtype=torch.int32, device=seqlens.device)
     if B * Hkv:
         strides = [0 if layout.shape[i] == 1 else layout.stride(i) for i in range(4)]
