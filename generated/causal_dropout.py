@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _page_numbers, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _tile_pages, _wide
+from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _packed_rows, _page_numbers, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _tile_pages, _wide
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'causal_dropout',
@@ -507,12 +507,7 @@ def _attn_decode(Q, K, V, O, LSE, O_FINAL, LSE_FINAL, LOCKS, HP, PAGES, SEQLENS,
                  FAST_TANH: tl.constexpr, PDL: tl.constexpr):
     _launch_dependents(PDL)  # the split merge's programs may start now and wait for this kernel's end
     split = tl.program_id(0)
-    off_b = tl.program_id(1) // HKV
-    off_hk = tl.program_id(1) % HKV
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # (query head in the group, query) pairs
-    row_ok = rows < GROUP * n_q
-    t = rows % n_q
-    off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+    off_b, off_hk, row_ok, t, off_h = _packed_rows(HKV, GROUP, n_q, BLOCK_M)
     Nk = tl.load(SEQLENS + off_b)
     Nq = Nk  # the square problem whose last n_q rows these queries are
     first = Nk - n_q

@@ -8,6 +8,8 @@ every argument)."""
 import triton
 import triton.language as tl
 
+from attngen.runtime.tl_lib import _packed_rows
+
 SPEC = {'name': 'nsa',
        'description': 'Native Sparse Attention (DeepSeek, arXiv 2502.11089), mean compression of 32-key '
                       'windows every 16, the top 16 blocks of 64, a 512-key window; gates per call',
@@ -504,12 +506,7 @@ def _nsa_decode_cmp(Q, KC, VC, SEQLENS, O_PART, M_PART, L_PART, SB_PART,
     # (L_PART), and SB_PART [.., splits, NB_SPLIT]: sum_j 2^(s_j - m) |[j d, j d + l) n block| / d
     # over the NB_SPLIT blocks from the split's first, b0 = split * split_len * d // l'.
     split = tl.program_id(0)
-    off_b = tl.program_id(1) // HKV
-    off_hk = tl.program_id(1) % HKV
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * n_q
-    t = rows % n_q
-    off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+    off_b, off_hk, row_ok, t, off_h = _packed_rows(HKV, GROUP, n_q, BLOCK_M)
     L = tl.load(SEQLENS + off_b)
     pos = L - n_q + t
     nv = tl.where(pos >= CMP_BLOCK - 1, (pos - (CMP_BLOCK - 1)) // CMP_STRIDE + 1, 0)
@@ -631,8 +628,8 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
     # the sequence's last n_q positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE + 1),
     # each the mean of its CMP_BLOCK rows of CACHE, or with LINEAR their rows flattened times W [HKV,
     # CMP_BLOCK * E, EO], BLOCK_F of the flattened window at a time (a [BLOCK_F, BLOCK_EO] tile of W;
-    # with a whole [E, EO] tile per window row on B x HKV programs, the likely cause of a d192 step
-    # 10x the mean's, BENCHMARKS.md); written into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E]
+    # a whole [E, EO] tile per window row on B x HKV programs: docs/decisions/nsa-plan.md); written
+    # into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E]
     # (PAGE_SIZE 0) or paged [pages, PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides
     # as a page, a head, a slot).
     off_b = tl.program_id(0) // HKV
@@ -723,12 +720,7 @@ def _nsa_decode_attend(Q, K, V, IDX, UNION, PAGES, SEQLENS, O_PART, M_PART, L_PA
     # [.., splits, 2] for _nsa_decode_merge. K and V are caches [B, HKV, S, *], or paged [pages,
     # PAGE_SIZE, HKV, *] through PAGES.
     split = tl.program_id(0)
-    off_b = tl.program_id(1) // HKV
-    off_hk = tl.program_id(1) % HKV
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < GROUP * n_q
-    t = rows % n_q
-    off_h = tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+    off_b, off_hk, row_ok, t, off_h = _packed_rows(HKV, GROUP, n_q, BLOCK_M)
     L = tl.load(SEQLENS + off_b)
     pos = L - n_q + t
     IDX += off_b.to(tl.int64) * stride_ib + off_hk.to(tl.int64) * stride_ih

@@ -62,8 +62,8 @@ NO_GATE = Gate()
 def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
     """int32 [B, 2]: the first and one past the last of each sequence's positions p < L whose id is
     one of its queries' (lo > hi where none is): no visible key lies outside, so the decode kernel
-    walks only the tiles between. One kernel launch (a program per sequence; about 15 torch ops
-    cost a CUDA-graph step tens of us, BENCHMARKS.md "Gated decoding"), no host read."""
+    walks only the tiles between. One kernel launch, a program per sequence (a launch per torch op
+    was the likely cost of gated steps: docs/decisions/decode-plan.md), no host read."""
     B, S = kv_ids.shape
     out = torch.empty(B, 2, dtype=torch.int32, device=kv_ids.device)
     if B:
@@ -104,9 +104,9 @@ def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple
     some packed row sees (a query head of the group, at one of the last Nq positions), then those
     blocks ascending, then padding (the key-block count: past every key). The decode kernel walks
     the tiles of those that meet its keys' bounds (the length, the mask's, the documents'), and its
-    gate keeps each row to its own bits. One kernel launch (a program per sequence and KV head: the
+    gate keeps each row to its own bits. One kernel launch, a program per sequence and KV head (the
     layout's rows at the queries' positions, at most (Nq - 1) // bq + 2, OR-ed over the group's
-    heads and compacted; about 25 torch ops cost a CUDA-graph step tens of us), no host read."""
+    heads and compacted), as document_span; no host read."""
     B = seqlens.shape[0]
     _, Hl, R, n_kb = layout.shape
     out = torch.empty(B * Hkv, 2 + n_kb, dtype=torch.int32, device=seqlens.device)

@@ -772,12 +772,11 @@ _TOP_BLOCKS_MAX = 16384  # the widest row of scores _nsa_top_blocks holds (1M to
 
 def loop_order(G: int) -> str:
     """The selected forward's default loop order for groups of G query heads: key-major below 4,
-    query-major from 4, as timed (H100, bf16, d128, 32k tokens; docs/decisions/nsa-plan.md).
+    query-major from 4, as measured (docs/decisions/nsa-plan.md, "Key-major for small groups").
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
     2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n
-    Dv; made a chunk of tokens at a time, at most NSAModule.partial_bytes each): 1.7x faster at G 1
-    (2.6x at 64k), 1.5x at G 2, a tie at G 4, 2.7x slower at G 16."""
+    Dv; made a chunk of tokens at a time, at most NSAModule.partial_bytes each)."""
     return "key" if G < 4 else "query"
 
 

@@ -20,6 +20,17 @@ except ImportError:  # a Triton without the NVIDIA backend: programmatic depende
 
 
 @triton.jit
+def _packed_rows(HKV, GROUP, n_q, BLOCK_M: tl.constexpr):
+    # A decode program's rows (grid axis 1: batch x KV head; axis 2: tiles of BLOCK_M packed rows,
+    # each a (query head in the group, query) pair): (off_b, off_hk, row_ok, t the query, off_h).
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < GROUP * n_q
+    return off_b, off_hk, row_ok, rows % n_q, tl.where(row_ok, off_hk * GROUP + rows // n_q, 0)
+
+
+@triton.jit
 def _mod(a, c):
     # Python modulo for a positive constant c, whatever the sign of a (Triton's % is C's).
     return ((a % c) + c) % c
