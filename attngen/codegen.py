@@ -40,7 +40,7 @@ RANGE_NAMES = {"m_first": "first", "m_last": "last"}
 # The training kernels evaluate the mask at positions: a call may compute a window of a larger
 # problem (context parallelism: a shard's rows against another's keys; docs/distributed.md).
 POSITION_NAMES = {"m_first": "first_pos", "m_last": "last_pos", "Nq": "Nq_all", "Nk": "Nk_all"}
-RUNTIME_HELPERS = ("_floordiv", "_keep", "_launch_dependents", "_lse2", "_merge_splits", "_mod", "_packed_rows", "_page_numbers", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile", "_tile_at", "_tile_pages",
+RUNTIME_HELPERS = ("_floordiv", "_keep", "_launch_dependents", "_listed_at", "_listed_tile", "_lse2", "_merge_splits", "_mod", "_packed_rows", "_page_numbers", "_same_document", "_sequence", "_store_tile", "_tanh", "_tile", "_tile_at", "_tile_pages",
                    "_wide")
 
 

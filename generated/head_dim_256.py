@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _packed_rows, _page_numbers, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _tile_pages, _wide
+from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _listed_at, _listed_tile, _lse2, _merge_splits, _mod, _packed_rows, _page_numbers, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _tile_pages, _wide
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'head_dim_256',

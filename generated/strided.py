@@ -11,7 +11,7 @@ differentiable; for decoding, attention_with_kvcache(q, k_cache, v_cache, *, cac
 """
 import triton
 import triton.language as tl
-from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _lse2, _merge_splits, _mod, _packed_rows, _page_numbers, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _tile_pages, _wide
+from attngen.runtime.tl_lib import _floordiv, _keep, _launch_dependents, _listed_at, _listed_tile, _lse2, _merge_splits, _mod, _packed_rows, _page_numbers, _same_document, _sequence, _store_tile, _tanh, _tile, _tile_at, _tile_pages, _wide
 from attngen.runtime.host_math import host_floordiv, host_max, host_min, host_mod  # noqa: F401
 
 SPEC = {'name': 'strided',
@@ -491,25 +491,6 @@ def _decode_gate(QIDS, KVIDS, LAYOUT, off_b, off_h, offs_m, t, start_n, lo, end,
                    + start_n // LAYOUT_BK * stride_yc, mask=rows, other=0)
     gate = gate & (bits != 0)[:, None]
     return gate
-@triton.jit
-def _listed_tile(row_blocks, j, LAYOUT_BK: tl.constexpr, BLOCK_N: tl.constexpr):
-    # The first key of the j-th tile of a row of visible_blocks (after its count; a block holds
-    # LAYOUT_BK // BLOCK_N tiles). j may be one past the last tile: the padding, past every key.
-    return tl.load(row_blocks + 1 + j // (LAYOUT_BK // BLOCK_N)) * LAYOUT_BK + j % (LAYOUT_BK // BLOCK_N) * BLOCK_N
-
-
-@triton.jit
-def _listed_at(row_blocks, n, block):
-    # The index of the first of a visible_blocks row's n blocks (ascending) that is at least `block`
-    # (n where none is), by binary search.
-    lo = n * 0
-    hi = n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        below = tl.load(row_blocks + 1 + mid) < block
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(below, hi, mid)
-    return lo
 @triton.jit
 def _decode_tile(acc, l_i, m_i, q, K, V, PAGES, pages, off_b, start_n, lo, end, offs_m, row_ok, Nq, Nk, qk_scale,
                  stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, stride_pb,

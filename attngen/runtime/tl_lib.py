@@ -31,6 +31,28 @@ def _packed_rows(HKV, GROUP, n_q, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _listed_tile(row_blocks, j, LAYOUT_BK: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The first key of the j-th tile of a row of decode_gate.visible_blocks' (after its count; a
+    # block holds LAYOUT_BK // BLOCK_N tiles). j may be one past the last tile: the padding, past
+    # every key.
+    return tl.load(row_blocks + 1 + j // (LAYOUT_BK // BLOCK_N)) * LAYOUT_BK + j % (LAYOUT_BK // BLOCK_N) * BLOCK_N
+
+
+@triton.jit
+def _listed_at(row_blocks, n, block):
+    # The index of the first of a decode_gate.visible_blocks row's n blocks (ascending) that is at
+    # least `block` (n where none is), by binary search.
+    lo = n * 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(row_blocks + 1 + mid) < block
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
 def _mod(a, c):
     # Python modulo for a positive constant c, whatever the sign of a (Triton's % is C's).
     return ((a % c) + c) % c
