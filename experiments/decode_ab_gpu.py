@@ -1,4 +1,4 @@
-"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; written 2026-12-06 and not yet run there, no GPU being lent; results: data/decode_ab_<date>_<gpu>.json).
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; H100 on 2026-12-07: data/decode_ab_2026-12-07_h100_cb34305.json, docs/decisions/decode-plan.md).
 
 Decoding, the current causal module beside a baseline module file (an earlier commit's
 `attngen generate specs/causal.yaml --standalone`, which carries its own runtime) in one process:
@@ -26,7 +26,7 @@ from attngen.runtime import decode as dec
 from attngen.verify import paged
 
 CASES = "1x2048,1x8192,1x32768,8x2048,1x131072p16,1x131072p64,32x8192p16,8x32768p16,1x32768p16"
-VARIANTS = "pdl:pdl=1;ahead:pages_ahead=1;s4:stages=4;ahead_s4:pages_ahead=1:stages=4;pdl_ahead:pdl=1:pages_ahead=1"
+VARIANTS = "same_step:pages_ahead=0;pdl:pdl=1;s4:stages=4;same_step_s4:pages_ahead=0:stages=4"
 
 
 def _baseline(path: str):

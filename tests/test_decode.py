@@ -498,7 +498,7 @@ def test_strided_lengths_and_block_table_give_the_contiguous_bits():
 @pytest.mark.parametrize("name", ["causal", "sliding_window", "document", "block_sparse"])
 @pytest.mark.parametrize("page_size", [16, 48, 64])
 def test_page_numbers_loaded_a_step_ahead_give_the_same_bits(name, page_size):
-    """plan.pages_ahead (off by default until timed): page numbers (one per key for pages smaller
+    """plan.pages_ahead (the default, measured faster): page numbers (one per key for pages smaller
     than a key tile, one per step for larger ones) loaded one step before the K/V loads they
     address, carried across the masked, full and masked loops (one loop for a gated spec); the same
     bits as loading them in the step, with splits whose bounds fall inside a tile and sequences of

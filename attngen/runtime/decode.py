@@ -37,10 +37,10 @@ class DecodePlan:
     # slower, docs/decisions/decode-plan.md)
     fused: bool = False
     # the merge kernel launched as a programmatic dependent of the splits' (sm90+ GPUs), its launch
-    # overlapping theirs; paged caches: page numbers loaded a step ahead of the K/V loads they
-    # address. Both off until timed (docs/decisions/decode-plan.md).
+    # overlapping theirs: measured no faster, off; paged caches: page numbers loaded a step ahead of
+    # the K/V loads they address: measured faster, on (docs/decisions/decode-plan.md)
     pdl: bool = False
-    pages_ahead: bool = False
+    pages_ahead: bool = True
 
     def describe(self, layout: bool = False, documents: bool = False) -> str:
         """One line; `layout` / `documents`: the spec gates keys by a block layout / document ids."""
@@ -76,7 +76,7 @@ def num_splits(tiles: int, key_blocks: int, sms: int, max_splits: int = MAX_SPLI
 def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: int, sms: int,
                 splits: int | None = None, block_n: int | None = None, stages: int = 3, block_m: int | None = None,
                 warps: int | None = None, key_block: int | None = None, fused: bool = False,
-                pdl: bool = False, pages_ahead: bool = False, span: int | None = None) -> DecodePlan:
+                pdl: bool = False, pages_ahead: bool = True, span: int | None = None) -> DecodePlan:
     """The tiles and splits of a decode call: `rows` = group size x Nq packed rows per KV head,
     `max_keys` the cache's capacity (a static bound: no host read of the lengths); a key tile lies
     within one block of `key_block` keys (a block layout's), when given; `span`: the most keys a
