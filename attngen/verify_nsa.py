@@ -177,13 +177,13 @@ def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, se
     cmp_cache = rt.compressed_cache(*caches, before, weights, block_table=table)
     q, k_new, v_new = mk(B, case.heads_q, Nq, D), mk(B, case.heads_kv, Nq, D), mk(B, case.heads_kv, Nq, Dv)
     gates = torch.rand(B, case.heads_q, Nq, 3, generator=g, device=device).to(tdt)
-    rt.fused_decode = case.fused
+    saved, rt.fused_decode = rt.fused_decode, case.fused
     try:
         o, indices = module.attention_with_kvcache(q, *caches, cache_seqlens=before, gates=gates, cmp_cache=cmp_cache,
                                                    k=k_new, v=v_new, compress_weights=weights, return_indices=True,
                                                    block_table=table)
     finally:
-        rt.fused_decode = False
+        rt.fused_decode = saved
     if case.page:  # the reference reads the appended rows back in sequence order
         from .runtime.nsa import _rows
 

@@ -4,7 +4,7 @@ Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1
 cache's update, the compressed branch and the selection in torch, the selected branch's kernel,
 the window branch's decode kernel, the gates' mix) against torch SDPA's backends over the whole
 dense cache (enable_gqa; one query sees every key, so no mask) and our dense causal decode (d128),
-in one process; the NSA step also with `fused_decode` (the step in six kernels, opt-in) and under
+in one process; the NSA step also with `fused_decode` (the step in six kernels, the default) and under
 torch.compile(fullgraph=True), whose Inductor fuses the torch ops between the kernels. bf16, Hq 64,
 Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
 A case BxCONTEXTx4 decodes 4 queries a step (speculative decoding: the fused step's selected items
@@ -68,20 +68,20 @@ def main() -> None:
             cmp = nsa.compressed_cache(k, v, lengths, compress_weights=weights)
             step = lambda: nsa.attention_with_kvcache(q, k, v, cache_seqlens=lengths, gates=gates,  # noqa: E731
                                                       cmp_cache=cmp, compress_weights=weights)
-            out = step()
-            assert torch.isfinite(out.float()).all(), case
-            row["nsa"] = _time(step) * 1e3
-            nsa.fused_decode = True  # the step in six kernels (opt-in)
+            nsa.fused_decode = False  # the torch path
             try:
-                fused = step()
-                row["nsa fused_decode vs torch max diff"] = (fused.float() - out.float()).abs().max().item()
-                row["nsa fused_decode"] = _time(step) * 1e3
-                if args.kernels:  # torch.profiler, outside a graph: where the fused step's time goes
-                    from attngen.tools.profile_step import kernel_times
-
-                    row["nsa fused_decode kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
+                out = step()
+                assert torch.isfinite(out.float()).all(), case
+                row["nsa"] = _time(step) * 1e3
             finally:
-                nsa.fused_decode = False
+                nsa.fused_decode = True  # the step in six kernels (the default)
+            fused = step()
+            row["nsa fused_decode vs torch max diff"] = (fused.float() - out.float()).abs().max().item()
+            row["nsa fused_decode"] = _time(step) * 1e3
+            if args.kernels:  # torch.profiler, outside a graph: where the fused step's time goes
+                from attngen.tools.profile_step import kernel_times
+
+                row["nsa fused_decode kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
             # the same step under torch.compile (Inductor fuses the torch ops between the kernels)
             mod = attngen.load(resolve_spec(name))
             compiled = torch.compile(lambda q, k, v, lengths, gates, kc, vc: mod.attention_with_kvcache(

@@ -88,17 +88,20 @@ def main() -> None:
                 row["stage compress+cmp"] = _ms(lambda: br["cmp"].attention(q, rt.compress(k, weights and weights[0]),
                                                                             rt.compress(v, weights and weights[1])))
                 row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
-                row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
-                # the top blocks by the _nsa_top_blocks kernel instead of torch's sort (opt-in until timed)
-                by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
-                rt.top_blocks_kernel = True
+                # the top blocks by torch's sort, then by the _nsa_top_blocks kernel (the default)
+                rt.top_blocks_kernel = False
+                try:
+                    row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                    by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
+                finally:
+                    rt.top_blocks_kernel = True
                 try:
                     row["stage select (fused scores, top-blocks kernel)"] = _ms(
                         lambda: rt.select_fused(q, kc, lse_c, rt.scale))
                     row["top-blocks kernel gives the sort's blocks"] = bool(
                         torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], by_sort))
                 finally:
-                    rt.top_blocks_kernel = False
+                    rt.top_blocks_kernel = True
                 row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
                 # tokens per program: the automatic choice (above) against one token (the old kernel's
                 # tiling) and a few others; the union lists' share and size at the automatic one

@@ -58,7 +58,7 @@ def main() -> None:
         weights = None
         if rt.kind == "linear":
             weights = tuple(mk(Hkv, rt.l * e, e) * (rt.l * e) ** -0.5 for e in (D, Dv))
-        row = {"spec": name, "Hq": Hq, "Hkv": Hkv, "N": N, "D": D, "Dv": Dv, "auto order": rt.selected_order(Hq // Hkv)}
+        row = {"spec": name, "Hq": Hq, "Hkv": Hkv, "N": N, "D": D, "Dv": Dv, "auto order": rt.selected_order(Hq // Hkv, N)}
         with torch.no_grad():
             kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
             _, lse_c = rt.branches()["cmp"].attention(q, kc, vc, return_lse=True)

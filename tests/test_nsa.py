@@ -45,12 +45,12 @@ def test_nsa_selection_is_the_references_exactly(tmp_path, kernel):
     q, k, v = torch.randn(1, 4, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g), \
         torch.randn(1, 2, 200, 16, generator=g)
     gates = torch.rand(1, 4, 200, 3, generator=g)
-    module.RUNTIME.top_blocks_kernel = kernel
+    saved, module.RUNTIME.top_blocks_kernel = module.RUNTIME.top_blocks_kernel, kernel
     try:
         with torch.no_grad():
             _, indices = module.attention(q, k, v, gates=gates, return_indices=True)
     finally:
-        module.RUNTIME.top_blocks_kernel = False
+        module.RUNTIME.top_blocks_kernel = saved
     ref = reference_nsa.nsa_attention(q, k, v, gates, compress_block=32, compress_stride=16, select_block=32,
                                       select_count=3, init_blocks=1, local_blocks=1, window=40, return_parts=True)
     assert torch.equal(indices, ref["indices"])
@@ -65,7 +65,7 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
     eligible blocks than count), fewer blocks than count, positions broadcast as decoding gives them."""
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
-    rt.count = count
+    rt.count, saved = count, rt.top_blocks_kernel
     g = torch.Generator().manual_seed(n_blocks)
     scores = torch.randint(0, 4, (2, 3, 50, n_blocks), generator=g).float() / 4
     scores[0, 0, :5] = 0.0
@@ -78,7 +78,7 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
             rt.top_blocks_kernel = True
             assert torch.equal(rt._top_blocks(s, t), want)
     finally:
-        rt.top_blocks_kernel = False
+        rt.top_blocks_kernel = saved
         rt.count = spec.nsa.select_count
 
 
@@ -89,7 +89,7 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
     (2, 3, 16, 3, 5, 3, 600),  # splits of 80 tokens of stride 3: they start inside a selection block
     (2, 1, 64, 2, 32, 16, 2100)])  # a split's windows touch 66 blocks: its sums need their full width
 def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c, splits, block, stride, S):
-    """NSA decoding's compressed branch and selection in two kernels (opt-in fused_decode) against the
+    """NSA decoding's compressed branch and selection in two kernels (fused_decode, the default) against the
     torch path and float64 scores: o_cmp within fp32 rounding, the block scores, and the same blocks
     but where scores tie (as the selection check allows); lengths 0, below one window (nothing
     compressed is visible), 192 (with Nq 3, a window ends at the last row: rows see different
@@ -266,12 +266,12 @@ def test_a_cache_shorter_than_one_window_decodes(tmp_path):
     q, gates = torch.randn(2, 2, 1, 32, generator=g), torch.rand(2, 2, 1, 3, generator=g)
     runs = []
     for fused in (False, True):
-        rt.fused_decode = fused
+        saved, rt.fused_decode = rt.fused_decode, fused
         try:
             runs.append(module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, gates=gates,
                                                       cmp_cache=cmp, return_indices=True))
         finally:
-            rt.fused_decode = False
+            rt.fused_decode = saved
     assert cmp[0].shape[2] == 0 and torch.equal(runs[0][1], runs[1][1]) and (runs[0][0] - runs[1][0]).abs().max() < 1e-5
     assert runs[0][1][:, :, 0, 0].tolist() == [[0], [0]] and torch.isfinite(runs[0][0]).all()
 
@@ -293,14 +293,14 @@ def test_an_empty_batch_decodes_to_empty_outputs(tmp_path, fused, paged):
     before = (k_cache.clone(), v_cache.clone())
     lengths = torch.zeros(0, dtype=torch.int32)
     cmp = rt.compressed_cache(k_cache, v_cache, lengths, block_table=table)
-    rt.fused_decode = fused
+    saved, rt.fused_decode = rt.fused_decode, fused
     try:
         o, indices = module.attention_with_kvcache(
             torch.randn(0, 4, 2, 32), k_cache, v_cache, cache_seqlens=lengths, gates=torch.rand(0, 4, 2, 3),
             cmp_cache=cmp, k=torch.randn(0, 2, 2, 32), v=torch.randn(0, 2, 2, 16), block_table=table,
             return_indices=True)
     finally:
-        rt.fused_decode = False
+        rt.fused_decode = saved
     assert o.shape == (0, 4, 2, 16) and indices.shape == (0, 2, 2, 2) and indices.dtype == torch.int32
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
@@ -420,11 +420,11 @@ def test_nsa_decoding_is_the_last_rows_of_the_whole_sequence(tmp_path, kind, blo
     the compressed branch and the selection by the two decode kernels (fused_decode)."""
     spec, module = _module(tmp_path, kind, block, stride)
     rt = module.RUNTIME
-    rt.fused_decode = fused
+    saved, rt.fused_decode = rt.fused_decode, fused
     try:
         _decoding_checks(module, rt, kind, block, stride)
     finally:
-        rt.fused_decode = False
+        rt.fused_decode = saved
 
 
 def _decoding_checks(module, rt, kind, block, stride):
@@ -478,11 +478,11 @@ def test_nsa_decoding_a_paged_cache_gives_the_contiguous_bits(tmp_path, kind, pa
     (fused_decode), whose compressed update also equals the torch path's within fp32 rounding."""
     spec, module = _module(tmp_path, kind, 32, 16 if kind == "mean" else 32)
     rt = module.RUNTIME
-    rt.fused_decode = fused
+    saved, rt.fused_decode = rt.fused_decode, fused
     try:
         _paged_checks(module, rt, kind, page_size, fused)
     finally:
-        rt.fused_decode = False
+        rt.fused_decode = saved
 
 
 def _paged_checks(module, rt, kind, page_size, fused):
@@ -609,7 +609,11 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
         rt.tokens_per_program = rt.loop_order = None
         rt.partial_bytes = 1 << 30
     assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
-    assert rt.selected_order(G) == ("key" if G < 4 else "query") and rt.selected_order(G, dq=True) == "query"
+    assert rt.selected_order(G, N) == "query" and rt.selected_order(G, N, dq=True) == "query"  # few tokens
+    assert rt.selected_order(G, 16384) == ("key" if G < 4 else "query")
+    from attngen.runtime.nsa import loop_order  # past head dim 128 query-major takes one token a program
+
+    assert [loop_order(G, 8192, d) for d in (128, 192)] == ["query", "key" if G < 4 else "query"]
     tol = 2e-5 if dtype == "fp32" else 2e-3
     for T, (o, lse) in runs.items():
         assert (o.double() - want_o).abs().max() < tol, T
@@ -799,7 +803,7 @@ def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged, fus
 
     _, module = _module(tmp_path)
     rt = module.RUNTIME
-    rt.fused_decode = fused
+    saved, rt.fused_decode = rt.fused_decode, fused
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
@@ -823,7 +827,7 @@ def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged, fus
             caches += rt.compressed_cache(*caches, before, block_table=table)
             runs.append((f(q, caches[0], caches[1], before, gates, caches[2], caches[3], k_new, v_new), *caches))
     finally:
-        rt.fused_decode = False
+        rt.fused_decode = saved
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 

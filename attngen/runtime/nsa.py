@@ -101,13 +101,13 @@ class NSAModule:
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
-        # sort of every score: opt-in until timed (experiments/nsa_gpu.py; docs/decisions/nsa-plan.md)
-        self.top_blocks_kernel = False
+        # sort of every score: measured faster (docs/decisions/nsa-plan.md); False: the sort
+        self.top_blocks_kernel = True
         # decoding in kernels: the compressed cache's update, the compressed branch and the selection,
         # the selected and window branches with the gates' mix (_update_compressed_kernel,
         # _decode_compressed_fused, _decode_attend_fused) instead of about 90 torch ops and 4
-        # kernels: opt-in until timed (experiments/nsa_decode_gpu.py)
-        self.fused_decode = False
+        # kernels: measured faster (docs/decisions/nsa-plan.md); False: the torch path
+        self.fused_decode = True
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -608,15 +608,15 @@ class NSAModule:
             return t
         return tokens_per_program(G, N, max(self.head_dim, self.head_dim_v), tensor_cores)
 
-    def selected_order(self, G: int, dq: bool = False) -> str:
-        """The selected branch's loop order, the forward's (dq: the backward's dQ): the knob
-        loop_order for both, else loop_order(G) for the forward and query-major for dQ (key-major
+    def selected_order(self, G: int, N: int, dq: bool = False) -> str:
+        """The selected branch's loop order over N tokens, the forward's (dq: the backward's dQ): the
+        knob loop_order for both, else loop_order() for the forward and query-major for dQ (key-major
         dQ is untimed). Training only: decoding has few tokens and stays query-major."""
         if self.loop_order is not None:
             if self.loop_order not in ("query", "key"):
                 raise ValueError(f"loop_order must be None, 'query' or 'key'; got {self.loop_order!r}")
             return self.loop_order
-        return "query" if dq else loop_order(G)
+        return "query" if dq else loop_order(G, N, max(self.head_dim, self.head_dim_v))
 
     def selected_forward(self, q, k, v, indices, scale: float, first=None, block_table=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
@@ -631,7 +631,7 @@ class NSAModule:
         lse = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
         if not o.numel():
             return o, lse
-        if first is None and not paged and self.selected_order(G) == "key":
+        if first is None and not paged and self.selected_order(G, N) == "key":
             return self._selected_forward_keys(q, k, v, indices, scale, o, lse)
         fp32_gpu = q.is_cuda and q.dtype == torch.float32
         block_t = self.selected_tokens(G, N, tensor_cores=not fp32_gpu)
@@ -716,7 +716,7 @@ class NSAModule:
             return dq, dk, dv
         args = self._launch_args(q, Hkv)
         n = indices.shape[-1]
-        key_major = self.selected_order(G, dq=True) == "key"
+        key_major = self.selected_order(G, N, dq=True) == "key"
         if not key_major:
             self.bwd_dq_kernel[(N, B * Hkv)](q, k, v, indices, do, lse, delta, dq, *q.stride(), *k.stride(),
                                              *v.stride(), *indices.stride(), *o.stride(), *lse.stride(), Hkv, G, n,
@@ -770,14 +770,16 @@ class NSAModule:
 _TOP_BLOCKS_MAX = 16384  # the widest row of scores _nsa_top_blocks holds (1M tokens at blocks of 64)
 
 
-def loop_order(G: int) -> str:
-    """The selected forward's default loop order for groups of G query heads: key-major below 4,
-    query-major from 4, as measured (docs/decisions/nsa-plan.md, "Key-major for small groups").
+def loop_order(G: int, N: int, head_dim: int) -> str:
+    """The selected forward's default loop order for groups of G query heads over N tokens
+    (head_dim: the larger of q's and v's): key-major below G 4 from 16k tokens, or past head dim 128
+    (where query-major takes one token per program), else query-major, as measured
+    (docs/decisions/nsa-plan.md, "Key-major for small groups").
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
     2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n
     Dv; made a chunk of tokens at a time, at most NSAModule.partial_bytes each)."""
-    return "key" if G < 4 else "query"
+    return "key" if G < 4 and (N >= 16384 or head_dim > 128) else "query"
 
 
 def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:
@@ -794,7 +796,7 @@ def describe_selected(G: int, N: int, head_dim: int) -> str:
     """`attngen show --emit tiling`'s line for the selected branch at a group size and length."""
     t = tokens_per_program(G, N, head_dim)
     fwd = "forward key-major, each block once for its choices, 64 (choice, head) rows per program" \
-        if loop_order(G) == "key" else \
+        if loop_order(G, N, head_dim) == "key" else \
         f"forward query-major, {t} token{'s' if t > 1 else ''} x {G} heads per program over the union of their blocks"
     return (f"{fwd}; backward dK/dV key-major in work items, dQ query-major (one token per program); "
             "loop_order='query' or 'key' sets the forward's and dQ's")
