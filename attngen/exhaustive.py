@@ -13,7 +13,8 @@ candidates through the backward alone (forward outputs computed once).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,14 +23,14 @@ import torch
 from . import runtime
 from .bench import BenchShape, bench_documents, bench_layout
 from .loader import load
-from .passes import PassOptions
+from .passes import BUCKETS, PassOptions, bucket_workload
 from .pipeline import compile_spec
 from .tiling import TileConfig
 
 
 @dataclass(frozen=True)
 class Trial:
-    rank: int  # 1 = the cost model's pick
+    rank: int  # 1 = the cost model's pick (at the shape's bucket: the module's)
     config: TileConfig
     predicted_ms: float
     measured_ms: float | None  # None: failed to compile or run
@@ -90,10 +91,11 @@ def workload(module, spec, shape: BenchShape, role: str, dtype: torch.dtype, dev
 def search(spec_path: str | Path, shape: BenchShape, role: str, timer: Callable[[Callable], float],
            dtype: str = "bf16", device: str = "cuda", top: int | None = None,
            part: tuple[int, int] | None = None) -> list[Trial]:
-    """Times the `top` best-ranked legal candidates (all when None), in the cost model's order.
+    """Times the `top` best-ranked legal candidates (all when None), in the cost model's order at
+    the shape's sequence-length bucket, so the first is the tiling a module picks for that shape.
     part=(i, n): only runs candidates i, i + n, ... once each, untimed (a warm-up worker: Triton's
     compile cache is shared between processes); returns no trials."""
-    c = compile_spec(spec_path, options=PassOptions(), stop="tiling")
+    c = compile_spec(spec_path, options=bucket_options(shape.seq), stop="tiling")
     module = load(spec_path)
     if role not in c.rankings:  # bwd_single where the spec's backward has no single pass
         return []
@@ -141,6 +143,16 @@ def trial_rows(spec_path: str | Path, shape: BenchShape, role: str, dtype: str, 
     return [{"spec": Path(spec_path).stem, "spec_path": str(spec_path), "shape": [shape.batch, shape.heads, shape.seq],
              "role": role, "dtype": dtype, "config": asdict(t.config), "predicted_ms": t.predicted_ms,
              "measured_ms": t.measured_ms, "error": t.error} for t in trials]
+
+
+def bucket_options(seq: int) -> PassOptions:
+    """The pass options whose nominal shape is the bucket a module takes its tiling from for
+    sequences of `seq` tokens (runtime/module.py config(); the nominal shape or one of BUCKETS)."""
+    options = PassOptions()
+    if not options.shape_buckets:
+        return options
+    nearest = min((options.workload.seq_q, *BUCKETS), key=lambda b: abs(math.log2(max(seq, 1) / b)))
+    return replace(options, workload=bucket_workload(options.workload, nearest))
 
 
 def summary(trials: list[Trial]) -> dict:

@@ -61,9 +61,26 @@ def test_a_warm_up_worker_runs_its_share_of_the_candidates_untimed(device, monke
 
     trials = search(path, BenchShape(1, 2, 40), "bwd_dq", timer, dtype="fp16", device=device, top=5, part=(1, 2))
     assert trials == []
-    ranked = exhaustive.compile_spec(path, stop="tiling").rankings["bwd_dq"]["fp16"].ranked[:5]
+    options = exhaustive.bucket_options(40)
+    ranked = exhaustive.compile_spec(path, options=options, stop="tiling").rankings["bwd_dq"]["fp16"].ranked[:5]
     assert ran == [exhaustive.as_launch(ranked[1].config), exhaustive.as_launch(ranked[3].config)]
     assert module.TILINGS == before
+
+
+@pytest.mark.compiler
+@pytest.mark.parametrize("seq", [40, 1024, 3000, 4096, 16384, 100000])
+@pytest.mark.parametrize("name, role", [("causal", "fwd"), ("causal", "bwd_dkdv"), ("dense", "bwd_dq"),
+                                        ("sliding_window", "fwd")])
+def test_the_searchs_first_candidate_is_the_modules_tiling_at_that_shape(seq, name, role):
+    """`bench --exhaustive` reports its first candidate as the cost model's pick: it must be the
+    tiling the module runs at that sequence length (its bucket's), not the nominal shape's."""
+    from attngen import exhaustive
+
+    path = ROOT / "specs" / f"{name}.yaml"
+    rt = runtime.of(attngen.load(path))
+    ranked = exhaustive.compile_spec(path, options=exhaustive.bucket_options(seq), stop="tiling").rankings[role]
+    for dtype in ("fp16", "bf16"):
+        assert exhaustive.as_launch(ranked[dtype].ranked[0].config) == rt.config(role, dtype, seq, seq), dtype
 
 
 @pytest.mark.compiler
