@@ -342,6 +342,36 @@ def test_document_span_against_a_loop(Nq, dtype):
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("chunk, grid1, Nq", [(64, 65535, 3), (48, 65535, 70), (64, 3, 1)])
+def test_document_span_over_chunks(monkeypatch, chunk, grid1, Nq):
+    """document_span with each sequence spread over many programs of `chunk` positions, against a
+    loop: lengths 0 and past the capacity (clamped), ids only in the last chunk, in none, in several
+    chunks (first and last positions too), a length inside a chunk; a chunk not a power of two (its
+    block wider than it), and a grid of 3 programs per sequence, each taking several chunks."""
+    monkeypatch.setattr(decode_gate, "_GRID1", grid1)
+    g = torch.Generator().manual_seed(chunk + grid1 + Nq)
+    B, S = 7, 10 * chunk + 17
+    kv_ids = torch.randint(0, 50, (B, S + 5), generator=g)  # wider than the capacity
+    q_ids = torch.randint(0, 50, (B, Nq), generator=g)
+    q_ids[:, 0] = 99  # in no position: every row has one absent id
+    lengths = torch.tensor([0, S + 100, S, S, S - 1, 7 * chunk + 5, S], dtype=torch.int32)
+    kv_ids[1, [0, S - 1, S + 2]] = 99  # past the capacity: not seen
+    kv_ids[2] = 50  # ids only in the last (partial) chunk
+    kv_ids[2, S - 3] = q_ids[2, -1]
+    kv_ids[3] = 50  # none found
+    kv_ids[4, 3 * chunk - 1] = kv_ids[4, S - 2] = 99  # several chunks, the last position L - 1
+    kv_ids[5, 5 * chunk:] = 99  # a length inside a chunk: hits past it unseen
+    kv_ids[6, 0] = 99
+    got = decode_gate.document_span(q_ids, kv_ids[:, :S], lengths, chunk=chunk)
+    assert got.shape == (B, 2) and got.dtype == torch.int32
+    for b, L in enumerate(lengths.tolist()):
+        want = set(q_ids[b].tolist())
+        hits = [p for p in range(min(L, S)) if int(kv_ids[b, p]) in want]
+        assert got[b].tolist() == ([hits[0], hits[-1] + 1] if hits else [S, 0]), b
+    assert got[2].tolist() == [S - 3, S - 2] and got[3].tolist() == [S, 0] and got[6, 0] == 0
+
+
+@pytest.mark.interp
 def test_the_mask_bounds_cut_the_visible_blocks(monkeypatch, tmp_path):
     """A window under a runtime layout (every block visible): the kernel walks only the listed
     blocks that meet the window, so with 3 splits each sees keys of the last 300 positions of 1250

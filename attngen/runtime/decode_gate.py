@@ -59,43 +59,64 @@ class Gate:
 NO_GATE = Gate()
 
 
-def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+_GRID1 = 65535  # CUDA's limit on a grid's second dimension
+
+
+def document_span(q_ids: torch.Tensor, kv_ids: torch.Tensor, seqlens: torch.Tensor,
+                  chunk: int | None = None) -> torch.Tensor:
     """int32 [B, 2]: the first and one past the last of each sequence's positions p < L whose id is
     one of its queries' (lo > hi where none is): no visible key lies outside, so the decode kernel
-    walks only the tiles between. One kernel launch, a program per sequence (a launch per torch op
-    was the likely cost of gated steps: docs/decisions/decode-plan.md), no host read."""
+    walks only the tiles between. One fill and one kernel launch (a launch per torch op was the
+    likely cost of gated steps: docs/decisions/decode-plan.md), its programs `chunk` positions each
+    (by default 4 of its blocks, at most 4096), so no program walks a long sequence serially; the
+    grid follows the capacity S, no host read."""
     B, S = kv_ids.shape
-    out = torch.empty(B, 2, dtype=torch.int32, device=kv_ids.device)
-    if B:
+    # -1: above every position as unsigned (lo's atomic min), below as signed (hi's atomic max)
+    out = torch.full((B, 2), -1 if S else 0, dtype=torch.int32, device=kv_ids.device)
+    if B and S:
         n_q = q_ids.shape[1]
-        chunk = max(2, min(64, triton.next_power_of_2(n_q)))  # query ids compared at a time
-        _document_span[(B,)](q_ids, kv_ids, seqlens.contiguous(), out, q_ids.stride(0), q_ids.stride(1),
-                             kv_ids.stride(0), kv_ids.stride(1), n_q, S, NQ_CHUNK=chunk, BLOCK=4096 // chunk)
+        nq_chunk = max(2, min(64, triton.next_power_of_2(n_q)))  # query ids compared at a time
+        block = 4096 // nq_chunk  # positions compared at a time
+        chunk = min(4096, 4 * block) if chunk is None else chunk
+        block = min(block, triton.next_power_of_2(chunk))
+        grid = (B, min(triton.cdiv(S, chunk), _GRID1))  # past it, a program takes several chunks
+        _document_span[grid](q_ids, kv_ids, seqlens.contiguous(), out, q_ids.stride(0), q_ids.stride(1),
+                             kv_ids.stride(0), kv_ids.stride(1), n_q, S, CHUNK=chunk, NQ_CHUNK=nq_chunk, BLOCK=block)
     return out
 
 
 @triton.jit
 def _document_span(QIDS, KVIDS, SEQLENS, OUT, stride_qb, stride_qj, stride_kb, stride_kp, n_q, S,
-                   NQ_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # Program (sequence): document_span's row, BLOCK positions at a time against its n_q query ids,
-    # NQ_CHUNK of them at a time.
+                   CHUNK: tl.constexpr, NQ_CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # Program (sequence, c): chunks c, c + grid, ... of CHUNK positions (none past the length),
+    # BLOCK positions at a time against the sequence's n_q query ids, NQ_CHUNK of them at a time;
+    # its span joins the row's by atomic min and max, chunk 0's always (the row's start: S, 0).
     b = tl.program_id(0)
+    c = tl.program_id(1)
     L = tl.minimum(tl.load(SEQLENS + b), S)
     lo = S + 0 * L
     hi = 0 * L
-    for p0 in range(0, L, BLOCK):
-        p = p0 + tl.arange(0, BLOCK)
-        ids = tl.load(KVIDS + b.to(tl.int64) * stride_kb + p.to(tl.int64) * stride_kp, mask=p < L, other=0)
-        found = tl.zeros([BLOCK], dtype=tl.int32)
-        for j0 in range(0, n_q, NQ_CHUNK):
-            j = j0 + tl.arange(0, NQ_CHUNK)
-            qid = tl.load(QIDS + b.to(tl.int64) * stride_qb + j.to(tl.int64) * stride_qj, mask=j < n_q, other=0)
-            found = found | tl.max(((ids[:, None] == qid[None, :]) & (j < n_q)[None, :]).to(tl.int32), 1)
-        hit = (found != 0) & (p < L)
-        lo = tl.minimum(lo, tl.min(tl.where(hit, p, S), 0))
-        hi = tl.maximum(hi, tl.max(tl.where(hit, p + 1, 0), 0))
-    tl.store(OUT + b * 2, lo)
-    tl.store(OUT + b * 2 + 1, hi)
+    kv = KVIDS + b.to(tl.int64) * stride_kb
+    q = QIDS + b.to(tl.int64) * stride_qb
+    n_chunks = L // CHUNK + (L % CHUNK > 0).to(tl.int32)
+    for k in range(c, n_chunks, tl.num_programs(1)):
+        c0 = k * CHUNK
+        for i0 in range(0, tl.minimum(CHUNK, L - c0), BLOCK):  # offsets in the chunk: no int32 wrap
+            i = i0 + tl.arange(0, BLOCK)
+            inside = (i < CHUNK) & (i < L - c0)
+            p = c0 + i
+            ids = tl.load(kv + p.to(tl.int64) * stride_kp, mask=inside, other=0)
+            found = tl.zeros([BLOCK], dtype=tl.int32)
+            for j0 in range(0, n_q, NQ_CHUNK):
+                j = j0 + tl.arange(0, NQ_CHUNK)
+                qid = tl.load(q + j.to(tl.int64) * stride_qj, mask=j < n_q, other=0)
+                found = found | tl.max(((ids[:, None] == qid[None, :]) & (j < n_q)[None, :]).to(tl.int32), 1)
+            hit = (found != 0) & inside
+            lo = tl.minimum(lo, tl.min(tl.where(hit, p, S), 0))
+            hi = tl.maximum(hi, tl.max(tl.where(hit, p + 1, 0), 0))
+    offer = (c == 0) | (hi > 0)
+    tl.atomic_min(OUT.to(tl.pointer_type(tl.uint32)) + b * 2, lo.to(tl.uint32), mask=offer, sem="relaxed")
+    tl.atomic_max(OUT + b * 2 + 1, hi, mask=offer, sem="relaxed")
 
 
 def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple[int, int], seqlens: torch.Tensor,
@@ -106,7 +127,7 @@ def visible_blocks(layout: torch.Tensor, row0: torch.Tensor | None, block: tuple
     the tiles of those that meet its keys' bounds (the length, the mask's, the documents'), and its
     gate keeps each row to its own bits. One kernel launch, a program per sequence and KV head (the
     layout's rows at the queries' positions, at most (Nq - 1) // bq + 2, OR-ed over the group's
-    heads and compacted), as document_span; no host read."""
+    heads and compacted); no host read."""
     B = seqlens.shape[0]
     _, Hl, R, n_kb = layout.shape
     out = torch.empty(B * Hkv, 2 + n_kb, dtype=torch.int32, device=seqlens.device)
