@@ -77,8 +77,8 @@ STARTS = ({}, {"overlap": 0.5, "occupancy_gain": 0.5, "occupancy_gain_cap": 1.6}
           {"overlap": 0.8, "hiding": 1.0, "occupancy_gain": 0.3, "occupancy_gain_cap": 1.3})
 
 
-def _descend(rows: list[dict], k: Constants, rounds: int) -> tuple[Constants, float]:
-    best = loss(rows, k)
+def _descend(rows: list[dict], k: Constants, rounds: int, objective=loss) -> tuple[Constants, float]:
+    best = objective(rows, k)
     for step in (0.5, 0.25, 0.1, 0.05)[:rounds]:
         improved = True
         while improved:
@@ -89,17 +89,19 @@ def _descend(rows: list[dict], k: Constants, rounds: int) -> tuple[Constants, fl
                 for candidate in (value * (1 + step), value * (1 - step), value + step, value - step):
                     candidate = min(hi, max(lo, candidate))
                     trial = replace(k, **{name: candidate})
-                    trial_loss = loss(rows, trial)
+                    trial_loss = objective(rows, trial)
                     if trial_loss < best - 1e-12:
                         k, best, improved = trial, trial_loss, True
     return k, best
 
 
-def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4, advance=lambda: None) -> Constants:
+def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4, advance=lambda: None,
+        objective=loss) -> Constants:
     """Coordinate descent from a few starting points (the loss has local minima; `advance()` after
-    each); then the overall scale in closed form (the mean log ratio over every row)."""
+    each) on `objective` (loss: the predictions' proportions; pick_loss: the picks' regrets); then
+    the overall scale in closed form (the mean log ratio over every row)."""
     def descend(s):
-        found = _descend(rows, replace(start, **s), rounds)
+        found = _descend(rows, replace(start, **s), rounds, objective)
         advance()
         return found
     k = min((descend(s) for s in STARTS), key=lambda kb: kb[1])[0]
@@ -107,31 +109,66 @@ def fit(rows: list[dict], start: Constants = Constants(), rounds: int = 4, advan
     return replace(k, scale=math.exp(-sum(ratios) / len(ratios))) if ratios else k
 
 
+def _module_work(row: dict, buckets: bool = True) -> Workload:
+    """The workload a module ranks the row's kernel at: the sequence-length bucket its shape takes
+    (PassOptions.shape_buckets, the default), or with buckets=False the nominal shape."""
+    _, sfu = _plan(row["spec_path"], row["role"])
+    work = replace(PassOptions().workload, dtype=row["dtype"], score_sfu=sfu)
+    if not buckets:
+        return work
+    nearest = min((work.seq_q, *BUCKETS), key=lambda b: abs(math.log2(row["shape"][2] / b)))
+    return bucket_workload(work, nearest)
+
+
+def regrets(rows: list[dict], k: Constants, target: str = "sm90") -> dict[tuple, float]:
+    """Per group (one kernel at one measured shape, every legal tiling timed): log of the measured
+    time of the tiling the module would pick among them over the fastest's (0: the pick is the best)."""
+    out = {}
+    for key, group in _groups(rows).items():
+        work = _module_work(group[0])
+        plan, _ = _plan(group[0]["spec_path"], group[0]["role"])
+        ranked = []
+        for r in group:
+            p = predict(TileConfig(**r["config"]), plan, TARGETS[target], work, r["role"], k)
+            if p.time_s is not None:
+                ranked.append((p.time_s, TileConfig(**r["config"]), r["measured_ms"]))
+        if ranked:
+            out[key] = math.log(min(ranked)[2] / min(r["measured_ms"] for r in group))
+    return out
+
+
+def pick_loss(rows: list[dict], k: Constants, weight: float = 0.05) -> float:
+    """The objective of fit(objective="picks"): the mean and the worst of the groups' regrets (the
+    issue's criterion is every pick within 95% of the best), plus `weight` x loss() so that the
+    predictions stay in proportion where the picks do not move."""
+    r = list(regrets(rows, k).values())
+    return (sum(r) / len(r) + max(r) if r else float("inf")) + weight * loss(rows, k)
+
+
+def _groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["measured_ms"]:
+            groups.setdefault((r["spec"], tuple(r["shape"]), r["role"], r["dtype"]), []).append(r)
+    return groups
+
+
 def model_pick(row: dict, k: Constants, target: str = "sm90", buckets: bool = True) -> TileConfig:
     """The tiling a generated module with these constants would use for a call of the row's shape:
     the model's first choice among all legal candidates at the sequence-length bucket that call
     takes (`buckets`, as PassOptions.shape_buckets does by default), or with buckets=False at the
     tiling pass's nominal shape (one per dtype, whatever shape the row was measured at)."""
-    plan, sfu = _plan(row["spec_path"], row["role"])
+    plan, _ = _plan(row["spec_path"], row["role"])
     cfg = TileConfig(**row["config"])
-    work = replace(PassOptions().workload, dtype=row["dtype"], score_sfu=sfu)
-    if buckets:
-        seq = row["shape"][2]
-        nearest = min((work.seq_q, *BUCKETS), key=lambda b: abs(math.log2(seq / b)))
-        work = bucket_workload(work, nearest)
-    return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], work, row["role"], k,
+    return rank(cfg.head_dim_pad, cfg.head_dim_v_pad, plan, TARGETS[target], _module_work(row, buckets), row["role"], k,
                 chunked=chunks(cfg.head_dim_pad) > 1).best  # a row measured with the head dim in chunks
 
 
 def pick_table(rows: list[dict], k: Constants, buckets: bool = True) -> list[dict]:
     """Per group (one kernel at one measured shape): the module's pick and the measured best, with
     their times; the pick's time is None when it was never measured (a new fit can move the pick)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["measured_ms"]:
-            groups.setdefault((r["spec"], tuple(r["shape"]), r["role"], r["dtype"]), []).append(r)
     out = []
-    for (spec, shape, role, dtype), group in groups.items():
+    for (spec, shape, role, dtype), group in _groups(rows).items():
         pick = model_pick(group[0], k, buckets=buckets)
         best = min(group, key=lambda r: r["measured_ms"])
         times = [r["measured_ms"] for r in group if TileConfig(**r["config"]) == pick]

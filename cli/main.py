@@ -447,12 +447,17 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
               write: bool = typer.Option(False, "--write", help="store the fitted constants in data/cost_constants.json"),
               fit_constants: bool = typer.Option(True, "--fit/--no-fit", help="--no-fit: report on the stored constants"),
               buckets: bool = typer.Option(True, "--buckets/--no-buckets", help="judge the picks per sequence-length bucket, as "
-                                                                  "modules make them (--no-buckets: the nominal pick)")):
+                                                                  "modules make them (--no-buckets: the nominal pick)"),
+              objective: str = typer.Option("times", help="what the fit minimizes: `times` (the predictions' proportions "
+                                                          "within each kernel and shape) or `picks` (the mean and worst "
+                                                          "regret of the module's picks: needs every tiling timed)")):
     """Fits the cost model's constants to measured timings; prints predicted against measured and,
     per kernel and shape, the module's pick against the fastest measured tiling."""
-    from attngen.calibrate import fit, load_rows, loss, report, write as write_constants
+    from attngen.calibrate import fit, load_rows, loss, pick_loss, report, write as write_constants
     from attngen.cost_model import CONSTANTS
 
+    if objective not in ("times", "picks"):
+        _fail(ValueError(f"--objective: expected times or picks, got {objective!r}"))
     if write and not fit_constants:
         _fail(ValueError("--write stores fitted constants: it cannot go with --no-fit"))
     rows = load_rows(measurements)
@@ -464,7 +469,7 @@ def calibrate(measurements: List[Path] = typer.Argument(..., help="JSON files fr
     from attngen.tools.progress import progress
 
     with progress(len(STARTS), "calibrate") as advance:
-        fitted = fit(rows, CONSTANTS, advance=advance)
+        fitted = fit(rows, CONSTANTS, advance=advance, objective=pick_loss if objective == "picks" else loss)
     typer.echo(f"{len(rows)} measurements; mean squared log error {loss(rows, CONSTANTS):.4f} -> {loss(rows, fitted):.4f}")
     typer.echo(f"fitted: {fitted}")
     typer.echo(report(rows, fitted, buckets))

@@ -56,6 +56,8 @@ def test_cli_reads_measurement_files(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mean squared log error" in result.output and "| causal | 2x8x1024 | fwd |" in result.output
     assert (stored.read_text() if stored.exists() else None) == before  # only --write stores them
+    bad = CliRunner().invoke(app, ["calibrate", str(path), "--objective", "speed"])
+    assert bad.exit_code != 0 and "--objective: expected times or picks" in bad.output
 
 
 def test_pick_reach_uses_the_modules_pick_and_flags_unmeasured_ones():
@@ -89,3 +91,28 @@ def test_model_pick_with_buckets_ranks_at_the_rows_bucket():
     expected = rank(128, 128, plan, TARGETS["sm90"], replace(work, dtype="bf16", score_sfu=sfu), "fwd").best
     assert model_pick(row, CONSTANTS, buckets=True) == expected
     assert model_pick(dict(row, shape=[4, 16, 4096]), CONSTANTS) == model_pick(row, CONSTANTS, buckets=False)
+
+
+def test_regrets_measure_the_modules_pick_against_the_fastest():
+    """fit(objective=pick_loss)'s terms: per kernel and shape, log(measured time of the module's
+    pick / the fastest's); zero where the constants that made the 'measurements' rank them (at the
+    shape of the bucket a module ranks 1k tokens at)."""
+    from attngen.calibrate import model_pick, pick_loss, regrets
+    from attngen.passes import PassOptions, bucket_workload
+
+    work = bucket_workload(PassOptions().workload, 1024)
+    rows = []
+    for cfg in candidates(128, 128, tma=True):
+        row = {"spec": "causal", "spec_path": str(ROOT / "specs" / "causal.yaml"),
+               "shape": [work.batch, work.heads, work.seq_q], "role": "fwd", "dtype": "bf16",
+               "config": cfg.__dict__.copy()}
+        truth = predicted_ms(dict(row, measured_ms=None), HIDDEN)
+        if truth is not None:
+            rows.append(dict(row, measured_ms=truth))
+    k = replace(Constants(), rows_exponent=0.0)  # small tiles unpenalized: a slower pick
+    pick = model_pick(rows[0], k)
+    pick_ms = next(r["measured_ms"] for r in rows if r["config"] == pick.__dict__)
+    [regret] = regrets(rows, k).values()
+    assert regret == pytest.approx(math.log(pick_ms / min(r["measured_ms"] for r in rows))) and regret > 0
+    assert list(regrets(rows, HIDDEN).values()) == [0.0]
+    assert pick_loss(rows, HIDDEN) < pick_loss(rows, k)
