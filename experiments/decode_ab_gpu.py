@@ -8,6 +8,7 @@ Hq 32, Hkv 8, d128, every sequence full; each step replayed as a CUDA graph (med
 
     git show REV:... ; attngen generate specs/causal.yaml --standalone -o out   (at REV: out/causal.py)
     PYTHONPATH=. python3 experiments/decode_ab_gpu.py --baseline out/causal_base.py --json $OUT/decode_ab.json
+    (data/baselines/causal_53b5bfd.py: 53b5bfd's, the tree of the 2026-12-06 decode table in BENCHMARKS.md)
 """
 
 from __future__ import annotations

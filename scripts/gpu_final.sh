@@ -13,8 +13,9 @@
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
 #   DEADLINE=540 scripts/gpu_final.sh first   # what is left unverified (docs/verification.md): the
-#                                             # GPU test tier, NSA's bf16 verification, the timings
-#                                             # after 2026-12-07's changes, the issue's 64k NSA row
+#                                             # GPU test tier, NSA's decoding (the new kernels: the
+#                                             # linear update, the selection), the document span's
+#                                             # kernel, B128 decoding against 53b5bfd's module
 # Each benchmark group is MODE:HEAD_DIM over $SPECS at 1k, 4k and 16k tokens (16 heads at d128,
 # 32 at d64), one JSON per spec so that a run cut short keeps the rest; nothing new starts after
 # $DEADLINE seconds. $OUT gets the verification tables and the merged benchmark tables.
@@ -47,8 +48,9 @@ for group in "$@"; do
     timeout 150 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --dtype bf16 --markdown $OUT/verify_nsa_bwd.md 2>&1 | grep -v -i warn | tail -3 | tee -a $OUT/verify_nsa.txt
     timeout 100 python3 experiments/nsa_decode_gpu.py --kernels --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee $OUT/nsa_decode.txt
     timeout 100 python3 experiments/gated_decode_gpu.py --kernels --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -3 | tee $OUT/gated.txt
-    left=$((DEADLINE - SECONDS))  # (timeout 0 would mean no limit)
-    [ "$left" -gt 30 ] && timeout "$left" python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --json $OUT/nsa_64k.json 2>&1 | grep -v -i warn | tail -6 | tee $OUT/nsa_64k.txt
+    # the B128 rows' 6% since 53b5bfd (BENCHMARKS.md): both trees' kernels in one process
+    timeout 150 python3 experiments/decode_ab_gpu.py --baseline data/baselines/causal_53b5bfd.py --variants "" \
+      --cases 128x2048,128x8192,32x8192,1x131072 --json $OUT/decode_ab_b128.json 2>&1 | grep -v -i warn | tail -5 | tee $OUT/ab_b128.txt
     continue
   fi
   if [ "$group" = bench-decode ]; then  # causal, the issue's cases (attngen/bench_decode.py), CUDA-graph replays
