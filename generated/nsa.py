@@ -619,19 +619,20 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
 
 
 @triton.jit
-def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, stride_cn, stride_cd, stride_pb,
+def _nsa_compress_update(CACHE, PAGES, CMP, W, PART, SEQLENS, stride_cb, stride_ch, stride_cn, stride_cd, stride_pb,
                          stride_mb, stride_mh, stride_mn, stride_md, stride_wh, stride_wf, stride_we, n_q, n_cmp, HKV,
-                         CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr,
+                         n_splits, split_rows, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr,
                          EO: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
-                         PAGE_SIZE: tl.constexpr, LINEAR: tl.constexpr):
-    # Program (batch x KV head, BLOCK_EO output columns): the compressed tokens whose windows end at
-    # the sequence's last n_q positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE + 1),
-    # each the mean of its CMP_BLOCK rows of CACHE, or with LINEAR their rows flattened times W [HKV,
-    # CMP_BLOCK * E, EO], BLOCK_F of the flattened window at a time (a [BLOCK_F, BLOCK_EO] tile of W;
-    # a whole [E, EO] tile per window row on B x HKV programs: docs/decisions/nsa-plan.md); written
-    # into CMP [B, HKV, n_cmp, EO]. CACHE is [B, HKV, S, E]
-    # (PAGE_SIZE 0) or paged [pages, PAGE_SIZE, HKV, E] through PAGES [B, pages per sequence] (strides
-    # as a page, a head, a slot).
+                         PAGE_SIZE: tl.constexpr, LINEAR: tl.constexpr, PARTIAL: tl.constexpr):
+    # Program (batch x KV head, BLOCK_EO output columns[, split]): the compressed tokens whose windows
+    # end at the sequence's last n_q positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE +
+    # 1 steps), each the mean of its CMP_BLOCK rows of CACHE, or with LINEAR their rows flattened
+    # (F = CMP_BLOCK * E) times W [HKV, F, EO], in two launches (docs/decisions/nsa-plan.md):
+    # PARTIAL, on a third grid axis of n_splits, each split's split_rows of F against W's rows there
+    # (BLOCK_F at a time) into PART [B, HKV, steps, n_splits, EO] float32; then without PARTIAL the
+    # splits' sums in a fixed order (BLOCK_F of them at a time), written into CMP [B, HKV, n_cmp,
+    # EO]. CACHE is [B, HKV, S, E] (PAGE_SIZE 0) or paged [pages, PAGE_SIZE, HKV, E] through PAGES
+    # [B, pages per sequence] (strides as a page, a head, a slot).
     off_b = tl.program_id(0) // HKV
     off_h = tl.program_id(0) % HKV
     last = tl.load(SEQLENS + off_b) - 1
@@ -641,13 +642,16 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
     eo = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
     CACHE += off_h.to(tl.int64) * stride_ch
     out = CMP + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
-    for step in range(0, n_q // CMP_STRIDE + 1):
+    n_steps = n_q // CMP_STRIDE + 1
+    part = PART + (tl.program_id(0) * n_steps).to(tl.int64) * n_splits * EO  # this program's [steps, splits, EO]
+    for step in range(0, n_steps):
         end = first_end + step * CMP_STRIDE
         j = (end - (CMP_BLOCK - 1)) // CMP_STRIDE
         if (end <= last) & (j < n_cmp):
-            if LINEAR:
+            if LINEAR and PARTIAL:
                 new = tl.zeros([BLOCK_EO], dtype=tl.float32)
-                for f0 in range(0, CMP_BLOCK * E, BLOCK_F):  # the flattened window against W's rows f
+                f_lo = tl.program_id(2) * split_rows
+                for f0 in range(f_lo, f_lo + split_rows, BLOCK_F):  # the split's flattened window against W's rows f
                     f = f0 + tl.arange(0, BLOCK_F)
                     ok = f < CMP_BLOCK * E
                     p = j * CMP_STRIDE + f // E
@@ -660,18 +664,26 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, SEQLENS, stride_cb, stride_ch, st
                     w = tl.load(W + off_h.to(tl.int64) * stride_wh + f[:, None].to(tl.int64) * stride_wf
                                 + eo[None, :] * stride_we, mask=ok[:, None] & (eo[None, :] < EO), other=0.0)
                     new += tl.sum(x[:, None] * w.to(tl.float32), 0)
+                tl.store(part + (step * n_splits + tl.program_id(2)) * EO + eo, new, mask=eo < EO)
             else:
-                p = j * CMP_STRIDE + r
-                ok = r < CMP_BLOCK
-                if PAGE_SIZE == 0:
-                    rows = off_b.to(tl.int64) * stride_cb + p.to(tl.int64) * stride_cn
+                if LINEAR:
+                    new = tl.zeros([BLOCK_EO], dtype=tl.float32)
+                    for s0 in range(0, n_splits, BLOCK_F):
+                        s = s0 + tl.arange(0, BLOCK_F)
+                        new += tl.sum(tl.load(part + (step * n_splits + s[:, None]) * EO + eo[None, :],
+                                              mask=(s[:, None] < n_splits) & (eo[None, :] < EO), other=0.0), 0)
                 else:
-                    page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + p // PAGE_SIZE, mask=ok, other=0)
-                    rows = page.to(tl.int64) * stride_cb + (p % PAGE_SIZE).to(tl.int64) * stride_cn
-                x = tl.load(CACHE + rows[:, None] + eo[None, :] * stride_cd, mask=ok[:, None] & (eo[None, :] < EO),
-                            other=0.0)
-                new = tl.sum(x.to(tl.float32), 0) / CMP_BLOCK
-            tl.store(out + j.to(tl.int64) * stride_mn + eo * stride_md, new.to(CMP.dtype.element_ty), mask=eo < EO)
+                    p = j * CMP_STRIDE + r
+                    ok = r < CMP_BLOCK
+                    if PAGE_SIZE == 0:
+                        rows = off_b.to(tl.int64) * stride_cb + p.to(tl.int64) * stride_cn
+                    else:
+                        page = tl.load(PAGES + off_b.to(tl.int64) * stride_pb + p // PAGE_SIZE, mask=ok, other=0)
+                        rows = page.to(tl.int64) * stride_cb + (p % PAGE_SIZE).to(tl.int64) * stride_cn
+                    x = tl.load(CACHE + rows[:, None] + eo[None, :] * stride_cd,
+                                mask=ok[:, None] & (eo[None, :] < EO), other=0.0)
+                    new = tl.sum(x.to(tl.float32), 0) / CMP_BLOCK
+                tl.store(out + j.to(tl.int64) * stride_mn + eo * stride_md, new.to(CMP.dtype.element_ty), mask=eo < EO)
 
 
 @triton.jit

@@ -254,6 +254,45 @@ def test_compressed_cache_update_kernel_matches_torch(tmp_path, kind, block, str
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("paged, splits, D, Dv, Hkv, lengths", [
+    (False, 1, 48, 80, 1, [0, 40, 94]), (True, 2, 48, 80, 1, [0, 40, 94]), (True, None, 48, 80, 2, [40, 94]),
+    (False, 36, 192, 16, 1, [94])])
+def test_linear_cache_update_splits_the_window_over_programs(tmp_path, paged, splits, D, Dv, Hkv, lengths):
+    """The linear update's flattened window (24 rows of D or Dv) over programs in splits of tiles of
+    128 of W's rows against the torch path's einsum in float64: one split walking every tile, two
+    (the last past the window's end), the count the shapes give, and 36 (more than the second launch
+    sums at once); W's columns over one to three programs; Nq 15 at stride 7, so that one step ends
+    three windows (length 94) or two; contiguous and paged; the same bits on a second run."""
+    from attngen.verify import paged as as_pages
+
+    block, stride, Nq, S = 24, 7, 15, 96
+    spec, module = _module(tmp_path, "linear", block, stride, D, Dv)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(D + Dv)
+    B, lengths = len(lengths), torch.tensor(lengths)
+    k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    weights = tuple(torch.randn(Hkv, block * e, e, generator=g) / (block * e) ** 0.5 for e in (D, Dv))
+    table = None
+    if paged:
+        table = torch.randperm(B * S // 16, generator=g).reshape(B, S // 16).to(torch.int32)
+        k_cache, v_cache = as_pages(k_cache, 16, table), as_pages(v_cache, 16, table)
+    base = rt.compressed_cache(k_cache, v_cache, (lengths - Nq).clamp(min=0).int(), weights, block_table=table)
+    got, again, want = ([c.clone().zero_() for c in base] for _ in range(3))
+    rt._update_compressed_kernel(k_cache, v_cache, got, lengths.int(), Nq, weights, table, splits=splits)
+    rt._update_compressed_kernel(k_cache, v_cache, again, lengths.int(), Nq, weights, table, splits=splits)
+    want = [c.double() for c in want]  # the torch path in float64: its float32 sums of 4608 terms stray more
+    rt._update_compressed(k_cache.double(), v_cache.double(), want, lengths[:, None] - Nq + torch.arange(Nq),
+                          tuple(w.double() for w in weights), table)
+    assert all((a.double() - b).abs().max() <= 1e-6 * b.abs().max().clamp(min=1) for a, b in zip(got, want))
+    assert all(torch.equal(a, b) for a, b in zip(got, again))
+    n_cmp = want[0].shape[2]
+    ends = [[j for j in range(n_cmp) if n - Nq <= j * stride + block - 1 < n] for n in lengths.tolist()]
+    assert max(len(e) for e in ends) == 3
+    for c in want:
+        assert [(c[b] != 0).any(dim=-1).nonzero()[:, 1].unique().tolist() for b in range(B)] == ends
+
+
+@pytest.mark.interp
 def test_a_cache_shorter_than_one_window_decodes(tmp_path):
     """A cache of 24 positions under windows of 32: no compressed token exists, the compressed branch
     gives zeros and the forced blocks are chosen, in both paths (the torch path raised before)."""

@@ -309,25 +309,40 @@ class NSAModule:
             indices
 
     def _update_compressed_kernel(self, k_cache, v_cache, cmp_cache, lengths, Nq: int, compress_weights,
-                                  block_table=None) -> None:
+                                  block_table=None, splits: int | None = None) -> None:
         """_update_compressed by the _nsa_compress_update kernel, once for the keys and once for the
         values (fused_decode): each program a (sequence, KV head)'s windows that end at its last Nq
-        positions (lengths: the sequences' lengths, the appended rows included)."""
+        positions (lengths: the sequences' lengths, the appended rows included). Linear: two launches
+        each, the flattened window's rows split over programs (a static count from the shapes, or
+        `splits` at most) into float32 partial sums, then their sum in a fixed order."""
         paged = block_table is not None
         seqlens = lengths.to(torch.int32).contiguous()
         w = compress_weights if compress_weights is not None else (None, None)
         for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
             B, Hkv, n_cmp, EO = cmp.shape
             E = cache.shape[3]
-            cs = cache_strides(cache, paged)
-            ws = weight.stride() if weight is not None else (0, 0, 0)
-            # linear: W's columns over programs, 32 each, and its rows 128 at a time (registers)
-            block_eo = 32 if weight is not None else max(16, triton.next_power_of_2(EO))
-            self.compress_update_kernel[(B * Hkv, -(-EO // block_eo))](
-                cache, block_table if paged else seqlens, cmp, weight if weight is not None else cmp, seqlens, *cs,
-                block_table.stride(0) if paged else 0, *cmp.stride(), *ws, Nq, n_cmp, Hkv, CMP_BLOCK=self.l,
-                CMP_STRIDE=self.d, E=E, EO=EO, BLOCK_EO=block_eo, BLOCK_L=triton.next_power_of_2(self.l),
-                BLOCK_F=128, PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None)
+            args = (cache, block_table if paged else seqlens, cmp, weight if weight is not None else cmp)
+            tail = (seqlens, *cache_strides(cache, paged), block_table.stride(0) if paged else 0, *cmp.stride(),
+                    *(weight.stride() if weight is not None else (0, 0, 0)), Nq, n_cmp, Hkv)
+            meta = dict(CMP_BLOCK=self.l, CMP_STRIDE=self.d, E=E, EO=EO, BLOCK_L=triton.next_power_of_2(self.l),
+                        PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None)
+            if weight is None:
+                self.compress_update_kernel[(B * Hkv, 1)](*args, cmp, *tail, 1, 0, PARTIAL=False, BLOCK_F=16,
+                                                          BLOCK_EO=max(16, triton.next_power_of_2(EO)), **meta)
+                continue
+            # W's rows over programs too, about four an SM, so that reading W is not a few programs' serial walk
+            block_eo, block_f = min(64, max(16, triton.next_power_of_2(EO))), 128
+            n_eo, tiles = -(-EO // block_eo), -(-(self.l * E) // block_f)
+            fill = -(-4 * sms(cache.device) // max(1, B * Hkv * n_eo))
+            n_splits = max(1, min(tiles, splits or fill))
+            per = -(-tiles // n_splits)  # BLOCK_F tiles a split
+            n_splits = -(-tiles // per)
+            part = torch.empty(B, Hkv, Nq // self.d + 1, n_splits, EO, dtype=torch.float32, device=cache.device)
+            self.compress_update_kernel[(B * Hkv, n_eo, n_splits)](*args, part, *tail, n_splits, per * block_f,
+                                                                   BLOCK_EO=block_eo, BLOCK_F=block_f, PARTIAL=True,
+                                                                   **meta)
+            self.compress_update_kernel[(B * Hkv, n_eo)](*args, part, *tail, n_splits, per * block_f,
+                                                         BLOCK_EO=block_eo, BLOCK_F=32, PARTIAL=False, **meta)
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
         """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
@@ -565,7 +580,8 @@ class NSAModule:
         n_blocks = scores.shape[-1]
         n = min(self.count, n_blocks)
         nb_pad = triton.next_power_of_2(max(n_blocks, 1))
-        if self.top_blocks_kernel and nb_pad <= _TOP_BLOCKS_MAX and scores.numel():
+        # under torch.compile the sort below, which Inductor traces (the kernel's launch is not an op)
+        if self.top_blocks_kernel and nb_pad <= _TOP_BLOCKS_MAX and scores.numel() and not torch.compiler.is_compiling():
             rows = scores.shape[:-1]
             scores = scores.float().reshape(-1, n_blocks).contiguous()
             pos = torch.as_tensor(t, device=scores.device).expand(rows).reshape(-1).to(torch.int32).contiguous()
