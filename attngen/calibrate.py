@@ -120,28 +120,27 @@ def _module_work(row: dict, buckets: bool = True) -> Workload:
     return bucket_workload(work, nearest)
 
 
-def regrets(rows: list[dict], k: Constants, target: str = "sm90") -> dict[tuple, float]:
+UNMEASURED = math.log(2)  # the regret of a pick that was not timed or failed: as if it ran at half the best's speed
+
+
+def regrets(rows: list[dict], k: Constants, target: str = "sm90", buckets: bool = True) -> dict[tuple, float]:
     """Per group (one kernel at one measured shape, every legal tiling timed): log of the measured
-    time of the tiling the module would pick among them over the fastest's (0: the pick is the best)."""
+    time of the module's pick (model_pick: among every legal tiling, at the bucket a call of that
+    shape takes, or with buckets=False the nominal shape) over the fastest's; 0 where the pick is the
+    best, UNMEASURED where it has no time (failed, or never timed)."""
     out = {}
     for key, group in _groups(rows).items():
-        work = _module_work(group[0])
-        plan, _ = _plan(group[0]["spec_path"], group[0]["role"])
-        ranked = []
-        for r in group:
-            p = predict(TileConfig(**r["config"]), plan, TARGETS[target], work, r["role"], k)
-            if p.time_s is not None:
-                ranked.append((p.time_s, TileConfig(**r["config"]), r["measured_ms"]))
-        if ranked:
-            out[key] = math.log(min(ranked)[2] / min(r["measured_ms"] for r in group))
+        pick = model_pick(group[0], k, target, buckets)
+        times = [r["measured_ms"] for r in group if TileConfig(**r["config"]) == pick]
+        out[key] = math.log(min(times) / min(r["measured_ms"] for r in group)) if times else UNMEASURED
     return out
 
 
-def pick_loss(rows: list[dict], k: Constants, weight: float = 0.05) -> float:
-    """The objective of fit(objective="picks"): the mean and the worst of the groups' regrets (the
+def pick_loss(rows: list[dict], k: Constants, weight: float = 0.05, buckets: bool = True) -> float:
+    """The objective of fit(objective=pick_loss): the mean and the worst of the groups' regrets (the
     issue's criterion is every pick within 95% of the best), plus `weight` x loss() so that the
     predictions stay in proportion where the picks do not move."""
-    r = list(regrets(rows, k).values())
+    r = list(regrets(rows, k, buckets=buckets).values())
     return (sum(r) / len(r) + max(r) if r else float("inf")) + weight * loss(rows, k)
 
 

@@ -116,3 +116,6 @@ def test_regrets_measure_the_modules_pick_against_the_fastest():
     assert regret == pytest.approx(math.log(pick_ms / min(r["measured_ms"] for r in rows))) and regret > 0
     assert list(regrets(rows, HIDDEN).values()) == [0.0]
     assert pick_loss(rows, HIDDEN) < pick_loss(rows, k)
+    from attngen.calibrate import UNMEASURED  # a pick never timed (or failed) costs, not nothing
+
+    assert list(regrets([r for r in rows if r["config"] != pick.__dict__], k).values()) == [UNMEASURED]
