@@ -557,65 +557,120 @@ def _nsa_decode_cmp(Q, KC, VC, SEQLENS, O_PART, M_PART, L_PART, SB_PART,
 
 
 @triton.jit
+def _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, beta, n_splits, n_blocks, split_tokens,
+                         CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                         NB_SPLIT: tl.constexpr, NB_CHUNK: tl.constexpr, MEET: tl.constexpr):
+    # [NB_CHUNK]: the scores of blocks beta, gathered: split s (first token s P, P = split_tokens)
+    # has windows over tokens [s P, (s + 1) P - d + l) and its block sums from b0 = s P // l', so the
+    # splits touching a block are among the MEET up to the last one starting before the block's end
+    # (MEET - 1 >= ceil((l' + l - d - 1) / P), _decode_compressed_fused). Heads' rows at g_rel.
+    top = tl.minimum(((beta + 1) * SEL_BLOCK - 1) // split_tokens, n_splits - 1)
+    score = tl.zeros([NB_CHUNK], dtype=tl.float32)
+    for k in tl.static_range(MEET):
+        s = top - (MEET - 1 - k)  # ascending splits: the order the serial merge added them in
+        meet = (s >= 0) & (beta < n_blocks) & (beta * SEL_BLOCK < (s + 1) * split_tokens + (CMP_BLOCK - CMP_STRIDE))
+        ok = g_ok[:, None] & meet[None, :]
+        at = g_rel[:, None] + s[None, :]
+        m = tl.load(M_ROW + at, mask=ok, other=float("-inf"))
+        l = tl.load(L_ROW + at, mask=ok, other=0.0)
+        sb = tl.load(SB_ROW + at * NB_SPLIT + (beta - s * split_tokens // SEL_BLOCK)[None, :], mask=ok, other=0.0)
+        score += tl.sum(tl.where(l > 0.0, tl.math.exp2(m - lse2[:, None]), 0.0) * sb, 0)
+    return score
+
+
+@triton.jit
 def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, IDX, n_splits, n_q, split_len,
-                       n_blocks, HKV, GROUP, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-                       INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr,
-                       HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_G: tl.constexpr,
-                       SPLIT_CHUNK: tl.constexpr, NB_SPLIT: tl.constexpr, NB_PAD: tl.constexpr):
-    # Program (batch x KV head, query t): per query head of the group, its splits merged by their
-    # LSE into o_cmp (O_CMP [B, HQ, n_q, Dv] float32); each split's block sums scaled by 2^(m - lse)
-    # (the probabilities' own normalization, per head) and added over the group into the query's row
-    # of SCORES [B, HKV, n_q, n_blocks] (zeroed here; splits that meet at a block add to it in turn);
-    # then that row's top blocks (_top_of_rows) into IDX [B, HKV, n_q, COUNT].
+                       n_blocks, HKV, GROUP, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr,
+                       SEL_BLOCK: tl.constexpr, INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr,
+                       COUNT_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
+                       BLOCK_G: tl.constexpr, SPLIT_CHUNK: tl.constexpr, NB_SPLIT: tl.constexpr,
+                       NB_PAD: tl.constexpr, NB_CHUNK: tl.constexpr, MEET: tl.constexpr, O_HEADS: tl.constexpr,
+                       O_SPLITS: tl.constexpr):
+    # Program (batch x KV head, query t, part). Part 0: the query's row of SCORES [B, HKV, n_q,
+    # n_blocks]: each head's LSE over its splits, then NB_CHUNK blocks at a time each block's sum
+    # over the group's heads and the splits touching it (_decode_block_scores) of the split's block
+    # sum scaled by 2^(m - lse) (the probabilities' own normalization, per head); then the row's
+    # top blocks (_top_of_rows) into IDX [B, HKV, n_q, COUNT]. Part p > 0: o_cmp (O_CMP [B, HQ, n_q,
+    # Dv] float32) of the group's query heads [(p - 1) O_HEADS, + O_HEADS), their splits merged by a
+    # running LSE, O_SPLITS at a time.
     off_b = tl.program_id(0) // HKV
     off_hk = tl.program_id(0) % HKV
     t = tl.program_id(1)
-    g = tl.arange(0, BLOCK_G)
-    g_ok = g < GROUP
-    rows = ((off_b * HKV * GROUP + off_hk * GROUP + g).to(tl.int64) * n_q + t) * n_splits  # [G]: split 0's
-    # each head's LSE over its splits, SPLIT_CHUNK at a time (a running max and sum)
-    m_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    m_use = tl.zeros([BLOCK_G], dtype=tl.float32)
-    total = tl.zeros([BLOCK_G], dtype=tl.float32)
-    for s0 in range(0, n_splits, SPLIT_CHUNK):
-        s_idx = s0 + tl.arange(0, SPLIT_CHUNK)
-        ml_ok = g_ok[:, None] & (s_idx[None, :] < n_splits)
-        m = tl.load(M_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=float("-inf"))
-        l = tl.load(L_PART + rows[:, None] + s_idx[None, :], mask=ml_ok, other=0.0)
-        m_new = tl.maximum(m_max, tl.max(m, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        total = total * tl.math.exp2(m_max - m_use) + tl.sum(l * tl.math.exp2(m - m_use[:, None]), 1)
-        m_max = m_new
-    lse2 = m_use + tl.math.log2(tl.where(total == 0.0, 1.0, total))
-    score_row = SCORES + ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * n_blocks
-    beta = tl.arange(0, NB_PAD)
-    tl.store(score_row + beta, tl.zeros([NB_PAD], dtype=tl.float32), mask=beta < n_blocks)
-    offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
-    k = tl.arange(0, NB_SPLIT)
-    o = tl.zeros([BLOCK_G, HEAD_DIM_V_PAD], dtype=tl.float32)
-    for s in range(0, n_splits):
-        m_s = tl.load(M_PART + rows + s, mask=g_ok, other=float("-inf"))
-        l_s = tl.load(L_PART + rows + s, mask=g_ok, other=0.0)
-        c = tl.where(l_s > 0.0, tl.math.exp2(m_s - lse2), 0.0)  # [G]: this split's share of each head's 2^lse
-        o_s = tl.load(O_PART + (rows + s)[:, None] * HEAD_DIM_V + offs_dv[None, :],
-                      mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
-        o += (c * l_s)[:, None] * o_s
-        sb = tl.load(SB_PART + (rows + s)[:, None] * NB_SPLIT + k[None, :], mask=g_ok[:, None], other=0.0)
-        add = tl.sum(c[:, None] * sb, 0)  # [NB_SPLIT]: the group's normalized block sums
-        at = s * split_len * CMP_STRIDE // SEL_BLOCK + k
-        tl.debug_barrier()  # the previous split's stores to a block both meet, before this load
-        tl.store(score_row + at, tl.load(score_row + at, mask=at < n_blocks, other=0.0) + add, mask=at < n_blocks)
-    out = ((off_b * HKV * GROUP + off_hk * GROUP + g).to(tl.int64) * n_q + t) * HEAD_DIM_V
-    tl.store(O_CMP + out[:, None] + offs_dv[None, :], o, mask=g_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.debug_barrier()
-    scores = tl.load(score_row + beta, mask=beta < n_blocks, other=0.0)
-    pos = tl.load(SEQLENS + off_b) - n_q + t
-    own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
-    chosen = _top_of_rows(scores[None, :], tl.full([1], 0, tl.int32) + own, n_blocks, INIT, LOCAL, COUNT, COUNT_PAD,
-                          NB_PAD)
-    slots = tl.arange(0, COUNT_PAD)
-    idx = ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * COUNT
-    tl.store(IDX + idx + slots[None, :], chosen, mask=slots[None, :] < COUNT)
+    part = tl.program_id(2)
+    head0 = off_b * HKV * GROUP + off_hk * GROUP  # the group's first query head
+    base = (head0.to(tl.int64) * n_q + t) * n_splits  # its split 0's row; a head's are n_q n_splits on
+    M_ROW, L_ROW = M_PART + base, L_PART + base
+    if part == 0:
+        g = tl.arange(0, BLOCK_G)
+        g_ok = g < GROUP
+        g_rel = g * (n_q * n_splits)
+        # each head's LSE over its splits, SPLIT_CHUNK at a time (a running max and sum)
+        m_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        m_use = tl.zeros([BLOCK_G], dtype=tl.float32)
+        total = tl.zeros([BLOCK_G], dtype=tl.float32)
+        for s0 in range(0, n_splits, SPLIT_CHUNK):
+            s_idx = s0 + tl.arange(0, SPLIT_CHUNK)
+            ml_ok = g_ok[:, None] & (s_idx[None, :] < n_splits)
+            m = tl.load(M_ROW + g_rel[:, None] + s_idx[None, :], mask=ml_ok, other=float("-inf"))
+            l = tl.load(L_ROW + g_rel[:, None] + s_idx[None, :], mask=ml_ok, other=0.0)
+            m_new = tl.maximum(m_max, tl.max(m, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            total = total * tl.math.exp2(m_max - m_use) + tl.sum(l * tl.math.exp2(m - m_use[:, None]), 1)
+            m_max = m_new
+        lse2 = m_use + tl.math.log2(tl.where(total == 0.0, 1.0, total))
+        split_tokens = split_len * CMP_STRIDE
+        SB_ROW = SB_PART + base * NB_SPLIT
+        score_row = SCORES + ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * n_blocks
+        beta = tl.arange(0, NB_PAD)
+        if NB_CHUNK == NB_PAD:  # the whole row in one tile: its top blocks straight from registers
+            scores = _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, beta, n_splits, n_blocks,
+                                          split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET)
+            tl.store(score_row + beta, scores, mask=beta < n_blocks)
+        else:
+            for b_lo in range(0, n_blocks, NB_CHUNK):  # chunks independent of each other: no barrier between
+                chunk = b_lo + tl.arange(0, NB_CHUNK)
+                tl.store(score_row + chunk,
+                         _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
+                                              split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK,
+                                              MEET), mask=chunk < n_blocks)
+            tl.debug_barrier()  # the row's chunks stored by all threads, before it is read back whole
+            scores = tl.load(score_row + beta, mask=beta < n_blocks, other=0.0)
+        pos = tl.load(SEQLENS + off_b) - n_q + t
+        own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
+        chosen = _top_of_rows(scores[None, :], tl.full([1], 0, tl.int32) + own, n_blocks, INIT, LOCAL, COUNT,
+                              COUNT_PAD, NB_PAD)
+        slots = tl.arange(0, COUNT_PAD)
+        idx = ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * COUNT
+        tl.store(IDX + idx + slots[None, :], chosen, mask=slots[None, :] < COUNT)
+    else:
+        h = (part - 1) * O_HEADS + tl.arange(0, O_HEADS)
+        h_ok = h < GROUP
+        h_rel = h * (n_q * n_splits)
+        offs_dv = tl.arange(0, HEAD_DIM_V_PAD)
+        dv_ok = offs_dv < HEAD_DIM_V
+        O_ROW = O_PART + base * HEAD_DIM_V
+        # (names apart from part 0's: Triton merges the two branches' variables of one name)
+        run_max = tl.full([O_HEADS], float("-inf"), dtype=tl.float32)
+        run_sum = tl.zeros([O_HEADS], dtype=tl.float32)
+        o = tl.zeros([O_HEADS, HEAD_DIM_V_PAD], dtype=tl.float32)
+        for s0 in range(0, n_splits, O_SPLITS):  # [heads, splits, Dv] tiles: a few steps, no barrier
+            s = s0 + tl.arange(0, O_SPLITS)
+            ok = h_ok[:, None] & (s[None, :] < n_splits)
+            at = h_rel[:, None] + s[None, :]
+            m_s = tl.load(M_ROW + at, mask=ok, other=float("-inf"))
+            l_s = tl.load(L_ROW + at, mask=ok, other=0.0)
+            o_s = tl.load(O_ROW + at[:, :, None] * HEAD_DIM_V + offs_dv[None, None, :],
+                          mask=ok[:, :, None] & dv_ok[None, None, :], other=0.0)
+            max_new = tl.maximum(run_max, tl.max(m_s, 1))
+            max_use = tl.where(max_new == float("-inf"), 0.0, max_new)  # no split with a visible token yet
+            alpha = tl.math.exp2(run_max - max_use)
+            w = l_s * tl.math.exp2(m_s - max_use[:, None])  # [heads, splits]: each split's sum at the running max
+            run_sum = run_sum * alpha + tl.sum(w, 1)
+            o = o * alpha[:, None] + tl.sum(w[:, :, None] * o_s, 1)
+            run_max = max_new
+        o = o / tl.where(run_sum == 0.0, 1.0, run_sum)[:, None]
+        out = ((head0 + h).to(tl.int64) * n_q + t) * HEAD_DIM_V
+        tl.store(O_CMP + out[:, None] + offs_dv[None, :], o, mask=h_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit

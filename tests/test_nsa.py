@@ -125,6 +125,54 @@ def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c,
 
 
 @pytest.mark.interp
+@pytest.mark.parametrize("G, Nq, block_c, splits, block, stride, sel, S, Dv", [
+    (3, 2, 16, 40, 16, 1, 32, 600, 16),  # 37 splits of 16 tokens at stride 1: 3 splits touch a block (MEET 4)
+    (5, 3, 16, None, 5, 3, 32, 17000, 80),  # 33 splits meeting inside blocks; 532 blocks: the row in 3 chunks;
+    # o_cmp over 3 programs of 2 heads (the last half empty), 32 splits a step
+    (3, 2, 16, 5, 64, 64, 64, 4200, 16),  # l = d = l' = 64: splits start on a block's first token
+    (16, 1, 16, None, 32, 16, 32, 4500, 16)])  # G 16: the row of 141 blocks in 2 chunks
+def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G, Nq, block_c, splits, block, stride,
+                                                                      sel, S, Dv):
+    """_nsa_decode_select's gathered block scores (each block from the splits whose windows touch
+    it) and its o_cmp (programs over the group's heads) against the torch path and float64 scores:
+    more splits than one LSE chunk of 32, several splits a block, G not a power of two, Nq > 1, the
+    row of scores in chunks; the same bits on a second run."""
+    data = {"name": "tiny_nsa_gather", "head_dim": 32, "head_dim_v": Dv, "dtypes": ["fp32"],
+            "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"},
+                    "select": {**SMALL["select"], "block": sel}, "window": SMALL["window"]}}
+    path = tmp_path / f"tiny_nsa_gather_{block}_{stride}_{sel}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec, module = parse_spec(data, str(path)), attngen.load(path)
+    rt = module.RUNTIME
+    g = torch.Generator().manual_seed(G * 10 + Nq)
+    B, Hkv = 4, 2 if G < 16 else 1
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
+    lengths = torch.tensor([0, 20, 192, S])
+    cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
+    q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
+    pos = lengths[:, None] - Nq + torch.arange(Nq)
+    rt.count = 6
+    try:
+        want_o, want_idx = rt._decode_compressed(q, cmp, pos, rt.scale, S)
+        runs = [rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c, splits=splits)
+                for _ in range(2)]
+    finally:
+        rt.count = spec.nsa.select_count
+    got_o, got_idx, got_scores = runs[0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert (got_o - want_o).abs().max() < 1e-5
+    n_cmp, n_blocks = cmp[0].shape[2], -(-S // rt.l_sel)
+    s = (q.double().view(B, Hkv, G, Nq, 32) @ cmp[0].double()[:, :, None].transpose(-1, -2)) * rt.scale
+    visible = (torch.arange(n_cmp) * rt.d + rt.l - 1) <= pos[:, None, None, :, None]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    scores = p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()
+    assert (got_scores.double() - scores).abs().max() < 1e-5
+    ok, _ = selection_agrees(got_idx, want_idx, scores.float())
+    assert ok and got_idx.shape == want_idx.shape
+    assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
+
+
+@pytest.mark.interp
 @pytest.mark.parametrize("G, Nq, splits, paged", [(2, 1, 1, False), (3, 3, 5, False), (1, 2, None, True),
                                                   (16, 1, 4, True)])
 def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged):
