@@ -186,11 +186,11 @@ def show(spec: Path = typer.Argument(..., help="spec file, or a shipped spec's n
             batch, hq, hkv, n_q, context = _decode_shape(decode)
             path = resolve_spec(spec)
             spec_, module = load_spec(path), attngen.load(path)
-            # an NSA spec's window branch's decode (the path without fused_decode)
+            # an NSA spec's window branch's decode (fused_decode=False; the fused step is NSA's own kernels)
             rt = runtime.of(module.RUNTIME.branches()["swa"] if spec_.nsa is not None else module)
             layout = spec_.sparsity is not None
             plan = rt.decode_plan(batch, hq, hkv, n_q, context, TARGETS[target].sms)
-            typer.echo(f"// decode{' (the window branch)' if spec_.nsa is not None else ''}, B={batch} Hq={hq} "
+            typer.echo(f"// decode{' (the window branch: its kernel with fused_decode=False; the default fused step runs NSA kernels of its own)' if spec_.nsa is not None else ''}, B={batch} Hq={hq} "
                        f"Hkv={hkv} Nq={n_q} context={context} on {target} ({TARGETS[target].sms} SMs)\n"
                        f"{plan.describe(layout, spec_.mask.document)}")
             if spec_.nsa is not None:

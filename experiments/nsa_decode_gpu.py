@@ -4,7 +4,7 @@ Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1
 cache's update, the compressed branch and the selection in torch, the selected branch's kernel,
 the window branch's decode kernel, the gates' mix) against torch SDPA's backends over the whole
 dense cache (enable_gqa; one query sees every key, so no mask) and our dense causal decode (d128),
-in one process; the NSA step also with `fused_decode` (the step in six kernels, the default) and under
+in one process; the NSA step also with `fused_decode` (the step in six kernels, eight with linear compression: the default) and under
 torch.compile(fullgraph=True), whose Inductor fuses the torch ops between the kernels. bf16, Hq 64,
 Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
 A case BxCONTEXTx4 decodes 4 queries a step (speculative decoding: the fused step's selected items

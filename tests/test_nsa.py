@@ -274,7 +274,7 @@ def test_compressed_cache_update_kernel_matches_torch(tmp_path, kind, block, str
     """fused_decode's _nsa_compress_update against the torch path's update: windows of 5 and 24 rows
     (no power of two) every 3 and 7, so that 7 appended positions end two windows (one); lengths
     below one window, 0, and a window ending at the last row; contiguous and paged (pages of 16);
-    linear with head dims 48 and 72 (W's 72 columns over three programs, its 240 rows in chunks of
+    linear with head dims 48 and 72 (W's 72 columns over two programs, its 240 rows in chunks of
     128)."""
     from attngen.verify import paged as as_pages
 
@@ -309,7 +309,7 @@ def test_linear_cache_update_splits_the_window_over_programs(tmp_path, paged, sp
     """The linear update's flattened window (24 rows of D or Dv) over programs in splits of tiles of
     128 of W's rows against the torch path's einsum in float64: one split walking every tile, two
     (the last past the window's end), the count the shapes give, and 36 (more than the second launch
-    sums at once); W's columns over one to three programs; Nq 15 at stride 7, so that one step ends
+    sums at once); W's columns over one or two programs; Nq 15 at stride 7, so that one step ends
     three windows (length 94) or two; contiguous and paged; the same bits on a second run."""
     from attngen.verify import paged as as_pages
 
@@ -684,7 +684,7 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
     want_o, want_lse = _selected_reference(q, k, v, indices, 32, rt.scale)
     runs = {}
     try:
-        rt.loop_order = "query"  # the token tiles (the default below G 4 is key-major)
+        rt.loop_order = "query"  # the token tiles (the default below G 4 from 16k tokens is key-major)
         for T in (None, 1) if forced is None else (None, forced, 1):
             rt.tokens_per_program = T
             runs[T] = rt.selected_forward(q, k, v, indices, rt.scale)
@@ -821,7 +821,7 @@ def test_union_lists_hold_each_tiles_blocks_once(tmp_path):
 def test_selected_forward_over_token_tiles_on_gpu(name, G):
     """The shipped specs' selected forward in bf16 (d128; d192 padded to 256 over 8 warps): query-major
     with the automatic tokens per program and with one token per program, and key-major (the
-    default below G 4), each against the float64 reference."""
+    default below G 4 from 16k tokens or past head dim 128), each against the float64 reference."""
     from attngen.resources import resolve_spec
 
     rt = attngen.load(resolve_spec(name)).RUNTIME
