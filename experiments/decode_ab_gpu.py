@@ -6,9 +6,8 @@ contiguous and paged caches (pages shuffled), and plan variants of the current k
 (NAME:field=value:..., decode_plan's overrides, on the paged cache when the case has one). bf16,
 Hq 32, Hkv 8, d128, every sequence full; each step replayed as a CUDA graph (median, us).
 
-    git show REV:... ; attngen generate specs/causal.yaml --standalone -o out   (at REV: out/causal.py)
-    PYTHONPATH=. python3 experiments/decode_ab_gpu.py --baseline out/causal_base.py --json $OUT/decode_ab.json
-    (data/baselines/causal_53b5bfd.py: 53b5bfd's, the tree of the 2026-12-06 decode table in BENCHMARKS.md)
+    scripts/baseline_module.sh REV causal        # out/baselines/causal_REV.py (53b5bfd: the 2026-12-06 decode table's)
+    PYTHONPATH=. python3 experiments/decode_ab_gpu.py --baseline out/baselines/causal_REV.py --json $OUT/decode_ab.json
 """
 
 from __future__ import annotations
