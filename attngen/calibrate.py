@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .cost_model import FITTED, TARGETS, Constants, Workload, predict, rank
 from .lower import lower, lower_backward
-from .passes import BUCKETS, PassOptions, bucket_workload, mask_plan, sfu_per_score
+from .passes import PassOptions, bucket_for, mask_plan, sfu_per_score
 from .resources import specs_dir
 from .runtime.roles import VARIANTS
 from .spec import load_spec
@@ -114,10 +114,7 @@ def _module_work(row: dict, buckets: bool = True) -> Workload:
     (PassOptions.shape_buckets, the default), or with buckets=False the nominal shape."""
     _, sfu = _plan(row["spec_path"], row["role"])
     work = replace(PassOptions().workload, dtype=row["dtype"], score_sfu=sfu)
-    if not buckets:
-        return work
-    nearest = min((work.seq_q, *BUCKETS), key=lambda b: abs(math.log2(row["shape"][2] / b)))
-    return bucket_workload(work, nearest)
+    return bucket_for(work, row["shape"][2]) if buckets else work
 
 
 UNMEASURED = math.log(2)  # the regret of a pick that was not timed or failed: as if it ran at half the best's speed

@@ -13,7 +13,6 @@ candidates through the backward alone (forward outputs computed once).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -23,7 +22,7 @@ import torch
 from . import runtime
 from .bench import BenchShape, bench_documents, bench_layout
 from .loader import load
-from .passes import BUCKETS, PassOptions, bucket_workload
+from .passes import PassOptions, bucket_for
 from .pipeline import compile_spec
 from .tiling import TileConfig
 
@@ -149,10 +148,7 @@ def bucket_options(seq: int) -> PassOptions:
     """The pass options whose nominal shape is the bucket a module takes its tiling from for
     sequences of `seq` tokens (runtime/module.py config(); the nominal shape or one of BUCKETS)."""
     options = PassOptions()
-    if not options.shape_buckets:
-        return options
-    nearest = min((options.workload.seq_q, *BUCKETS), key=lambda b: abs(math.log2(max(seq, 1) / b)))
-    return replace(options, workload=bucket_workload(options.workload, nearest))
+    return replace(options, workload=bucket_for(options.workload, seq)) if options.shape_buckets else options
 
 
 def summary(trials: list[Trial]) -> dict:

@@ -54,6 +54,7 @@ The verifier runs after every pass.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -134,6 +135,13 @@ class BucketTilings:
 def bucket_workload(work: Workload, seq: int) -> Workload:
     """The nominal workload moved to sequence length `seq`, same number of tokens (batch >= 1)."""
     return replace(work, batch=max(1, work.batch * work.seq_q // seq), seq_q=seq, seq_k=seq)
+
+
+def bucket_for(work: Workload, seq: int) -> Workload:
+    """The workload a module ranks tilings at for calls of `seq` tokens: the nominal one or the
+    nearest of BUCKETS on a log scale (as runtime/module.py config() picks among BUCKET_SEQS)."""
+    nearest = min((work.seq_q, *BUCKETS), key=lambda b: abs(math.log2(max(seq, 1) / b)))
+    return work if nearest == work.seq_q else bucket_workload(work, nearest)
 
 
 def sfu_per_score(kernel: Kernel) -> int:
