@@ -798,8 +798,8 @@ _TOP_BLOCKS_MAX = 16384  # the widest row of scores _nsa_top_blocks holds (1M to
 def loop_order(G: int, N: int, head_dim: int) -> str:
     """The selected forward's default loop order for groups of G query heads over N tokens
     (head_dim: the larger of q's and v's): key-major below G 4 from 16k tokens (measured at 4k-64k),
-    or past head dim 128, where query-major takes one token per program (measured at 16k only:
-    5.4x; shorter lengths follow from that reason, untimed), else query-major
+    or past head dim 128, where query-major takes one token per program (measured at 16k only;
+    shorter lengths follow from that reason, untimed), else query-major
     (docs/decisions/nsa-plan.md, "Key-major for small groups").
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
