@@ -6,7 +6,7 @@ contiguous and paged caches (pages shuffled), and plan variants of the current k
 (NAME:field=value:..., decode_plan's overrides, on the paged cache when the case has one). bf16,
 Hq 32, Hkv 8, d128, every sequence full; each step replayed as a CUDA graph (median, us).
 
-    scripts/baseline_module.sh REV causal        # out/baselines/causal_REV.py (53b5bfd: the 2026-12-06 decode table's)
+    python experiments/baseline_module.py REV causal   # out/baselines/causal_REV.py (53b5bfd: the 2026-12-06 decode table's)
     PYTHONPATH=. python3 experiments/decode_ab_gpu.py --baseline out/baselines/causal_REV.py --json $OUT/decode_ab.json
 """
 

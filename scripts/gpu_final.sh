@@ -16,7 +16,7 @@
 #                                             # GPU test tier, NSA's decoding (the new kernels: the
 #                                             # linear update, the selection), the document span's
 #                                             # kernel, B128 decoding against 53b5bfd's module
-#                                             # (first: scripts/baseline_module.sh 53b5bfd causal,
+#                                             # (first: python experiments/baseline_module.py 53b5bfd causal,
 #                                             # and carry out/baselines)
 # Each benchmark group is MODE:HEAD_DIM over $SPECS at 1k, 4k and 16k tokens (16 heads at d128,
 # 32 at d64), one JSON per spec so that a run cut short keeps the rest; nothing new starts after
@@ -52,7 +52,7 @@ for group in "$@"; do
     timeout 100 python3 experiments/gated_decode_gpu.py --kernels --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -3 | tee $OUT/gated.txt
     # the B128 rows' 6% since 53b5bfd (BENCHMARKS.md): both trees' kernels in one process
     base=out/baselines/causal_53b5bfd.py
-    [ -f $base ] || echo "no $base: scripts/baseline_module.sh 53b5bfd causal, and carry out/baselines"
+    [ -f $base ] || echo "no $base: python experiments/baseline_module.py 53b5bfd causal, and carry out/baselines"
     [ -f $base ] && timeout 150 python3 experiments/decode_ab_gpu.py --baseline $base --variants "" \
       --cases 128x2048,128x8192,32x8192,1x131072,1x8192,4x16384x512 --json $OUT/decode_ab_b128.json 2>&1 | grep -v -i warn | tail -7 | tee $OUT/ab_b128.txt
     continue
