@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -441,21 +442,86 @@ def element_plan(plan: MaskPlan) -> MaskPlan:
 def decode_key_width(plan: MaskPlan) -> tuple[int, int] | None:
     """(a, b): the last n rows of any square problem (a decode call's: Nq = Nk, rows Nk - n .. Nk -
     1) see keys within a span of at most a + b n, from the element mask's closed-form bounds (a
-    window: its width + n); None where the span grows with the length (no lower bound, or one that
-    is not linear in n alone)."""
+    window: its width + n; a chunk of C: C - 1 + n, its floors bounded by their arguments); None
+    where the span grows with the length (no lower bound, or none linear in n alone)."""
     plan = element_plan(plan)
     if plan.kind is not PlanKind.RANGE or plan.transposed or plan.kv_lo is None:
         return None
     n = sympy.Symbol("n", integer=True, positive=True)
-    hi = NK - 1 if plan.kv_hi is None else plan.kv_hi
-    span = sympy.expand((hi - plan.kv_lo + 1).subs({M_FIRST: NK - n, M_LAST: NK - 1}).subs(NQ, NK))
-    if span.free_symbols - {n} or not span.is_polynomial(n):
-        return None
-    poly = sympy.Poly(span, n)
-    if poly.degree() > 1 or not all(c.is_Integer for c in poly.all_coeffs()):
-        return None
-    b, a = ([0] + [int(c) for c in poly.all_coeffs()])[-2:]
-    return (a, b) if b >= 0 else None
+    rows = {M_FIRST: NK - n, M_LAST: NK - 1}
+    his = [NK - 1] if plan.kv_hi is None else _bounds(plan.kv_hi.subs(rows).subs(NQ, NK), upper=True)
+    los = _bounds(plan.kv_lo.subs(rows).subs(NQ, NK), upper=False)
+    best = None
+    for hi, lo in itertools.product(his or [], los or []):
+        span = sympy.expand(hi - lo + 1)
+        if span.free_symbols - {n} or not span.is_polynomial(n):
+            continue
+        poly = sympy.Poly(span, n)
+        coeffs = [sympy.Integer(0)] * (2 - len(poly.all_coeffs())) + list(poly.all_coeffs())
+        if poly.degree() > 1 or not all(c.is_Rational for c in coeffs) or not coeffs[0].is_Integer or coeffs[0] < 0:
+            continue
+        width = (int(sympy.ceiling(coeffs[1])), int(coeffs[0]))
+        best = width if best is None or width[::-1] < best[::-1] else best
+    return best
+
+
+_MAX_BOUNDS = 16  # candidate bounds of one expression (a choice per Min / Max argument)
+
+
+def _bounds(e: sympy.Expr, upper: bool) -> list[sympy.Expr] | None:
+    """Expressions without floor, ceiling, Mod, Min or Max that bound e from above (upper) or
+    below, for integer symbols: each of them is a bound (one per choice of a Min's argument for an
+    upper bound, of a Max's for a lower); None where no such bound is derived."""
+    if not e.has(sympy.floor, sympy.ceiling, sympy.Mod, sympy.Min, sympy.Max):
+        return [e]
+    if isinstance(e, sympy.Add):
+        parts = [_bounds(t, upper) for t in e.args]
+        if any(p is None for p in parts):
+            return None
+        out = [sympy.Add(*c) for c in itertools.product(*parts)]
+        return out[:_MAX_BOUNDS]
+    if isinstance(e, sympy.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if coeff == 1 or not coeff.is_Rational:
+            return None  # a product of symbolic factors: no bound derived
+        inner = _bounds(rest, upper if coeff > 0 else not upper)
+        return None if inner is None else [coeff * b for b in inner]
+    if isinstance(e, (sympy.floor, sympy.ceiling)):
+        x = e.args[0]
+        inner = _bounds(x, upper)
+        if inner is None:
+            return None
+        if isinstance(e, sympy.floor) == upper:  # floor(x) <= x, ceiling(x) >= x
+            return inner
+        gap = 1 - sympy.Rational(1, _denominator(x)) if _denominator(x) else 1  # q x an integer: within 1 - 1/q
+        return [b - gap if upper is False else b + gap for b in inner]
+    if isinstance(e, sympy.Mod):
+        q = e.args[1]
+        if not (q.is_Integer and q > 0):
+            return None
+        return [q - 1] if upper else [sympy.Integer(0)]
+    if isinstance(e, (sympy.Min, sympy.Max)):
+        if isinstance(e, sympy.Min) != upper:
+            return None  # a lower bound of a Min (an upper of a Max) needs every argument's: not linear
+        out = []
+        for arg in e.args:  # each argument bounds a Min from above (a Max from below)
+            out.extend(_bounds(arg, upper) or [])
+        return out[:_MAX_BOUNDS] or None
+    return None
+
+
+def _denominator(x: sympy.Expr) -> int | None:
+    """q such that q x is an integer for integer symbols (x a sum of rational multiples of symbols
+    and a rational), else None."""
+    x = sympy.expand(x)
+    terms = x.args if isinstance(x, sympy.Add) else (x,)
+    q = 1
+    for t in terms:
+        coeff, rest = t.as_coeff_Mul()
+        if not coeff.is_Rational or not (rest == 1 or (rest.is_Symbol and rest.is_integer)):
+            return None
+        q = sympy.ilcm(q, coeff.q)
+    return q
 
 
 def _static_part(plan: MaskPlan, Nq: int, Nk: int, block_m: int, block_n: int) -> tuple[MaskPlan, torch.Tensor | None]:

@@ -59,7 +59,7 @@ HEAD_PARAMS = ()  # per-head call-time parameters: the rows of HP
 TILE_TABLES = {}  # kernels that walk a tile table, and its encoding (the schedule pass)
 SHALLOW_PARTIAL = ()  # kernels whose partial-tile loop pipelines one stage less (the schedule pass)
 DOCUMENT = False  # document ids come with each call
-DECODE_WIDTH = None  # (a, b): n decoding rows see at most a + b n keys (None: unbounded)
+DECODE_WIDTH = (255, 1)  # (a, b): n decoding rows see at most a + b n keys (None: unbounded)
 
 
 @triton.jit

@@ -602,6 +602,25 @@ def test_a_window_bounds_the_split_count(monkeypatch):
     _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
 
 
+@pytest.mark.interp
+def test_a_chunk_bounds_the_split_count(monkeypatch):
+    """A chunk of 256 keys (chunked's, Llama 4's) bounds the splits as a window does: its rows see at
+    most 255 + Nq keys (the floors of the chunk's bounds bounded by their arguments), 5 tiles of 64,
+    so 5 splits of a 4096-key cache at B2 with Hkv 8 on 132 SMs where the capacity gives 8; the
+    outputs match the reference at a length in a chunk's middle and one at its first key."""
+    rt = runtime.of(attngen.load(resolve_spec("chunked")))
+    assert rt.decode_width == (255, 1)
+    plans, run = [], decode.run
+    monkeypatch.setattr(decode, "sms", lambda device: 132)
+    monkeypatch.setattr(decode, "run", lambda *a, **kw: plans.append(a[8]) or run(*a, **kw))
+    spec, module, q, k_cache, v_cache, lengths, g = _case("chunked", B=2, Hkv=8, G=1, S=4096, lengths=(1000, 769))
+    assert decode.decode_plan(2, 8, 1, 4096, 128, 132).splits == 8
+    with torch.no_grad():
+        o, lse = module.attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, return_lse=True)
+    assert [p.splits for p in plans] == [5]
+    _close(spec, o, lse, q, k_cache, v_cache, lengths, 2e-5)
+
+
 GAPPED = {  # a window (and documents) over a runtime layout with gaps: the cut searches a sparse list
     "window_layout_128": "mask:\n  window: {left: 150, right: 0, align: bottom_right}\n"
                          "sparsity:\n  block: [128, 128]\n",

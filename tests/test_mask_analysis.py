@@ -580,3 +580,15 @@ def test_decode_key_width_bounds_random_expressions(text):
 ])
 def test_decode_key_width_of_known_masks(mask, want):
     assert decode_key_width(plan_for(mask_condition(mask))) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("q_idx // 256 == kv_idx // 256 and kv_idx <= q_idx", (255, 1)),  # a chunk: its floors bounded
+    ("q_idx // 100 == kv_idx // 100 and kv_idx <= q_idx", (99, 1)),
+    ("q_idx // 64 == kv_idx // 64 and q_idx - kv_idx < 40 and kv_idx <= q_idx", (39, 1)),  # the tighter one
+    ("kv_idx <= q_idx", None),
+])
+def test_decode_key_width_of_chunks(text, want):
+    plan = plan_for(parse_mask_expr(text, {}))
+    assert decode_key_width(plan) == want
+    assert_decode_width(plan, lambda Nk: expr_visible(text, {}, Nk, Nk), text)
