@@ -887,6 +887,82 @@ def _nsa_decode_merge(O_PART, M_PART, L_PART, O_CMP, GATES, O, n_splits, stride_
 
 
 
+@triton.jit
+def _mix_offsets(r, HQ, N, stride_b, stride_h, stride_n):
+    # The offsets of rows r (int64, (batch, head, token) flattened) in a [B, HQ, N, *] tensor.
+    return (r // N // HQ) * stride_b + (r // N % HQ) * stride_h + (r % N) * stride_n
+
+
+@triton.jit
+def _mix_load(X, rows, d, tile, stride_d):
+    # A [BLOCK_R, HEAD_DIM_V_PAD] float32 tile of X at row offsets rows (0 where masked).
+    return tl.load(X + rows[:, None] + d[None, :] * stride_d, mask=tile, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _nsa_mix(GATES, O_CMP, O_SLC, O_SWA, O, R, HQ, N,
+             stride_gb, stride_gh, stride_gn, stride_gc,
+             stride_cb, stride_ch, stride_cn, stride_cd,
+             stride_sb, stride_sh, stride_sn, stride_sd,
+             stride_wb, stride_wh, stride_wn, stride_wd,
+             HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    # O [R, HEAD_DIM_V] (contiguous, in its dtype) = g_cmp o_cmp + g_slc o_slc + g_swa o_swa for
+    # BLOCK_R rows: GATES [B, HQ, N, 3] and the branches' outputs [B, HQ, N, HEAD_DIM_V] of any
+    # dtypes and strides; the products and sums in float32.
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < R
+    d = tl.arange(0, HEAD_DIM_V_PAD)
+    tile = row_ok[:, None] & (d[None, :] < HEAD_DIM_V)
+    gates = GATES + _mix_offsets(r, HQ, N, stride_gb, stride_gh, stride_gn)
+    g_cmp = tl.load(gates, mask=row_ok, other=0.0).to(tl.float32)
+    g_slc = tl.load(gates + stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+    g_swa = tl.load(gates + 2 * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+    o = _mix_load(O_CMP, _mix_offsets(r, HQ, N, stride_cb, stride_ch, stride_cn), d, tile, stride_cd) * g_cmp[:, None]
+    o += _mix_load(O_SLC, _mix_offsets(r, HQ, N, stride_sb, stride_sh, stride_sn), d, tile, stride_sd) * g_slc[:, None]
+    o += _mix_load(O_SWA, _mix_offsets(r, HQ, N, stride_wb, stride_wh, stride_wn), d, tile, stride_wd) * g_swa[:, None]
+    tl.store(O + r[:, None] * HEAD_DIM_V + d[None, :], o.to(O.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def _nsa_mix_bwd(DO, GATES, O_CMP, O_SLC, O_SWA, D_CMP, D_SLC, D_SWA, DG, R, HQ, N,
+                 stride_db, stride_dh, stride_dn, stride_dd,
+                 stride_gb, stride_gh, stride_gn, stride_gc,
+                 stride_cb, stride_ch, stride_cn, stride_cd,
+                 stride_sb, stride_sh, stride_sn, stride_sd,
+                 stride_wb, stride_wh, stride_wn, stride_wd,
+                 HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                 NEED_CMP: tl.constexpr, NEED_SLC: tl.constexpr, NEED_SWA: tl.constexpr, NEED_GATES: tl.constexpr):
+    # _nsa_mix's backward for BLOCK_R rows of dO (any strides): d o_x = dO g_x into D_X [R,
+    # HEAD_DIM_V] (contiguous, o_x's dtype) where NEED_X; with NEED_GATES d g_x = the sum over the
+    # value dim of dO o_x (float32) into DG [R, 3] (contiguous, the gates' dtype). A gradient not
+    # needed is neither computed nor stored, nor its inputs read.
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = r < R
+    d = tl.arange(0, HEAD_DIM_V_PAD)
+    tile = row_ok[:, None] & (d[None, :] < HEAD_DIM_V)
+    do = _mix_load(DO, _mix_offsets(r, HQ, N, stride_db, stride_dh, stride_dn), d, tile, stride_dd)
+    gates = GATES + _mix_offsets(r, HQ, N, stride_gb, stride_gh, stride_gn)
+    out = r[:, None] * HEAD_DIM_V + d[None, :]
+    if NEED_CMP:
+        g = tl.load(gates, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(D_CMP + out, (do * g[:, None]).to(D_CMP.dtype.element_ty), mask=tile)
+    if NEED_SLC:
+        g = tl.load(gates + stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(D_SLC + out, (do * g[:, None]).to(D_SLC.dtype.element_ty), mask=tile)
+    if NEED_SWA:
+        g = tl.load(gates + 2 * stride_gc, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(D_SWA + out, (do * g[:, None]).to(D_SWA.dtype.element_ty), mask=tile)
+    if NEED_GATES:
+        dg = DG + r * 3
+        o = _mix_load(O_CMP, _mix_offsets(r, HQ, N, stride_cb, stride_ch, stride_cn), d, tile, stride_cd)
+        tl.store(dg, tl.sum(do * o, 1).to(DG.dtype.element_ty), mask=row_ok)
+        o = _mix_load(O_SLC, _mix_offsets(r, HQ, N, stride_sb, stride_sh, stride_sn), d, tile, stride_sd)
+        tl.store(dg + 1, tl.sum(do * o, 1).to(DG.dtype.element_ty), mask=row_ok)
+        o = _mix_load(O_SWA, _mix_offsets(r, HQ, N, stride_wb, stride_wh, stride_wn), d, tile, stride_wd)
+        tl.store(dg + 2, tl.sum(do * o, 1).to(DG.dtype.element_ty), mask=row_ok)
+
+
+
 from attngen.runtime.nsa import NSAModule  # noqa: E402
 
 RUNTIME = NSAModule(globals())

@@ -182,7 +182,7 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     0, 1 (fewer keys than queries), inside the first block, 71 and 72 (the first query's window
     starts a tile before the last's; the window over the most tiles), and full; contiguous and paged
     caches; gates as a permuted view (its gate stride not 1)."""
-    from attngen.runtime.nsa import _mix
+    from attngen.runtime.nsa import _mix_torch
     from attngen.verify import paged as as_pages
 
     spec, module = _module(tmp_path)
@@ -203,10 +203,134 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     o_slc = rt.selected_forward(q, k_cache, v_cache, indices, rt.scale, (lengths - Nq).int(), table)[0]
     o_swa = rt.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
                                                         block_table=table, scale=rt.scale)
-    want = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
+    want = _mix_torch(gates, o_cmp, o_slc, o_swa, q.dtype)
     got = rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp, gates, splits=splits)
     assert (got - want).abs().max() < 1e-5
     assert (got[0] == 0).all()  # no key: every branch gives zeros
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mix_inputs(dtype, Dv, strided, seed=0, B=2, Hq=3, N=23):
+    """gates [B, Hq, N, 3] and o_cmp, o_slc, o_swa [B, Hq, N, Dv] in dtype, random. strided: views
+    the mix must read through their strides: the gates permuted (gate stride not 1), o_cmp every
+    other column of a wider tensor, o_slc a transposed [.., Dv, N] (value stride N), o_swa [B, N,
+    Hq, Dv] with heads and tokens swapped."""
+    g = torch.Generator().manual_seed(seed)
+    dt = _DTYPES[dtype]
+    if not strided:
+        return torch.rand(B, Hq, N, 3, generator=g).to(dt), \
+            *(torch.randn(B, Hq, N, Dv, generator=g).to(dt) for _ in range(3))
+    gates = torch.rand(B, 3, Hq, N, generator=g).to(dt).permute(0, 2, 3, 1)
+    o_cmp = torch.randn(B, Hq, N, 2 * Dv, generator=g).to(dt)[..., ::2]
+    o_slc = torch.randn(B, Hq, Dv, N, generator=g).to(dt).transpose(-1, -2)
+    o_swa = torch.randn(B, N, Hq, Dv, generator=g).to(dt).transpose(1, 2)
+    return gates, o_cmp, o_slc, o_swa
+
+
+def _launches(monkeypatch, rt, attr: str) -> list:
+    """The keyword arguments (the constexprs) of each launch of the module's kernel rt.<attr> from
+    now on (each still runs)."""
+    launches, kernel = [], getattr(rt, attr)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(rt, attr, Spy())
+    return launches
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("dtype, Dv, strided, cmp_fp32", [("fp32", 16, False, False), ("fp32", 48, True, False),
+                                                          ("fp16", 48, False, False), ("bf16", 16, True, False),
+                                                          ("fp16", 48, True, True)])
+def test_mix_kernel_matches_the_torch_form(tmp_path, monkeypatch, dtype, Dv, strided, cmp_fp32):
+    """The gates' mix by the _nsa_mix kernel (_mix with the module: one launch) against the torch
+    form (_mix_torch): fp32 to a float32 rounding, 16-bit to one unit in the last place of the
+    output (the interpreter's bfloat16 cast truncates); Dv 48 (padded to 64, masked), several
+    programs with a partial last one, views read through their strides, and decoding's float32
+    o_cmp beside 16-bit branches."""
+    from attngen.runtime.nsa import _mix, _mix_torch
+
+    _, module = _module(tmp_path, Dv=Dv)
+    launches = _launches(monkeypatch, module.RUNTIME, "mix_kernel")
+    gates, o_cmp, o_slc, o_swa = _mix_inputs(dtype, Dv, strided)
+    if cmp_fp32:
+        o_cmp = o_cmp.float()
+    assert strided == (not o_slc.is_contiguous())
+    want = _mix_torch(gates, o_cmp, o_slc, o_swa, _DTYPES[dtype])
+    got = _mix(gates, o_cmp, o_slc, o_swa, _DTYPES[dtype], module.RUNTIME)
+    assert len(launches) == 1 and got.dtype == want.dtype and got.shape == want.shape and got.is_contiguous()
+    tol = 1e-6 if dtype == "fp32" else torch.finfo(_DTYPES[dtype]).eps
+    assert ((got.float() - want.float()).abs() <= tol * want.float().abs() + 1e-6).all()
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("dtype, Dv, needs", [("fp32", 48, "gates cmp slc swa"), ("fp32", 16, "gates slc"),
+                                              ("fp32", 48, "cmp swa"), ("bf16", 16, "gates cmp slc swa")])
+def test_mix_kernel_gradients_match_autograd_through_the_torch_form(tmp_path, monkeypatch, dtype, Dv, needs):
+    """_nsa_mix_bwd through _Mix (one launch) against autograd through _mix_torch, for the inputs
+    that need a gradient (the launch computes only those; the others get none): strided inputs
+    (_mix_inputs), a random dO as a transposed view, Dv 48 (masked). d o_x = dO g_x exactly in
+    fp32, d g_x (a sum over Dv) to a float32 rounding; bf16: every gradient in its input's dtype,
+    within one unit in the last place."""
+    from attngen.runtime.nsa import _mix, _mix_torch
+
+    _, module = _module(tmp_path, Dv=Dv)
+    launches = _launches(monkeypatch, module.RUNTIME, "mix_bwd_kernel")
+    dt = _DTYPES[dtype]
+    inputs = _mix_inputs(dtype, Dv, strided=True, seed=1)
+    names = ("gates", "cmp", "slc", "swa")
+    ours = [x.detach().clone().requires_grad_(n in needs.split()) for n, x in zip(names, inputs)]
+    theirs = [x.detach().clone().requires_grad_(n in needs.split()) for n, x in zip(names, inputs)]
+    g = torch.Generator().manual_seed(2)
+    do = torch.randn(2, 3, Dv, 23, generator=g).to(dt).transpose(-1, -2)
+    _mix(*ours, dt, module.RUNTIME).backward(do)
+    _mix_torch(*theirs, dt).backward(do)
+    assert len(launches) == 1  # asked for the gradients needed, no more
+    assert [launches[0][f"NEED_{n.upper()}"] for n in names] == [n in needs.split() for n in names]
+    for name, a, b in zip(names, ours, theirs):
+        if name not in needs.split():
+            assert a.grad is None and b.grad is None
+            continue
+        assert a.grad.dtype == b.grad.dtype == a.dtype and a.grad.shape == a.shape
+        exact = dtype == "fp32" and name != "gates"
+        tol = 0.0 if exact else 1e-6 if dtype == "fp32" else torch.finfo(dt).eps
+        err = (a.grad.float() - b.grad.float()).abs()
+        assert (err <= tol * b.grad.float().abs() + (0.0 if exact else 1e-5)).all(), (name, err.max())
+
+
+@pytest.mark.interp
+def test_mix_without_gradients_launches_no_backward(tmp_path, monkeypatch):
+    """mix_backward makes only the gradients asked for, and with none asked returns none and
+    launches nothing; under no_grad the kernel's output needs none; fused_mix off: the torch form,
+    no launch; an empty batch mixes and differentiates to empty tensors."""
+    from attngen.runtime.nsa import _mix, _mix_torch
+
+    _, module = _module(tmp_path)
+    rt = module.RUNTIME
+    gates, o_cmp, o_slc, o_swa = _mix_inputs("fp32", 16, strided=False)
+    launches = _launches(monkeypatch, rt, "mix_bwd_kernel")
+    assert rt.mix_backward(o_slc, gates, o_cmp, o_slc, o_swa, (False,) * 4) == (None,) * 4 and not launches
+    dg, dc, ds, dw = rt.mix_backward(o_slc, gates, o_cmp, o_slc, o_swa, (False, False, True, False))
+    assert dg is None and dc is None and dw is None and torch.equal(ds, o_slc * gates[..., 1:2])
+    forward = _launches(monkeypatch, rt, "mix_kernel")
+    monkeypatch.setattr(rt, "fused_mix", False)
+    assert torch.equal(_mix(gates, o_cmp, o_slc, o_swa, torch.float32, rt),
+                       _mix_torch(gates, o_cmp, o_slc, o_swa, torch.float32)) and not forward
+    monkeypatch.setattr(rt, "fused_mix", True)
+    with torch.no_grad():
+        assert not _mix(gates.requires_grad_(), o_cmp, o_slc, o_swa, torch.float32, rt).requires_grad
+    empty = [x[:0].detach().requires_grad_() for x in (gates, o_cmp, o_slc, o_swa)]
+    o = _mix(*empty, torch.float32, rt)
+    assert o.shape == (0, 3, 23, 16)
+    o.sum().backward()
+    assert all(x.grad is not None and x.grad.shape == x.shape for x in empty)
 
 
 def _branches_reference(q, k, v, indices, lengths, scale, window, l_sel, o_cmp, gates):
@@ -850,9 +974,10 @@ def test_selected_forward_over_token_tiles_on_gpu(name, G):
 @pytest.mark.parametrize("kind, N", [("mean", 100), ("linear", 70), ("mean", 20)])
 def test_nsa_under_fullgraph_compile_matches_eager(tmp_path, kind, N):
     """torch.compile(fullgraph=True) over an NSA module (aot_eager on the CPU): the selection and the
-    selected branch are custom ops, the branches their fa2 modules' ops; the output and every
-    gradient (q, k, v, the gates, the compression weights) equal eager's bit for bit. N = 20 is
-    shorter than one compression window."""
+    selected branch are custom ops, the branches their fa2 modules' ops, the gates' mix torch ops;
+    the output and every gradient (q, k, v, the gates, the compression weights) equal eager's bit for
+    bit with the mix in torch ops (fused_mix off), and eager's with the mix kernels to float32
+    rounding. N = 20 is shorter than one compression window."""
     _, module = _module(tmp_path, kind=kind, stride=32 if kind == "linear" else 16)
     g = torch.Generator().manual_seed(1)
     leaves = [torch.randn(1, 4, N, 32, generator=g), torch.randn(1, 2, N, 32, generator=g),
@@ -873,9 +998,16 @@ def test_nsa_under_fullgraph_compile_matches_eager(tmp_path, kind, N):
 
     torch._dynamo.reset()
     out_c, grads_c = run(torch.compile(step, fullgraph=True, backend="aot_eager"))  # a graph break raises
-    out_e, grads_e = run(step)
+    rt = module.RUNTIME
+    saved, rt.fused_mix = rt.fused_mix, False
+    try:
+        out_e, grads_e = run(step)
+    finally:
+        rt.fused_mix = saved
     assert torch.equal(out_c, out_e)
     assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_e))
+    out_k, grads_k = run(step)
+    assert all((a - b).abs().max() <= 1e-6 * b.abs().max() for a, b in zip((out_k, *grads_k), (out_e, *grads_e)))
 
 
 @pytest.mark.interp
@@ -884,13 +1016,14 @@ def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged, fus
     """A decode step (appending three tokens, updating the compressed cache in place, attending)
     under torch.compile(fullgraph=True) with aot_eager: the output, both caches and the compressed
     cache equal eager's bit for bit (the selected branch is an op; the rest is torch and the window
-    branch's decode op); also with paged caches (pages of 16, shuffled) and their block table, and
-    with fused_decode (the compressed branch and the selection one op)."""
+    branch's decode op; eager's gates' mix in torch ops too, fused_mix off); also with paged caches
+    (pages of 16, shuffled) and their block table, and with fused_decode (the compressed branch and
+    the selection one op)."""
     from attngen.verify import paged as as_pages
 
     _, module = _module(tmp_path)
     rt = module.RUNTIME
-    saved, rt.fused_decode = rt.fused_decode, fused
+    saved, rt.fused_decode, rt.fused_mix = (rt.fused_decode, rt.fused_mix), fused, False
     g = torch.Generator().manual_seed(3)
     B, Hkv, G, S, Nq, D, Dv = 3, 2, 2, 160, 3, 32, 16
     k_cache, v_cache = torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
@@ -914,7 +1047,7 @@ def test_nsa_decoding_under_fullgraph_compile_matches_eager(tmp_path, paged, fus
             caches += rt.compressed_cache(*caches, before, block_table=table)
             runs.append((f(q, caches[0], caches[1], before, gates, caches[2], caches[3], k_new, v_new), *caches))
     finally:
-        rt.fused_decode = saved
+        rt.fused_decode, rt.fused_mix = saved
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 

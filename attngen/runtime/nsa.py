@@ -11,7 +11,8 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
    a partial row merged by LSE); for the backward `_nsa_select_bwd_dq` (query-major) and
    `_nsa_select_bwd_dkdv` (key-major, over each key block's choices cut into segments) with its sum;
 5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
-6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
+6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa: the module's `_nsa_mix` kernel, one pass over the
+   rows (the backward `_nsa_mix_bwd`), or torch ops under torch.compile or with fused_mix off (`_mix`).
 
 The math is attngen/reference_nsa.py's, which the kernels are verified against.
 """
@@ -31,13 +32,40 @@ from .module import check_qkv
 _CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
 
 
-def _mix(gates, o_cmp, o_slc, o_swa, dtype):
-    """g_cmp o_cmp + g_slc o_slc + g_swa o_swa in float32, into dtype: four passes over the rows
-    (a product, two in-place multiply-adds, the cast) where the sum of upcast products took about
-    eleven (BENCHMARKS.md, "NSA's gates")."""
+def _mix_torch(gates, o_cmp, o_slc, o_swa, dtype):
+    """g_cmp o_cmp + g_slc o_slc + g_swa o_swa in float32, into dtype, in torch ops: four passes over
+    the rows (a product, two in-place multiply-adds, the cast) where the sum of upcast products took
+    about eleven (BENCHMARKS.md, "NSA's gates"). What torch.compile traces, and the kernels' reference."""
     g = gates.to(torch.float32)
     o = o_cmp * g[..., 0:1]
     return o.addcmul_(o_slc, g[..., 1:2]).addcmul_(o_swa, g[..., 2:3]).to(dtype)
+
+
+def _mix(gates, o_cmp, o_slc, o_swa, dtype, rt=None):
+    """o [B, Hq, N, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa (gates [B, Hq, N, 3], the branches'
+    outputs [B, Hq, N, Dv]; float32 math, into dtype): with the module rt and its fused_mix set, its
+    _nsa_mix kernel (one pass over the rows; the backward _nsa_mix_bwd's, through _Mix), else and
+    under torch.compile (which traces torch ops, not the launch) _mix_torch."""
+    if rt is None or not rt.fused_mix or torch.compiler.is_compiling():
+        return _mix_torch(gates, o_cmp, o_slc, o_swa, dtype)
+    return _Mix.apply(rt, gates, o_cmp, o_slc, o_swa, dtype)
+
+
+class _Mix(torch.autograd.Function):
+    """The gates' mix by the module's kernels: o from _nsa_mix (NSAModule.mix_forward); the
+    gradients of the gates and of the three branches' outputs that need one from _nsa_mix_bwd
+    (NSAModule.mix_backward)."""
+
+    @staticmethod
+    def forward(ctx, rt, gates, o_cmp, o_slc, o_swa, dtype):
+        ctx.save_for_backward(gates, o_cmp, o_slc, o_swa)
+        ctx.rt = rt
+        return rt.mix_forward(gates, o_cmp, o_slc, o_swa, dtype)
+
+    @staticmethod
+    def backward(ctx, do):
+        grads = ctx.rt.mix_backward(do, *ctx.saved_tensors, ctx.needs_input_grad[1:5])
+        return None, *grads, None
 
 
 class _Selected(torch.autograd.Function):
@@ -98,6 +126,7 @@ class NSAModule:
         self.compress_update_kernel = ns["_nsa_compress_update"]
         self.decode_attend_kernel, self.decode_merge_kernel = ns["_nsa_decode_attend"], ns["_nsa_decode_merge"]
         self.decode_union_kernel = ns["_nsa_decode_union"]
+        self.mix_kernel, self.mix_bwd_kernel = ns["_nsa_mix"], ns["_nsa_mix_bwd"]
         self._overlaps: dict = {}
         self.fused_selection = True  # scores from the _nsa_scores kernel, measured faster (docs/decisions/nsa-plan.md)
         # the top blocks by the _nsa_top_blocks kernel (rounds of a max per row) instead of torch's
@@ -108,6 +137,10 @@ class NSAModule:
         # _decode_compressed_fused, _decode_attend_fused) instead of about 90 torch ops and 4
         # kernels: measured faster (docs/decisions/nsa-plan.md); False: the torch path
         self.fused_decode = True
+        # the gates' mix by the _nsa_mix and _nsa_mix_bwd kernels (one pass over the rows each, the
+        # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/
+        # nsa_mix.py times both); False: the torch ops, which torch.compile traces either way
+        self.fused_mix = True
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -191,7 +224,7 @@ class NSAModule:
                 indices = self.select(q, k_cmp, lse_cmp, scale)
             o_slc = _Selected.apply(self, q, k, v, indices, scale)
         o_swa = branches["swa"].attention(q, k, v, scale=scale)
-        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
+        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype, self)
         return (o, indices) if return_indices else o
 
     # ------------------------------------------------------------------ decoding
@@ -279,7 +312,7 @@ class NSAModule:
             o_slc = self.selected_forward(q, k_cache, v_cache, indices, scale, first, block_table)[0]
         o_swa = self.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
                                                               block_table=block_table, scale=scale)
-        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype)
+        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype, self)
         return (o, indices) if return_indices else o
 
     def _decode_fused(self, q, k_cache, v_cache, cmp_cache, lengths, scale: float, S: int, gates, compress_weights,
@@ -507,6 +540,55 @@ class NSAModule:
             o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
             HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=max(2, min(16, triton.next_power_of_2(splits))))
         return o
+
+    # ------------------------------------------------------------------ the gates' mix
+
+    @staticmethod
+    def _mix_rows(dv: int, elements: int) -> dict:
+        """The mix kernels' tile: BLOCK_R rows of dv (padded to a power of two) about `elements` values."""
+        pad = max(16, triton.next_power_of_2(dv))
+        return dict(HEAD_DIM_V=dv, HEAD_DIM_V_PAD=pad, BLOCK_R=max(1, elements // pad))
+
+    def mix_forward(self, gates, o_cmp, o_slc, o_swa, dtype):
+        """o [B, Hq, N, Dv] in dtype (contiguous) = g_cmp o_cmp + g_slc o_slc + g_swa o_swa by the
+        _nsa_mix kernel: gates [B, Hq, N, 3] and the outputs [B, Hq, N, Dv] of any float dtypes and
+        strides (read in place), float32 math."""
+        B, Hq, N, Dv = o_slc.shape
+        if tuple(gates.shape) != (B, Hq, N, 3) or o_cmp.shape != o_slc.shape or o_swa.shape != o_slc.shape:
+            raise ValueError(f"the gates' mix takes gates [B, Hq, N, 3] and three outputs [B, Hq, N, Dv] of one shape; "
+                             f"got {list(gates.shape)}, {list(o_cmp.shape)}, {list(o_slc.shape)}, {list(o_swa.shape)}")
+        o = torch.empty(B, Hq, N, Dv, dtype=dtype, device=o_slc.device)
+        R = B * Hq * N
+        if not o.numel():
+            return o
+        tile = self._mix_rows(Dv, 4096)
+        self.mix_kernel[(-(-R // tile["BLOCK_R"]),)](
+            gates, o_cmp, o_slc, o_swa, o, R, Hq, N, *gates.stride(), *o_cmp.stride(), *o_slc.stride(),
+            *o_swa.stride(), num_warps=4, **tile)
+        return o
+
+    def mix_backward(self, do, gates, o_cmp, o_slc, o_swa, needs=(True, True, True, True)):
+        """(d gates, d o_cmp, d o_slc, d o_swa) of mix_forward from do (any strides), by the
+        _nsa_mix_bwd kernel, each in its input's dtype (contiguous); None where `needs` (gates, o_cmp,
+        o_slc, o_swa) says no gradient is needed, and no launch where none is. d o_x = do g_x; d g_x
+        = the sum over Dv of do o_x, in float32."""
+        need_g, need_c, need_s, need_w = (bool(x) for x in needs)
+        dg = torch.empty(gates.shape, dtype=gates.dtype, device=gates.device) if need_g else None
+        dc, ds, dw = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else None
+                      for x, need in ((o_cmp, need_c), (o_slc, need_s), (o_swa, need_w)))
+        B, Hq, N, Dv = o_slc.shape
+        R = B * Hq * N
+        if not (need_g or need_c or need_s or need_w) or not R or not Dv:
+            if dg is not None:
+                dg.zero_()  # no value dim: sums of nothing
+            return dg, dc, ds, dw
+        tile = self._mix_rows(Dv, 2048)
+        self.mix_bwd_kernel[(-(-R // tile["BLOCK_R"]),)](
+            do, gates, o_cmp, o_slc, o_swa, do if dc is None else dc, do if ds is None else ds,
+            do if dw is None else dw, do if dg is None else dg, R, Hq, N, *do.stride(), *gates.stride(),
+            *o_cmp.stride(), *o_slc.stride(), *o_swa.stride(), NEED_CMP=need_c, NEED_SLC=need_s, NEED_SWA=need_w,
+            NEED_GATES=need_g, num_warps=4, **tile)
+        return dg, dc, ds, dw
 
     # ------------------------------------------------------------------ the stages
 
