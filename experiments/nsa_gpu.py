@@ -46,7 +46,11 @@ def main() -> None:
     ap.add_argument("--seqs", default="8192,16384,32768,65536")
     ap.add_argument("--specs", default="nsa,nsa_linear")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, help="a file for torch.profiler's kernel table of one forward "
+                    "and one forward+backward per row")
+    ap.add_argument("--no-stages", action="store_true", help="skip the stages (the torch selection is slow at 64k)")
     args = ap.parse_args()
+    tables = []
     causal = attngen.load(resolve_spec("causal"))
     rows = []
     for name in args.specs.split(","):
@@ -67,6 +71,15 @@ def main() -> None:
             with torch.no_grad():
                 row["nsa fwd"] = _ms(nsa)
             row["nsa fwd+bwd"] = _ms(_fwd_bwd(lambda: nsa().float().sum(), ins))
+            if args.profile:  # where the time goes, kernel by kernel (ours and torch's)
+                step = _fwd_bwd(lambda: nsa().float().sum(), ins)
+                for label, fn in (("forward", lambda: mod.attention(q.detach(), k.detach(), v.detach(), gates=gates.detach(),
+                                                                     compress_weights=weights)), ("forward+backward", step)):
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        fn()
+                        torch.cuda.synchronize()
+                    tables.append(f"## {name} N={N} {label}\n"
+                                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
             if D == Dv == 128:
                 kk, vv = (x.detach().repeat_interleave(16, dim=1) for x in (k, v))
                 with torch.no_grad():
@@ -80,52 +93,56 @@ def main() -> None:
                             row[label] = f"{type(e).__name__}: {str(e)[:80]}"
                 row["causal (ours) fwd+bwd"] = _ms(_fwd_bwd(lambda: causal.attention(q, k, v).float().sum(), ins[:3]))
             # the forward's stages
-            with torch.no_grad():
-                kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
-                br = rt.branches()
-                o_c, lse_c = br["cmp"].attention(q, kc, vc, return_lse=True)
-                idx = rt.select(q, kc, lse_c, rt.scale)
-                row["stage compress+cmp"] = _ms(lambda: br["cmp"].attention(q, rt.compress(k, weights and weights[0]),
-                                                                            rt.compress(v, weights and weights[1])))
-                row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
-                # the top blocks by torch's sort, then by the _nsa_top_blocks kernel (the default)
-                rt.top_blocks_kernel = False
-                try:
-                    row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
-                    by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
-                finally:
-                    rt.top_blocks_kernel = True
-                try:
-                    row["stage select (fused scores, top-blocks kernel)"] = _ms(
-                        lambda: rt.select_fused(q, kc, lse_c, rt.scale))
-                    row["top-blocks kernel gives the sort's blocks"] = bool(
-                        torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], by_sort))
-                finally:
-                    rt.top_blocks_kernel = True
-                row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
-                # tokens per program: the automatic choice (above) against one token (the old kernel's
-                # tiling) and a few others; the union lists' share and size at the automatic one
-                auto = rt.selected_tokens(64 // 4, N)  # G = Hq / Hkv
-                row["selected T (auto)"] = auto
-                _, count = union_lists(idx, auto, -(-N // rt.l_sel))
-                row["selected union blocks per tile (auto)"] = round(count.float().mean().item(), 2)
-                row["stage selected union lists (auto)"] = _ms(lambda: union_lists(idx, auto, -(-N // rt.l_sel)))
-                o_auto = rt.selected_forward(q, k, v, idx, rt.scale)[0]
-                try:
-                    for T in (1, 2, 8):
-                        if T != auto:
-                            rt.tokens_per_program = T
-                            row[f"stage selected (T={T})"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
-                    rt.tokens_per_program = 1
-                    o_one = rt.selected_forward(q, k, v, idx, rt.scale)[0]
-                finally:
-                    rt.tokens_per_program = None
-                row["selected auto vs T=1 max diff"] = (o_auto.float() - o_one.float()).abs().max().item()
-                row["stage window"] = _ms(lambda: br["swa"].attention(q, k, v))
+            if not args.no_stages:
+                with torch.no_grad():
+                    kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
+                    br = rt.branches()
+                    o_c, lse_c = br["cmp"].attention(q, kc, vc, return_lse=True)
+                    idx = rt.select(q, kc, lse_c, rt.scale)
+                    row["stage compress+cmp"] = _ms(lambda: br["cmp"].attention(q, rt.compress(k, weights and weights[0]),
+                                                                                rt.compress(v, weights and weights[1])))
+                    row["stage select"] = _ms(lambda: rt.select(q, kc, lse_c, rt.scale))
+                    # the top blocks by torch's sort, then by the _nsa_top_blocks kernel (the default)
+                    rt.top_blocks_kernel = False
+                    try:
+                        row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                        by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
+                    finally:
+                        rt.top_blocks_kernel = True
+                    try:
+                        row["stage select (fused scores, top-blocks kernel)"] = _ms(
+                            lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                        row["top-blocks kernel gives the sort's blocks"] = bool(
+                            torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], by_sort))
+                    finally:
+                        rt.top_blocks_kernel = True
+                    row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
+                    # tokens per program: the automatic choice (above) against one token (the old kernel's
+                    # tiling) and a few others; the union lists' share and size at the automatic one
+                    auto = rt.selected_tokens(64 // 4, N)  # G = Hq / Hkv
+                    row["selected T (auto)"] = auto
+                    _, count = union_lists(idx, auto, -(-N // rt.l_sel))
+                    row["selected union blocks per tile (auto)"] = round(count.float().mean().item(), 2)
+                    row["stage selected union lists (auto)"] = _ms(lambda: union_lists(idx, auto, -(-N // rt.l_sel)))
+                    o_auto = rt.selected_forward(q, k, v, idx, rt.scale)[0]
+                    try:
+                        for T in (1, 2, 8):
+                            if T != auto:
+                                rt.tokens_per_program = T
+                                row[f"stage selected (T={T})"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
+                        rt.tokens_per_program = 1
+                        o_one = rt.selected_forward(q, k, v, idx, rt.scale)[0]
+                    finally:
+                        rt.tokens_per_program = None
+                    row["selected auto vs T=1 max diff"] = (o_auto.float() - o_one.float()).abs().max().item()
+                    row["stage window"] = _ms(lambda: br["swa"].attention(q, k, v))
             print(json.dumps(row), flush=True)
             rows.append(row)
             q = k = v = gates = ins = kk = vv = None
             torch.cuda.empty_cache()
+    if args.profile:
+        with open(args.profile, "w") as f:
+            f.write("\n\n".join(tables))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": environment(), "rows": rows}, f, indent=1)
