@@ -674,38 +674,72 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
 
 
 @triton.jit
-def _nsa_compress_update(CACHE, PAGES, CMP, W, PART, SEQLENS, stride_cb, stride_ch, stride_cn, stride_cd, stride_pb,
-                         stride_mb, stride_mh, stride_mn, stride_md, stride_wh, stride_wf, stride_we, n_q, n_cmp, HKV,
-                         n_splits, split_rows, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr,
-                         EO: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
-                         PAGE_SIZE: tl.constexpr, LINEAR: tl.constexpr, PARTIAL: tl.constexpr):
-    # Program (batch x KV head, BLOCK_EO output columns[, split]): the compressed tokens whose windows
-    # end at the sequence's last n_q positions (ends are CMP_STRIDE apart: at most n_q // CMP_STRIDE +
-    # 1 steps), each the mean of its CMP_BLOCK rows of CACHE, or with LINEAR their rows flattened
-    # (F = CMP_BLOCK * E) times W [HKV, F, EO], in two launches (docs/decisions/nsa-plan.md):
+def _nsa_compress_update(K_CACHE, V_CACHE, PAGES, K_CMP, V_CMP, W_K, W_V, K_PART, V_PART, SEQLENS,
+                         stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+                         stride_pb, stride_kmb, stride_kmh, stride_kmn, stride_kmd,
+                         stride_vmb, stride_vmh, stride_vmn, stride_vmd,
+                         stride_wkh, stride_wkf, stride_wke, stride_wvh, stride_wvf, stride_wve,
+                         n_q, n_cmp, HKV, k_splits, k_split_rows, v_splits, v_split_rows,
+                         CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E_K: tl.constexpr, EO_K: tl.constexpr,
+                         E_V: tl.constexpr, EO_V: tl.constexpr, BLOCK_EO_K: tl.constexpr, BLOCK_EO_V: tl.constexpr,
+                         BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr, PAGE_SIZE: tl.constexpr, LINEAR: tl.constexpr,
+                         PARTIAL: tl.constexpr):
+    # The keys' and the values' compressed-cache update in one launch (_compress_update): program
+    # axis 1 holds the keys' column blocks, then the values'; axis 2 the larger of their split
+    # counts (a program past its cache's returns).
+    n_eo_k = (EO_K + BLOCK_EO_K - 1) // BLOCK_EO_K
+    pid_eo = tl.program_id(1)
+    if pid_eo < n_eo_k:
+        if tl.program_id(2) < k_splits:
+            _compress_update(K_CACHE, PAGES, K_CMP, W_K, K_PART, SEQLENS, tl.program_id(0), pid_eo, tl.program_id(2),
+                             stride_kb, stride_kh, stride_kn, stride_kd, stride_pb,
+                             stride_kmb, stride_kmh, stride_kmn, stride_kmd, stride_wkh, stride_wkf, stride_wke,
+                             n_q, n_cmp, HKV, k_splits, k_split_rows, CMP_BLOCK, CMP_STRIDE, E_K, EO_K, BLOCK_EO_K,
+                             BLOCK_L, BLOCK_F, PAGE_SIZE, LINEAR, PARTIAL)
+    else:
+        if tl.program_id(2) < v_splits:
+            _compress_update(V_CACHE, PAGES, V_CMP, W_V, V_PART, SEQLENS, tl.program_id(0), pid_eo - n_eo_k,
+                             tl.program_id(2), stride_vb, stride_vh, stride_vn, stride_vd, stride_pb,
+                             stride_vmb, stride_vmh, stride_vmn, stride_vmd, stride_wvh, stride_wvf, stride_wve,
+                             n_q, n_cmp, HKV, v_splits, v_split_rows, CMP_BLOCK, CMP_STRIDE, E_V, EO_V, BLOCK_EO_V,
+                             BLOCK_L, BLOCK_F, PAGE_SIZE, LINEAR, PARTIAL)
+
+
+@triton.jit
+def _compress_update(CACHE, PAGES, CMP, W, PART, SEQLENS, pid_bh, pid_eo, pid_split,
+                     stride_cb, stride_ch, stride_cn, stride_cd, stride_pb,
+                     stride_mb, stride_mh, stride_mn, stride_md, stride_wh, stride_wf, stride_we, n_q, n_cmp, HKV,
+                     n_splits, split_rows, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, E: tl.constexpr,
+                     EO: tl.constexpr, BLOCK_EO: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_F: tl.constexpr,
+                     PAGE_SIZE: tl.constexpr, LINEAR: tl.constexpr, PARTIAL: tl.constexpr):
+    # Program (batch x KV head pid_bh, BLOCK_EO output columns pid_eo[, split pid_split]): the
+    # compressed tokens whose windows end at the sequence's last n_q positions (ends are CMP_STRIDE
+    # apart: at most n_q // CMP_STRIDE + 1 steps), each the mean of its CMP_BLOCK rows of CACHE, or
+    # with LINEAR their rows flattened (F = CMP_BLOCK * E) times W [HKV, F, EO], in two launches
+    # (docs/decisions/nsa-plan.md):
     # PARTIAL, on a third grid axis of n_splits, each split's split_rows of F against W's rows there
     # (BLOCK_F at a time) into PART [B, HKV, steps, n_splits, EO] float32; then without PARTIAL the
     # splits' sums in a fixed order (BLOCK_F of them at a time), written into CMP [B, HKV, n_cmp,
     # EO]. CACHE is [B, HKV, S, E] (PAGE_SIZE 0) or paged [pages, PAGE_SIZE, HKV, E] through PAGES
     # [B, pages per sequence] (strides as a page, a head, a slot).
-    off_b = tl.program_id(0) // HKV
-    off_h = tl.program_id(0) % HKV
+    off_b = pid_bh // HKV
+    off_h = pid_bh % HKV
     last = tl.load(SEQLENS + off_b) - 1
     lo = tl.maximum(last + 1 - n_q, CMP_BLOCK - 1)  # the first position that may end a window
     first_end = lo + (CMP_STRIDE - (lo - (CMP_BLOCK - 1)) % CMP_STRIDE) % CMP_STRIDE
     r = tl.arange(0, BLOCK_L)
-    eo = tl.program_id(1) * BLOCK_EO + tl.arange(0, BLOCK_EO)
+    eo = pid_eo * BLOCK_EO + tl.arange(0, BLOCK_EO)
     CACHE += off_h.to(tl.int64) * stride_ch
     out = CMP + off_b.to(tl.int64) * stride_mb + off_h.to(tl.int64) * stride_mh
     n_steps = n_q // CMP_STRIDE + 1
-    part = PART + (tl.program_id(0) * n_steps).to(tl.int64) * n_splits * EO  # this program's [steps, splits, EO]
+    part = PART + (pid_bh * n_steps).to(tl.int64) * n_splits * EO  # this program's [steps, splits, EO]
     for step in range(0, n_steps):
         end = first_end + step * CMP_STRIDE
         j = (end - (CMP_BLOCK - 1)) // CMP_STRIDE
         if (end <= last) & (j < n_cmp):
             if LINEAR and PARTIAL:
                 new = tl.zeros([BLOCK_EO], dtype=tl.float32)
-                f_lo = tl.program_id(2) * split_rows
+                f_lo = pid_split * split_rows
                 for f0 in range(f_lo, f_lo + split_rows, BLOCK_F):  # the split's flattened window against W's rows f
                     f = f0 + tl.arange(0, BLOCK_F)
                     ok = f < CMP_BLOCK * E
@@ -719,7 +753,7 @@ def _nsa_compress_update(CACHE, PAGES, CMP, W, PART, SEQLENS, stride_cb, stride_
                     w = tl.load(W + off_h.to(tl.int64) * stride_wh + f[:, None].to(tl.int64) * stride_wf
                                 + eo[None, :] * stride_we, mask=ok[:, None] & (eo[None, :] < EO), other=0.0)
                     new += tl.sum(x[:, None] * w.to(tl.float32), 0)
-                tl.store(part + (step * n_splits + tl.program_id(2)) * EO + eo, new, mask=eo < EO)
+                tl.store(part + (step * n_splits + pid_split) * EO + eo, new, mask=eo < EO)
             else:
                 if LINEAR:
                     new = tl.zeros([BLOCK_EO], dtype=tl.float32)

@@ -343,25 +343,27 @@ class NSAModule:
 
     def _update_compressed_kernel(self, k_cache, v_cache, cmp_cache, lengths, Nq: int, compress_weights,
                                   block_table=None, splits: int | None = None) -> None:
-        """_update_compressed by the _nsa_compress_update kernel, once for the keys and once for the
-        values (fused_decode): each program a (sequence, KV head)'s windows that end at its last Nq
-        positions (lengths: the sequences' lengths, the appended rows included). Linear: two launches
-        each, the flattened window's rows split over programs (a static count from the shapes, or
-        `splits` at most) into float32 partial sums, then their sum in a fixed order."""
+        """_update_compressed by the _nsa_compress_update kernel, the keys and the values in one launch
+        (fused_decode): each program a (sequence, KV head)'s windows that end at its last Nq positions
+        (lengths: the sequences' lengths, the appended rows included), for a block of the output's
+        columns. Linear: two launches, the flattened window's rows split over programs (a static
+        count from the shapes, or `splits` at most) into float32 partial sums, then their sum in a
+        fixed order."""
         paged = block_table is not None
         seqlens = lengths.to(torch.int32).contiguous()
-        w = compress_weights if compress_weights is not None else (None, None)
-        for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
-            B, Hkv, n_cmp, EO = cmp.shape
-            E = cache.shape[3]
-            args = (cache, block_table if paged else seqlens, cmp, weight if weight is not None else cmp)
-            tail = (seqlens, *cache_strides(cache, paged), block_table.stride(0) if paged else 0, *cmp.stride(),
-                    *(weight.stride() if weight is not None else (0, 0, 0)), Nq, n_cmp, Hkv)
-            meta = dict(CMP_BLOCK=self.l, CMP_STRIDE=self.d, E=E, EO=EO, BLOCK_L=triton.next_power_of_2(self.l),
-                        PAGE_SIZE=cache.shape[1] if paged else 0, LINEAR=weight is not None)
-            if weight is None:
-                self.compress_update_kernel[(B * Hkv, 1)](*args, cmp, *tail, 1, 0, PARTIAL=False, BLOCK_F=16,
-                                                          BLOCK_EO=max(16, triton.next_power_of_2(EO)), **meta)
+        w_k, w_v = compress_weights if compress_weights is not None else (None, None)
+        linear = w_k is not None
+        B, Hkv, n_cmp = cmp_cache[0].shape[:3]
+        caches = ((k_cache, cmp_cache[0], w_k), (v_cache, cmp_cache[1], w_v))
+        meta = dict(CMP_BLOCK=self.l, CMP_STRIDE=self.d, BLOCK_L=triton.next_power_of_2(self.l),
+                    PAGE_SIZE=k_cache.shape[1] if paged else 0, LINEAR=linear)
+        plans = []  # per cache: (BLOCK_EO, column blocks, splits, flattened rows a split, partial sums)
+        for name, (cache, cmp, weight) in zip("KV", caches):
+            E, EO = cache.shape[3], cmp.shape[3]
+            meta[f"E_{name}"], meta[f"EO_{name}"] = E, EO
+            if not linear:
+                block_eo = max(16, triton.next_power_of_2(EO))
+                plans.append((block_eo, 1, 1, 0, cmp))
                 continue
             # W's rows over programs too, about four an SM, so that reading W is not a few programs' serial walk
             block_eo, block_f = min(64, max(16, triton.next_power_of_2(EO))), 128
@@ -371,11 +373,19 @@ class NSAModule:
             per = -(-tiles // n_splits)  # BLOCK_F tiles a split
             n_splits = -(-tiles // per)
             part = torch.empty(B, Hkv, Nq // self.d + 1, n_splits, EO, dtype=torch.float32, device=cache.device)
-            self.compress_update_kernel[(B * Hkv, n_eo, n_splits)](*args, part, *tail, n_splits, per * block_f,
-                                                                   BLOCK_EO=block_eo, BLOCK_F=block_f, PARTIAL=True,
+            plans.append((block_eo, n_eo, n_splits, per * block_f, part))
+        (eo_k, n_eo_k, s_k, rows_k, part_k), (eo_v, n_eo_v, s_v, rows_v, part_v) = plans
+        args = (k_cache, v_cache, block_table if paged else seqlens, *cmp_cache,
+                w_k if linear else cmp_cache[0], w_v if linear else cmp_cache[1], part_k, part_v, seqlens,
+                *cache_strides(k_cache, paged), *cache_strides(v_cache, paged), block_table.stride(0) if paged else 0,
+                *cmp_cache[0].stride(), *cmp_cache[1].stride(), *(w_k.stride() if linear else (0, 0, 0)),
+                *(w_v.stride() if linear else (0, 0, 0)), Nq, n_cmp, Hkv, s_k, rows_k, s_v, rows_v)
+        meta.update(BLOCK_EO_K=eo_k, BLOCK_EO_V=eo_v)
+        if linear:  # the partial sums over splits of W's rows, then their sum
+            self.compress_update_kernel[(B * Hkv, n_eo_k + n_eo_v, max(s_k, s_v))](*args, BLOCK_F=128, PARTIAL=True,
+                                                                                 **meta)
+        self.compress_update_kernel[(B * Hkv, n_eo_k + n_eo_v, 1)](*args, BLOCK_F=32 if linear else 16, PARTIAL=False,
                                                                    **meta)
-            self.compress_update_kernel[(B * Hkv, n_eo)](*args, part, *tail, n_splits, per * block_f,
-                                                         BLOCK_EO=block_eo, BLOCK_F=32, PARTIAL=False, **meta)
 
     def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
         """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
