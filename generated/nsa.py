@@ -401,12 +401,16 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
                 HKV, GROUP, qk_scale,
                 CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, SHIFT: tl.constexpr, SHIFT_PAD: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     # The selection's block scores of BLOCK_T tokens of one KV head, OUT [B, HKV, N, n_blocks]
     # (zeros on entry): the compressed branch's probabilities (from its LSE) summed over the GROUP
     # query heads, folded into selection blocks by the windows' overlaps / CMP_STRIDE, BLOCK_C
-    # compressed tokens at a time; never written out. The program owns its tokens' rows of OUT (a
-    # block two steps share is added to in turn: deterministic).
+    # compressed tokens at a time; never written out. SHIFT > 0 (a step's tokens start SHIFT blocks
+    # after the previous step's): a step's sums of the blocks no later step touches are stored, and
+    # those of the next SHIFT_PAD blocks carried to the next step in registers, so that the loop
+    # only stores (its loads pipeline); SHIFT 0: each step adds to OUT's blocks in turn (a load after
+    # the previous step's store). The program owns its tokens' rows of OUT: deterministic.
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
     i = tl.arange(0, BLOCK_T * BLOCK_G)
@@ -426,6 +430,9 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
     out_rows = ((off_b * HKV + off_hk).to(tl.int64) * N + tok) * n_blocks
     last_t = tl.minimum(tl.program_id(0) * BLOCK_T + BLOCK_T, N) - 1
     visible_end = tl.minimum(tl.maximum((last_t - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0), n_cmp)
+    k = tl.arange(0, SHIFT_PAD)
+    carry = tl.zeros([BLOCK_T, SHIFT_PAD], dtype=tl.float32)  # the sums of blocks b0 + k, b0 the step's first
+    b_next = 0
     for c0 in range(0, visible_end, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
         kc = tl.load(KC + j[:, None].to(tl.int64) * stride_cn + offs_d[None, :] * stride_cd,
@@ -435,15 +442,34 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
         p_tok = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_C]), axis=1)  # [BLOCK_T, BLOCK_C]
         b0 = c0 * CMP_STRIDE // SEL_BLOCK
-        beta = b0 + tl.arange(0, BLOCK_NB)
-        lo = tl.maximum(j[:, None] * CMP_STRIDE, beta[None, :] * SEL_BLOCK)
-        hi = tl.minimum(j[:, None] * CMP_STRIDE + CMP_BLOCK, (beta[None, :] + 1) * SEL_BLOCK)
-        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_STRIDE  # [BLOCK_C, BLOCK_NB] the overlaps
-        part = tl.dot(p_tok, w, input_precision="ieee")
-        at = OUT + out_rows[:, None] + beta[None, :]
-        ok = (tok < N)[:, None] & (beta < n_blocks)[None, :]
-        tl.debug_barrier()  # the previous step's stores to a shared block, before this load
-        tl.store(at, tl.load(at, mask=ok, other=0.0) + part, mask=ok)
+        if SHIFT > 0:
+            # blocks b0 .. b0 + SHIFT - 1 are done after this step; b0 + SHIFT .. carry on
+            done = tl.dot(p_tok, _overlaps(j, b0 + k, k < SHIFT, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK),
+                          input_precision="ieee") + carry
+            carry = tl.dot(p_tok, _overlaps(j, b0 + SHIFT + k, k >= 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK),
+                           input_precision="ieee")
+            ok = (tok < N)[:, None] & ((k < SHIFT) & (b0 + k < n_blocks))[None, :]
+            tl.store(OUT + out_rows[:, None] + b0 + k[None, :], done, mask=ok)
+            b_next = b0 + SHIFT
+        else:
+            beta = b0 + tl.arange(0, BLOCK_NB)
+            part = tl.dot(p_tok, _overlaps(j, beta, beta >= 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK),
+                          input_precision="ieee")
+            at = OUT + out_rows[:, None] + beta[None, :]
+            ok = (tok < N)[:, None] & (beta < n_blocks)[None, :]
+            tl.debug_barrier()  # the previous step's stores to a shared block, before this load
+            tl.store(at, tl.load(at, mask=ok, other=0.0) + part, mask=ok)
+    if SHIFT > 0:  # the last step's carried blocks
+        ok = (tok < N)[:, None] & (b_next + k < n_blocks)[None, :]
+        tl.store(OUT + out_rows[:, None] + b_next + k[None, :], carry, mask=ok)
+
+
+@triton.jit
+def _overlaps(j, beta, cols, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr):
+    # float32 [len(j), len(beta)]: |[j d, j d + l) n [beta l', (beta + 1) l')| / d, 0 outside cols.
+    lo = tl.maximum(j[:, None] * CMP_STRIDE, beta[None, :] * SEL_BLOCK)
+    hi = tl.minimum(j[:, None] * CMP_STRIDE + CMP_BLOCK, (beta[None, :] + 1) * SEL_BLOCK)
+    return tl.where(cols[None, :], tl.maximum(hi - lo, 0).to(tl.float32) / CMP_STRIDE, 0.0)
 
 
 @triton.jit

@@ -748,8 +748,14 @@ def test_selection_check_wants_forced_blocks_exactly():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("block, stride, G, N", [(32, 16, 3, 300), (64, 64, 1, 200), (32, 16, 16, 150)])
-def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N):
+@pytest.mark.parametrize("block, stride, G, N, block_c", [(32, 16, 3, 300, 64), (64, 64, 1, 200, 64),
+                                                          (32, 16, 16, 150, 64), (32, 16, 2, 300, 16),
+                                                          (64, 64, 1, 1100, 16), (24, 7, 1, 300, 16)])
+def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N, block_c):
+    """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
+    block_c compressed tokens and several (steps of 16: the blocks a step shares with the next
+    carried in registers, or none shared at l = d), and steps that start inside a block (stride 7:
+    each step adds to OUT in turn); with the carry off, the same scores."""
     data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
             "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"}, **SMALL}}
     path = tmp_path / "fs.yaml"
@@ -759,10 +765,16 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     q, k = torch.randn(2, 2 * G, N, 32, generator=g), torch.randn(2, 2, N, 32, generator=g)
     k_cmp = rt.compress(k)
     _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
-    blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale)
+    blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
     want = reference_nsa.selection_scores(q, k_cmp, block=block, stride=stride, select_block=32)
     assert (scores.double() - want).abs().max() < 1e-5
     assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
+    rt.scores_carry = False
+    try:
+        _, in_memory = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
+    finally:
+        rt.scores_carry = True
+    assert (in_memory - scores).abs().max() < 1e-6
 
 
 @pytest.mark.interp

@@ -141,6 +141,10 @@ class NSAModule:
         # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/
         # nsa_mix.py times both); False: the torch ops, which torch.compile traces either way
         self.fused_mix = True
+        # the selection scores' loop carries the blocks a step shares with the next in registers
+        # (only stores: its loads pipeline; 8 warps, offline sm90: 128 registers, no spills) instead
+        # of adding to them in memory after a barrier (4 warps, 213 registers, no pipelining); untimed
+        self.scores_carry = True
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -653,7 +657,7 @@ class NSAModule:
         return out
 
     @torch.no_grad()
-    def select_fused(self, q, k_cmp, lse_cmp, scale: float) -> torch.Tensor:
+    def select_fused(self, q, k_cmp, lse_cmp, scale: float, block_c: int = 64) -> torch.Tensor:
         """(blocks, scores): select()'s blocks, the scores (float32 [B, Hkv, N, n_blocks]) from the
         `_nsa_scores` kernel, which writes no probabilities; used by attention when
         fused_selection is set (the default; docs/decisions/nsa-plan.md)."""
@@ -665,13 +669,19 @@ class NSAModule:
             block_g = triton.next_power_of_2(G)
             block_t = max(1, 64 // block_g) if block_g <= 64 else 1
             block_t = max(block_t, 16)  # the fold's dot needs 16 rows
-            block_c = 64
             block_nb = max(16, triton.next_power_of_2((block_c * self.d + self.l) // self.l_sel + 2))
+            # steps that start on a block's first key: the blocks a step touches past the next step's
+            # first carried in registers (a loop of stores alone), where they are at most SHIFT
+            touched = ((block_c - 1) * self.d + self.l - 1) // self.l_sel + 1
+            shift = block_c * self.d // self.l_sel if (block_c * self.d) % self.l_sel == 0 else 0
+            shift = shift if self.scores_carry and 0 <= touched - shift <= shift else 0
             self.scores_kernel[(-(-N // block_t), B * Hkv)](
                 q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
                 scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
                 HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_G=block_g, BLOCK_T=block_t,
-                BLOCK_C=block_c, BLOCK_NB=block_nb, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                BLOCK_C=block_c, BLOCK_NB=block_nb, SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if shift else 4,
+                num_stages=2 if D > 128 else 3)  # (past d128 three stages of keys overflow shared memory)
         return self._top_blocks(scores, torch.arange(N, device=q.device)), scores
 
     def _top_blocks(self, scores, t):
