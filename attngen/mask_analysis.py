@@ -449,10 +449,10 @@ def decode_key_width(plan: MaskPlan) -> tuple[int, int] | None:
         return None
     n = sympy.Symbol("n", integer=True, positive=True)
     rows = {M_FIRST: NK - n, M_LAST: NK - 1}
-    his = [NK - 1] if plan.kv_hi is None else _bounds(plan.kv_hi.subs(rows).subs(NQ, NK), upper=True)
+    his = [NK - 1] + ([] if plan.kv_hi is None else _bounds(plan.kv_hi.subs(rows).subs(NQ, NK), upper=True) or [])
     los = _bounds(plan.kv_lo.subs(rows).subs(NQ, NK), upper=False)
     best = None
-    for hi, lo in itertools.product(his or [], los or []):
+    for hi, lo in itertools.product(his, los or []):
         span = sympy.expand(hi - lo + 1)
         if span.free_symbols - {n} or not span.is_polynomial(n):
             continue
@@ -478,8 +478,7 @@ def _bounds(e: sympy.Expr, upper: bool) -> list[sympy.Expr] | None:
         parts = [_bounds(t, upper) for t in e.args]
         if any(p is None for p in parts):
             return None
-        out = [sympy.Add(*c) for c in itertools.product(*parts)]
-        return out[:_MAX_BOUNDS]
+        return [sympy.Add(*c) for c in itertools.islice(itertools.product(*parts), _MAX_BOUNDS)]
     if isinstance(e, sympy.Mul):
         coeff, rest = e.as_coeff_Mul()
         if coeff == 1 or not coeff.is_Rational:

@@ -9,6 +9,10 @@ where its time goes; the selected branch also at other tokens per program than i
 triton.testing.do_bench (not CUDA graphs: the selection's chunk loop runs on the host).
 
     PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 8192,16384 --json $OUT/nsa.json
+    PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --no-stages --profile $OUT/p.txt
+
+--profile writes torch.profiler's kernel table of one forward and one forward+backward per row;
+--no-stages skips the stages (the torch selection alone takes half a second a call at 64k).
 """
 
 from __future__ import annotations

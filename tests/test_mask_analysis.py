@@ -545,14 +545,14 @@ def test_cells_within_the_key_envelope_equal_the_dense_evaluation(text, Nq, Nk, 
 
 # ------------------------------------------------------------ decode key width
 
-def assert_decode_width(plan, vis_of, text: str) -> None:
+def assert_decode_width(plan, vis_of, text: str, lengths=(1, 7, 64, 150)) -> None:
     """decode_key_width's (a, b): the last n rows of any square Nk x Nk problem see keys within a span
     of at most a + b n (checked on the dense mask at several lengths)."""
     width = decode_key_width(plan)
     if width is None:
         return
     a, b = width
-    for Nk in (1, 7, 64, 150):
+    for Nk in lengths:
         vis = vis_of(Nk)
         for n in range(1, min(Nk, 5) + 1):
             cols = vis[Nk - n:].any(0).nonzero().flatten()
@@ -586,9 +586,11 @@ def test_decode_key_width_of_known_masks(mask, want):
     ("q_idx // 256 == kv_idx // 256 and kv_idx <= q_idx", (255, 1)),  # a chunk: its floors bounded
     ("q_idx // 100 == kv_idx // 100 and kv_idx <= q_idx", (99, 1)),
     ("q_idx // 64 == kv_idx // 64 and q_idx - kv_idx < 40 and kv_idx <= q_idx", (39, 1)),  # the tighter one
+    ("q_idx // 100 == kv_idx // 100", (99, 1)),  # no causal: the keys end at Nk - 1
+    ("kv_idx >= q_idx - Nk % 8 - 3 and kv_idx <= q_idx", (10, 1)),  # a Mod, with a negative sign
     ("kv_idx <= q_idx", None),
 ])
 def test_decode_key_width_of_chunks(text, want):
     plan = plan_for(parse_mask_expr(text, {}))
     assert decode_key_width(plan) == want
-    assert_decode_width(plan, lambda Nk: expr_visible(text, {}, Nk, Nk), text)
+    assert_decode_width(plan, lambda Nk: expr_visible(text, {}, Nk, Nk), text, lengths=(1, 7, 8, 9, 13, 15, 64, 300, 520))

@@ -12,7 +12,8 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
    `_nsa_select_bwd_dkdv` (key-major, over each key block's choices cut into segments) with its sum;
 5. the window branch: the derived fa2 module `BRANCHES["swa"]`;
 6. o = g_cmp o_cmp + g_slc o_slc + g_swa o_swa: the module's `_nsa_mix` kernel, one pass over the
-   rows (the backward `_nsa_mix_bwd`), or torch ops under torch.compile or with fused_mix off (`_mix`).
+   rows (the backward `_nsa_mix_bwd`), or torch ops (`_mix_torch`) under torch.compile or with
+   fused_mix off.
 
 The math is attngen/reference_nsa.py's, which the kernels are verified against.
 """
@@ -63,6 +64,7 @@ class _Mix(torch.autograd.Function):
         return rt.mix_forward(gates, o_cmp, o_slc, o_swa, dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do):
         grads = ctx.rt.mix_backward(do, *ctx.saved_tensors, ctx.needs_input_grad[1:5])
         return None, *grads, None
