@@ -113,9 +113,17 @@ def main() -> None:
                         by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
                     finally:
                         rt.top_blocks_kernel = True
+                    rt.scores_carry = False  # the scores' loop adding to memory (the old form)
+                    try:
+                        row["stage select (scores added in memory)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                        in_memory = rt.select_fused(q, kc, lse_c, rt.scale)
+                    finally:
+                        rt.scores_carry = True
                     try:
                         row["stage select (fused scores, top-blocks kernel)"] = _ms(
                             lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                        row["scores carried vs in memory: same blocks"] = bool(
+                            torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], in_memory[0]))
                         row["top-blocks kernel gives the sort's blocks"] = bool(
                             torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], by_sort))
                     finally:
