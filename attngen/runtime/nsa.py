@@ -364,6 +364,7 @@ class NSAModule:
         meta = dict(CMP_BLOCK=self.l, CMP_STRIDE=self.d, BLOCK_L=triton.next_power_of_2(self.l),
                     PAGE_SIZE=k_cache.shape[1] if paged else 0, LINEAR=linear)
         plans = []  # per cache: (BLOCK_EO, column blocks, splits, flattened rows a split, partial sums)
+        eo_blocks = sum(-(-c.shape[3] // min(64, max(16, triton.next_power_of_2(c.shape[3])))) for c in cmp_cache)
         for name, (cache, cmp, weight) in zip("KV", caches):
             E, EO = cache.shape[3], cmp.shape[3]
             meta[f"E_{name}"], meta[f"EO_{name}"] = E, EO
@@ -371,10 +372,11 @@ class NSAModule:
                 block_eo = max(16, triton.next_power_of_2(EO))
                 plans.append((block_eo, 1, 1, 0, cmp))
                 continue
-            # W's rows over programs too, about four an SM, so that reading W is not a few programs' serial walk
+            # W's rows over programs too, about four an SM (K's and V's together), so that reading W
+            # is not a few programs' serial walk
             block_eo, block_f = min(64, max(16, triton.next_power_of_2(EO))), 128
             n_eo, tiles = -(-EO // block_eo), -(-(self.l * E) // block_f)
-            fill = -(-4 * sms(cache.device) // max(1, B * Hkv * n_eo))
+            fill = -(-4 * sms(cache.device) // max(1, B * Hkv * eo_blocks))
             n_splits = max(1, min(tiles, splits or fill))
             per = -(-tiles // n_splits)  # BLOCK_F tiles a split
             n_splits = -(-tiles // per)
