@@ -569,9 +569,7 @@ def _nsa_decode_cmp(Q, KC, VC, SEQLENS, O_PART, M_PART, L_PART, SB_PART,
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(vc.dtype), vc, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        lo = tl.maximum(j[:, None] * CMP_STRIDE, beta[None, :] * SEL_BLOCK)
-        hi = tl.minimum(j[:, None] * CMP_STRIDE + CMP_BLOCK, (beta[None, :] + 1) * SEL_BLOCK)
-        w = tl.maximum(hi - lo, 0).to(tl.float32) / CMP_STRIDE  # [BLOCK_C, NB_SPLIT] the windows' overlaps
+        w = _overlaps(j, beta, beta >= 0, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK)  # [BLOCK_C, NB_SPLIT]
         sb = tl.dot(p, w, sb * alpha[:, None], input_precision="ieee")
         m_i = m_new
     part = ((off_b * HKV * GROUP + off_h).to(tl.int64) * n_q + t) * tl.num_programs(0) + split  # [rows, splits]

@@ -82,6 +82,25 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
         rt.count = spec.nsa.select_count
 
 
+def _check_decode_selection(rt, q, cmp, pos, S, got, want):
+    """The fused decode's (o_cmp, blocks, scores) against the torch path's (o_cmp, blocks) and float64
+    scores, for 4 sequences of lengths 0, 20, 192 and S: o_cmp within fp32 rounding, the scores, the
+    same blocks but where scores tie; no block without a key, the forced ones alone at length 20."""
+    (got_o, got_idx, got_scores), (want_o, want_idx) = got, want
+    B, Hq, Nq, D = q.shape
+    Hkv = cmp[0].shape[1]
+    assert (got_o - want_o).abs().max() < 1e-5
+    n_cmp, n_blocks = cmp[0].shape[2], -(-S // rt.l_sel)
+    s = (q.double().view(B, Hkv, Hq // Hkv, Nq, D) @ cmp[0].double()[:, :, None].transpose(-1, -2)) * rt.scale
+    visible = (torch.arange(n_cmp) * rt.d + rt.l - 1) <= pos[:, None, None, :, None]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    scores = p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()
+    assert (got_scores.double() - scores).abs().max() < 1e-5
+    ok, _ = selection_agrees(got_idx, want_idx, scores.float())
+    assert ok and got_idx.shape == want_idx.shape
+    assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
+
+
 @pytest.mark.interp
 @pytest.mark.parametrize("G, Nq, block_c, splits, block, stride, S", [
     (2, 1, 16, None, 32, 16, 300), (3, 3, 16, 1, 32, 16, 300), (16, 1, 32, None, 32, 16, 300),
@@ -112,16 +131,7 @@ def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c,
                                                                  splits=splits)
     finally:
         rt.count = spec.nsa.select_count
-    assert (got_o - want_o).abs().max() < 1e-5
-    n_cmp, n_blocks = cmp[0].shape[2], -(-S // rt.l_sel)
-    s = (q.double().view(B, Hkv, G, Nq, 32) @ cmp[0].double()[:, :, None].transpose(-1, -2)) * rt.scale
-    visible = (torch.arange(n_cmp) * rt.d + rt.l - 1) <= pos[:, None, None, :, None]
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
-    scores = p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()
-    assert (got_scores.double() - scores).abs().max() < 1e-5
-    ok, _ = selection_agrees(got_idx, want_idx, scores.float())
-    assert ok and got_idx.shape == want_idx.shape
-    assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
+    _check_decode_selection(rt, q, cmp, pos, S, (got_o, got_idx, got_scores), (want_o, want_idx))
 
 
 @pytest.mark.interp
@@ -158,18 +168,8 @@ def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G
                 for _ in range(2)]
     finally:
         rt.count = spec.nsa.select_count
-    got_o, got_idx, got_scores = runs[0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    assert (got_o - want_o).abs().max() < 1e-5
-    n_cmp, n_blocks = cmp[0].shape[2], -(-S // rt.l_sel)
-    s = (q.double().view(B, Hkv, G, Nq, 32) @ cmp[0].double()[:, :, None].transpose(-1, -2)) * rt.scale
-    visible = (torch.arange(n_cmp) * rt.d + rt.l - 1) <= pos[:, None, None, :, None]
-    p = torch.softmax(s.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
-    scores = p.sum(2) @ rt._overlap(n_cmp, n_blocks, q.device).double()
-    assert (got_scores.double() - scores).abs().max() < 1e-5
-    ok, _ = selection_agrees(got_idx, want_idx, scores.float())
-    assert ok and got_idx.shape == want_idx.shape
-    assert (got_idx[0] == -1).all() and torch.equal(got_idx[1], want_idx[1])  # no key / only forced blocks
+    _check_decode_selection(rt, q, cmp, pos, S, runs[0], (want_o, want_idx))
 
 
 @pytest.mark.interp

@@ -143,9 +143,9 @@ class NSAModule:
         # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/
         # nsa_mix.py times both); False: the torch ops, which torch.compile traces either way
         self.fused_mix = True
-        # the selection scores' loop carries the blocks a step shares with the next in registers
-        # (only stores: its loads pipeline; 8 warps, offline sm90: 128 registers, no spills) instead
-        # of adding to them in memory after a barrier (4 warps, 213 registers, no pipelining); untimed
+        # the selection scores' loop carries the blocks a step shares with the next in registers, so
+        # that it only stores and its loads pipeline, instead of adding to them in memory after a
+        # barrier (docs/decisions/nsa-plan.md, "The scores' loop only stores"); False: the adding loop
         self.scores_carry = True
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
