@@ -135,14 +135,15 @@ def test_fused_decode_selection_matches_the_torch_path(tmp_path, G, Nq, block_c,
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("G, Nq, block_c, splits, block, stride, sel, S, Dv", [
-    (3, 2, 16, 40, 16, 1, 32, 600, 16),  # 37 splits of 16 tokens at stride 1: 3 splits touch a block (MEET 4)
-    (5, 3, 16, None, 5, 3, 32, 17000, 80),  # 33 splits meeting inside blocks; 532 blocks: the row in 3 chunks;
-    # o_cmp over 3 programs of 2 heads (the last half empty), 32 splits a step
-    (3, 2, 16, 5, 64, 64, 64, 4200, 16),  # l = d = l' = 64: splits start on a block's first token
-    (16, 1, 16, None, 32, 16, 32, 4500, 16)])  # G 16: the row of 141 blocks in 2 chunks
-def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G, Nq, block_c, splits, block, stride,
-                                                                      sel, S, Dv):
+@pytest.mark.parametrize("G, Hkv, Nq, block_c, splits, block, stride, sel, S, Dv", [
+    (3, 2, 2, 16, 40, 16, 1, 32, 600, 16),  # 37 splits of 16 tokens at stride 1: 3 splits touch a block (MEET 4)
+    (5, 1, 3, 16, 33, 5, 3, 32, 17000, 80),  # 33 splits meeting inside blocks; 532 blocks: the row in 3
+    # chunks; o_cmp over 3 programs of 2 heads (the last half empty), 32 splits a step (one KV head: the
+    # interpreter's time goes by programs)
+    (3, 2, 2, 16, 5, 64, 64, 64, 4200, 16),  # l = d = l' = 64: splits start on a block's first token
+    (16, 1, 1, 16, None, 32, 16, 32, 4500, 16)])  # G 16: the row of 141 blocks in 2 chunks
+def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G, Hkv, Nq, block_c, splits, block,
+                                                                      stride, sel, S, Dv):
     """_nsa_decode_select's gathered block scores (each block from the splits whose windows touch
     it) and its o_cmp (programs over the group's heads) against the torch path and float64 scores:
     more splits than one LSE chunk of 32, several splits a block, G not a power of two, Nq > 1, the
@@ -155,7 +156,7 @@ def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G
     spec, module = parse_spec(data, str(path)), attngen.load(path)
     rt = module.RUNTIME
     g = torch.Generator().manual_seed(G * 10 + Nq)
-    B, Hkv = 4, 2 if G < 16 else 1
+    B = 4
     k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
     lengths = torch.tensor([0, 20, 192, S])
     cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
