@@ -185,7 +185,7 @@ def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, se
     finally:
         rt.fused_decode = saved
     if case.page:  # the reference reads the appended rows back in sequence order
-        from .runtime.nsa import _rows
+        from .runtime.nsa_decode import _rows
 
         positions = torch.arange(S, device=device).expand(B, S)
         k_cache, v_cache = (_rows(c, table, positions) for c in caches)

@@ -1,7 +1,7 @@
 """Ran on: Triton 3.9.0 (unused by the torch forms), torch 2.13.0+cpu, the 2-core CPU machine: the torch forms only; the kernel path is untimed on a GPU so far.
 
 NSA's gate mix three ways: the sum of upcast products (the first form, "summed"), the torch ops
-that replaced it (runtime/nsa.py `_mix_torch`: a product, two in-place multiply-adds, the cast;
+that replaced it (runtime/nsa_mix.py `_mix_torch`: a product, two in-place multiply-adds, the cast;
 about 32 bytes moved per bf16 output element against about 72), and the module's kernels (`_mix`
 with the NSA module: `_nsa_mix`, one pass reading the three outputs and the gates, writing o: about
 8 bytes an element). Outputs compared, then medians of each on the device given; with --backward
@@ -34,7 +34,7 @@ def main() -> None:
 
     import attngen
     from attngen.resources import resolve_spec
-    from attngen.runtime.nsa import _mix, _mix_torch
+    from attngen.runtime.nsa_mix import _mix, _mix_torch
 
     rt = attngen.load(resolve_spec("nsa")).RUNTIME  # the kernels take any Dv: the shape's
 

@@ -183,7 +183,7 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     0, 1 (fewer keys than queries), inside the first block, 71 and 72 (the first query's window
     starts a tile before the last's; the window over the most tiles), and full; contiguous and paged
     caches; gates as a permuted view (its gate stride not 1)."""
-    from attngen.runtime.nsa import _mix_torch
+    from attngen.runtime.nsa_mix import _mix_torch
     from attngen.verify import paged as as_pages
 
     spec, module = _module(tmp_path)
@@ -256,7 +256,7 @@ def test_mix_kernel_matches_the_torch_form(tmp_path, monkeypatch, dtype, Dv, str
     output (the interpreter's bfloat16 cast truncates); Dv 48 (padded to 64, masked), several
     programs with a partial last one, views read through their strides, and decoding's float32
     o_cmp beside 16-bit branches."""
-    from attngen.runtime.nsa import _mix, _mix_torch
+    from attngen.runtime.nsa_mix import _mix, _mix_torch
 
     _, module = _module(tmp_path, Dv=Dv)
     launches = _launches(monkeypatch, module.RUNTIME, "mix_kernel")
@@ -280,7 +280,7 @@ def test_mix_kernel_gradients_match_autograd_through_the_torch_form(tmp_path, mo
     (_mix_inputs), a random dO as a transposed view, Dv 48 (masked). d o_x = dO g_x exactly in
     fp32, d g_x (a sum over Dv) to a float32 rounding; bf16: every gradient in its input's dtype,
     within one unit in the last place."""
-    from attngen.runtime.nsa import _mix, _mix_torch
+    from attngen.runtime.nsa_mix import _mix, _mix_torch
 
     _, module = _module(tmp_path, Dv=Dv)
     launches = _launches(monkeypatch, module.RUNTIME, "mix_bwd_kernel")
@@ -311,7 +311,7 @@ def test_mix_without_gradients_launches_no_backward(tmp_path, monkeypatch):
     """mix_backward makes only the gradients asked for, and with none asked returns none and
     launches nothing; under no_grad the kernel's output needs none; fused_mix off: the torch form,
     no launch; an empty batch mixes and differentiates to empty tensors."""
-    from attngen.runtime.nsa import _mix, _mix_torch
+    from attngen.runtime.nsa_mix import _mix, _mix_torch
 
     _, module = _module(tmp_path)
     rt = module.RUNTIME

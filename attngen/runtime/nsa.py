@@ -15,7 +15,8 @@ A spec's `nsa:` section becomes this pipeline, differentiable end to end except 
    rows (the backward `_nsa_mix_bwd`), or torch ops (`_mix_torch`) under torch.compile or with
    fused_mix off.
 
-The math is attngen/reference_nsa.py's, which the kernels are verified against.
+Decoding (attention_with_kvcache) is runtime/nsa_decode.py's, the gates' mix runtime/nsa_mix.py's; both are
+mixins of NSAModule. The math is attngen/reference_nsa.py's, which the kernels are verified against.
 """
 
 from __future__ import annotations
@@ -26,48 +27,13 @@ from pathlib import Path
 import torch
 import triton
 
-from .decode import _combine_splits, cache_strides, sms
+from .decode import _combine_splits, cache_strides
 from .library import register_nsa_ops
 from .module import check_qkv
+from .nsa_decode import NSADecoding
+from .nsa_mix import NSAMixing, _mix
 
 _CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
-
-
-def _mix_torch(gates, o_cmp, o_slc, o_swa, dtype):
-    """g_cmp o_cmp + g_slc o_slc + g_swa o_swa in float32, into dtype, in torch ops: four passes over
-    the rows (a product, two in-place multiply-adds, the cast) where the sum of upcast products took
-    about eleven (BENCHMARKS.md, "NSA's gates"). What torch.compile traces, and the kernels' reference."""
-    g = gates.to(torch.float32)
-    o = o_cmp * g[..., 0:1]
-    return o.addcmul_(o_slc, g[..., 1:2]).addcmul_(o_swa, g[..., 2:3]).to(dtype)
-
-
-def _mix(gates, o_cmp, o_slc, o_swa, dtype, rt=None):
-    """o [B, Hq, N, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa (gates [B, Hq, N, 3], the branches'
-    outputs [B, Hq, N, Dv]; float32 math, into dtype): with the module rt and its fused_mix set, its
-    _nsa_mix kernel (one pass over the rows; the backward _nsa_mix_bwd's, through _Mix), else and
-    under torch.compile (which traces torch ops, not the launch) _mix_torch."""
-    if rt is None or not rt.fused_mix or torch.compiler.is_compiling():
-        return _mix_torch(gates, o_cmp, o_slc, o_swa, dtype)
-    return _Mix.apply(rt, gates, o_cmp, o_slc, o_swa, dtype)
-
-
-class _Mix(torch.autograd.Function):
-    """The gates' mix by the module's kernels: o from _nsa_mix (NSAModule.mix_forward); the
-    gradients of the gates and of the three branches' outputs that need one from _nsa_mix_bwd
-    (NSAModule.mix_backward)."""
-
-    @staticmethod
-    def forward(ctx, rt, gates, o_cmp, o_slc, o_swa, dtype):
-        ctx.save_for_backward(gates, o_cmp, o_slc, o_swa)
-        ctx.rt = rt
-        return rt.mix_forward(gates, o_cmp, o_slc, o_swa, dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        grads = ctx.rt.mix_backward(do, *ctx.saved_tensors, ctx.needs_input_grad[1:5])
-        return None, *grads, None
 
 
 class _Selected(torch.autograd.Function):
@@ -87,20 +53,7 @@ class _Selected(torch.autograd.Function):
         return None, dq, dk, dv, None, None
 
 
-def _rows(cache, block_table, positions) -> torch.Tensor:
-    """[B, H, L, E]: a cache's rows at positions [B, L]: contiguous [B, H, S, E], or paged [pages,
-    page_size, H, E] through block_table [B, pages per sequence]."""
-    if block_table is None:
-        B, H, _, E = cache.shape
-        return torch.gather(cache, 2, positions[:, None, :, None].expand(B, H, positions.shape[1], E))
-    page_size = cache.shape[1]
-    pages = torch.gather(block_table.long(), 1, positions // page_size)
-    # contiguous: the mean and the einsum then read the rows in the contiguous cache's layout and
-    # order, so a paged run gives the contiguous run's bits
-    return cache[pages, positions % page_size].transpose(1, 2).contiguous()
-
-
-class NSAModule:
+class NSAModule(NSADecoding, NSAMixing):
     """attention(q, k, v, *, gates, compress_weights=None, return_indices=False, scale=None):
     q [B, Hq, N, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] (self-attention: queries and keys share
     positions 0 .. N - 1), gates [B, Hq, N, 3] (cmp, slc, swa; e.g. sigmoid outputs). Linear
@@ -108,6 +61,8 @@ class NSAModule:
     [B, Hq, N, Dv], and with return_indices the selected blocks int32 [B, Hkv, N, n] (ascending, -1
     padded). Gradients reach q, k, v, the gates and the compression weights; none flows through the
     selection."""
+
+    top_blocks_max = 16384  # the widest row of scores the top-blocks kernels hold (1M tokens at blocks of 64)
 
     def __init__(self, ns: dict):
         self.spec = ns["SPEC"]
@@ -233,381 +188,6 @@ class NSAModule:
         o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype, self)
         return (o, indices) if return_indices else o
 
-    # ------------------------------------------------------------------ decoding
-
-    def compressed_cache(self, k_cache, v_cache, cache_seqlens, compress_weights=None, block_table=None):
-        """(k_cmp [B, Hkv, S_cmp, D], v_cmp [B, Hkv, S_cmp, Dv]): the compressed tokens of contiguous
-        caches [B, Hkv, S, *], or of paged ones [pages, page_size, Hkv, *] with block_table int32 [B,
-        pages per sequence] (S = its pages x page_size); S_cmp = (S - l) // d + 1. For
-        attention_with_kvcache to keep up to date; tokens past a sequence's length hold windows of
-        whatever the cache holds there (never read)."""
-        if k_cache.dim() != 4 or v_cache.dim() != 4 or k_cache.shape[:3] != v_cache.shape[:3] \
-                or k_cache.device != v_cache.device:
-            raise ValueError(f"compressed_cache: k_cache and v_cache must be caches [B, Hkv, S, *] (or paged [pages, "
-                             f"page_size, Hkv, *] with block_table) on one device; got {list(k_cache.shape)}, "
-                             f"{list(v_cache.shape)}")
-        if block_table is not None:  # the sequences' rows in order: [B, Hkv, S, *]
-            B, S = block_table.shape[0], block_table.shape[1] * k_cache.shape[1]
-            positions = torch.arange(S, device=k_cache.device).expand(B, S)
-            k_cache, v_cache = (_rows(c, block_table, positions) for c in (k_cache, v_cache))
-        self._check_weights(k_cache, compress_weights)
-        w_k, w_v = compress_weights if compress_weights is not None else (None, None)
-        return self.compress(k_cache, w_k).contiguous(), self.compress(v_cache, w_v).contiguous()
-
-    @torch.no_grad()
-    def attention_with_kvcache(self, q, k_cache, v_cache, *, cache_seqlens, gates, cmp_cache, k=None, v=None,
-                               compress_weights=None, return_indices=False, scale=None, block_table=None):
-        """Decoding: q [B, Hq, Nq, D] are the queries at each sequence's last Nq positions, against
-        contiguous caches k_cache [B, Hkv, S, D], v_cache [B, Hkv, S, Dv], or paged ones [pages,
-        page_size, Hkv, *] with block_table int32 [B, pages per sequence] (page_size a multiple of
-        16; S = pages per sequence x page_size), holding cache_seqlens (int32 [B]) tokens; k, v [B,
-        Hkv, Nq, *], when given, are first written into the cache there, in place. cmp_cache =
-        (k_cmp, v_cmp) from compressed_cache(): the windows that end at the Nq newest positions
-        are compressed into it, in place, before attending. gates [B, Hq, Nq, 3]. Each row is the
-        NSA output of its position in its sequence: o [B, Hq, Nq, Dv] (and the selected blocks [B,
-        Hkv, Nq, n] with return_indices). No backward."""
-        from . import decode as dec
-
-        B, Hq, Nq, D = q.shape
-        paged = block_table is not None
-        if k_cache.dim() != 4 or v_cache.dim() != 4 or v_cache.shape[:3] != k_cache.shape[:3] \
-                or (not paged and k_cache.shape[0] != B) or (paged and (block_table.dim() != 2 or block_table.shape[0] != B)):
-            raise ValueError(f"attention_with_kvcache: NSA decodes caches [B={B}, Hkv, S, *], or paged [pages, "
-                             f"page_size, Hkv, *] with block_table [B={B}, pages per sequence]; got k_cache "
-                             f"{list(k_cache.shape)}, v_cache {list(v_cache.shape)}"
-                             + (f", block_table {list(block_table.shape)}" if paged else ""))
-        Hkv, S = (k_cache.shape[2], block_table.shape[1] * k_cache.shape[1]) if paged else k_cache.shape[1:3]
-        if paged and not k_cache.shape[0]:
-            raise ValueError("attention_with_kvcache: the paged caches hold no page (k_cache.shape[0] == 0)")
-        if S < Nq:
-            raise ValueError(f"attention_with_kvcache: the cache holds {S} positions, fewer than the {Nq} queries")
-        # (a paged cache's rows, as [B, Hkv, Nq, *] views, for the checks of dtypes, heads and dims)
-        rows = (lambda c: c[0, :1].transpose(0, 1)[None].expand(B, Hkv, Nq, c.shape[3])) if paged else \
-            (lambda c: c[:, :, :Nq])
-        self.check(q, rows(k_cache), rows(v_cache), gates, compress_weights)
-        n_cmp = 0 if S < self.l else (S - self.l) // self.d + 1
-        if not isinstance(cmp_cache, (tuple, list)) or len(cmp_cache) != 2 \
-                or tuple(cmp_cache[0].shape) != (B, Hkv, n_cmp, D) or tuple(cmp_cache[1].shape) != (B, Hkv, n_cmp, self.head_dim_v) \
-                or cmp_cache[0].dtype != q.dtype or cmp_cache[1].dtype != q.dtype \
-                or cmp_cache[0].device != q.device or cmp_cache[1].device != q.device:
-            raise ValueError(f"attention_with_kvcache: cmp_cache must be (k_cmp [{B}, {Hkv}, {n_cmp}, {D}], v_cmp [{B}, "
-                             f"{Hkv}, {n_cmp}, {self.head_dim_v}]) in {q.dtype} on {q.device}, as compressed_cache() "
-                             f"makes them")
-        dec.check(self.name, [q.dtype], (self.head_dim, self.head_dim_v), q, k_cache, v_cache, cache_seqlens,
-                  block_table, k, v)
-        if k is not None:
-            dec.append(k_cache, v_cache, block_table, cache_seqlens, k, v)
-        lengths = cache_seqlens + Nq if k is not None else cache_seqlens
-        scale = self.scale if scale is None else float(scale)
-        if not B:  # no sequence: nothing to update, select or attend
-            o = q.new_zeros((0, Hq, Nq, self.head_dim_v))
-            indices = torch.zeros(0, Hkv, Nq, min(self.count, -(-S // self.l_sel)), dtype=torch.int32, device=q.device)
-            return (o, indices) if return_indices else o
-        if self.fused_decode:
-            o, indices = self._decode_fused(q, k_cache, v_cache, cmp_cache, lengths.to(torch.int32), scale, S, gates,
-                                            compress_weights, block_table)
-            return (o, indices) if return_indices else o
-        lengths = lengths.long()
-        pos = lengths[:, None] - Nq + torch.arange(Nq, device=q.device)  # [B, Nq] the rows' positions
-        self._update_compressed(k_cache, v_cache, cmp_cache, pos, compress_weights, block_table)
-        o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
-        first = (lengths - Nq).to(torch.int32)
-        if torch.compiler.is_compiling():  # an op: opaque to the tracer, as in attention
-            o_slc = self.ops.selected_decode(q, k_cache, v_cache, indices, first, scale, block_table)
-        else:
-            o_slc = self.selected_forward(q, k_cache, v_cache, indices, scale, first, block_table)[0]
-        o_swa = self.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
-                                                              block_table=block_table, scale=scale)
-        o = _mix(gates, o_cmp, o_slc, o_swa, q.dtype, self)
-        return (o, indices) if return_indices else o
-
-    def _decode_fused(self, q, k_cache, v_cache, cmp_cache, lengths, scale: float, S: int, gates, compress_weights,
-                      block_table):
-        """(o, blocks) of a decode step in kernels (fused_decode): the compressed cache's update, the
-        compressed branch with the selection, the selected and window branches with the gates' mix;
-        under torch.compile each an op. The selection's torch path where no compressed token exists
-        yet or a row of scores is too wide for the registers."""
-        Nq = q.shape[2]
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # an op that writes the compressed cache in place: opaque to the tracer
-            self.ops.compress_update(k_cache, v_cache, *cmp_cache, lengths, Nq, block_table,
-                                     *(compress_weights or (None, None)))
-        else:
-            self._update_compressed_kernel(k_cache, v_cache, cmp_cache, lengths, Nq, compress_weights, block_table)
-        if not cmp_cache[0].shape[2] or triton.next_power_of_2(-(-S // self.l_sel)) > _TOP_BLOCKS_MAX:  # (torch)
-            pos = lengths.long()[:, None] - Nq + torch.arange(Nq, device=q.device)
-            o_cmp, indices = self._decode_compressed(q, cmp_cache, pos, scale, S)
-        elif compiling:
-            o_cmp, indices = self.ops.compressed_decode(q, *cmp_cache, lengths, scale, S)
-        else:
-            o_cmp, indices, _ = self._decode_compressed_fused(q, cmp_cache, lengths, scale, S)
-        if compiling:
-            return self.ops.attend_decode(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates), \
-                indices
-        return self._decode_attend_fused(q, k_cache, v_cache, indices, lengths, scale, block_table, o_cmp, gates), \
-            indices
-
-    def _update_compressed_kernel(self, k_cache, v_cache, cmp_cache, lengths, Nq: int, compress_weights,
-                                  block_table=None, splits: int | None = None) -> None:
-        """_update_compressed by the _nsa_compress_update kernel, the keys and the values in one launch
-        (fused_decode): each program a (sequence, KV head)'s windows that end at its last Nq positions
-        (lengths: the sequences' lengths, the appended rows included), for a block of the output's
-        columns. Linear: two launches, the flattened window's rows split over programs (a static
-        count from the shapes, or `splits` at most) into float32 partial sums, then their sum in a
-        fixed order."""
-        paged = block_table is not None
-        seqlens = lengths.to(torch.int32).contiguous()
-        w_k, w_v = compress_weights if compress_weights is not None else (None, None)
-        linear = w_k is not None
-        B, Hkv, n_cmp = cmp_cache[0].shape[:3]
-        caches = ((k_cache, cmp_cache[0], w_k), (v_cache, cmp_cache[1], w_v))
-        meta = dict(CMP_BLOCK=self.l, CMP_STRIDE=self.d, BLOCK_L=triton.next_power_of_2(self.l),
-                    PAGE_SIZE=k_cache.shape[1] if paged else 0, LINEAR=linear)
-        plans = []  # per cache: (BLOCK_EO, column blocks, splits, flattened rows a split, partial sums)
-        eo_blocks = sum(-(-c.shape[3] // min(64, max(16, triton.next_power_of_2(c.shape[3])))) for c in cmp_cache)
-        for name, (cache, cmp, weight) in zip("KV", caches):
-            E, EO = cache.shape[3], cmp.shape[3]
-            meta[f"E_{name}"], meta[f"EO_{name}"] = E, EO
-            if not linear:
-                block_eo = max(16, triton.next_power_of_2(EO))
-                plans.append((block_eo, 1, 1, 0, cmp))
-                continue
-            # W's rows over programs too, about four an SM (K's and V's together), so that reading W
-            # is not a few programs' serial walk
-            block_eo, block_f = min(64, max(16, triton.next_power_of_2(EO))), 128
-            n_eo, tiles = -(-EO // block_eo), -(-(self.l * E) // block_f)
-            fill = -(-4 * sms(cache.device) // max(1, B * Hkv * eo_blocks))
-            n_splits = max(1, min(tiles, splits or fill))
-            per = -(-tiles // n_splits)  # BLOCK_F tiles a split
-            n_splits = -(-tiles // per)
-            part = torch.empty(B, Hkv, Nq // self.d + 1, n_splits, EO, dtype=torch.float32, device=cache.device)
-            plans.append((block_eo, n_eo, n_splits, per * block_f, part))
-        (eo_k, n_eo_k, s_k, rows_k, part_k), (eo_v, n_eo_v, s_v, rows_v, part_v) = plans
-        args = (k_cache, v_cache, block_table if paged else seqlens, *cmp_cache,
-                w_k if linear else cmp_cache[0], w_v if linear else cmp_cache[1], part_k, part_v, seqlens,
-                *cache_strides(k_cache, paged), *cache_strides(v_cache, paged), block_table.stride(0) if paged else 0,
-                *cmp_cache[0].stride(), *cmp_cache[1].stride(), *(w_k.stride() if linear else (0, 0, 0)),
-                *(w_v.stride() if linear else (0, 0, 0)), Nq, n_cmp, Hkv, s_k, rows_k, s_v, rows_v)
-        meta.update(BLOCK_EO_K=eo_k, BLOCK_EO_V=eo_v)
-        if linear:  # the partial sums over splits of W's rows, then their sum
-            self.compress_update_kernel[(B * Hkv, n_eo_k + n_eo_v, max(s_k, s_v))](*args, BLOCK_F=128, PARTIAL=True,
-                                                                                 **meta)
-        self.compress_update_kernel[(B * Hkv, n_eo_k + n_eo_v, 1)](*args, BLOCK_F=32 if linear else 16, PARTIAL=False,
-                                                                   **meta)
-
-    def _update_compressed(self, k_cache, v_cache, cmp_cache, pos, compress_weights, block_table=None) -> None:
-        """Writes the compressed tokens whose windows end at these positions (j d + l - 1 = p), one
-        window end per sequence at a time (ends are d apart), so that no two rows of one sequence
-        write in the same scatter."""
-        B, Nq = pos.shape
-        n_cmp = cmp_cache[0].shape[2]
-        if not n_cmp:  # a cache shorter than one window: no window ends in it
-            return
-        lo = torch.clamp(pos[:, 0], min=self.l - 1)  # the first position that may end a window
-        first_end = lo + (-(lo - (self.l - 1))) % self.d  # [B]
-        w = compress_weights if compress_weights is not None else (None, None)
-        for step in range(Nq // self.d + 1):
-            end = first_end + step * self.d  # [B] a window's last position
-            j = (end - (self.l - 1)) // self.d
-            ok = (end <= pos[:, -1]) & (j < n_cmp)
-            j = torch.where(ok, j, 0)
-            window = (j * self.d)[:, None] + torch.arange(self.l, device=pos.device)  # [B, l]
-            for cache, cmp, weight in ((k_cache, cmp_cache[0], w[0]), (v_cache, cmp_cache[1], w[1])):
-                rows = _rows(cache, block_table, window)  # [B, H, l, E]
-                H, E = rows.shape[1], rows.shape[3]
-                if weight is None:
-                    new = rows.mean(2)
-                else:
-                    new = torch.einsum("bhf,hfe->bhe", rows.reshape(B, H, self.l * E), weight)
-                at = j[:, None, None, None].expand(B, H, 1, cmp.shape[-1])
-                old = torch.gather(cmp, 2, at)
-                cmp.scatter_(2, at, torch.where(ok[:, None, None, None], new[:, :, None].to(cmp.dtype), old))
-
-    def _decode_compressed(self, q, cmp_cache, pos, scale: float, S: int):
-        """o_cmp (float32 [B, Hq, Nq, Dv]) and the selected blocks [B, Hkv, Nq, n] of the rows at
-        positions pos [B, Nq], from the compressed cache (torch: it is 1/d of the raw cache). A
-        cache shorter than one window has no compressed token: o_cmp 0, the forced blocks alone."""
-        B, Hq, Nq, D = q.shape
-        k_cmp, v_cmp = cmp_cache
-        Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
-        G = Hq // Hkv
-        if not n_cmp:
-            scores = torch.zeros(B, Hkv, Nq, -(-S // self.l_sel), device=q.device)
-            return q.new_zeros((B, Hq, Nq, v_cmp.shape[3]), dtype=torch.float32), self._top_blocks(scores, pos[:, None, :])
-        s = (q.float().view(B, Hkv, G, Nq, D) @ k_cmp.float()[:, :, None].transpose(-1, -2)) * scale
-        visible = (torch.arange(n_cmp, device=q.device) * self.d + self.l - 1) <= pos[:, None, None, :, None]
-        s = s.masked_fill(~visible, float("-inf"))
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        e = torch.exp(s - m)
-        z = e.sum(-1, keepdim=True)
-        p = e / torch.where(z > 0, z, torch.ones_like(z))  # [B, Hkv, G, Nq, n_cmp]; 0 where nothing is visible
-        o_cmp = (p @ v_cmp.float()[:, :, None]).reshape(B, Hq, Nq, -1)
-        n_blocks = -(-S // self.l_sel)
-        scores = p.sum(2) @ self._overlap(n_cmp, n_blocks, q.device)  # [B, Hkv, Nq, n_blocks]
-        return o_cmp, self._top_blocks(scores, pos[:, None, :])
-
-    def _decode_compressed_fused(self, q, cmp_cache, lengths, scale: float, S: int, block_c: int | None = None,
-                                 splits: int | None = None):
-        """_decode_compressed's o_cmp and blocks, and the block scores (float32 [B, Hkv, Nq,
-        n_blocks]), from two kernels (templates/nsa/decode.jinja): the compressed cache in splits
-        for the packed rows of each KV head (the online softmax and the split's unnormalized block
-        sums), then per query the splits merged (o_cmp over programs of the group's heads; each block's
-        score gathered from the splits that touch it) and the top blocks taken in registers. The splits
-        are a static count (shapes only: no host read) unless given; block_c compressed tokens a
-        step (64, 32 above head dim 128)."""
-        B, Hq, Nq, D = q.shape
-        k_cmp, v_cmp = cmp_cache
-        Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
-        G = Hq // Hkv
-        n_blocks = -(-S // self.l_sel)
-        n = min(self.count, n_blocks)
-        rows = G * Nq
-        block_m = max(16, min(64, triton.next_power_of_2(rows)))
-        row_tiles = -(-rows // block_m)
-        wide = max(D, Dv) > 128  # d192 (padded to 256): a smaller step over 8 warps (offline sm90: spills else)
-        # about two programs an SM, each at least a step of compressed tokens, and at most 64 blocks'
-        # sums a row (the blocks a split's windows touch, from its first token's block to its last's
-        # end: ((length - 1) d + l + l' - 2) // l' + 1; 192 tokens at d 16, l' 64): they stay in
-        # registers; a smaller step where a step's tokens would touch more (l' at most d or so)
-        bound = (62 * self.l_sel - self.l + 2) // self.d + 1
-        block_c = block_c or max(16, min(32 if wide else 64, 1 << max(0, bound.bit_length() - 1)))
-        most = max(block_c, bound // block_c * block_c)
-        fill = -(-2 * sms(q.device) // (B * Hkv * row_tiles))
-        splits = splits or max(-(-n_cmp // most), min(-(-n_cmp // block_c), fill))
-        split_len = -(-(-(-n_cmp // splits)) // block_c) * block_c
-        splits = -(-n_cmp // split_len)
-        nb_split = ((split_len - 1) * self.d + self.l + self.l_sel - 2) // self.l_sel + 1
-        nb_split = max(16, triton.next_power_of_2(nb_split))
-        f32 = dict(dtype=torch.float32, device=q.device)
-        o_part = torch.empty(B, Hq, Nq, splits, Dv, **f32)
-        m_part, l_part = torch.empty(B, Hq, Nq, splits, **f32), torch.empty(B, Hq, Nq, splits, **f32)
-        sb_part = torch.empty(B, Hq, Nq, splits, nb_split, **f32)
-        seqlens = lengths.to(torch.int32).contiguous()
-        pads = dict(HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), HEAD_DIM_V_PAD=max(16, triton.next_power_of_2(Dv)))
-        self.decode_cmp_kernel[(splits, B * Hkv, row_tiles)](
-            q, k_cmp, v_cmp, seqlens, o_part, m_part, l_part, sb_part, *q.stride(), *k_cmp.stride(), *v_cmp.stride(),
-            n_cmp, Nq, split_len, Hkv, G, scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d,
-            SEL_BLOCK=self.l_sel, HEAD_DIM=D, HEAD_DIM_V=Dv, BLOCK_M=block_m, BLOCK_C=block_c, NB_SPLIT=nb_split,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if wide else 4, **pads)
-        scores = torch.empty(B, Hkv, Nq, n_blocks, **f32)
-        o_cmp = torch.empty(B, Hq, Nq, Dv, **f32)
-        indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
-        nb_pad = triton.next_power_of_2(n_blocks)
-        block_g, dv_pad = max(2, triton.next_power_of_2(G)), pads["HEAD_DIM_V_PAD"]
-        warps = max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks
-        nb_chunk = min(nb_pad, max(16, 256 * warps // block_g))  # the scores' gathered tiles: a few values a thread
-        # the splits whose windows can touch one block: split s's cover tokens [s P, (s + 1) P - d + l)
-        # (P = split_len d), so a block of l' meets at most ceil((l' + l - d - 1) / P) + 1 of them
-        meet = min(splits, -(-(self.l_sel + self.l - self.d - 1) // (split_len * self.d)) + 1)
-        o_splits = max(2, min(triton.next_power_of_2(splits), 32, 4096 // dv_pad))
-        o_heads = max(2, min(block_g, 8192 // (o_splits * dv_pad)))  # o_cmp's [heads, splits, Dv] tiles
-        self.decode_select_kernel[(B * Hkv, Nq, 1 + -(-G // o_heads))](
-            o_part, m_part, l_part, sb_part, seqlens, scores, o_cmp, indices, splits, Nq, split_len, n_blocks, Hkv, G,
-            CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel, INIT=self.init, LOCAL=self.local, COUNT=n,
-            COUNT_PAD=max(2, triton.next_power_of_2(n)), HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=dv_pad, BLOCK_G=block_g,
-            SPLIT_CHUNK=max(2, min(32, triton.next_power_of_2(splits))), NB_SPLIT=nb_split, NB_PAD=nb_pad,
-            NB_CHUNK=nb_chunk, MEET=meet, O_HEADS=o_heads, O_SPLITS=o_splits, num_warps=warps)
-        return o_cmp, indices, scores
-
-    def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
-                             splits: int | None = None):
-        """o [B, Hq, Nq, Dv] of decoding from o_cmp and the blocks (indices [B, Hkv, Nq, n], each
-        query's ascending, -1 after, as the selection makes them): the selected and window branches
-        as one list of work items per (sequence, KV head) shared among splits (_nsa_decode_attend:
-        the union of its queries' blocks, _nsa_decode_union's, each read once, then its window's
-        tiles), then the splits merged per branch and mixed by the gates (_nsa_decode_merge). The
-        splits are a static count (shapes only) unless given."""
-        B, Hq, Nq, D = q.shape
-        paged = block_table is not None
-        Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
-        Dv, G, n = self.head_dim_v, Hq // Hkv, indices.shape[-1]
-        o = torch.empty(B, Hq, Nq, Dv, dtype=q.dtype, device=q.device)
-        if not o.numel():
-            return o
-        rows = G * Nq
-        block_m = max(16, min(64, triton.next_power_of_2(rows)))
-        row_tiles = -(-rows // block_m)
-        # the union of the queries' blocks (Nq = 1: its own list), ascending, -1 after
-        if Nq == 1:
-            union = indices[:, :, 0]
-        else:
-            union = torch.empty(B, Hkv, triton.next_power_of_2(Nq * n), dtype=torch.int32, device=q.device)
-            self.decode_union_kernel[(B * Hkv,)](indices, union, *indices.stride(), Nq, n, Hkv,
-                                                 CHOICES_PAD=union.shape[-1])
-        # the most items of a sequence: the distinct blocks, then its window's tiles
-        S = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[2]
-        items = min(Nq * n, -(-S // self.l_sel)) + (self.window + Nq - 1) // self.l_sel + 2
-        splits = max(1, min(items, splits or -(-2 * sms(q.device) // (B * Hkv * row_tiles))))
-        f32 = dict(dtype=torch.float32, device=q.device)
-        o_part = torch.empty(B, Hq, Nq, splits, 2, Dv, **f32)
-        m_part, l_part = torch.empty(B, Hq, Nq, splits, 2, **f32), torch.empty(B, Hq, Nq, splits, 2, **f32)
-        seqlens = lengths.to(torch.int32).contiguous()
-        ks, vs = cache_strides(k_cache, paged), cache_strides(v_cache, paged)
-        pads = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
-        self.decode_attend_kernel[(splits, B * Hkv, row_tiles)](
-            q, k_cache, v_cache, indices, union, block_table if paged else seqlens, seqlens, o_part, m_part, l_part,
-            *q.stride(), *ks, *vs, *indices.stride(), *union.stride(), block_table.stride(0) if paged else 0, Nq, n,
-            union.shape[-1], Hkv, G, scale * 1.4426950408889634, WINDOW=self.window, HEAD_DIM=D, HEAD_DIM_V=Dv,
-            HEAD_DIM_PAD=pads[0], HEAD_DIM_V_PAD=pads[1], BLOCK_M=block_m, BLOCK_S=self.l_sel,
-            SELECT_PAD=max(2, triton.next_power_of_2(n)), UNION_PAD=max(2, triton.next_power_of_2(union.shape[-1])),
-            PAGE_SIZE=k_cache.shape[1] if paged else 0,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            num_warps=8 if max(pads) > 128 else 4)
-        self.decode_merge_kernel[(B * Hq * Nq,)](
-            o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
-            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=max(2, min(16, triton.next_power_of_2(splits))))
-        return o
-
-    # ------------------------------------------------------------------ the gates' mix
-
-    @staticmethod
-    def _mix_rows(dv: int, elements: int) -> dict:
-        """The mix kernels' tile: BLOCK_R rows of dv (padded to a power of two) about `elements` values."""
-        pad = max(16, triton.next_power_of_2(dv))
-        return dict(HEAD_DIM_V=dv, HEAD_DIM_V_PAD=pad, BLOCK_R=max(1, elements // pad))
-
-    def mix_forward(self, gates, o_cmp, o_slc, o_swa, dtype):
-        """o [B, Hq, N, Dv] in dtype (contiguous) = g_cmp o_cmp + g_slc o_slc + g_swa o_swa by the
-        _nsa_mix kernel: gates [B, Hq, N, 3] and the outputs [B, Hq, N, Dv] of any float dtypes and
-        strides (read in place), float32 math."""
-        B, Hq, N, Dv = o_slc.shape
-        if tuple(gates.shape) != (B, Hq, N, 3) or o_cmp.shape != o_slc.shape or o_swa.shape != o_slc.shape:
-            raise ValueError(f"the gates' mix takes gates [B, Hq, N, 3] and three outputs [B, Hq, N, Dv] of one shape; "
-                             f"got {list(gates.shape)}, {list(o_cmp.shape)}, {list(o_slc.shape)}, {list(o_swa.shape)}")
-        o = torch.empty(B, Hq, N, Dv, dtype=dtype, device=o_slc.device)
-        R = B * Hq * N
-        if not o.numel():
-            return o
-        tile = self._mix_rows(Dv, 4096)
-        self.mix_kernel[(-(-R // tile["BLOCK_R"]),)](
-            gates, o_cmp, o_slc, o_swa, o, R, Hq, N, *gates.stride(), *o_cmp.stride(), *o_slc.stride(),
-            *o_swa.stride(), num_warps=4, **tile)
-        return o
-
-    def mix_backward(self, do, gates, o_cmp, o_slc, o_swa, needs=(True, True, True, True)):
-        """(d gates, d o_cmp, d o_slc, d o_swa) of mix_forward from do (any strides), by the
-        _nsa_mix_bwd kernel, each in its input's dtype (contiguous); None where `needs` (gates, o_cmp,
-        o_slc, o_swa) says no gradient is needed, and no launch where none is. d o_x = do g_x; d g_x
-        = the sum over Dv of do o_x, in float32."""
-        need_g, need_c, need_s, need_w = (bool(x) for x in needs)
-        dg = torch.empty(gates.shape, dtype=gates.dtype, device=gates.device) if need_g else None
-        dc, ds, dw = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else None
-                      for x, need in ((o_cmp, need_c), (o_slc, need_s), (o_swa, need_w)))
-        B, Hq, N, Dv = o_slc.shape
-        R = B * Hq * N
-        if not (need_g or need_c or need_s or need_w) or not R or not Dv:
-            if dg is not None:
-                dg.zero_()  # no value dim: sums of nothing
-            return dg, dc, ds, dw
-        tile = self._mix_rows(Dv, 2048)
-        self.mix_bwd_kernel[(-(-R // tile["BLOCK_R"]),)](
-            do, gates, o_cmp, o_slc, o_swa, do if dc is None else dc, do if ds is None else ds,
-            do if dw is None else dw, do if dg is None else dg, R, Hq, N, *do.stride(), *gates.stride(),
-            *o_cmp.stride(), *o_slc.stride(), *o_swa.stride(), NEED_CMP=need_c, NEED_SLC=need_s, NEED_SWA=need_w,
-            NEED_GATES=need_g, num_warps=4, **tile)
-        return dg, dc, ds, dw
-
     # ------------------------------------------------------------------ the stages
 
     def compress(self, x, weight=None):
@@ -696,7 +276,7 @@ class NSAModule:
         n = min(self.count, n_blocks)
         nb_pad = triton.next_power_of_2(max(n_blocks, 1))
         # under torch.compile the sort below, which Inductor traces (the kernel's launch is not an op)
-        if self.top_blocks_kernel and nb_pad <= _TOP_BLOCKS_MAX and scores.numel() and not torch.compiler.is_compiling():
+        if self.top_blocks_kernel and nb_pad <= self.top_blocks_max and scores.numel() and not torch.compiler.is_compiling():
             rows = scores.shape[:-1]
             scores = scores.float().reshape(-1, n_blocks).contiguous()
             pos = torch.as_tensor(t, device=scores.device).expand(rows).reshape(-1).to(torch.int32).contiguous()
@@ -897,8 +477,6 @@ class NSAModule:
             dv.copy_(dv_to)
         return dq, dk, dv
 
-
-_TOP_BLOCKS_MAX = 16384  # the widest row of scores _nsa_top_blocks holds (1M tokens at blocks of 64)
 
 
 def loop_order(G: int, N: int, head_dim: int) -> str:
