@@ -148,7 +148,8 @@ CPU_NSA_DECODE = (NSADecode(4, 2, 3, (0, 30, 149), 160), NSADecode(4, 2, 2, (47,
 GPU_NSA_DECODE = (NSADecode(16, 4, 1, (100, 2000, 4095), 4096), NSADecode(16, 1, 4, (1000, 3005), 3072 + 64),
                   NSADecode(16, 4, 1, (100, 2000, 4095), 4096, page=16),
                   NSADecode(16, 4, 1, (100, 2000, 4095), 4096, fused=True),
-                  NSADecode(16, 1, 4, (1000, 3005), 3072 + 64, page=16, fused=True))
+                  NSADecode(16, 1, 4, (1000, 3005), 3072 + 64, page=16, fused=True),
+                  NSADecode(16, 4, 128, (0, 1000, 3900), 4096, page=64, fused=True))  # chunked prefill
 
 
 def check_nsa_decode(spec: Spec, module, case: NSADecode, dtype: str, device, seed: int = 0):

@@ -600,6 +600,21 @@ def test_shipped_nsa_specs_verify(name):
     assert len(results) == 1 and results[0].ok, results[0].why
 
 
+@pytest.mark.interp
+@pytest.mark.parametrize("kind, page", [("mean", 0), ("linear", 16)])
+def test_nsa_chunked_prefill_gives_the_references_rows(tmp_path, kind, page):
+    """A chunk of 20 queries appended at once (chunked prefill) through fused_decode: to an empty
+    sequence and to ones of 30 and 70 tokens, so that several windows and selection blocks end among
+    the new rows (the cache's update takes every window ending there, the union of the rows' blocks
+    spans blocks no single row chose); each row the reference's row of its whole sequence."""
+    from attngen.verify_nsa import NSADecode, check_nsa_decode
+
+    spec, module = _module(tmp_path, kind)
+    result = check_nsa_decode(spec, module, NSADecode(2, 1, 20, (0, 30, 70), 96 + page, page=page, fused=True),
+                              "fp32", torch.device("cpu"))
+    assert result.ok, result.why
+
+
 @pytest.mark.compiler
 def test_entry_lists_give_each_block_the_choices_that_chose_it():
     from attngen.runtime.nsa import entry_lists
