@@ -113,21 +113,21 @@ def main() -> None:
                         by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
                     finally:
                         rt.top_blocks_kernel = True
-                    rt.scores_carry = False  # the scores' loop adding to memory (the old form)
+                    rt.scores_carry = False  # the scores' loop adding to memory (the default to head dim 128)
                     try:
                         row["stage select (scores added in memory)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
                         in_memory = rt.select_fused(q, kc, lse_c, rt.scale)
                     finally:
-                        rt.scores_carry = True
+                        rt.scores_carry = True  # carried in registers (the default past head dim 128)
                     try:
-                        row["stage select (fused scores, top-blocks kernel)"] = _ms(
+                        row["stage select (scores carried, top-blocks kernel)"] = _ms(
                             lambda: rt.select_fused(q, kc, lse_c, rt.scale))
                         row["scores carried vs in memory: same blocks"] = bool(
                             torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], in_memory[0]))
                         row["top-blocks kernel gives the sort's blocks"] = bool(
                             torch.equal(rt.select_fused(q, kc, lse_c, rt.scale)[0], by_sort))
                     finally:
-                        rt.top_blocks_kernel = True
+                        rt.top_blocks_kernel, rt.scores_carry = True, None
                     row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
                     # tokens per program: the automatic choice (above) against one token (the old kernel's
                     # tiling) and a few others; the union lists' share and size at the automatic one

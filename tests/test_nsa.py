@@ -781,15 +781,17 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     q, k = torch.randn(2, 2 * G, N, 32, generator=g), torch.randn(2, 2, N, 32, generator=g)
     k_cmp = rt.compress(k)
     _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
-    blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
+    assert rt.scores_carry is None  # the default: the carry past head dim 128 only (this spec's is 32)
+    try:
+        rt.scores_carry = True
+        blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
+        rt.scores_carry = False
+        _, in_memory = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
+    finally:
+        rt.scores_carry = None
     want = reference_nsa.selection_scores(q, k_cmp, block=block, stride=stride, select_block=32)
     assert (scores.double() - want).abs().max() < 1e-5
     assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
-    rt.scores_carry = False
-    try:
-        _, in_memory = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
-    finally:
-        rt.scores_carry = True
     assert (in_memory - scores).abs().max() < 1e-6
 
 
@@ -959,6 +961,7 @@ def test_union_lists_hold_each_tiles_blocks_once(tmp_path):
     assert [rt.selected_tokens(G, 4096) for G in (1, 3, 16, 64, 128)] == [64, 16, 4, 1, 1]
     assert rt.selected_tokens(16, 1) == 1 and rt.selected_tokens(2, 3) == 4  # decoding one token; three
     assert rt.selected_tokens(16, 4096, tensor_cores=False) == 1  # fp32 on the GPU
+    assert rt.selected_tokens(16, 32768) == 4 and rt.selected_tokens(16, 65536) == 1  # one token past 32k
     rt.tokens_per_program = 3  # (the module is cached per spec: later tests load this one again)
     try:
         with pytest.raises(ValueError, match="tokens_per_program must be None or a power of two"):

@@ -100,8 +100,9 @@ class NSAModule(NSADecoding, NSAMixing):
         self.fused_mix = True
         # the selection scores' loop carries the blocks a step shares with the next in registers, so
         # that it only stores and its loads pipeline, instead of adding to them in memory after a
-        # barrier (docs/decisions/nsa-plan.md, "The scores' loop only stores"); False: the adding loop
-        self.scores_carry = True
+        # barrier: True or False forces it; None (the default) carries past head dim 128 only, where
+        # it was measured faster (docs/decisions/nsa-plan.md, "The scores' loop only stores")
+        self.scores_carry = None
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -258,7 +259,8 @@ class NSAModule(NSADecoding, NSAMixing):
             # first carried in registers (a loop of stores alone), where they are at most SHIFT
             touched = ((block_c - 1) * self.d + self.l - 1) // self.l_sel + 1
             shift = block_c * self.d // self.l_sel if (block_c * self.d) % self.l_sel == 0 else 0
-            shift = shift if self.scores_carry and 0 <= touched - shift <= shift else 0
+            carry = D > 128 if self.scores_carry is None else self.scores_carry
+            shift = shift if carry and 0 <= touched - shift <= shift else 0
             self.scores_kernel[(-(-N // block_t), B * Hkv)](
                 q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
                 scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
@@ -494,10 +496,11 @@ def loop_order(G: int, N: int, head_dim: int) -> str:
 
 def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:
     """The query-major forward's tokens per program: tokens x G about 64 rows, at most N's power of
-    two; one token for groups over 64, head dims (the larger of q's and v's) over 128, or without
-    tensor cores. The measurements: docs/decisions/nsa-plan.md."""
+    two; one token for groups over 64, head dims (the larger of q's and v's) over 128, past 32k
+    tokens (where a few tokens' union of blocks grows toward theirs summed), or without tensor
+    cores. The measurements: docs/decisions/nsa-plan.md."""
     block_g = triton.next_power_of_2(G)
-    if not tensor_cores or block_g > 64 or head_dim > 128:
+    if not tensor_cores or block_g > 64 or head_dim > 128 or N > 32768:
         return 1
     return min(max(1, 64 // block_g), triton.next_power_of_2(max(N, 1)))
 
