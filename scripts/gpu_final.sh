@@ -12,12 +12,9 @@
 #   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
-#   DEADLINE=540 scripts/gpu_final.sh first   # what is left unverified (docs/verification.md): the
-#                                             # GPU test tier, NSA's decoding (the new kernels: the
-#                                             # linear update, the selection), the document span's
-#                                             # kernel, B128 decoding against 53b5bfd's module
-#                                             # (first: python experiments/baseline_module.py 53b5bfd causal,
-#                                             # and carry out/baselines)
+#   DEADLINE=540 scripts/gpu_final.sh first   # a session's first call (docs/verification.md): the GPU
+#                                             # test tier, NSA's verification (decode, gradients),
+#                                             # its decode step's kernels, its forward end to end
 # Each benchmark group is MODE:HEAD_DIM over $SPECS at 1k, 4k and 16k tokens (16 heads at d128,
 # 32 at d64), one JSON per spec so that a run cut short keeps the rest; nothing new starts after
 # $DEADLINE seconds. $OUT gets the verification tables and the merged benchmark tables.
@@ -39,22 +36,18 @@ if [ -n "$WARM" ]; then  # the compile caches (Triton's, Inductor's) are shared 
 fi
 VSPECS=${VSPECS:-specs/*.yaml}
 for group in "$@"; do
-  if [ "$group" = first ]; then
-    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/env.txt
-    python3 -c "import torch,triton,numpy;print(torch.__version__,triton.__version__,numpy.__version__)" | tee -a $OUT/env.txt
-    git log --oneline -1 | tee -a $OUT/env.txt
+  if [ "$group" = first ]; then  # at most 6 files under $OUT (the device returns only a few)
+    log=$OUT/first.log
+    nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $log
+    python3 -c "import torch,triton,numpy;print(torch.__version__,triton.__version__,numpy.__version__)" | tee -a $log
     # the GPU tier of NSA's and decoding's tests (the interp tier runs on CPU tensors: CI's, not
     # here; the newest kernels are exercised on the GPU by verify's rows below)
-    timeout 120 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py 2>&1 | tail -15 | tee $OUT/pytest_gpu.txt
-    timeout 100 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --decode --dtype bf16 --markdown $OUT/verify_nsa_decode.md 2>&1 | grep -v -i warn | tail -3 | tee $OUT/verify_nsa.txt
-    timeout 150 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --dtype bf16 --markdown $OUT/verify_nsa_bwd.md 2>&1 | grep -v -i warn | tail -3 | tee -a $OUT/verify_nsa.txt
-    timeout 100 python3 experiments/nsa_decode_gpu.py --kernels --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee $OUT/nsa_decode.txt
-    timeout 100 python3 experiments/gated_decode_gpu.py --kernels --json $OUT/gated_decode.json 2>&1 | grep -v -i warn | tail -3 | tee $OUT/gated.txt
-    # the B128 rows' 6% since 53b5bfd (BENCHMARKS.md): both trees' kernels in one process
-    base=out/baselines/causal_53b5bfd.py
-    [ -f $base ] || echo "no $base: python experiments/baseline_module.py 53b5bfd causal, and carry out/baselines"
-    [ -f $base ] && timeout 150 python3 experiments/decode_ab_gpu.py --baseline $base --variants "" \
-      --cases 128x2048,128x8192,32x8192,1x131072,1x8192,4x16384x512 --json $OUT/decode_ab_b128.json 2>&1 | grep -v -i warn | tail -7 | tee $OUT/ab_b128.txt
+    timeout 120 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py 2>&1 | tail -15 | tee -a $log
+    timeout 100 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --decode --dtype bf16 --markdown $OUT/verify_nsa_decode.md 2>&1 | grep -v -i warn | tail -3 | tee -a $log
+    timeout 150 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --dtype bf16 --markdown $OUT/verify_nsa_bwd.md 2>&1 | grep -v -i warn | tail -3 | tee -a $log
+    timeout 100 python3 experiments/nsa_decode_gpu.py --kernels --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee -a $log
+    # the NSA forward end to end at the defaults (the selection, the selected branch's tokens)
+    timeout 150 python3 experiments/nsa_gpu.py --seqs 32768,65536 --specs nsa,nsa_linear --no-stages --json $OUT/nsa_fwd.json 2>&1 | grep -v -i warn | tail -4 | tee -a $log
     continue
   fi
   if [ "$group" = bench-decode ]; then  # causal, the cases (attngen/bench_decode.py), CUDA-graph replays
