@@ -8,7 +8,9 @@ in one process; the NSA step also with `fused_decode` (the step in six kernels, 
 torch.compile(fullgraph=True), whose Inductor fuses the torch ops between the kernels. bf16, Hq 64,
 Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
 A case BxCONTEXTx4 decodes 4 queries a step (speculative decoding: the fused step's selected items
-are the union of their blocks); SDPA's peers there attend every key from each (no mask).
+are the union of their blocks); SDPA's peers there attend every key from each (no mask). The fused
+step is timed again with `decode_top_kernel` (the top blocks by `_nsa_top_blocks`, a row to a warp),
+after checking it gives the default's bits.
 
     PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json [--kernels]
 """
@@ -82,6 +84,15 @@ def main() -> None:
                 from attngen.tools.profile_step import kernel_times
 
                 row["nsa fused_decode kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
+            # the top blocks apart (decode_top_kernel): the same bits, timed beside the default
+            nsa.decode_top_kernel = True
+            try:
+                row["nsa decode_top_kernel: same bits"] = bool(torch.equal(step(), fused))
+                row["nsa fused_decode, decode_top_kernel"] = _time(step) * 1e3
+                if args.kernels:
+                    row["nsa decode_top_kernel kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
+            finally:
+                nsa.decode_top_kernel = False
             # the same step under torch.compile (Inductor fuses the torch ops between the kernels)
             mod = attngen.load(resolve_spec(name))
             compiled = torch.compile(lambda q, k, v, lengths, gates, kc, vc: mod.attention_with_kvcache(

@@ -495,15 +495,19 @@ def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUN
 
 
 @triton.jit
-def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
+def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, n_q, rows_per_seq, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
                     LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                    NB_PAD: tl.constexpr):
+                    NB_PAD: tl.constexpr, DECODE: tl.constexpr):
     # The selection (_top_of_rows) of BLOCK_R rows (a token and KV head each) from their block
     # scores, SCORES [R, n_blocks] float32, at positions POS [R], into OUT [R, COUNT] int32: a row
-    # held in registers instead of a sort of every score.
+    # held in registers instead of a sort of every score. DECODE: a decode step's rows [B, HKV,
+    # n_q], POS [B] the sequences' lengths: row r sits at POS[r // rows_per_seq] - n_q + r % n_q.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
-    pos = tl.load(POS + r, mask=r_ok, other=0)
+    if DECODE:
+        pos = tl.load(POS + r // rows_per_seq, mask=r_ok, other=0) - n_q + r % n_q
+    else:
+        pos = tl.load(POS + r, mask=r_ok, other=0)
     own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
     beta = tl.arange(0, NB_PAD)
     s = tl.load(SCORES + r[:, None].to(tl.int64) * n_blocks + beta[None, :],
@@ -610,14 +614,16 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
                        COUNT_PAD: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr,
                        BLOCK_G: tl.constexpr, SPLIT_CHUNK: tl.constexpr, NB_SPLIT: tl.constexpr,
                        NB_PAD: tl.constexpr, NB_CHUNK: tl.constexpr, MEET: tl.constexpr, O_HEADS: tl.constexpr,
-                       O_SPLITS: tl.constexpr):
-    # Program (batch x KV head, query t, part). Part 0: the query's row of SCORES [B, HKV, n_q,
-    # n_blocks]: each head's LSE over its splits, then NB_CHUNK blocks at a time each block's sum
-    # over the group's heads and the splits touching it (_decode_block_scores) of the split's block
-    # sum scaled by 2^(m - lse) (the probabilities' own normalization, per head); then the row's
-    # top blocks (_top_of_rows) into IDX [B, HKV, n_q, COUNT]. Part p > 0: o_cmp (O_CMP [B, HQ, n_q,
-    # Dv] float32) of the group's query heads [(p - 1) O_HEADS, + O_HEADS), their splits merged by a
-    # running LSE, O_SPLITS at a time.
+                       O_SPLITS: tl.constexpr, SCORE_PARTS: tl.constexpr):
+    # Program (batch x KV head, query t, part). With SCORE_PARTS 0, part 0: the query's row of
+    # SCORES [B, HKV, n_q, n_blocks]: each head's LSE over its splits, then NB_CHUNK blocks at a time
+    # each block's sum over the group's heads and the splits touching it (_decode_block_scores) of
+    # the split's block sum scaled by 2^(m - lse) (the probabilities' own normalization, per head);
+    # then the row's top blocks (_top_of_rows) into IDX [B, HKV, n_q, COUNT]. With SCORE_PARTS > 0,
+    # parts [0, SCORE_PARTS) each the row's NB_CHUNK blocks from part x NB_CHUNK, no top blocks
+    # (_nsa_top_blocks takes them after, a row to a warp: no barrier in its rounds). The next parts
+    # p: o_cmp (O_CMP [B, HQ, n_q, Dv] float32) of the group's query heads [(p - first) O_HEADS, +
+    # O_HEADS), first = max(SCORE_PARTS, 1), their splits merged by a running LSE, O_SPLITS at a time.
     off_b = tl.program_id(0) // HKV
     off_hk = tl.program_id(0) % HKV
     t = tl.program_id(1)
@@ -625,7 +631,8 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
     head0 = off_b * HKV * GROUP + off_hk * GROUP  # the group's first query head
     base = (head0.to(tl.int64) * n_q + t) * n_splits  # its split 0's row; a head's are n_q n_splits on
     M_ROW, L_ROW = M_PART + base, L_PART + base
-    if part == 0:
+    first_o = SCORE_PARTS + (SCORE_PARTS == 0)  # the first part of o_cmp's
+    if part < first_o:
         g = tl.arange(0, BLOCK_G)
         g_ok = g < GROUP
         g_rel = g * (n_q * n_splits)
@@ -647,28 +654,35 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
         SB_ROW = SB_PART + base * NB_SPLIT
         score_row = SCORES + ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * n_blocks
         beta = tl.arange(0, NB_PAD)
-        if NB_CHUNK == NB_PAD:  # the whole row in one tile: its top blocks straight from registers
-            scores = _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, beta, n_splits, n_blocks,
-                                          split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET)
-            tl.store(score_row + beta, scores, mask=beta < n_blocks)
+        if SCORE_PARTS > 0:  # this part's chunk of the row alone
+            chunk = part * NB_CHUNK + tl.arange(0, NB_CHUNK)
+            tl.store(score_row + chunk,
+                     _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
+                                          split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET),
+                     mask=chunk < n_blocks)
         else:
-            for b_lo in range(0, n_blocks, NB_CHUNK):  # chunks independent of each other: no barrier between
-                chunk = b_lo + tl.arange(0, NB_CHUNK)
-                tl.store(score_row + chunk,
-                         _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
-                                              split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK,
-                                              MEET), mask=chunk < n_blocks)
-            tl.debug_barrier()  # the row's chunks stored by all threads, before it is read back whole
-            scores = tl.load(score_row + beta, mask=beta < n_blocks, other=0.0)
-        pos = tl.load(SEQLENS + off_b) - n_q + t
-        own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
-        chosen = _top_of_rows(scores[None, :], tl.full([1], 0, tl.int32) + own, n_blocks, INIT, LOCAL, COUNT,
-                              COUNT_PAD, NB_PAD)
-        slots = tl.arange(0, COUNT_PAD)
-        idx = ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * COUNT
-        tl.store(IDX + idx + slots[None, :], chosen, mask=slots[None, :] < COUNT)
+            if NB_CHUNK == NB_PAD:  # the whole row in one tile: its top blocks straight from registers
+                scores = _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, beta, n_splits, n_blocks,
+                                              split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET)
+                tl.store(score_row + beta, scores, mask=beta < n_blocks)
+            else:
+                for b_lo in range(0, n_blocks, NB_CHUNK):  # chunks independent of each other: no barrier between
+                    chunk = b_lo + tl.arange(0, NB_CHUNK)
+                    tl.store(score_row + chunk,
+                             _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
+                                                  split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK,
+                                                  MEET), mask=chunk < n_blocks)
+                tl.debug_barrier()  # the row's chunks stored by all threads, before it is read back whole
+                scores = tl.load(score_row + beta, mask=beta < n_blocks, other=0.0)
+            pos = tl.load(SEQLENS + off_b) - n_q + t
+            own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
+            chosen = _top_of_rows(scores[None, :], tl.full([1], 0, tl.int32) + own, n_blocks, INIT, LOCAL, COUNT,
+                                  COUNT_PAD, NB_PAD)
+            slots = tl.arange(0, COUNT_PAD)
+            idx = ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * COUNT
+            tl.store(IDX + idx + slots[None, :], chosen, mask=slots[None, :] < COUNT)
     else:
-        h = (part - 1) * O_HEADS + tl.arange(0, O_HEADS)
+        h = (part - first_o) * O_HEADS + tl.arange(0, O_HEADS)
         h_ok = h < GROUP
         h_rel = h * (n_q * n_splits)
         offs_dv = tl.arange(0, HEAD_DIM_V_PAD)

@@ -84,7 +84,7 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
 
 def _check_decode_selection(rt, q, cmp, pos, S, got, want):
     """The fused decode's (o_cmp, blocks, scores) against the torch path's (o_cmp, blocks) and float64
-    scores, for 4 sequences of lengths 0, 20, 192 and S: o_cmp within fp32 rounding, the scores, the
+    scores, for 4 sequences of lengths 0, 20, 192 (or 193) and S: o_cmp within fp32 rounding, the scores, the
     same blocks but where scores tie; no block without a key, the forced ones alone at length 20."""
     (got_o, got_idx, got_scores), (want_o, want_idx) = got, want
     B, Hq, Nq, D = q.shape
@@ -158,7 +158,7 @@ def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G
     g = torch.Generator().manual_seed(G * 10 + Nq)
     B = 4
     k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, Dv, generator=g)
-    lengths = torch.tensor([0, 20, 192, S])
+    lengths = torch.tensor([0, 20, 193, S])  # 193: the rows of Nq > 1 straddle a block's start
     cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
     q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
     pos = lengths[:, None] - Nq + torch.arange(Nq)
@@ -171,6 +171,12 @@ def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G
         rt.count = spec.nsa.select_count
     assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
     _check_decode_selection(rt, q, cmp, pos, S, runs[0], (want_o, want_idx))
+    rt.decode_top_kernel, rt.count = True, 6  # the row gathered by several programs, the top blocks apart
+    try:
+        apart = rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c, splits=splits)
+    finally:
+        rt.decode_top_kernel, rt.count = False, spec.nsa.select_count
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], apart))
 
 
 @pytest.mark.interp

@@ -94,6 +94,11 @@ class NSAModule(NSADecoding, NSAMixing):
         # _decode_compressed_fused, _decode_attend_fused) instead of about 90 torch ops and 4
         # kernels: measured faster (docs/decisions/nsa-plan.md); False: the torch path
         self.fused_decode = True
+        # fused_decode's top blocks by the _nsa_top_blocks kernel, a row to a warp (no barrier in its
+        # rounds), after the row is gathered by several programs, instead of in the selection kernel's
+        # one program per row on 8-16 warps (three barriers a round); untimed, so off
+        # (docs/decisions/nsa-plan.md, "The decode step's top blocks apart")
+        self.decode_top_kernel = False
         # the gates' mix by the _nsa_mix and _nsa_mix_bwd kernels (one pass over the rows each, the
         # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/
         # nsa_mix.py times both); False: the torch ops, which torch.compile traces either way
@@ -285,9 +290,9 @@ class NSAModule(NSADecoding, NSAMixing):
             out = torch.empty(scores.shape[0], n, dtype=torch.int32, device=scores.device)
             block_r = max(1, 4096 // nb_pad)  # 32 scores a thread at 4 warps; 16 warps for the widest rows
             self.top_kernel[(-(-scores.shape[0] // block_r),)](
-                scores, pos, out, scores.shape[0], n_blocks, SEL_BLOCK=self.l_sel, INIT=self.init, LOCAL=self.local,
-                COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r, NB_PAD=nb_pad,
-                num_warps=max(4, min(16, nb_pad // 1024)))
+                scores, pos, out, scores.shape[0], n_blocks, 0, 1, SEL_BLOCK=self.l_sel, INIT=self.init,
+                LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r,
+                NB_PAD=nb_pad, DECODE=False, num_warps=max(4, min(16, nb_pad // 1024)))
             return out.view(*rows, n)
         beta = torch.arange(n_blocks, device=scores.device)
         own = (t // self.l_sel)[..., None]

@@ -248,7 +248,8 @@ class NSADecoding:
         sums), then per query the splits merged (o_cmp over programs of the group's heads; each block's
         score gathered from the splits that touch it) and the top blocks taken in registers. The splits
         are a static count (shapes only: no host read) unless given; block_c compressed tokens a
-        step (64, 32 above head dim 128)."""
+        step (64, 32 above head dim 128). With decode_top_kernel the second kernel's row is gathered
+        by several programs and the top blocks taken by a third, _nsa_top_blocks, a row to a warp."""
         B, Hq, Nq, D = q.shape
         k_cmp, v_cmp = cmp_cache
         Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
@@ -288,19 +289,28 @@ class NSADecoding:
         indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
         nb_pad = triton.next_power_of_2(n_blocks)
         block_g, dv_pad = max(2, triton.next_power_of_2(G)), pads["HEAD_DIM_V_PAD"]
-        warps = max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks
+        apart = self.decode_top_kernel  # the top blocks by _nsa_top_blocks after, a row to a warp
+        warps = 8 if apart else max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks
         nb_chunk = min(nb_pad, max(16, 256 * warps // block_g))  # the scores' gathered tiles: a few values a thread
+        score_parts = -(-n_blocks // nb_chunk) if apart else 0  # programs gathering the row, a chunk each
         # the splits whose windows can touch one block: split s's cover tokens [s P, (s + 1) P - d + l)
         # (P = split_len d), so a block of l' meets at most ceil((l' + l - d - 1) / P) + 1 of them
         meet = min(splits, -(-(self.l_sel + self.l - self.d - 1) // (split_len * self.d)) + 1)
         o_splits = max(2, min(triton.next_power_of_2(splits), 32, 4096 // dv_pad))
         o_heads = max(2, min(block_g, 8192 // (o_splits * dv_pad)))  # o_cmp's [heads, splits, Dv] tiles
-        self.decode_select_kernel[(B * Hkv, Nq, 1 + -(-G // o_heads))](
+        self.decode_select_kernel[(B * Hkv, Nq, max(score_parts, 1) + -(-G // o_heads))](
             o_part, m_part, l_part, sb_part, seqlens, scores, o_cmp, indices, splits, Nq, split_len, n_blocks, Hkv, G,
             CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel, INIT=self.init, LOCAL=self.local, COUNT=n,
             COUNT_PAD=max(2, triton.next_power_of_2(n)), HEAD_DIM_V=Dv, HEAD_DIM_V_PAD=dv_pad, BLOCK_G=block_g,
             SPLIT_CHUNK=max(2, min(32, triton.next_power_of_2(splits))), NB_SPLIT=nb_split, NB_PAD=nb_pad,
-            NB_CHUNK=nb_chunk, MEET=meet, O_HEADS=o_heads, O_SPLITS=o_splits, num_warps=warps)
+            NB_CHUNK=nb_chunk, MEET=meet, O_HEADS=o_heads, O_SPLITS=o_splits, SCORE_PARTS=score_parts,
+            num_warps=warps)
+        if apart:  # one warp a row up to 2048 blocks (offline sm90: no barrier, no spill); more past that
+            rows = B * Hkv * Nq
+            self.top_kernel[(rows,)](
+                scores, seqlens, indices, rows, n_blocks, Nq, Hkv * Nq, SEL_BLOCK=self.l_sel, INIT=self.init,
+                LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=1, NB_PAD=nb_pad,
+                DECODE=True, num_warps=1 if nb_pad <= 2048 else min(16, nb_pad // 1024))
         return o_cmp, indices, scores
 
     def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
