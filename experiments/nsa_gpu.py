@@ -109,7 +109,8 @@ def main() -> None:
                     # the top blocks by torch's sort, then by the _nsa_top_blocks kernel (the default)
                     rt.top_blocks_kernel = False
                     try:
-                        row["stage select (fused scores)"] = _ms(lambda: rt.select_fused(q, kc, lse_c, rt.scale))
+                        row["stage select (fused scores, default loop, torch's sort)"] = _ms(
+                            lambda: rt.select_fused(q, kc, lse_c, rt.scale))
                         by_sort = rt.select_fused(q, kc, lse_c, rt.scale)[0]
                     finally:
                         rt.top_blocks_kernel = True
@@ -138,7 +139,7 @@ def main() -> None:
                     row["stage selected union lists (auto)"] = _ms(lambda: union_lists(idx, auto, -(-N // rt.l_sel)))
                     o_auto = rt.selected_forward(q, k, v, idx, rt.scale)[0]
                     try:
-                        for T in (1, 2, 8):
+                        for T in (1, 2, 4, 8):
                             if T != auto:
                                 rt.tokens_per_program = T
                                 row[f"stage selected (T={T})"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))

@@ -788,6 +788,7 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     k_cmp = rt.compress(k)
     _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
     assert rt.scores_carry is None  # the default: the carry past head dim 128 only (this spec's is 32)
+    assert [rt.scores_carried(d) for d in (32, 128, 192, 256)] == [False, False, True, True]
     try:
         rt.scores_carry = True
         blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)

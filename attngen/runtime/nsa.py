@@ -264,8 +264,7 @@ class NSAModule(NSADecoding, NSAMixing):
             # first carried in registers (a loop of stores alone), where they are at most SHIFT
             touched = ((block_c - 1) * self.d + self.l - 1) // self.l_sel + 1
             shift = block_c * self.d // self.l_sel if (block_c * self.d) % self.l_sel == 0 else 0
-            carry = D > 128 if self.scores_carry is None else self.scores_carry
-            shift = shift if carry and 0 <= touched - shift <= shift else 0
+            shift = shift if self.scores_carried(D) and 0 <= touched - shift <= shift else 0
             self.scores_kernel[(-(-N // block_t), B * Hkv)](
                 q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
                 scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
@@ -274,6 +273,11 @@ class NSAModule(NSADecoding, NSAMixing):
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if shift else 4,
                 num_stages=2 if D > 128 else 3)  # (past d128 three stages of keys overflow shared memory)
         return self._top_blocks(scores, torch.arange(N, device=q.device)), scores
+
+    def scores_carried(self, head_dim: int) -> bool:
+        """Whether _nsa_scores carries a step's shared blocks in registers: the knob scores_carry, else
+        past head dim 128 only (measured: docs/decisions/nsa-plan.md)."""
+        return head_dim > 128 if self.scores_carry is None else bool(self.scores_carry)
 
     def _top_blocks(self, scores, t):
         """int32 [..., n]: per row (at position t, broadcast against scores' [..., rows, n_blocks]) the
@@ -316,7 +320,7 @@ class NSAModule(NSADecoding, NSAMixing):
         """BLOCK_T, the selected forward's tokens per program: the knob tokens_per_program, else
         enough tokens that tokens x G is about 64 rows (a group of 16 alone fills a quarter of the
         MMA), at most N's power of two (decoding one token: 1); one token for groups over 64, head
-        dims over 128, or no tensor cores (fp32 on the GPU: more rows only add registers):
+        dims over 128, past 32k tokens, or no tensor cores (fp32 on the GPU: more rows only add registers):
         tokens_per_program(). The interpreter (CPU) takes the tensor-core choice in every dtype, so
         that the fp32 tests check the tiling bf16 runs on the GPU."""
         if self.tokens_per_program is not None:

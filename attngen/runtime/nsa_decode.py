@@ -290,7 +290,7 @@ class NSADecoding:
         nb_pad = triton.next_power_of_2(n_blocks)
         block_g, dv_pad = max(2, triton.next_power_of_2(G)), pads["HEAD_DIM_V_PAD"]
         apart = self.decode_top_kernel  # the top blocks by _nsa_top_blocks after, a row to a warp
-        warps = 8 if apart else max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks
+        warps = max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks (either way: the same sums)
         nb_chunk = min(nb_pad, max(16, 256 * warps // block_g))  # the scores' gathered tiles: a few values a thread
         score_parts = -(-n_blocks // nb_chunk) if apart else 0  # programs gathering the row, a chunk each
         # the splits whose windows can touch one block: split s's cover tokens [s P, (s + 1) P - d + l)
