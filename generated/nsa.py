@@ -653,26 +653,23 @@ def _nsa_decode_select(O_PART, M_PART, L_PART, SB_PART, SEQLENS, SCORES, O_CMP, 
         SB_ROW = SB_PART + base * NB_SPLIT
         score_row = SCORES + ((off_b * HKV + off_hk).to(tl.int64) * n_q + t) * n_blocks
         beta = tl.arange(0, NB_PAD)
-        if SCORE_PARTS > 0:  # this part's chunk of the row alone
-            chunk = part * NB_CHUNK + tl.arange(0, NB_CHUNK)
-            tl.store(score_row + chunk,
-                     _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
-                                          split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET),
-                     mask=chunk < n_blocks)
-        else:
-            if NB_CHUNK == NB_PAD:  # the whole row in one tile: its top blocks straight from registers
-                scores = _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, beta, n_splits, n_blocks,
-                                              split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET)
-                tl.store(score_row + beta, scores, mask=beta < n_blocks)
-            else:
-                for b_lo in range(0, n_blocks, NB_CHUNK):  # chunks independent of each other: no barrier between
-                    chunk = b_lo + tl.arange(0, NB_CHUNK)
-                    tl.store(score_row + chunk,
-                             _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
-                                                  split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK,
-                                                  MEET), mask=chunk < n_blocks)
+        if SCORE_PARTS == 0 and NB_CHUNK == NB_PAD:  # the whole row in one tile: its top blocks from registers
+            scores = _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, beta, n_splits, n_blocks,
+                                          split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK, MEET)
+            tl.store(score_row + beta, scores, mask=beta < n_blocks)
+        else:  # chunks of the row: all of them here, or with SCORE_PARTS this part's one
+            b_first = part * NB_CHUNK if SCORE_PARTS > 0 else 0
+            b_end = b_first + NB_CHUNK if SCORE_PARTS > 0 else n_blocks
+            for b_lo in range(b_first, b_end, NB_CHUNK):  # chunks independent of each other: no barrier between
+                chunk = b_lo + tl.arange(0, NB_CHUNK)
+                tl.store(score_row + chunk,
+                         _decode_block_scores(M_ROW, L_ROW, SB_ROW, g_rel, g_ok, lse2, chunk, n_splits, n_blocks,
+                                              split_tokens, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK, NB_SPLIT, NB_CHUNK,
+                                              MEET), mask=chunk < n_blocks)
+            if SCORE_PARTS == 0:
                 tl.debug_barrier()  # the row's chunks stored by all threads, before it is read back whole
                 scores = tl.load(score_row + beta, mask=beta < n_blocks, other=0.0)
+        if SCORE_PARTS == 0:  # the row's top blocks (else _nsa_top_blocks takes them after)
             pos = tl.load(SEQLENS + off_b) - n_q + t
             own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
             chosen = _top_of_rows(scores[None, :], tl.full([1], 0, tl.int32) + own, n_blocks, INIT, LOCAL, COUNT,

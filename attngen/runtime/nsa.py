@@ -94,10 +94,9 @@ class NSAModule(NSADecoding, NSAMixing):
         # _decode_compressed_fused, _decode_attend_fused) instead of about 90 torch ops and 4
         # kernels: measured faster (docs/decisions/nsa-plan.md); False: the torch path
         self.fused_decode = True
-        # fused_decode's top blocks by the _nsa_top_blocks kernel, a row to a warp (no barrier in its
-        # rounds), after the row is gathered by several programs, instead of in the selection kernel's
-        # one program per row on 8-16 warps (three barriers a round); untimed, so off
-        # (docs/decisions/nsa-plan.md, "The decode step's top blocks apart")
+        # fused_decode's top blocks by the _nsa_top_blocks kernel, a row to a warp, after the row is
+        # gathered by several programs, instead of in the selection kernel's one program per row on
+        # 8-16 warps; untimed, so off (docs/decisions/nsa-plan.md, "The decode step's top blocks apart")
         self.decode_top_kernel = False
         # the gates' mix by the _nsa_mix and _nsa_mix_bwd kernels (one pass over the rows each, the
         # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/

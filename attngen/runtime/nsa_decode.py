@@ -305,7 +305,7 @@ class NSADecoding:
             SPLIT_CHUNK=max(2, min(32, triton.next_power_of_2(splits))), NB_SPLIT=nb_split, NB_PAD=nb_pad,
             NB_CHUNK=nb_chunk, MEET=meet, O_HEADS=o_heads, O_SPLITS=o_splits, SCORE_PARTS=score_parts,
             num_warps=warps)
-        if apart:  # one warp a row up to 2048 blocks (offline sm90: no barrier, no spill); more past that
+        if apart:  # a warp a row up to 2048 blocks, a warp per 1024 past that (nsa-plan.md: "top blocks apart")
             rows = B * Hkv * Nq
             self.top_kernel[(rows,)](
                 scores, seqlens, indices, rows, n_blocks, Nq, Hkv * Nq, SEL_BLOCK=self.l_sel, INIT=self.init,
