@@ -4,13 +4,14 @@ Issue 17's decoding benchmark: one NSA decode step (attention_with_kvcache, Nq 1
 cache's update, the compressed branch and the selection in torch, the selected branch's kernel,
 the window branch's decode kernel, the gates' mix) against torch SDPA's backends over the whole
 dense cache (enable_gqa; one query sees every key, so no mask) and our dense causal decode (d128),
-in one process; the NSA step also with `fused_decode` (the step in six kernels, eight with linear compression: the default) and under
+in one process; the NSA step also with `fused_decode` (the step in kernels: the default) and under
 torch.compile(fullgraph=True), whose Inductor fuses the torch ops between the kernels. bf16, Hq 64,
 Hkv 4, every sequence full; each step replayed as a CUDA graph (median, us). The goal: at 64k, NSA at least 5x SDPA's best backend.
 A case BxCONTEXTx4 decodes 4 queries a step (speculative decoding: the fused step's selected items
 are the union of their blocks); SDPA's peers there attend every key from each (no mask). The fused
-step is timed again with `decode_top_kernel` (the top blocks by `_nsa_top_blocks`, a row to a warp),
-after checking it gives the default's bits.
+step is timed again with `decode_top_kernel` forced off and on (the top blocks in the selection
+kernel, or by `_nsa_top_blocks`, a row to a warp; the default picks by the rows), after checking
+that both give the same bits.
 
     PYTHONPATH=. python3 experiments/nsa_decode_gpu.py --json $OUT/nsa_decode.json [--kernels]
 """
@@ -84,22 +85,23 @@ def main() -> None:
                 from attngen.tools.profile_step import kernel_times
 
                 row["nsa fused_decode kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
-            # the top blocks apart (decode_top_kernel): the same bits, timed beside the default
-            nsa.decode_top_kernel = True
+            # the top blocks in the selection kernel and apart (decode_top_kernel False, True: the
+            # default picks by the rows, top_apart()): the same bits, each timed
             try:
                 with_blocks = lambda: nsa.attention_with_kvcache(  # noqa: E731
                     q, k, v, cache_seqlens=lengths, gates=gates, cmp_cache=cmp, compress_weights=weights,
                     return_indices=True)
-                nsa.decode_top_kernel = False
-                want = with_blocks()
-                nsa.decode_top_kernel = True
-                got = with_blocks()
-                row["nsa decode_top_kernel: same bits"] = all(torch.equal(a, b) for a, b in zip(got, want))
-                row["nsa fused_decode, decode_top_kernel"] = _time(step) * 1e3
-                if args.kernels:
-                    row["nsa decode_top_kernel kernels"] = {k: t * 1e3 for k, t in kernel_times(step).items()}
+                runs = {}
+                for forced in (False, True):
+                    nsa.decode_top_kernel = forced
+                    runs[forced] = with_blocks()
+                    row[f"nsa fused_decode, decode_top_kernel {forced}"] = _time(step) * 1e3
+                    if args.kernels:
+                        row[f"nsa decode_top_kernel {forced} kernels"] = {
+                            k: t * 1e3 for k, t in kernel_times(step).items()}
+                row["nsa decode_top_kernel: same bits"] = all(torch.equal(a, b) for a, b in zip(*runs.values()))
             finally:
-                nsa.decode_top_kernel = False
+                nsa.decode_top_kernel = None
             # the same step under torch.compile (Inductor fuses the torch ops between the kernels)
             mod = attngen.load(resolve_spec(name))
             compiled = torch.compile(lambda q, k, v, lengths, gates, kc, vc: mod.attention_with_kvcache(

@@ -162,21 +162,34 @@ def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G
     cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
     q = torch.randn(B, Hkv * G, Nq, 32, generator=g)
     pos = lengths[:, None] - Nq + torch.arange(Nq)
-    rt.count = 6
+    rt.decode_top_kernel, rt.count = False, 6  # the top blocks in the selection kernel, a program a row
     try:
         want_o, want_idx = rt._decode_compressed(q, cmp, pos, rt.scale, S)
         runs = [rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c, splits=splits)
                 for _ in range(2)]
-    finally:
-        rt.count = spec.nsa.select_count
-    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
-    _check_decode_selection(rt, q, cmp, pos, S, runs[0], (want_o, want_idx))
-    rt.decode_top_kernel, rt.count = True, 6  # the row gathered by several programs, the top blocks apart
-    try:
+        rt.decode_top_kernel = True  # the row gathered by several programs, the top blocks apart
         apart = rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S, block_c=block_c, splits=splits)
     finally:
-        rt.decode_top_kernel, rt.count = False, spec.nsa.select_count
+        rt.decode_top_kernel, rt.count = None, spec.nsa.select_count
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    _check_decode_selection(rt, q, cmp, pos, S, runs[0], (want_o, want_idx))
     assert all(torch.equal(a, b) for a, b in zip(runs[0], apart))
+
+
+@pytest.mark.compiler
+def test_decode_top_blocks_apart_while_the_rows_fill_half_the_sms(tmp_path):
+    """fused_decode's top blocks by _nsa_top_blocks (decode_top_kernel None: at most SMs / 2 rows of
+    B Hkv Nq, where it was measured faster); True and False force either."""
+    rt = _module(tmp_path)[1].RUNTIME
+    assert rt.decode_top_kernel is None
+    assert [rt.top_apart(rows, 132) for rows in (1, 66, 67, 128)] == [True, True, False, False]
+    try:
+        rt.decode_top_kernel = False
+        assert not rt.top_apart(1, 132)
+        rt.decode_top_kernel = True
+        assert rt.top_apart(4096, 132)
+    finally:
+        rt.decode_top_kernel = None
 
 
 @pytest.mark.interp

@@ -96,8 +96,10 @@ class NSAModule(NSADecoding, NSAMixing):
         self.fused_decode = True
         # fused_decode's top blocks by the _nsa_top_blocks kernel, a row to a warp, after the row is
         # gathered by several programs, instead of in the selection kernel's one program per row on
-        # 8-16 warps; untimed, so off (docs/decisions/nsa-plan.md, "The decode step's top blocks apart")
-        self.decode_top_kernel = False
+        # 8-16 warps: True or False forces it; None (the default) takes it while the rows (B Hkv Nq)
+        # fill at most half the SMs, where it was measured faster (top_apart(); docs/decisions/
+        # nsa-plan.md, "The decode step's top blocks apart")
+        self.decode_top_kernel = None
         # the gates' mix by the _nsa_mix and _nsa_mix_bwd kernels (one pass over the rows each, the
         # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/
         # nsa_mix.py times both); False: the torch ops, which torch.compile traces either way
@@ -277,6 +279,13 @@ class NSAModule(NSADecoding, NSAMixing):
         """Whether _nsa_scores carries a step's shared blocks in registers: the knob scores_carry, else
         past head dim 128 only (measured: docs/decisions/nsa-plan.md)."""
         return head_dim > 128 if self.scores_carry is None else bool(self.scores_carry)
+
+    def top_apart(self, rows: int, sms: int) -> bool:
+        """Whether fused_decode takes the top blocks by _nsa_top_blocks after the selection kernel:
+        the knob decode_top_kernel, else while the rows (B Hkv Nq) are at most half the SMs, where
+        the selection kernel's one program per row leaves the GPU idle (measured: docs/decisions/
+        nsa-plan.md)."""
+        return 2 * rows <= sms if self.decode_top_kernel is None else bool(self.decode_top_kernel)
 
     def _top_blocks(self, scores, t):
         """int32 [..., n]: per row (at position t, broadcast against scores' [..., rows, n_blocks]) the

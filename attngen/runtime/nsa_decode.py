@@ -248,8 +248,8 @@ class NSADecoding:
         sums), then per query the splits merged (o_cmp over programs of the group's heads; each block's
         score gathered from the splits that touch it) and the top blocks taken in registers. The splits
         are a static count (shapes only: no host read) unless given; block_c compressed tokens a
-        step (64, 32 above head dim 128). With decode_top_kernel the second kernel's row is gathered
-        by several programs and the top blocks taken by a third, _nsa_top_blocks, a row to a warp."""
+        step (64, 32 above head dim 128). With the top blocks apart (top_apart()) the second kernel's row
+        is gathered by several programs and the top blocks taken by a third, _nsa_top_blocks, a row to a warp."""
         B, Hq, Nq, D = q.shape
         k_cmp, v_cmp = cmp_cache
         Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
@@ -289,7 +289,7 @@ class NSADecoding:
         indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
         nb_pad = triton.next_power_of_2(n_blocks)
         block_g, dv_pad = max(2, triton.next_power_of_2(G)), pads["HEAD_DIM_V_PAD"]
-        apart = self.decode_top_kernel  # the top blocks by _nsa_top_blocks after, a row to a warp
+        apart = self.top_apart(B * Hkv * Nq, sms(q.device))  # the top blocks by _nsa_top_blocks after, a row to a warp
         warps = max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks (either way: the same sums)
         nb_chunk = min(nb_pad, max(16, 256 * warps // block_g))  # the scores' gathered tiles: a few values a thread
         score_parts = -(-n_blocks // nb_chunk) if apart else 0  # programs gathering the row, a chunk each
