@@ -922,35 +922,37 @@ def _nsa_decode_attend(Q, K, V, IDX, UNION, PAGES, SEQLENS, O_PART, M_PART, L_PA
 def _nsa_decode_merge(O_PART, M_PART, L_PART, O_CMP, GATES, O, n_splits, stride_gb, stride_gh, stride_gm, stride_gc,
                       HQ, n_q, HEAD_DIM_V: tl.constexpr, HEAD_DIM_V_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     # Program (batch, query head, query): the selected and window branches' splits merged by their
-    # LSE, SPLIT_CHUNK at a time (a branch that saw no key gives zeros), and the gates' mix with
-    # o_cmp (O_CMP float32): O [B, HQ, n_q, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa, in O's dtype.
+    # LSE (a branch that saw no key gives zeros), both branches at once in one online pass over
+    # chunks of SPLIT_CHUNK splits (one chunk where they fit: one round of loads), and the gates'
+    # mix with o_cmp (O_CMP float32): O [B, HQ, n_q, Dv] = g_cmp o_cmp + g_slc o_slc + g_swa o_swa.
     row = tl.program_id(0).to(tl.int64)  # (b, h, t) flattened
     off_b = row // (HQ * n_q)
     off_h = row // n_q % HQ
     t = row % n_q
     d = tl.arange(0, HEAD_DIM_V_PAD)
+    branch = tl.arange(0, 2)  # the selected branch, the window's: M_PART [.., splits, 2]
     gates = GATES + off_b * stride_gb + off_h * stride_gh + t * stride_gm
-    o = tl.load(O_CMP + row * HEAD_DIM_V + d, mask=d < HEAD_DIM_V, other=0.0) * tl.load(gates).to(tl.float32)
-    for branch in tl.static_range(2):
-        m_max = float("-inf")
-        for s0 in range(0, n_splits, SPLIT_CHUNK):
-            s = s0 + tl.arange(0, SPLIT_CHUNK)
-            m = tl.load(M_PART + (row * n_splits + s) * 2 + branch, mask=s < n_splits, other=float("-inf"))
-            m_max = tl.maximum(m_max, tl.max(m, 0))
-        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-        total = 0.0
-        acc = tl.zeros([HEAD_DIM_V_PAD], dtype=tl.float32)
-        for s0 in range(0, n_splits, SPLIT_CHUNK):
-            s = s0 + tl.arange(0, SPLIT_CHUNK)
-            at = (row * n_splits + s) * 2 + branch
-            m = tl.load(M_PART + at, mask=s < n_splits, other=float("-inf"))
-            l = tl.load(L_PART + at, mask=s < n_splits, other=0.0)
-            w = tl.where(l > 0.0, l * tl.math.exp2(m - m_use), 0.0)
-            total += tl.sum(w, 0)
-            part = tl.load(O_PART + at[:, None] * HEAD_DIM_V + d[None, :],
-                           mask=(s[:, None] < n_splits) & (d[None, :] < HEAD_DIM_V), other=0.0)
-            acc += tl.sum(part * w[:, None], 0)
-        o += acc / tl.where(total == 0.0, 1.0, total) * tl.load(gates + (branch + 1) * stride_gc).to(tl.float32)
+    m_run = tl.full([2], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([2], dtype=tl.float32)
+    acc = tl.zeros([2, HEAD_DIM_V_PAD], dtype=tl.float32)
+    for s0 in range(0, n_splits, SPLIT_CHUNK):
+        s = s0 + tl.arange(0, SPLIT_CHUNK)
+        at = (row * n_splits + s[:, None]) * 2 + branch[None, :]  # [chunk, 2]
+        ok = (s < n_splits)[:, None] & (branch >= 0)[None, :]
+        l = tl.load(L_PART + at, mask=ok, other=0.0)
+        m = tl.where(l > 0.0, tl.load(M_PART + at, mask=ok, other=float("-inf")), float("-inf"))
+        part = tl.load(O_PART + at[:, :, None] * HEAD_DIM_V + d[None, None, :],
+                       mask=ok[:, :, None] & (d < HEAD_DIM_V)[None, None, :], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a branch no split has seen keys of yet
+        w = tl.math.exp2(m - m_use[None, :]) * l  # 0 where the split saw nothing (m -inf)
+        alpha = tl.math.exp2(m_run - m_use)
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(part * w[:, :, None], 0)
+        m_run = m_new
+    g = tl.load(gates + (branch + 1) * stride_gc).to(tl.float32)  # g_slc, g_swa
+    o = tl.sum(acc / tl.where(total == 0.0, 1.0, total)[:, None] * g[:, None], 0)
+    o += tl.load(O_CMP + row * HEAD_DIM_V + d, mask=d < HEAD_DIM_V, other=0.0) * tl.load(gates).to(tl.float32)
     tl.store(O + row * HEAD_DIM_V + d, o.to(O.dtype.element_ty), mask=d < HEAD_DIM_V)
 
 

@@ -193,15 +193,16 @@ def test_decode_top_blocks_apart_while_the_rows_fill_half_the_sms(tmp_path):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("G, Nq, splits, paged", [(2, 1, 1, False), (3, 3, 5, False), (1, 2, None, True),
-                                                  (16, 1, 4, True)])
-def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged):
+@pytest.mark.parametrize("G, Nq, splits, paged, merge_chunk", [(2, 1, 1, False, None), (3, 3, 5, False, 2),
+                                                               (1, 2, None, True, 4), (16, 1, 4, True, None)])
+def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged, merge_chunk):
     """The selected and window branches with the gates' mix in two kernels (fused_decode's
     _decode_attend_fused) against the selected kernel, the window branch's decode and the torch mix:
     one split for every item, splits whose items straddle the two branches, one item each; lengths
     0, 1 (fewer keys than queries), inside the first block, 71 and 72 (the first query's window
     starts a tile before the last's; the window over the most tiles), and full; contiguous and paged
-    caches; gates as a permuted view (its gate stride not 1)."""
+    caches; gates as a permuted view (its gate stride not 1); the merge's splits in one round of
+    loads and in several (chunks of 2 of 5 splits: the online rescaling, a partial chunk)."""
     from attngen.runtime.nsa_mix import _mix_torch
     from attngen.verify import paged as as_pages
 
@@ -224,7 +225,8 @@ def test_fused_decode_attend_matches_the_branches(tmp_path, G, Nq, splits, paged
     o_swa = rt.branches()["swa"].attention_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths.int(),
                                                         block_table=table, scale=rt.scale)
     want = _mix_torch(gates, o_cmp, o_slc, o_swa, q.dtype)
-    got = rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp, gates, splits=splits)
+    got = rt._decode_attend_fused(q, k_cache, v_cache, indices, lengths, rt.scale, table, o_cmp, gates, splits=splits,
+                                  merge_chunk=merge_chunk)
     assert (got - want).abs().max() < 1e-5
     assert (got[0] == 0).all()  # no key: every branch gives zeros
 

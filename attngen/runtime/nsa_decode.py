@@ -314,13 +314,14 @@ class NSADecoding:
         return o_cmp, indices, scores
 
     def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
-                             splits: int | None = None):
+                             splits: int | None = None, merge_chunk: int | None = None):
         """o [B, Hq, Nq, Dv] of decoding from o_cmp and the blocks (indices [B, Hkv, Nq, n], each
         query's ascending, -1 after, as the selection makes them): the selected and window branches
         as one list of work items per (sequence, KV head) shared among splits (_nsa_decode_attend:
         the union of its queries' blocks, _nsa_decode_union's, each read once, then its window's
-        tiles), then the splits merged per branch and mixed by the gates (_nsa_decode_merge). The
-        splits are a static count (shapes only) unless given."""
+        tiles), then the splits merged per branch and mixed by the gates (_nsa_decode_merge: both
+        branches in one online pass, merge_chunk splits a round of loads, by default all of them up
+        to 32). The splits are a static count (shapes only) unless given."""
         B, Hq, Nq, D = q.shape
         paged = block_table is not None
         Hkv = k_cache.shape[2] if paged else k_cache.shape[1]
@@ -359,5 +360,5 @@ class NSADecoding:
             num_warps=8 if max(pads) > 128 else 4)
         self.decode_merge_kernel[(B * Hq * Nq,)](
             o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
-            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=max(2, min(16, triton.next_power_of_2(splits))))
+            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=merge_chunk or max(2, min(triton.next_power_of_2(splits), 8192 // (2 * pads[1]))))
         return o
