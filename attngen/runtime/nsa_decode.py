@@ -248,8 +248,9 @@ class NSADecoding:
         sums), then per query the splits merged (o_cmp over programs of the group's heads; each block's
         score gathered from the splits that touch it) and the top blocks taken in registers. The splits
         are a static count (shapes only: no host read) unless given; block_c compressed tokens a
-        step (64, 32 above head dim 128). With the top blocks apart (top_apart()) the second kernel's row
-        is gathered by several programs and the top blocks taken by a third, _nsa_top_blocks, a row to a warp."""
+        step (64; 32 above head dim 128 or from 32 packed rows). With the top blocks apart
+        (top_apart()) the second kernel's row is gathered by several programs and the top blocks
+        taken by a third, _nsa_top_blocks, a row to a warp."""
         B, Hq, Nq, D = q.shape
         k_cmp, v_cmp = cmp_cache
         Hkv, n_cmp, Dv = k_cmp.shape[1], k_cmp.shape[2], v_cmp.shape[3]
@@ -260,12 +261,15 @@ class NSADecoding:
         block_m = max(16, min(64, triton.next_power_of_2(rows)))
         row_tiles = -(-rows // block_m)
         wide = max(D, Dv) > 128  # d192 (padded to 256): a smaller step over 8 warps (offline sm90: spills else)
+        # a smaller step from 32 packed rows too (offline sm90: spills else, and one program an SM at 64
+        # rows for its shared memory; docs/decisions/nsa-plan.md, "The compressed branch's step")
+        narrow = wide or block_m >= 32
         # about two programs an SM, each at least a step of compressed tokens, and at most 64 blocks'
         # sums a row (the blocks a split's windows touch, from its first token's block to its last's
         # end: ((length - 1) d + l + l' - 2) // l' + 1; 192 tokens at d 16, l' 64): they stay in
         # registers; a smaller step where a step's tokens would touch more (l' at most d or so)
         bound = (62 * self.l_sel - self.l + 2) // self.d + 1
-        block_c = block_c or max(16, min(32 if wide else 64, 1 << max(0, bound.bit_length() - 1)))
+        block_c = block_c or max(16, min(32 if narrow else 64, 1 << max(0, bound.bit_length() - 1)))
         most = max(block_c, bound // block_c * block_c)
         fill = -(-2 * sms(q.device) // (B * Hkv * row_tiles))
         splits = splits or max(-(-n_cmp // most), min(-(-n_cmp // block_c), fill))
