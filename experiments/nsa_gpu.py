@@ -1,8 +1,8 @@
 """Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; results: data/nsa_<date>_<gpu>.json).
 
 A first timing of NSA modules (specs/nsa.yaml, specs/nsa_linear.yaml) beside the dense causal
-generated kernel and torch SDPA (flash, cuDNN) in the same process, bf16, Hq 64, Hkv 4, at the
-lengths given: forward, and forward+backward, the selection included; then the NSA forward's
+generated kernel and torch SDPA (flash, cuDNN) in the same process, bf16, Hq 64, Hkv 4 (or
+--heads), at the lengths given: forward, and forward+backward, the selection included; then the NSA forward's
 stages alone (compression + compressed branch, selection, selected branch, window branch), to see
 where its time goes; the selected branch also at other tokens per program than its automatic choice
 ("stage selected (T=1)": one token per program, the G query heads alone as rows). Medians of
@@ -10,6 +10,7 @@ triton.testing.do_bench (not CUDA graphs: the selection's chunk loop runs on the
 
     PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 8192,16384 --json $OUT/nsa.json
     PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --no-stages --profile $OUT/p.txt
+    PYTHONPATH=. python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa --heads 16/16 --no-stages --profile $OUT/g1.txt
 
 --profile writes torch.profiler's kernel table of one forward and one forward+backward per row;
 --no-stages skips the stages (the torch selection alone takes half a second a call at 64k).
@@ -49,11 +50,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqs", default="8192,16384,32768,65536")
     ap.add_argument("--specs", default="nsa,nsa_linear")
+    ap.add_argument("--heads", default="64/4", help="HQ/HKV (the issue's small groups: 16/16, 16/8, 16/4)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", default=None, help="a file for torch.profiler's kernel table of one forward "
                     "and one forward+backward per row")
     ap.add_argument("--no-stages", action="store_true", help="skip the stages (the torch selection is slow at 64k)")
     args = ap.parse_args()
+    hq, hkv = (int(x) for x in args.heads.split("/"))
     tables = []
     causal = attngen.load(resolve_spec("causal"))
     rows = []
@@ -64,12 +67,12 @@ def main() -> None:
         for N in (int(s) for s in args.seqs.split(",")):
             g = torch.Generator(device="cuda").manual_seed(0)
             mk = lambda *s: torch.randn(*s, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-            q, k, v = mk(1, 64, N, D), mk(1, 4, N, D), mk(1, 4, N, Dv)
-            gates = torch.rand(1, 64, N, 3, generator=g, device="cuda").to(torch.bfloat16)
+            q, k, v = mk(1, hq, N, D), mk(1, hkv, N, D), mk(1, hkv, N, Dv)
+            gates = torch.rand(1, hq, N, 3, generator=g, device="cuda").to(torch.bfloat16)
             weights = None
             if rt.kind == "linear":
-                weights = tuple(mk(4, rt.l * e, e) * (rt.l * e) ** -0.5 for e in (D, Dv))
-            row = {"spec": name, "N": N, "D": D, "Dv": Dv}
+                weights = tuple(mk(hkv, rt.l * e, e) * (rt.l * e) ** -0.5 for e in (D, Dv))
+            row = {"spec": name, "N": N, "D": D, "Dv": Dv, "Hq": hq, "Hkv": hkv}
             ins = [x.requires_grad_() for x in (q, k, v, gates)]
             nsa = lambda: mod.attention(q, k, v, gates=gates, compress_weights=weights)  # noqa: E731
             with torch.no_grad():
@@ -85,7 +88,7 @@ def main() -> None:
                     tables.append(f"## {name} N={N} {label}\n"
                                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
             if D == Dv == 128:
-                kk, vv = (x.detach().repeat_interleave(16, dim=1) for x in (k, v))
+                kk, vv = (x.detach().repeat_interleave(hq // hkv, dim=1) for x in (k, v))
                 with torch.no_grad():
                     row["causal (ours) fwd"] = _ms(lambda: causal.attention(q, k, v))
                     for label, backend in (("sdpa flash fwd", SDPBackend.FLASH_ATTENTION),
@@ -132,7 +135,7 @@ def main() -> None:
                     row["stage selected"] = _ms(lambda: rt.selected_forward(q, k, v, idx, rt.scale))
                     # tokens per program: the automatic choice (above) against one token (the old kernel's
                     # tiling) and a few others; the union lists' share and size at the automatic one
-                    auto = rt.selected_tokens(64 // 4, N)  # G = Hq / Hkv
+                    auto = rt.selected_tokens(hq // hkv, N)  # G = Hq / Hkv
                     row["selected T (auto)"] = auto
                     _, count = union_lists(idx, auto, -(-N // rt.l_sel))
                     row["selected union blocks per tile (auto)"] = round(count.float().mean().item(), 2)
