@@ -43,8 +43,12 @@ for group in "$@"; do
     # the GPU tier of NSA's and decoding's tests (the interp tier runs on CPU tensors: CI's, not
     # here; the newest kernels are exercised on the GPU by verify's rows below)
     timeout 100 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py 2>&1 | tail -15 | tee -a $log
-    timeout 100 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --decode --dtype bf16 --markdown $OUT/verify_nsa_decode.md 2>&1 | grep -v -i warn | tail -3 | tee -a $log
-    timeout 120 python3 -m cli.main verify specs/nsa.yaml specs/nsa_linear.yaml --backward --dtype bf16 --markdown $OUT/verify_nsa_bwd.md 2>&1 | grep -v -i warn | tail -3 | tee -a $log
+    # NSA's verification, each spec and mode its own process (all four at once), the tables into the log
+    for s in nsa nsa_linear; do for m in decode backward; do
+      timeout 170 python3 -m cli.main verify specs/$s.yaml --$m --dtype bf16 --markdown /tmp/v/first_${s}_$m.md \
+        > /tmp/v/first_${s}_$m.log 2>&1 &
+    done; done; wait
+    for f in /tmp/v/first_nsa*.log; do echo "== $f"; grep -v -i warn $f | tail -2; cat ${f%.log}.md 2>/dev/null; done | tee -a $log
     timeout 120 python3 experiments/nsa_decode_gpu.py --kernels --cases nsa_linear:1x65536,nsa:1x65536,nsa:8x65536x4 --json $OUT/nsa_decode.json 2>&1 | grep -v -i warn | tail -4 | tee -a $log
     # the NSA forward end to end at the defaults (the selection, the selected branch's tokens)
     [ $SECONDS -lt $DEADLINE ] && timeout $(( DEADLINE + 40 - SECONDS )) python3 experiments/nsa_gpu.py --seqs 32768,65536 --specs nsa,nsa_linear --no-stages --json $OUT/nsa_fwd.json 2>&1 | grep -v -i warn | tail -4 | tee -a $log

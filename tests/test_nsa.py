@@ -176,10 +176,11 @@ def test_fused_decode_selection_gathers_every_split_touching_a_block(tmp_path, G
     assert all(torch.equal(a, b) for a, b in zip(runs[0], apart))
 
 
-@pytest.mark.compiler
-def test_decode_top_blocks_apart_while_the_rows_fill_half_the_sms(tmp_path):
+@pytest.mark.interp
+def test_decode_top_blocks_apart_while_the_rows_fill_half_the_sms(tmp_path, monkeypatch):
     """fused_decode's top blocks by _nsa_top_blocks (decode_top_kernel None: at most SMs / 2 rows of
-    B Hkv Nq, where it was measured faster); True and False force either."""
+    B Hkv Nq, where it was measured faster); True and False force either; the selection asks with
+    its B Hkv Nq rows (3 sequences, 2 KV heads, 5 queries: 30) and launches the top kernel then only."""
     rt = _module(tmp_path)[1].RUNTIME
     assert rt.decode_top_kernel is None
     assert [rt.top_apart(rows, 132) for rows in (1, 66, 67, 128)] == [True, True, False, False]
@@ -190,6 +191,18 @@ def test_decode_top_blocks_apart_while_the_rows_fill_half_the_sms(tmp_path):
         assert rt.top_apart(4096, 132)
     finally:
         rt.decode_top_kernel = None
+    asked, launched, top = [], [], rt.top_kernel
+    monkeypatch.setattr(rt, "top_apart", lambda rows, sms: asked.append(rows) or rows == 30)
+    monkeypatch.setattr(rt, "top_kernel", type("Spy", (), {"__getitem__": lambda _, grid: launched.append(grid)
+                                                             or top[grid]})())
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, Nq, S = 3, 2, 5, 150
+    k_cache, v_cache = torch.randn(B, Hkv, S, 32, generator=g), torch.randn(B, Hkv, S, 16, generator=g)
+    lengths = torch.tensor([40, 90, S])
+    cmp = rt.compressed_cache(k_cache, v_cache, lengths.int())
+    q = torch.randn(B, Hkv * 2, Nq, 32, generator=g)
+    rt._decode_compressed_fused(q, cmp, lengths, rt.scale, S)
+    assert asked == [30] and launched == [(30,)]
 
 
 @pytest.mark.interp

@@ -97,8 +97,8 @@ class NSAModule(NSADecoding, NSAMixing):
         # fused_decode's top blocks by the _nsa_top_blocks kernel, a row to a warp, after the row is
         # gathered by several programs, instead of in the selection kernel's one program per row on
         # 8-16 warps: True or False forces it; None (the default) takes it while the rows (B Hkv Nq)
-        # fill at most half the SMs, where it was measured faster (top_apart(); docs/decisions/
-        # nsa-plan.md, "The decode step's top blocks apart")
+        # fill at most half the SMs (measured faster at 4 and 32 rows, even at 128: top_apart();
+        # docs/decisions/nsa-plan.md, "The decode step's top blocks apart")
         self.decode_top_kernel = None
         # the gates' mix by the _nsa_mix and _nsa_mix_bwd kernels (one pass over the rows each, the
         # inputs read in place) instead of torch ops (_mix_torch: float32 temporaries; experiments/
@@ -283,8 +283,8 @@ class NSAModule(NSADecoding, NSAMixing):
     def top_apart(self, rows: int, sms: int) -> bool:
         """Whether fused_decode takes the top blocks by _nsa_top_blocks after the selection kernel:
         the knob decode_top_kernel, else while the rows (B Hkv Nq) are at most half the SMs, where
-        the selection kernel's one program per row leaves the GPU idle (measured: docs/decisions/
-        nsa-plan.md)."""
+        the selection kernel's one program per row leaves the GPU idle (timed at 4, 32 and 128 rows:
+        docs/decisions/nsa-plan.md)."""
         return 2 * rows <= sms if self.decode_top_kernel is None else bool(self.decode_top_kernel)
 
     def _top_blocks(self, scores, t):

@@ -364,5 +364,5 @@ class NSADecoding:
             num_warps=8 if max(pads) > 128 else 4)
         self.decode_merge_kernel[(B * Hq * Nq,)](
             o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
-            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=merge_chunk or max(2, min(triton.next_power_of_2(splits), 8192 // (2 * pads[1]))))
+            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=merge_chunk or max(2, min(triton.next_power_of_2(splits), 32, 8192 // (2 * pads[1]))))
         return o
