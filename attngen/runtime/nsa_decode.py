@@ -293,7 +293,7 @@ class NSADecoding:
         indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
         nb_pad = triton.next_power_of_2(n_blocks)
         block_g, dv_pad = max(2, triton.next_power_of_2(G)), pads["HEAD_DIM_V_PAD"]
-        apart = self.top_apart(B * Hkv * Nq, sms(q.device))  # the top blocks by _nsa_top_blocks after, a row to a warp
+        apart = self.top_apart(B * Hkv * Nq, sms(q.device))  # the top blocks by _nsa_top_blocks after
         warps = max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks (either way: the same sums)
         nb_chunk = min(nb_pad, max(16, 256 * warps // block_g))  # the scores' gathered tiles: a few values a thread
         score_parts = -(-n_blocks // nb_chunk) if apart else 0  # programs gathering the row, a chunk each
@@ -364,5 +364,6 @@ class NSADecoding:
             num_warps=8 if max(pads) > 128 else 4)
         self.decode_merge_kernel[(B * Hq * Nq,)](
             o_part, m_part, l_part, o_cmp.contiguous(), gates, o, splits, *gates.stride(), Hq, Nq, HEAD_DIM_V=Dv,
-            HEAD_DIM_V_PAD=pads[1], SPLIT_CHUNK=merge_chunk or max(2, min(triton.next_power_of_2(splits), 32, 8192 // (2 * pads[1]))))
+            HEAD_DIM_V_PAD=pads[1],
+            SPLIT_CHUNK=merge_chunk or max(2, min(triton.next_power_of_2(splits), 32, 8192 // (2 * pads[1]))))
         return o
