@@ -774,9 +774,11 @@ def _compress_update(CACHE, PAGES, CMP, W, PART, SEQLENS, pid_bh, pid_eo, pid_sp
         j = (end - (CMP_BLOCK - 1)) // CMP_STRIDE
         if (end <= last) & (j < n_cmp):
             if LINEAR and PARTIAL:
-                new = tl.zeros([BLOCK_EO], dtype=tl.float32)
+                # the split's flattened window against W's rows f, summed over f after the loop: no
+                # reduction across warps in it, so that its loads pipeline (nsa-plan.md, "The linear update")
+                acc = tl.zeros([BLOCK_F, BLOCK_EO], dtype=tl.float32)
                 f_lo = pid_split * split_rows
-                for f0 in range(f_lo, f_lo + split_rows, BLOCK_F):  # the split's flattened window against W's rows f
+                for f0 in tl.range(f_lo, f_lo + split_rows, BLOCK_F, num_stages=3):
                     f = f0 + tl.arange(0, BLOCK_F)
                     ok = f < CMP_BLOCK * E
                     p = j * CMP_STRIDE + f // E
@@ -788,8 +790,8 @@ def _compress_update(CACHE, PAGES, CMP, W, PART, SEQLENS, pid_bh, pid_eo, pid_sp
                     x = tl.load(CACHE + rows + (f % E) * stride_cd, mask=ok, other=0.0).to(tl.float32)
                     w = tl.load(W + off_h.to(tl.int64) * stride_wh + f[:, None].to(tl.int64) * stride_wf
                                 + eo[None, :] * stride_we, mask=ok[:, None] & (eo[None, :] < EO), other=0.0)
-                    new += tl.sum(x[:, None] * w.to(tl.float32), 0)
-                tl.store(part + (step * n_splits + pid_split) * EO + eo, new, mask=eo < EO)
+                    acc += x[:, None] * w.to(tl.float32)
+                tl.store(part + (step * n_splits + pid_split) * EO + eo, tl.sum(acc, 0), mask=eo < EO)
             else:
                 if LINEAR:
                     new = tl.zeros([BLOCK_EO], dtype=tl.float32)
