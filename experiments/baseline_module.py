@@ -7,7 +7,7 @@ scripts' --baseline (experiments/decode_ab_gpu.py); made here, where git is, bef
 
 out/ is ignored by git: name out/baselines in the device run's carry. A commit's own standalone
 inliner is used, bugs included: 53b5bfd's leaves out the `decode` namespace, so its module loads but
-its attention_with_kvcache raises NameError (seen on the GPU and the interpreter, 2026-12-07).
+its attention_with_kvcache raises NameError (docs/verification.md, the thirteenth session).
 """
 
 from __future__ import annotations

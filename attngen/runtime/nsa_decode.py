@@ -271,7 +271,8 @@ class NSADecoding:
         bound = (62 * self.l_sel - self.l + 2) // self.d + 1
         block_c = block_c or max(16, min(32 if narrow else 64, 1 << max(0, bound.bit_length() - 1)))
         most = max(block_c, bound // block_c * block_c)
-        fill = -(-2 * sms(q.device) // (B * Hkv * row_tiles))
+        n_sms = sms(q.device)
+        fill = -(-2 * n_sms // (B * Hkv * row_tiles))
         splits = splits or max(-(-n_cmp // most), min(-(-n_cmp // block_c), fill))
         split_len = -(-(-(-n_cmp // splits)) // block_c) * block_c
         splits = -(-n_cmp // split_len)
@@ -293,7 +294,7 @@ class NSADecoding:
         indices = torch.empty(B, Hkv, Nq, n, dtype=torch.int32, device=q.device)
         nb_pad = triton.next_power_of_2(n_blocks)
         block_g, dv_pad = max(2, triton.next_power_of_2(G)), pads["HEAD_DIM_V_PAD"]
-        apart = self.top_apart(B * Hkv * Nq, sms(q.device))  # the top blocks by _nsa_top_blocks after
+        apart = self.top_apart(B * Hkv * Nq, n_sms)  # the top blocks by _nsa_top_blocks after
         warps = max(8, min(16, nb_pad // 1024))  # 16 for the widest rows' top blocks (either way: the same sums)
         nb_chunk = min(nb_pad, max(16, 256 * warps // block_g))  # the scores' gathered tiles: a few values a thread
         score_parts = -(-n_blocks // nb_chunk) if apart else 0  # programs gathering the row, a chunk each
