@@ -45,7 +45,7 @@ for group in "$@"; do
     timeout 100 python3 -m pytest -q -m gpu tests/test_nsa.py tests/test_decode.py 2>&1 | tail -15 | tee -a $log
     # NSA's verification, each spec and mode its own process (all four at once), the tables into the log
     for s in nsa nsa_linear; do for m in decode backward; do
-      timeout 170 python3 -m cli.main verify specs/$s.yaml --$m --dtype bf16 --markdown /tmp/v/first_${s}_$m.md \
+      timeout 240 python3 -m cli.main verify specs/$s.yaml --$m --dtype bf16 --markdown /tmp/v/first_${s}_$m.md \
         > /tmp/v/first_${s}_$m.log 2>&1 &
     done; done; wait
     for f in /tmp/v/first_nsa*.log; do echo "== $f"; grep -v -i warn $f | tail -2; cat ${f%.log}.md 2>/dev/null; done | tee -a $log
