@@ -1,9 +1,10 @@
 """Ran on: Triton 3.6.0, torch 2.11.0+cu130 (the device machine; ran on an H100 on 2026-12-07; results: data/nsa_selected_<date>_<gpu>.json).
 
-The selected branch's loop orders and the backward's work items, A/B in one process, bf16, random
+The selected branch's loop orders and the selection's tiling, A/B in one process, bf16, random
 inputs, the selection the module's own: per (spec, Hq/Hkv, N) the selected forward query-major
-(its automatic tokens per program) and key-major, the selected backward in segments (the default)
-and with one item per key block (the old kernel's schedule), each max difference against the other;
+(its automatic tokens per program) and key-major, the selected backward with dQ query-major and
+key-major, each max difference against the other; the selection (scores and top blocks) with the
+scores' tiling and with the rule before small groups got theirs;
 then the whole NSA forward and forward+backward with the defaults, and our dense causal forward at
 the same heads (issue 17's small-group goal: NSA's forward 3x faster at 64k, Hq 16, G 1, 2, 4).
 Medians of triton.testing.do_bench.
@@ -62,7 +63,17 @@ def main() -> None:
         with torch.no_grad():
             kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
             _, lse_c = rt.branches()["cmp"].attention(q, kc, vc, return_lse=True)
-            idx = rt.select(q, kc, lse_c, rt.scale)
+            idx, _ = rt.select_fused(q, kc, lse_c, rt.scale)
+            # the scores' tiling against the rule before the small groups' (block_c 64, 4 warps without the carry)
+            sel_scores = lambda: rt.select_fused(q, kc, lse_c, rt.scale)  # noqa: E731
+            row["selection"] = _ms(sel_scores)
+            tiling = rt.scores_tiling
+            rt.scores_tiling = lambda G, D, c=None: {**tiling(G, D, 64), "num_warps": 8 if tiling(G, D, 64)["SHIFT"] else 4}
+            try:
+                row["selection, scores as before"] = _ms(sel_scores)
+                row["selection: same blocks"] = torch.equal(sel_scores()[0], idx)
+            finally:
+                del rt.scores_tiling
             sel = lambda: rt.selected_forward(q, k, v, idx, rt.scale)  # noqa: E731
             outs = {}
             try:
@@ -78,14 +89,13 @@ def main() -> None:
             bwd = lambda: rt.selected_backward(q, k, v, idx, o, lse, do, rt.scale)  # noqa: E731
             grads = {}
             try:
-                for label, steps in (("segments", None), ("one item per block", 1 << 30)):
-                    rt.backward_steps = steps
-                    grads[label] = bwd()
-                    row[f"selected bwd {label}"] = _ms(bwd)
+                for order in ("query", "key"):  # the dQ's loop order (dK/dV key-major either way)
+                    rt.loop_order = order
+                    grads[order] = bwd()
+                    row[f"selected bwd dq {order}"] = _ms(bwd)
             finally:
-                rt.backward_steps = None
-            row["selected bwd dk/dv segments vs one item max diff"] = _diff(grads["segments"][1:],
-                                                                           grads["one item per block"][1:])
+                rt.loop_order = None
+            row["selected bwd dq key vs query max diff"] = _diff(grads["key"], grads["query"])
         ins = [x.requires_grad_() for x in (q, k, v, gates)]
         nsa = lambda: mod.attention(q, k, v, gates=gates, compress_weights=weights)  # noqa: E731
         with torch.no_grad():

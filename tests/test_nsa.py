@@ -800,7 +800,8 @@ def test_selection_check_wants_forced_blocks_exactly():
 @pytest.mark.interp
 @pytest.mark.parametrize("block, stride, G, N, block_c", [(32, 16, 3, 300, 64), (64, 64, 1, 200, 64),
                                                           (32, 16, 16, 150, 64), (32, 16, 2, 300, 16),
-                                                          (64, 64, 1, 1100, 16), (24, 7, 1, 300, 16)])
+                                                          (64, 64, 1, 1100, 16), (24, 7, 1, 300, 16),
+                                                          (64, 64, 1, 1100, None), (32, 16, 1, 300, None)])
 def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N, block_c):
     """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
     block_c compressed tokens and several (steps of 16: the blocks a step shares with the next
@@ -828,6 +829,24 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     assert (scores.double() - want).abs().max() < 1e-5
     assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
     assert (in_memory - scores).abs().max() < 1e-6
+
+
+@pytest.mark.compiler
+def test_scores_tiling_keeps_the_fold_of_a_small_group_in_registers():
+    """The scores kernel's tiling: 64 token rows at G 1 on 8 warps, and the carried fold of nsa_linear's
+    stride in steps of 32 compressed tokens there (4 warps, or steps of 64, spill offline on sm90)."""
+    from attngen.resources import resolve_spec
+
+    nsa, linear = (attngen.load(resolve_spec(name)).RUNTIME for name in ("nsa", "nsa_linear"))
+    assert {k: nsa.scores_tiling(1, 128)[k] for k in ("BLOCK_T", "BLOCK_C", "SHIFT", "num_warps")} == \
+        dict(BLOCK_T=64, BLOCK_C=64, SHIFT=0, num_warps=8)
+    assert {k: nsa.scores_tiling(16, 128)[k] for k in ("BLOCK_T", "BLOCK_G", "num_warps")} == \
+        dict(BLOCK_T=16, BLOCK_G=16, num_warps=4)
+    assert {k: linear.scores_tiling(1, 192)[k] for k in ("BLOCK_T", "BLOCK_C", "SHIFT", "num_warps")} == \
+        dict(BLOCK_T=64, BLOCK_C=32, SHIFT=32, num_warps=8)
+    assert {k: linear.scores_tiling(16, 192)[k] for k in ("BLOCK_T", "BLOCK_C", "SHIFT")} == \
+        dict(BLOCK_T=16, BLOCK_C=64, SHIFT=64)
+    assert linear.scores_tiling(1, 192, block_c=64)["BLOCK_C"] == 64  # a caller's step stands
 
 
 @pytest.mark.interp

@@ -248,7 +248,7 @@ class NSAModule(NSADecoding, NSAMixing):
         return out
 
     @torch.no_grad()
-    def select_fused(self, q, k_cmp, lse_cmp, scale: float, block_c: int = 64) -> torch.Tensor:
+    def select_fused(self, q, k_cmp, lse_cmp, scale: float, block_c: int | None = None) -> torch.Tensor:
         """(blocks, scores): select()'s blocks, the scores (float32 [B, Hkv, N, n_blocks]) from the
         `_nsa_scores` kernel, which writes no probabilities; used by attention when
         fused_selection is set (the default; docs/decisions/nsa-plan.md)."""
@@ -257,23 +257,40 @@ class NSAModule(NSADecoding, NSAMixing):
         G, n_blocks = Hq // Hkv, -(-N // self.l_sel)
         scores = torch.zeros(B, Hkv, N, n_blocks, dtype=torch.float32, device=q.device)
         if n_cmp and scores.numel():
-            block_g = triton.next_power_of_2(G)
-            block_t = max(1, 64 // block_g) if block_g <= 64 else 1
-            block_t = max(block_t, 16)  # the fold's dot needs 16 rows
-            block_nb = max(16, triton.next_power_of_2((block_c * self.d + self.l) // self.l_sel + 2))
-            # steps that start on a block's first key: the blocks a step touches past the next step's
-            # first carried in registers (a loop of stores alone), where they are at most SHIFT
-            touched = ((block_c - 1) * self.d + self.l - 1) // self.l_sel + 1
-            shift = block_c * self.d // self.l_sel if (block_c * self.d) % self.l_sel == 0 else 0
-            shift = shift if self.scores_carried(D) and 0 <= touched - shift <= shift else 0
-            self.scores_kernel[(-(-N // block_t), B * Hkv)](
+            t = self.scores_tiling(G, D, block_c)
+            self.scores_kernel[(-(-N // t["BLOCK_T"]), B * Hkv)](
                 q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
                 scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
-                HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)), BLOCK_G=block_g, BLOCK_T=block_t,
-                BLOCK_C=block_c, BLOCK_NB=block_nb, SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=8 if shift else 4,
-                num_stages=2 if D > 128 else 3)  # (past d128 three stages of keys overflow shared memory)
+                HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **t)
         return self._top_blocks(scores, torch.arange(N, device=q.device)), scores
+
+    def scores_tiling(self, G: int, head_dim: int, block_c: int | None = None) -> dict:
+        """_nsa_scores' constexprs and launch options for groups of G: BLOCK_T tokens x the group's
+        heads as rows (about 64, at least 16 tokens for the fold's dot), BLOCK_C compressed tokens a
+        step (block_c, else 64; 32 where the carried fold of 64 tokens' rows would spill), the
+        carry's SHIFT (scores_carried()), 8 warps where the fold's float32 product has 64 token rows
+        or carries (4 spill at G 1: docs/decisions/nsa-plan.md, "The scores at small groups")."""
+        block_g = triton.next_power_of_2(G)
+        block_t = max(16, max(1, 64 // block_g) if block_g <= 64 else 1)
+
+        def carried(c: int) -> int:
+            # steps that start on a block's first key: the blocks a step touches past the next step's
+            # first carried in registers (a loop of stores alone), where they are at most SHIFT
+            touched = ((c - 1) * self.d + self.l - 1) // self.l_sel + 1
+            shift = c * self.d // self.l_sel if (c * self.d) % self.l_sel == 0 else 0
+            return shift if self.scores_carried(head_dim) and 0 <= touched - shift <= shift else 0
+
+        if block_c is None:
+            block_c = 64
+            if block_t >= 64 and carried(64) > 32 and carried(32):  # two [64, 64] float32 folds a step spill
+                block_c = 32
+        shift = carried(block_c)
+        return dict(BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_C=block_c,
+                    BLOCK_NB=max(16, triton.next_power_of_2((block_c * self.d + self.l) // self.l_sel + 2)),
+                    SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)),
+                    num_warps=8 if shift or block_t >= 64 else 4,
+                    num_stages=2 if head_dim > 128 else 3)  # (past d128 three stages of keys overflow shared memory)
 
     def scores_carried(self, head_dim: int) -> bool:
         """Whether _nsa_scores carries a step's shared blocks in registers: the knob scores_carry, else
