@@ -40,6 +40,7 @@ def test_show_tiling_of_an_nsa_spec_names_its_selected_loop_orders():
     assert small.exit_code == 0 and large.exit_code == 0 and longer.exit_code == 0
     assert "// nsa selected branch, Hq=16 Hkv=8 N=65536" in small.output
     assert "forward key-major" in small.output and "loop_order='query' or 'key'" in small.output
+    assert "dQ key-major from the work items" in small.output  # a group of 2 pads query-major's 16 rows
     assert "forward query-major, 4 tokens x 16 heads" in large.output and "dQ query-major" in large.output
     assert "forward query-major, 1 token x 16 heads" in longer.output  # past 32k tokens, one token a program
 

@@ -112,7 +112,7 @@ class NSAModule(NSADecoding, NSAMixing):
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
-        # the selected branch's loop order: None picks it (loop_order(); dQ query-major), "query" or "key";
+        # the selected branch's loop order: None picks it (loop_order(), the forward's and dQ's), "query" or "key";
         # key-major's float32 partial rows take up to partial_bytes (1 GiB) a chunk of tokens
         self.loop_order = None
         # key-major's float32 partial rows (B Hq tokens n width) are made at most this many bytes at a
@@ -357,13 +357,13 @@ class NSAModule(NSADecoding, NSAMixing):
 
     def selected_order(self, G: int, N: int, dq: bool = False) -> str:
         """The selected branch's loop order over N tokens, the forward's (dq: the backward's dQ): the
-        knob loop_order for both, else loop_order() for the forward and query-major for dQ (key-major
-        dQ is untimed). Training only: decoding has few tokens and stays query-major."""
+        knob loop_order for both, else loop_order()'s. Training only: decoding has few tokens and
+        stays query-major."""
         if self.loop_order is not None:
             if self.loop_order not in ("query", "key"):
                 raise ValueError(f"loop_order must be None, 'query' or 'key'; got {self.loop_order!r}")
             return self.loop_order
-        return "query" if dq else loop_order(G, N, max(self.head_dim, self.head_dim_v))
+        return loop_order(G, N, max(self.head_dim, self.head_dim_v), dq)
 
     def selected_forward(self, q, k, v, indices, scale: float, first=None, block_table=None):
         """o, lse of the selected branch; `first` int32 [B] (decoding): q's row t is at position
@@ -515,17 +515,26 @@ class NSAModule(NSADecoding, NSAMixing):
 
 
 
-def loop_order(G: int, N: int, head_dim: int) -> str:
-    """The selected forward's default loop order for groups of G query heads over N tokens
-    (head_dim: the larger of q's and v's): key-major below G 4 from 16k tokens (measured at 4k-64k),
-    or past head dim 128, where query-major takes one token per program (measured at 16k only;
-    shorter lengths follow from that reason, untimed), else query-major
-    (docs/decisions/nsa-plan.md, "Key-major for small groups").
+def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
+    """The selected branch's default loop order for groups of G query heads over N tokens
+    (head_dim: the larger of q's and v's; dq: the backward's dQ, else the forward), measured
+    (docs/decisions/nsa-plan.md, "Key-major for small groups" and "The dQ's loop order"):
+    - the forward: key-major below G 4 from 16k tokens (timed at 4k-64k); at G 4 past 32k tokens,
+      where query-major takes one token a program (its 16 rows a quarter full; timed at 32k and
+      64k); and up to G 4 past head dim 128, where query-major takes one token a program too
+      (timed at 16k only; shorter lengths follow from that reason, untimed); else query-major;
+    - dQ: key-major up to G 4 at any length, where the query-major kernel's one token a program
+      pads the group to 16 rows (timed at G 1, 2, 4 from 8k to 64k: 1.6-5.3x); else query-major
+      (a tie at G 8, query-major 1.6x at G 16).
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
     2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n
-    Dv; made a chunk of tokens at a time, at most NSAModule.partial_bytes each)."""
-    return "key" if G < 4 and (N >= 16384 or head_dim > 128) else "query"
+    Dv or D; made a chunk of tokens at a time, at most NSAModule.partial_bytes each)."""
+    if dq:
+        return "key" if G <= 4 else "query"
+    if G < 4 and N >= 16384:
+        return "key"
+    return "key" if G <= 4 and (N > 32768 or head_dim > 128) else "query"
 
 
 def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:
@@ -545,7 +554,9 @@ def describe_selected(G: int, N: int, head_dim: int) -> str:
     fwd = "forward key-major, each block once for its choices, 64 (choice, head) rows per program" \
         if loop_order(G, N, head_dim) == "key" else \
         f"forward query-major, {t} token{'s' if t > 1 else ''} x {G} heads per program over the union of their blocks"
-    return (f"{fwd}; backward dK/dV key-major in work items, dQ query-major (one token per program); "
+    dq = "key-major from the work items, a partial row per choice" if loop_order(G, N, head_dim, dq=True) == "key" \
+        else "query-major (one token per program)"
+    return (f"{fwd}; backward dK/dV key-major in work items, dQ {dq}; "
             "loop_order='query' or 'key' sets the forward's and dQ's")
 
 
