@@ -474,11 +474,13 @@ def _overlaps(j, beta, cols, CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, 
 
 @triton.jit
 def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr,
-                 COUNT_PAD: tl.constexpr, NB_PAD: tl.constexpr):
+                 COUNT_PAD: tl.constexpr, NB_PAD: tl.constexpr, ONE_WARP: tl.constexpr = False):
     # [R, COUNT_PAD] int32: from block scores s [R, NB_PAD] (columns past n_blocks ignored) of rows
     # whose own block is own [R], the forced blocks (the first INIT, the LOCAL ending at the own),
     # then the best-scored others up to COUNT, none after the own; ascending, -1 padded. COUNT rounds
     # of a max with its index (ties to the lower index, as a stable sort's), then a sort of the few.
+    # ONE_WARP (a row within one warp): the max, then the least index holding it, two reductions of
+    # one operand each: fewer instructions, and no barriers between them (nsa-plan.md).
     beta = tl.arange(0, NB_PAD)
     forced = (beta[None, :] < INIT) | ((beta[None, :] > own[:, None] - LOCAL) & (beta[None, :] <= own[:, None]))
     rank = tl.where(forced, float("inf"), s)
@@ -486,7 +488,11 @@ def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUN
     slots = tl.arange(0, COUNT_PAD)
     chosen = tl.full([s.shape[0], COUNT_PAD], NB_PAD, tl.int32)  # NB_PAD: none (sorts last)
     for i in tl.static_range(COUNT):
-        best, at = tl.max(rank, 1, return_indices=True, return_indices_tie_break_left=True)
+        if ONE_WARP:
+            best = tl.max(rank, 1)
+            at = tl.min(tl.where(rank == best[:, None], beta[None, :], NB_PAD), 1)
+        else:
+            best, at = tl.max(rank, 1, return_indices=True, return_indices_tie_break_left=True)
         chosen = tl.where((slots[None, :] == i) & (best > float("-inf"))[:, None], at[:, None], chosen)
         rank = tl.where(beta[None, :] == at[:, None], float("-inf"), rank)
     chosen = tl.sort(chosen, 1)
@@ -496,7 +502,7 @@ def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUN
 @triton.jit
 def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, n_q, rows_per_seq, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
                     LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                    NB_PAD: tl.constexpr, DECODE: tl.constexpr):
+                    NB_PAD: tl.constexpr, DECODE: tl.constexpr, ONE_WARP: tl.constexpr):
     # The selection (_top_of_rows) of BLOCK_R rows (a token and KV head each) from their block
     # scores, SCORES [R, n_blocks] float32, at positions POS [R], into OUT [R, COUNT] int32: a row
     # held in registers instead of a sort of every score. DECODE: a decode step's rows [B, HKV,
@@ -511,7 +517,7 @@ def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, n_q, rows_per_seq, SEL_BLOCK:
     beta = tl.arange(0, NB_PAD)
     s = tl.load(SCORES + r[:, None].to(tl.int64) * n_blocks + beta[None, :],
                 mask=r_ok[:, None] & (beta[None, :] < n_blocks), other=0.0)
-    chosen = _top_of_rows(s, own, n_blocks, INIT, LOCAL, COUNT, COUNT_PAD, NB_PAD)
+    chosen = _top_of_rows(s, own, n_blocks, INIT, LOCAL, COUNT, COUNT_PAD, NB_PAD, ONE_WARP)
     slots = tl.arange(0, COUNT_PAD)
     tl.store(OUT + r[:, None].to(tl.int64) * COUNT + slots[None, :], chosen,
              mask=r_ok[:, None] & (slots[None, :] < COUNT))

@@ -30,7 +30,7 @@ import triton
 from .decode import _combine_splits, cache_strides
 from .library import register_nsa_ops
 from .module import check_qkv
-from .nsa_decode import NSADecoding
+from .nsa_decode import NSADecoding, top_blocks_launch
 from .nsa_mix import NSAMixing, _mix
 
 _CHUNK_ELEMENTS = 1 << 26  # the selection's score chunk: 256 MB of float32 at most
@@ -317,11 +317,11 @@ class NSAModule(NSADecoding, NSAMixing):
             scores = scores.float().reshape(-1, n_blocks).contiguous()
             pos = torch.as_tensor(t, device=scores.device).expand(rows).reshape(-1).to(torch.int32).contiguous()
             out = torch.empty(scores.shape[0], n, dtype=torch.int32, device=scores.device)
-            block_r = max(1, 4096 // nb_pad)  # 32 scores a thread at 4 warps; 16 warps for the widest rows
+            block_r, warps = top_blocks_launch(nb_pad)
             self.top_kernel[(-(-scores.shape[0] // block_r),)](
                 scores, pos, out, scores.shape[0], n_blocks, 0, 1, SEL_BLOCK=self.l_sel, INIT=self.init,
                 LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r,
-                NB_PAD=nb_pad, DECODE=False, num_warps=max(4, min(16, nb_pad // 1024)))
+                NB_PAD=nb_pad, DECODE=False, ONE_WARP=warps == 1, num_warps=warps)
             return out.view(*rows, n)
         beta = torch.arange(n_blocks, device=scores.device)
         own = (t // self.l_sel)[..., None]
@@ -524,8 +524,8 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
       64k); and up to G 4 past head dim 128, where query-major takes one token a program too
       (timed at 16k only; shorter lengths follow from that reason, untimed); else query-major;
     - dQ: key-major up to G 4 at any length, where the query-major kernel's one token a program
-      pads the group to 16 rows (timed at G 1, 2, 4 from 8k to 64k: 1.6-5.3x); else query-major
-      (a tie at G 8, query-major 1.6x at G 16).
+      pads the group to 16 rows (timed at G 1, 2, 4 from 8k to 64k); else query-major (timed at G 8
+      and 16).
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
     2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n

@@ -25,6 +25,15 @@ def _rows(cache, block_table, positions) -> torch.Tensor:
     return cache[pages, positions % page_size].transpose(1, 2).contiguous()
 
 
+def top_blocks_launch(nb_pad: int) -> tuple[int, int]:
+    """(rows, warps) of an _nsa_top_blocks program over rows of nb_pad scores: a row to one warp up
+    to 2048 blocks (below 1024 up to 16 rows a warp), a warp per 1024 blocks past that. Triton lays a
+    row across every warp of a program, so more warps cost each of the count rounds a reduction
+    through shared memory and barriers (offline sm90: docs/decisions/nsa-plan.md, "The top blocks a
+    row to a warp")."""
+    return max(1, min(16, 1024 // nb_pad)), 1 if nb_pad <= 2048 else min(16, nb_pad // 1024)
+
+
 class NSADecoding:
     """NSAModule's decoding: a mixin on NSAModule, which holds the state it reads."""
 
@@ -310,12 +319,13 @@ class NSADecoding:
             SPLIT_CHUNK=max(2, min(32, triton.next_power_of_2(splits))), NB_SPLIT=nb_split, NB_PAD=nb_pad,
             NB_CHUNK=nb_chunk, MEET=meet, O_HEADS=o_heads, O_SPLITS=o_splits, SCORE_PARTS=score_parts,
             num_warps=warps)
-        if apart:  # a warp a row up to 2048 blocks, a warp per 1024 past that (nsa-plan.md: "top blocks apart")
+        if apart:  # a warp a row up to 2048 blocks (nsa-plan.md: "top blocks apart")
             rows = B * Hkv * Nq
-            self.top_kernel[(rows,)](
+            block_r, warps = top_blocks_launch(nb_pad)
+            self.top_kernel[(-(-rows // block_r),)](
                 scores, seqlens, indices, rows, n_blocks, Nq, Hkv * Nq, SEL_BLOCK=self.l_sel, INIT=self.init,
-                LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=1, NB_PAD=nb_pad,
-                DECODE=True, num_warps=1 if nb_pad <= 2048 else min(16, nb_pad // 1024))
+                LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r,
+                NB_PAD=nb_pad, DECODE=True, ONE_WARP=warps == 1, num_warps=warps)
         return o_cmp, indices, scores
 
     def _decode_attend_fused(self, q, k_cache, v_cache, indices, lengths, scale: float, block_table, o_cmp, gates,
