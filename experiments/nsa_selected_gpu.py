@@ -4,7 +4,7 @@ The selected branch's loop orders and the selection's tiling, A/B in one process
 inputs, the selection the module's own: per (spec, Hq/Hkv, N) the selected forward query-major
 (its automatic tokens per program) and key-major, the selected backward with dQ query-major and
 key-major, each max difference against the other; the selection (scores and top blocks) with the
-scores' tiling and with the rule before small groups got theirs;
+scores' block sums by the windows' pieces and by the fold product;
 then the whole NSA forward and forward+backward with the defaults, and our dense causal forward at
 the same heads (issue 17's small-group goal: NSA's forward 3x faster at 64k, Hq 16, G 1, 2, 4).
 Medians of triton.testing.do_bench.
@@ -64,16 +64,16 @@ def main() -> None:
             kc, vc = rt.compress(k, weights and weights[0]), rt.compress(v, weights and weights[1])
             _, lse_c = rt.branches()["cmp"].attention(q, kc, vc, return_lse=True)
             idx, _ = rt.select_fused(q, kc, lse_c, rt.scale)
-            # the scores' tiling against the rule before the small groups' (block_c 64, 4 warps without the carry)
+            # the scores' block sums by the windows' pieces (the default where the strides allow) and by the fold product
             sel_scores = lambda: rt.select_fused(q, kc, lse_c, rt.scale)  # noqa: E731
             row["selection"] = _ms(sel_scores)
-            tiling = rt.scores_tiling
-            rt.scores_tiling = lambda G, D, c=None: {**tiling(G, D, 64), "num_warps": 8 if tiling(G, D, 64)["SHIFT"] else 4}
+            row["scores kernel"] = rt.scores_tiling(Hq // Hkv, D)
             try:
-                row["selection, scores as before"] = _ms(sel_scores)
+                rt.scores_fold = False
+                row["selection, fold product"] = _ms(sel_scores)
                 row["selection: same blocks"] = torch.equal(sel_scores()[0], idx)
             finally:
-                del rt.scores_tiling
+                rt.scores_fold = None
             sel = lambda: rt.selected_forward(q, k, v, idx, rt.scale)  # noqa: E731
             outs = {}
             try:

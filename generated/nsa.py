@@ -402,7 +402,7 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
                 CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_C: tl.constexpr, BLOCK_NB: tl.constexpr, SHIFT: tl.constexpr, SHIFT_PAD: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                PIECES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # The selection's block scores of BLOCK_T tokens of one KV head, OUT [B, HKV, N, n_blocks]
     # (zeros on entry): the compressed branch's probabilities (from its LSE) summed over the GROUP
     # query heads, folded into selection blocks by the windows' overlaps / CMP_STRIDE, BLOCK_C
@@ -410,7 +410,11 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
     # after the previous step's): a step's sums of the blocks no later step touches are stored, and
     # those of the next SHIFT_PAD blocks carried to the next step in registers, so that the loop
     # only stores (its loads pipeline); SHIFT 0: each step adds to OUT's blocks in turn (a load after
-    # the previous step's store). The program owns its tokens' rows of OUT: deterministic.
+    # the previous step's store). PIECES > 0 (l and l' multiples of d, l' = PIECES d, l <= l' + d):
+    # no fold product: a window adds its probability times its pieces of d keys in its own block and
+    # (the rest) in the next, sums over each block's PIECES windows; the next block's share is shifted
+    # by one block (a small product) and the step's last carried. The program owns its tokens' rows
+    # of OUT: deterministic.
     off_b = tl.program_id(1) // HKV
     off_hk = tl.program_id(1) % HKV
     i = tl.arange(0, BLOCK_T * BLOCK_G)
@@ -432,6 +436,7 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
     visible_end = tl.minimum(tl.maximum((last_t - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0), n_cmp)
     k = tl.arange(0, SHIFT_PAD)
     carry = tl.zeros([BLOCK_T, SHIFT_PAD], dtype=tl.float32)  # the sums of blocks b0 + k, b0 the step's first
+    carry1 = tl.zeros([BLOCK_T], dtype=tl.float32)  # PIECES: the step's last block's spill into the next
     b_next = 0
     for c0 in range(0, visible_end, BLOCK_C):
         j = c0 + tl.arange(0, BLOCK_C)
@@ -442,7 +447,22 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
         p = tl.where(visible, tl.math.exp2(s - lse2[:, None]), 0.0)
         p_tok = tl.sum(tl.reshape(p, [BLOCK_T, BLOCK_G, BLOCK_C]), axis=1)  # [BLOCK_T, BLOCK_C]
         b0 = c0 * CMP_STRIDE // SEL_BLOCK
-        if SHIFT > 0:
+        if PIECES > 0:
+            # window j = c0 + PIECES b + u covers pieces j .. j + r - 1 (r = l / d) of d keys: min(r,
+            # PIECES - u) of them in block b0 + b, the rest in the next
+            u = tl.arange(0, PIECES)
+            p3 = tl.reshape(p_tok, [BLOCK_T, BLOCK_C // PIECES, PIECES])
+            sums = tl.sum(p3 * tl.minimum(CMP_BLOCK // CMP_STRIDE, PIECES - u).to(tl.float32)[None, None, :], 2)
+            bb = tl.arange(0, BLOCK_C // PIECES)
+            if CMP_BLOCK > CMP_STRIDE:
+                spill = tl.sum(p3 * tl.maximum(u + CMP_BLOCK // CMP_STRIDE - PIECES, 0).to(tl.float32)[None, None, :], 2)
+                shift = (bb[:, None] + 1 == bb[None, :]).to(tl.float32)  # block b's spill to b + 1
+                sums += tl.dot(spill, shift, input_precision="ieee") + tl.where(bb[None, :] == 0, carry1[:, None], 0.0)
+                carry1 = tl.sum(tl.where(bb[None, :] == BLOCK_C // PIECES - 1, spill, 0.0), 1)
+            ok = (tok < N)[:, None] & (b0 + bb < n_blocks)[None, :]
+            tl.store(OUT + out_rows[:, None] + b0 + bb[None, :], sums, mask=ok)
+            b_next = b0 + BLOCK_C // PIECES
+        elif SHIFT > 0:
             # blocks b0 .. b0 + SHIFT - 1 are done after this step; b0 + SHIFT .. carry on
             done = tl.dot(p_tok, _overlaps(j, b0 + k, k < SHIFT, CMP_BLOCK, CMP_STRIDE, SEL_BLOCK),
                           input_precision="ieee") + carry
@@ -459,7 +479,10 @@ def _nsa_scores(Q, KC, LSE, OUT, N, n_cmp, n_blocks,
             ok = (tok < N)[:, None] & (beta < n_blocks)[None, :]
             tl.debug_barrier()  # the previous step's stores to a shared block, before this load
             tl.store(at, tl.load(at, mask=ok, other=0.0) + part, mask=ok)
-    if SHIFT > 0:  # the last step's carried blocks
+    if PIECES > 0:
+        if CMP_BLOCK > CMP_STRIDE:  # the last step's spill
+            tl.store(OUT + out_rows + b_next, carry1, mask=(tok < N) & (tok * 0 + b_next < n_blocks))
+    elif SHIFT > 0:  # the last step's carried blocks
         ok = (tok < N)[:, None] & (b_next + k < n_blocks)[None, :]
         tl.store(OUT + out_rows[:, None] + b_next + k[None, :], carry, mask=ok)
 

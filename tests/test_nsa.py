@@ -801,12 +801,15 @@ def test_selection_check_wants_forced_blocks_exactly():
 @pytest.mark.parametrize("block, stride, G, N, block_c", [(32, 16, 3, 300, 64), (64, 64, 1, 200, 64),
                                                           (32, 16, 16, 150, 64), (32, 16, 2, 300, 16),
                                                           (64, 64, 1, 1100, 16), (24, 7, 1, 300, 16),
-                                                          (64, 64, 1, 1100, None), (32, 16, 1, 300, None)])
+                                                          (32, 32, 1, 600, 16),
+                                                          (48, 16, 2, 600, 32), (32, 16, 1, 300, None)])
 def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N, block_c):
     """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
-    block_c compressed tokens and several (steps of 16: the blocks a step shares with the next
-    carried in registers, or none shared at l = d), and steps that start inside a block (stride 7:
-    each step adds to OUT in turn); with the carry off, the same scores."""
+    block_c compressed tokens and several; block sums by the windows' pieces where the strides allow
+    (l' = 32 a multiple of d: a window within its block, l = d, or spilling into the next one, l = 48
+    into the next), else by the fold product: with the blocks a step shares with the next carried in
+    registers (steps of 16) or none shared (l = d), and steps that start inside a block (stride 7:
+    each step adds to OUT in turn); each way, the same scores."""
     data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
             "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"}, **SMALL}}
     path = tmp_path / "fs.yaml"
@@ -816,37 +819,49 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     q, k = torch.randn(2, 2 * G, N, 32, generator=g), torch.randn(2, 2, N, 32, generator=g)
     k_cmp = rt.compress(k)
     _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
-    assert rt.scores_carry is None  # the default: the carry past head dim 128 only (this spec's is 32)
+    assert rt.scores_carry is None and rt.scores_fold is None  # the defaults: the carry past head dim 128 only
     assert [rt.scores_carried(d) for d in (32, 128, 192, 256)] == [False, False, True, True]
+    assert bool(rt.scores_pieces(block_c or 64)) == (stride == 16 and block_c != 16 or block == stride == 32)
+    runs = {}
     try:
-        rt.scores_carry = True
-        blocks, scores = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
-        rt.scores_carry = False
-        _, in_memory = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
+        # the pieces take no carry; without them the default is the fold product
+        for fold, carry in ((None, True), (False, True), (False, False))[0 if rt.scores_pieces(block_c or 64) else 1:]:
+            rt.scores_fold, rt.scores_carry = fold, carry
+            runs[fold, carry] = rt.select_fused(q, k_cmp, lse, rt.scale, block_c=block_c)
     finally:
-        rt.scores_carry = None
+        rt.scores_carry = rt.scores_fold = None
     want = reference_nsa.selection_scores(q, k_cmp, block=block, stride=stride, select_block=32)
+    blocks, scores = next(iter(runs.values()))
     assert (scores.double() - want).abs().max() < 1e-5
     assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
-    assert (in_memory - scores).abs().max() < 1e-6
+    for other_blocks, other in runs.values():
+        assert (other - scores).abs().max() < 1e-6 * max(1.0, scores.abs().max().item())  # fp32 rounding
+        assert torch.equal(other_blocks, blocks)
 
 
 @pytest.mark.compiler
 def test_scores_tiling_keeps_the_fold_of_a_small_group_in_registers():
-    """The scores kernel's tiling: 64 token rows at G 1 on 8 warps, and the carried fold of nsa_linear's
-    stride in steps of 32 compressed tokens there (4 warps, or steps of 64, spill offline on sm90)."""
+    """The scores kernel's tiling: 64 token rows at G 1 on 8 warps; the windows' pieces where the
+    strides allow, else the fold product, nsa_linear's carried in steps of 32 compressed tokens at G 1
+    (4 warps, or steps of 64, spill offline on sm90)."""
     from attngen.resources import resolve_spec
 
     nsa, linear = (attngen.load(resolve_spec(name)).RUNTIME for name in ("nsa", "nsa_linear"))
-    assert {k: nsa.scores_tiling(1, 128)[k] for k in ("BLOCK_T", "BLOCK_C", "SHIFT", "num_warps")} == \
-        dict(BLOCK_T=64, BLOCK_C=64, SHIFT=0, num_warps=8)
-    assert {k: nsa.scores_tiling(16, 128)[k] for k in ("BLOCK_T", "BLOCK_G", "num_warps")} == \
-        dict(BLOCK_T=16, BLOCK_G=16, num_warps=4)
-    assert {k: linear.scores_tiling(1, 192)[k] for k in ("BLOCK_T", "BLOCK_C", "SHIFT", "num_warps")} == \
-        dict(BLOCK_T=64, BLOCK_C=32, SHIFT=32, num_warps=8)
-    assert {k: linear.scores_tiling(16, 192)[k] for k in ("BLOCK_T", "BLOCK_C", "SHIFT")} == \
-        dict(BLOCK_T=16, BLOCK_C=64, SHIFT=64)
-    assert linear.scores_tiling(1, 192, block_c=64)["BLOCK_C"] == 64  # a caller's step stands
+    pick = lambda rt, G, D, c=None: {k: rt.scores_tiling(G, D, c)[k]  # noqa: E731
+                                     for k in ("BLOCK_T", "BLOCK_G", "BLOCK_C", "SHIFT", "PIECES", "num_warps")}
+    # the windows' pieces (l' = 4 d; l = d): no fold product, 8 warps from 64 rows of d128
+    assert pick(nsa, 1, 128) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
+    assert pick(nsa, 16, 128) == dict(BLOCK_T=16, BLOCK_G=16, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
+    assert pick(linear, 1, 192) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=1, num_warps=8)
+    try:
+        nsa.scores_fold = linear.scores_fold = False  # the fold product
+        assert pick(nsa, 1, 128) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=0, num_warps=8)
+        assert pick(linear, 1, 192) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=32, SHIFT=32, PIECES=0, num_warps=8)
+        assert pick(linear, 16, 192)["BLOCK_C"] == 64 and pick(linear, 16, 192)["SHIFT"] == 64
+        assert pick(linear, 1, 192, 64)["BLOCK_C"] == 64  # a caller's step stands
+    finally:
+        nsa.scores_fold = linear.scores_fold = None
+    assert nsa.scores_pieces(64) == 4 and nsa.scores_pieces(32) == 0  # the spill's shift wants 16 blocks a step
 
 
 @pytest.mark.interp

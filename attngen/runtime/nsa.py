@@ -109,6 +109,10 @@ class NSAModule(NSADecoding, NSAMixing):
         # barrier: True or False forces it; None (the default) carries past head dim 128 only, where
         # it was measured faster (docs/decisions/nsa-plan.md, "The scores' loop only stores")
         self.scores_carry = None
+        # the scores' block sums by windows' pieces (scores_pieces(): no fold product, where the spec's
+        # strides allow) instead of the fold product with the overlaps: None takes them where allowed,
+        # False the product
+        self.scores_fold = None
         # tokens per program of the selected branch's forward: None picks them (selected_tokens());
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
@@ -269,8 +273,9 @@ class NSAModule(NSADecoding, NSAMixing):
         """_nsa_scores' constexprs and launch options for groups of G: BLOCK_T tokens x the group's
         heads as rows (about 64, at least 16 tokens for the fold's dot), BLOCK_C compressed tokens a
         step (block_c, else 64; 32 where the carried fold of 64 tokens' rows would spill), the
-        carry's SHIFT (scores_carried()), 8 warps where the fold's float32 product has 64 token rows
-        or carries (4 spill at G 1: docs/decisions/nsa-plan.md, "The scores at small groups")."""
+        carry's SHIFT (scores_carried()) or the windows' PIECES (scores_pieces()), 8 warps from 64 rows
+        of head dim 128 or with the carry (4 spill at G 1 with the fold's product; at G 16 q alone
+        takes 128 registers a thread: docs/decisions/nsa-plan.md, "The scores at small groups")."""
         block_g = triton.next_power_of_2(G)
         block_t = max(16, max(1, 64 // block_g) if block_g <= 64 else 1)
 
@@ -281,16 +286,29 @@ class NSAModule(NSADecoding, NSAMixing):
             shift = c * self.d // self.l_sel if (c * self.d) % self.l_sel == 0 else 0
             return shift if self.scores_carried(head_dim) and 0 <= touched - shift <= shift else 0
 
+        pieces = self.scores_pieces(block_c or 64)
         if block_c is None:
             block_c = 64
-            if block_t >= 64 and carried(64) > 32 and carried(32):  # two [64, 64] float32 folds a step spill
+            if not pieces and block_t >= 64 and carried(64) > 32 and carried(32):  # two [64, 64] folds spill
                 block_c = 32
-        shift = carried(block_c)
+        shift = 0 if pieces else carried(block_c)
         return dict(BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_C=block_c,
                     BLOCK_NB=max(16, triton.next_power_of_2((block_c * self.d + self.l) // self.l_sel + 2)),
-                    SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)),
-                    num_warps=8 if shift or block_t >= 64 else 4,
+                    SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)), PIECES=pieces,
+                    num_warps=8 if shift or block_t * block_g * max(16, triton.next_power_of_2(head_dim)) >= 64 * 128
+                    else 4,
                     num_stages=2 if head_dim > 128 else 3)  # (past d128 three stages of keys overflow shared memory)
+
+    def scores_pieces(self, block_c: int) -> int:
+        """_nsa_scores' PIECES, l' / d, where a step's block sums need no fold product: l and l'
+        multiples of the stride d, l' / d a power of two dividing block_c, a window within two
+        blocks (l <= l' + d), and where it spills into the next block at least 16 blocks a step (the
+        shift's product); 0 otherwise, or with the knob scores_fold False."""
+        if self.scores_fold is False or self.l % self.d or self.l_sel % self.d:
+            return 0
+        k = self.l_sel // self.d
+        ok = k & (k - 1) == 0 and block_c % k == 0 and self.l <= self.l_sel + self.d
+        return k if ok and (self.l == self.d or block_c // k >= 16) else 0
 
     def scores_carried(self, head_dim: int) -> bool:
         """Whether _nsa_scores carries a step's shared blocks in registers: the knob scores_carry, else
