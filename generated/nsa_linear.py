@@ -524,18 +524,21 @@ def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUN
 
 
 @triton.jit
-def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, n_q, rows_per_seq, SEL_BLOCK: tl.constexpr, INIT: tl.constexpr,
-                    LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                    NB_PAD: tl.constexpr, DECODE: tl.constexpr, ONE_WARP: tl.constexpr):
+def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, n_q, rows_per_seq, seg, seg_stride, SEL_BLOCK: tl.constexpr,
+                    INIT: tl.constexpr, LOCAL: tl.constexpr, COUNT: tl.constexpr, COUNT_PAD: tl.constexpr,
+                    BLOCK_R: tl.constexpr, NB_PAD: tl.constexpr, DECODE: tl.constexpr, ONE_WARP: tl.constexpr):
     # The selection (_top_of_rows) of BLOCK_R rows (a token and KV head each) from their block
-    # scores, SCORES [R, n_blocks] float32, at positions POS [R], into OUT [R, COUNT] int32: a row
-    # held in registers instead of a sort of every score. DECODE: a decode step's rows [B, HKV,
+    # scores, SCORES [rows, n_blocks] float32, at positions POS [rows], into OUT [rows, COUNT] int32:
+    # a row held in registers instead of a sort of every score. Row r of the R launched is row
+    # (r // seg) seg_stride + r % seg of those (a run of seg tokens of each (batch, KV head): rows
+    # whose blocks fit NB_PAD; seg = seg_stride = R: all). DECODE: a decode step's rows [B, HKV,
     # n_q], POS [B] the sequences' lengths: row r sits at POS[r // rows_per_seq] - n_q + r % n_q.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R
     if DECODE:
         pos = tl.load(POS + r // rows_per_seq, mask=r_ok, other=0) - n_q + r % n_q
     else:
+        r = (r // seg).to(tl.int64) * seg_stride + r % seg
         pos = tl.load(POS + r, mask=r_ok, other=0)
     own = tl.where(pos >= 0, pos // SEL_BLOCK, -1)  # a row before its sequence's start chooses nothing
     beta = tl.arange(0, NB_PAD)

@@ -77,6 +77,17 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
             want = rt._top_blocks(s, t)
             rt.top_blocks_kernel = True
             assert torch.equal(rt._top_blocks(s, t), want)
+        if count != 3:  # (the interpreter's time)
+            return
+        # rows at consecutive positions from `first`, in runs by their last own block (top_buckets():
+        # 128 blocks wide, then 64)
+        first, L = 5, 2100
+        wide = torch.randint(0, 4, (1, 2, L, -(-(first + L) // rt.l_sel)), generator=g).float() / 4
+        t = torch.arange(first, first + L)
+        rt.top_blocks_kernel = False
+        want = rt._top_blocks(wide, t)
+        rt.top_blocks_kernel = True
+        assert torch.equal(rt._top_blocks(wide, t, first=first), want)
     finally:
         rt.top_blocks_kernel = saved
         rt.count = spec.nsa.select_count

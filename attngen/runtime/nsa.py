@@ -248,7 +248,7 @@ class NSAModule(NSADecoding, NSAMixing):
                 scores = p.sum(2) @ overlap  # [B, Hkv, T, n_blocks]
             else:
                 scores = torch.zeros(B, Hkv, len(t), n_blocks, device=q.device)
-            out[:, :, t0:t0 + len(t)] = self._top_blocks(scores, t)
+            out[:, :, t0:t0 + len(t)] = self._top_blocks(scores, t, first=t0)
         return out
 
     @torch.no_grad()
@@ -267,7 +267,7 @@ class NSAModule(NSADecoding, NSAMixing):
                 scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
                 HEAD_DIM=D, HEAD_DIM_PAD=max(16, triton.next_power_of_2(D)),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **t)
-        return self._top_blocks(scores, torch.arange(N, device=q.device)), scores
+        return self._top_blocks(scores, torch.arange(N, device=q.device), first=0), scores
 
     def scores_tiling(self, G: int, head_dim: int, block_c: int | None = None) -> dict:
         """_nsa_scores' constexprs and launch options for groups of G: BLOCK_T tokens x the group's
@@ -322,10 +322,12 @@ class NSAModule(NSADecoding, NSAMixing):
         docs/decisions/nsa-plan.md)."""
         return 2 * rows <= sms if self.decode_top_kernel is None else bool(self.decode_top_kernel)
 
-    def _top_blocks(self, scores, t):
+    def _top_blocks(self, scores, t, first: int | None = None):
         """int32 [..., n]: per row (at position t, broadcast against scores' [..., rows, n_blocks]) the
         forced blocks and the best-scored others up to count, none after its own block; ascending,
-        -1 padded; ties to the lower index (a stable sort)."""
+        -1 padded; ties to the lower index (a stable sort). first: t is first + the rows' index
+        (the rows ascending from it), so that the kernel reads only the blocks up to each run of
+        rows' last own block (top_buckets())."""
         n_blocks = scores.shape[-1]
         n = min(self.count, n_blocks)
         nb_pad = triton.next_power_of_2(max(n_blocks, 1))
@@ -335,11 +337,15 @@ class NSAModule(NSADecoding, NSAMixing):
             scores = scores.float().reshape(-1, n_blocks).contiguous()
             pos = torch.as_tensor(t, device=scores.device).expand(rows).reshape(-1).to(torch.int32).contiguous()
             out = torch.empty(scores.shape[0], n, dtype=torch.int32, device=scores.device)
-            block_r, warps = top_blocks_launch(nb_pad)
-            self.top_kernel[(-(-scores.shape[0] // block_r),)](
-                scores, pos, out, scores.shape[0], n_blocks, 0, 1, SEL_BLOCK=self.l_sel, INIT=self.init,
-                LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r,
-                NB_PAD=nb_pad, DECODE=False, ONE_WARP=warps == 1, num_warps=warps)
+            L = rows[-1] if rows else 1  # the tokens' axis: runs of it by their last own block
+            runs = [(0, L, nb_pad)] if first is None else top_buckets(first, L, n_blocks, self.l_sel)
+            for c0, c1, width in runs:
+                R = scores.shape[0] // max(L, 1) * (c1 - c0)
+                block_r, warps = top_blocks_launch(width)
+                self.top_kernel[(-(-R // block_r),)](
+                    scores[c0:], pos[c0:], out[c0:], R, n_blocks, 0, 1, c1 - c0, L, SEL_BLOCK=self.l_sel,
+                    INIT=self.init, LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)),
+                    BLOCK_R=block_r, NB_PAD=width, DECODE=False, ONE_WARP=warps == 1, num_warps=warps)
             return out.view(*rows, n)
         beta = torch.arange(n_blocks, device=scores.device)
         own = (t // self.l_sel)[..., None]
@@ -553,6 +559,21 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
     if G < 4 and N >= 16384:
         return "key"
     return "key" if G <= 4 and (N > 32768 or head_dim > 128) else "query"
+
+
+def top_buckets(first: int, L: int, n_blocks: int, block: int, narrowest: int = 64) -> list[tuple[int, int, int]]:
+    """(c0, c1, width): runs of L rows at positions first .. first + L - 1, the last first, each
+    with the power of two of blocks (at most n_blocks') that holds its last row's own block (blocks
+    of `block` tokens), halving from run to run down to `narrowest`: the top blocks then read and
+    rank about two thirds of the scores at N = 64 * 1024 (the scores past a row's own block count
+    for nothing)."""
+    runs, c1 = [], L
+    while c1 > 0:
+        width = triton.next_power_of_2(max(1, min(n_blocks, (first + c1 - 1) // block + 1)))
+        c0 = 0 if width <= narrowest else max(0, min(c1 - 1, block * (width // 2) - first))
+        runs.append((c0, c1, width))
+        c1 = c0
+    return runs
 
 
 def tokens_per_program(G: int, N: int, head_dim: int, tensor_cores: bool = True) -> int:

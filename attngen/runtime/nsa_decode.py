@@ -323,7 +323,7 @@ class NSADecoding:
             rows = B * Hkv * Nq
             block_r, warps = top_blocks_launch(nb_pad)
             self.top_kernel[(-(-rows // block_r),)](
-                scores, seqlens, indices, rows, n_blocks, Nq, Hkv * Nq, SEL_BLOCK=self.l_sel, INIT=self.init,
+                scores, seqlens, indices, rows, n_blocks, Nq, Hkv * Nq, rows, rows, SEL_BLOCK=self.l_sel, INIT=self.init,
                 LOCAL=self.local, COUNT=n, COUNT_PAD=max(2, triton.next_power_of_2(n)), BLOCK_R=block_r,
                 NB_PAD=nb_pad, DECODE=True, ONE_WARP=warps == 1, num_warps=warps)
         return o_cmp, indices, scores
