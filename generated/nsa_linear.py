@@ -531,7 +531,7 @@ def _nsa_top_blocks(SCORES, POS, OUT, R, n_blocks, n_q, rows_per_seq, seg, seg_s
     # scores, SCORES [rows, n_blocks] float32, at positions POS [rows], into OUT [rows, COUNT] int32:
     # a row held in registers instead of a sort of every score. Row r of the R launched is row
     # (r // seg) seg_stride + r % seg of those (a run of seg tokens of each (batch, KV head): rows
-    # whose blocks fit NB_PAD; seg = seg_stride = R: all). DECODE: a decode step's rows [B, HKV,
+    # whose blocks fit NB_PAD; seg = seg_stride: all). DECODE: a decode step's rows [B, HKV,
     # n_q], POS [B] the sequences' lengths: row r sits at POS[r // rows_per_seq] - n_q + r % n_q.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < R

@@ -809,18 +809,19 @@ def test_selection_check_wants_forced_blocks_exactly():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("block, stride, G, N, block_c", [(32, 16, 3, 300, 64), (64, 64, 1, 200, 64),
-                                                          (32, 16, 16, 150, 64), (32, 16, 2, 300, 16),
-                                                          (64, 64, 1, 1100, 16), (24, 7, 1, 300, 16),
-                                                          (32, 32, 1, 600, 16),
-                                                          (48, 16, 2, 600, 32), (32, 16, 1, 300, None)])
-def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N, block_c):
+@pytest.mark.parametrize("block, stride, G, N, block_c, pieces", [
+    (32, 16, 3, 300, 64, 2), (64, 64, 1, 200, 64, 0), (32, 16, 16, 150, 64, 2), (32, 16, 2, 300, 16, 0),
+    (64, 64, 1, 1100, 16, 0), (24, 7, 1, 300, 16, 0), (32, 32, 1, 600, 16, 1), (48, 16, 2, 600, 32, 2),
+    (16, 8, 1, 600, None, 4)])
+def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N, block_c,
+                                                                           pieces):
     """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
     block_c compressed tokens and several; block sums by the windows' pieces where the strides allow
-    (l' = 32 a multiple of d: a window within its block, l = d, or spilling into the next one, l = 48
-    into the next), else by the fold product: with the blocks a step shares with the next carried in
-    registers (steps of 16) or none shared (l = d), and steps that start inside a block (stride 7:
-    each step adds to OUT in turn); each way, the same scores."""
+    (l' = 32 a multiple of d: l = d, a window within its block; l = 2 d or 3 d, spilling into the
+    next block, carried across steps; l = 2 d, l' = 4 d, the shipped nsa's ratio, over two steps),
+    else by the fold product: with the blocks a step shares with the next carried in registers
+    (steps of 16) or none shared (l = d), and steps that start inside a block (stride 7: each step
+    adds to OUT in turn); each way, the same scores."""
     data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
             "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"}, **SMALL}}
     path = tmp_path / "fs.yaml"
@@ -832,7 +833,7 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
     assert rt.scores_carry is None and rt.scores_fold is None  # the defaults: the carry past head dim 128 only
     assert [rt.scores_carried(d) for d in (32, 128, 192, 256)] == [False, False, True, True]
-    assert bool(rt.scores_pieces(block_c or 64)) == (stride == 16 and block_c != 16 or block == stride == 32)
+    assert rt.scores_pieces(block_c or 64) == pieces
     runs = {}
     try:
         # the pieces take no carry; without them the default is the fold product
@@ -860,7 +861,7 @@ def test_scores_tiling_keeps_the_fold_of_a_small_group_in_registers():
     nsa, linear = (attngen.load(resolve_spec(name)).RUNTIME for name in ("nsa", "nsa_linear"))
     pick = lambda rt, G, D, c=None: {k: rt.scores_tiling(G, D, c)[k]  # noqa: E731
                                      for k in ("BLOCK_T", "BLOCK_G", "BLOCK_C", "SHIFT", "PIECES", "num_warps")}
-    # the windows' pieces (l' = 4 d; l = d): no fold product, 8 warps from 64 rows of d128
+    # the windows' pieces (nsa: l' = 4 d, l = 2 d; nsa_linear: l = l' = d): no fold product, 8 warps from 64 rows of d128
     assert pick(nsa, 1, 128) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
     assert pick(nsa, 16, 128) == dict(BLOCK_T=16, BLOCK_G=16, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
     assert pick(linear, 1, 192) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=1, num_warps=8)
