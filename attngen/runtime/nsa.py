@@ -275,7 +275,7 @@ class NSAModule(NSADecoding, NSAMixing):
         step (block_c, else 64; 32 where the carried fold of 64 tokens' rows would spill), the
         carry's SHIFT (scores_carried()) or the windows' PIECES (scores_pieces()), 8 warps from 64 rows
         of head dim 128 or with the carry (4 spill at G 1 with the fold's product; at G 16 q alone
-        takes 128 registers a thread: docs/decisions/nsa-plan.md, "The scores at small groups")."""
+        holds most of 4 warps' registers: docs/decisions/nsa-plan.md, "The scores at small groups")."""
         block_g = triton.next_power_of_2(G)
         block_t = max(16, max(1, 64 // block_g) if block_g <= 64 else 1)
 
