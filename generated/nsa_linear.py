@@ -154,7 +154,8 @@ def _nsa_select_fwd_keys(Q, K, V, ENTRIES, BLOCKS, O_PART, LSE_PART,
     # by block (ENTRIES: t * n_select + slot, BLOCKS: the block, n_blocks where the slot chose none,
     # last), x the GROUP query heads as rows; each of the few blocks among them is loaded once and
     # attended by its rows only. A row's result over its one block goes to its slot of O_PART [B,
-    # HQ, N, n_select, HEAD_DIM_V] (normalized, fp32) and LSE_PART (-inf: no block or no visible
+    # HQ, N, n_select, HEAD_DIM_V] (normalized; float32, or the inputs' half dtype: NSAModule's
+    # partials_half) and LSE_PART (float32; -inf: no block or no visible
     # key), which _combine_splits merges; every slot is written, so the merge reads no garbage. A call
     # takes N tokens from position T0 (Q and the entries from there; the keys: N_KEYS from 0), so
     # that the partial rows of a long sequence are made a chunk of tokens at a time.
@@ -197,7 +198,7 @@ def _nsa_select_fwd_keys(Q, K, V, ENTRIES, BLOCKS, O_PART, LSE_PART,
         lse = tl.where(mine & (l > 0.0), (m_use + tl.math.log2(l_use)) * 0.6931471805599453, lse)
         cur = tl.min(tl.where(blk > cur, blk, n_blocks), 0)
     row = ((off_b * HKV * GROUP + off_h).to(tl.int64) * N + t) * n_select + entry % n_select
-    tl.store(O_PART + row[:, None] * HEAD_DIM_V + offs_dv[None, :], acc,
+    tl.store(O_PART + row[:, None] * HEAD_DIM_V + offs_dv[None, :], acc.to(O_PART.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(LSE_PART + row, lse, mask=row_ok)
 
@@ -501,17 +502,24 @@ def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUN
                  COUNT_PAD: tl.constexpr, NB_PAD: tl.constexpr, ONE_WARP: tl.constexpr = False):
     # [R, COUNT_PAD] int32: from block scores s [R, NB_PAD] (columns past n_blocks ignored) of rows
     # whose own block is own [R], the forced blocks (the first INIT, the LOCAL ending at the own),
-    # then the best-scored others up to COUNT, none after the own; ascending, -1 padded. COUNT rounds
-    # of a max with its index (ties to the lower index, as a stable sort's), then a sort of the few.
-    # ONE_WARP (a row within one warp): the max, then the least index holding it, two reductions of
-    # one operand each: fewer instructions, and no barriers between them (nsa-plan.md).
+    # then the best-scored others up to COUNT, none after the own; ascending, -1 padded. The forced
+    # blocks go straight to the first INIT + LOCAL slots (slot i < INIT block i, slot INIT + j block
+    # own - j unless an initial one already: none, NB_PAD, sorts last; so with fewer slots than that,
+    # n_blocks < INIT + LOCAL, a block up to the own still has a slot). Either they are INIT + LOCAL
+    # distinct blocks or they cover every block up to the own, so COUNT - INIT - LOCAL rounds of a
+    # max with its index (ties to the lower index, as a stable sort's) take the rest; then a sort of
+    # the few. ONE_WARP (a row within one warp): the max, then the least index
+    # holding it, two reductions of one operand each: fewer instructions, and no barriers between
+    # them (nsa-plan.md).
     beta = tl.arange(0, NB_PAD)
-    forced = (beta[None, :] < INIT) | ((beta[None, :] > own[:, None] - LOCAL) & (beta[None, :] <= own[:, None]))
-    rank = tl.where(forced, float("inf"), s)
-    rank = tl.where((beta[None, :] > own[:, None]) | (beta[None, :] >= n_blocks), float("-inf"), rank)
     slots = tl.arange(0, COUNT_PAD)
-    chosen = tl.full([s.shape[0], COUNT_PAD], NB_PAD, tl.int32)  # NB_PAD: none (sorts last)
-    for i in tl.static_range(COUNT):
+    block = tl.where(slots[None, :] < INIT, slots[None, :], own[:, None] + INIT - slots[None, :])
+    keep = (slots[None, :] < INIT + LOCAL) & ((slots[None, :] < INIT) | (block >= INIT)) & (block <= own[:, None])
+    chosen = tl.where(keep, block, NB_PAD)  # (own < n_blocks: a row's position lies in its sequence)
+    forced = (beta[None, :] < INIT) | ((beta[None, :] > own[:, None] - LOCAL) & (beta[None, :] <= own[:, None]))
+    out = forced | (beta[None, :] > own[:, None]) | (beta[None, :] >= n_blocks)
+    rank = tl.where(out, float("-inf"), s)
+    for i in tl.static_range(INIT + LOCAL, COUNT):
         if ONE_WARP:
             best = tl.max(rank, 1)
             at = tl.min(tl.where(rank == best[:, None], beta[None, :], NB_PAD), 1)

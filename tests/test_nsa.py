@@ -58,26 +58,31 @@ def test_nsa_selection_is_the_references_exactly(tmp_path, kernel):
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("n_blocks, count", [(7, 3), (40, 16), (3, 16)])
-def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
-    """_nsa_top_blocks (rounds of a max per row) against the torch path's stable sort, bit for bit:
-    scores with many ties (a few distinct values), zeros, rows whose own block is early (fewer
-    eligible blocks than count), fewer blocks than count, positions broadcast as decoding gives them."""
+@pytest.mark.parametrize("n_blocks, count, init, local", [(7, 3, 1, 2), (40, 16, 1, 2), (3, 16, 1, 2), (2, 16, 1, 2),
+                                                     (9, 5, 0, 3), (9, 6, 2, 1)])
+def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count, init, local):
+    """_nsa_top_blocks (the forced blocks placed, then rounds of a max per row) against the torch
+    path's stable sort, bit for bit: scores with many ties (a few distinct values), zeros, rows whose
+    own block is early (forced blocks that overlap; fewer eligible blocks than count), fewer blocks
+    than count or than the forced ones, no initial or several, positions broadcast as decoding gives
+    them (some before the sequence's start)."""
     spec, module = _module(tmp_path)
     rt = module.RUNTIME
-    rt.count, saved = count, rt.top_blocks_kernel
+    rt.count, rt.init, rt.local, saved = count, init, local, rt.top_blocks_kernel
     g = torch.Generator().manual_seed(n_blocks)
     scores = torch.randint(0, 4, (2, 3, 50, n_blocks), generator=g).float() / 4
     scores[0, 0, :5] = 0.0
-    cases = [(scores, torch.randint(0, n_blocks * rt.l_sel, (50,), generator=g)),  # training: t [N]
-             (scores[:, :, :4], torch.randint(0, n_blocks * rt.l_sel, (2, 1, 4), generator=g))]  # decoding: [B, 1, Nq]
+    t = torch.randint(0, n_blocks * rt.l_sel, (50,), generator=g)
+    t[:3] = torch.tensor([0, rt.l_sel, 2 * rt.l_sel + 1]).clamp(max=n_blocks * rt.l_sel - 1)  # own blocks 0, 1, 2
+    cases = [(scores, t),  # training: t [N]
+             (scores[:, :, :4], torch.randint(-rt.l_sel, n_blocks * rt.l_sel, (2, 1, 4), generator=g))]  # decoding: [B, 1, Nq]
     try:
         for s, t in cases:
             rt.top_blocks_kernel = False
             want = rt._top_blocks(s, t)
             rt.top_blocks_kernel = True
             assert torch.equal(rt._top_blocks(s, t), want)
-        if count != 3:  # (the interpreter's time)
+        if (count, init) != (3, 1):  # (the interpreter's time)
             return
         # rows at consecutive positions from `first`, in runs by their last own block (top_buckets():
         # 128 blocks wide, then 64)
@@ -90,7 +95,7 @@ def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count):
         assert torch.equal(rt._top_blocks(wide, t, first=first), want)
     finally:
         rt.top_blocks_kernel = saved
-        rt.count = spec.nsa.select_count
+        rt.count, rt.init, rt.local = spec.nsa.select_count, spec.nsa.init_blocks, spec.nsa.local_blocks
 
 
 def _check_decode_selection(rt, q, cmp, pos, S, got, want):
@@ -623,6 +628,12 @@ def test_bad_calls_name_the_argument(tmp_path):
                 rt.selected_backward(q, k, v, idx, o, lse, o, rt.scale)
         finally:
             setattr(rt, knob, None)
+    rt.partials_half, rt.loop_order = "yes", "key"
+    try:
+        with pytest.raises(ValueError, match="partials_half must be True or False; got 'yes'"):
+            rt.selected_forward(q, k, v, torch.zeros(1, 1, 40, 3, dtype=torch.int32), rt.scale)
+    finally:
+        rt.partials_half, rt.loop_order = True, None
 
 
 @pytest.mark.compiler
@@ -905,7 +916,8 @@ def _selected_reference(q, k, v, indices, block, scale):
                                               (4, "fp16", None)])
 def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype, forced):
     """The selected forward with several tokens per program (rows tokens x G, walking the union of
-    their blocks), and key-major (each choice its block's partial row, merged by LSE), against the
+    their blocks), and key-major (each choice its block's partial row, merged by LSE; the rows fp16
+    for fp16 inputs, or float32), against the
     float64 reference, and equal to one token per program within fp32 rounding; N = 99 is no multiple of the tile's tokens nor of a block, the selection random per
     token (so a tile's tokens choose differently), one token choosing nothing (zeros, LSE -inf)."""
     spec, module = _module(tmp_path)
@@ -928,9 +940,15 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
         runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale)
         rt.partial_bytes = 1  # the partial rows a selection block of tokens at a time (4 chunks)
         runs["key, chunks"] = rt.selected_forward(q, k, v, indices, rt.scale)
+        if dtype == "fp16":  # the partial rows in fp16 (the default for half inputs) or float32
+            rt.partials_half = False
+            runs["key, float32 partials"] = rt.selected_forward(q, k, v, indices, rt.scale)
     finally:
         rt.tokens_per_program = rt.loop_order = None
-        rt.partial_bytes = 1 << 30
+        rt.partial_bytes, rt.partials_half = 1 << 30, True
+    if dtype == "fp16":  # the half rows round once more: apart by about fp16's rounding, no more
+        half, full = runs["key"][0].float(), runs["key, float32 partials"][0].float()
+        assert not torch.equal(half, full) and (half - full).abs().max() <= 2e-3 * half.abs().max()
     assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
     assert rt.selected_order(G, N) == "query"  # few tokens
     assert rt.selected_order(G, N, dq=True) == ("key" if G <= 4 else "query")  # dQ: a small group pads to 16 rows

@@ -100,7 +100,8 @@ def decode_plan(batch: int, heads_kv: int, rows: int, max_keys: int, head_dim: i
 @triton.jit
 def _combine_splits(O_PART, LSE_PART, O, LSE, n_splits, DV: tl.constexpr, DV_PAD: tl.constexpr,
                     SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
-    # One (batch, head, query) row: the splits' normalized rows weighted by exp(lse - max).
+    # One (batch, head, query) row: the splits' normalized rows (float32, or a half dtype: summed in
+    # float32) weighted by exp(lse - max).
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SPLITS_PAD)
     _wait_prior(PDL)  # the splits' partial rows

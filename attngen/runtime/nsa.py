@@ -117,11 +117,15 @@ class NSAModule(NSADecoding, NSAMixing):
         # a power of two forces it (1: one token per program, the G query heads alone as rows)
         self.tokens_per_program = None
         # the selected branch's loop order: None picks it (loop_order(), the forward's and dQ's), "query" or "key";
-        # key-major's float32 partial rows take up to partial_bytes (1 GiB) a chunk of tokens
+        # key-major's partial rows take up to partial_bytes (1 GiB) a chunk of tokens
         self.loop_order = None
-        # key-major's float32 partial rows (B Hq tokens n width) are made at most this many bytes at a
-        # time, the tokens in chunks
+        # key-major's partial rows (B Hq tokens n width) are made at most this many bytes at a time,
+        # the tokens in chunks
         self.partial_bytes = 1 << 30
+        # the key-major forward's partial rows (normalized, each over one block) in the inputs' dtype
+        # where it is bf16 or fp16: half the bytes written and merged; False keeps them float32
+        # (docs/decisions/nsa-plan.md, "Half partial rows")
+        self.partials_half = True
         # the backward's dK/dV work item: at most this many steps of a block's tokens (None: 64; an int >= 1)
         self.backward_steps = None
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
@@ -425,12 +429,13 @@ class NSAModule(NSADecoding, NSAMixing):
             PAGE_SIZE=k.shape[1] if paged else 0, num_warps=warps, num_stages=stages, **args)
         return o, lse
 
-    def _token_chunks(self, B: int, Hq: int, N: int, n: int, width: int) -> list[tuple[int, int]]:
-        """Key-major's chunks of tokens, (t0, t1): partial rows of at most partial_bytes each (at
-        least one selection block of tokens); a static count (shapes only: no host read)."""
+    def _token_chunks(self, B: int, Hq: int, N: int, n: int, width: int, itemsize: int = 4) -> list[tuple[int, int]]:
+        """Key-major's chunks of tokens, (t0, t1): partial rows (of itemsize bytes an element) of at
+        most partial_bytes each (at least one selection block of tokens); a static count (shapes only:
+        no host read)."""
         if not isinstance(self.partial_bytes, int) or self.partial_bytes < 1:
             raise ValueError(f"partial_bytes must be an int >= 1; got {self.partial_bytes!r}")
-        per_token = B * Hq * n * width * 4
+        per_token = B * Hq * n * width * itemsize
         size = max(self.l_sel, self.partial_bytes // max(per_token, 1) // self.l_sel * self.l_sel)
         return [(t0, min(N, t0 + size)) for t0 in range(0, N, size)]
 
@@ -446,11 +451,15 @@ class NSAModule(NSADecoding, NSAMixing):
         block_e = max(1, 64 // args["BLOCK_G"])  # 64 rows: choices x the group's heads
         # d 256 (192 padded): the accumulator and q over 8 warps, as the query-major forward's
         warps = 8 if max(args["HEAD_DIM_PAD"], args["HEAD_DIM_V_PAD"]) > 128 else 4
-        chunks = self._token_chunks(B, Hq, N, n, self.head_dim_v)
+        if not isinstance(self.partials_half, bool):
+            raise ValueError(f"partials_half must be True or False; got {self.partials_half!r}")
+        half = self.partials_half and q.dtype in (torch.bfloat16, torch.float16)
+        part_dtype = q.dtype if half else torch.float32
+        chunks = self._token_chunks(B, Hq, N, n, self.head_dim_v, 2 if half else 4)
         for t0, t1 in chunks:
             C = t1 - t0
             entries, blocks, _ = entry_lists(indices[:, :, t0:t1], n_blocks)
-            o_part = torch.empty(B, Hq, C, n, self.head_dim_v, dtype=torch.float32, device=q.device)
+            o_part = torch.empty(B, Hq, C, n, self.head_dim_v, dtype=part_dtype, device=q.device)
             lse_part = torch.empty(B, Hq, C, n, dtype=torch.float32, device=q.device)
             self.fwd_keys_kernel[(-(-C * n // block_e), B * Hkv)](
                 q[:, :, t0:t1], k, v, entries, blocks, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(), C, t0,
@@ -552,8 +561,9 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
       and 16).
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
-    2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n
-    Dv or D; made a chunk of tokens at a time, at most NSAModule.partial_bytes each)."""
+    2508.18224), at the cost of writing and reading partial rows of every choice (B Hq N n Dv or D:
+    the forward's in bf16 or fp16 inputs' dtype, dQ's float32; made a chunk of tokens at a time, at
+    most NSAModule.partial_bytes each)."""
     if dq:
         return "key" if G <= 4 else "query"
     if G < 4 and N >= 16384:
