@@ -5,6 +5,8 @@ the interpreter runs; the spec's checks; the shipped specs' module."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import yaml
@@ -13,7 +15,7 @@ import attngen
 from attngen import reference_nsa
 from attngen.errors import SpecError
 from attngen.spec import parse_spec
-from attngen.verify_nsa import NSACase, check_nsa, selection_agrees
+from attngen.verify_nsa import NSACase, check_nsa, priority, selection_agrees
 
 SMALL = {"select": {"block": 32, "count": 3, "init_blocks": 1, "local_blocks": 1}, "window": 40}
 
@@ -824,15 +826,16 @@ def test_selection_check_wants_forced_blocks_exactly():
     (32, 16, 3, 300, 64, 2), (64, 64, 1, 200, 64, 0), (32, 16, 16, 150, 64, 2), (32, 16, 2, 300, 16, 0),
     (64, 64, 1, 1100, 16, 0), (24, 7, 1, 300, 16, 0), (32, 32, 1, 600, 16, 1), (48, 16, 2, 600, 32, 2),
     (16, 8, 1, 600, None, 4)])
-def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, block, stride, G, N, block_c,
-                                                                           pieces):
+def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, monkeypatch, block, stride, G,
+                                                                           N, block_c, pieces):
     """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
     block_c compressed tokens and several; block sums by the windows' pieces where the strides allow
     (l' = 32 a multiple of d: l = d, a window within its block; l = 2 d or 3 d, spilling into the
     next block, carried across steps; l = 2 d, l' = 4 d, the shipped nsa's ratio, over two steps),
     else by the fold product: with the blocks a step shares with the next carried in registers
     (steps of 16) or none shared (l = d), and steps that start inside a block (stride 7: each step
-    adds to OUT in turn); each way, the same scores."""
+    adds to OUT in turn); each way, the same scores. The pieces' buffer starts as NaN (it is left
+    unset): every block before a row's own must be stored, and no other may reach the blocks."""
     data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
             "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"}, **SMALL}}
     path = tmp_path / "fs.yaml"
@@ -845,6 +848,11 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     assert rt.scores_carry is None and rt.scores_fold is None  # the defaults: the carry past head dim 128 only
     assert [rt.scores_carried(d) for d in (32, 128, 192, 256)] == [False, False, True, True]
     assert rt.scores_pieces(block_c or 64) == pieces
+    from attngen.runtime import nsa as nsa_runtime
+
+    def unset(shape, device, zeros):  # NaN for what the kernel leaves unset
+        return torch.zeros(shape, device=device) if zeros else torch.full(shape, float("nan"), device=device)
+    monkeypatch.setattr(nsa_runtime, "_scores_out", unset)
     runs = {}
     try:
         # the pieces take no carry; without them the default is the fold product (in memory: the cases
@@ -855,12 +863,21 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     finally:
         rt.scores_carry = rt.scores_fold = None
     want = reference_nsa.selection_scores(q, k_cmp, block=block, stride=stride, select_block=32)
+    before_own = torch.arange(want.shape[-1]) < (torch.arange(N) // 32)[:, None]  # [N, n_blocks]
     blocks, scores = next(iter(runs.values()))
-    assert (scores.double() - want).abs().max() < 1e-5
+    assert scores[..., before_own].isfinite().all()
+    assert (scores.double() - want)[..., before_own].abs().max() < 1e-5
     assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
+    ref_blocks = reference_nsa.select_blocks(want, select_block=32, count=rt.count, init_blocks=rt.init,
+                                             local_blocks=rt.local)
+    rank = priority(want, torch.arange(N), SimpleNamespace(select_block=32, init_blocks=rt.init, local_blocks=rt.local))
+    assert selection_agrees(blocks, ref_blocks, rank)[0]  # the reference's, up to float32 ties
     for other_blocks, other in runs.values():
-        assert (other - scores).abs().max() < 1e-6 * max(1.0, scores.abs().max().item())  # fp32 rounding
+        diff = (other - scores)[..., before_own].abs().max()
+        assert diff < 1e-6 * max(1.0, scores[..., before_own].abs().max().item())  # fp32 rounding
         assert torch.equal(other_blocks, blocks)
+    if not pieces:  # the fold product adds to zeros: every score set
+        assert (scores.double() - want).abs().max() < 1e-5
 
 
 @pytest.mark.compiler

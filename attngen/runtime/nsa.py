@@ -259,13 +259,15 @@ class NSAModule(NSADecoding, NSAMixing):
     def select_fused(self, q, k_cmp, lse_cmp, scale: float, block_c: int | None = None) -> torch.Tensor:
         """(blocks, scores): select()'s blocks, the scores (float32 [B, Hkv, N, n_blocks]) from the
         `_nsa_scores` kernel, which writes no probabilities; used by attention when
-        fused_selection is set (the default; docs/decisions/nsa-plan.md)."""
+        fused_selection is set (the default; docs/decisions/nsa-plan.md). With the windows' pieces
+        (scores_pieces()) a row's scores past the blocks before its own are left unset: the own
+        block is forced and the later ones never chosen, so the selection reads none of them."""
         B, Hq, N, D = q.shape
         Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
         G, n_blocks = Hq // Hkv, -(-N // self.l_sel)
-        scores = torch.zeros(B, Hkv, N, n_blocks, dtype=torch.float32, device=q.device)
+        t = self.scores_tiling(G, D, block_c)
+        scores = _scores_out((B, Hkv, N, n_blocks), q.device, zeros=not (n_cmp and t["PIECES"]))
         if n_cmp and scores.numel():
-            t = self.scores_tiling(G, D, block_c)
             self.scores_kernel[(-(-N // t["BLOCK_T"]), B * Hkv)](
                 q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
                 scale * 1.4426950408889634, CMP_BLOCK=self.l, CMP_STRIDE=self.d, SEL_BLOCK=self.l_sel,
@@ -569,6 +571,13 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
     if G < 4 and N >= 16384:
         return "key"
     return "key" if G <= 4 and (N > 32768 or head_dim > 128) else "query"
+
+
+def _scores_out(shape, device, zeros: bool) -> torch.Tensor:
+    """The selection scores' float32 buffer: zeros where the scores kernel adds to it or does not
+    run, else uninitialized (its stores by the windows' pieces cover every block before each row's
+    own; no zero-fill of the 4 GiB at Hkv 16 and 64k tokens)."""
+    return (torch.zeros if zeros else torch.empty)(shape, dtype=torch.float32, device=device)
 
 
 def top_buckets(first: int, L: int, n_blocks: int, block: int, narrowest: int = 64) -> list[tuple[int, int, int]]:
