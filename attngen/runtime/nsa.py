@@ -670,14 +670,16 @@ def entry_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, tor
     b's choices of row r are the flattened entries[starts[r, b] : starts[r, b + 1]] (starts count
     from the first row's first entry). Both loop orders walk them: key-major's forward in programs
     of consecutive entries, the backward in work items per block (work_items()). On the device,
-    without a host read: one sort of (block, entry) keys per row."""
+    without a host read: one sort of (block, entry) keys per row, int32 keys where they fit (a
+    radix sort's passes: half of int64's)."""
     B, Hkv, N, n = indices.shape
     rows, E = B * Hkv, N * n
-    idx = indices.reshape(rows, E).long()
-    key = torch.where(idx >= 0, idx, n_blocks) * E + torch.arange(E, device=idx.device)
+    dtype = torch.int32 if (n_blocks + 1) * E < 2 ** 31 else torch.int64
+    idx = indices.reshape(rows, E).to(dtype)
+    key = torch.where(idx >= 0, idx, n_blocks) * E + torch.arange(E, device=idx.device, dtype=dtype)
     key = torch.sort(key, dim=-1).values
     blocks = key // E
-    bounds = torch.arange(n_blocks + 1, device=idx.device).expand(rows, n_blocks + 1).contiguous()
+    bounds = torch.arange(n_blocks + 1, device=idx.device, dtype=dtype).expand(rows, n_blocks + 1).contiguous()
     starts = torch.searchsorted(blocks, bounds) + torch.arange(rows, device=idx.device)[:, None] * E
     return (key % E).to(torch.int32), blocks.to(torch.int32), starts
 
