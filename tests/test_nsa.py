@@ -61,7 +61,7 @@ def test_nsa_selection_is_the_references_exactly(tmp_path, kernel):
 
 @pytest.mark.interp
 @pytest.mark.parametrize("n_blocks, count, init, local", [(7, 3, 1, 2), (40, 16, 1, 2), (3, 16, 1, 2), (2, 16, 1, 2),
-                                                     (9, 5, 0, 3), (9, 6, 2, 1)])
+                                                     (9, 5, 0, 3), (9, 6, 2, 1), (9, 4, 2, 0)])
 def test_top_blocks_kernel_gives_the_sorts_blocks(tmp_path, n_blocks, count, init, local):
     """_nsa_top_blocks (the forced blocks placed, then rounds of a max per row) against the torch
     path's stable sort, bit for bit: scores with many ties (a few distinct values), zeros, rows whose
@@ -822,22 +822,24 @@ def test_selection_check_wants_forced_blocks_exactly():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("block, stride, G, N, block_c, pieces", [
-    (32, 16, 3, 300, 64, 2), (64, 64, 1, 200, 64, 0), (32, 16, 16, 150, 64, 2), (32, 16, 2, 300, 16, 0),
-    (64, 64, 1, 1100, 16, 0), (24, 7, 1, 300, 16, 0), (32, 32, 1, 600, 16, 1), (48, 16, 2, 600, 32, 2),
-    (16, 8, 1, 600, None, 4)])
+@pytest.mark.parametrize("block, stride, G, N, block_c, pieces, local", [
+    (32, 16, 3, 300, 64, 2, 1), (64, 64, 1, 200, 64, 0, 1), (32, 16, 16, 150, 64, 2, 1), (32, 16, 2, 300, 16, 0, 1),
+    (64, 64, 1, 1100, 16, 0, 1), (24, 7, 1, 300, 16, 0, 1), (32, 32, 1, 600, 16, 1, 1), (48, 16, 2, 550, 32, 2, 1),
+    (16, 8, 1, 600, None, 4, 1), (16, 16, 1, 260, 16, 2, 0)])
 def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, monkeypatch, block, stride, G,
-                                                                           N, block_c, pieces):
+                                                                           N, block_c, pieces, local):
     """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
     block_c compressed tokens and several; block sums by the windows' pieces where the strides allow
     (l' = 32 a multiple of d: l = d, a window within its block; l = 2 d or 3 d, spilling into the
     next block, carried across steps; l = 2 d, l' = 4 d, the shipped nsa's ratio, over two steps),
     else by the fold product: with the blocks a step shares with the next carried in registers
     (steps of 16) or none shared (l = d), and steps that start inside a block (stride 7: each step
-    adds to OUT in turn); each way, the same scores. The pieces' buffer starts as NaN (it is left
-    unset): every block before a row's own must be stored, and no other may reach the blocks."""
+    adds to OUT in turn); each way, the same scores. The pieces' buffer starts as 1e30 where it is
+    left unset: every block before a row's own must be stored, and no other may reach the blocks
+    (with local_blocks 0 the own block competes: the buffer is zeros then, l = d leaving it unset)."""
     data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
-            "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"}, **SMALL}}
+            "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"},
+                    **SMALL, "select": {**SMALL["select"], "local_blocks": local}}}
     path = tmp_path / "fs.yaml"
     path.write_text(yaml.safe_dump(data))
     rt = attngen.load(path).RUNTIME
@@ -850,8 +852,8 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     assert rt.scores_pieces(block_c or 64) == pieces
     from attngen.runtime import nsa as nsa_runtime
 
-    def unset(shape, device, zeros):  # NaN for what the kernel leaves unset
-        return torch.zeros(shape, device=device) if zeros else torch.full(shape, float("nan"), device=device)
+    def unset(shape, device, zeros):  # a score that would be chosen, for what the kernel leaves unset
+        return torch.zeros(shape, device=device) if zeros else torch.full(shape, 1e30, device=device)
     monkeypatch.setattr(nsa_runtime, "_scores_out", unset)
     runs = {}
     try:
@@ -869,8 +871,8 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
     assert (scores.double() - want)[..., before_own].abs().max() < 1e-5
     assert torch.equal(blocks, rt.select(q, k_cmp, lse, rt.scale))
     ref_blocks = reference_nsa.select_blocks(want, select_block=32, count=rt.count, init_blocks=rt.init,
-                                             local_blocks=rt.local)
-    rank = priority(want, torch.arange(N), SimpleNamespace(select_block=32, init_blocks=rt.init, local_blocks=rt.local))
+                                             local_blocks=local)
+    rank = priority(want, torch.arange(N), SimpleNamespace(select_block=32, init_blocks=rt.init, local_blocks=local))
     assert selection_agrees(blocks, ref_blocks, rank)[0]  # the reference's, up to float32 ties
     for other_blocks, other in runs.values():
         diff = (other - scores)[..., before_own].abs().max()

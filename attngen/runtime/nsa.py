@@ -260,13 +260,14 @@ class NSAModule(NSADecoding, NSAMixing):
         """(blocks, scores): select()'s blocks, the scores (float32 [B, Hkv, N, n_blocks]) from the
         `_nsa_scores` kernel, which writes no probabilities; used by attention when
         fused_selection is set (the default; docs/decisions/nsa-plan.md). With the windows' pieces
-        (scores_pieces()) a row's scores past the blocks before its own are left unset: the own
-        block is forced and the later ones never chosen, so the selection reads none of them."""
+        (scores_pieces()) and local_blocks >= 1 a row's scores past the blocks before its own are
+        left unset: the own block is forced and the later ones never chosen, so the selection reads
+        none of them (with local_blocks 0 the own block competes, and the kernel may not store it)."""
         B, Hq, N, D = q.shape
         Hkv, n_cmp = k_cmp.shape[1], k_cmp.shape[2]
         G, n_blocks = Hq // Hkv, -(-N // self.l_sel)
         t = self.scores_tiling(G, D, block_c)
-        scores = _scores_out((B, Hkv, N, n_blocks), q.device, zeros=not (n_cmp and t["PIECES"]))
+        scores = _scores_out((B, Hkv, N, n_blocks), q.device, zeros=not (n_cmp and t["PIECES"] and self.local >= 1))
         if n_cmp and scores.numel():
             self.scores_kernel[(-(-N // t["BLOCK_T"]), B * Hkv)](
                 q, k_cmp, lse_cmp, scores, N, n_cmp, n_blocks, *q.stride(), *k_cmp.stride(), *lse_cmp.stride(), Hkv, G,
@@ -574,9 +575,10 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
 
 
 def _scores_out(shape, device, zeros: bool) -> torch.Tensor:
-    """The selection scores' float32 buffer: zeros where the scores kernel adds to it or does not
-    run, else uninitialized (its stores by the windows' pieces cover every block before each row's
-    own; no zero-fill of the 4 GiB at Hkv 16 and 64k tokens)."""
+    """The selection scores' float32 buffer: zeros where the scores kernel adds to it, does not run
+    or leaves a block the selection reads unset, else uninitialized (its stores by the windows'
+    pieces cover every block before each row's own; no zero-fill of the 4 GiB at Hkv 16 and 64k
+    tokens)."""
     return (torch.zeros if zeros else torch.empty)(shape, dtype=torch.float32, device=device)
 
 
