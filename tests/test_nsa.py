@@ -635,7 +635,7 @@ def test_bad_calls_name_the_argument(tmp_path):
         with pytest.raises(ValueError, match="partials_half must be True or False; got 'yes'"):
             rt.selected_forward(q, k, v, torch.zeros(1, 1, 40, 3, dtype=torch.int32), rt.scale)
     finally:
-        rt.partials_half, rt.loop_order = True, None
+        rt.partials_half, rt.loop_order = False, None
 
 
 @pytest.mark.compiler
@@ -935,8 +935,8 @@ def _selected_reference(q, k, v, indices, block, scale):
                                               (4, "fp16", None)])
 def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype, forced):
     """The selected forward with several tokens per program (rows tokens x G, walking the union of
-    their blocks), and key-major (each choice its block's partial row, merged by LSE; the rows fp16
-    for fp16 inputs, or float32), against the
+    their blocks), and key-major (each choice its block's partial row, merged by LSE; the rows
+    float32, or fp16 for fp16 inputs with partials_half), against the
     float64 reference, and equal to one token per program within fp32 rounding; N = 99 is no multiple of the tile's tokens nor of a block, the selection random per
     token (so a tile's tokens choose differently), one token choosing nothing (zeros, LSE -inf)."""
     spec, module = _module(tmp_path)
@@ -959,14 +959,14 @@ def test_selected_forward_over_token_tiles_matches_reference(tmp_path, G, dtype,
         runs["key"] = rt.selected_forward(q, k, v, indices, rt.scale)
         rt.partial_bytes = 1  # the partial rows a selection block of tokens at a time (4 chunks)
         runs["key, chunks"] = rt.selected_forward(q, k, v, indices, rt.scale)
-        if dtype == "fp16":  # the partial rows in fp16 (the default for half inputs) or float32
-            rt.partials_half = False
-            runs["key, float32 partials"] = rt.selected_forward(q, k, v, indices, rt.scale)
+        if dtype == "fp16":  # the partial rows in fp16 (partials_half) or float32 (the default)
+            rt.partials_half = True
+            runs["key, fp16 partials"] = rt.selected_forward(q, k, v, indices, rt.scale)
     finally:
         rt.tokens_per_program = rt.loop_order = None
-        rt.partial_bytes, rt.partials_half = 1 << 30, True
+        rt.partial_bytes, rt.partials_half = 1 << 30, False
     if dtype == "fp16":  # the half rows round once more: apart by about fp16's rounding, no more
-        half, full = runs["key"][0].float(), runs["key, float32 partials"][0].float()
+        half, full = runs["key, fp16 partials"][0].float(), runs["key"][0].float()
         assert not torch.equal(half, full) and (half - full).abs().max() <= 2e-3 * half.abs().max()
     assert rt.selected_tokens(G, N) == 64 // max(1, G)  # the automatic choice: 64 rows
     assert rt.selected_order(G, N) == "query"  # few tokens

@@ -123,9 +123,10 @@ class NSAModule(NSADecoding, NSAMixing):
         # the tokens in chunks
         self.partial_bytes = 1 << 30
         # the key-major forward's partial rows (normalized, each over one block) in the inputs' dtype
-        # where it is bf16 or fp16: half the bytes written and merged; False keeps them float32
-        # (docs/decisions/nsa-plan.md, "Half partial rows")
-        self.partials_half = True
+        # where it is bf16 or fp16 (half the bytes written and merged) instead of float32: off by
+        # default, its gain measured small against its added rounding (docs/decisions/nsa-plan.md,
+        # "Half partial rows")
+        self.partials_half = False
         # the backward's dK/dV work item: at most this many steps of a block's tokens (None: 64; an int >= 1)
         self.backward_steps = None
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
@@ -564,9 +565,8 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
       and 16).
     Key-major attends each chosen block once per choice where a small group's rows fill a
     query-major tile only with many tokens, whose union of blocks grows with them (FSA, arXiv
-    2508.18224), at the cost of writing and reading partial rows of every choice (B Hq N n Dv or D:
-    the forward's in bf16 or fp16 inputs' dtype, dQ's float32; made a chunk of tokens at a time, at
-    most NSAModule.partial_bytes each)."""
+    2508.18224), at the cost of writing and reading float32 partial rows of every choice (B Hq N n
+    Dv or D; made a chunk of tokens at a time, at most NSAModule.partial_bytes each)."""
     if dq:
         return "key" if G <= 4 else "query"
     if G < 4 and N >= 16384:
