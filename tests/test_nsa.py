@@ -674,8 +674,15 @@ def test_nsa_chunked_prefill_gives_the_references_rows(tmp_path, kind, page):
 
 
 @pytest.mark.compiler
-def test_entry_lists_give_each_block_the_choices_that_chose_it():
+@pytest.mark.parametrize("int32_keys", [True, False])
+def test_entry_lists_give_each_block_the_choices_that_chose_it(monkeypatch, int32_keys):
+    """Each (batch, KV head)'s choices by block, then token; the sort's keys int32 where they fit,
+    else int64 (forced here by a limit of 0)."""
+    from attngen.runtime import nsa as nsa_runtime
     from attngen.runtime.nsa import entry_lists
+
+    if not int32_keys:
+        monkeypatch.setattr(nsa_runtime, "_INT32_KEYS", 0)
 
     g = torch.Generator().manual_seed(0)
     B, Hkv, N, n, n_blocks = 2, 3, 40, 4, 7

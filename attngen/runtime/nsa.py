@@ -665,6 +665,9 @@ def work_items(starts: torch.Tensor, segment: int, entries: int):
     return torch.stack([b, first, length], -1).to(torch.int32), torch.stack([ends - per, per], -1).to(torch.int32)
 
 
+_INT32_KEYS = 2 ** 31 - 1  # entry_lists' keys, (block, entry) as block x entries + entry, in int32 up to this
+
+
 def entry_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(entries int32 [rows, N n], blocks int32 [rows, N n], starts int64 [rows, n_blocks + 1]),
     rows = B * Hkv: each (batch, KV head)'s choices sorted by block, then token. Entry t * n + slot
@@ -676,7 +679,7 @@ def entry_lists(indices: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, tor
     radix sort's passes: half of int64's)."""
     B, Hkv, N, n = indices.shape
     rows, E = B * Hkv, N * n
-    dtype = torch.int32 if (n_blocks + 1) * E < 2 ** 31 else torch.int64
+    dtype = torch.int32 if (n_blocks + 1) * E <= _INT32_KEYS else torch.int64
     idx = indices.reshape(rows, E).to(dtype)
     key = torch.where(idx >= 0, idx, n_blocks) * E + torch.arange(E, device=idx.device, dtype=dtype)
     key = torch.sort(key, dim=-1).values
