@@ -507,9 +507,8 @@ def _top_of_rows(s, own, n_blocks, INIT: tl.constexpr, LOCAL: tl.constexpr, COUN
     # n_blocks < INIT + LOCAL, a block up to the own still has a slot). Either they are INIT + LOCAL
     # distinct blocks or they cover every block up to the own, so COUNT - INIT - LOCAL rounds of a
     # max with its index (ties to the lower index, as a stable sort's) take the rest; then a sort of
-    # the few. ONE_WARP (a row within one warp): the max, then the least index
-    # holding it, two reductions of one operand each: fewer instructions, and no barriers between
-    # them (nsa-plan.md).
+    # the few. ONE_WARP (a row within one warp): the max, then the least index holding it, two
+    # reductions of one operand each: fewer instructions, and no barriers between them (nsa-plan.md).
     beta = tl.arange(0, NB_PAD)
     slots = tl.arange(0, COUNT_PAD)
     block = tl.where(slots[None, :] < INIT, slots[None, :], own[:, None] + INIT - slots[None, :])
