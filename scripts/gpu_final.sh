@@ -12,7 +12,7 @@
 #   BASELINE=DIR scripts/gpu_final.sh fwd:128          # with DIR's modules as the peer `before`
 #   WARM=8 scripts/gpu_final.sh fwd:128 fwd:64        # first compile every benchmark 8 at a time
 #                                                     # (timings discarded), then time them one by one
-#   DEADLINE=500 scripts/gpu_final.sh small-groups   # NSA at G 1 and 4 (selection, loop orders, whole
+#   DEADLINE=500 scripts/gpu_final.sh small-groups   # NSA at G 1, 2, 4 and 16 (selection, loop orders, whole
 #                                                    # forward and backward) and the G 1 and G 4 profiles
 #   DEADLINE=540 scripts/gpu_final.sh first   # a session's first call (docs/verification.md): the GPU
 #                                             # test tier, NSA's verification (decode, gradients),
@@ -57,7 +57,7 @@ for group in "$@"; do
     continue
   fi
   if [ "$group" = small-groups ]; then  # NSA's selection and loop orders at small groups (issue 17), the G 1 and G 4 profiles
-    timeout 330 python3 experiments/nsa_selected_gpu.py --cases ${CASES:-nsa:16/16:65536,nsa:16/4:65536,nsa:64/4:65536,nsa_linear:16/16:32768,nsa_linear:64/4:65536} \
+    timeout 330 python3 experiments/nsa_selected_gpu.py --cases ${CASES:-nsa:16/16:65536,nsa:16/8:65536,nsa:16/4:65536,nsa:64/4:65536,nsa_linear:16/16:32768,nsa_linear:64/4:65536} \
       --json $OUT/nsa_small_groups.json 2>&1 | grep -v -i warn | tee -a $OUT/small_groups.log
     [ $SECONDS -lt $DEADLINE ] && timeout $(( DEADLINE + 40 - SECONDS )) python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa \
       --heads 16/16 --no-stages --profile $OUT/g1.txt --json $OUT/g1.json 2>&1 | grep -v -i warn | tail -2 | tee -a $OUT/small_groups.log
