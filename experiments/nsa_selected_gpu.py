@@ -4,9 +4,9 @@ The selected branch's loop orders and the selection's tiling, A/B in one process
 inputs, the selection the module's own: per (spec, Hq/Hkv, N) the selected forward query-major
 (its automatic tokens per program) and key-major (its partial rows float32, the default, and
 bf16), the selected backward with dQ query-major and key-major, each max difference against the
-other; the selection (scores and top blocks) with the scores kernel at its other warp count, and
-with the scores' block sums by the windows' pieces and by the fold product (their blocks alike but
-where scores tie);
+other; the selection (scores and top blocks) with the scores kernel at 64 rows (8 and 4 warps)
+where it takes 128, and with the scores' block sums by the windows' pieces and by the fold
+product (their blocks alike but where scores tie);
 then the whole NSA forward and forward+backward with the defaults, and our dense causal forward at
 the same heads (issue 17's small-group goal: NSA's forward 3x faster at 64k, Hq 16, G 1, 2, 4).
 Medians of triton.testing.do_bench.
@@ -73,15 +73,19 @@ def main() -> None:
             sel_scores = lambda: rt.select_fused(q, kc, lse_c, rt.scale)  # noqa: E731
             row["selection"] = _ms(sel_scores)
             row["scores kernel"] = tiling = rt.scores_tiling(Hq // Hkv, D)
-            # the other warp count (at 64 rows, 8 warps issue the QK product on both warpgroups: offline
-            # sm90, 5456 warp instructions a step at G 1 against 4 warps' 3268; nsa-plan.md)
-            other = 4 if tiling["num_warps"] == 8 else 8
-            try:
-                rt.scores_tiling = lambda *a, **kw: {**type(rt).scores_tiling(rt, *a, **kw), "num_warps": other}
-                row[f"selection, scores at {other} warps"] = _ms(sel_scores)
-                row[f"selection, scores at {other} warps: rows that differ"] = int((sel_scores()[0] != idx).any(-1).sum())
-            finally:
-                del rt.scores_tiling
+            # the tiling before 128 rows (64 rows on 8 warps issue the QK product on both warpgroups:
+            # offline sm90 at G 1, 5456 warp instructions a step against 4 warps' 3268 and 128 rows'
+            # 3128 a 64 tokens; nsa-plan.md), on 8 warps and on 4
+            if tiling["PIECES"] and tiling["BLOCK_G"] <= 4 and tiling["BLOCK_T"] * tiling["BLOCK_G"] == 128:
+                for warps in (8, 4):
+                    try:
+                        rt.scores_tiling = lambda *a, **kw: {**type(rt).scores_tiling(rt, *a, **kw),  # noqa: B023
+                                                             "BLOCK_T": tiling["BLOCK_T"] // 2, "num_warps": warps}
+                        row[f"selection, scores at 64 rows, {warps} warps"] = _ms(sel_scores)
+                        row[f"selection, scores at 64 rows, {warps} warps: rows that differ"] = int(
+                            (sel_scores()[0] != idx).any(-1).sum())
+                    finally:
+                        del rt.scores_tiling
             try:
                 rt.scores_fold = False
                 row["selection, fold product"] = _ms(sel_scores)

@@ -829,32 +829,36 @@ def test_selection_check_wants_forced_blocks_exactly():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("block, stride, G, N, block_c, pieces, local", [
-    (32, 16, 3, 300, 64, 2, 1), (64, 64, 1, 200, 64, 0, 1), (32, 16, 16, 150, 64, 2, 1), (32, 16, 2, 300, 16, 0, 1),
-    (64, 64, 1, 1100, 16, 0, 1), (24, 7, 1, 300, 16, 0, 1), (32, 32, 1, 600, 16, 1, 1), (48, 16, 2, 550, 32, 2, 1),
-    (16, 8, 1, 600, None, 4, 1), (16, 16, 1, 260, 16, 2, 0)])
+@pytest.mark.parametrize("block, stride, G, N, block_c, pieces, local, D", [
+    (32, 16, 3, 300, 64, 2, 1, 32), (64, 64, 1, 200, 64, 0, 1, 32), (32, 16, 16, 150, 64, 2, 1, 32),
+    (32, 16, 2, 300, 16, 0, 1, 32), (64, 64, 1, 1100, 16, 0, 1, 32), (24, 7, 1, 300, 16, 0, 1, 32),
+    (32, 32, 1, 600, 16, 1, 1, 32), (48, 16, 2, 550, 32, 2, 1, 32), (16, 8, 1, 600, None, 4, 1, 32),
+    (16, 16, 1, 260, 16, 2, 0, 32), (32, 16, 1, 300, None, 2, 1, 128)])
 def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_path, monkeypatch, block, stride, G,
-                                                                           N, block_c, pieces, local):
+                                                                           N, block_c, pieces, local, D):
     """The _nsa_scores kernel against the float64 reference and the torch selection: one step of
     block_c compressed tokens and several; block sums by the windows' pieces where the strides allow
     (l' = 32 a multiple of d: l = d, a window within its block; l = 2 d or 3 d, spilling into the
     next block, carried across steps; l = 2 d, l' = 4 d, the shipped nsa's ratio, over two steps),
     else by the fold product: with the blocks a step shares with the next carried in registers
     (steps of 16) or none shared (l = d), and steps that start inside a block (stride 7: each step
-    adds to OUT in turn); each way, the same scores. The pieces' buffer starts as 1e30 where it is
-    left unset: every block before a row's own must be stored, and no other may reach the blocks
-    (with local_blocks 0 the own block competes: the buffer is zeros then, l = d leaving it unset)."""
-    data = {"name": "fs", "head_dim": 32, "dtypes": ["fp32"],
+    adds to OUT in turn); d128 at G 1 (tiles of 128 tokens); each way, the same scores. The pieces'
+    buffer starts as 1e30 where it is left unset: every block before a row's own must be stored,
+    and no other may reach the blocks (with local_blocks 0 the own block competes: the buffer is
+    zeros then, l = d leaving it unset)."""
+    data = {"name": "fs", "head_dim": D, "dtypes": ["fp32"],
             "nsa": {"compress": {"block": block, "stride": stride, "kind": "mean"},
                     **SMALL, "select": {**SMALL["select"], "local_blocks": local}}}
     path = tmp_path / "fs.yaml"
     path.write_text(yaml.safe_dump(data))
     rt = attngen.load(path).RUNTIME
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 2 * G, N, 32, generator=g), torch.randn(2, 2, N, 32, generator=g)
+    q, k = torch.randn(2, 2 * G, N, D, generator=g), torch.randn(2, 2, N, D, generator=g)
     k_cmp = rt.compress(k)
     _, lse = rt.branches()["cmp"].attention(q, k_cmp, k_cmp, return_lse=True)
     assert rt.scores_carry is None and rt.scores_fold is None  # the defaults: the carry past head dim 128 only
+    if D == 128:  # 64 rows of d128 take 8 warps, then 128 token rows (two selection blocks and more a tile)
+        assert rt.scores_tiling(G, D, block_c)["BLOCK_T"] == 128
     assert [rt.scores_carried(d) for d in (32, 128, 192, 256)] == [False, False, True, True]
     assert rt.scores_pieces(block_c or 64) == pieces
     from attngen.runtime import nsa as nsa_runtime
@@ -891,7 +895,7 @@ def test_fused_scores_kernel_gives_the_reference_scores_and_the_same_blocks(tmp_
 
 @pytest.mark.compiler
 def test_scores_tiling_keeps_the_fold_of_a_small_group_in_registers():
-    """The scores kernel's tiling: 64 token rows at G 1 on 8 warps; the windows' pieces where the
+    """The scores kernel's tiling: 64 token rows at G 1 on 8 warps (128 with the pieces); the windows' pieces where the
     strides allow, else the fold product, nsa_linear's carried in steps of 32 compressed tokens at G 1
     (4 warps, or steps of 64, spill offline on sm90)."""
     from attngen.resources import resolve_spec
@@ -899,8 +903,11 @@ def test_scores_tiling_keeps_the_fold_of_a_small_group_in_registers():
     nsa, linear = (attngen.load(resolve_spec(name)).RUNTIME for name in ("nsa", "nsa_linear"))
     pick = lambda rt, G, D, c=None: {k: rt.scores_tiling(G, D, c)[k]  # noqa: E731
                                      for k in ("BLOCK_T", "BLOCK_G", "BLOCK_C", "SHIFT", "PIECES", "num_warps")}
-    # the windows' pieces (nsa: l' = 4 d, l = 2 d; nsa_linear: l = l' = d): no fold product, 8 warps from 64 rows of d128
-    assert pick(nsa, 1, 128) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
+    # the windows' pieces (nsa: l' = 4 d, l = 2 d; nsa_linear: l = l' = d): no fold product, 8 warps from 64 rows of
+    # d128, and then 128 rows up to d128 (a warpgroup's 64 each)
+    assert pick(nsa, 1, 128) == dict(BLOCK_T=128, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
+    assert pick(nsa, 4, 128) == dict(BLOCK_T=32, BLOCK_G=4, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
+    assert pick(nsa, 8, 128)["BLOCK_T"] == 16 and pick(nsa, 1, 64)["num_warps"] == 4  # 128 rows; 4 warps at d64
     assert pick(nsa, 16, 128) == dict(BLOCK_T=16, BLOCK_G=16, BLOCK_C=64, SHIFT=0, PIECES=4, num_warps=8)
     assert pick(linear, 1, 192) == dict(BLOCK_T=64, BLOCK_G=1, BLOCK_C=64, SHIFT=0, PIECES=1, num_warps=8)
     try:

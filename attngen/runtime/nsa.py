@@ -279,7 +279,8 @@ class NSAModule(NSADecoding, NSAMixing):
 
     def scores_tiling(self, G: int, head_dim: int, block_c: int | None = None) -> dict:
         """_nsa_scores' constexprs and launch options for groups of G: BLOCK_T tokens x the group's
-        heads as rows (about 64, at least 16 tokens for the fold's dot), BLOCK_C compressed tokens a
+        heads as rows (about 64, at least 16 tokens for the fold's dot; 128 with the pieces on 8
+        warps up to head dim 128, one warpgroup's 64 each), BLOCK_C compressed tokens a
         step (block_c, else 64; 32 where the carried fold of 64 tokens' rows would spill), the
         carry's SHIFT (scores_carried()) or the windows' PIECES (scores_pieces()), 8 warps from 64 rows
         of head dim 128 or with the carry (4 spill at G 1 with the fold's product; at G 16 q alone
@@ -300,11 +301,12 @@ class NSAModule(NSADecoding, NSAMixing):
             if not pieces and block_t >= 64 and carried(64) > 32 and carried(32):  # two [64, 64] folds spill
                 block_c = 32
         shift = 0 if pieces else carried(block_c)
+        warps = 8 if shift or block_t * block_g * max(16, triton.next_power_of_2(head_dim)) >= 64 * 128 else 4
+        if pieces and warps == 8 and block_t * block_g == 64 and head_dim <= 128:
+            block_t *= 2  # 8 warps over 64 rows issue the QK product on both warpgroups (nsa-plan.md)
         return dict(BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_C=block_c,
                     BLOCK_NB=max(16, triton.next_power_of_2((block_c * self.d + self.l) // self.l_sel + 2)),
-                    SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)), PIECES=pieces,
-                    num_warps=8 if shift or block_t * block_g * max(16, triton.next_power_of_2(head_dim)) >= 64 * 128
-                    else 4,
+                    SHIFT=shift, SHIFT_PAD=max(16, triton.next_power_of_2(shift)), PIECES=pieces, num_warps=warps,
                     num_stages=2 if head_dim > 128 else 3)  # (past d128 three stages of keys overflow shared memory)
 
     def scores_pieces(self, block_c: int) -> int:
