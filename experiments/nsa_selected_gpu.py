@@ -73,9 +73,8 @@ def main() -> None:
             sel_scores = lambda: rt.select_fused(q, kc, lse_c, rt.scale)  # noqa: E731
             row["selection"] = _ms(sel_scores)
             row["scores kernel"] = tiling = rt.scores_tiling(Hq // Hkv, D)
-            # the tiling before 128 rows (64 rows on 8 warps issue the QK product on both warpgroups:
-            # offline sm90 at G 1, 5456 warp instructions a step against 4 warps' 3268 and 128 rows'
-            # 3128 a 64 tokens; nsa-plan.md), on 8 warps and on 4
+            # the tiling before 128 rows, on 8 warps and on 4 (64 rows on 8 warps issue the QK product
+            # on both warpgroups: nsa-plan.md, "128 rows for the scores up to G 4")
             if tiling["PIECES"] and tiling["BLOCK_G"] <= 4 and tiling["BLOCK_T"] * tiling["BLOCK_G"] == 128:
                 for warps in (8, 4):
                     try:
