@@ -579,8 +579,7 @@ def loop_order(G: int, N: int, head_dim: int, dq: bool = False) -> str:
 def _scores_out(shape, device, zeros: bool) -> torch.Tensor:
     """The selection scores' float32 buffer: zeros where the scores kernel adds to it, does not run
     or leaves a block the selection reads unset, else uninitialized (its stores by the windows'
-    pieces cover every block before each row's own; no zero-fill of the 4 GiB at Hkv 16 and 64k
-    tokens)."""
+    pieces cover every block before each row's own; no zero-fill: nsa-plan.md, "No zero-fill")."""
     return (torch.zeros if zeros else torch.empty)(shape, dtype=torch.float32, device=device)
 
 
