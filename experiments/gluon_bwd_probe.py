@@ -1,0 +1,302 @@
+"""Ran on: Triton 3.6.0 offline only (sm90 compile on the CPU machine); not yet on a GPU.
+
+A probe, not a backend (issues 16 and 20): the dK/dV kernel of the two-kernel backward at head dim
+256 written in Gluon (`triton.experimental.gluon`, Triton 3.6), to see whether explicit layouts
+recover what Triton loses there. At 64 keys on 8 warps Triton lays QK^T and dO V^T (products whose
+result feeds another product) with every warp along M, so both warpgroups compute the same 64-key
+product: 6 products' tensor work a step where 4 are needed (docs/decisions/head-dims-256.md). Here
+the two warpgroups split the queries of S^T = K Q^T and dP^T = V dO^T (NVMMA layout warps [4, 2],
+as FlashAttention-3 does at d256), P^T and dS^T go through shared memory to be the A operand of
+dV += P^T dO and dK += dS^T Q, whose warpgroups split the head dim, and the products are async:
+S^T and dP^T issued back to back, P^T computed while dP^T runs, dV and dK left in flight across
+the step (their accumulators chained as wgmma tokens). Not warp-specialized: one partition of 8
+warps also issues the TMA loads of Q and dO, STAGES deep.
+
+Inputs: q, k, v, do [B, H, N, D] contiguous bf16 / fp16 (GQA: k, v with H / G heads), the
+natural-log LSE [B, H, Nq] and delta = rowsum(dO * O) [B, H, Nq] in fp32. Outputs dK, dV in the
+inputs' dtype, checked against float64 autograd and timed beside attngen's `_attn_bwd_dkdv` (by
+torch.profiler, in the same process, the head_dim_256 spec's module and tiling).
+
+    python experiments/gluon_bwd_probe.py             # on a GPU: check, then time
+    python experiments/gluon_bwd_probe.py --offline   # no GPU: compile for sm90, print the SASS mix
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+
+CONFIGS = [(64, 64, 2), (32, 64, 3)]  # (BLOCK_M queries a step, BLOCK_N keys a program, STAGES)
+DIMS = {"head_dim_256": (256, 256), "head_dim_192": (192, 128)}  # the shipped spec -> (D, Dv)
+
+
+@gluon.jit
+def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
+                 stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, GROUP, Nq, Nk, D, Dv, qk_scale, sm_scale,
+                 CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+    # One program: BLOCK_N keys of one (batch, KV head), walking the query tiles of its group's heads.
+    HKV = H // GROUP
+    off_bh = gl.program_id(1)
+    off_b = off_bh // HKV
+    off_hk = off_bh % HKV
+    first = gl.program_id(0) * BLOCK_N
+    dtype: gl.constexpr = q_desc.dtype
+
+    # S^T / dP^T [BLOCK_N, BLOCK_M]: the warpgroups split the queries; dK / dV [BLOCK_N, D]: the columns
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, BLOCK_M // 2, 16])
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, HEAD_DIM // 2, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, HEAD_DIM_V // 2, 16])
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_bufs = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], pt_layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], pt_layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+
+    # the query tiles: every one of each head in the group (causal: from the first that meets the block)
+    m_first = 0
+    if CAUSAL:
+        m_first = first // BLOCK_M
+    per_head = gl.cdiv(Nq, BLOCK_M) - m_first
+    n_tiles = GROUP * per_head
+
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, first, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, first, 0], kv_bar, v_smem)
+    for j in gl.static_range(STAGES - 1):  # the first tiles' Q and dO
+        if j < n_tiles:
+            h = off_hk * GROUP + j // per_head
+            m0 = (m_first + j % per_head) * BLOCK_M
+            mbarrier.expect(ready.index(j), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b, h, m0, 0], ready.index(j), q_bufs.index(j))
+            tma.async_copy_global_to_shared(do_desc, [off_b, h, m0, 0], ready.index(j), do_bufs.index(j))
+    mbarrier.wait(kv_bar, 0)
+    k_op = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v_op = v_smem.reshape([BLOCK_N, HEAD_DIM_V])
+
+    offs_n = first + gl.arange(0, BLOCK_N, layout=rows)
+    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
+    dk = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=dk_layout))
+    dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, layout=dv_layout))
+    for i in range(n_tiles):
+        st = i % STAGES
+        h = off_hk * GROUP + i // per_head
+        m0 = (m_first + i % per_head) * BLOCK_M
+        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+        q_op = q_bufs.index(st).reshape([BLOCK_M, HEAD_DIM])
+        do_op = do_bufs.index(st).reshape([BLOCK_M, HEAD_DIM_V])
+        s_tok = warpgroup_mma(k_op, q_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_op, do_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # in order: the previous step's dV and dK are done too, so its stage and P^T / dS^T are free
+        sT = warpgroup_mma_wait(1, deps=(s_tok, k_op, q_op))[0]
+        nxt = i + STAGES - 1
+        if nxt < n_tiles:
+            sn = nxt % STAGES
+            hn = off_hk * GROUP + nxt // per_head
+            mn = (m_first + nxt % per_head) * BLOCK_M
+            mbarrier.expect(ready.index(sn), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b, hn, mn, 0], ready.index(sn), q_bufs.index(sn))
+            tma.async_copy_global_to_shared(do_desc, [off_b, hn, mn, 0], ready.index(sn), do_bufs.index(sn))
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=cols)
+        row = off_b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
+        lse2 = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
+        pT = gl.exp2(sT * qk_scale - lse2[None, :])
+        if CAUSAL:
+            pT = gl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
+        p_smem.store(pT.to(dtype))
+        dpT = warpgroup_mma_wait(0, deps=(dp_tok, v_op, do_op))[0]
+        delta = gl.load(DELTA + row + offs_m, mask=offs_m < Nq, other=0.0)
+        dsT = pT * (dpT - delta[None, :])
+        ds_smem.store(dsT.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
+        dv = warpgroup_mma(p_smem, do_op, dv, is_async=True)
+        dk = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+    dk_t, dv_t = warpgroup_mma_wait(0, deps=(dk, dv))
+
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+    offs_on = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
+    base = off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh
+    dk_out = gl.convert_layout((dk_t * sm_scale).to(dtype), out_layout)
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    gl.store(DK + base + offs_on[:, None] * stride_kn + offs_d[None, :], dk_out, mask=(offs_on[:, None] < Nk) & (offs_d[None, :] < D))
+    base = off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh
+    dv_out = gl.convert_layout(dv_t.to(dtype), out_layout)
+    offs_dv = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, out_layout))
+    gl.store(DV + base + offs_on[:, None] * stride_vn + offs_dv[None, :], dv_out, mask=(offs_on[:, None] < Nk) & (offs_dv[None, :] < Dv))
+
+
+def _descriptor(t, rows):
+    gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
+    block = [1, 1, rows, triton.next_power_of_2(t.shape[-1])]  # columns past the head dim arrive as zeros
+    return GluonDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+
+def _launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES):
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    sm_scale = 1 / math.sqrt(D)
+    return (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(do, BLOCK_M),
+            lse, delta, dk, dv, lse.stride(0), lse.stride(1), *dk.stride()[:3], *dv.stride()[:3], H, H // Hkv,
+            Nq, Nk, D, Dv, sm_scale * 1.4426950408889634, sm_scale, causal, BLOCK_M, BLOCK_N,
+            triton.next_power_of_2(D), triton.next_power_of_2(Dv), STAGES)
+
+
+def dkdv(q, k, v, do, lse, delta, causal, BLOCK_M=64, BLOCK_N=64, STAGES=2):
+    """dK, dV of softmax(Q K^T / sqrt(D)) V (causal: top-left aligned) from the saved LSE and delta."""
+    B, Hkv, Nk, _ = k.shape
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    grid = (triton.cdiv(Nk, BLOCK_N), B * Hkv)
+    _gl_bwd_dkdv[grid](*_launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES), num_warps=8)
+    return dk, dv
+
+
+def _reference(q, k, v, do, causal):
+    """float64 dK, dV by autograd, the natural-log LSE and delta (from the float64 output)."""
+    G = q.shape[1] // k.shape[1]
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    kk, vv = k64.repeat_interleave(G, 1), v64.repeat_interleave(G, 1)
+    s = q64 @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    o = torch.softmax(s, -1) @ vv
+    o.backward(do.double())
+    lse = torch.logsumexp(s, -1).float()
+    delta = (o.detach() * do.double()).sum(-1).float()
+    return k64.grad, v64.grad, lse.detach(), delta
+
+
+def check() -> bool:
+    ok_all = True
+    for (D, Dv), (B, Hq, Hkv, N) in ((dims, shape) for dims in DIMS.values()
+                                     for shape in [(1, 2, 2, 256), (2, 4, 2, 1000), (1, 2, 1, 130)]):
+        for causal in (False, True):
+            for dtype in (torch.bfloat16, torch.float16):
+                q, do = (torch.randn(B, Hq, N, d, device="cuda", dtype=dtype) for d in (D, Dv))
+                k, v = (torch.randn(B, Hkv, N, d, device="cuda", dtype=dtype) for d in (D, Dv))
+                ref_dk, ref_dv, lse, delta = _reference(q, k, v, do, causal)
+                for cfg in CONFIGS:
+                    dk, dv = dkdv(q, k, v, do, lse, delta, causal, *cfg)
+                    err = max((dk.double() - ref_dk).abs().max().item(), (dv.double() - ref_dv).abs().max().item())
+                    scale = max(ref_dk.abs().max().item(), ref_dv.abs().max().item())
+                    ok = err <= 2e-2 * scale + 1e-2
+                    ok_all &= ok
+                    print(f"check d{D}/{Dv} B{B} H{Hq}/{Hkv} N{N} causal={causal} {dtype} {cfg}: max error {err:.1e} "
+                          f"(of {scale:.1e}) {'ok' if ok else 'FAILED'}")
+    return ok_all
+
+
+def _kernel_ms(fn, name: str, reps: int = 20) -> float:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times = [(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0)) / 1e3 for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith(name)]
+    return statistics.median(times)
+
+
+def time_against_attngen():
+    import attngen
+    from attngen import runtime
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16; the dK/dV "
+          "kernel alone (torch.profiler median), TFLOP/s of its 4 products")
+    for spec, (D, Dv) in DIMS.items():
+        module = attngen.load(f"specs/{spec}.yaml")
+        rt = runtime.of(module)
+        print(f"{spec}: attngen's tiling {rt.config('bwd_dkdv', 'bf16', 4096, 4096)} (a dense spec: its rows are dense)")
+        for B, H, N in ((4, 16, 4096), (1, 16, 16384)):
+            q, do = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16) for d in (D, Dv))
+            k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16) for d in (D, Dv))
+            with torch.no_grad():
+                o, lse = module.attention(q, k, v, return_lse=True)
+            delta = (o.float() * do.float()).sum(-1)
+            flops = 2 * (2 * D + 2 * Dv) * B * H * N * N
+            hp = rt.head_param_rows(q, {})
+            times = {"attngen": _kernel_ms(lambda: rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0,
+                                                               runtime.Sparse()), "_attn_bwd_dkdv")}
+            ref = rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0, runtime.Sparse())
+            for cfg in CONFIGS:
+                times[f"gluon{cfg}"] = _kernel_ms(lambda: dkdv(q, k, v, do, lse, delta, False, *cfg), "_gl_bwd")
+                dk, dv = dkdv(q, k, v, do, lse, delta, False, *cfg)
+                diff = max((dk.float() - ref[1].float()).abs().max().item(), (dv.float() - ref[2].float()).abs().max().item())
+                print(f"  {cfg}: max difference from attngen's dK, dV {diff:.1e}")
+            print(f"  B{B} H{H} N{N} dense: "
+                  + ", ".join(f"{name} {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)" for name, ms in times.items()))
+
+
+def offline():
+    """Compile each configuration for sm90 without a GPU and count what its SASS holds."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import mangle_type
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for (D, Dv), cfg, causal in ((d, c, causal) for d in DIMS.values() for c in CONFIGS for causal in (False, True)):
+        if True:
+            t, tv = (torch.empty(1, 2, 1024, d, dtype=torch.bfloat16) for d in (D, Dv))
+            rows = torch.empty(1, 2, 1024)
+            args = _launch_args(t, t, tv, tv, rows, rows, t, tv, causal, *cfg)
+            names = _gl_bwd_dkdv.arg_names
+            consts = {i: a for i, (n, a) in enumerate(zip(names, args)) if _gl_bwd_dkdv.params[i].is_constexpr}
+            sig = {n: "constexpr" if i in consts else mangle_type(a) for i, (n, a) in enumerate(zip(names, args))}
+            src = gluon._runtime.GluonASTSource(_gl_bwd_dkdv, signature=sig,
+                                                constexprs={(i,): a for i, a in consts.items()})
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True,
+                                      text=True).stdout
+                res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                                     text=True).stdout
+            ops = collections.Counter(re.findall(r"\b(HGMMA\.\w+|UTMALDG|MUFU\.EX2|LDL|STL|BAR\.SYNC)\b", sass))
+            regs = re.findall(r"REG:(\d+)", res)
+            print(f"d{D}/{Dv} {cfg} causal={causal}: regs {regs[-1] if regs else '?'}, shared {kernel.metadata.shared} B, "
+                  + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--offline", action="store_true", help="compile for sm90 without a GPU")
+    args = ap.parse_args()
+    if args.offline:
+        offline()
+        return
+    torch.manual_seed(0)
+    print("all correct" if check() else "SOME FAILED")
+    time_against_attngen()
+
+
+if __name__ == "__main__":
+    main()
