@@ -10,7 +10,9 @@ as FlashAttention-3 does at d256), P^T and dS^T go through shared memory to be t
 dV += P^T dO and dK += dS^T Q, whose warpgroups split the head dim, and the products are async:
 S^T and dP^T issued back to back, P^T computed while dP^T runs, dV and dK left in flight across
 the step (their accumulators chained as wgmma tokens). Not warp-specialized: one partition of 8
-warps also issues the TMA loads of Q and dO, STAGES deep.
+warps also issues the TMA loads of Q and dO, STAGES deep. With WARPS_M 8 (d128: 128 keys, each
+warpgroup its own 64) the same schedule with P^T and dS^T as register operands, FlashAttention-3's
+d128 layout, beside attngen's dense d128 kernel.
 
 Inputs: q, k, v, do [B, H, N, D] contiguous bf16 / fp16 (GQA: k, v with H / G heads), the
 natural-log LSE [B, H, Nq] and delta = rowsum(dO * O) [B, H, Nq] in fp32. Outputs dK, dV in the
@@ -19,6 +21,9 @@ torch.profiler, in the same process, the head_dim_256 spec's module and tiling).
 
     python experiments/gluon_bwd_probe.py             # on a GPU: check, then time
     python experiments/gluon_bwd_probe.py --offline   # no GPU: compile for sm90, print the SASS mix
+
+Offline (Triton 3.6 for sm90): no spills but at d128 causal with 3 stages (6 LDL); 32 HGMMA
+64x16x16 / 64x32x16 for the two score products a step at d256 where Triton's kernel issues 64.
 """
 
 from __future__ import annotations
@@ -40,15 +45,17 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
-CONFIGS = [(64, 64, 2), (32, 64, 3)]  # (BLOCK_M queries a step, BLOCK_N keys a program, STAGES)
-DIMS = {"head_dim_256": (256, 256), "head_dim_192": (192, 128)}  # the shipped spec -> (D, Dv)
+# (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, WARPS_M) per (D, Dv)
+CONFIGS = {(256, 256): [(64, 64, 2, 4), (32, 64, 3, 4)], (192, 128): [(64, 64, 2, 4), (64, 64, 3, 4), (32, 64, 3, 4)],
+           (128, 128): [(64, 128, 2, 8), (64, 128, 3, 8), (64, 64, 3, 4)]}
+SPECS = {(256, 256): "head_dim_256", (192, 128): "head_dim_192", (128, 128): "dense"}  # timed beside its module
 
 
 @gluon.jit
 def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                  stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, GROUP, Nq, Nk, D, Dv, qk_scale, sm_scale,
                  CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+                 HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr, WARPS_M: gl.constexpr):
     # One program: BLOCK_N keys of one (batch, KV head), walking the query tiles of its group's heads.
     HKV = H // GROUP
     off_bh = gl.program_id(1)
@@ -57,13 +64,15 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
     first = gl.program_id(0) * BLOCK_N
     dtype: gl.constexpr = q_desc.dtype
 
-    # S^T / dP^T [BLOCK_N, BLOCK_M]: the warpgroups split the queries; dK / dV [BLOCK_N, D]: the columns
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, BLOCK_M // 2, 16])
-    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, HEAD_DIM // 2, 16])
-    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, HEAD_DIM_V // 2, 16])
+    # WARPS_M 4: S^T / dP^T [BLOCK_N, BLOCK_M] with the two warpgroups splitting the queries, dK / dV
+    # [BLOCK_N, D] the columns (64 keys); WARPS_M 8: each warpgroup its own 64 of 128 keys, everywhere
+    WARPS_N: gl.constexpr = 8 // WARPS_M
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                       instr_shape=[16, BLOCK_M // WARPS_N, 16])
+    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                        instr_shape=[16, HEAD_DIM // WARPS_N, 16])
+    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                        instr_shape=[16, HEAD_DIM_V // WARPS_N, 16])
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)
     rows: gl.constexpr = gl.SliceLayout(1, s_layout)
     pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
@@ -130,15 +139,22 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
         pT = gl.exp2(sT * qk_scale - lse2[None, :])
         if CAUSAL:
             pT = gl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-        p_smem.store(pT.to(dtype))
+        if WARPS_N == 2:
+            p_smem.store(pT.to(dtype))
         dpT = warpgroup_mma_wait(0, deps=(dp_tok, v_op, do_op))[0]
         delta = gl.load(DELTA + row + offs_m, mask=offs_m < Nq, other=0.0)
         dsT = pT * (dpT - delta[None, :])
-        ds_smem.store(dsT.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
-        dv = warpgroup_mma(p_smem, do_op, dv, is_async=True)
-        dk = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+        if WARPS_N == 2:
+            ds_smem.store(dsT.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
+            dv = warpgroup_mma(p_smem, do_op, dv, is_async=True)
+            dk = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+        else:  # a warpgroup holds whole rows of P^T and dS^T: the products' A operand from registers
+            p_op = gl.convert_layout(pT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2))
+            ds_op = gl.convert_layout(dsT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2))
+            dv = warpgroup_mma(p_op, do_op, dv, is_async=True)
+            dk = warpgroup_mma(ds_op, q_op, dk, is_async=True)
     dk_t, dv_t = warpgroup_mma_wait(0, deps=(dk, dv))
 
     out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
@@ -159,22 +175,23 @@ def _descriptor(t, rows):
     return GluonDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
 
-def _launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES):
+def _launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES, WARPS_M):
     B, H, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     sm_scale = 1 / math.sqrt(D)
     return (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(do, BLOCK_M),
             lse, delta, dk, dv, lse.stride(0), lse.stride(1), *dk.stride()[:3], *dv.stride()[:3], H, H // Hkv,
             Nq, Nk, D, Dv, sm_scale * 1.4426950408889634, sm_scale, causal, BLOCK_M, BLOCK_N,
-            triton.next_power_of_2(D), triton.next_power_of_2(Dv), STAGES)
+            triton.next_power_of_2(D), triton.next_power_of_2(Dv), STAGES, WARPS_M)
 
 
-def dkdv(q, k, v, do, lse, delta, causal, BLOCK_M=64, BLOCK_N=64, STAGES=2):
+def dkdv(q, k, v, do, lse, delta, causal, BLOCK_M=64, BLOCK_N=64, STAGES=2, WARPS_M=4):
     """dK, dV of softmax(Q K^T / sqrt(D)) V (causal: top-left aligned) from the saved LSE and delta."""
     B, Hkv, Nk, _ = k.shape
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     grid = (triton.cdiv(Nk, BLOCK_N), B * Hkv)
-    _gl_bwd_dkdv[grid](*_launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES), num_warps=8)
+    _gl_bwd_dkdv[grid](*_launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES, WARPS_M),
+                       num_warps=8)
     return dk, dv
 
 
@@ -195,14 +212,14 @@ def _reference(q, k, v, do, causal):
 
 def check() -> bool:
     ok_all = True
-    for (D, Dv), (B, Hq, Hkv, N) in ((dims, shape) for dims in DIMS.values()
+    for (D, Dv), (B, Hq, Hkv, N) in ((dims, shape) for dims in CONFIGS
                                      for shape in [(1, 2, 2, 256), (2, 4, 2, 1000), (1, 2, 1, 130)]):
         for causal in (False, True):
             for dtype in (torch.bfloat16, torch.float16):
                 q, do = (torch.randn(B, Hq, N, d, device="cuda", dtype=dtype) for d in (D, Dv))
                 k, v = (torch.randn(B, Hkv, N, d, device="cuda", dtype=dtype) for d in (D, Dv))
                 ref_dk, ref_dv, lse, delta = _reference(q, k, v, do, causal)
-                for cfg in CONFIGS:
+                for cfg in CONFIGS[D, Dv]:
                     dk, dv = dkdv(q, k, v, do, lse, delta, causal, *cfg)
                     err = max((dk.double() - ref_dk).abs().max().item(), (dv.double() - ref_dv).abs().max().item())
                     scale = max(ref_dk.abs().max().item(), ref_dv.abs().max().item())
@@ -233,7 +250,7 @@ def time_against_attngen():
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16; the dK/dV "
           "kernel alone (torch.profiler median), TFLOP/s of its 4 products")
-    for spec, (D, Dv) in DIMS.items():
+    for (D, Dv), spec in SPECS.items():
         module = attngen.load(f"specs/{spec}.yaml")
         rt = runtime.of(module)
         print(f"{spec}: attngen's tiling {rt.config('bwd_dkdv', 'bf16', 4096, 4096)} (a dense spec: its rows are dense)")
@@ -248,7 +265,7 @@ def time_against_attngen():
             times = {"attngen": _kernel_ms(lambda: rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0,
                                                                runtime.Sparse()), "_attn_bwd_dkdv")}
             ref = rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0, runtime.Sparse())
-            for cfg in CONFIGS:
+            for cfg in CONFIGS[D, Dv]:
                 times[f"gluon{cfg}"] = _kernel_ms(lambda: dkdv(q, k, v, do, lse, delta, False, *cfg), "_gl_bwd")
                 dk, dv = dkdv(q, k, v, do, lse, delta, False, *cfg)
                 diff = max((dk.float() - ref[1].float()).abs().max().item(), (dv.float() - ref[2].float()).abs().max().item())
@@ -262,7 +279,7 @@ def offline():
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import mangle_type
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for (D, Dv), cfg, causal in ((d, c, causal) for d in DIMS.values() for c in CONFIGS for causal in (False, True)):
+    for (D, Dv), cfg, causal in ((d, c, causal) for d, cs in CONFIGS.items() for c in cs for causal in (False, True)):
         if True:
             t, tv = (torch.empty(1, 2, 1024, d, dtype=torch.bfloat16) for d in (D, Dv))
             rows = torch.empty(1, 2, 1024)
