@@ -16,8 +16,10 @@ d128 layout, beside attngen's dense d128 kernel.
 
 Inputs: q, k, v, do [B, H, N, D] contiguous bf16 / fp16 (GQA: k, v with H / G heads), the
 natural-log LSE [B, H, Nq] and delta = rowsum(dO * O) [B, H, Nq] in fp32. Outputs dK, dV in the
-inputs' dtype, checked against float64 autograd and timed beside attngen's `_attn_bwd_dkdv` (by
-torch.profiler, in the same process, the head_dim_256 spec's module and tiling).
+inputs' dtype, checked against float64 autograd. A dQ kernel beside it (128 queries on 8 warps,
+each warpgroup its own 64; S and dP back to back, dQ += dS K in flight), so that the two kernels
+can be timed as a backward: each beside attngen's own kernel by torch.profiler, in the same process,
+at the head_dim_256, head_dim_192 and dense (d128) specs' modules and tilings.
 
     python experiments/gluon_bwd_probe.py             # on a GPU: check, then time
     python experiments/gluon_bwd_probe.py --offline   # no GPU: compile for sm90, print the SASS mix
@@ -170,6 +172,90 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
     gl.store(DV + base + offs_on[:, None] * stride_vn + offs_dv[None, :], dv_out, mask=(offs_on[:, None] < Nk) & (offs_dv[None, :] < Dv))
 
 
+@gluon.jit
+def _gl_bwd_dq(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, stride_lb, stride_lh, stride_qb, stride_qh,
+               stride_qn, H, GROUP, Nq, Nk, D, qk_scale, sm_scale, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+    # One program: BLOCK_M (128) queries of one (batch, head), each warpgroup its own 64 rows; K and V
+    # stream in by TMA, STAGES deep. S = Q K^T and dP = dO V^T issued back to back, P computed while
+    # dP runs, dQ += dS K left in flight across the step.
+    off_bh = gl.program_id(1)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // GROUP
+    first = gl.program_id(0) * BLOCK_M
+    dtype: gl.constexpr = q_desc.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
+    k_bufs = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    end = Nk
+    if CAUSAL:
+        end = gl.minimum(first + BLOCK_M, Nk)
+    n_tiles = gl.cdiv(end, BLOCK_N)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, first, 0], q_bar, q_smem)
+    tma.async_copy_global_to_shared(do_desc, [off_b, off_h, first, 0], q_bar, do_smem)
+    for j in gl.static_range(STAGES - 1):
+        if j < n_tiles:
+            mbarrier.expect(ready.index(j), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, j * BLOCK_N, 0], ready.index(j), k_bufs.index(j))
+            tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, j * BLOCK_N, 0], ready.index(j), v_bufs.index(j))
+    offs_m = first + gl.arange(0, BLOCK_M, layout=rows)
+    row = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
+    lse2 = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
+    delta = gl.load(DELTA + row + offs_m, mask=offs_m < Nq, other=0.0)
+    mbarrier.wait(q_bar, 0)
+    q_op = q_smem.reshape([BLOCK_M, HEAD_DIM])
+    do_op = do_smem.reshape([BLOCK_M, HEAD_DIM_V])
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    dq = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=dq_layout))
+    for i in range(n_tiles):
+        st = i % STAGES
+        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
+        k_op = k_bufs.index(st).reshape([BLOCK_N, HEAD_DIM])
+        v_op = v_bufs.index(st).reshape([BLOCK_N, HEAD_DIM_V])
+        s_tok = warpgroup_mma(q_op, k_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(do_op, v_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s_tok, q_op, k_op))[0]  # the previous step's dQ product is done too
+        nxt = i + STAGES - 1
+        if nxt < n_tiles:
+            sn = nxt % STAGES
+            mbarrier.expect(ready.index(sn), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, nxt * BLOCK_N, 0], ready.index(sn), k_bufs.index(sn))
+            tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, nxt * BLOCK_N, 0], ready.index(sn), v_bufs.index(sn))
+        p = gl.exp2(s * qk_scale - lse2[:, None])
+        offs_n = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
+        if CAUSAL:
+            p = gl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+        p = gl.where(offs_n[None, :] < Nk, p, 0.0)  # keys past Nk arrive as zeros, scores 0: not keys
+        dp = warpgroup_mma_wait(0, deps=(dp_tok, do_op, v_op))[0]
+        ds = gl.convert_layout((p * (dp - delta[:, None])).to(dtype),
+                               gl.DotOperandLayout(operand_index=0, parent=dq_layout, k_width=2))
+        dq = warpgroup_mma(ds, k_op, dq, is_async=True)
+    dq_t = warpgroup_mma_wait(0, deps=(dq,))  # one dependency: the value itself
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+    offs_om = first + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, out_layout))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
+    out = gl.convert_layout((dq_t * sm_scale).to(dtype), out_layout)
+    base = off_b.to(gl.int64) * stride_qb + off_h.to(gl.int64) * stride_qh
+    gl.store(DQ + base + offs_om[:, None] * stride_qn + offs_d[None, :], out,
+             mask=(offs_om[:, None] < Nq) & (offs_d[None, :] < D))
+
+
 def _descriptor(t, rows):
     gdt = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[t.dtype]
     block = [1, 1, rows, triton.next_power_of_2(t.shape[-1])]  # columns past the head dim arrive as zeros
@@ -196,6 +282,22 @@ def dkdv(q, k, v, do, lse, delta, causal, BLOCK_M=64, BLOCK_N=64, STAGES=2, WARP
     return dk, dv
 
 
+DQ_CONFIGS = {(256, 256): (128, 32, 2), (192, 128): (128, 32, 3), (128, 128): (128, 64, 3)}  # BLOCK_M, BLOCK_N, STAGES
+
+
+def dq(q, k, v, do, lse, delta, causal, BLOCK_M=128, BLOCK_N=64, STAGES=2):
+    """dQ from the saved LSE and delta (8 warps, 128 queries a program)."""
+    B, H, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty_like(q)
+    sm_scale = 1 / math.sqrt(D)
+    _gl_bwd_dq[(triton.cdiv(Nq, BLOCK_M), B * H)](
+        _descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(do, BLOCK_M), lse, delta,
+        out, lse.stride(0), lse.stride(1), *out.stride()[:3], H, H // Hkv, Nq, Nk, D, sm_scale * 1.4426950408889634,
+        sm_scale, causal, BLOCK_M, BLOCK_N, triton.next_power_of_2(D), triton.next_power_of_2(Dv), STAGES, num_warps=8)
+    return out
+
+
 def _reference(q, k, v, do, causal):
     """float64 dK, dV by autograd, the natural-log LSE and delta (from the float64 output)."""
     G = q.shape[1] // k.shape[1]
@@ -208,7 +310,7 @@ def _reference(q, k, v, do, causal):
     o.backward(do.double())
     lse = torch.logsumexp(s, -1).float()
     delta = (o.detach() * do.double()).sum(-1).float()
-    return k64.grad, v64.grad, lse.detach(), delta
+    return k64.grad, v64.grad, lse.detach(), delta, q64.grad
 
 
 def check() -> bool:
@@ -219,7 +321,13 @@ def check() -> bool:
             for dtype in DTYPES:
                 q, do = (torch.randn(B, Hq, N, d, device="cuda", dtype=dtype) for d in (D, Dv))
                 k, v = (torch.randn(B, Hkv, N, d, device="cuda", dtype=dtype) for d in (D, Dv))
-                ref_dk, ref_dv, lse, delta = _reference(q, k, v, do, causal)
+                ref_dk, ref_dv, lse, delta, ref_dq = _reference(q, k, v, do, causal)
+                got = dq(q, k, v, do, lse, delta, causal, *DQ_CONFIGS[D, Dv])
+                err, scale = (got.double() - ref_dq).abs().max().item(), ref_dq.abs().max().item()
+                ok = err <= 2e-2 * scale + 1e-2
+                ok_all &= ok
+                print(f"check dQ d{D}/{Dv} B{B} H{Hq}/{Hkv} N{N} causal={causal} {dtype} {DQ_CONFIGS[D, Dv]}: max error "
+                      f"{err:.1e} (of {scale:.1e}) {'ok' if ok else 'FAILED'}")
                 for cfg in CONFIGS[D, Dv]:
                     dk, dv = dkdv(q, k, v, do, lse, delta, causal, *cfg)
                     err = max((dk.double() - ref_dk).abs().max().item(), (dv.double() - ref_dv).abs().max().item())
@@ -249,59 +357,78 @@ def time_against_attngen():
     import attngen
     from attngen import runtime
 
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16; the dK/dV "
-          "kernel alone (torch.profiler median), TFLOP/s of its 4 products")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}; bf16, dense; "
+          "each kernel alone (torch.profiler median), TFLOP/s of its products (dK/dV 4, dQ 3)")
     for (D, Dv), spec in SPECS.items():
         module = attngen.load(f"specs/{spec}.yaml")
         rt = runtime.of(module)
-        print(f"{spec}: attngen's tiling {rt.config('bwd_dkdv', 'bf16', 4096, 4096)} (a dense spec: its rows are dense)")
+        print(f"{spec}: attngen's tilings dK/dV {rt.config('bwd_dkdv', 'bf16', 4096, 4096)}, "
+              f"dQ {rt.config('bwd_dq', 'bf16', 4096, 4096)}")
         for B, H, N in ((4, 16, 4096), (1, 16, 16384)):
             q, do = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16) for d in (D, Dv))
             k, v = (torch.randn(B, H, N, d, device="cuda", dtype=torch.bfloat16) for d in (D, Dv))
             with torch.no_grad():
                 o, lse = module.attention(q, k, v, return_lse=True)
             delta = (o.float() * do.float()).sum(-1)
-            flops = 2 * (2 * D + 2 * Dv) * B * H * N * N
+            pairs = B * H * N * N
             hp = rt.head_param_rows(q, {})
-            times = {"attngen": _kernel_ms(lambda: rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0,
-                                                               runtime.Sparse()), "_attn_bwd_dkdv")}
             ref = rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0, runtime.Sparse())
+            ours = lambda: rt.backward(do, q, k, v, o, lse, hp, rt.scale, 0, 0.0, runtime.Sparse())  # noqa: E731
+            times = {"attngen dK/dV": _kernel_ms(ours, "_attn_bwd_dkdv"), "attngen dQ": _kernel_ms(ours, "_attn_bwd_dq")}
             for cfg in CONFIGS[D, Dv]:
-                times[f"gluon{cfg}"] = _kernel_ms(lambda: dkdv(q, k, v, do, lse, delta, False, *cfg), "_gl_bwd")
+                times[f"gluon dK/dV {cfg}"] = _kernel_ms(lambda: dkdv(q, k, v, do, lse, delta, False, *cfg), "_gl_bwd")
                 dk, dv = dkdv(q, k, v, do, lse, delta, False, *cfg)
                 diff = max((dk.float() - ref[1].float()).abs().max().item(), (dv.float() - ref[2].float()).abs().max().item())
                 print(f"  {cfg}: max difference from attngen's dK, dV {diff:.1e}")
-            print(f"  B{B} H{H} N{N} dense: "
-                  + ", ".join(f"{name} {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)" for name, ms in times.items()))
+            cfg = DQ_CONFIGS[D, Dv]
+            times[f"gluon dQ {cfg}"] = _kernel_ms(lambda: dq(q, k, v, do, lse, delta, False, *cfg), "_gl_bwd")
+            diff = (dq(q, k, v, do, lse, delta, False, *cfg).float() - ref[0].float()).abs().max().item()
+            print(f"  dQ {cfg}: max difference from attngen's dQ {diff:.1e}")
+            line = []
+            for name, ms in times.items():  # dK/dV: QK^T, dO V^T, P^T dO, dS^T Q; dQ: QK^T, dO V^T, dS K
+                flops = 2 * pairs * (2 * D + Dv if "dQ" in name else 2 * D + 2 * Dv)
+                line.append(f"{name} {ms:.3f} ms ({flops / ms / 1e9:.0f} TFLOP/s)")
+            best = min(ms for name, ms in times.items() if name.startswith("gluon dK/dV"))
+            print(f"  B{B} H{H} N{N}: " + ", ".join(line) + f"; backward's two kernels: attngen "
+                  f"{times['attngen dK/dV'] + times['attngen dQ']:.3f} ms, gluon {best + times[f'gluon dQ {cfg}']:.3f}")
+
+
+def _compile(fn, args, num_warps=8):
+    """fn compiled for sm90 at these launch arguments; its SASS's instruction mix and registers."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import mangle_type
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    names = fn.arg_names
+    consts = {i: a for i, (n, a) in enumerate(zip(names, args)) if fn.params[i].is_constexpr}
+    sig = {n: "constexpr" if i in consts else mangle_type(a) for i, (n, a) in enumerate(zip(names, args))}
+    src = gluon._runtime.GluonASTSource(fn, signature=sig, constexprs={(i,): a for i, a in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
+                             text=True).stdout
+    ops = collections.Counter(re.findall(r"\b(HGMMA\.\w+|UTMALDG|MUFU\.EX2|LDL|STL|BAR\.SYNC)\b", sass))
+    regs = re.findall(r"REG:(\d+)", res)
+    return (f"regs {regs[-1] if regs else '?'}, shared {kernel.metadata.shared} B, "
+            + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())))
 
 
 def offline():
     """Compile each configuration for sm90 without a GPU and count what its SASS holds."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import mangle_type
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for (D, Dv), cfg, causal in ((d, c, causal) for d, cs in CONFIGS.items() for c in cs for causal in (False, True)):
-        if True:
+    for (D, Dv), cfgs in CONFIGS.items():
+        for cfg, causal in ((c, causal) for c in cfgs for causal in (False, True)):
             t, tv = (torch.empty(1, 2, 1024, d, dtype=torch.bfloat16) for d in (D, Dv))
             rows = torch.empty(1, 2, 1024)
-            args = _launch_args(t, t, tv, tv, rows, rows, t, tv, causal, *cfg)
-            names = _gl_bwd_dkdv.arg_names
-            consts = {i: a for i, (n, a) in enumerate(zip(names, args)) if _gl_bwd_dkdv.params[i].is_constexpr}
-            sig = {n: "constexpr" if i in consts else mangle_type(a) for i, (n, a) in enumerate(zip(names, args))}
-            src = gluon._runtime.GluonASTSource(_gl_bwd_dkdv, signature=sig,
-                                                constexprs={(i,): a for i, a in consts.items()})
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8})
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(kernel.asm["cubin"])
-                f.flush()
-                sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True,
-                                      text=True).stdout
-                res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                                     text=True).stdout
-            ops = collections.Counter(re.findall(r"\b(HGMMA\.\w+|UTMALDG|MUFU\.EX2|LDL|STL|BAR\.SYNC)\b", sass))
-            regs = re.findall(r"REG:(\d+)", res)
-            print(f"d{D}/{Dv} {cfg} causal={causal}: regs {regs[-1] if regs else '?'}, shared {kernel.metadata.shared} B, "
-                  + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())))
+            print(f"dK/dV d{D}/{Dv} {cfg} causal={causal}: "
+                  + _compile(_gl_bwd_dkdv, _launch_args(t, t, tv, tv, rows, rows, t, tv, causal, *cfg)))
+        BM, BN, ST = DQ_CONFIGS[D, Dv]
+        for causal in (False, True):
+            args = (_descriptor(t, BM), _descriptor(t, BN), _descriptor(tv, BN), _descriptor(tv, BM), rows, rows, t,
+                    rows.stride(0), rows.stride(1), *t.stride()[:3], 2, 1, 1024, 1024, D, 0.1, 0.1, causal, BM, BN,
+                    triton.next_power_of_2(D), triton.next_power_of_2(Dv), ST)
+            print(f"dQ d{D}/{Dv} {(BM, BN, ST)} causal={causal}: " + _compile(_gl_bwd_dq, args))
 
 
 def main():
