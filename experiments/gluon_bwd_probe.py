@@ -126,8 +126,10 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
         do_op = do_bufs.index(st).reshape([BLOCK_M, HEAD_DIM_V])
         s_tok = warpgroup_mma(k_op, q_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(v_op, do_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # in order: the previous step's dV and dK are done too, so its stage and P^T / dS^T are free
+        # in order: this warpgroup's dV and dK of the previous step are done too; once both
+        # warpgroups' are, that step's stage and P^T / dS^T are free (the barrier)
         sT = warpgroup_mma_wait(1, deps=(s_tok, k_op, q_op))[0]
+        gl.thread_barrier()
         nxt = i + STAGES - 1
         if nxt < n_tiles:
             sn = nxt % STAGES
@@ -231,6 +233,7 @@ def _gl_bwd_dq(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, stride_lb, strid
         s_tok = warpgroup_mma(q_op, k_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(do_op, v_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, q_op, k_op))[0]  # the previous step's dQ product is done too
+        gl.thread_barrier()  # ... in both warpgroups: its stage is free
         nxt = i + STAGES - 1
         if nxt < n_tiles:
             sn = nxt % STAGES
