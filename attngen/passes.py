@@ -77,8 +77,9 @@ class PassOptions:
     nested_runs: bool | None = None  # tile tables: None: the schedule pass decides; True: runs in nested loops; False: first run flat
     shallow_partial: bool | None = None  # document plans: None: the schedule pass decides; True / False: force it (for A/B)
     # the kernels load q and k (and keep dQ, dK) in power-of-two column chunks where the head dim pads to a
-    # few of them (192 = 3 x 64) rather than to the next power of two (tiling.pad_chunked); docs/decisions/head-dim-chunks.md
-    chunked_head_dims: bool = False
+    # few of them (192 = 3 x 64) rather than to the next power of two (tiling.pad_chunked); False: the
+    # next power of two (docs/decisions/head-dim-chunks.md: the default since it was timed)
+    chunked_head_dims: bool = True
 
     def __post_init__(self):
         if self.target not in TARGETS:

@@ -454,10 +454,13 @@ def check_decode(spec: Spec, module, case: Decode, dtype: str, device, seed: int
 def verify_spec(path: str | Path, *, device=None, dtypes=None, shapes=None, target: str = "sm90",
                 backward: bool = False, varlen: bool = False, decode: bool = False,
                 options: tuple[str, ...] = ()) -> list[Result]:
-    """`options`: PassOptions flags compiled on (an option's kernels verified before it is a default)."""
+    """`options`: PassOptions flags compiled on, NAME, or off, NAME=false (an option's kernels
+    verified before it is a default, or the other form after)."""
+    from .tools.ab import flag_values
+
     spec = load_spec(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    module = load(path, target=target, **{name: True for name in options})
+    module = load(path, target=target, **flag_values(options))
     dtypes = [d for d in (dtypes or spec.dtypes) if d in spec.dtypes]
     if spec.nsa is not None:  # NSA modules: attention and decoding (no varlen yet)
         from .verify_nsa import CPU_NSA, CPU_NSA_DECODE, GPU_NSA, GPU_NSA_DECODE, check_nsa, check_nsa_decode

@@ -114,7 +114,8 @@ def verify(specs: List[Path] = typer.Argument(..., help="spec files, or shipped 
            decode: bool = typer.Option(False, "--decode", help="instead: attention_with_kvcache on contiguous and "
                                        "paged caches, against the float64 reference of decoding"),
            option: Optional[List[str]] = typer.Option(None, "--option", help="compile with this lowering option on "
-                                                      "(a PassOptions flag, e.g. chunked_head_dims); repeatable")):
+                                                      "(a PassOptions flag, e.g. split_loops), or NAME=false: off "
+                                                      "(e.g. chunked_head_dims=false); repeatable")):
     """Runs the kernels against the float64 reference on a matrix of shapes; exit code 1 on any mismatch."""
     device = _interpret_without_gpu()
     from contextlib import closing
@@ -217,11 +218,11 @@ def _decode_shape(text: str) -> tuple[int, int, int, int, int]:
 
 
 def _lowering_options(names: Optional[List[str]]) -> tuple[str, ...]:
-    """--option's PassOptions flags, each checked (a ValueError names the flag and what is allowed)."""
-    from attngen.tools.ab import check_option
+    """--option's PassOptions flags (NAME, or NAME=false for one on by default), each checked (a
+    ValueError names the flag and what is allowed)."""
+    from attngen.tools.ab import flag_values
 
-    for name in names or ():
-        check_option(name, "--option")
+    flag_values(names or ())
     return tuple(names or ())
 
 
@@ -512,7 +513,8 @@ def inspect_kernels(spec: Path = typer.Argument(..., help="spec file, or a shipp
                     dtype: str = typer.Option("bf16", help="the dtype whose tiling is inspected"),
                     out: Optional[Path] = typer.Option(None, help="also write each kernel's SASS into this directory"),
                     option: Optional[List[str]] = typer.Option(None, "--option", help="compile with this lowering "
-                                                               "option on (a PassOptions flag); repeatable")):
+                                                               "option on (a PassOptions flag), or NAME=false: "
+                                                               "off; repeatable")):
     """Prints registers, spills, shared memory and the SASS instruction mix (HGMMA, TMA loads, local
     memory, barriers) of each kernel at the cost model's tiling, with pointer and with TMA loads."""
     from attngen.errors import AttngenError

@@ -24,32 +24,31 @@ SPEC = {'name': 'head_dim_96',
        'score': {'scale': None, 'softcap': None, 'alibi': False, 'temperature': False}}
 TILINGS = {
     "fwd": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=False),
+        "fp16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp32": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=False),
     },
     "bwd_dkdv": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "fp32": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=False),
     },
     "bwd_dq": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "fp32": dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp32": dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=False),
     },
     "bwd_single": {
-        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-        "fp32": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=False),
+        "fp16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "bf16": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+        "fp32": dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=False),
     },
 }
 BUCKET_SEQS = (4096, 1024, 16384)  # a call takes the tilings of the bucket nearest max(Nq, Nk) in log scale
 BUCKET_TILINGS = {  # (role, dtype, bucket) -> tiling, where the cost model picks otherwise than TILINGS
-    ('fwd', 'fp16', 16384): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-    ('fwd', 'bf16', 16384): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=True),
-    ('bwd_dkdv', 'fp32', 1024): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=False),
-    ('bwd_dq', 'fp32', 1024): dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3, HEAD_DIM_PAD=128, HEAD_DIM_V_PAD=64, TMA=False),
+    ('fwd', 'fp16', 1024): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+    ('fwd', 'bf16', 1024): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=True),
+    ('bwd_single', 'fp32', 16384): dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3, HEAD_DIM_PAD=96, HEAD_DIM_V_PAD=64, TMA=False),
 }
 # the backward's form per dtype and ranked length, as the cost model predicts faster (deterministic=None)
 BACKWARD_FORMS = {'fp16': ((4096, 'two kernels'), (1024, 'two kernels'), (16384, 'two kernels')),
@@ -83,7 +82,7 @@ def _visible_host(q_idx, kv_idx, Nq, Nk):
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, bh,
+def _fwd_tile(acc, l_i, m_i, q0, q1, q2, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, bh,
               p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
               HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
               HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -94,10 +93,17 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq
     # others were proven FULL by the mask analysis and run no mask code. pos_m, pos_n: positions.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     pos_n = offs_n + kv_pos
-    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
+    k0 = _tile_at(K, kv_b, kv_h, start_n, 0 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
+    k1 = _tile_at(K, kv_b, kv_h, start_n, 1 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
+    k2 = _tile_at(K, kv_b, kv_h, start_n, 2 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
     v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
-    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), pos_m[:, None], pos_n[None, :],
-                  Nq_all, Nk_all, qk_scale, FAST_TANH)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+    qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
+    qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PRECISION)
+    s = _score(qk, pos_m[:, None], pos_n[None, :], Nq_all, Nk_all, qk_scale, FAST_TANH)
     if MASKED:
         vis = offs_n[None, :] < Nk
         vis = vis & _visible(pos_m[:, None], pos_n[None, :], Nq_all, Nk_all)
@@ -161,7 +167,13 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     last_pos = last + q_pos
     offs_m = first + tl.arange(0, BLOCK_M)
     pos_m = offs_m + q_pos
-    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
+    tl.static_assert(HEAD_DIM_PAD == 3 * HEAD_DIM_CHUNK, "a tiling of another padding than this module's chunks")
+    q0 = _tile_at(Q, off_b, off_h, first, 0 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
+    q1 = _tile_at(Q, off_b, off_h, first, 1 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
+    q2 = _tile_at(Q, off_b, off_h, first, 2 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
     doc_q = offs_m  # the block's document ids where DOCUMENT
     if DOCUMENT:
         doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * stride_iq + q_start + offs_m, mask=offs_m < Nq, other=-1)
@@ -183,17 +195,17 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
     end = tl.maximum(end, full_end)
     for start_i in range(start, full_start, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
+            acc, l_i, m_i, q0, q1, q2, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
             doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
             HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_start, full_end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
+            acc, l_i, m_i, q0, q1, q2, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
             doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
             HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, False, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
     for start_i in range(full_end, end, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
+            acc, l_i, m_i, q0, q1, q2, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed, off_hz, p_drop,
             doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
             HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
 
@@ -207,7 +219,7 @@ def _attn_fwd(Q, K, V, O, LSE, HP, COUNT, INDEX, DOC_Q, DOC_KV, CU_Q, CU_K,
 
 
 @triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all,
+def _bwd_dkdv_tile(dk0, dk1, dk2, dv, k0, k1, k2, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all,
                    qk_scale, sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQ_ACC, stride_qm, stride_qd, stride_dom, stride_dod,
                    stride_aqm, stride_aqd,
                    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -220,10 +232,17 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, p
     # DQ_ACC (the single-pass backward). offs: rows of the tensors; pos: positions.
     offs_m = start_m + tl.arange(0, BLOCK_M)
     pos_m = offs_m + q_pos
-    q = _tile(Q, q_b, q_h, start_m, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
+    q0 = _tile_at(Q, q_b, q_h, start_m, 0 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
+    q1 = _tile_at(Q, q_b, q_h, start_m, 1 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
+    q2 = _tile_at(Q, q_b, q_h, start_m, 2 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
     do = _tile(DO, q_b, q_h, start_m, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
-    sT = _score(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), pos_m[None, :], pos_n[:, None],
-                    Nq_all, Nk_all, qk_scale, FAST_TANH)
+    qkT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)
+    qkT = tl.dot(k1, tl.trans(q1), qkT, input_precision=DOT_PRECISION)
+    qkT = tl.dot(k2, tl.trans(q2), qkT, input_precision=DOT_PRECISION)
+    sT = _score(qkT, pos_m[None, :], pos_n[:, None], Nq_all, Nk_all, qk_scale, FAST_TANH)
     if MASKED:
         vis = (offs_m[None, :] < Nq) & (offs_n[:, None] < Nk)
         vis = vis & _visible(pos_m[None, :], pos_n[:, None], Nq_all, Nk_all)
@@ -240,16 +259,34 @@ def _bwd_dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, q_b, q_h, start_m, offs_n, p
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     Di = tl.load(DELTA + offs_m, mask=offs_m < Nq, other=0.0)
     dsT = pT * (dpT - Di[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
-        if ATOMIC_DQ == 2:  # a TMA bulk reduction from shared memory (cp.reduce.async.bulk): no per-element addresses
-            DQ_ACC.atomic_add([q_b, q_h, start_m, 0], dq.reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
+    ds_in = dsT.to(q0.dtype)
+    dk0 = tl.dot(ds_in, q0, dk0, input_precision=DOT_PRECISION)
+    dk1 = tl.dot(ds_in, q1, dk1, input_precision=DOT_PRECISION)
+    dk2 = tl.dot(ds_in, q2, dk2, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:  # each chunk of dS K added as above
+        offs_c = tl.arange(0, HEAD_DIM_CHUNK)
+        dq = tl.dot(tl.trans(ds_in), k0, input_precision=DOT_PRECISION) * sm_scale
+        if ATOMIC_DQ == 2:
+            DQ_ACC.atomic_add([q_b, q_h, start_m, 0 * HEAD_DIM_CHUNK], dq.reshape(1, 1, BLOCK_M, HEAD_DIM_CHUNK))
         else:
-            offs_d = tl.arange(0, HEAD_DIM_PAD)
+            offs_d = 0 * HEAD_DIM_CHUNK + offs_c
             tl.atomic_add(DQ_ACC + _wide(offs_m, WIDE)[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq,
                           mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
-    return dk, dv
+        dq = tl.dot(tl.trans(ds_in), k1, input_precision=DOT_PRECISION) * sm_scale
+        if ATOMIC_DQ == 2:
+            DQ_ACC.atomic_add([q_b, q_h, start_m, 1 * HEAD_DIM_CHUNK], dq.reshape(1, 1, BLOCK_M, HEAD_DIM_CHUNK))
+        else:
+            offs_d = 1 * HEAD_DIM_CHUNK + offs_c
+            tl.atomic_add(DQ_ACC + _wide(offs_m, WIDE)[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq,
+                          mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+        dq = tl.dot(tl.trans(ds_in), k2, input_precision=DOT_PRECISION) * sm_scale
+        if ATOMIC_DQ == 2:
+            DQ_ACC.atomic_add([q_b, q_h, start_m, 2 * HEAD_DIM_CHUNK], dq.reshape(1, 1, BLOCK_M, HEAD_DIM_CHUNK))
+        else:
+            offs_d = 2 * HEAD_DIM_CHUNK + offs_c
+            tl.atomic_add(DQ_ACC + _wide(offs_m, WIDE)[:, None] * stride_aqm + offs_d[None, :] * stride_aqd, dq,
+                          mask=(offs_m[:, None] < Nq) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+    return dk0, dk1, dk2, dv
 
 
 # the seed changes every training step, positions every ring step: no variants by their values
@@ -302,13 +339,21 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
     if not TMA:
         Kh = K + off_b.to(tl.int64) * stride_kb + off_hk.to(tl.int64) * stride_kh
         Vh = V + off_b.to(tl.int64) * stride_vb + off_hk.to(tl.int64) * stride_vh
-    k = _tile(Kh, off_b, off_hk, first, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
+    tl.static_assert(HEAD_DIM_PAD == 3 * HEAD_DIM_CHUNK, "a tiling of another padding than this module's chunks")
+    k0 = _tile_at(Kh, off_b, off_hk, first, 0 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
+    k1 = _tile_at(Kh, off_b, off_hk, first, 1 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
+    k2 = _tile_at(Kh, off_b, off_hk, first, 2 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
     v = _tile(Vh, off_b, off_hk, first, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     doc_k = offs_n  # the block's document ids where DOCUMENT
     if DOCUMENT:
         doc_k = tl.load(DOC_KV + off_b.to(tl.int64) * stride_ik + k_start + offs_n, mask=offs_n < Nk, other=-1)
         DOC_Q += off_b.to(tl.int64) * stride_iq + q_start
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], dtype=tl.float32)
+    dk0 = tl.zeros([BLOCK_N, HEAD_DIM_CHUNK], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, HEAD_DIM_CHUNK], dtype=tl.float32)
+    dk2 = tl.zeros([BLOCK_N, HEAD_DIM_CHUNK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V_PAD], dtype=tl.float32)
     for g in range(0, GROUP):
         off_h = off_hk * GROUP + g
@@ -327,19 +372,24 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, HP, COUNT, INDEX, DO
         lo = tl.minimum(tl.maximum(((-Nk_all) + Nq_all + first_pos) - q_pos, 0), Nq)
         end = tl.minimum(tl.maximum((Nq - 1) + 1, lo), Nq)
         for start_i in range(lo // BLOCK_M * BLOCK_M, end, BLOCK_M):
-            dk, dv = _bwd_dkdv_tile(
-                dk, dv, k, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
+            dk0, dk1, dk2, dv = _bwd_dkdv_tile(
+                dk0, dk1, dk2, dv, k0, k1, k2, v, Qh, DOh, LSEh, DELTAh, off_b, off_h, start_i, offs_n, pos_n, q_pos, Nq, Nk, Nq_all, Nk_all, qk_scale,
                 sm_scale, seed, bh, p_drop, doc_k, DOC_Q, DQh,
                 stride_qm, stride_qd, stride_dom, stride_dod, stride_aqm, stride_aqd, HEAD_DIM, HEAD_DIM_V, HEAD_DIM_PAD,
                 HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_M, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT, ATOMIC_DQ)
     DK += off_b.to(tl.int64) * stride_dkb + off_hk.to(tl.int64) * stride_dkh
     DV += off_b.to(tl.int64) * stride_dvb + off_hk.to(tl.int64) * stride_dvh
-    _store_tile(DK, offs_n, Nk, stride_dkn, stride_dkd, dk * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
+    _store_tile(DK + 0 * HEAD_DIM_CHUNK * stride_dkd, offs_n, Nk, stride_dkn, stride_dkd, dk0 * sm_scale,
+                HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, WIDE)
+    _store_tile(DK + 1 * HEAD_DIM_CHUNK * stride_dkd, offs_n, Nk, stride_dkn, stride_dkd, dk1 * sm_scale,
+                HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, WIDE)
+    _store_tile(DK + 2 * HEAD_DIM_CHUNK * stride_dkd, offs_n, Nk, stride_dkn, stride_dkd, dk2 * sm_scale,
+                HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, WIDE)
     _store_tile(DV, offs_n, Nk, stride_dvn, stride_dvd, dv, HEAD_DIM_V, HEAD_DIM_V_PAD, WIDE)
 
 
 @triton.jit
-def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all,
+def _bwd_dq_tile(dq0, dq1, dq2, q0, q1, q2, do, lse2, Di, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, Nk, Nq_all, Nk_all,
                  qk_scale, seed, bh, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                  HEAD_DIM_V_PAD: tl.constexpr, HEAD_DIM_CHUNK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -348,10 +398,17 @@ def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, 
     # One key tile for a resident query block: recompute P, then dQ += dS K.
     offs_n = start_n + tl.arange(0, BLOCK_N)
     pos_n = offs_n + kv_pos
-    k = _tile(K, kv_b, kv_h, start_n, Nk, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, MASKED, TMA, WIDE)
+    k0 = _tile_at(K, kv_b, kv_h, start_n, 0 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
+    k1 = _tile_at(K, kv_b, kv_h, start_n, 1 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
+    k2 = _tile_at(K, kv_b, kv_h, start_n, 2 * HEAD_DIM_CHUNK, Nk, stride_kn, stride_kd, BLOCK_N,
+                 HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, MASKED, TMA, WIDE)
     v = _tile(V, kv_b, kv_h, start_n, Nk, stride_vn, stride_vd, BLOCK_N, HEAD_DIM_V, HEAD_DIM_V_PAD, MASKED, TMA, WIDE)
-    s = _score(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), pos_m[:, None], pos_n[None, :],
-                  Nq_all, Nk_all, qk_scale, FAST_TANH)
+    qk = tl.dot(q0, tl.trans(k0), input_precision=DOT_PRECISION)
+    qk = tl.dot(q1, tl.trans(k1), qk, input_precision=DOT_PRECISION)
+    qk = tl.dot(q2, tl.trans(k2), qk, input_precision=DOT_PRECISION)
+    s = _score(qk, pos_m[:, None], pos_n[None, :], Nq_all, Nk_all, qk_scale, FAST_TANH)
     if MASKED:
         vis = offs_n[None, :] < Nk
         vis = vis & _visible(pos_m[:, None], pos_n[None, :], Nq_all, Nk_all)
@@ -363,8 +420,11 @@ def _bwd_dq_tile(dq, q, do, lse2, Di, K, V, kv_b, kv_h, start_n, pos_m, kv_pos, 
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, pos_m[:, None], pos_n[None, :], p_drop), dp / (1.0 - p_drop), 0.0)
     ds = p * (dp - Di[:, None])
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    ds_in = ds.to(k0.dtype)
+    dq0 = tl.dot(ds_in, k0, dq0, input_precision=DOT_PRECISION)
+    dq1 = tl.dot(ds_in, k1, dq1, input_precision=DOT_PRECISION)
+    dq2 = tl.dot(ds_in, k2, dq2, input_precision=DOT_PRECISION)
+    return dq0, dq1, dq2
 
 
 # the seed changes every training step, positions every ring step: no variants by their values
@@ -416,7 +476,13 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
     last_pos = last + q_pos
     offs_m = first + tl.arange(0, BLOCK_M)
     pos_m = offs_m + q_pos
-    q = _tile(Q, off_b, off_h, first, Nq, stride_qm, stride_qd, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, True, TMA, WIDE)
+    tl.static_assert(HEAD_DIM_PAD == 3 * HEAD_DIM_CHUNK, "a tiling of another padding than this module's chunks")
+    q0 = _tile_at(Q, off_b, off_h, first, 0 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
+    q1 = _tile_at(Q, off_b, off_h, first, 1 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
+    q2 = _tile_at(Q, off_b, off_h, first, 2 * HEAD_DIM_CHUNK, Nq, stride_qm, stride_qd, BLOCK_M,
+                 HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, True, TMA, WIDE)
     do = _tile(DO, off_b, off_h, first, Nq, stride_dom, stride_dod, BLOCK_M, HEAD_DIM_V, HEAD_DIM_V_PAD, True, TMA, WIDE)
     lse_row = off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + q_start  # LSE's and delta's
     lse2 = _lse2(LSE + lse_row, offs_m, Nq)
@@ -428,16 +494,23 @@ def _attn_bwd_dq(Q, K, V, DO, O, DQ, LSE, DELTA, HP, DHP, COUNT, INDEX, DOC_Q, D
     if DOCUMENT:
         doc_q = tl.load(DOC_Q + off_b.to(tl.int64) * stride_iq + q_start + offs_m, mask=offs_m < Nq, other=-1)
         DOC_KV += off_b.to(tl.int64) * stride_ik + k_start
-    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    dq0 = tl.zeros([BLOCK_M, HEAD_DIM_CHUNK], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, HEAD_DIM_CHUNK], dtype=tl.float32)
+    dq2 = tl.zeros([BLOCK_M, HEAD_DIM_CHUNK], dtype=tl.float32)
     # [lo, hi]: what this block may see; one loop, every tile masked.
     lo = tl.minimum(tl.maximum(0, 0), Nk)
     end = tl.minimum(tl.maximum((Nk_all - Nq_all + last_pos) - kv_pos + 1, lo), Nk)
     for start_i in range(lo // BLOCK_N * BLOCK_N, end, BLOCK_N):
-        dq = _bwd_dq_tile(
-            dq, q, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
+        dq0, dq1, dq2 = _bwd_dq_tile(
+            dq0, dq1, dq2, q0, q1, q2, do, lse2, Di, K, V, off_b, off_hk, start_i, pos_m, kv_pos, Nk, Nq_all, Nk_all, qk_scale, seed,
             off_hz, p_drop, doc_q, DOC_KV, stride_kn, stride_kd, stride_vn, stride_vd, HEAD_DIM, HEAD_DIM_V,
             HEAD_DIM_PAD, HEAD_DIM_V_PAD, HEAD_DIM_CHUNK, BLOCK_N, True, DROPOUT, DOT_PRECISION, TMA, FAST_TANH, WIDE, DOCUMENT)
-    _store_tile(DQ, offs_m, Nq, stride_dqm, stride_dqd, dq * sm_scale, HEAD_DIM, HEAD_DIM_PAD, WIDE)
+    _store_tile(DQ + 0 * HEAD_DIM_CHUNK * stride_dqd, offs_m, Nq, stride_dqm, stride_dqd, dq0 * sm_scale,
+                HEAD_DIM - 0 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, WIDE)
+    _store_tile(DQ + 1 * HEAD_DIM_CHUNK * stride_dqd, offs_m, Nq, stride_dqm, stride_dqd, dq1 * sm_scale,
+                HEAD_DIM - 1 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, WIDE)
+    _store_tile(DQ + 2 * HEAD_DIM_CHUNK * stride_dqd, offs_m, Nq, stride_dqm, stride_dqd, dq2 * sm_scale,
+                HEAD_DIM - 2 * HEAD_DIM_CHUNK, HEAD_DIM_CHUNK, WIDE)
 
 
 @triton.jit

@@ -115,9 +115,12 @@ def test_head_dim_copies_and_script_cases():
 
 @pytest.mark.compiler
 def test_verify_and_bench_name_the_allowed_options():
-    """verify --option compiles with a lowering option on (tests/test_head_dims.py runs one); an
-    unknown one exits 2 naming those allowed, before anything runs; bench --warm needs --exhaustive."""
+    """verify --option compiles with a lowering option on, or off with NAME=false; an unknown one, or
+    a value not true / false, exits 2 naming what is allowed, before anything runs; bench --warm
+    needs --exhaustive."""
     bad = runner.invoke(app, ["verify", "causal", "--option", "nonsense"])
     assert bad.exit_code == 2 and "chunked_head_dims" in bad.output and "nonsense" in bad.output
+    value = runner.invoke(app, ["verify", "causal", "--option", "chunked_head_dims=maybe"])
+    assert value.exit_code == 2 and "chunked_head_dims=true|false" in value.output
     warm = runner.invoke(app, ["bench", "causal", "--warm", "2"])
     assert warm.exit_code == 2 and "--exhaustive" in warm.output

@@ -56,13 +56,13 @@ def test_a_contracting_head_dim_pads_to_a_few_equal_power_of_two_chunks():
 
 
 @pytest.mark.compiler
-def test_every_kernel_pads_by_chunks_with_the_option_only():
+def test_every_kernel_pads_by_chunks_unless_the_option_is_off():
     from attngen.passes import PassOptions
     from attngen.pipeline import compile_spec
     from attngen.resources import resolve_spec
 
-    off = compile_spec(resolve_spec("head_dim_192"), options=PassOptions(), stop="tiling")
-    on = compile_spec(resolve_spec("head_dim_192"), options=PassOptions(chunked_head_dims=True), stop="tiling")
+    off = compile_spec(resolve_spec("head_dim_192"), options=PassOptions(chunked_head_dims=False), stop="tiling")
+    on = compile_spec(resolve_spec("head_dim_192"), options=PassOptions(), stop="tiling")
     for role in ("fwd", "bwd_dq", "bwd_dkdv"):
         assert {c.head_dim_pad for c in off.kernel(role).attr("tiling")} == {256}
         assert {c.head_dim_pad for c in on.kernel(role).attr("tiling")} == {192}
@@ -72,13 +72,14 @@ def test_every_kernel_pads_by_chunks_with_the_option_only():
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("name", ["head_dim_192", "head_dim_96"])
-def test_the_chunked_forward_matches_the_reference(name, device):
-    """q and k loaded in three column chunks (192 = 3 x 64, 96 = 3 x 32), QK^T summed over them, dQ
-    and dK accumulated and stored per chunk: the forward, its LSE and the gradients of both backward
-    forms (the single pass adds dQ chunk by chunk) against float64, in every dtype the device tests
-    (fp16 through TMA descriptors in chunk-wide boxes), on ragged Nq != Nk shapes with fully masked
-    rows (bottom-right causal, more queries than keys)."""
+@pytest.mark.parametrize("name,chunked", [("head_dim_192", True), ("head_dim_96", True), ("head_dim_96", False)])
+def test_the_chunked_forward_matches_the_reference(name, chunked, device):
+    """q and k loaded in three column chunks (192 = 3 x 64, 96 = 3 x 32; the default), QK^T summed
+    over them, dQ and dK accumulated and stored per chunk: the forward, its LSE and the gradients of
+    both backward forms (the single pass adds dQ chunk by chunk) against float64, in every dtype the
+    device tests (fp16 through TMA descriptors in chunk-wide boxes), on ragged Nq != Nk shapes with
+    fully masked rows (bottom-right causal, more queries than keys); and with the option off, the
+    head dim padded to the next power of two."""
     import attngen
     from attngen import runtime
     from attngen.resources import resolve_spec
@@ -86,8 +87,8 @@ def test_the_chunked_forward_matches_the_reference(name, device):
     from attngen.verify import CPU_SHAPES, check, format_table
 
     path = resolve_spec(name)
-    spec, module = load_spec(path), attngen.load(path, chunked_head_dims=True)
-    assert "q2 = _tile_at(Q" in inspect.getsource(module)  # the chunked code, not the padded one
+    spec, module = load_spec(path), attngen.load(path, **({} if chunked else {"chunked_head_dims": False}))
+    assert ("q2 = _tile_at(Q" in inspect.getsource(module)) == chunked  # the chunked code, or the padded one
     dtypes = [d for d in (("fp32", "fp16", "bf16") if device == "cuda" else ("fp32", "fp16")) if d in spec.dtypes]
     results = [check(spec, module, s, d, device, seed=i, backward=True, deterministic=det)
                for det in (True, False) for d in dtypes for i, s in enumerate((CPU_SHAPES[1], CPU_SHAPES[4]))]

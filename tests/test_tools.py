@@ -191,3 +191,16 @@ def test_verify_jobs_reports_a_bad_spec_as_one_process_does(tmp_path):
         result = runner.invoke(app, ["verify", str(bad), "--jobs", jobs])
         assert result.exit_code == 2, result.output
         assert f"{bad}: mask.window.left: expected a non-negative integer, got -3" in result.output
+
+
+@pytest.mark.compiler
+def test_option_flags_turn_on_or_off():
+    """--option NAME turns a PassOptions flag on, NAME=false off (chunked_head_dims is on by default)."""
+    from attngen.tools.ab import flag_values
+
+    assert flag_values(["split_loops", "chunked_head_dims=false", "longest_first=On"]) == {
+        "split_loops": True, "chunked_head_dims": False, "longest_first": True}
+    with pytest.raises(ValueError, match="expected one of"):
+        flag_values(["nonsense=false"])
+    with pytest.raises(ValueError, match=r"chunked_head_dims=true\|false"):
+        flag_values(["chunked_head_dims=2"])

@@ -31,6 +31,22 @@ def check_option(option: str, flag: str = "--ab") -> None:
         raise ValueError(f"{flag}: expected one of {', '.join(options())}, got {option!r}")
 
 
+SWITCH = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+
+
+def flag_values(names: Iterable[str], flag: str = "--option") -> dict[str, bool]:
+    """PassOptions flags from `NAME` (on) or `NAME=false` / `NAME=true` (off / on: a flag that is on
+    by default, such as chunked_head_dims, turned off); raises naming `flag` on anything else."""
+    out = {}
+    for item in names:
+        name, _, value = item.partition("=")
+        check_option(name, flag)
+        if value and value.lower() not in SWITCH:
+            raise ValueError(f"{flag}: {item!r}: expected {name} or {name}=true|false")
+        out[name] = SWITCH[value.lower()] if value else True
+    return out
+
+
 def option_ab(cases: Iterable[str], option: str, shapes, log: Callable[[str], None] = print) -> list[dict]:
     """For each case (a spec file, or 'name:head_dim' of a shipped spec) and shape: median ms of
     fwd, bwd and fwd+bwd with `option` on and off; logs one line per row and returns the rows."""

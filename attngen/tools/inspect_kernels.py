@@ -140,7 +140,7 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
                  log: Callable[[str], None] = print) -> list[str]:
     """Prints (through log) and returns one line per kernel role and load path (pointers, TMA): the
     kernel at the cost model's tiling for `dtype`, launched (or, offline, compiled) at `shape`
-    (BxHxN), the module compiled with the PassOptions flags in `options` on. With `out`, also
+    (BxHxN), the module compiled with the PassOptions flags in `options` (NAME on, NAME=false off). With `out`, also
     writes each kernel's SASS there."""
     import torch
 
@@ -171,7 +171,9 @@ def inspect_spec(spec_path: str | Path, shape: str = "4x16x4096", *, offline: bo
     bench_shape = parse_shapes(shape)[0]
     from attngen.passes import PassOptions
 
-    flags = {name: True for name in options}
+    from attngen.tools.ab import flag_values
+
+    flags = flag_values(options)
     compiled = compile_spec(spec_path, options=PassOptions(**flags), stop="tiling")
     module = attngen.load(spec_path, **flags)
     rt = runtime.of(module)
