@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from pathlib import Path
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from . import decode, decode_gate, memory
+from . import decode, decode_gate, gluon_dkdv, memory
 from .block_mask import BlockMask
 from .launch import Plan, descriptors, direct_launch, native_nvidia, signature, wide_offsets
 from .layouts import static_layout
@@ -140,7 +141,10 @@ class KernelModule:
         self.deterministic: bool | None = True
         self.backward_forms = ns.get("BACKWARD_FORMS", {})  # dtype -> ((ranked length, form), ...)
         self._no_single_pass: set = set()  # bwd_single tilings that did not fit (OutOfResources)
-        self.last_backward = None  # the form the latest backward ran: "two kernels" | "single pass"
+        self.last_backward = None  # the form the latest backward ran: "two kernels" | "single pass" | ...
+        # dK/dV by the Gluon kernel where it applies (plain masks at head dims padded to 256 on sm90;
+        # runtime/gluon_dkdv.py, docs/decisions/gluon-dkdv.md); False: always the generated kernel
+        self.gluon_dkdv = True
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_ops(self)
@@ -409,10 +413,12 @@ class KernelModule:
                 if self.n_grads else placeholder(q.device, torch.float32))
         # dQ first: its programs also write delta = rowsum(dO * O), which the dK/dV kernel reads.
         self._launch("bwd_dq", (q, k, v, do, o, dq, lse, delta, hp, part), scalars, seed, flags, sparse, cfg, window)
-        # q stands in for the fp32 dQ buffer the kernel does not touch without ATOMIC_DQ
-        self._launch("bwd_dkdv", (q, k, v, do, dk, dv, q, lse, delta, hp), scalars, seed, (False, *flags), sparse,
-                     kv_cfg, window)
         self.last_backward = "two kernels"
+        if self._gluon_dkdv(q, k, v, do, lse, delta, dk, dv, scale, p_drop, sparse, window, kv_cfg):
+            self.last_backward = "two kernels, dK/dV in Gluon"
+        else:  # q stands in for the fp32 dQ buffer the kernel does not touch without ATOMIC_DQ
+            self._launch("bwd_dkdv", (q, k, v, do, dk, dv, q, lse, delta, hp), scalars, seed, (False, *flags), sparse,
+                         kv_cfg, window)
         dhp = None
         if self.n_grads and window is not None:  # [P, 3, B, Hq, Nq]: g(ds), ds and g(p) per row, unfinished
             rows = iter(part.view(self.n_grads, 3, B, Hq, -1)[..., :Nq])
@@ -421,6 +427,24 @@ class KernelModule:
             sums = iter(part.view(self.n_grads, -1, Hq, part.shape[-1]).sum(dim=(1, 3)))
             dhp = torch.stack([next(sums) if p["grad"] else hp.new_zeros(Hq) for p in self.head_params])
         return dq, dk, dv, dhp
+
+    def _gluon_dkdv(self, q, k, v, do, lse, delta, dk, dv, scale, p_drop, sparse, window, kv_cfg) -> bool:
+        """dK and dV by the Gluon kernel where it applies (runtime/gluon_dkdv.py; `gluon_dkdv`: off
+        with False); True when it ran. A compile failure (another Triton's Gluon) turns it off."""
+        if not (self.gluon_dkdv and p_drop == 0 and window is None and sparse.seqlens is None
+                and sparse.block_mask is None and sparse.documents is None and not self.document
+                and lse.stride() == delta.stride()
+                and gluon_dkdv.eligible(self.spec, q, k, v, do, kv_cfg["HEAD_DIM_PAD"], kv_cfg["HEAD_DIM_V_PAD"])):
+            return False
+        causal = self.spec.get("mask", {}).get("causal")
+        try:
+            gluon_dkdv.dkdv(q, k, v, do, lse, delta, dk, dv, scale, causal["align"] if causal else None)
+        except (triton.CompilationError, OutOfResources, RuntimeError, ValueError) as e:  # the Triton kernel from now on
+            self.gluon_dkdv = False
+            warnings.warn(f"spec {self.name!r}: the Gluon dK/dV kernel failed ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); the Triton kernel runs instead")
+            return False
+        return True
 
     @staticmethod
     def _delta(o, do, delta) -> None:

@@ -1,0 +1,60 @@
+"""The Gluon dK/dV kernel (attngen/runtime/gluon_dkdv.py): which calls it takes, and what it compiles
+to for sm90 without a GPU (its numbers are checked on a GPU: tests/test_gpu.py and `attngen verify`;
+Triton's interpreter does not run Gluon)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attngen.resources import resolve_spec
+from attngen.spec import load_spec
+from attngen.runtime import gluon_dkdv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.compiler
+def test_only_plain_specs_take_the_gluon_kernel():
+    plain = {"head_dim_256", "head_dim_192", "dense", "causal", "causal_bottom_right", "gqa"}
+    for name in ("head_dim_256", "head_dim_192", "dense", "causal", "causal_bottom_right", "gqa", "softcap", "alibi",
+                 "temperature", "causal_dropout", "document", "sliding_window", "prefix_lm", "dilated", "block_sparse",
+                 "chunked", "nsa"):
+        spec = load_spec(resolve_spec(name)).to_dict()
+        assert gluon_dkdv.spec_eligible(spec) == (name in plain), name
+
+
+@pytest.mark.compiler
+def test_a_call_takes_it_only_on_sm90_at_head_dims_padded_to_256():
+    spec = load_spec(resolve_spec("head_dim_256")).to_dict()
+    q, k, v, do = (torch.randn(1, 2, 64, 256, dtype=torch.bfloat16) for _ in range(4))
+    assert not gluon_dkdv.eligible(spec, q, k, v, do, 256, 256)  # CPU tensors
+    assert not gluon_dkdv.eligible(spec, q, k, v, do, 128, 128)  # Triton's kernel does not duplicate there
+
+
+@pytest.mark.compiler
+@pytest.mark.parametrize("dims,causal", [((256, 256), "bottom_right"), ((256, 128), None)])
+def test_it_issues_each_score_product_once_without_spills(dims, causal):
+    """Compiled for sm90 offline: per step 32 wgmma of 64 x 32 for QK^T and dO V^T together (the
+    two warpgroups split the 64 queries; Triton's kernel issues both products on each warpgroup),
+    then dV and dK, and no local-memory traffic."""
+    if not gluon_dkdv.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper ops")
+    code = (f"from attngen.runtime import gluon_dkdv; from attngen.tools.inspect_kernels import sass, registers; "
+            f"k = gluon_dkdv.compile_for_sm90({dims[0]}, {dims[1]}, {causal!r}); s = sass(k); "
+            f"import re; print(len(re.findall(r'HGMMA.64x32x16', s)), len(re.findall(r'HGMMA.64x\\d+x16', s)), "
+            f"len(re.findall(r'\\b(LDL|STL)\\b', s)), registers(k), k.metadata.shared)")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    if done.returncode != 0 and ("ptxas" in done.stderr or "cuobjdump" in done.stderr):
+        pytest.skip(f"no NVIDIA toolchain for this Triton: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores, hgmma, spills, regs, shared = (int(x) for x in done.stdout.split()[-5:])
+    d, dv = dims
+    assert scores == (d + dv) // 16  # one K-step of 16 a wgmma, each product once
+    assert hgmma == scores + 2 * (64 // 16)  # plus dV and dK, each over 64 queries in K-steps of 16
+    assert spills == 0 and regs <= 255 and shared <= 232448
