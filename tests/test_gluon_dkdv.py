@@ -36,6 +36,15 @@ def test_a_call_takes_it_only_on_sm90_at_head_dims_padded_to_256():
 
 
 @pytest.mark.compiler
+def test_tma_reads_unit_stride_rows_of_16_bytes_only():
+    x = torch.randn(2, 64, 4, 256, dtype=torch.bfloat16)
+    assert gluon_dkdv.tma_legal(x.transpose(1, 2))  # [B, N, H, D] memory read as [B, H, N, D]
+    assert not gluon_dkdv.tma_legal(torch.randn(1, 1, 1, 256, dtype=torch.bfloat16).expand(2, 4, 64, 256))
+    assert not gluon_dkdv.tma_legal(torch.randn(2, 4, 64, 255, dtype=torch.bfloat16))  # 510-byte rows
+    assert not gluon_dkdv.tma_legal(x.transpose(2, 3))  # D not the unit stride
+
+
+@pytest.mark.compiler
 @pytest.mark.parametrize("dims,causal", [((256, 256), "bottom_right"), ((256, 128), None)])
 def test_it_issues_each_score_product_once_without_spills(dims, causal):
     """Compiled for sm90 offline: per step 32 wgmma of 64 x 32 for QK^T and dO V^T together (the

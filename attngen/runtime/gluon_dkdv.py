@@ -55,8 +55,14 @@ def eligible(spec: dict, q, k, v, do, head_dim_pad: int, head_dim_v_pad: int) ->
         return False
     if q.dtype not in DTYPES or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    return all(t.dtype == q.dtype and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(s % 8 == 0 for s in t.stride()[:-1]) for t in (q, k, v, do))
+    return all(t.dtype == q.dtype and tma_legal(t) for t in (q, k, v, do))
+
+
+def tma_legal(t: torch.Tensor) -> bool:
+    """A 16-bit [B, H, N, D] tensor a TMA descriptor can read: unit stride along D, the others
+    positive multiples of 16 bytes, a 16-byte aligned start (an expanded gradient's stride 0 is not)."""
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
 if AVAILABLE:
