@@ -47,6 +47,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise
+
 # (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, WARPS_M) per (D, Dv)
 CONFIGS = {(256, 256): [(64, 64, 2, 4), (32, 64, 3, 4)], (192, 128): [(64, 64, 2, 4), (64, 64, 3, 4), (32, 64, 3, 4)],
            (128, 128): [(64, 128, 2, 8), (64, 128, 3, 8), (64, 64, 3, 4)]}
@@ -101,15 +104,15 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
     n_tiles = GROUP * per_head
 
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, first, 0], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, first, 0], kv_bar, v_smem)
+    _tma_load(k_desc, [off_b, off_hk, first, 0], kv_bar, k_smem)
+    _tma_load(v_desc, [off_b, off_hk, first, 0], kv_bar, v_smem)
     for j in gl.static_range(STAGES - 1):  # the first tiles' Q and dO
         if j < n_tiles:
             h = off_hk * GROUP + j // per_head
             m0 = (m_first + j % per_head) * BLOCK_M
             mbarrier.expect(ready.index(j), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b, h, m0, 0], ready.index(j), q_bufs.index(j))
-            tma.async_copy_global_to_shared(do_desc, [off_b, h, m0, 0], ready.index(j), do_bufs.index(j))
+            _tma_load(q_desc, [off_b, h, m0, 0], ready.index(j), q_bufs.index(j))
+            _tma_load(do_desc, [off_b, h, m0, 0], ready.index(j), do_bufs.index(j))
     mbarrier.wait(kv_bar, 0)
     k_op = k_smem.reshape([BLOCK_N, HEAD_DIM])
     v_op = v_smem.reshape([BLOCK_N, HEAD_DIM_V])
@@ -130,15 +133,15 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
         # in order: this warpgroup's dV and dK of the previous step are done too; once both
         # warpgroups' are, that step's stage and P^T / dS^T are free (the barrier)
         sT = warpgroup_mma_wait(1, deps=(s_tok, k_op, q_op))[0]
-        gl.thread_barrier()
+        _cta_barrier()
         nxt = i + STAGES - 1
         if nxt < n_tiles:
             sn = nxt % STAGES
             hn = off_hk * GROUP + nxt // per_head
             mn = (m_first + nxt % per_head) * BLOCK_M
             mbarrier.expect(ready.index(sn), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b, hn, mn, 0], ready.index(sn), q_bufs.index(sn))
-            tma.async_copy_global_to_shared(do_desc, [off_b, hn, mn, 0], ready.index(sn), do_bufs.index(sn))
+            _tma_load(q_desc, [off_b, hn, mn, 0], ready.index(sn), q_bufs.index(sn))
+            _tma_load(do_desc, [off_b, hn, mn, 0], ready.index(sn), do_bufs.index(sn))
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=cols)
         row = off_b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
         lse2 = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
@@ -153,7 +156,7 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
         if WARPS_N == 2:
             ds_smem.store(dsT.to(dtype))
             fence_async_shared()
-            gl.thread_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
+            _cta_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
             dv = warpgroup_mma(p_smem, do_op, dv, is_async=True)
             dk = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
         else:  # a warpgroup holds whole rows of P^T and dS^T: the products' A operand from registers
@@ -210,13 +213,13 @@ def _gl_bwd_dq(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, stride_lb, strid
     n_tiles = gl.cdiv(end, BLOCK_N)
 
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, first, 0], q_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [off_b, off_h, first, 0], q_bar, do_smem)
+    _tma_load(q_desc, [off_b, off_h, first, 0], q_bar, q_smem)
+    _tma_load(do_desc, [off_b, off_h, first, 0], q_bar, do_smem)
     for j in gl.static_range(STAGES - 1):
         if j < n_tiles:
             mbarrier.expect(ready.index(j), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, j * BLOCK_N, 0], ready.index(j), k_bufs.index(j))
-            tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, j * BLOCK_N, 0], ready.index(j), v_bufs.index(j))
+            _tma_load(k_desc, [off_b, off_hk, j * BLOCK_N, 0], ready.index(j), k_bufs.index(j))
+            _tma_load(v_desc, [off_b, off_hk, j * BLOCK_N, 0], ready.index(j), v_bufs.index(j))
     offs_m = first + gl.arange(0, BLOCK_M, layout=rows)
     row = off_b.to(gl.int64) * stride_lb + off_h.to(gl.int64) * stride_lh
     lse2 = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
@@ -234,13 +237,13 @@ def _gl_bwd_dq(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DQ, stride_lb, strid
         s_tok = warpgroup_mma(q_op, k_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dp_tok = warpgroup_mma(do_op, v_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(1, deps=(s_tok, q_op, k_op))[0]  # the previous step's dQ product is done too
-        gl.thread_barrier()  # ... in both warpgroups: its stage is free
+        _cta_barrier()  # ... in both warpgroups: its stage is free
         nxt = i + STAGES - 1
         if nxt < n_tiles:
             sn = nxt % STAGES
             mbarrier.expect(ready.index(sn), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, nxt * BLOCK_N, 0], ready.index(sn), k_bufs.index(sn))
-            tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, nxt * BLOCK_N, 0], ready.index(sn), v_bufs.index(sn))
+            _tma_load(k_desc, [off_b, off_hk, nxt * BLOCK_N, 0], ready.index(sn), k_bufs.index(sn))
+            _tma_load(v_desc, [off_b, off_hk, nxt * BLOCK_N, 0], ready.index(sn), v_bufs.index(sn))
         p = gl.exp2(s * qk_scale - lse2[:, None])
         offs_n = i * BLOCK_N + gl.arange(0, BLOCK_N, layout=cols)
         if CAUSAL:
