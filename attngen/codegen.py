@@ -300,6 +300,7 @@ def template_context(spec: Spec, kernels: dict[str, Kernel], standalone: bool = 
         "shallow": repr(tuple(r for r in tile_roles if kernels[r].attr("loop").shallow_partial)),
         "document": repr(bool(fwd.attr("mask_plan").document)),
         "decode_width": repr(decode_key_width(fwd.attr("mask_plan"))),
+        "gluon_dkdv": repr(bool(kernels["bwd_dkdv"].attr("gluon", False))),
         "functions": functions,
         "score": {"lhs": lambda s: ", ".join((s, *saved))},
         "hp_params": "".join(f", hp_{p.name}" for p in params),

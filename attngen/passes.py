@@ -80,6 +80,9 @@ class PassOptions:
     # few of them (192 = 3 x 64) rather than to the next power of two (tiling.pad_chunked); False: the
     # next power of two (docs/decisions/head-dim-chunks.md: the default since it was timed)
     chunked_head_dims: bool = True
+    # the dK/dV kernel in Gluon where it applies (runtime/gluon_dkdv.py: plain masks at head dims padded to
+    # 256, sm90); off until its runtime path has run on a GPU (docs/decisions/gluon-dkdv.md)
+    gluon_dkdv: bool = False
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -225,6 +228,8 @@ class Variants:
 
 def tiling(kernel: Kernel, options: PassOptions) -> Kernel:
     kernel = kernel.with_attrs(tiling=_winners(kernel, options))
+    if options.gluon_dkdv and kernel.attr("role") == "bwd_dkdv":  # the runtime decides per call where it applies
+        kernel = kernel.with_attrs(gluon=True)
     if options.shape_buckets:
         kernel = kernel.with_attrs(bucket_tilings=_buckets(kernel, options))
     variants = tuple(Variant(v, _winners(kernel, options, v), _buckets(kernel, options, v) if options.shape_buckets

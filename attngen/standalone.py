@@ -10,7 +10,7 @@ from pathlib import Path
 RUNTIME = Path(__file__).resolve().parent / "runtime"
 
 # The runtime's modules in dependency order (attngen/runtime/__init__.py only re-exports them).
-RUNTIME_MODULES = ("roles", "host_math", "tl_lib", "table_kernel", "tiles", "layouts", "block_mask", "varlen", "window", "sparse", "launch", "decode_gate", "library", "memory", "decode", "module")
+RUNTIME_MODULES = ("roles", "host_math", "tl_lib", "table_kernel", "tiles", "layouts", "block_mask", "varlen", "window", "sparse", "launch", "decode_gate", "library", "memory", "decode", "gluon_dkdv", "module")
 
 
 def _as_modules(texts: dict[str, str]) -> dict[str, set[str]]:

@@ -64,6 +64,7 @@ TILE_TABLES = {'fwd': 'nested', 'bwd_dkdv': 'first', 'bwd_dq': 'first'}  # kerne
 SHALLOW_PARTIAL = ('fwd', 'bwd_dkdv', 'bwd_dq')  # kernels whose partial-tile loop pipelines one stage less (the schedule pass)
 DOCUMENT = True  # document ids come with each call
 DECODE_WIDTH = None  # (a, b): n decoding rows see at most a + b n keys (None: unbounded)
+GLUON_DKDV = False  # the dK/dV kernel in Gluon where a call allows it (PassOptions.gluon_dkdv)
 
 
 @triton.jit

@@ -60,6 +60,7 @@ TILE_TABLES = {}  # kernels that walk a tile table, and its encoding (the schedu
 SHALLOW_PARTIAL = ()  # kernels whose partial-tile loop pipelines one stage less (the schedule pass)
 DOCUMENT = False  # document ids come with each call
 DECODE_WIDTH = None  # (a, b): n decoding rows see at most a + b n keys (None: unbounded)
+GLUON_DKDV = False  # the dK/dV kernel in Gluon where a call allows it (PassOptions.gluon_dkdv)
 
 
 @triton.jit

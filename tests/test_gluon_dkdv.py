@@ -28,6 +28,19 @@ def test_only_plain_specs_take_the_gluon_kernel():
 
 
 @pytest.mark.compiler
+def test_the_option_turns_it_on_in_the_module():
+    """Off by default until its runtime path has run on a GPU; PassOptions.gluon_dkdv (verify and
+    inspect --option gluon_dkdv, bench --ab gluon_dkdv) compiles a module that takes it."""
+    import attngen
+    from attngen import runtime
+
+    path = resolve_spec("head_dim_256")
+    assert not runtime.of(attngen.load(path)).gluon_dkdv
+    on = attngen.load(path, gluon_dkdv=True)
+    assert on.GLUON_DKDV is True and runtime.of(on).gluon_dkdv
+
+
+@pytest.mark.compiler
 def test_a_call_takes_it_only_on_sm90_at_head_dims_padded_to_256():
     spec = load_spec(resolve_spec("head_dim_256")).to_dict()
     q, k, v, do = (torch.randn(1, 2, 64, 256, dtype=torch.bfloat16) for _ in range(4))

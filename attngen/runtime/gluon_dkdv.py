@@ -9,7 +9,8 @@ dim; S^T and dP^T are issued back to back and dV, dK stay in flight across the s
 arrive by TMA, STAGES deep. It sums in a fixed order, so the backward stays deterministic.
 Measured 1.65x faster than the Triton kernel at d256 on an H100 (docs/decisions/gluon-dkdv.md).
 
-It covers the plain cases only: no mask or a causal one, no score modifier, no dropout, whole
+A module takes it where PassOptions.gluon_dkdv compiled it in (GLUON_DKDV; off by default until
+its runtime path has run on a GPU). It covers the plain cases only: no mask or a causal one, no score modifier, no dropout, whole
 sequences (no documents, packed sequences, layouts or windows of a larger problem), fp16 / bf16 on
 sm90; `eligible` says which, and everything else runs the generated Triton kernel. Hand-written,
 not rendered from a template: the first kernel of a Gluon family (its parts are the spec-driven
@@ -26,7 +27,7 @@ try:  # Gluon (triton.experimental) and its Hopper ops; absent or renamed in som
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_init, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
 
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise
@@ -34,9 +35,10 @@ try:  # Gluon (triton.experimental) and its Hopper ops; absent or renamed in som
 except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
 
-BLOCK_M, BLOCK_N, STAGES = 64, 64, 2  # queries a step, keys a program (8 warps); 213 KB of shared memory at d256
-LOG2E = 1.4426950408889634
-DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# queries a step, keys a program (8 warps), stages; 213 KB of shared memory at d256. (Names apart from the
+# runtime's others: `generate --standalone` puts every runtime module in one namespace.)
+GL_BLOCK_M, GL_BLOCK_N, GL_STAGES = 64, 64, 2
+GL_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def spec_eligible(spec: dict) -> bool:
@@ -53,7 +55,7 @@ def eligible(spec: dict, q, k, v, do, head_dim_pad: int, head_dim_v_pad: int) ->
     q and k padded to 256 (where Triton's kernel duplicates its score products), TMA-legal strides."""
     if not (AVAILABLE and spec_eligible(spec) and head_dim_pad == 256 and head_dim_v_pad <= 256):
         return False
-    if q.dtype not in DTYPES or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if q.dtype not in GL_DTYPES or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
     return all(t.dtype == q.dtype and tma_legal(t) for t in (q, k, v, do))
 
@@ -182,12 +184,12 @@ if AVAILABLE:
                  mask=(offs_on[:, None] < Nk) & (offs_dv[None, :] < Dv))
 
 
-def _descriptor(t: torch.Tensor, rows: int):
+def _gl_descriptor(t: torch.Tensor, rows: int):
     """A TMA descriptor over [B, H, N, D] with [1, 1, rows, D padded to a power of two] blocks (rows
     and columns past the tensor arrive as zeros)."""
     gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
     block = [1, 1, rows, triton.next_power_of_2(t.shape[-1])]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+    return _GluonDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
 
 def launch_args(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | None):
@@ -195,16 +197,17 @@ def launch_args(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | Non
     Hq, Nq, D = q.shape[1], q.shape[2], q.shape[3]
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     shift = Nk - Nq if causal == "bottom_right" else 0
-    return (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(do, BLOCK_M),
+    return (_gl_descriptor(q, GL_BLOCK_M), _gl_descriptor(k, GL_BLOCK_N), _gl_descriptor(v, GL_BLOCK_N),
+            _gl_descriptor(do, GL_BLOCK_M),
             lse, delta, dk, dv, lse.stride(0), lse.stride(1), *dk.stride()[:3], *dv.stride()[:3], Hq, Hq // Hkv,
-            Nq, Nk, D, Dv, shift, scale * LOG2E, scale, causal is not None, BLOCK_M, BLOCK_N,
-            triton.next_power_of_2(D), triton.next_power_of_2(Dv), STAGES)
+            Nq, Nk, D, Dv, shift, scale * 1.4426950408889634, scale, causal is not None, GL_BLOCK_M, GL_BLOCK_N,
+            triton.next_power_of_2(D), triton.next_power_of_2(Dv), GL_STAGES)
 
 
 def dkdv(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | None) -> None:
     """dK and dV into dk, dv from the saved LSE (natural log, [B, Hq, Nq]) and delta = rowsum(dO O)."""
     B, Hkv, Nk = k.shape[:3]
-    _gl_bwd_dkdv[(triton.cdiv(Nk, BLOCK_N), B * Hkv)](*launch_args(q, k, v, do, lse, delta, dk, dv, scale, causal),
+    _gl_bwd_dkdv[(triton.cdiv(Nk, GL_BLOCK_N), B * Hkv)](*launch_args(q, k, v, do, lse, delta, dk, dv, scale, causal),
                                                       num_warps=8)
 
 

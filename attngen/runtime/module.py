@@ -143,8 +143,8 @@ class KernelModule:
         self._no_single_pass: set = set()  # bwd_single tilings that did not fit (OutOfResources)
         self.last_backward = None  # the form the latest backward ran: "two kernels" | "single pass" | ...
         # dK/dV by the Gluon kernel where it applies (plain masks at head dims padded to 256 on sm90;
-        # runtime/gluon_dkdv.py, docs/decisions/gluon-dkdv.md); False: always the generated kernel
-        self.gluon_dkdv = True
+        # runtime/gluon_dkdv.py, docs/decisions/gluon-dkdv.md): the module's GLUON_DKDV, settable
+        self.gluon_dkdv = bool(ns.get("GLUON_DKDV", False))
         source = Path(ns["__file__"]).read_bytes() if ns.get("__file__") else repr(self.spec).encode()
         self.key = f"{self.name}_{hashlib.sha256(source).hexdigest()[:12]}"
         self.ops = register_ops(self)
