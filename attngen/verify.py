@@ -278,7 +278,7 @@ def _single_pass(module) -> bool:
 
 def _labelled(result: Result, module) -> Result:
     """The result with the backward form that ran in the spec column (verify --backward runs both)."""
-    form = "single pass" if _single_pass(module) else "two kernels"
+    form = runtime.of(module).last_backward or "two kernels"  # e.g. "two kernels, dK/dV in Gluon"
     return dataclasses.replace(result, spec=f"{result.spec} ({form})")
 
 

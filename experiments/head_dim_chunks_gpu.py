@@ -39,7 +39,8 @@ def main() -> None:
     rows = []
     for name in args.specs.split(","):
         path = Path("specs") / f"{name}.yaml"
-        spec, module, base = load_spec(path), attngen.load(path, chunked_head_dims=True), attngen.load(path)
+        spec, module = load_spec(path), attngen.load(path, chunked_head_dims=True)
+        base = attngen.load(path, chunked_head_dims=False)  # the padded form (chunks are the default since)
         options = PassOptions(chunked_head_dims=True)
         ranked = compile_spec(path, options=options, stop="tiling").rankings["fwd"]["bf16"].ranked[:args.top]
         for text in args.shapes.split(","):

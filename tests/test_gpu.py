@@ -75,14 +75,16 @@ def test_direct_launches_match_launches_through_triton_bitwise(name):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-def test_the_gluon_dkdv_kernel_matches_the_reference_and_repeats_bitwise():
-    """head_dim_256 (causal bottom-right) compiled with gluon_dkdv takes the Gluon dK/dV kernel
-    (runtime/gluon_dkdv.py) on sm90: gradients against float64 on GQA, Nq < Nk, Nq > Nk (rows that see nothing) and strided
-    inputs; the same bits over repeated calls; close to the Triton kernel's."""
+@pytest.mark.parametrize("name,options", [("head_dim_256", {}), ("head_dim_192", {"chunked_head_dims": False})])
+def test_the_gluon_dkdv_kernel_matches_the_reference_and_repeats_bitwise(name, options):
+    """A spec compiled with gluon_dkdv takes the Gluon dK/dV kernel (runtime/gluon_dkdv.py) on sm90
+    at head dims padded to 256 (head_dim_256; head_dim_192 unchunked: dv 128 below D), both causal
+    bottom-right: gradients against float64 on GQA, Nq < Nk, Nq > Nk (rows that see nothing) and
+    strided inputs; the same bits over repeated calls; close to the Triton kernel's."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel is for sm90")
-    path = ROOT / "specs" / "head_dim_256.yaml"
-    spec, mod = load_spec(path), attngen.load(path, gluon_dkdv=True)
+    path = ROOT / "specs" / f"{name}.yaml"
+    spec, mod = load_spec(path), attngen.load(path, gluon_dkdv=True, **options)
     rt = runtime.of(mod)
     results = [check(spec, mod, s, dt, "cuda", seed=i, backward=True) for dt in ("bf16", "fp16")
                for i, s in enumerate([Shape(2, 8, 2, 1500, 2500), Shape(1, 4, 4, 4096, 1000, "bnhd")])]

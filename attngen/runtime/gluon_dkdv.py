@@ -5,9 +5,10 @@ dO V^T with every warp along M, so both warpgroups compute the same 64-key produ
 tensor work a step where 4 are needed. Here the layouts are explicit: the two warpgroups split the
 queries of S^T = K Q^T and dP^T = V dO^T (as FlashAttention-3 does at d256), P^T and dS^T go through
 shared memory to be the A operand of dV += P^T dO and dK += dS^T Q, whose warpgroups split the head
-dim; S^T and dP^T are issued back to back and dV, dK stay in flight across the step. Q and dO
-arrive by TMA, STAGES deep. It sums in a fixed order, so the backward stays deterministic.
-Measured 1.65x faster than the Triton kernel at d256 on an H100 (docs/decisions/gluon-dkdv.md).
+dim. Q and dO arrive by TMA, STAGES deep. It sums in a fixed order, so the backward stays
+deterministic. Measured 1.65x faster than the Triton kernel at d256 on an H100, from issuing each
+product once: the async issue written below (S^T and dP^T back to back, dV and dK in flight) is
+serialized by ptxas for now (docs/decisions/gluon-dkdv.md).
 
 A module takes it where PassOptions.gluon_dkdv compiled it in (GLUON_DKDV; off by default until
 its runtime path has run on a GPU). It covers the plain cases only: no mask or a causal one, no score modifier, no dropout, whole
@@ -55,9 +56,13 @@ def eligible(spec: dict, q, k, v, do, head_dim_pad: int, head_dim_v_pad: int) ->
     q and k padded to 256 (where Triton's kernel duplicates its score products), TMA-legal strides."""
     if not (AVAILABLE and spec_eligible(spec) and head_dim_pad == 256 and head_dim_v_pad <= 256):
         return False
-    if q.dtype not in GL_DTYPES or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if q.dtype not in GL_DTYPES or not on_sm90(q):
         return False
     return all(t.dtype == q.dtype and tma_legal(t) for t in (q, k, v, do))
+
+
+def on_sm90(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) == (9, 0)
 
 
 def tma_legal(t: torch.Tensor) -> bool:
@@ -154,7 +159,7 @@ if AVAILABLE:
             offs_m = m0 + gl.arange(0, BLOCK_M, layout=cols)
             row = off_b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
             # the saved LSE (natural log); -inf where a row sees nothing: +inf here, so its P is 0
-            lse = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=0.0)
+            lse = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=float("-inf"))
             lse2 = gl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             pT = gl.exp2(sT * qk_scale - lse2[None, :])
             if CAUSAL:
@@ -171,7 +176,7 @@ if AVAILABLE:
         dk_t, dv_t = warpgroup_mma_wait(0, deps=(dk, dv))
 
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-        offs_on = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
+        offs_on = (first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))).to(gl.int64)  # rows x strides
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
         base = off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh
         gl.store(DK + base + offs_on[:, None] * stride_kn + offs_d[None, :],
