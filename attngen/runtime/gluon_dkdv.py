@@ -5,10 +5,11 @@ dO V^T with every warp along M, so both warpgroups compute the same 64-key produ
 tensor work a step where 4 are needed. Here the layouts are explicit: the two warpgroups split the
 queries of S^T = K Q^T and dP^T = V dO^T (as FlashAttention-3 does at d256), P^T and dS^T go through
 shared memory to be the A operand of dV += P^T dO and dK += dS^T Q, whose warpgroups split the head
-dim. Q and dO arrive by TMA, STAGES deep. It sums in a fixed order, so the backward stays
-deterministic. Measured 1.65x faster than the Triton kernel at d256 on an H100, from issuing each
-product once: the async issue written below (S^T and dP^T back to back, dV and dK in flight) is
-serialized by ptxas for now (docs/decisions/gluon-dkdv.md).
+dim; S^T and dP^T are issued back to back, P^T computed while dP^T runs, and dV and dK waited for
+at the step's end (in flight into the next step, the last one's merge with the zero-trip path made
+ptxas serialize every wgmma: its warning C7515). Q and dO arrive by TMA, STAGES deep. It sums in a
+fixed order, so the backward stays deterministic. Measured 1.65x faster than the Triton kernel at
+d256 on an H100 as the probe, whose wgmmas ptxas serialized (docs/decisions/gluon-dkdv.md).
 
 A module takes it where PassOptions.gluon_dkdv compiled it in (GLUON_DKDV; off by default until
 its runtime path has run on a GPU). It covers the plain cases only: no mask or a causal one, no score modifier, no dropout, whole
@@ -133,8 +134,8 @@ if AVAILABLE:
 
         offs_n = first + gl.arange(0, BLOCK_N, layout=rows)
         zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-        dk = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=dk_layout))
-        dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, layout=dv_layout))
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=dk_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, layout=dv_layout)
         for i in range(n_tiles):
             st = i % STAGES
             h = off_hk * GROUP + i // per_head
@@ -171,9 +172,10 @@ if AVAILABLE:
             ds_smem.store(dsT.to(dtype))
             fence_async_shared()
             _cta_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
-            dv = warpgroup_mma(p_smem, do_op, dv, is_async=True)
-            dk = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
-        dk_t, dv_t = warpgroup_mma_wait(0, deps=(dk, dv))
+            dv_tok = warpgroup_mma(p_smem, do_op, dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+            dk, dv = warpgroup_mma_wait(0, deps=(dk_tok, dv_tok))  # not carried in flight: see the docstring
+        dk_t, dv_t = dk, dv
 
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
         offs_on = (first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))).to(gl.int64)  # rows x strides
