@@ -14,6 +14,7 @@
 #                                                     # (timings discarded), then time them one by one
 #   DEADLINE=500 scripts/gpu_final.sh small-groups   # NSA at G 1, 2, 4 and 16 (selection, loop orders, whole
 #                                                    # forward and backward) and the G 1 and G 4 profiles
+#   DEADLINE=500 scripts/gpu_final.sh gluon   # the Gluon dK/dV kernel (an option): GPU test, verify, A/B
 #   DEADLINE=540 scripts/gpu_final.sh first   # a session's first call (docs/verification.md): the GPU
 #                                             # test tier, NSA's verification (decode, gradients),
 #                                             # its decode step's kernels, its forward end to end
@@ -63,6 +64,15 @@ for group in "$@"; do
       --heads 16/16 --no-stages --profile $OUT/g1.txt --json $OUT/g1.json 2>&1 | grep -v -i warn | tail -2 | tee -a $OUT/small_groups.log
     [ $SECONDS -lt $DEADLINE ] && timeout $(( DEADLINE + 40 - SECONDS )) python3 experiments/nsa_gpu.py --seqs 65536 --specs nsa \
       --heads 16/4 --no-stages --profile $OUT/g4.txt 2>&1 | grep -v -i warn | tail -1 | tee -a $OUT/small_groups.log
+    continue
+  fi
+  if [ "$group" = gluon ]; then  # the Gluon dK/dV kernel in the runtime (docs/decisions/gluon-dkdv.md): checked, then A/B
+    log=$OUT/gluon.log
+    timeout 150 python3 -m pytest -q tests/test_gpu.py -k gluon 2>&1 | tail -4 | tee -a $log
+    timeout 200 python3 -m cli.main verify specs/head_dim_256.yaml --backward --dtype bf16 --dtype fp16 \
+      --option gluon_dkdv --markdown $OUT/verify_gluon_dkdv.md 2>&1 | grep -v -i warn | tail -3 | tee -a $log
+    [ $SECONDS -lt $DEADLINE ] && timeout $(( DEADLINE + 40 - SECONDS )) python3 -m cli.main bench specs/head_dim_256.yaml \
+      --ab gluon_dkdv --shapes 4x16x4096,1x16x16384 --json $OUT/gluon_ab.json 2>&1 | grep -v -i warn | tail -4 | tee -a $log
     continue
   fi
   if [ "$group" = bench-decode ]; then  # causal, the cases (attngen/bench_decode.py), CUDA-graph replays
