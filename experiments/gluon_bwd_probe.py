@@ -1,4 +1,5 @@
-"""Ran on: Triton 3.6.0 offline only (sm90 compile on the CPU machine); not yet on a GPU.
+"""Ran on: Triton 3.6.0, torch 2.11.0+cu130, an NVIDIA H100 (2026-12-08, as committed in fb8f3f7; results:
+data/gluon_bwd_probe_*_2026-12-08_h100_*.txt); its dK/dV kernel's waits changed since (below), offline only.
 
 A probe, not a backend (issues 16 and 20): the dK/dV kernel of the two-kernel backward at head dim
 256 written in Gluon (`triton.experimental.gluon`, Triton 3.6), to see whether explicit layouts
@@ -8,8 +9,10 @@ product: 6 products' tensor work a step where 4 are needed (docs/decisions/head-
 the two warpgroups split the queries of S^T = K Q^T and dP^T = V dO^T (NVMMA layout warps [4, 2],
 as FlashAttention-3 does at d256), P^T and dS^T go through shared memory to be the A operand of
 dV += P^T dO and dK += dS^T Q, whose warpgroups split the head dim, and the products are async:
-S^T and dP^T issued back to back, P^T computed while dP^T runs, dV and dK left in flight across
-the step (their accumulators chained as wgmma tokens). Not warp-specialized: one partition of 8
+S^T and dP^T issued back to back, P^T computed while dP^T runs, dV and dK waited for at the step's
+end. (As it ran on the H100 they were carried in flight across the step, and ptxas serialized
+every wgmma of the kernel, warning C7515: its timings are of the serialized kernel, at d128 too;
+docs/decisions/gluon-dkdv.md.) Not warp-specialized: one partition of 8
 warps also issues the TMA loads of Q and dO, STAGES deep. With WARPS_M 8 (d128: 128 keys, each
 warpgroup its own 64) the same schedule with P^T and dS^T as register operands, FlashAttention-3's
 d128 layout, beside attngen's dense d128 kernel.
@@ -24,8 +27,9 @@ at the head_dim_256, head_dim_192 and dense (d128) specs' modules and tilings.
     python experiments/gluon_bwd_probe.py             # on a GPU: check, then time
     python experiments/gluon_bwd_probe.py --offline   # no GPU: compile for sm90, print the SASS mix
 
-Offline (Triton 3.6 for sm90): no spills but at d128 causal with 3 stages (6 LDL); 32 HGMMA
-64x16x16 / 64x32x16 for the two score products a step at d256 where Triton's kernel issues 64.
+Offline (Triton 3.6 for sm90): no spills; 32 HGMMA 64x16x16 / 64x32x16 for the two score
+products a step at d256 where Triton's kernel issues 64; 3 waits in each kernel's SASS (40 of 40
+HGMMA waited for one by one in the dK/dV kernel as it ran).
 """
 
 from __future__ import annotations
@@ -119,8 +123,8 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
 
     offs_n = first + gl.arange(0, BLOCK_N, layout=rows)
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-    dk = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=dk_layout))
-    dv = warpgroup_mma_init(gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, layout=dv_layout))
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=dk_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, layout=dv_layout)
     for i in range(n_tiles):
         st = i % STAGES
         h = off_hk * GROUP + i // per_head
@@ -157,14 +161,17 @@ def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb,
             ds_smem.store(dsT.to(dtype))
             fence_async_shared()
             _cta_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
-            dv = warpgroup_mma(p_smem, do_op, dv, is_async=True)
-            dk = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+            dv_tok = warpgroup_mma(p_smem, do_op, dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
         else:  # a warpgroup holds whole rows of P^T and dS^T: the products' A operand from registers
             p_op = gl.convert_layout(pT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2))
             ds_op = gl.convert_layout(dsT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2))
-            dv = warpgroup_mma(p_op, do_op, dv, is_async=True)
-            dk = warpgroup_mma(ds_op, q_op, dk, is_async=True)
-    dk_t, dv_t = warpgroup_mma_wait(0, deps=(dk, dv))
+            dv_tok = warpgroup_mma(p_op, do_op, dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_op, q_op, dk, is_async=True)
+        # waited for here, not carried in flight: ptxas serialized every wgmma of the kernel when the
+        # last step's in-flight dK and dV merged with the loop's zero-trip path (its warning C7515)
+        dk, dv = warpgroup_mma_wait(0, deps=(dk_tok, dv_tok))
+    dk_t, dv_t = dk, dv
 
     out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
     offs_on = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))

@@ -73,6 +73,9 @@ for group in "$@"; do
       --option gluon_dkdv --markdown $OUT/verify_gluon_dkdv.md 2>&1 | grep -v -i warn | tail -3 | tee -a $log
     [ $SECONDS -lt $DEADLINE ] && timeout $(( DEADLINE + 40 - SECONDS )) python3 -m cli.main bench specs/head_dim_256.yaml \
       --ab gluon_dkdv --shapes 4x16x4096,1x16x16384 --json $OUT/gluon_ab.json 2>&1 | grep -v -i warn | tail -4 | tee -a $log
+    # the probe's kernels, now unserialized, beside attngen's at d256, d192 and d128 (FA3's d128 layout)
+    [ $SECONDS -lt $DEADLINE ] && timeout $(( DEADLINE + 40 - SECONDS )) python3 experiments/gluon_bwd_probe.py \
+      2>&1 | grep -v -i warn > $OUT/gluon_bwd_probe.txt; grep -E "correct|FAILED|B4|B1" $OUT/gluon_bwd_probe.txt | cut -c1-400 | tee -a $log
     continue
   fi
   if [ "$group" = bench-decode ]; then  # causal, the issue's cases (attngen/bench_decode.py), CUDA-graph replays
