@@ -75,15 +75,24 @@ def test_direct_launches_match_launches_through_triton_bitwise(name):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-@pytest.mark.parametrize("name,options", [("head_dim_256", {}), ("head_dim_192", {"chunked_head_dims": False})])
-def test_the_gluon_dkdv_kernel_matches_the_reference_and_repeats_bitwise(name, options):
+GLUON_MASKS = {"dense": "{}", "top_left": "{causal: {align: top_left}}"}
+
+
+@pytest.mark.parametrize("name,options", [("head_dim_256", {}), ("head_dim_192", {"chunked_head_dims": False}),
+                                          ("dense", {}), ("top_left", {})])
+def test_the_gluon_dkdv_kernel_matches_the_reference_and_repeats_bitwise(name, options, tmp_path):
     """A spec compiled with gluon_dkdv takes the Gluon dK/dV kernel (runtime/gluon_dkdv.py) on sm90
-    at head dims padded to 256 (head_dim_256; head_dim_192 unchunked: dv 128 below D), both causal
-    bottom-right: gradients against float64 on GQA, Nq < Nk, Nq > Nk (rows that see nothing) and
-    strided inputs; the same bits over repeated calls; close to the Triton kernel's."""
+    at head dims padded to 256: head_dim_256 and head_dim_192 unchunked (dv 128 below D), both
+    causal bottom-right, and d256 with no mask or a top-left causal one: gradients against float64
+    on GQA, Nq < Nk, Nq > Nk (rows that see nothing) and strided inputs; the same bits over
+    repeated calls; close to the Triton kernel's."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Gluon kernel is for sm90")
     path = ROOT / "specs" / f"{name}.yaml"
+    if name in GLUON_MASKS:
+        path = tmp_path / f"gluon_{name}.yaml"
+        path.write_text(f"name: gluon_{name}\ndescription: d256, {name}\nhead_dim: 256\ndtypes: [fp16, bf16]\n"
+                        f"mask: {GLUON_MASKS[name]}\n")
     spec, mod = load_spec(path), attngen.load(path, gluon_dkdv=True, **options)
     rt = runtime.of(mod)
     results = [check(spec, mod, s, dt, "cuda", seed=i, backward=True) for dt in ("bf16", "fp16")
