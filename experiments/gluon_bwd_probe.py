@@ -12,7 +12,8 @@ dV += P^T dO and dK += dS^T Q, whose warpgroups split the head dim, and the prod
 S^T and dP^T issued back to back, P^T computed while dP^T runs, dV and dK waited for at the step's
 end. (As it ran on the H100 they were carried in flight across the step, and ptxas serialized
 every wgmma of the kernel, warning C7515: its timings are of the serialized kernel, at d128 too;
-docs/decisions/gluon-dkdv.md.) Not warp-specialized: one partition of 8
+docs/decisions/gluon-dkdv.md.) The dK/dV kernel is the runtime's own (attngen/runtime/gluon_dkdv.py,
+at the tilings below); the dQ kernel lives here only. Not warp-specialized: one partition of 8
 warps also issues the TMA loads of Q and dO, STAGES deep. With WARPS_M 8 (d128: 128 keys, each
 warpgroup its own 64) the same schedule with P^T and dS^T as register operands, FlashAttention-3's
 d128 layout, beside attngen's dense d128 kernel.
@@ -37,22 +38,23 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-import os
 import re
 import statistics
-import subprocess
-import tempfile
 
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_init, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (mbarrier, tma, warpgroup_mma, warpgroup_mma_init,
+                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
 
+from attngen.runtime import gluon_dkdv
+from attngen.tools.inspect_kernels import gluon_dkdv_sm90, gluon_sm90, registers, sass
+from backward_profile_gpu import kernel_times  # (run from experiments/: its directory is on the path)
+
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
-_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise (the runtime looks them up alike)
 
 # (BLOCK_M queries a step, BLOCK_N keys a program, STAGES, WARPS_M) per (D, Dv)
 CONFIGS = {(256, 256): [(64, 64, 2, 4), (32, 64, 3, 4)], (192, 128): [(64, 64, 2, 4), (64, 64, 3, 4), (32, 64, 3, 4)],
@@ -60,129 +62,6 @@ CONFIGS = {(256, 256): [(64, 64, 2, 4), (32, 64, 3, 4)], (192, 128): [(64, 64, 2
 DTYPES = (torch.bfloat16,)  # checked in; fp16 compiles the same layouts
 # timed beside its module, with its mask (the head dims' specs are causal: bottom-right, at Nq = Nk the same)
 SPECS = {(256, 256): ("head_dim_256", True), (192, 128): ("head_dim_192", True), (128, 128): ("dense", False)}
-
-
-@gluon.jit
-def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
-                 stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, GROUP, Nq, Nk, D, Dv, qk_scale, sm_scale,
-                 CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-                 HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr, WARPS_M: gl.constexpr):
-    # One program: BLOCK_N keys of one (batch, KV head), walking the query tiles of its group's heads.
-    HKV = H // GROUP
-    off_bh = gl.program_id(1)
-    off_b = off_bh // HKV
-    off_hk = off_bh % HKV
-    first = gl.program_id(0) * BLOCK_N
-    dtype: gl.constexpr = q_desc.dtype
-
-    # WARPS_M 4: S^T / dP^T [BLOCK_N, BLOCK_M] with the two warpgroups splitting the queries, dK / dV
-    # [BLOCK_N, D] the columns (64 keys); WARPS_M 8: each warpgroup its own 64 of 128 keys, everywhere
-    WARPS_N: gl.constexpr = 8 // WARPS_M
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
-                                                       instr_shape=[16, BLOCK_M // WARPS_N, 16])
-    dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
-                                                        instr_shape=[16, HEAD_DIM // WARPS_N, 16])
-    dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
-                                                        instr_shape=[16, HEAD_DIM_V // WARPS_N, 16])
-    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
-
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_bufs = gl.allocate_shared_memory(dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
-    do_bufs = gl.allocate_shared_memory(dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
-    p_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], pt_layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], pt_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-
-    # the query tiles: every one of each head in the group (causal: from the first that meets the block)
-    m_first = 0
-    if CAUSAL:
-        m_first = first // BLOCK_M
-    per_head = gl.cdiv(Nq, BLOCK_M) - m_first
-    n_tiles = GROUP * per_head
-
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    _tma_load(k_desc, [off_b, off_hk, first, 0], kv_bar, k_smem)
-    _tma_load(v_desc, [off_b, off_hk, first, 0], kv_bar, v_smem)
-    for j in gl.static_range(STAGES - 1):  # the first tiles' Q and dO
-        if j < n_tiles:
-            h = off_hk * GROUP + j // per_head
-            m0 = (m_first + j % per_head) * BLOCK_M
-            mbarrier.expect(ready.index(j), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            _tma_load(q_desc, [off_b, h, m0, 0], ready.index(j), q_bufs.index(j))
-            _tma_load(do_desc, [off_b, h, m0, 0], ready.index(j), do_bufs.index(j))
-    mbarrier.wait(kv_bar, 0)
-    k_op = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v_op = v_smem.reshape([BLOCK_N, HEAD_DIM_V])
-
-    offs_n = first + gl.arange(0, BLOCK_N, layout=rows)
-    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=dk_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM_V], gl.float32, layout=dv_layout)
-    for i in range(n_tiles):
-        st = i % STAGES
-        h = off_hk * GROUP + i // per_head
-        m0 = (m_first + i % per_head) * BLOCK_M
-        mbarrier.wait(ready.index(st), (i // STAGES) & 1)
-        q_op = q_bufs.index(st).reshape([BLOCK_M, HEAD_DIM])
-        do_op = do_bufs.index(st).reshape([BLOCK_M, HEAD_DIM_V])
-        s_tok = warpgroup_mma(k_op, q_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(v_op, do_op.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # in order: this warpgroup's dV and dK of the previous step are done too; once both
-        # warpgroups' are, that step's stage and P^T / dS^T are free (the barrier)
-        sT = warpgroup_mma_wait(1, deps=(s_tok, k_op, q_op))[0]
-        _cta_barrier()
-        nxt = i + STAGES - 1
-        if nxt < n_tiles:
-            sn = nxt % STAGES
-            hn = off_hk * GROUP + nxt // per_head
-            mn = (m_first + nxt % per_head) * BLOCK_M
-            mbarrier.expect(ready.index(sn), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            _tma_load(q_desc, [off_b, hn, mn, 0], ready.index(sn), q_bufs.index(sn))
-            _tma_load(do_desc, [off_b, hn, mn, 0], ready.index(sn), do_bufs.index(sn))
-        offs_m = m0 + gl.arange(0, BLOCK_M, layout=cols)
-        row = off_b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh
-        lse2 = gl.load(LSE + row + offs_m, mask=offs_m < Nq, other=0.0) * 1.4426950408889634
-        pT = gl.exp2(sT * qk_scale - lse2[None, :])
-        if CAUSAL:
-            pT = gl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)
-        if WARPS_N == 2:
-            p_smem.store(pT.to(dtype))
-        dpT = warpgroup_mma_wait(0, deps=(dp_tok, v_op, do_op))[0]
-        delta = gl.load(DELTA + row + offs_m, mask=offs_m < Nq, other=0.0)
-        dsT = pT * (dpT - delta[None, :])
-        if WARPS_N == 2:
-            ds_smem.store(dsT.to(dtype))
-            fence_async_shared()
-            _cta_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
-            dv_tok = warpgroup_mma(p_smem, do_op, dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
-        else:  # a warpgroup holds whole rows of P^T and dS^T: the products' A operand from registers
-            p_op = gl.convert_layout(pT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_layout, k_width=2))
-            ds_op = gl.convert_layout(dsT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dk_layout, k_width=2))
-            dv_tok = warpgroup_mma(p_op, do_op, dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_op, q_op, dk, is_async=True)
-        # waited for here, not carried in flight: ptxas serialized every wgmma of the kernel when the
-        # last step's in-flight dK and dV merged with the loop's zero-trip path (its warning C7515)
-        dk, dv = warpgroup_mma_wait(0, deps=(dk_tok, dv_tok))
-    dk_t, dv_t = dk, dv
-
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-    offs_on = first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))
-    base = off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh
-    dk_out = gl.convert_layout((dk_t * sm_scale).to(dtype), out_layout)
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
-    gl.store(DK + base + offs_on[:, None] * stride_kn + offs_d[None, :], dk_out, mask=(offs_on[:, None] < Nk) & (offs_d[None, :] < D))
-    base = off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh
-    dv_out = gl.convert_layout(dv_t.to(dtype), out_layout)
-    offs_dv = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, out_layout))
-    gl.store(DV + base + offs_on[:, None] * stride_vn + offs_dv[None, :], dv_out, mask=(offs_on[:, None] < Nk) & (offs_dv[None, :] < Dv))
 
 
 @gluon.jit
@@ -276,23 +155,12 @@ def _descriptor(t, rows):
     return GluonDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
 
-def _launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES, WARPS_M):
-    B, H, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    sm_scale = 1 / math.sqrt(D)
-    return (_descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), _descriptor(do, BLOCK_M),
-            lse, delta, dk, dv, lse.stride(0), lse.stride(1), *dk.stride()[:3], *dv.stride()[:3], H, H // Hkv,
-            Nq, Nk, D, Dv, sm_scale * 1.4426950408889634, sm_scale, causal, BLOCK_M, BLOCK_N,
-            triton.next_power_of_2(D), triton.next_power_of_2(Dv), STAGES, WARPS_M)
-
-
 def dkdv(q, k, v, do, lse, delta, causal, BLOCK_M=64, BLOCK_N=64, STAGES=2, WARPS_M=4):
-    """dK, dV of softmax(Q K^T / sqrt(D)) V (causal: top-left aligned) from the saved LSE and delta."""
-    B, Hkv, Nk, _ = k.shape
+    """dK, dV of softmax(Q K^T / sqrt(D)) V (causal: top-left aligned) from the saved LSE and delta,
+    by the runtime's kernel (attngen/runtime/gluon_dkdv.py) at this tiling."""
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    grid = (triton.cdiv(Nk, BLOCK_N), B * Hkv)
-    _gl_bwd_dkdv[grid](*_launch_args(q, k, v, do, lse, delta, dk, dv, causal, BLOCK_M, BLOCK_N, STAGES, WARPS_M),
-                       num_warps=8)
+    gluon_dkdv.dkdv(q, k, v, do, lse, delta, dk, dv, 1 / math.sqrt(q.shape[-1]), "top_left" if causal else None,
+                    (BLOCK_M, BLOCK_N, STAGES, WARPS_M))
     return dk, dv
 
 
@@ -354,17 +222,8 @@ def check() -> bool:
 
 
 def _kernel_ms(fn, name: str, reps: int = 20) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    times = [(getattr(e, "device_time", None) or getattr(e, "cuda_time", 0)) / 1e3 for e in prof.events()
-             if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith(name)]
-    return statistics.median(times)
+    """Median CUDA time (ms) of the kernels whose name starts with `name` over `reps` calls of fn."""
+    return statistics.median(ms for kernel, ms in kernel_times(fn, reps).items() if kernel.startswith(name))
 
 
 def time_against_attngen():
@@ -407,25 +266,11 @@ def time_against_attngen():
                   f"{times['attngen dK/dV'] + times['attngen dQ']:.3f} ms, gluon {best + times[f'gluon dQ {cfg}']:.3f}")
 
 
-def _compile(fn, args, num_warps=8):
-    """fn compiled for sm90 at these launch arguments; its SASS's instruction mix and registers."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import mangle_type
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    names = fn.arg_names
-    consts = {i: a for i, (n, a) in enumerate(zip(names, args)) if fn.params[i].is_constexpr}
-    sig = {n: "constexpr" if i in consts else mangle_type(a) for i, (n, a) in enumerate(zip(names, args))}
-    src = gluon._runtime.GluonASTSource(fn, signature=sig, constexprs={(i,): a for i, a in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
-        res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                             text=True).stdout
-    ops = collections.Counter(re.findall(r"\b(HGMMA\.\w+|UTMALDG|MUFU\.EX2|LDL|STL|BAR\.SYNC)\b", sass))
-    regs = re.findall(r"REG:(\d+)", res)
-    return (f"regs {regs[-1] if regs else '?'}, shared {kernel.metadata.shared} B, "
+def _describe(kernel) -> str:
+    """A compiled kernel's registers, shared memory and SASS instruction mix."""
+    ops = collections.Counter(re.findall(r"\b(HGMMA\.\w+|UTMALDG|MUFU\.EX2|LDL|STL|BAR\.SYNC|WARPGROUP\.DEPBAR)\b",
+                                         sass(kernel)))
+    return (f"regs {registers(kernel)}, shared {kernel.metadata.shared} B, "
             + ", ".join(f"{op} {n}" for op, n in sorted(ops.items())))
 
 
@@ -433,16 +278,16 @@ def offline():
     """Compile each configuration for sm90 without a GPU and count what its SASS holds."""
     for (D, Dv), cfgs in CONFIGS.items():
         for cfg, causal in ((c, causal) for c in cfgs for causal in (False, True)):
-            t, tv = (torch.empty(1, 2, 1024, d, dtype=torch.bfloat16) for d in (D, Dv))
-            rows = torch.empty(1, 2, 1024)
-            print(f"dK/dV d{D}/{Dv} {cfg} causal={causal}: "
-                  + _compile(_gl_bwd_dkdv, _launch_args(t, t, tv, tv, rows, rows, t, tv, causal, *cfg)))
+            kernel = gluon_dkdv_sm90(D, Dv, "top_left" if causal else None, tiles=cfg)
+            print(f"dK/dV d{D}/{Dv} {cfg} causal={causal}: " + _describe(kernel))
+        t, tv = (torch.empty(1, 2, 1024, d, dtype=torch.bfloat16) for d in (D, Dv))
+        rows = torch.empty(1, 2, 1024)
         BM, BN, ST = DQ_CONFIGS[D, Dv]
         for causal in (False, True):
             args = (_descriptor(t, BM), _descriptor(t, BN), _descriptor(tv, BN), _descriptor(tv, BM), rows, rows, t,
                     rows.stride(0), rows.stride(1), *t.stride()[:3], 2, 1, 1024, 1024, D, 0.1, 0.1, causal, BM, BN,
                     triton.next_power_of_2(D), triton.next_power_of_2(Dv), ST)
-            print(f"dQ d{D}/{Dv} {(BM, BN, ST)} causal={causal}: " + _compile(_gl_bwd_dq, args))
+            print(f"dQ d{D}/{Dv} {(BM, BN, ST)} causal={causal}: " + _describe(gluon_sm90(_gl_bwd_dq, args)))
 
 
 def main():

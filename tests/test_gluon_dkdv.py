@@ -46,7 +46,7 @@ def test_a_call_takes_it_only_on_sm90_at_head_dims_padded_to_256(monkeypatch):
     q, k, v, do = (torch.randn(1, 2, 64, 256, dtype=torch.bfloat16) for _ in range(4))
     assert not gluon_dkdv.eligible(spec, q, k, v, do, 256, 256)  # CPU tensors: not sm90
     monkeypatch.setattr(gluon_dkdv, "on_sm90", lambda t: True)  # as if on an H100
-    assert gluon_dkdv.AVAILABLE == gluon_dkdv.eligible(spec, q, k, v, do, 256, 256)
+    assert gluon_dkdv.available() == gluon_dkdv.eligible(spec, q, k, v, do, 256, 256)
     assert not gluon_dkdv.eligible(spec, q, k, v, do, 128, 128)  # Triton's kernel does not duplicate there
     assert not gluon_dkdv.eligible(spec, *(t.float() for t in (q, k, v, do)), 256, 256)  # fp32
     assert not gluon_dkdv.eligible(spec, q, k, v, do[:, :, :1].expand(1, 2, 64, 256), 256, 256)  # stride 0
@@ -113,10 +113,10 @@ def test_it_issues_each_score_product_once_without_spills(dims, causal):
     """Compiled for sm90 offline: per step 32 wgmma of 64 x 32 for QK^T and dO V^T together (the
     two warpgroups split the 64 queries; Triton's kernel issues both products on each warpgroup),
     then dV and dK, asynchronous (no wait after each), and no local-memory traffic."""
-    if not gluon_dkdv.AVAILABLE:
+    if not gluon_dkdv.available():
         pytest.skip("this Triton has no Gluon Hopper ops")
-    code = (f"from attngen.runtime import gluon_dkdv; from attngen.tools.inspect_kernels import sass, registers; "
-            f"k = gluon_dkdv.compile_for_sm90({dims[0]}, {dims[1]}, {causal!r}); s = sass(k); "
+    code = (f"from attngen.tools.inspect_kernels import gluon_dkdv_sm90, sass, registers; "
+            f"k = gluon_dkdv_sm90({dims[0]}, {dims[1]}, {causal!r}); s = sass(k); "
             f"import re; print(len(re.findall(r'HGMMA.64x32x16', s)), len(re.findall(r'HGMMA.64x\\d+x16', s)), "
             f"len(re.findall(r'WARPGROUP.DEPBAR', s)), "
             f"len(re.findall(r'\\b(LDL|STL)\\b', s)), registers(k), k.metadata.shared)")

@@ -8,8 +8,9 @@ shared memory to be the A operand of dV += P^T dO and dK += dS^T Q, whose warpgr
 dim; S^T and dP^T are issued back to back, P^T computed while dP^T runs, and dV and dK waited for
 at the step's end (in flight into the next step, the last one's merge with the zero-trip path made
 ptxas serialize every wgmma: its warning C7515). Q and dO arrive by TMA, STAGES deep. It sums in a
-fixed order, so the backward stays deterministic. Measured 1.65x faster than the Triton kernel at
-d256 on an H100 as the probe, whose wgmmas ptxas serialized (docs/decisions/gluon-dkdv.md).
+fixed order, so the backward stays deterministic. Its measurements: docs/decisions/gluon-dkdv.md.
+WARPS_M 8 instead (128 keys, each warpgroup its own 64, P^T and dS^T from registers) is
+FlashAttention-3's d128 layout, for experiments/gluon_bwd_probe.py.
 
 A module takes it where PassOptions.gluon_dkdv compiled it in (GLUON_DKDV; off by default until
 its runtime path has run on a GPU). It covers the plain cases only: no mask or a causal one, no score modifier, no dropout, whole
@@ -23,19 +24,6 @@ from __future__ import annotations
 
 import torch
 import triton
-
-try:  # Gluon (triton.experimental) and its Hopper ops; absent or renamed in some Triton versions
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_init, warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as _GluonDescriptor
-
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # renamed after Triton 3.6
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # likewise
-    AVAILABLE = True
-except (ImportError, AttributeError):  # pragma: no cover - depends on the installed Triton
-    AVAILABLE = False
 
 # queries a step, keys a program (8 warps), stages; 213 KB of shared memory at d256. (Names apart from the
 # runtime's others: `generate --standalone` puts every runtime module in one namespace.)
@@ -55,9 +43,9 @@ def spec_eligible(spec: dict) -> bool:
 def eligible(spec: dict, q, k, v, do, head_dim_pad: int, head_dim_v_pad: int) -> bool:
     """This call's dK/dV by the Gluon kernel: a spec_eligible spec, 16-bit CUDA tensors on sm90,
     q and k padded to 256 (where Triton's kernel duplicates its score products), TMA-legal strides."""
-    if not (AVAILABLE and spec_eligible(spec) and head_dim_pad == 256 and head_dim_v_pad <= 256):
+    if not (spec_eligible(spec) and head_dim_pad == 256 and head_dim_v_pad <= 256):
         return False
-    if q.dtype not in GL_DTYPES or not on_sm90(q):
+    if q.dtype not in GL_DTYPES or not on_sm90(q) or not available():
         return False
     return all(t.dtype == q.dtype and tma_legal(t) for t in (q, k, v, do))
 
@@ -73,12 +61,47 @@ def tma_legal(t: torch.Tensor) -> bool:
             and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]))
 
 
-if AVAILABLE:
+# Gluon's names, which the kernel's source reads as module globals: set by _define() on first use
+gluon = gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_init = warpgroup_mma_wait = None
+_GluonDescriptor = _tma_load = _cta_barrier = None
+_GLUON: dict = {}  # "kernel": the @gluon.jit kernel once defined, None where this Triton has no Gluon Hopper ops
+
+
+def kernel():
+    """The Gluon kernel, defined on first use: Gluon's import is not paid at attngen's import while
+    the option is off. None where this Triton lacks Gluon or its Hopper ops."""
+    if "kernel" not in _GLUON:
+        try:
+            _GLUON["kernel"] = _define()
+        except (ImportError, AttributeError):  # depends on the installed Triton
+            _GLUON["kernel"] = None
+    return _GLUON["kernel"]
+
+
+def available() -> bool:
+    return kernel() is not None
+
+
+def _define():
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_init, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # two were renamed after Triton 3.6
+    globals().update(gluon=gluon, gl=gl, fence_async_shared=fence_async_shared, mbarrier=mbarrier, tma=tma,
+                     warpgroup_mma=warpgroup_mma, warpgroup_mma_init=warpgroup_mma_init,
+                     warpgroup_mma_wait=warpgroup_mma_wait, _GluonDescriptor=TensorDescriptor,
+                     _tma_load=getattr(tma, "async_load", None) or tma.async_copy_global_to_shared,
+                     _cta_barrier=getattr(gl, "thread_barrier", None) or gl.barrier)
+
     @gluon.jit
     def _gl_bwd_dkdv(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, DK, DV, stride_lb, stride_lh,
                      stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, GROUP, Nq, Nk, D, Dv, shift,
                      qk_scale, sm_scale, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr):
+                     HEAD_DIM: gl.constexpr, HEAD_DIM_V: gl.constexpr, STAGES: gl.constexpr,
+                     WARPS_M: gl.constexpr):
         # One program: BLOCK_N keys of one (batch, KV head), walking the query tiles of its group's
         # heads in order. Causal: key j is visible to query i iff j <= i + shift (shift = Nk - Nq
         # bottom-right, 0 top-left).
@@ -88,13 +111,15 @@ if AVAILABLE:
         off_hk = off_bh % HKV
         first = gl.program_id(0) * BLOCK_N
         dtype: gl.constexpr = q_desc.dtype
-        # S^T / dP^T [BLOCK_N, BLOCK_M]: the two warpgroups split the queries; dK / dV: the columns
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                           instr_shape=[16, BLOCK_M // 2, 16])
-        dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                            instr_shape=[16, HEAD_DIM // 2, 16])
-        dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                            instr_shape=[16, HEAD_DIM_V // 2, 16])
+        # WARPS_M 4: S^T / dP^T [BLOCK_N, BLOCK_M] with the two warpgroups splitting the queries, dK / dV
+        # the columns; WARPS_M 8: each warpgroup its own 64 of 128 keys throughout
+        WARPS_N: gl.constexpr = 8 // WARPS_M
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                           instr_shape=[16, BLOCK_M // WARPS_N, 16])
+        dk_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                            instr_shape=[16, HEAD_DIM // WARPS_N, 16])
+        dv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS_M, WARPS_N],
+                                                            instr_shape=[16, HEAD_DIM_V // WARPS_N, 16])
         cols: gl.constexpr = gl.SliceLayout(0, s_layout)
         rows: gl.constexpr = gl.SliceLayout(1, s_layout)
         pt_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
@@ -165,31 +190,40 @@ if AVAILABLE:
             pT = gl.exp2(sT * qk_scale - lse2[None, :])
             if CAUSAL:
                 pT = gl.where(offs_m[None, :] + shift >= offs_n[:, None], pT, 0.0)
-            p_smem.store(pT.to(dtype))
+            if WARPS_N == 2:
+                p_smem.store(pT.to(dtype))
             dpT = warpgroup_mma_wait(0, deps=(dp_tok, v_op, do_op))[0]
             delta = gl.load(DELTA + row + offs_m, mask=offs_m < Nq, other=0.0)
             dsT = pT * (dpT - delta[None, :])
-            ds_smem.store(dsT.to(dtype))
-            fence_async_shared()
-            _cta_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
-            dv_tok = warpgroup_mma(p_smem, do_op, dv, is_async=True)
-            dk_tok = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+            if WARPS_N == 2:
+                ds_smem.store(dsT.to(dtype))
+                fence_async_shared()
+                _cta_barrier()  # each warpgroup wrote half of P^T and dS^T; each product reads all of them
+                dv_tok = warpgroup_mma(p_smem, do_op, dv, is_async=True)
+                dk_tok = warpgroup_mma(ds_smem, q_op, dk, is_async=True)
+            else:  # a warpgroup holds whole rows of P^T and dS^T: the products' A operand from registers
+                p_op = gl.convert_layout(pT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dv_layout,
+                                                                           k_width=2))
+                ds_op = gl.convert_layout(dsT.to(dtype), gl.DotOperandLayout(operand_index=0, parent=dk_layout,
+                                                                             k_width=2))
+                dv_tok = warpgroup_mma(p_op, do_op, dv, is_async=True)
+                dk_tok = warpgroup_mma(ds_op, q_op, dk, is_async=True)
             dk, dv = warpgroup_mma_wait(0, deps=(dk_tok, dv_tok))  # not carried in flight: see the docstring
-        dk_t, dv_t = dk, dv
 
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
         offs_on = (first + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_layout))).to(gl.int64)  # rows x strides
         offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, out_layout))
         base = off_b.to(gl.int64) * stride_kb + off_hk.to(gl.int64) * stride_kh
         gl.store(DK + base + offs_on[:, None] * stride_kn + offs_d[None, :],
-                 gl.convert_layout((dk_t * sm_scale).to(dtype), out_layout),
+                 gl.convert_layout((dk * sm_scale).to(dtype), out_layout),
                  mask=(offs_on[:, None] < Nk) & (offs_d[None, :] < D))
         offs_dv = gl.arange(0, HEAD_DIM_V, layout=gl.SliceLayout(0, out_layout))
         base = off_b.to(gl.int64) * stride_vb + off_hk.to(gl.int64) * stride_vh
         gl.store(DV + base + offs_on[:, None] * stride_vn + offs_dv[None, :],
-                 gl.convert_layout(dv_t.to(dtype), out_layout),
+                 gl.convert_layout(dv.to(dtype), out_layout),
                  mask=(offs_on[:, None] < Nk) & (offs_dv[None, :] < Dv))
 
+    return _gl_bwd_dkdv
 
 def _gl_descriptor(t: torch.Tensor, rows: int):
     """A TMA descriptor over [B, H, N, D] with [1, 1, rows, D padded to a power of two] blocks (rows
@@ -199,37 +233,24 @@ def _gl_descriptor(t: torch.Tensor, rows: int):
     return _GluonDescriptor(t, list(t.shape), list(t.stride()), block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
 
-def launch_args(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | None):
-    """The kernel's arguments; causal: None, "top_left" or "bottom_right"."""
+def launch_args(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | None, tiles=None):
+    """The kernel's arguments; causal: None, "top_left" or "bottom_right"; tiles: (BLOCK_M, BLOCK_N,
+    STAGES, WARPS_M), the runtime's by default."""
+    block_m, block_n, stages, warps_m = tiles or (GL_BLOCK_M, GL_BLOCK_N, GL_STAGES, 4)
     Hq, Nq, D = q.shape[1], q.shape[2], q.shape[3]
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     shift = Nk - Nq if causal == "bottom_right" else 0
-    return (_gl_descriptor(q, GL_BLOCK_M), _gl_descriptor(k, GL_BLOCK_N), _gl_descriptor(v, GL_BLOCK_N),
-            _gl_descriptor(do, GL_BLOCK_M),
+    return (_gl_descriptor(q, block_m), _gl_descriptor(k, block_n), _gl_descriptor(v, block_n),
+            _gl_descriptor(do, block_m),
             lse, delta, dk, dv, lse.stride(0), lse.stride(1), *dk.stride()[:3], *dv.stride()[:3], Hq, Hq // Hkv,
-            Nq, Nk, D, Dv, shift, scale * 1.4426950408889634, scale, causal is not None, GL_BLOCK_M, GL_BLOCK_N,
-            triton.next_power_of_2(D), triton.next_power_of_2(Dv), GL_STAGES)
+            Nq, Nk, D, Dv, shift, scale * 1.4426950408889634, scale, causal is not None, block_m, block_n,
+            triton.next_power_of_2(D), triton.next_power_of_2(Dv), stages, warps_m)
 
 
-def dkdv(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | None) -> None:
+def dkdv(q, k, v, do, lse, delta, dk, dv, scale: float, causal: str | None, tiles=None) -> None:
     """dK and dV into dk, dv from the saved LSE (natural log, [B, Hq, Nq]) and delta = rowsum(dO O)."""
     B, Hkv, Nk = k.shape[:3]
-    _gl_bwd_dkdv[(triton.cdiv(Nk, GL_BLOCK_N), B * Hkv)](*launch_args(q, k, v, do, lse, delta, dk, dv, scale, causal),
-                                                      num_warps=8)
+    block_n = (tiles or (GL_BLOCK_M, GL_BLOCK_N))[1]
+    kernel()[(triton.cdiv(Nk, block_n), B * Hkv)](*launch_args(q, k, v, do, lse, delta, dk, dv, scale, causal, tiles),
+                                                  num_warps=8)
 
-
-def compile_for_sm90(head_dim: int, head_dim_v: int, causal: str | None, dtype=torch.bfloat16):
-    """The kernel compiled for an sm90 target without a GPU (CPU tensors stand in for the launch's;
-    needs the installed Triton's NVIDIA backend and ptxas, and no TRITON_INTERPRET)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import mangle_type
-
-    q, k = (torch.empty(1, 2, 256, head_dim, dtype=dtype) for _ in range(2))
-    v, do = (torch.empty(1, 2, 256, head_dim_v, dtype=dtype) for _ in range(2))
-    rows = torch.empty(1, 2, 256)
-    args = launch_args(q, k, v, do, rows, rows, k, v, 0.1, causal)
-    fn = _gl_bwd_dkdv
-    consts = {i: a for i, a in enumerate(args) if fn.params[i].is_constexpr}
-    sig = {name: "constexpr" if i in consts else mangle_type(a) for i, (name, a) in enumerate(zip(fn.arg_names, args))}
-    src = gluon._runtime.GluonASTSource(fn, signature=sig, constexprs={(i,): a for i, a in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": 8})

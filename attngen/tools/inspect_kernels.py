@@ -91,6 +91,34 @@ def offline_run(fn, sink: list, arch: int = 90):
     return run
 
 
+def gluon_sm90(fn, args, num_warps: int = 8):
+    """A @gluon.jit function compiled for sm90 at these launch arguments, without a GPU (the Gluon
+    counterpart of offline_run, which Gluon's binder does not go through)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+    from triton.runtime.jit import mangle_type
+
+    consts = {i: a for i, a in enumerate(args) if fn.params[i].is_constexpr}
+    sig = {name: "constexpr" if i in consts else mangle_type(a) for i, (name, a) in enumerate(zip(fn.arg_names, args))}
+    src = gluon._runtime.GluonASTSource(fn, signature=sig, constexprs={(i,): a for i, a in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 128), options={"num_warps": num_warps})
+
+
+def gluon_dkdv_sm90(head_dim: int, head_dim_v: int, causal: str | None, dtype=None, tiles=None):
+    """The runtime's Gluon dK/dV kernel (attngen/runtime/gluon_dkdv.py) compiled for sm90 without a
+    GPU, CPU tensors standing in for the launch's (no TRITON_INTERPRET: it compiles, never runs)."""
+    import torch
+
+    from attngen.runtime import gluon_dkdv
+
+    dtype = dtype or torch.bfloat16
+    q, k = (torch.empty(1, 2, 256, head_dim, dtype=dtype) for _ in range(2))
+    v, do = (torch.empty(1, 2, 256, head_dim_v, dtype=dtype) for _ in range(2))
+    rows = torch.empty(1, 2, 256)
+    return gluon_sm90(gluon_dkdv.kernel(), gluon_dkdv.launch_args(q, k, v, do, rows, rows, k, v, 0.1, causal, tiles))
+
+
 def registers(kernel) -> int | None:
     """Registers per thread: the loaded kernel's count, or offline the cubin's resource usage."""
     regs = getattr(kernel, "n_regs", None)
